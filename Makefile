@@ -1,0 +1,20 @@
+# cilia: `make demo` runs the main job, `make test` runs the whole suite.
+# Both install what is missing first (scripts/setup.sh is idempotent).
+PY := .venv/bin/python
+
+.PHONY: setup demo test bench clean
+
+setup:
+	@scripts/setup.sh
+
+demo: setup
+	@$(PY) -m cilia.demo
+
+test: setup
+	@$(PY) -m pytest -q
+
+bench: setup
+	@$(PY) bench/policy_resolution.py
+
+clean:
+	rm -rf .venv .pytest_cache .hypothesis

@@ -1,0 +1,1 @@
+"""cilia.agent: see docs/architecture.md (built by a later issue)."""

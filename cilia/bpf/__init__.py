@@ -1,0 +1,1 @@
+"""cilia.bpf: see docs/architecture.md (built by a later issue)."""

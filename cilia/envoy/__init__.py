@@ -1,0 +1,1 @@
+"""cilia.envoy: see docs/architecture.md (built by a later issue)."""

@@ -1,0 +1,1 @@
+"""cilia.l7parsers: see docs/architecture.md (built by a later issue)."""

@@ -1,0 +1,114 @@
+"""YAML loading that keeps line numbers (ruamel.yaml round-trip nodes).
+
+``Node`` wraps one value of the document with its field path and source line so
+the parser can report ``file:line: path: message`` for any field.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from ruamel.yaml import YAML
+from ruamel.yaml.comments import CommentedMap, CommentedSeq
+from ruamel.yaml.error import MarkedYAMLError, YAMLError
+
+from .errors import Problem, SourceRef
+
+
+def _type_name(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, int):
+        return "integer"
+    if isinstance(value, float):
+        return "number"
+    if isinstance(value, str):
+        return "string"
+    if isinstance(value, (dict, CommentedMap)):
+        return "mapping"
+    if isinstance(value, (list, CommentedSeq)):
+        return "list"
+    return type(value).__name__
+
+
+@dataclass(frozen=True, slots=True)
+class Node:
+    """A YAML value with its path (``ingress[0].toPorts``) and 1-based line."""
+
+    value: Any
+    path: str
+    source: SourceRef
+
+    @property
+    def type_name(self) -> str:
+        return _type_name(self.value)
+
+    def problem(self, message: str) -> Problem:
+        return Problem(self.source, self.path, message)
+
+    def child_path(self, key: str | int) -> str:
+        if isinstance(key, int):
+            return f"{self.path}[{key}]"
+        return f"{self.path}.{key}" if self.path else key
+
+    def is_mapping(self) -> bool:
+        return isinstance(self.value, dict)
+
+    def is_list(self) -> bool:
+        return isinstance(self.value, list)
+
+    def items(self) -> Iterator[tuple[str, Node]]:
+        """Key/child pairs of a mapping, each child at the line of its key."""
+        assert isinstance(self.value, dict)
+        lc = getattr(self.value, "lc", None)
+        for key, val in self.value.items():
+            line = self.source.line
+            if lc is not None:
+                try:
+                    line = lc.key(key)[0] + 1
+                except (KeyError, TypeError):
+                    pass
+            yield str(key), Node(val, self.child_path(str(key)), SourceRef(self.source.file, line))
+
+    def elements(self) -> Iterator[Node]:
+        """Children of a list, each at its own line."""
+        assert isinstance(self.value, list)
+        lc = getattr(self.value, "lc", None)
+        for i, val in enumerate(self.value):
+            line = self.source.line
+            if lc is not None:
+                try:
+                    line = lc.item(i)[0] + 1
+                except (KeyError, TypeError, IndexError):
+                    pass
+            yield Node(val, self.child_path(i), SourceRef(self.source.file, line))
+
+
+def load_documents(text: str, filename: str) -> tuple[list[Node], list[Problem]]:
+    """Parse every YAML document in ``text``; a syntax error becomes a Problem."""
+    yaml = YAML(typ="rt")
+    yaml.allow_duplicate_keys = False
+    docs: list[Node] = []
+    try:
+        for doc in yaml.load_all(text):
+            if doc is None:
+                continue
+            line = 1
+            lc = getattr(doc, "lc", None)
+            if lc is not None and lc.line is not None:
+                line = lc.line + 1
+            docs.append(Node(doc, "", SourceRef(filename, line)))
+    except MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        line = mark.line + 1 if mark is not None else 1
+        what = exc.problem or "invalid YAML"
+        if exc.context:
+            what = f"{exc.context}: {what}" if "duplicate" not in str(exc.problem) else what
+        return [], [Problem(SourceRef(filename, line), "", f"YAML syntax error: {what}")]
+    except YAMLError as exc:
+        return [], [Problem(SourceRef(filename, 1), "", f"YAML syntax error: {exc}")]
+    return docs, []

@@ -1,0 +1,243 @@
+"""Policy -> CompiledRule: the policy language reduced to selector-level entries.
+
+This is where Cilium's implicit semantics are applied once per rule:
+- a CiliumNetworkPolicy selects only endpoints of its namespace, and its endpoint
+  selectors (fromEndpoints, fromRequires) only peers of that namespace unless they
+  name a namespace (or a reserved label) themselves;
+- an item with peers but no ports allows all ports; one with ports but no peers
+  allows every peer; one with neither (``ingress: [{}]``) allows nothing;
+- protocol ANY means TCP, UDP and SCTP (only TCP for HTTP/Kafka/l7proto rules,
+  TCP and UDP for DNS);
+- features that need subsystems cilia does not have yet are reported as notes
+  and fail closed: an allow that cannot be enforced grants nothing, a deny that
+  cannot be enforced denies every peer on its ports.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from .errors import SourceRef
+from .identity import IdentityKind
+from .labels import NAMESPACE_KEY, SOURCE_K8S, SOURCE_RESERVED
+from .l7 import http as l7http
+from .mapstate import ANY_L4, MAX_PORT, L4Key, RuleOrigin
+from .model import (
+    IPNetwork,
+    Direction,
+    L7Rules,
+    PeerRule,
+    Policy,
+    PolicyKind,
+    PortProtocol,
+    Protocol,
+    Rule,
+)
+from .peers import WILDCARD, CIDRPeer, EndpointPeer, EntityPeer, PeerSelector
+from .selectors import LabelSelector, Operator, Requirement
+
+_ANY_EXPANSION = {
+    None: (Protocol.TCP, Protocol.UDP, Protocol.SCTP),
+    "dns": (Protocol.TCP, Protocol.UDP),
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Note:
+    """Something a rule asks for that cilia does not enforce (yet), and how it
+    fails closed."""
+
+    origin: RuleOrigin
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.origin.source or self.origin.policy}: {self.message}"
+
+
+@dataclass(frozen=True, slots=True)
+class PortSpec:
+    """An L4 key, or a named port still to be resolved against endpoints."""
+
+    key: L4Key | None
+    name: str | None = None
+    protocol: Protocol = Protocol.ANY
+
+    def __str__(self) -> str:
+        return str(self.key) if self.key else f"{self.name}/{self.protocol.label}"
+
+
+@dataclass(frozen=True, slots=True)
+class RuleEntry:
+    """A selector-level entry: peers, ports, allow/deny and L7 rules, and origin."""
+
+    direction: Direction
+    deny: bool
+    peer: PeerSelector
+    port: PortSpec
+    l7: L7Rules | None
+    origin: RuleOrigin
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class CompiledRule:
+    """One rule ready for resolution. Compared by identity: each compile makes new ones."""
+
+    policy: Policy
+    rule: Rule
+    subject: LabelSelector | None  # None: host policy (nodeSelector), not enforced yet
+    entries: tuple[RuleEntry, ...]
+    requires: dict[Direction, tuple[LabelSelector, ...]]
+    notes: tuple[Note, ...]
+    prefixes: frozenset[IPNetwork]
+    origin: RuleOrigin = field(compare=False)
+
+    def applies_to(self, direction: Direction) -> bool:
+        return self.rule.applies_to(direction)
+
+    def enables_default_deny(self, direction: Direction) -> bool:
+        return self.rule.enables_default_deny(direction)
+
+
+def compile_policy(policy: Policy) -> list[CompiledRule]:
+    return [_compile_rule(policy, rule) for rule in policy.rules]
+
+
+def _origin(policy: Policy, path: str, source: SourceRef | None) -> RuleOrigin:
+    return RuleOrigin(policy.display_name, path, source, policy.kind.value)
+
+
+def _scoped(policy: Policy, sel: LabelSelector) -> LabelSelector:
+    """Limit a CNP's endpoint selector to its namespace, as Cilium does."""
+    if policy.kind is not PolicyKind.CNP or policy.namespace is None:
+        return sel
+    if sel.constrains(NAMESPACE_KEY):
+        return sel
+    if any(req.source == SOURCE_RESERVED for req in sel.requirements):
+        return sel
+    ns = Requirement(SOURCE_K8S, NAMESPACE_KEY, Operator.IN, (policy.namespace,))
+    return LabelSelector(tuple(sorted((*sel.requirements, ns))))
+
+
+def _compile_rule(policy: Policy, rule: Rule) -> CompiledRule:
+    origin = _origin(policy, rule.path or "spec", rule.source)
+    notes: list[Note] = []
+    subject: LabelSelector | None = None
+    if rule.endpoint_selector is not None:
+        subject = _scoped(policy, rule.endpoint_selector)
+    else:
+        notes.append(Note(origin, "host policy (nodeSelector) is not enforced yet: it selects no endpoint"))
+    entries: list[RuleEntry] = []
+    requires: dict[Direction, tuple[LabelSelector, ...]] = {}
+    prefixes: set[IPNetwork] = set()
+    for direction in Direction:
+        allow, deny = rule.sections(direction)
+        reqs: list[LabelSelector] = []
+        for peer_rule in allow:
+            reqs.extend(_scoped(policy, r) for r in peer_rule.requires)
+        requires[direction] = tuple(reqs)
+        for peer_rule in (*allow, *deny):
+            entries.extend(_compile_peer_rule(policy, rule, peer_rule, notes, prefixes))
+    return CompiledRule(policy, rule, subject, tuple(entries), requires, tuple(notes),
+                        frozenset(prefixes), origin)
+
+
+def _peer_path(rule: Rule, peer_rule: PeerRule) -> str:
+    return peer_rule.path
+
+
+def _compile_peer_rule(policy: Policy, rule: Rule, pr: PeerRule, notes: list[Note],
+                       prefixes: set[IPNetwork]) -> list[RuleEntry]:
+    origin = _origin(policy, _peer_path(rule, pr), pr.source)
+    what = "deny" if pr.deny else "allow"
+    # -- peers
+    peers: list[PeerSelector] = []
+    unenforced: list[str] = list(pr.unenforced_peers)
+    if pr.endpoints is not None:
+        peers.extend(EndpointPeer(_scoped(policy, sel)) for sel in pr.endpoints)
+    if pr.cidrs is not None:
+        for c in pr.cidrs:
+            peers.append(CIDRPeer(c.cidr, c.excepts))
+            prefixes.add(c.cidr)
+            prefixes.update(c.excepts)
+    if pr.entities is not None:
+        for ent in pr.entities:
+            peers.append(WILDCARD if ent == "all" else EntityPeer(ent))
+    if pr.fqdns is not None:
+        unenforced.append("toFQDNs")
+    if pr.services is not None:
+        unenforced.append("toServices")
+    if pr.authentication == "required":
+        unenforced.append("authentication")
+    if unenforced:
+        kinds = ", ".join(sorted(set(unenforced)))
+        if pr.deny:
+            notes.append(Note(origin, f"{kinds} not enforced yet: this deny applies to every peer on its ports"))
+            peers = [WILDCARD]
+        else:
+            notes.append(Note(origin, f"{kinds} not enforced yet: this rule allows nothing"))
+            return []
+    elif not pr.has_l3():
+        if not pr.has_l4():
+            return []  # `{}`: selects the endpoint, allows nothing
+        peers = [WILDCARD]
+    # -- ports
+    out: list[RuleEntry] = []
+    port_specs: list[tuple[PortSpec, L7Rules | None, RuleOrigin]] = []
+    if pr.to_ports is not None:
+        for port_rule in pr.to_ports:
+            port_origin = _origin(policy, origin.path, port_rule.source) if False else origin
+            blocked = []
+            if port_rule.server_names:
+                blocked.append("serverNames")
+            if port_rule.listener is not None:
+                blocked.append("listener")
+            if blocked:
+                notes.append(Note(origin, f"{', '.join(blocked)} not enforced yet: this port rule allows nothing"))
+                continue
+            if port_rule.terminating_tls or port_rule.originating_tls:
+                notes.append(Note(origin, "TLS interception is not enforced yet: encrypted traffic on "
+                                          "this port cannot be inspected, so L7 rules deny it"))
+            rules = port_rule.rules
+            if rules is not None:
+                if rules.protocol == "dns":
+                    notes.append(Note(origin, "DNS rules are evaluated by `cilia policy trace`; "
+                                              "no DNS proxy enforces them yet"))
+                if rules.protocol == "http":
+                    for r in rules.rules:
+                        for msg in l7http.unenforced(r):  # type: ignore[arg-type]
+                            notes.append(Note(origin, msg))
+            if not port_rule.ports:
+                port_specs.append((PortSpec(ANY_L4), None, port_origin))
+            for pp in port_rule.ports:
+                for spec in _port_specs(pp, rules):
+                    port_specs.append((spec, rules, port_origin))
+    if pr.icmps is not None:
+        for icmp in pr.icmps:
+            port_specs.append((PortSpec(L4Key(icmp.protocol, icmp.type, icmp.type)), None, origin))
+    if pr.to_ports is None and pr.icmps is None:
+        port_specs.append((PortSpec(ANY_L4), None, origin))
+    for peer in peers:
+        for spec, l7, o in port_specs:
+            out.append(RuleEntry(pr.direction, pr.deny, peer, spec, l7, o))
+    _ = what
+    return out
+
+
+def _port_specs(pp: PortProtocol, rules: L7Rules | None) -> list[PortSpec]:
+    if pp.protocol is Protocol.ANY:
+        kind = rules.protocol if rules is not None else None
+        protocols = _ANY_EXPANSION.get(kind, (Protocol.TCP,)) if kind else _ANY_EXPANSION[None]
+    else:
+        protocols = (pp.protocol,)
+    if pp.name is not None:
+        return [PortSpec(None, pp.name, proto) for proto in protocols]
+    assert pp.port is not None
+    if pp.port == 0:
+        lo, hi = 0, MAX_PORT
+    else:
+        lo, hi = pp.port, pp.end_port if pp.end_port is not None else pp.port
+    return [PortSpec(L4Key(proto, lo, hi)) for proto in protocols]
+
+
+def is_cluster_identity_kind(kind: IdentityKind) -> bool:
+    return kind is not IdentityKind.CIDR

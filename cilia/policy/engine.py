@@ -1,0 +1,491 @@
+"""PolicyEngine: the repository of policies, endpoints and identities, kept
+resolved incrementally.
+
+Adding an endpoint or changing a policy recomputes only what it touches:
+- a policy change re-resolves the endpoints its old and new rules select;
+- a new identity is offered to the selectors that could select it (an index by
+  label finds them), and only the policies using those selectors get entries for
+  that one identity;
+- endpoints with the same identity and named ports share one resolved policy.
+
+Changes are atomic: if any affected endpoint cannot be resolved (an L7
+conflict), nothing changes and the error names both rules.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import threading
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+from .compile import CompiledRule, Note, compile_policy
+from .errors import PolicyError
+from .identity import Identity, IdentityAllocator, IdentityKind, MemoryAllocator
+from .ipcache import IPCache
+from .labels import LabelSet, endpoint_labels
+from .mapstate import MapState
+from .model import IPNetwork, Policy, Protocol
+from .peers import PeerSelector
+from .resolve import (
+    NamedPortMap,
+    SelectorPolicy,
+    distill,
+    redistill_identity,
+    resolve_selector_policy,
+)
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+SubjectKey = tuple[int, tuple[tuple[str, int, int], ...]]  # (identity, named ports)
+
+
+@dataclass(frozen=True, slots=True)
+class Endpoint:
+    """A workload policy applies to: a name, labels, addresses and named ports."""
+
+    name: str
+    labels: LabelSet
+    ips: tuple[IPAddress, ...] = ()
+    named_ports: tuple[tuple[str, int, Protocol], ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class EndpointPolicy:
+    """The resolved policy of one endpoint: what Envoy and BPF consume."""
+
+    endpoint: Endpoint
+    identity: Identity
+    revision: int
+    selector_policy: SelectorPolicy
+    map_state: MapState
+
+    @property
+    def notes(self) -> tuple[Note, ...]:
+        return self.selector_policy.notes
+
+
+@dataclass(frozen=True, slots=True)
+class Change:
+    """Result of a mutation: the new revision and the endpoints whose policy changed."""
+
+    revision: int
+    endpoints: frozenset[str]
+
+
+@dataclass
+class _Subject:
+    key: SubjectKey
+    labels: LabelSet
+    own_ports: NamedPortMap
+    rules: list[CompiledRule]
+    sp: SelectorPolicy
+    ms: MapState | None
+    endpoints: set[str] = field(default_factory=set)
+
+
+class PolicyEngine:
+    def __init__(self, allocator: IdentityAllocator | None = None) -> None:
+        self.allocator: IdentityAllocator = allocator or MemoryAllocator()
+        self.ipcache = IPCache()
+        self.revision = 1
+        self._lock = threading.RLock()
+        self._policies: dict[tuple[str, str, str], Policy] = {}
+        self._compiled: dict[tuple[str, str, str], list[CompiledRule]] = {}
+        self._rule_index: dict[tuple[str, str], set[CompiledRule]] = {}
+        self._rule_scan: set[CompiledRule] = set()
+        self._prefix_refs: dict[IPNetwork, int] = {}
+        self._endpoints: dict[str, Endpoint] = {}
+        self._endpoint_subject: dict[str, SubjectKey] = {}
+        self._subjects: dict[SubjectKey, _Subject] = {}
+        self._subjects_by_identity: dict[int, set[SubjectKey]] = {}
+        self._identity_refs: dict[int, int] = {}
+        # universe of peer identities and the selector cache
+        self._universe: dict[int, Identity] = {}
+        self._label_index: dict[tuple[str, str], set[int]] = {}
+        self._sel: dict[PeerSelector, set[int]] = {}
+        self._sel_users: dict[PeerSelector, set[SubjectKey]] = {}
+        self._sel_index: dict[tuple[str, str], set[PeerSelector]] = {}
+        self._sel_scan: set[PeerSelector] = set()
+        self._cluster_ports: dict[str, frozenset[tuple[int, Protocol]]] = {}
+        self._batch = 0
+        self._dirty: set[SubjectKey] = set()
+        for ident in self.allocator:
+            if ident.kind is IdentityKind.RESERVED:
+                self._universe_add(ident, notify=False)
+        self.ipcache.set_world_defaults()
+
+    # ------------------------------------------------------------------ queries
+
+    def policies(self) -> list[Policy]:
+        return [self._policies[k] for k in sorted(self._policies)]
+
+    def endpoints(self) -> list[Endpoint]:
+        return [self._endpoints[k] for k in sorted(self._endpoints)]
+
+    def endpoint(self, name: str) -> Endpoint:
+        return self._endpoints[name]
+
+    def identity_of(self, name: str) -> Identity:
+        ident = self.allocator.get(self._endpoint_subject[name][0])
+        assert ident is not None
+        return ident
+
+    def endpoint_policy(self, name: str) -> EndpointPolicy:
+        with self._lock:
+            key = self._endpoint_subject[name]
+            subject = self._subjects[key]
+            self._ensure_map_state(subject)
+            assert subject.ms is not None
+            ident = self.allocator.get(key[0])
+            assert ident is not None
+            return EndpointPolicy(self._endpoints[name], ident, self.revision, subject.sp, subject.ms)
+
+    def selections(self, peer: PeerSelector) -> frozenset[int]:
+        return frozenset(self._sel.get(peer, ()))
+
+    def identities(self) -> list[Identity]:
+        return sorted(self._universe.values(), key=lambda i: i.id)
+
+    def __len__(self) -> int:
+        return len(self._endpoints)
+
+    # ---------------------------------------------------------------- batching
+
+    @contextmanager
+    def batch(self) -> Iterator[None]:
+        """Defer map-state builds until the end of a bulk load (each endpoint's
+        map state is then built once instead of patched per new identity)."""
+        with self._lock, self.allocator.batch():
+            self._batch += 1
+            try:
+                yield
+            finally:
+                self._batch -= 1
+                if self._batch == 0:
+                    for key in list(self._dirty):
+                        subject = self._subjects.get(key)
+                        if subject is not None:
+                            subject.ms = None
+                            self._ensure_map_state(subject)
+                    self._dirty.clear()
+
+    # ------------------------------------------------------------------ policies
+
+    def apply(self, policies: Sequence[Policy]) -> Change:
+        """Add or replace policies (by kind, namespace, name), all or nothing."""
+        with self._lock:
+            new = {p.key: p for p in policies}
+            return self._replace(new, set())
+
+    def delete(self, keys: Iterable[tuple[str, str, str]]) -> Change:
+        with self._lock:
+            missing = [k for k in keys if k not in self._policies]
+            if missing:
+                raise PolicyError(f"no such policy: {', '.join('/'.join(x for x in k if x) for k in missing)}")
+            return self._replace({}, set(keys))
+
+    def find_policies(self, name: str, namespace: str | None = None) -> list[tuple[str, str, str]]:
+        return [k for k, p in self._policies.items()
+                if p.name == name and (namespace is None or p.namespace == namespace)]
+
+    def _replace(self, new: dict[tuple[str, str, str], Policy], removed: set[tuple[str, str, str]]) -> Change:
+        old_rules = [r for k in (*new, *removed) for r in self._compiled.get(k, [])]
+        new_compiled = {k: compile_policy(p) for k, p in new.items()}
+        new_rules = [r for rules in new_compiled.values() for r in rules]
+        affected = self._subjects_matching(old_rules) | self._subjects_matching(new_rules)
+        # Resolve every affected subject with the new rule set before changing anything.
+        old_set, new_set = set(old_rules), set(new_rules)
+        staged: dict[SubjectKey, tuple[list[CompiledRule], SelectorPolicy]] = {}
+        for key in affected:
+            subject = self._subjects[key]
+            rules = [r for r in subject.rules if r not in old_set]
+            rules += [r for r in new_rules if r.subject is not None and r.subject.matches(subject.labels)]
+            staged[key] = (rules, resolve_selector_policy(rules, subject.own_ports, self._cluster_ports))
+        # Commit.
+        for rule in old_rules:
+            self._unindex_rule(rule)
+        for k in removed:
+            self._policies.pop(k, None)
+            self._compiled.pop(k, None)
+        for k, p in new.items():
+            self._policies[k] = p
+            self._compiled[k] = new_compiled[k]
+        for rule in new_rules:
+            self._index_rule(rule)
+        self._update_prefixes(old_rules, new_rules)
+        changed: set[SubjectKey] = set()
+        for key, (rules, sp) in staged.items():
+            self._set_policy(self._subjects[key], rules, sp)
+            changed.add(key)
+        del old_set, new_set
+        self.revision += 1
+        return Change(self.revision, self._endpoints_of(changed))
+
+    def _index_rule(self, rule: CompiledRule) -> None:
+        if rule.subject is None:
+            return
+        eq = rule.subject.equality_labels()
+        if eq:
+            self._rule_index.setdefault(eq[0], set()).add(rule)
+        else:
+            self._rule_scan.add(rule)
+
+    def _unindex_rule(self, rule: CompiledRule) -> None:
+        if rule.subject is None:
+            return
+        eq = rule.subject.equality_labels()
+        if eq:
+            self._rule_index.get(eq[0], set()).discard(rule)
+        else:
+            self._rule_scan.discard(rule)
+
+    def _rules_for(self, labels: LabelSet) -> list[CompiledRule]:
+        candidates: set[CompiledRule] = set(self._rule_scan)
+        for key, label in labels.items():
+            candidates.update(self._rule_index.get((key, label.value), ()))
+        out = [r for r in candidates if r.subject is not None and r.subject.matches(labels)]
+        out.sort(key=lambda r: (r.policy.key, r.origin.path))
+        return out
+
+    def _subjects_matching(self, rules: Iterable[CompiledRule]) -> set[SubjectKey]:
+        out: set[SubjectKey] = set()
+        for rule in rules:
+            if rule.subject is None:
+                continue
+            eq = rule.subject.equality_labels()
+            ids = self._label_index.get(eq[0], set()) if eq else self._subjects_by_identity.keys()
+            for ident_id in ids:
+                for key in self._subjects_by_identity.get(ident_id, ()):
+                    if rule.subject.matches(self._subjects[key].labels):
+                        out.add(key)
+        return out
+
+    def _update_prefixes(self, old_rules: Iterable[CompiledRule], new_rules: Iterable[CompiledRule]) -> None:
+        for rule in new_rules:
+            for prefix in rule.prefixes:
+                self._prefix_refs[prefix] = self._prefix_refs.get(prefix, 0) + 1
+                if self._prefix_refs[prefix] == 1:
+                    ident = self.allocator.allocate_cidr(prefix)
+                    self.ipcache.upsert(prefix, ident.id)
+                    self._universe_add(ident)
+        for rule in old_rules:
+            for prefix in rule.prefixes:
+                self._prefix_refs[prefix] -= 1
+                if self._prefix_refs[prefix] == 0:
+                    del self._prefix_refs[prefix]
+                    ident = self.allocator.allocate_cidr(prefix)
+                    self.ipcache.delete(prefix)
+                    self._universe_remove(ident)
+                    self.allocator.release(ident.id)
+
+    # ----------------------------------------------------------------- endpoints
+
+    def upsert_endpoint(self, endpoint: Endpoint) -> Change:
+        """Add an endpoint or update its labels, addresses or named ports."""
+        with self._lock:
+            endpoint = Endpoint(endpoint.name, endpoint_labels(endpoint.labels),
+                                tuple(endpoint.ips), tuple(sorted(endpoint.named_ports)))
+            old = self._endpoints.get(endpoint.name)
+            if old == endpoint:
+                return Change(self.revision, frozenset())
+            ident = self.allocator.allocate(endpoint.labels)
+            own_ports = _port_map(endpoint.named_ports)
+            key: SubjectKey = (ident.id, tuple(sorted((n, p, int(pr)) for n, p, pr in endpoint.named_ports)))
+            changed: set[SubjectKey] = set()
+            subject = self._subjects.get(key)
+            if subject is None:
+                rules = self._rules_for(endpoint.labels)
+                sp = resolve_selector_policy(rules, own_ports, self._cluster_ports)
+                subject = _Subject(key, endpoint.labels, own_ports, rules, sp, None)
+                self._subjects[key] = subject
+                self._subjects_by_identity.setdefault(ident.id, set()).add(key)
+                self._register_peers(subject, set(), sp.peers())
+                changed.add(key)
+            if old is not None:
+                changed |= self._detach(old)
+            subject.endpoints.add(endpoint.name)
+            self._endpoints[endpoint.name] = endpoint
+            self._endpoint_subject[endpoint.name] = key
+            refs = self._identity_refs.get(ident.id, 0)
+            self._identity_refs[ident.id] = refs + 1
+            if refs == 0:
+                changed |= self._universe_add(ident)
+            for ip in endpoint.ips:
+                self.ipcache.upsert(ipaddress.ip_network(ip), ident.id)
+            changed |= self._refresh_cluster_ports()
+            if not self._batch:
+                self._ensure_map_state(subject)
+            names = self._endpoints_of(changed) | {endpoint.name}
+            return Change(self.revision, frozenset(names))
+
+    def remove_endpoint(self, name: str) -> Change:
+        with self._lock:
+            old = self._endpoints.get(name)
+            if old is None:
+                raise PolicyError(f"no such endpoint: {name}")
+            changed = self._detach(old)
+            changed |= self._refresh_cluster_ports()
+            return Change(self.revision, self._endpoints_of(changed) | {name})
+
+    def _detach(self, ep: Endpoint) -> set[SubjectKey]:
+        key = self._endpoint_subject.pop(ep.name)
+        self._endpoints.pop(ep.name, None)
+        for ip in ep.ips:
+            net = ipaddress.ip_network(ip)
+            if self.ipcache.get(net) == key[0]:
+                self.ipcache.delete(net)
+        subject = self._subjects[key]
+        subject.endpoints.discard(ep.name)
+        changed: set[SubjectKey] = set()
+        if not subject.endpoints:
+            self._register_peers(subject, subject.sp.peers(), set())
+            del self._subjects[key]
+            self._subjects_by_identity[key[0]].discard(key)
+            if not self._subjects_by_identity[key[0]]:
+                del self._subjects_by_identity[key[0]]
+            self._dirty.discard(key)
+        self._identity_refs[key[0]] -= 1
+        if self._identity_refs[key[0]] == 0:
+            del self._identity_refs[key[0]]
+            ident = self.allocator.get(key[0])
+            if ident is not None:
+                changed |= self._universe_remove(ident)
+                self.allocator.release(ident.id)
+        return changed
+
+    def _refresh_cluster_ports(self) -> set[SubjectKey]:
+        """Egress named ports resolve against every endpoint's ports; when that
+        map changes, re-resolve the endpoints whose egress rules use names."""
+        ports: dict[str, set[tuple[int, Protocol]]] = {}
+        for ep in self._endpoints.values():
+            for name, num, proto in ep.named_ports:
+                ports.setdefault(name, set()).add((num, Protocol(proto)))
+        frozen = {k: frozenset(v) for k, v in ports.items()}
+        if frozen == self._cluster_ports:
+            return set()
+        self._cluster_ports = frozen
+        changed = set()
+        for key, subject in self._subjects.items():
+            if subject.sp.uses_cluster_named_ports:
+                sp = resolve_selector_policy(subject.rules, subject.own_ports, self._cluster_ports)
+                self._set_policy(subject, subject.rules, sp)
+                changed.add(key)
+        return changed
+
+    # ------------------------------------------------------ selectors & identities
+
+    def _set_policy(self, subject: _Subject, rules: list[CompiledRule], sp: SelectorPolicy) -> None:
+        old_peers = subject.sp.peers()
+        subject.rules = rules
+        subject.sp = sp
+        self._register_peers(subject, old_peers, sp.peers())
+        subject.ms = None
+        if self._batch:
+            self._dirty.add(subject.key)
+        else:
+            self._ensure_map_state(subject)
+
+    def _ensure_map_state(self, subject: _Subject) -> None:
+        if subject.ms is None:
+            subject.ms = distill(subject.sp, lambda peer: self._sel.get(peer, ()), self._selects)
+
+    def _selects(self, peer: PeerSelector, identity: int) -> bool:
+        return identity in self._sel.get(peer, ())
+
+    def _register_peers(self, subject: _Subject, old: set[PeerSelector], new: set[PeerSelector]) -> None:
+        for peer in new - old:
+            users = self._sel_users.get(peer)
+            if users is None:
+                self._sel_users[peer] = users = set()
+                self._sel[peer] = {i for i, ident in self._candidates_for(peer) if peer.selects(ident)}
+                label = peer.index_label()
+                if label is not None:
+                    self._sel_index.setdefault(label, set()).add(peer)
+                else:
+                    self._sel_scan.add(peer)
+            users.add(subject.key)
+        for peer in old - new:
+            users = self._sel_users.get(peer)
+            if users is None:
+                continue
+            users.discard(subject.key)
+            if not users:
+                del self._sel_users[peer]
+                del self._sel[peer]
+                label = peer.index_label()
+                if label is not None:
+                    self._sel_index[label].discard(peer)
+                else:
+                    self._sel_scan.discard(peer)
+
+    def _candidates_for(self, peer: PeerSelector) -> Iterable[tuple[int, Identity]]:
+        label = peer.index_label()
+        if label is not None:
+            return ((i, self._universe[i]) for i in self._label_index.get(label, ()))
+        if peer.only_cidr():
+            return ((i, ident) for i, ident in self._universe.items()
+                    if ident.kind is not IdentityKind.ENDPOINT)
+        return self._universe.items()
+
+    def _universe_add(self, ident: Identity, notify: bool = True) -> set[SubjectKey]:
+        if ident.id in self._universe:
+            return set()
+        self._universe[ident.id] = ident
+        for key, label in ident.labels.items():
+            self._label_index.setdefault((key, label.value), set()).add(ident.id)
+        affected: set[SubjectKey] = set()
+        peers: set[PeerSelector] = set(self._sel_scan)
+        for key, label in ident.labels.items():
+            peers.update(self._sel_index.get((key, label.value), ()))
+        for peer in peers:
+            if peer.selects(ident):
+                self._sel[peer].add(ident.id)
+                affected |= self._sel_users[peer]
+        if notify:
+            self._peer_changed(affected, ident.id)
+        return affected
+
+    def _universe_remove(self, ident: Identity) -> set[SubjectKey]:
+        if ident.id not in self._universe:
+            return set()
+        del self._universe[ident.id]
+        for key, label in ident.labels.items():
+            ids = self._label_index.get((key, label.value))
+            if ids is not None:
+                ids.discard(ident.id)
+                if not ids:
+                    del self._label_index[(key, label.value)]
+        affected: set[SubjectKey] = set()
+        for peer, ids in self._sel.items():
+            if ident.id in ids:
+                ids.discard(ident.id)
+                affected |= self._sel_users[peer]
+        self._peer_changed(affected, ident.id)
+        return affected
+
+    def _peer_changed(self, subjects: set[SubjectKey], identity: int) -> None:
+        for key in subjects:
+            subject = self._subjects.get(key)
+            if subject is None or subject.ms is None:
+                continue
+            if self._batch:
+                self._dirty.add(key)
+                continue
+            subject.ms = redistill_identity(subject.ms, subject.sp, identity, self._selects)
+
+    def _endpoints_of(self, keys: Iterable[SubjectKey]) -> frozenset[str]:
+        out: set[str] = set()
+        for key in keys:
+            subject = self._subjects.get(key)
+            if subject is not None:
+                out |= subject.endpoints
+        return frozenset(out)
+
+
+def _port_map(named: Iterable[tuple[str, int, Protocol]]) -> dict[str, frozenset[tuple[int, Protocol]]]:
+    out: dict[str, set[tuple[int, Protocol]]] = {}
+    for name, num, proto in named:
+        out.setdefault(name, set()).add((num, Protocol(proto)))
+    return {k: frozenset(v) for k, v in out.items()}
+

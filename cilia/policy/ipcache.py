@@ -1,0 +1,52 @@
+"""IP prefix -> identity, looked up by longest prefix (the BPF ipcache's model)."""
+
+from __future__ import annotations
+
+import ipaddress
+
+from .identity import RESERVED
+from .model import IPNetwork
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+
+class IPCache:
+    def __init__(self) -> None:
+        # per family, per prefix length: network address -> identity
+        self._tables: dict[int, dict[int, dict[int, int]]] = {4: {}, 6: {}}
+        self._entries: dict[IPNetwork, int] = {}
+
+    def set_world_defaults(self) -> None:
+        """Addresses nothing else claims belong to the world identities."""
+        self.upsert(ipaddress.ip_network("0.0.0.0/0"), RESERVED["world-ipv4"][0])
+        self.upsert(ipaddress.ip_network("::/0"), RESERVED["world-ipv6"][0])
+
+    def upsert(self, prefix: IPNetwork, identity: int) -> None:
+        self._entries[prefix] = identity
+        table = self._tables[prefix.version].setdefault(prefix.prefixlen, {})
+        table[int(prefix.network_address)] = identity
+
+    def delete(self, prefix: IPNetwork) -> None:
+        if self._entries.pop(prefix, None) is None:
+            return
+        table = self._tables[prefix.version].get(prefix.prefixlen, {})
+        table.pop(int(prefix.network_address), None)
+
+    def get(self, prefix: IPNetwork) -> int | None:
+        return self._entries.get(prefix)
+
+    def lookup(self, address: IPAddress | str) -> tuple[IPNetwork, int]:
+        """The longest prefix holding ``address`` and its identity."""
+        addr = ipaddress.ip_address(address)
+        bits = 32 if addr.version == 4 else 128
+        value = int(addr)
+        tables = self._tables[addr.version]
+        for length in sorted(tables, reverse=True):
+            masked = value >> (bits - length) << (bits - length) if length else 0
+            ident = tables[length].get(masked)
+            if ident is not None:
+                return ipaddress.ip_network((masked, length)), ident
+        raise KeyError(str(addr))
+
+    def items(self) -> list[tuple[IPNetwork, int]]:
+        return sorted(self._entries.items(), key=lambda kv: (kv[0].version, kv[0]))

@@ -1,0 +1,187 @@
+"""Resolution: the rules that select one endpoint -> its SelectorPolicy -> MapState.
+
+Two pure steps, as in Cilium:
+1. ``resolve_selector_policy``: which rules select the endpoint, per direction
+   whether it is in default deny, and its entries still written with peer
+   *selectors* (fromRequires applied, named ports resolved, L7 conflicts caught);
+2. ``distill``: selectors expanded to identities and closed into a
+   precedence-complete ``MapState``.
+
+The engine caches both per (identity, named ports) and redoes only what a
+change touches.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from types import MappingProxyType
+
+from .compile import CompiledRule, Note, RuleEntry
+from .errors import L7ConflictError
+from .labels import LabelSet
+from .mapstate import (
+    ANY_IDENTITY,
+    ANY_L4,
+    DEFAULT_ALLOW,
+    DirectionMapState,
+    L4Key,
+    MapState,
+    RawEntry,
+    build_any_group,
+    build_identity_group,
+    freeze_group,
+)
+from .model import Direction, Protocol
+from .peers import WILDCARD, AnyPeer, PeerSelector, RequiresPeer
+
+#: name -> {(port, protocol)}
+NamedPortMap = Mapping[str, frozenset[tuple[int, Protocol]]]
+
+
+@dataclass(frozen=True, slots=True)
+class ResolvedEntry:
+    peer: PeerSelector  # WILDCARD = any identity
+    raw: RawEntry
+
+
+@dataclass(frozen=True, slots=True)
+class DirectionPolicy:
+    direction: Direction
+    enforced: bool
+    selecting: tuple[CompiledRule, ...]  # rules with a section for this direction
+    entries: tuple[ResolvedEntry, ...]
+
+    def peers(self) -> set[PeerSelector]:
+        return {e.peer for e in self.entries if not isinstance(e.peer, AnyPeer)}
+
+
+@dataclass(frozen=True, slots=True)
+class SelectorPolicy:
+    """An endpoint's policy in terms of selectors (before identity expansion)."""
+
+    ingress: DirectionPolicy
+    egress: DirectionPolicy
+    notes: tuple[Note, ...]
+    uses_cluster_named_ports: bool = False
+
+    def direction(self, direction: Direction) -> DirectionPolicy:
+        return self.ingress if direction is Direction.INGRESS else self.egress
+
+    def peers(self) -> set[PeerSelector]:
+        return self.ingress.peers() | self.egress.peers()
+
+
+def rules_selecting(labels: LabelSet, rules: Iterable[CompiledRule]) -> list[CompiledRule]:
+    return [r for r in rules if r.subject is not None and r.subject.matches(labels)]
+
+
+def resolve_selector_policy(
+    selecting: Sequence[CompiledRule],
+    own_ports: NamedPortMap,
+    cluster_ports: NamedPortMap,
+) -> SelectorPolicy:
+    """The SelectorPolicy of an endpoint selected by ``selecting``.
+
+    Raises L7ConflictError when two L7 protocols would share a port.
+    """
+    notes: list[Note] = []
+    uses_cluster_ports = False
+    directions = {}
+    for direction in Direction:
+        applying = tuple(r for r in selecting if r.applies_to(direction))
+        enforced = any(r.enables_default_deny(direction) for r in applying)
+        requires = tuple(req for r in applying for req in r.requires[direction])
+        entries: list[ResolvedEntry] = []
+        if not enforced:
+            entries.append(ResolvedEntry(WILDCARD, RawEntry(ANY_L4, False, None, DEFAULT_ALLOW)))
+        for rule in applying:
+            for entry in rule.entries:
+                if entry.direction is not direction:
+                    continue
+                peer = entry.peer
+                if requires and not entry.deny:
+                    peer = RequiresPeer(peer, requires)
+                if entry.port.key is not None:
+                    keys = [entry.port.key]
+                else:
+                    ports = own_ports if direction is Direction.INGRESS else cluster_ports
+                    uses_cluster_ports |= direction is Direction.EGRESS
+                    found = sorted(ports.get(entry.port.name or "", frozenset()))
+                    keys = [L4Key(proto, num, num) for num, proto in found
+                            if entry.port.protocol in (proto, Protocol.ANY)]
+                    if not keys:
+                        notes.append(Note(entry.origin, f"named port {entry.port.name!r} is not defined "
+                                                        f"{'on this endpoint' if direction is Direction.INGRESS else 'on any endpoint'}: "
+                                                        "the rule allows nothing there"))
+                for key in keys:
+                    entries.append(ResolvedEntry(peer, RawEntry(key, entry.deny, entry.l7, entry.origin)))
+        _check_l7_conflicts(entries)
+        directions[direction] = DirectionPolicy(direction, enforced, applying, tuple(entries))
+    for rule in selecting:
+        notes.extend(rule.notes)
+    return SelectorPolicy(directions[Direction.INGRESS], directions[Direction.EGRESS],
+                          tuple(dict.fromkeys(notes)), uses_cluster_ports)
+
+
+def _check_l7_conflicts(entries: Sequence[ResolvedEntry]) -> None:
+    """Cilium rejects a policy that needs two L7 parsers on one port."""
+    l7 = [e.raw for e in entries if e.raw.l7 is not None]
+    for i, a in enumerate(l7):
+        for b in l7[i + 1:]:
+            assert a.l7 is not None and b.l7 is not None
+            if a.l7.protocol != b.l7.protocol and a.l4.intersect(b.l4) is not None:
+                sources = tuple(s for s in (a.origin.source, b.origin.source) if s)
+                raise L7ConflictError(
+                    f"{a.l7.protocol} rules of {a.origin.policy} and {b.l7.protocol} rules of "
+                    f"{b.origin.policy} both apply to {a.l4.intersect(b.l4)}", sources)
+
+
+Selects = Callable[[PeerSelector, int], bool]
+
+
+def own_raws(dp: DirectionPolicy, identity: int, selects: Selects) -> list[RawEntry]:
+    return [e.raw for e in dp.entries
+            if not isinstance(e.peer, AnyPeer) and selects(e.peer, identity)]
+
+
+def any_raws(dp: DirectionPolicy) -> list[RawEntry]:
+    return [e.raw for e in dp.entries if isinstance(e.peer, AnyPeer)]
+
+
+def distill_direction(dp: DirectionPolicy, selections: Callable[[PeerSelector], Iterable[int]],
+                      selects: Selects) -> DirectionMapState:
+    anys = any_raws(dp)
+    any_group = build_any_group(anys)
+    any_keys = list(any_group)
+    by_identity: dict[int, list[RawEntry]] = {}
+    for e in dp.entries:
+        if isinstance(e.peer, AnyPeer):
+            continue
+        for ident in selections(e.peer):
+            by_identity.setdefault(ident, []).append(e.raw)
+    groups = {}
+    for ident, raws in by_identity.items():
+        if ident == ANY_IDENTITY:
+            continue
+        groups[ident] = freeze_group(build_identity_group(raws, anys, any_keys))
+    return DirectionMapState(dp.direction, dp.enforced, freeze_group(any_group), MappingProxyType(groups))
+
+
+def distill(sp: SelectorPolicy, selections: Callable[[PeerSelector], Iterable[int]],
+            selects: Selects) -> MapState:
+    return MapState(distill_direction(sp.ingress, selections, selects),
+                    distill_direction(sp.egress, selections, selects))
+
+
+def redistill_identity(ms: MapState, sp: SelectorPolicy, identity: int, selects: Selects) -> MapState:
+    """``ms`` with the entries for one peer identity recomputed (it was added to or
+    removed from some selections)."""
+    out = []
+    for direction in Direction:
+        dp = sp.direction(direction)
+        dms = ms.direction(direction)
+        own = own_raws(dp, identity, selects)
+        group = build_identity_group(own, any_raws(dp), list(dms.any_group)) if own else None
+        out.append(dms.with_group(identity, group))
+    return MapState(out[0], out[1])

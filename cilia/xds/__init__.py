@@ -1,0 +1,1 @@
+"""cilia.xds: see docs/architecture.md (built by a later issue)."""

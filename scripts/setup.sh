@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# Installs what cilia needs, idempotently: Debian packages (apt) and Python
+# packages into .venv. A second run installs nothing new.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+# Debian packages the project needs (one per line in scripts/apt-packages.txt).
+mapfile -t APT_PKGS < <(grep -v '^\s*#' scripts/apt-packages.txt | grep -v '^\s*$' || true)
+missing=()
+for pkg in "${APT_PKGS[@]}"; do
+    dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "ok installed" || missing+=("$pkg")
+done
+# A python3 that can make a venv is needed; Debian's python3 needs python3-venv for it.
+if ! python3 -c 'import venv, ensurepip' >/dev/null 2>&1; then
+    missing+=(python3 python3-venv)
+fi
+if ((${#missing[@]})); then
+    echo "setup: installing Debian packages: ${missing[*]}"
+    SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+    $SUDO apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${missing[@]}"
+fi
+
+python3 -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "cilia needs Python >= 3.11")'
+
+# Python packages: reinstall only when pyproject.toml changed since the last install.
+if [ ! -x .venv/bin/python ]; then
+    python3 -m venv .venv
+fi
+stamp=".venv/.cilia-installed"
+want="$(sha256sum pyproject.toml | cut -d' ' -f1)"
+if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
+    echo "setup: installing Python packages into .venv"
+    .venv/bin/python -m pip install -q --upgrade pip >/dev/null
+    .venv/bin/python -m pip install -q -e '.[test]'
+    echo "$want" > "$stamp"
+fi
