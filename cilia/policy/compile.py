@@ -18,7 +18,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from .errors import SourceRef
-from .identity import IdentityKind
 from .labels import NAMESPACE_KEY, SOURCE_K8S, SOURCE_RESERVED
 from .l7 import http as l7http
 from .mapstate import ANY_L4, MAX_PORT, L4Key, RuleOrigin
@@ -141,14 +140,9 @@ def _compile_rule(policy: Policy, rule: Rule) -> CompiledRule:
                         frozenset(prefixes), origin)
 
 
-def _peer_path(rule: Rule, peer_rule: PeerRule) -> str:
-    return peer_rule.path
-
-
 def _compile_peer_rule(policy: Policy, rule: Rule, pr: PeerRule, notes: list[Note],
                        prefixes: set[IPNetwork]) -> list[RuleEntry]:
-    origin = _origin(policy, _peer_path(rule, pr), pr.source)
-    what = "deny" if pr.deny else "allow"
+    origin = _origin(policy, pr.path, pr.source)
     # -- peers
     peers: list[PeerSelector] = []
     unenforced: list[str] = list(pr.unenforced_peers)
@@ -184,8 +178,9 @@ def _compile_peer_rule(policy: Policy, rule: Rule, pr: PeerRule, notes: list[Not
     out: list[RuleEntry] = []
     port_specs: list[tuple[PortSpec, L7Rules | None, RuleOrigin]] = []
     if pr.to_ports is not None:
-        for port_rule in pr.to_ports:
-            port_origin = _origin(policy, origin.path, port_rule.source) if False else origin
+        for i, port_rule in enumerate(pr.to_ports):
+            # An L4 decision names the toPorts item that made it.
+            port_origin = _origin(policy, f"{origin.path}.toPorts[{i}]", port_rule.source)
             blocked = []
             if port_rule.server_names:
                 blocked.append("serverNames")
@@ -213,13 +208,13 @@ def _compile_peer_rule(policy: Policy, rule: Rule, pr: PeerRule, notes: list[Not
                     port_specs.append((spec, rules, port_origin))
     if pr.icmps is not None:
         for icmp in pr.icmps:
-            port_specs.append((PortSpec(L4Key(icmp.protocol, icmp.type, icmp.type)), None, origin))
+            icmp_origin = _origin(policy, f"{origin.path}.icmps", icmp.source)
+            port_specs.append((PortSpec(L4Key(icmp.protocol, icmp.type, icmp.type)), None, icmp_origin))
     if pr.to_ports is None and pr.icmps is None:
         port_specs.append((PortSpec(ANY_L4), None, origin))
     for peer in peers:
         for spec, l7, o in port_specs:
             out.append(RuleEntry(pr.direction, pr.deny, peer, spec, l7, o))
-    _ = what
     return out
 
 
@@ -237,7 +232,3 @@ def _port_specs(pp: PortProtocol, rules: L7Rules | None) -> list[PortSpec]:
     else:
         lo, hi = pp.port, pp.end_port if pp.end_port is not None else pp.port
     return [PortSpec(L4Key(proto, lo, hi)) for proto in protocols]
-
-
-def is_cluster_identity_kind(kind: IdentityKind) -> bool:
-    return kind is not IdentityKind.CIDR

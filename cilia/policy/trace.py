@@ -198,6 +198,10 @@ def _trace_direction(direction: Direction, ep: EndpointPolicy | None, peer: Iden
             out.allowed = False
             out.reason = f"{entry.l7.protocol} request denied: {verdict.reason}"
             out.deciding = [_origin_json(o) for o in entry.origins if o.source]
+            for rule, origin in entry.l7.rules:
+                item = _l7_rule_json(entry.l7.protocol, rule, origin, registry)
+                item["matched"] = False
+                out.deciding.append(item)
     elif request.l7 is not None:
         out.reason += "; no L7 rules on this port, so every request passes"
     return out
@@ -366,10 +370,13 @@ def render_text(result: TraceResult) -> str:
                 what = value.verdict.value + (f" to {value.l7.protocol} proxy" if value.l7 else "")
                 lines.append(f"  Map entry: {peer}, {key} -> {what}")
             for item in d.deciding:
-                tag = "L7 rule" if "l7" in item else "Rule"
-                extra = f" [{item['l7']}]" if "l7" in item else ""
-                lines.append(f"  {'Decided by' if not d.allowed else 'Allowed by'} {tag} "
-                             f"{item['policy']} {item['path']}{extra} ({_where(item)})")
+                if "l7" in item:
+                    verb = "Not matched" if item.get("matched") is False else "Allowed by"
+                    lines.append(f"  {verb}: L7 rule [{item['l7']}] of {item['policy']} {item['path']} "
+                                 f"({_where(item)})")
+                else:
+                    verb = "Decided by" if not d.allowed else "Allowed by"
+                    lines.append(f"  {verb} rule {item['policy']} {item['path']} ({_where(item)})")
             lines.append(f"{title} verdict: {'allowed' if d.allowed else 'denied'} ({d.reason})")
     if result.notes:
         lines.append("")

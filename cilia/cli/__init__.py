@@ -1,0 +1,1 @@
+"""The `cilia` command line (click)."""

@@ -1,0 +1,258 @@
+"""The ``cilia`` command.
+
+Exit codes follow the policy contract: ``policy validate`` 0 valid / 2 invalid;
+``policy trace`` 0 allowed / 1 denied / 2 error.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+import click
+
+from .. import __version__
+from ..policy import (
+    DNSRequest,
+    GenericL7Request,
+    HTTPRequest,
+    KafkaRequest,
+    L7Request,
+    LabelSet,
+    Peer,
+    PolicyError,
+    Protocol,
+    TraceRequest,
+    ValidationError,
+    compile_policy,
+    default_registry,
+    load_paths,
+    trace,
+)
+from ..policy.l7 import kafka as l7kafka
+from ..policy.parse import check_unique
+from ..policy.trace import PROTOCOL_NAMES
+
+EXIT_ERROR = 2
+
+
+class UsageError(click.UsageError):
+    """Bad command-line input: exit 2 like every other error."""
+
+    exit_code = EXIT_ERROR
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="cilia")
+def cli() -> None:
+    """cilia: identity-aware L3-L7 network policy, the way Cilium does it."""
+
+
+@cli.group()
+def policy() -> None:
+    """Validate and trace CiliumNetworkPolicy files."""
+
+
+def _output_option(f: Any) -> Any:
+    return click.option("-o", "--output", type=click.Choice(["text", "json"]), default="text",
+                        show_default=True, help="Output format.")(f)
+
+
+@policy.command("validate")
+@click.argument("files", nargs=-1, required=True, type=click.Path(dir_okay=False))
+@_output_option
+def validate_cmd(files: Sequence[str], output: str) -> None:
+    """Validate policy FILES: exit 0 if all are valid, else print every problem
+    (file:line: field: message) and exit 2."""
+    results = []
+    failed = False
+    for path in files:
+        res = load_paths([path])
+        notes = sorted({str(n) for p in res.policies for r in compile_policy(p) for n in r.notes})
+        failed |= bool(res.problems)
+        results.append({
+            "file": path,
+            "valid": not res.problems,
+            "policies": [{"kind": p.kind.value, "name": p.name, "namespace": p.namespace,
+                          "rules": len(p.rules)} for p in res.policies],
+            "skipped": [{"line": s.line, "kind": kind} for s, kind in res.skipped],
+            "errors": [str(p) for p in res.problems],
+            "notes": notes,
+        })
+    if output == "json":
+        click.echo(json.dumps({"valid": not failed, "files": results}, indent=2))
+    else:
+        for r in results:
+            if r["valid"]:
+                names = ", ".join(p["name"] for p in r["policies"]) or "no policies"
+                skipped = f" (skipped non-policy kinds: {', '.join(s['kind'] for s in r['skipped'])})" \
+                    if r["skipped"] else ""
+                click.echo(f"{r['file']}: valid: {names}{skipped}")
+                for n in r["notes"]:
+                    click.echo(f"  note: {n}")
+            else:
+                for e in r["errors"]:
+                    click.echo(e, err=True)
+    if failed:
+        sys.exit(EXIT_ERROR)
+
+
+def _parse_labels(text: str, opt: str) -> LabelSet:
+    try:
+        labels = LabelSet.parse(text)
+    except PolicyError as exc:
+        raise UsageError(f"{opt}: {exc}") from exc
+    if not len(labels):
+        raise UsageError(f"{opt}: no labels given")
+    return labels
+
+
+def _parse_ip(text: str, opt: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+    try:
+        return ipaddress.ip_address(text)
+    except ValueError as exc:
+        raise UsageError(f"{opt}: {text!r} is not an IP address") from exc
+
+
+def _peer(labels: str | None, cidr: str | None, side: str) -> Peer:
+    if (labels is None) == (cidr is None):
+        raise UsageError(f"give exactly one of --{side} or --{side}-cidr")
+    if labels is not None:
+        return Peer(labels=_parse_labels(labels, f"--{side}"))
+    assert cidr is not None
+    return Peer(address=_parse_ip(cidr, f"--{side}-cidr"))
+
+
+def _l7_request(http_method: str | None, http_path: str | None, http_host: str | None,
+                http_headers: Sequence[str], kafka_api_key: str | None, kafka_api_version: int | None,
+                kafka_client_id: str | None, kafka_topics: Sequence[str], l7: str | None,
+                l7_fields: Sequence[str]) -> L7Request | None:
+    kinds = [name for name, given in (
+        ("--http-*", http_method or http_path or http_host or http_headers),
+        ("--kafka-*", kafka_api_key or kafka_api_version is not None or kafka_client_id or kafka_topics),
+        ("--l7", l7 or l7_fields)) if given]
+    if len(kinds) > 1:
+        raise UsageError(f"one L7 request at a time: {' and '.join(kinds)} were both given")
+    if http_method or http_path or http_host or http_headers:
+        if not http_method or not http_path:
+            raise UsageError("an HTTP request needs --http-method and --http-path")
+        headers = []
+        for h in http_headers:
+            name, sep, value = h.partition(":")
+            if not sep or not name.strip():
+                raise UsageError(f"--http-header {h!r}: expected 'Name: value'")
+            headers.append((name.strip(), value.strip()))
+        return HTTPRequest(http_method, http_path, http_host or "", tuple(headers))
+    if kafka_api_key or kafka_api_version is not None or kafka_client_id or kafka_topics:
+        if not kafka_api_key:
+            raise UsageError("a Kafka request needs --kafka-api-key")
+        try:
+            key = l7kafka.parse_api_key(kafka_api_key)
+        except ValueError as exc:
+            raise UsageError(f"--kafka-api-key: {exc}") from exc
+        return KafkaRequest(key, kafka_api_version or 0, kafka_client_id or "", tuple(kafka_topics))
+    if l7 or l7_fields:
+        if not l7:
+            raise UsageError("--l7-field needs --l7 PROTO")
+        fields = {}
+        for item in l7_fields:
+            key, sep, value = item.partition("=")
+            if not sep or not key:
+                raise UsageError(f"--l7-field {item!r}: expected key=value")
+            fields[key] = value
+        if l7 == "dns":
+            name = fields.get("name") or fields.get("query")
+            if not name:
+                raise UsageError("a DNS request needs --l7-field name=QUERY")
+            return DNSRequest(name)
+        if l7 in ("http", "kafka"):
+            raise UsageError(f"use the --{l7}-* options for {l7} requests")
+        proto = default_registry().get(l7)
+        if proto is None:
+            known = ", ".join(["dns", *default_registry().names()])
+            raise UsageError(f"--l7: unknown L7 protocol {l7!r} (known: {known})")
+        unknown = sorted(set(fields) - set(proto.request_fields))
+        if unknown:
+            raise UsageError(f"--l7-field: {l7} requests have fields {', '.join(proto.request_fields)}, "
+                             f"not {', '.join(unknown)}")
+        return GenericL7Request.of(l7, fields)
+    return None
+
+
+@policy.command("trace")
+@click.option("--policy", "policy_files", multiple=True, required=True, type=click.Path(dir_okay=False),
+              help="Policy file (repeatable).")
+@click.option("--src", help="Source endpoint labels, k=v,k2=v2.")
+@click.option("--src-cidr", help="Source address outside the cluster.")
+@click.option("--dst", help="Destination endpoint labels, k=v,k2=v2.")
+@click.option("--dst-cidr", help="Destination address outside the cluster.")
+@click.option("--protocol", type=click.Choice(sorted(PROTOCOL_NAMES), case_sensitive=False),
+              default="tcp", show_default=True)
+@click.option("--dport", type=click.IntRange(0, 65535), help="Destination port (omit: every port).")
+@click.option("--icmp-type", type=click.IntRange(0, 255), help="ICMP type (with --protocol icmp|icmpv6).")
+@click.option("--http-method")
+@click.option("--http-path")
+@click.option("--http-host")
+@click.option("--http-header", "http_headers", multiple=True, help="'Name: value' (repeatable).")
+@click.option("--kafka-api-key", help="API key name or number.")
+@click.option("--kafka-api-version", type=click.IntRange(0, 32767))
+@click.option("--kafka-client-id")
+@click.option("--kafka-topic", "kafka_topics", multiple=True, help="Topic (repeatable).")
+@click.option("--l7", help="L7 protocol of an l7proto parser (cassandra, memcache, ...) or dns.")
+@click.option("--l7-field", "l7_fields", multiple=True, help="key=value request field (repeatable).")
+@_output_option
+def trace_cmd(policy_files: Sequence[str], src: str | None, src_cidr: str | None, dst: str | None,
+              dst_cidr: str | None, protocol: str, dport: int | None, icmp_type: int | None,
+              http_method: str | None, http_path: str | None, http_host: str | None,
+              http_headers: Sequence[str], kafka_api_key: str | None, kafka_api_version: int | None,
+              kafka_client_id: str | None, kafka_topics: Sequence[str], l7: str | None,
+              l7_fields: Sequence[str], output: str) -> None:
+    """Trace a flow against policy files and explain the verdict.
+
+    The verdict combines the source's egress and the destination's ingress
+    policy (a CIDR side is outside the cluster and has no policy of its own).
+    Exit 0 when allowed, 1 when denied, 2 on error.
+    """
+    src_peer = _peer(src, src_cidr, "src")
+    dst_peer = _peer(dst, dst_cidr, "dst")
+    proto = PROTOCOL_NAMES[protocol.lower()]
+    if proto in (Protocol.ICMP, Protocol.ICMPV6):
+        if dport is not None:
+            raise UsageError("ICMP has no ports: use --icmp-type")
+        port = icmp_type
+    else:
+        if icmp_type is not None:
+            raise UsageError("--icmp-type needs --protocol icmp or icmpv6")
+        port = dport
+    request = _l7_request(http_method, http_path, http_host, http_headers, kafka_api_key,
+                          kafka_api_version, kafka_client_id, kafka_topics, l7, l7_fields)
+    if request is not None and proto not in (Protocol.TCP, Protocol.UDP, Protocol.ANY):
+        raise UsageError(f"an L7 request needs --protocol tcp (or udp for dns), not {protocol}")
+    res = load_paths(policy_files)
+    try:
+        if res.problems:
+            raise ValidationError(res.problems)
+        check_unique(res.policies)
+        result = trace(res.policies, TraceRequest(src_peer, dst_peer, proto, port, request))
+    except PolicyError as exc:
+        click.echo(str(exc), err=True)
+        sys.exit(EXIT_ERROR)
+    if output == "json":
+        click.echo(json.dumps(result.to_json(), indent=2))
+    else:
+        click.echo(result.render())
+    sys.exit(0 if result.allowed else 1)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    try:
+        cli.main(args=list(argv) if argv is not None else None, prog_name="cilia", standalone_mode=True)
+    except KeyboardInterrupt:  # pragma: no cover
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

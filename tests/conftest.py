@@ -1,0 +1,1 @@
+"""Test configuration: tests/ is on sys.path, so test modules import `helpers`."""
