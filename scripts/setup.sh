@@ -32,6 +32,7 @@ want="$(sha256sum pyproject.toml | cut -d' ' -f1)"
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
     echo "setup: installing Python packages into .venv"
     .venv/bin/python -m pip install -q --upgrade pip >/dev/null 2>&1
-    .venv/bin/python -m pip install -q -e '.[test]'
+    # (the grep drops pip's notes about this machine's local package mirrors)
+    .venv/bin/python -m pip install -q -e '.[test]' 2> >(grep -v -e '^WARNING: Location' -e 'BuildBackendWarning' >&2)
     echo "$want" > "$stamp"
 fi

@@ -67,7 +67,7 @@ def _output_option(f: Any) -> Any:
 def validate_cmd(files: Sequence[str], output: str) -> None:
     """Validate policy FILES: exit 0 if all are valid, else print every problem
     (file:line: field: message) and exit 2."""
-    results = []
+    results: list[dict[str, Any]] = []
     failed = False
     for path in files:
         res = load_paths([path])
@@ -150,24 +150,24 @@ def _l7_request(http_method: str | None, http_path: str | None, http_host: str |
         if not kafka_api_key:
             raise UsageError("a Kafka request needs --kafka-api-key")
         try:
-            key = l7kafka.parse_api_key(kafka_api_key)
+            api_key = l7kafka.parse_api_key(kafka_api_key)
         except ValueError as exc:
             raise UsageError(f"--kafka-api-key: {exc}") from exc
-        return KafkaRequest(key, kafka_api_version or 0, kafka_client_id or "", tuple(kafka_topics))
+        return KafkaRequest(api_key, kafka_api_version or 0, kafka_client_id or "", tuple(kafka_topics))
     if l7 or l7_fields:
         if not l7:
             raise UsageError("--l7-field needs --l7 PROTO")
-        fields = {}
+        fields: dict[str, str] = {}
         for item in l7_fields:
             key, sep, value = item.partition("=")
             if not sep or not key:
                 raise UsageError(f"--l7-field {item!r}: expected key=value")
             fields[key] = value
         if l7 == "dns":
-            name = fields.get("name") or fields.get("query")
-            if not name:
+            query = fields.get("name") or fields.get("query")
+            if not query:
                 raise UsageError("a DNS request needs --l7-field name=QUERY")
-            return DNSRequest(name)
+            return DNSRequest(query)
         if l7 in ("http", "kafka"):
             raise UsageError(f"use the --{l7}-* options for {l7} requests")
         proto = default_registry().get(l7)

@@ -108,6 +108,7 @@ class PolicyEngine:
         self._sel_index: dict[tuple[str, str], set[PeerSelector]] = {}
         self._sel_scan: set[PeerSelector] = set()
         self._cluster_ports: dict[str, frozenset[tuple[int, Protocol]]] = {}
+        self._port_refs: dict[tuple[str, int, int], int] = {}
         self._batch = 0
         self._dirty: set[SubjectKey] = set()
         for ident in self.allocator:
@@ -201,6 +202,7 @@ class PolicyEngine:
             subject = self._subjects[key]
             rules = [r for r in subject.rules if r not in old_set]
             rules += [r for r in new_rules if r.subject is not None and r.subject.matches(subject.labels)]
+            rules.sort(key=_rule_order)
             staged[key] = (rules, resolve_selector_policy(rules, subject.own_ports, self._cluster_ports))
         # Commit.
         for rule in old_rules:
@@ -245,7 +247,7 @@ class PolicyEngine:
         for key, label in labels.items():
             candidates.update(self._rule_index.get((key, label.value), ()))
         out = [r for r in candidates if r.subject is not None and r.subject.matches(labels)]
-        out.sort(key=lambda r: (r.policy.key, r.origin.path))
+        out.sort(key=_rule_order)
         return out
 
     def _subjects_matching(self, rules: Iterable[CompiledRule]) -> set[SubjectKey]:
@@ -304,6 +306,8 @@ class PolicyEngine:
                 changed.add(key)
             if old is not None:
                 changed |= self._detach(old)
+                if self._count_ports(old, -1):
+                    changed |= self._refresh_cluster_ports()
             subject.endpoints.add(endpoint.name)
             self._endpoints[endpoint.name] = endpoint
             self._endpoint_subject[endpoint.name] = key
@@ -313,7 +317,8 @@ class PolicyEngine:
                 changed |= self._universe_add(ident)
             for ip in endpoint.ips:
                 self.ipcache.upsert(ipaddress.ip_network(ip), ident.id)
-            changed |= self._refresh_cluster_ports()
+            if self._count_ports(endpoint, +1):
+                changed |= self._refresh_cluster_ports()
             if not self._batch:
                 self._ensure_map_state(subject)
             names = self._endpoints_of(changed) | {endpoint.name}
@@ -325,7 +330,8 @@ class PolicyEngine:
             if old is None:
                 raise PolicyError(f"no such endpoint: {name}")
             changed = self._detach(old)
-            changed |= self._refresh_cluster_ports()
+            if self._count_ports(old, -1):
+                changed |= self._refresh_cluster_ports()
             return Change(self.revision, self._endpoints_of(changed) | {name})
 
     def _detach(self, ep: Endpoint) -> set[SubjectKey]:
@@ -354,17 +360,27 @@ class PolicyEngine:
                 self.allocator.release(ident.id)
         return changed
 
+    def _count_ports(self, ep: Endpoint, delta: int) -> bool:
+        """Track every endpoint's named ports; True if the set of names changed."""
+        changed = False
+        for name, num, proto in ep.named_ports:
+            key = (name, num, int(proto))
+            refs = self._port_refs.get(key, 0) + delta
+            if refs > 0:
+                self._port_refs[key] = refs
+            else:
+                self._port_refs.pop(key, None)
+            if refs == 0 or (delta > 0 and refs == 1):  # a port appeared or vanished
+                changed = True
+        return changed
+
     def _refresh_cluster_ports(self) -> set[SubjectKey]:
         """Egress named ports resolve against every endpoint's ports; when that
         map changes, re-resolve the endpoints whose egress rules use names."""
         ports: dict[str, set[tuple[int, Protocol]]] = {}
-        for ep in self._endpoints.values():
-            for name, num, proto in ep.named_ports:
-                ports.setdefault(name, set()).add((num, Protocol(proto)))
-        frozen = {k: frozenset(v) for k, v in ports.items()}
-        if frozen == self._cluster_ports:
-            return set()
-        self._cluster_ports = frozen
+        for name, num, proto in self._port_refs:
+            ports.setdefault(name, set()).add((num, Protocol(proto)))
+        self._cluster_ports = {k: frozenset(v) for k, v in ports.items()}
         changed = set()
         for key, subject in self._subjects.items():
             if subject.sp.uses_cluster_named_ports:
@@ -481,6 +497,10 @@ class PolicyEngine:
             if subject is not None:
                 out |= subject.endpoints
         return frozenset(out)
+
+
+def _rule_order(rule: CompiledRule) -> tuple[tuple[str, str, str], str]:
+    return (rule.policy.key, rule.origin.path)
 
 
 def _port_map(named: Iterable[tuple[str, int, Protocol]]) -> dict[str, frozenset[tuple[int, Protocol]]]:
