@@ -6,13 +6,16 @@ the parser can report ``file:line: path: message`` for any field.
 
 from __future__ import annotations
 
+import re
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
 from ruamel.yaml import YAML
 from ruamel.yaml.comments import CommentedMap, CommentedSeq
-from ruamel.yaml.error import MarkedYAMLError, YAMLError
+from ruamel.yaml.constructor import DuplicateKeyError
+from ruamel.yaml.error import MarkedYAMLError, ReusedAnchorWarning, YAMLError
 
 from .errors import Problem, SourceRef
 
@@ -88,13 +91,20 @@ class Node:
             yield Node(val, self.child_path(i), SourceRef(self.source.file, line))
 
 
+_DUPLICATE_KEY = re.compile(r'found duplicate key "(.*?)" with value')
+
+
 def load_documents(text: str, filename: str) -> tuple[list[Node], list[Problem]]:
     """Parse every YAML document in ``text``; a syntax error becomes a Problem."""
     yaml = YAML(typ="rt")
     yaml.allow_duplicate_keys = False
     docs: list[Node] = []
     try:
-        for doc in yaml.load_all(text):
+        with warnings.catch_warnings():
+            # YAML lets an anchor be defined again; the later definition wins.
+            warnings.simplefilter("ignore", ReusedAnchorWarning)
+            loaded = list(yaml.load_all(text))
+        for doc in loaded:
             if doc is None:
                 continue
             line = 1
@@ -106,9 +116,17 @@ def load_documents(text: str, filename: str) -> tuple[list[Node], list[Problem]]
         mark = exc.problem_mark or exc.context_mark
         line = mark.line + 1 if mark is not None else 1
         what = exc.problem or "invalid YAML"
-        if exc.context:
-            what = f"{exc.context}: {what}" if "duplicate" not in str(exc.problem) else what
+        dup = _DUPLICATE_KEY.match(what) if isinstance(exc, DuplicateKeyError) else None
+        if dup is not None:
+            # ruamel also prints both values as Python reprs; the key is what matters.
+            what = f'duplicate key "{dup.group(1)}"'
+        elif exc.context:
+            what = f"{exc.context}: {what}"
         return [], [Problem(SourceRef(filename, line), "", f"YAML syntax error: {what}")]
     except YAMLError as exc:
         return [], [Problem(SourceRef(filename, 1), "", f"YAML syntax error: {exc}")]
+    except (TypeError, AttributeError, ValueError) as exc:
+        # ruamel.yaml fails this way on constructs Kubernetes rejects too, such as a
+        # mapping used as a key or a !!set/!!omap tag on a scalar.
+        return [], [Problem(SourceRef(filename, 1), "", f"YAML cannot be loaded: {exc}")]
     return docs, []

@@ -218,14 +218,22 @@ def _compile_peer_rule(policy: Policy, rule: Rule, pr: PeerRule, notes: list[Not
     return out
 
 
+def l7_protocols(rules: L7Rules | None) -> tuple[Protocol, ...]:
+    """The transport protocols protocol ANY stands for, given a port's L7 rules."""
+    kind = rules.protocol if rules is not None else None
+    if kind is None:
+        return _ANY_EXPANSION[None]
+    return _ANY_EXPANSION.get(kind, (Protocol.TCP,))
+
+
 def _port_specs(pp: PortProtocol, rules: L7Rules | None) -> list[PortSpec]:
+    if pp.name is not None:
+        # A named port carries its own protocol; resolution picks the matching ones.
+        return [PortSpec(None, pp.name, pp.protocol)]
     if pp.protocol is Protocol.ANY:
-        kind = rules.protocol if rules is not None else None
-        protocols = _ANY_EXPANSION.get(kind, (Protocol.TCP,)) if kind else _ANY_EXPANSION[None]
+        protocols = l7_protocols(rules)
     else:
         protocols = (pp.protocol,)
-    if pp.name is not None:
-        return [PortSpec(None, pp.name, proto) for proto in protocols]
     assert pp.port is not None
     if pp.port == 0:
         lo, hi = 0, MAX_PORT

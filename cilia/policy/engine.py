@@ -24,7 +24,7 @@ from .compile import CompiledRule, Note, compile_policy
 from .errors import PolicyError
 from .identity import Identity, IdentityAllocator, IdentityKind, MemoryAllocator
 from .ipcache import IPCache
-from .labels import LabelSet, endpoint_labels
+from .labels import SOURCE_RESERVED, LabelSet, endpoint_labels
 from .mapstate import MapState
 from .model import IPNetwork, Policy, Protocol
 from .peers import PeerSelector
@@ -215,8 +215,7 @@ class PolicyEngine:
             self._compiled[k] = new_compiled[k]
         for rule in new_rules:
             self._index_rule(rule)
-        self._update_prefixes(old_rules, new_rules)
-        changed: set[SubjectKey] = set()
+        changed: set[SubjectKey] = self._update_prefixes(old_rules, new_rules)
         for key, (rules, sp) in staged.items():
             self._set_policy(self._subjects[key], rules, sp)
             changed.add(key)
@@ -243,6 +242,10 @@ class PolicyEngine:
             self._rule_scan.discard(rule)
 
     def _rules_for(self, labels: LabelSet) -> list[CompiledRule]:
+        if labels.has_source(SOURCE_RESERVED):
+            # The host (and other reserved identities) are selected only by
+            # nodeSelector host policies, which are not enforced yet.
+            return []
         candidates: set[CompiledRule] = set(self._rule_scan)
         for key, label in labels.items():
             candidates.update(self._rule_index.get((key, label.value), ()))
@@ -263,14 +266,18 @@ class PolicyEngine:
                         out.add(key)
         return out
 
-    def _update_prefixes(self, old_rules: Iterable[CompiledRule], new_rules: Iterable[CompiledRule]) -> None:
+    def _update_prefixes(self, old_rules: Iterable[CompiledRule],
+                         new_rules: Iterable[CompiledRule]) -> set[SubjectKey]:
+        """Allocate CIDR identities for prefixes policies now name and release the
+        ones no longer named; returns the endpoints whose selections changed."""
+        changed: set[SubjectKey] = set()
         for rule in new_rules:
             for prefix in rule.prefixes:
                 self._prefix_refs[prefix] = self._prefix_refs.get(prefix, 0) + 1
                 if self._prefix_refs[prefix] == 1:
                     ident = self.allocator.allocate_cidr(prefix)
                     self.ipcache.upsert(prefix, ident.id)
-                    self._universe_add(ident)
+                    changed |= self._universe_add(ident)
         for rule in old_rules:
             for prefix in rule.prefixes:
                 self._prefix_refs[prefix] -= 1
@@ -278,8 +285,9 @@ class PolicyEngine:
                     del self._prefix_refs[prefix]
                     ident = self.allocator.allocate_cidr(prefix)
                     self.ipcache.delete(prefix)
-                    self._universe_remove(ident)
+                    changed |= self._universe_remove(ident)
                     self.allocator.release(ident.id)
+        return changed
 
     # ----------------------------------------------------------------- endpoints
 
@@ -291,28 +299,40 @@ class PolicyEngine:
             old = self._endpoints.get(endpoint.name)
             if old == endpoint:
                 return Change(self.revision, frozenset())
-            ident = self.allocator.allocate(endpoint.labels)
             own_ports = _port_map(endpoint.named_ports)
-            key: SubjectKey = (ident.id, tuple(sorted((n, p, int(pr)) for n, p, pr in endpoint.named_ports)))
+            port_key = tuple(sorted((n, p, int(pr)) for n, p, pr in endpoint.named_ports))
+            # Resolve before changing anything: an L7 conflict must leave no trace
+            # (no identity allocated, the old endpoint untouched).
+            known = self.allocator.lookup(endpoint.labels)
+            staged: tuple[list[CompiledRule], SelectorPolicy] | None = None
+            if known is None or (known.id, port_key) not in self._subjects:
+                rules = self._rules_for(endpoint.labels)
+                staged = (rules, resolve_selector_policy(rules, own_ports, self._cluster_ports))
+            ident = self.allocator.allocate(endpoint.labels)
+            key: SubjectKey = (ident.id, port_key)
             changed: set[SubjectKey] = set()
+            # Hold the new identity before detaching the old endpoint: when only
+            # its addresses or named ports change, the identity stays allocated.
+            refs = self._identity_refs.get(ident.id, 0)
+            self._identity_refs[ident.id] = refs + 1
+            if old is not None:
+                changed |= self._detach(old)
+                if self._count_ports(old, -1):
+                    changed |= self._refresh_cluster_ports()
             subject = self._subjects.get(key)
             if subject is None:
-                rules = self._rules_for(endpoint.labels)
-                sp = resolve_selector_policy(rules, own_ports, self._cluster_ports)
+                if staged is None:  # the old endpoint was the subject's last user
+                    rules = self._rules_for(endpoint.labels)
+                    staged = (rules, resolve_selector_policy(rules, own_ports, self._cluster_ports))
+                rules, sp = staged
                 subject = _Subject(key, endpoint.labels, own_ports, rules, sp, None)
                 self._subjects[key] = subject
                 self._subjects_by_identity.setdefault(ident.id, set()).add(key)
                 self._register_peers(subject, set(), sp.peers())
                 changed.add(key)
-            if old is not None:
-                changed |= self._detach(old)
-                if self._count_ports(old, -1):
-                    changed |= self._refresh_cluster_ports()
             subject.endpoints.add(endpoint.name)
             self._endpoints[endpoint.name] = endpoint
             self._endpoint_subject[endpoint.name] = key
-            refs = self._identity_refs.get(ident.id, 0)
-            self._identity_refs[ident.id] = refs + 1
             if refs == 0:
                 changed |= self._universe_add(ident)
             for ip in endpoint.ips:

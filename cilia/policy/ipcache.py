@@ -15,11 +15,15 @@ class IPCache:
         # per family, per prefix length: network address -> identity
         self._tables: dict[int, dict[int, dict[int, int]]] = {4: {}, 6: {}}
         self._entries: dict[IPNetwork, int] = {}
+        self._defaults: dict[IPNetwork, int] = {}
 
     def set_world_defaults(self) -> None:
-        """Addresses nothing else claims belong to the world identities."""
-        self.upsert(ipaddress.ip_network("0.0.0.0/0"), RESERVED["world-ipv4"][0])
-        self.upsert(ipaddress.ip_network("::/0"), RESERVED["world-ipv6"][0])
+        """Addresses nothing else claims belong to the world identities (also
+        after a policy prefix 0.0.0.0/0 or ::/0 that overrode them is deleted)."""
+        for prefix, name in (("0.0.0.0/0", "world-ipv4"), ("::/0", "world-ipv6")):
+            net = ipaddress.ip_network(prefix)
+            self._defaults[net] = RESERVED[name][0]
+            self.upsert(net, RESERVED[name][0])
 
     def upsert(self, prefix: IPNetwork, identity: int) -> None:
         self._entries[prefix] = identity
@@ -27,6 +31,9 @@ class IPCache:
         table[int(prefix.network_address)] = identity
 
     def delete(self, prefix: IPNetwork) -> None:
+        if prefix in self._defaults:
+            self.upsert(prefix, self._defaults[prefix])
+            return
         if self._entries.pop(prefix, None) is None:
             return
         table = self._tables[prefix.version].get(prefix.prefixlen, {})
@@ -45,7 +52,8 @@ class IPCache:
             masked = value >> (bits - length) << (bits - length) if length else 0
             ident = tables[length].get(masked)
             if ident is not None:
-                return ipaddress.ip_network((masked, length)), ident
+                net_type = ipaddress.IPv4Network if addr.version == 4 else ipaddress.IPv6Network
+                return net_type((masked, length)), ident
         raise KeyError(str(addr))
 
     def items(self) -> list[tuple[IPNetwork, int]]:

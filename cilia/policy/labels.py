@@ -66,7 +66,7 @@ class LabelSet(Mapping[str, Label]):
     def parse(cls, text: str | Iterable[str], default_source: str = SOURCE_K8S) -> LabelSet:
         """Parse ``"k=v,k8s:k2=v2,reserved:host"`` (or a list of such items)."""
         items = text.split(",") if isinstance(text, str) else list(text)
-        labels = []
+        labels: dict[str, Label] = {}
         for raw in items:
             item = raw.strip()
             if not item:
@@ -78,8 +78,12 @@ class LabelSet(Mapping[str, Label]):
             key = key.strip()
             if not key:
                 raise LabelError(f"label {raw!r} has an empty key")
-            labels.append(Label(source, key, value.strip()))
-        return cls(labels)
+            if key in labels:
+                # A label set holds one value per key; silently keeping either would
+                # describe a different endpoint than the one the user wrote.
+                raise LabelError(f"label key {key!r} is given twice ({str(labels[key])!r} and {item!r})")
+            labels[key] = Label(source, key, value.strip())
+        return cls(labels.values())
 
     def __getitem__(self, key: str) -> Label:
         return self._by_key[key]

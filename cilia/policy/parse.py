@@ -11,6 +11,7 @@ and validated here; the resolver reports them as "not enforced yet".
 from __future__ import annotations
 
 import ipaddress
+import json
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -25,7 +26,7 @@ from .l7 import dns as l7dns
 from .l7 import http as l7http
 from .l7 import kafka as l7kafka
 from .l7.registry import L7Registry, default_registry
-from .labels import DEFAULT_NAMESPACE, split_source
+from .labels import DEFAULT_NAMESPACE, Label, split_source
 from .model import (
     CIDRRule,
     DefaultDeny,
@@ -34,6 +35,7 @@ from .model import (
     GenericL7Rule,
     ICMPField,
     IPNetwork,
+    L7Rule,
     L7Rules,
     PeerRule,
     Policy,
@@ -73,6 +75,7 @@ _SECTION_FIELDS = {
 }
 
 _PORT_RULE_FIELDS = ("ports", "rules", "terminatingTLS", "originatingTLS", "serverNames", "listener")
+_ENVOY_CONFIG_KINDS = ("CiliumEnvoyConfig", "CiliumClusterwideEnvoyConfig")
 _L7_FIELDS = ("http", "kafka", "dns", "l7proto", "l7")
 _PROTOCOLS = {"TCP": Protocol.TCP, "UDP": Protocol.UDP, "SCTP": Protocol.SCTP, "ANY": Protocol.ANY}
 # IANA service name, as Kubernetes validates named container ports.
@@ -153,6 +156,11 @@ def check_unique(policies: Sequence[Policy]) -> None:
         raise ValidationError(problems)
 
 
+def _quote(text: str) -> str:
+    """A value as the user wrote it in YAML: in double quotes."""
+    return json.dumps(text, ensure_ascii=False)
+
+
 class _Parser:
     def __init__(self, registry: L7Registry) -> None:
         self.registry = registry
@@ -167,15 +175,21 @@ class _Parser:
             return None, None
         kind_node = doc.value.get("kind")
         api = doc.value.get("apiVersion")
+        if kind_node is None:
+            p.append(doc.problem("missing required field 'kind'"))
+            return None, None
+        if not isinstance(kind_node, str):
+            where = dict(doc.items())["kind"]
+            p.append(where.problem(f"expected a string, got {where.type_name}"))
+            return None, None
         if kind_node not in POLICY_KINDS:
-            if isinstance(api, str) and api.startswith("cilium.io/") or kind_node is None:
-                where = dict(doc.items()).get("kind", doc)
-                p.append(where.problem(
+            if isinstance(api, str) and api.startswith("cilium.io/"):
+                p.append(dict(doc.items())["kind"].problem(
                     f"kind {kind_node!r} is not a policy kind (expected one of "
-                    f"{', '.join(POLICY_KINDS)})" if kind_node is not None else "missing field 'kind'"))
+                    f"{', '.join(POLICY_KINDS)})"))
                 return None, None
             # Other Kubernetes objects (Pods, Services...) may share a file with policies.
-            return None, str(kind_node)
+            return None, kind_node
         kind = POLICY_KINDS[kind_node]
         top = F.fields(doc, _TOP_FIELDS, p, required=("apiVersion", "metadata"))
         if top is None:
@@ -280,19 +294,29 @@ class _Parser:
                     default_deny, description, labels, node.path, node.source)
 
     def rule_labels(self, node: Node) -> tuple[str, ...]:
+        """Rule labels as ``source:key=value``; the source is ``unspec`` unless given,
+        for the object form and the short string form (``"key=value"``) alike."""
+        p = self.problems
         out = []
-        for item in F.elements(node, self.problems) or ():
+        for item in F.elements(node, p) or ():
             if item.is_mapping():
-                f = F.fields(item, ("key", "value", "source"), self.problems, required=("key",))
-                if f and "key" in f:
-                    key = F.string(f["key"], self.problems) or ""
-                    value = F.string(f["value"], self.problems) if "value" in f else ""
-                    source = F.string(f["source"], self.problems) if "source" in f else "unspec"
-                    out.append(f"{source}:{key}={value}")
+                f = F.fields(item, ("key", "value", "source"), p, required=("key",))
+                if not f or "key" not in f:
+                    continue
+                key = F.string(f["key"], p, allow_empty=False)
+                value = F.string(f["value"], p) if "value" in f else ""
+                source = F.string(f["source"], p, allow_empty=False) if "source" in f else "unspec"
             else:
-                text = F.string(item, self.problems)
-                if text is not None:
-                    out.append(text)
+                text = F.string(item, p)
+                if text is None:
+                    continue
+                raw_key, _, value = text.partition("=")
+                source, key = split_source(raw_key, "unspec")
+                if not key:
+                    p.append(item.problem(f"label {text!r} has an empty key"))
+                    continue
+            if key is not None and value is not None and source is not None:
+                out.append(str(Label(source, key, value)))
         return tuple(out)
 
     # --- selectors ----------------------------------------------------------
@@ -367,7 +391,7 @@ class _Parser:
         source, bare = split_source(key)
         return Requirement(source, bare, op, tuple(sorted(set(values))))
 
-    def selectors(self, node: Node) -> tuple[LabelSelector, ...] | None:
+    def selectors(self, node: Node) -> tuple[LabelSelector, ...]:
         out = []
         for item in F.elements(node, self.problems) or ():
             sel = self.selector(item)
@@ -389,6 +413,11 @@ class _Parser:
         f = F.fields(node, allowed, p, misplaced=misplaced)
         if f is None:
             return None
+        # Kubernetes drops null fields, and Cilium tests len(toPorts) and len(icmps):
+        # `fromEndpoints:` with nothing below it is absent, and so is `toPorts: []`.
+        # (An explicit empty peer list such as `fromEndpoints: []` selects no peer.)
+        f = {k: v for k, v in f.items()
+             if v.value is not None and not (k in _COMMON_PEER and v.value == [])}
 
         prefix = "from" if direction is Direction.INGRESS else "to"
         present = [k for k in (_INGRESS_PEERS if prefix == "from" else _EGRESS_PEERS) if k in f]
@@ -495,7 +524,7 @@ class _Parser:
             return None
         net = self.cidr(f["cidr"])
         excepts: list[IPNetwork] = []
-        for item in F.elements(f["except"], p) if "except" in f else []:
+        for item in F.elements(f["except"], p) or () if "except" in f else []:
             ex = self.cidr(item)
             if ex is None or net is None:
                 continue
@@ -555,7 +584,7 @@ class _Parser:
             a = F.fields(f["aws"], ("securityGroupsIds", "securityGroupsNames", "labels", "region"), p)
             if a:
                 for key in ("securityGroupsIds", "securityGroupsNames"):
-                    for item in F.elements(a[key], p) if key in a else []:
+                    for item in F.elements(a[key], p) or () if key in a else []:
                         F.string(item, p)
                 if "labels" in a:
                     F.string_map(a["labels"], p)
@@ -574,25 +603,34 @@ class _Parser:
         if f is None:
             return None
         ports: list[PortProtocol] = []
-        for item in F.elements(f["ports"], p) if "ports" in f else []:
+        for item in F.elements(f["ports"], p) or () if "ports" in f else []:
             pp = self.port_protocol(item)
             if pp is not None:
                 ports.append(pp)
         rules = self.l7_rules(f["rules"], ports) if "rules" in f else None
         tls = {k: self.tls(f[k]) for k in ("terminatingTLS", "originatingTLS") if k in f}
         server_names: list[str] = []
-        for item in F.elements(f["serverNames"], p) if "serverNames" in f else []:
+        for item in F.elements(f["serverNames"], p) or () if "serverNames" in f else []:
             sn = F.string(item, p)
             if sn is not None:
                 server_names.append(sn)
-        listener = None
+        listener: dict[str, object] | None = None
         if "listener" in f:
             lf = F.fields(f["listener"], ("envoyConfig", "name", "priority"), p,
                           required=("envoyConfig", "name"))
             if lf is not None:
+                listener = {}
                 if "envoyConfig" in lf:
-                    F.fields(lf["envoyConfig"], ("kind", "name"), p, required=("name",))
-                listener = {k: v.value for k, v in lf.items()}
+                    ec = F.fields(lf["envoyConfig"], ("kind", "name"), p, required=("name",)) or {}
+                    config = {k: F.string(v, p) for k, v in ec.items()}
+                    if "kind" in ec and config["kind"] not in (None, *_ENVOY_CONFIG_KINDS):
+                        p.append(ec["kind"].problem(
+                            f"unknown kind {config['kind']!r} (expected {' or '.join(_ENVOY_CONFIG_KINDS)})"))
+                    listener["envoyConfig"] = config
+                if "name" in lf:
+                    listener["name"] = F.string(lf["name"], p)
+                if "priority" in lf:
+                    listener["priority"] = F.integer(lf["priority"], p, 1, 100)
         if len(p) > before:
             return None
         return PortRule(tuple(ports), rules, tls.get("terminatingTLS"), tls.get("originatingTLS"),
@@ -611,16 +649,17 @@ class _Parser:
             if not isinstance(text, str):
                 p.append(f["port"].problem(f"expected a port number or name, got {f['port'].type_name}"))
                 return None
-            if text.isdigit():
+            if text.isascii() and text.isdigit():
                 port = int(text)
                 if port > 65535:
-                    p.append(f["port"].problem(f"{text!r} is not a port number or name (ports are 0-65535)"))
-            elif _PORT_NAME.match(text):
-                port, name = None, text
+                    p.append(f["port"].problem(f"{_quote(text)} is not a port number or name (ports are 0-65535)"))
+            elif _PORT_NAME.match(text.lower()):
+                # Cilium compares port names case-insensitively, as lowercase.
+                port, name = None, text.lower()
             elif text == "":
                 port = 0
             else:
-                p.append(f["port"].problem(f"{text!r} is not a port number or name"))
+                p.append(f["port"].problem(f"{_quote(text)} is not a port number or name"))
         end_port = None
         if "endPort" in f:
             end_port = F.integer(f["endPort"], p, 0, 65535)
@@ -667,7 +706,8 @@ class _Parser:
                 if isinstance(raw, bool) or not isinstance(raw, (int, str)):
                     p.append(ff["type"].problem(f"expected an ICMP type number or name, got {ff['type'].type_name}"))
                     continue
-                t = icmp_type(family, raw)
+                # (icmp_type reads digit strings; names and numbers are ASCII.)
+                t = icmp_type(family, raw) if not isinstance(raw, str) or raw.isascii() else None
                 if t is None:
                     p.append(ff["type"].problem(f"{raw!r} is not an {family} ICMP type number (0-255) or name"))
                     continue
@@ -706,8 +746,8 @@ class _Parser:
         if not kinds:
             return None  # `rules: {}` restricts nothing at L7
         kind = kinds[0]
-        rules: list = []
-        protocol = kind
+        rules: list[L7Rule] = []
+        protocol: str = kind
         if kind == "l7proto":
             proto_name = F.string(f["l7proto"], p)
             if proto_name is None:
@@ -719,7 +759,7 @@ class _Parser:
                     f"unknown L7 protocol {proto_name!r} (registered parsers: {known})"))
                 return None
             protocol = proto_name
-            for item in F.elements(f["l7"], p) if "l7" in f else []:
+            for item in F.elements(f["l7"], p) or () if "l7" in f else []:
                 fields = F.string_map(item, p)
                 if fields is None:
                     continue

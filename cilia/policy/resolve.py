@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from types import MappingProxyType
 
-from .compile import CompiledRule, Note, RuleEntry
+from .compile import CompiledRule, Note, l7_protocols
 from .errors import L7ConflictError
 from .labels import LabelSet
 from .mapstate import (
@@ -108,12 +108,13 @@ def resolve_selector_policy(
                     ports = own_ports if direction is Direction.INGRESS else cluster_ports
                     uses_cluster_ports |= direction is Direction.EGRESS
                     found = sorted(ports.get(entry.port.name or "", frozenset()))
-                    keys = [L4Key(proto, num, num) for num, proto in found
-                            if entry.port.protocol in (proto, Protocol.ANY)]
+                    usable = (entry.port.protocol,) if entry.port.protocol is not Protocol.ANY \
+                        else l7_protocols(entry.l7)
+                    keys = [L4Key(proto, num, num) for num, proto in found if proto in usable]
                     if not keys:
-                        notes.append(Note(entry.origin, f"named port {entry.port.name!r} is not defined "
-                                                        f"{'on this endpoint' if direction is Direction.INGRESS else 'on any endpoint'}: "
-                                                        "the rule allows nothing there"))
+                        where = "this endpoint" if direction is Direction.INGRESS else "any endpoint"
+                        notes.append(Note(entry.origin, f"named port {entry.port.name!r} is not defined on "
+                                                        f"{where}: the rule allows nothing there"))
                 for key in keys:
                     entries.append(ResolvedEntry(peer, RawEntry(key, entry.deny, entry.l7, entry.origin)))
         _check_l7_conflicts(entries)

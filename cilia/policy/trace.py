@@ -125,6 +125,11 @@ def trace(policies: Sequence[Policy], request: TraceRequest, registry: L7Registr
     engine = PolicyEngine(MemoryAllocator())
     engine.apply(policies)
     total = sum(len(p.rules) for p in policies)
+    # Both endpoints exist before either policy is read: each one's map state
+    # must already hold the other's identity.
+    for name, peer in (("source", request.src), ("destination", request.dst)):
+        if peer.labels is not None:
+            engine.upsert_endpoint(Endpoint(name, peer.labels))
     src_ep = _endpoint(engine, "source", request.src)
     dst_ep = _endpoint(engine, "destination", request.dst)
     src_id = _identity(engine, request.src, src_ep)
@@ -152,7 +157,6 @@ def trace(policies: Sequence[Policy], request: TraceRequest, registry: L7Registr
 def _endpoint(engine: PolicyEngine, name: str, peer: Peer) -> EndpointPolicy | None:
     if peer.labels is None:
         return None
-    engine.upsert_endpoint(Endpoint(name, peer.labels))
     return engine.endpoint_policy(name)
 
 
