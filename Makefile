@@ -11,6 +11,8 @@ demo: setup
 	@$(PY) -m cilia.demo
 
 test: setup
+	@.venv/bin/ruff check cilia tests bench
+	@.venv/bin/mypy
 	@$(PY) -m pytest -q
 
 bench: setup

@@ -78,7 +78,7 @@ def labelset(labels: dict[str, str]) -> LabelSet:
 
 
 def pod_address(index: int) -> ipaddress.IPv4Address:
-    return POD_NETWORK.network_address + 1 + index
+    return ipaddress.IPv4Address(int(POD_NETWORK.network_address) + 1 + index)
 
 
 def make_cluster(n_endpoints: int, *, per_pod_identity: bool = False, seed: int = 1) -> Cluster:
@@ -163,7 +163,8 @@ def namespaced_policy(shape: str, name: str, subject: App, peers: list[App], var
         port = 8000 + variant % 50
         ports = f"      - port: \"{port}\"\n        protocol: TCP\n"
         if variant % 4 == 0:
-            ports += f"      - port: \"{9000 + variant % 20}\"\n        endPort: {9100 + variant % 20}\n        protocol: TCP\n"
+            lo = 9000 + variant % 20
+            ports += f"      - port: \"{lo}\"\n        endPort: {lo + 100}\n        protocol: TCP\n"
         return doc + "  ingress:\n  -\n" + _from(peers) + "    toPorts:\n    - ports:\n" + ports
     if shape == "l7-http":
         return doc + (
@@ -236,11 +237,25 @@ def clusterwide_policies(count: int) -> list[str]:
     return docs[:count]
 
 
-def make_policies(cluster: Cluster, n_rules: int, *, seed: int = 2) -> str:
-    """``n_rules`` policies (one rule each) as one multi-document YAML text."""
+@dataclass(frozen=True, slots=True)
+class GeneratedPolicy:
+    """One generated policy document and what it was made from."""
+
+    name: str
+    shape: str  # a RULE_MIX shape, or "clusterwide"
+    subject: App | None  # None for clusterwide policies
+    peers: tuple[App, ...]
+    text: str
+
+
+def make_policies(cluster: Cluster, n_rules: int, *, clusterwide: bool = True,
+                  seed: int = 2) -> list[GeneratedPolicy]:
+    """``n_rules`` policies of one rule each: ~1% clusterwide (unless not
+    ``clusterwide``), the rest namespaced."""
     rng = random.Random(seed)
-    n_ccnp = min(n_rules, max(4, n_rules // 100))
-    docs = clusterwide_policies(n_ccnp)
+    n_ccnp = min(n_rules, max(4, n_rules // 100)) if clusterwide else 0
+    out = [GeneratedPolicy(f"ccnp-{i}", "clusterwide", None, (), text)
+           for i, text in enumerate(clusterwide_policies(n_ccnp))]
     shapes = [s for s, _ in RULE_MIX]
     weights = [w for _, w in RULE_MIX]
     user_apps = [a for a in cluster.apps if a.namespace != "kube-system"]
@@ -248,14 +263,29 @@ def make_policies(cluster: Cluster, n_rules: int, *, seed: int = 2) -> str:
     for a in user_apps:
         by_ns.setdefault(a.namespace, []).append(a)
     for i in range(n_rules - n_ccnp):
-        subject = user_apps[i % len(user_apps)] if i < len(user_apps) else rng.choice(user_apps)
+        # every app gets a policy before any gets a second one
+        subject = user_apps[i] if i < len(user_apps) else rng.choice(user_apps)
         shape = rng.choices(shapes, weights)[0]
         neighbours = [a for a in by_ns[subject.namespace] if a is not subject] or [subject]
         peers = rng.sample(neighbours, min(len(neighbours), rng.randint(1, 3)))
-        docs.append(namespaced_policy(shape, f"{shape}-{i}", subject, peers, i))
-    return "".join(docs)
+        name = f"{shape}-{i}"
+        out.append(GeneratedPolicy(name, shape, subject, tuple(peers),
+                                   namespaced_policy(shape, name, subject, peers, i)))
+    return out
 
 
-def new_app_policy(name: str, subject: App, peer: App, port: int) -> str:
-    """A fresh L3/L4 CNP selecting one app: the "add one rule" change."""
-    return namespaced_policy("l4", name, subject, [peer], port)
+def policies_text(policies: list[GeneratedPolicy]) -> str:
+    return "".join(p.text for p in policies)
+
+
+def l4_policy(name: str, subject: App, peers: tuple[App, ...] | list[App], variant: int) -> str:
+    """An L3/L4 CNP selecting one app: used for "add a rule" and "replace a rule"."""
+    return namespaced_policy("l4", name, subject, list(peers), variant)
+
+
+def clusterwide_variant(variant: int) -> str:
+    """The baseline ingress CCNP with one extra item (so replacing it changes content)."""
+    return (_header("CiliumClusterwideNetworkPolicy", "baseline-ingress-cluster", None)
+            + _selector({}) + "  ingress:\n  - fromEntities:\n    - cluster\n"
+            + "  - fromEntities:\n    - host\n"
+            + f"    toPorts:\n    - ports:\n      - port: \"{4240 + variant % 10}\"\n        protocol: TCP\n")
