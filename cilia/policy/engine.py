@@ -28,11 +28,11 @@ from .labels import SOURCE_RESERVED, LabelSet, endpoint_labels
 from .mapstate import MapState
 from .model import IPNetwork, Policy, Protocol
 from .peers import PeerSelector
+from .selectors import LabelSelector
 from .resolve import (
+    MapStateBuilder,
     NamedPortMap,
     SelectorPolicy,
-    distill,
-    redistill_identity,
     resolve_selector_policy,
 )
 
@@ -80,7 +80,7 @@ class _Subject:
     own_ports: NamedPortMap
     rules: list[CompiledRule]
     sp: SelectorPolicy
-    ms: MapState | None
+    builder: MapStateBuilder | None
     endpoints: set[str] = field(default_factory=set)
 
 
@@ -136,11 +136,10 @@ class PolicyEngine:
         with self._lock:
             key = self._endpoint_subject[name]
             subject = self._subjects[key]
-            self._ensure_map_state(subject)
-            assert subject.ms is not None
+            builder = self._ensure_map_state(subject)
             ident = self.allocator.get(key[0])
             assert ident is not None
-            return EndpointPolicy(self._endpoints[name], ident, self.revision, subject.sp, subject.ms)
+            return EndpointPolicy(self._endpoints[name], ident, self.revision, subject.sp, builder.snapshot())
 
     def selections(self, peer: PeerSelector) -> frozenset[int]:
         return frozenset(self._sel.get(peer, ()))
@@ -167,7 +166,7 @@ class PolicyEngine:
                     for key in list(self._dirty):
                         subject = self._subjects.get(key)
                         if subject is not None:
-                            subject.ms = None
+                            subject.builder = None
                             self._ensure_map_state(subject)
                     self._dirty.clear()
 
@@ -253,14 +252,23 @@ class PolicyEngine:
         out.sort(key=_rule_order)
         return out
 
+    def _smallest_bucket(self, selector: LabelSelector) -> Iterable[int] | None:
+        """The identities holding the rarest label the selector requires (None:
+        it requires no exact label, so every identity is a candidate)."""
+        best: set[int] | None = None
+        for label in selector.equality_labels():
+            ids = self._label_index.get(label, set())
+            if best is None or len(ids) < len(best):
+                best = ids
+        return best
+
     def _subjects_matching(self, rules: Iterable[CompiledRule]) -> set[SubjectKey]:
         out: set[SubjectKey] = set()
         for rule in rules:
             if rule.subject is None:
                 continue
-            eq = rule.subject.equality_labels()
-            ids = self._label_index.get(eq[0], set()) if eq else self._subjects_by_identity.keys()
-            for ident_id in ids:
+            ids = self._smallest_bucket(rule.subject)
+            for ident_id in (ids if ids is not None else list(self._subjects_by_identity)):
                 for key in self._subjects_by_identity.get(ident_id, ()):
                     if rule.subject.matches(self._subjects[key].labels):
                         out.add(key)
@@ -341,6 +349,8 @@ class PolicyEngine:
                 changed |= self._refresh_cluster_ports()
             if not self._batch:
                 self._ensure_map_state(subject)
+            if self._batch:  # bulk loads do not need the change set
+                return Change(self.revision, frozenset({endpoint.name}))
             names = self._endpoints_of(changed) | {endpoint.name}
             return Change(self.revision, frozenset(names))
 
@@ -416,18 +426,16 @@ class PolicyEngine:
         subject.rules = rules
         subject.sp = sp
         self._register_peers(subject, old_peers, sp.peers())
-        subject.ms = None
+        subject.builder = None
         if self._batch:
             self._dirty.add(subject.key)
         else:
             self._ensure_map_state(subject)
 
-    def _ensure_map_state(self, subject: _Subject) -> None:
-        if subject.ms is None:
-            subject.ms = distill(subject.sp, lambda peer: self._sel.get(peer, ()), self._selects)
-
-    def _selects(self, peer: PeerSelector, identity: int) -> bool:
-        return identity in self._sel.get(peer, ())
+    def _ensure_map_state(self, subject: _Subject) -> MapStateBuilder:
+        if subject.builder is None:
+            subject.builder = MapStateBuilder(subject.sp, lambda peer: self._sel.get(peer, ()))
+        return subject.builder
 
     def _register_peers(self, subject: _Subject, old: set[PeerSelector], new: set[PeerSelector]) -> None:
         for peer in new - old:
@@ -464,6 +472,12 @@ class PolicyEngine:
                     if ident.kind is not IdentityKind.ENDPOINT)
         return self._universe.items()
 
+    def _peers_that_may_select(self, ident: Identity) -> set[PeerSelector]:
+        peers: set[PeerSelector] = set(self._sel_scan)
+        for key, label in ident.labels.items():
+            peers.update(self._sel_index.get((key, label.value), ()))
+        return peers
+
     def _universe_add(self, ident: Identity, notify: bool = True) -> set[SubjectKey]:
         if ident.id in self._universe:
             return set()
@@ -471,15 +485,14 @@ class PolicyEngine:
         for key, label in ident.labels.items():
             self._label_index.setdefault((key, label.value), set()).add(ident.id)
         affected: set[SubjectKey] = set()
-        peers: set[PeerSelector] = set(self._sel_scan)
-        for key, label in ident.labels.items():
-            peers.update(self._sel_index.get((key, label.value), ()))
-        for peer in peers:
+        selecting: list[PeerSelector] = []
+        for peer in self._peers_that_may_select(ident):
             if peer.selects(ident):
                 self._sel[peer].add(ident.id)
+                selecting.append(peer)
                 affected |= self._sel_users[peer]
         if notify:
-            self._peer_changed(affected, ident.id)
+            self._peer_changed(affected, ident.id, selecting)
         return affected
 
     def _universe_remove(self, ident: Identity) -> set[SubjectKey]:
@@ -493,22 +506,25 @@ class PolicyEngine:
                 if not ids:
                     del self._label_index[(key, label.value)]
         affected: set[SubjectKey] = set()
-        for peer, ids in self._sel.items():
+        for peer in self._peers_that_may_select(ident):
+            ids = self._sel[peer]
             if ident.id in ids:
                 ids.discard(ident.id)
                 affected |= self._sel_users[peer]
-        self._peer_changed(affected, ident.id)
+        self._peer_changed(affected, ident.id, ())
         return affected
 
-    def _peer_changed(self, subjects: set[SubjectKey], identity: int) -> None:
+    def _peer_changed(self, subjects: set[SubjectKey], identity: int, peers: Sequence[PeerSelector]) -> None:
+        """``identity`` is now selected by exactly ``peers``: patch the map
+        states of the endpoints using any of them."""
         for key in subjects:
             subject = self._subjects.get(key)
-            if subject is None or subject.ms is None:
+            if subject is None or subject.builder is None:
                 continue
             if self._batch:
                 self._dirty.add(key)
                 continue
-            subject.ms = redistill_identity(subject.ms, subject.sp, identity, self._selects)
+            subject.builder.set_identity(identity, peers)
 
     def _endpoints_of(self, keys: Iterable[SubjectKey]) -> frozenset[str]:
         out: set[str] = set()

@@ -220,8 +220,8 @@ def build_identity_group(own: Sequence[RawEntry], any_raws: Sequence[RawEntry],
 class DirectionMapState:
     """One direction of a MapState; ``groups`` maps peer identity -> its entries.
 
-    The mappings are read-only views; updates build a new DirectionMapState that
-    shares unchanged groups with the old one.
+    The mappings are read-only; identities selected by the same rules share one
+    group object.
     """
 
     direction: Direction
@@ -256,14 +256,6 @@ class DirectionMapState:
         if best is None:
             return None
         return best[1], best[2], best[3]
-
-    def with_group(self, identity: int, group: Group | None) -> DirectionMapState:
-        groups = dict(self.groups)
-        if group:
-            groups[identity] = MappingProxyType(dict(group))
-        else:
-            groups.pop(identity, None)
-        return DirectionMapState(self.direction, self.enforced, self.any_group, MappingProxyType(groups))
 
 
 @dataclass(frozen=True, slots=True)

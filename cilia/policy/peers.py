@@ -8,7 +8,7 @@ canonical ``key``) so a selector cache can store each one once.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
 
 from .entities import entity_selects
 from .identity import Identity, IdentityKind
@@ -39,6 +39,14 @@ class PeerSelector:
         return self.describe()
 
 
+def _cache_hash(obj: PeerSelector) -> None:
+    """Selectors are dict keys on hot paths (selector cache, per-endpoint
+    indexes); hashing their nested tuples each time dominated incremental
+    updates, so each one computes its hash once."""
+    values = tuple(getattr(obj, f.name) for f in fields(obj) if f.compare)  # type: ignore[arg-type]
+    object.__setattr__(obj, "_hash", hash((type(obj).__name__, values)))
+
+
 @dataclass(frozen=True, slots=True)
 class AnyPeer(PeerSelector):
     """Every peer, known or not: the ANY identity (0) in the map state."""
@@ -60,6 +68,13 @@ class EndpointPeer(PeerSelector):
     identities are reached with entities and CIDR rules, not endpoint selectors."""
 
     selector: LabelSelector
+    _hash: int = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        _cache_hash(self)
+
+    def __hash__(self) -> int:
+        return self._hash
 
     def selects(self, ident: Identity) -> bool:
         if ident.kind is IdentityKind.CIDR or ident.is_world():
@@ -77,6 +92,13 @@ class EndpointPeer(PeerSelector):
 @dataclass(frozen=True, slots=True)
 class EntityPeer(PeerSelector):
     entity: str
+    _hash: int = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        _cache_hash(self)
+
+    def __hash__(self) -> int:
+        return self._hash
 
     def selects(self, ident: Identity) -> bool:
         return entity_selects(self.entity, ident)
@@ -96,6 +118,13 @@ class CIDRPeer(PeerSelector):
 
     cidr: IPNetwork
     excepts: tuple[IPNetwork, ...] = ()
+    _hash: int = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        _cache_hash(self)
+
+    def __hash__(self) -> int:
+        return self._hash
 
     def selects(self, ident: Identity) -> bool:
         prefix = ident.prefix
@@ -120,6 +149,13 @@ class RequiresPeer(PeerSelector):
 
     base: PeerSelector
     requires: tuple[LabelSelector, ...]
+    _hash: int = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        _cache_hash(self)
+
+    def __hash__(self) -> int:
+        return self._hash
 
     def selects(self, ident: Identity) -> bool:
         return self.base.selects(ident) and all(r.matches(ident.labels) for r in self.requires)

@@ -25,6 +25,7 @@ from .mapstate import (
     ANY_L4,
     DEFAULT_ALLOW,
     DirectionMapState,
+    Group,
     L4Key,
     MapState,
     RawEntry,
@@ -138,51 +139,94 @@ def _check_l7_conflicts(entries: Sequence[ResolvedEntry]) -> None:
                     f"{b.origin.policy} both apply to {a.l4.intersect(b.l4)}", sources)
 
 
-Selects = Callable[[PeerSelector, int], bool]
-
-
-def own_raws(dp: DirectionPolicy, identity: int, selects: Selects) -> list[RawEntry]:
-    return [e.raw for e in dp.entries
-            if not isinstance(e.peer, AnyPeer) and selects(e.peer, identity)]
-
-
 def any_raws(dp: DirectionPolicy) -> list[RawEntry]:
     return [e.raw for e in dp.entries if isinstance(e.peer, AnyPeer)]
 
 
-def distill_direction(dp: DirectionPolicy, selections: Callable[[PeerSelector], Iterable[int]],
-                      selects: Selects) -> DirectionMapState:
-    anys = any_raws(dp)
-    any_group = build_any_group(anys)
-    any_keys = list(any_group)
-    by_identity: dict[int, list[RawEntry]] = {}
-    for e in dp.entries:
-        if isinstance(e.peer, AnyPeer):
-            continue
-        for ident in selections(e.peer):
-            by_identity.setdefault(ident, []).append(e.raw)
-    groups = {}
-    for ident, raws in by_identity.items():
-        if ident == ANY_IDENTITY:
-            continue
-        groups[ident] = freeze_group(build_identity_group(raws, anys, any_keys))
-    return DirectionMapState(dp.direction, dp.enforced, freeze_group(any_group), MappingProxyType(groups))
+class _DirectionBuilder:
+    """One direction of a MapStateBuilder.
+
+    Identities selected by the same entries get the same entries in the map
+    state, so groups are memoized by that signature (the indices of the
+    entries selecting an identity) and shared.
+    """
+
+    __slots__ = ("dp", "raws", "anys", "any_group", "any_keys", "by_peer", "groups", "memo")
+
+    def __init__(self, dp: DirectionPolicy, selections: Callable[[PeerSelector], Iterable[int]]) -> None:
+        self.dp = dp
+        self.raws = [e.raw for e in dp.entries]
+        self.anys = any_raws(dp)
+        self.any_group = freeze_group(build_any_group(self.anys))
+        self.any_keys = list(self.any_group)
+        self.by_peer: dict[PeerSelector, list[int]] = {}
+        for i, e in enumerate(dp.entries):
+            if not isinstance(e.peer, AnyPeer):
+                self.by_peer.setdefault(e.peer, []).append(i)
+        self.memo: dict[tuple[int, ...], Group] = {}
+        selected: dict[int, list[int]] = {}
+        for peer, indices in self.by_peer.items():
+            for ident in selections(peer):
+                selected.setdefault(ident, []).extend(indices)
+        self.groups: dict[int, Group] = {}
+        for ident, indices in selected.items():
+            if ident != ANY_IDENTITY:
+                self.groups[ident] = self._group(tuple(sorted(set(indices))))
+
+    def _group(self, signature: tuple[int, ...]) -> Group:
+        group = self.memo.get(signature)
+        if group is None:
+            own = [self.raws[i] for i in signature]
+            group = freeze_group(build_identity_group(own, self.anys, self.any_keys))
+            self.memo[signature] = group
+        return group
+
+    def set_identity(self, identity: int, peers: Iterable[PeerSelector]) -> bool:
+        """``identity`` is now selected by exactly ``peers``; True if its entries changed."""
+        indices = sorted({i for p in peers for i in self.by_peer.get(p, ())})
+        if not indices:
+            return self.groups.pop(identity, None) is not None
+        group = self._group(tuple(indices))
+        if self.groups.get(identity) is group:
+            return False
+        self.groups[identity] = group
+        return True
+
+    def snapshot(self) -> DirectionMapState:
+        return DirectionMapState(self.dp.direction, self.dp.enforced, self.any_group,
+                                 MappingProxyType(dict(self.groups)))
 
 
-def distill(sp: SelectorPolicy, selections: Callable[[PeerSelector], Iterable[int]],
-            selects: Selects) -> MapState:
-    return MapState(distill_direction(sp.ingress, selections, selects),
-                    distill_direction(sp.egress, selections, selects))
+class MapStateBuilder:
+    """An endpoint's map state, kept up to date as peer identities come and go.
+
+    ``snapshot()`` returns an immutable MapState (cached until the next change),
+    so consumers can hold and diff snapshots while the engine moves on.
+    """
+
+    __slots__ = ("sp", "_dirs", "_snapshot")
+
+    def __init__(self, sp: SelectorPolicy, selections: Callable[[PeerSelector], Iterable[int]]) -> None:
+        self.sp = sp
+        self._dirs = (_DirectionBuilder(sp.ingress, selections), _DirectionBuilder(sp.egress, selections))
+        self._snapshot: MapState | None = None
+
+    def set_identity(self, identity: int, peers: Iterable[PeerSelector]) -> bool:
+        """Record that ``identity`` is selected by exactly ``peers`` (empty: gone)."""
+        peers = list(peers)
+        changed = False
+        for d in self._dirs:
+            changed |= d.set_identity(identity, peers)
+        if changed:
+            self._snapshot = None
+        return changed
+
+    def snapshot(self) -> MapState:
+        if self._snapshot is None:
+            self._snapshot = MapState(self._dirs[0].snapshot(), self._dirs[1].snapshot())
+        return self._snapshot
 
 
-def redistill_identity(ms: MapState, sp: SelectorPolicy, identity: int, selects: Selects) -> MapState:
-    """``ms`` with the entries for one peer identity recomputed (it was added to or
-    removed from some selections)."""
-    out = []
-    for direction in Direction:
-        dp = sp.direction(direction)
-        dms = ms.direction(direction)
-        own = own_raws(dp, identity, selects)
-        group = build_identity_group(own, any_raws(dp), list(dms.any_group)) if own else None
-        out.append(dms.with_group(identity, group))
-    return MapState(out[0], out[1])
+def distill(sp: SelectorPolicy, selections: Callable[[PeerSelector], Iterable[int]]) -> MapState:
+    """SelectorPolicy -> MapState, with ``selections(peer)`` giving the identities a peer selects."""
+    return MapStateBuilder(sp, selections).snapshot()

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from enum import Enum
 
-from .labels import SOURCE_ANY, LabelSet, split_source
+from .labels import NAMESPACE_KEY, SOURCE_ANY, LabelSet, split_source
 
 
 class Operator(str, Enum):
@@ -86,12 +86,18 @@ class LabelSelector:
         return LabelSelector(tuple(sorted(reqs)))
 
     def equality_labels(self) -> list[tuple[str, str]]:
-        """(key, value) pairs every selected label set must have: for indexing."""
-        return [
+        """(key, value) pairs every selected label set must have: for indexing.
+
+        The namespace comes first: app names repeat across namespaces, so an
+        index on the namespace keeps lookups within one namespace.
+        """
+        pairs = [
             (req.key, req.values[0])
             for req in self.requirements
             if req.operator is Operator.IN and len(req.values) == 1
         ]
+        pairs.sort(key=lambda kv: kv[0] != NAMESPACE_KEY)
+        return pairs
 
     def __str__(self) -> str:
         return "{" + ", ".join(str(r) for r in self.requirements) + "}"
