@@ -8,7 +8,7 @@ canonical ``key``) so a selector cache can store each one once.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 
 from .entities import entity_selects
 from .identity import Identity, IdentityKind
@@ -17,9 +17,27 @@ from .selectors import LabelSelector
 
 
 class PeerSelector:
-    """Base class: ``selects(identity)`` and a human ``describe()``."""
+    """Base class: ``selects(identity)`` and a human ``describe()``.
 
-    __slots__ = ()
+    Selectors are values compared by type and fields. They are dict keys on hot
+    paths (selector cache, per-endpoint indexes), and hashing their nested
+    tuples each time dominated incremental updates, so the hash is computed once.
+    """
+
+    def _values(self) -> tuple[object, ...]:
+        return tuple(getattr(self, f.name) for f in fields(self))  # type: ignore[arg-type]
+
+    def __eq__(self, other: object) -> bool:
+        if self is other:
+            return True
+        return isinstance(other, PeerSelector) and type(self) is type(other) and self._values() == other._values()
+
+    def __hash__(self) -> int:
+        cached: int | None = self.__dict__.get("_hash")
+        if cached is None:
+            cached = hash((type(self).__name__, self._values()))
+            object.__setattr__(self, "_hash", cached)
+        return cached
 
     def selects(self, ident: Identity) -> bool:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -39,15 +57,7 @@ class PeerSelector:
         return self.describe()
 
 
-def _cache_hash(obj: PeerSelector) -> None:
-    """Selectors are dict keys on hot paths (selector cache, per-endpoint
-    indexes); hashing their nested tuples each time dominated incremental
-    updates, so each one computes its hash once."""
-    values = tuple(getattr(obj, f.name) for f in fields(obj) if f.compare)  # type: ignore[arg-type]
-    object.__setattr__(obj, "_hash", hash((type(obj).__name__, values)))
-
-
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, eq=False)
 class AnyPeer(PeerSelector):
     """Every peer, known or not: the ANY identity (0) in the map state."""
 
@@ -61,20 +71,14 @@ class AnyPeer(PeerSelector):
 WILDCARD = AnyPeer()
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, eq=False)
 class EndpointPeer(PeerSelector):
     """``fromEndpoints``/``toEndpoints``: cluster identities (endpoints and the
     reserved identities other than world) whose labels match. World and CIDR
     identities are reached with entities and CIDR rules, not endpoint selectors."""
 
     selector: LabelSelector
-    _hash: int = field(init=False, repr=False, compare=False)
 
-    def __post_init__(self) -> None:
-        _cache_hash(self)
-
-    def __hash__(self) -> int:
-        return self._hash
 
     def selects(self, ident: Identity) -> bool:
         if ident.kind is IdentityKind.CIDR or ident.is_world():
@@ -89,16 +93,10 @@ class EndpointPeer(PeerSelector):
         return eq[0] if eq else None
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, eq=False)
 class EntityPeer(PeerSelector):
     entity: str
-    _hash: int = field(init=False, repr=False, compare=False)
 
-    def __post_init__(self) -> None:
-        _cache_hash(self)
-
-    def __hash__(self) -> int:
-        return self._hash
 
     def selects(self, ident: Identity) -> bool:
         return entity_selects(self.entity, ident)
@@ -110,7 +108,7 @@ class EntityPeer(PeerSelector):
         return self.entity in ("world", "world-ipv4", "world-ipv6")
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, eq=False)
 class CIDRPeer(PeerSelector):
     """A prefix minus excepts. Selects world identities whose prefix lies inside
     ``cidr`` and not inside any except. Every prefix a policy names (excepts too)
@@ -118,13 +116,7 @@ class CIDRPeer(PeerSelector):
 
     cidr: IPNetwork
     excepts: tuple[IPNetwork, ...] = ()
-    _hash: int = field(init=False, repr=False, compare=False)
 
-    def __post_init__(self) -> None:
-        _cache_hash(self)
-
-    def __hash__(self) -> int:
-        return self._hash
 
     def selects(self, ident: Identity) -> bool:
         prefix = ident.prefix
@@ -143,19 +135,13 @@ class CIDRPeer(PeerSelector):
         return True
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, eq=False)
 class RequiresPeer(PeerSelector):
     """``base`` restricted to identities that match every ``fromRequires`` selector."""
 
     base: PeerSelector
     requires: tuple[LabelSelector, ...]
-    _hash: int = field(init=False, repr=False, compare=False)
 
-    def __post_init__(self) -> None:
-        _cache_hash(self)
-
-    def __hash__(self) -> int:
-        return self._hash
 
     def selects(self, ident: Identity) -> bool:
         return self.base.selects(ident) and all(r.matches(ident.labels) for r in self.requires)
