@@ -18,7 +18,8 @@ import ipaddress
 import threading
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from functools import cached_property
 
 from .compile import CompiledRule, Note, compile_policy
 from .errors import PolicyError
@@ -65,12 +66,24 @@ class EndpointPolicy:
         return self.selector_policy.notes
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True)
 class Change:
-    """Result of a mutation: the new revision and the endpoints whose policy changed."""
+    """Result of a mutation: the new revision and the endpoints whose policy changed.
+
+    A new identity selected cluster-wide changes every endpoint; the name set is
+    built on first use, so callers that do not need it do not pay for it.
+    """
 
     revision: int
-    endpoints: frozenset[str]
+    _groups: tuple[frozenset[str], ...]
+
+    @classmethod
+    def of(cls, revision: int, *groups: frozenset[str] | set[str]) -> Change:
+        return cls(revision, tuple(g if isinstance(g, frozenset) else frozenset(g) for g in groups))
+
+    @cached_property
+    def endpoints(self) -> frozenset[str]:
+        return frozenset().union(*self._groups)
 
 
 @dataclass
@@ -81,7 +94,7 @@ class _Subject:
     rules: list[CompiledRule]
     sp: SelectorPolicy
     builder: MapStateBuilder | None
-    endpoints: set[str] = field(default_factory=set)
+    endpoints: frozenset[str] = frozenset()  # replaced, not mutated: Changes share it
 
 
 class PolicyEngine:
@@ -220,7 +233,7 @@ class PolicyEngine:
             changed.add(key)
         del old_set, new_set
         self.revision += 1
-        return Change(self.revision, self._endpoints_of(changed))
+        return Change.of(self.revision, *self._endpoints_of(changed))
 
     def _index_rule(self, rule: CompiledRule) -> None:
         if rule.subject is None:
@@ -306,7 +319,7 @@ class PolicyEngine:
                                 tuple(endpoint.ips), tuple(sorted(endpoint.named_ports)))
             old = self._endpoints.get(endpoint.name)
             if old == endpoint:
-                return Change(self.revision, frozenset())
+                return Change.of(self.revision)
             own_ports = _port_map(endpoint.named_ports)
             port_key = tuple(sorted((n, p, int(pr)) for n, p, pr in endpoint.named_ports))
             # Resolve before changing anything: an L7 conflict must leave no trace
@@ -338,7 +351,7 @@ class PolicyEngine:
                 self._subjects_by_identity.setdefault(ident.id, set()).add(key)
                 self._register_peers(subject, set(), sp.peers())
                 changed.add(key)
-            subject.endpoints.add(endpoint.name)
+            subject.endpoints = subject.endpoints | {endpoint.name}
             self._endpoints[endpoint.name] = endpoint
             self._endpoint_subject[endpoint.name] = key
             if refs == 0:
@@ -350,9 +363,8 @@ class PolicyEngine:
             if not self._batch:
                 self._ensure_map_state(subject)
             if self._batch:  # bulk loads do not need the change set
-                return Change(self.revision, frozenset({endpoint.name}))
-            names = self._endpoints_of(changed) | {endpoint.name}
-            return Change(self.revision, frozenset(names))
+                return Change.of(self.revision, {endpoint.name})
+            return Change.of(self.revision, {endpoint.name}, *self._endpoints_of(changed))
 
     def remove_endpoint(self, name: str) -> Change:
         with self._lock:
@@ -362,7 +374,7 @@ class PolicyEngine:
             changed = self._detach(old)
             if self._count_ports(old, -1):
                 changed |= self._refresh_cluster_ports()
-            return Change(self.revision, self._endpoints_of(changed) | {name})
+            return Change.of(self.revision, {name}, *self._endpoints_of(changed))
 
     def _detach(self, ep: Endpoint) -> set[SubjectKey]:
         key = self._endpoint_subject.pop(ep.name)
@@ -372,7 +384,7 @@ class PolicyEngine:
             if self.ipcache.get(net) == key[0]:
                 self.ipcache.delete(net)
         subject = self._subjects[key]
-        subject.endpoints.discard(ep.name)
+        subject.endpoints = subject.endpoints - {ep.name}
         changed: set[SubjectKey] = set()
         if not subject.endpoints:
             self._register_peers(subject, subject.sp.peers(), set())
@@ -485,14 +497,14 @@ class PolicyEngine:
         for key, label in ident.labels.items():
             self._label_index.setdefault((key, label.value), set()).add(ident.id)
         affected: set[SubjectKey] = set()
-        selecting: list[PeerSelector] = []
+        selecting: set[PeerSelector] = set()
         for peer in self._peers_that_may_select(ident):
             if peer.selects(ident):
                 self._sel[peer].add(ident.id)
-                selecting.append(peer)
+                selecting.add(peer)
                 affected |= self._sel_users[peer]
         if notify:
-            self._peer_changed(affected, ident.id, selecting)
+            self._peer_changed(affected, ident.id, frozenset(selecting))
         return affected
 
     def _universe_remove(self, ident: Identity) -> set[SubjectKey]:
@@ -511,10 +523,10 @@ class PolicyEngine:
             if ident.id in ids:
                 ids.discard(ident.id)
                 affected |= self._sel_users[peer]
-        self._peer_changed(affected, ident.id, ())
+        self._peer_changed(affected, ident.id, frozenset())
         return affected
 
-    def _peer_changed(self, subjects: set[SubjectKey], identity: int, peers: Sequence[PeerSelector]) -> None:
+    def _peer_changed(self, subjects: set[SubjectKey], identity: int, peers: frozenset[PeerSelector]) -> None:
         """``identity`` is now selected by exactly ``peers``: patch the map
         states of the endpoints using any of them."""
         for key in subjects:
@@ -526,13 +538,8 @@ class PolicyEngine:
                 continue
             subject.builder.set_identity(identity, peers)
 
-    def _endpoints_of(self, keys: Iterable[SubjectKey]) -> frozenset[str]:
-        out: set[str] = set()
-        for key in keys:
-            subject = self._subjects.get(key)
-            if subject is not None:
-                out |= subject.endpoints
-        return frozenset(out)
+    def _endpoints_of(self, keys: Iterable[SubjectKey]) -> list[frozenset[str]]:
+        return [self._subjects[k].endpoints for k in keys if k in self._subjects]
 
 
 def _rule_order(rule: CompiledRule) -> tuple[tuple[str, str, str], str]:

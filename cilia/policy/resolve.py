@@ -181,12 +181,15 @@ class _DirectionBuilder:
             self.memo[signature] = group
         return group
 
-    def set_identity(self, identity: int, peers: Iterable[PeerSelector]) -> bool:
-        """``identity`` is now selected by exactly ``peers``; True if its entries changed."""
+    def group_for(self, peers: Iterable[PeerSelector]) -> Group | None:
+        """The entries of an identity selected by exactly ``peers`` (None: none)."""
         indices = sorted({i for p in peers for i in self.by_peer.get(p, ())})
-        if not indices:
+        return self._group(tuple(indices)) if indices else None
+
+    def set_group(self, identity: int, group: Group | None) -> bool:
+        """True if the identity's entries changed."""
+        if group is None:
             return self.groups.pop(identity, None) is not None
-        group = self._group(tuple(indices))
         if self.groups.get(identity) is group:
             return False
         self.groups[identity] = group
@@ -204,19 +207,25 @@ class MapStateBuilder:
     so consumers can hold and diff snapshots while the engine moves on.
     """
 
-    __slots__ = ("sp", "_dirs", "_snapshot")
+    __slots__ = ("sp", "_dirs", "_snapshot", "_by_peers")
 
     def __init__(self, sp: SelectorPolicy, selections: Callable[[PeerSelector], Iterable[int]]) -> None:
         self.sp = sp
         self._dirs = (_DirectionBuilder(sp.ingress, selections), _DirectionBuilder(sp.egress, selections))
         self._snapshot: MapState | None = None
+        # New identities of one app are selected by the same peers: remember the
+        # groups per peer set so each endpoint pays one lookup for them.
+        self._by_peers: dict[frozenset[PeerSelector], tuple[Group | None, Group | None]] = {}
 
-    def set_identity(self, identity: int, peers: Iterable[PeerSelector]) -> bool:
+    def set_identity(self, identity: int, peers: frozenset[PeerSelector]) -> bool:
         """Record that ``identity`` is selected by exactly ``peers`` (empty: gone)."""
-        peers = list(peers)
+        groups = self._by_peers.get(peers)
+        if groups is None:
+            groups = (self._dirs[0].group_for(peers), self._dirs[1].group_for(peers))
+            self._by_peers[peers] = groups
         changed = False
-        for d in self._dirs:
-            changed |= d.set_identity(identity, peers)
+        for d, group in zip(self._dirs, groups):
+            changed |= d.set_group(identity, group)
         if changed:
             self._snapshot = None
         return changed
