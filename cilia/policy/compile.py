@@ -105,8 +105,18 @@ def _origin(policy: Policy, path: str, source: SourceRef | None) -> RuleOrigin:
     return RuleOrigin(policy.display_name, path, source, policy.kind.value)
 
 
+def _subject(policy: Policy, sel: LabelSelector) -> LabelSelector:
+    """A CNP selects endpoints of its own namespace only, whatever its
+    endpointSelector says (naming another namespace selects nothing)."""
+    if policy.kind is not PolicyKind.CNP or policy.namespace is None:
+        return sel
+    ns = Requirement(SOURCE_K8S, NAMESPACE_KEY, Operator.IN, (policy.namespace,))
+    return LabelSelector(tuple(sorted({*sel.requirements, ns})))
+
+
 def _scoped(policy: Policy, sel: LabelSelector) -> LabelSelector:
-    """Limit a CNP's endpoint selector to its namespace, as Cilium does."""
+    """Limit a CNP's peer selector to its namespace unless it names a namespace
+    (cross-namespace peers) or a reserved identity, as Cilium does."""
     if policy.kind is not PolicyKind.CNP or policy.namespace is None:
         return sel
     if sel.constrains(NAMESPACE_KEY):
@@ -122,7 +132,7 @@ def _compile_rule(policy: Policy, rule: Rule) -> CompiledRule:
     notes: list[Note] = []
     subject: LabelSelector | None = None
     if rule.endpoint_selector is not None:
-        subject = _scoped(policy, rule.endpoint_selector)
+        subject = _subject(policy, rule.endpoint_selector)
     else:
         notes.append(Note(origin, "host policy (nodeSelector) is not enforced yet: it selects no endpoint"))
     entries: list[RuleEntry] = []

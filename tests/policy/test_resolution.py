@@ -761,6 +761,17 @@ def test_a_namespace_expression_replaces_the_implicit_namespace() -> None:
     assert not allowed(policies, in_ns("prod", "app=x"), in_ns("prod", "app=y"))
 
 
+def test_a_namespaced_policy_cannot_select_endpoints_of_another_namespace() -> None:
+    policies = cnp("""
+        endpointSelector:
+          matchLabels: {app: web, "k8s:io.kubernetes.pod.namespace": dev}
+        ingress: [{}]
+    """, namespace="prod")
+    # Naming another namespace in endpointSelector selects nothing: dev/web stays open.
+    assert allowed(policies, in_ns("dev", "app=x"), in_ns("dev", "app=web"))
+    assert not run(policies, in_ns("dev", "app=x"), in_ns("dev", "app=web")).ingress.selecting
+
+
 def test_a_clusterwide_policy_is_not_limited_to_a_namespace() -> None:
     policies = ccnp("""
         endpointSelector: {matchLabels: {app: web}}
