@@ -3,7 +3,15 @@
 from __future__ import annotations
 
 import os
+import textwrap
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
+
+from cilia.policy._yaml import Node, load_documents
+from cilia.policy.errors import Problem
+
+T = TypeVar("T")
 
 REPO = Path(__file__).resolve().parent.parent
 STARWARS = REPO / "examples" / "starwars"
@@ -14,3 +22,21 @@ def cilium_examples_dir() -> Path:
     need them fail, not skip, when the directory is missing."""
     default = REPO.parent / "shared" / "reference" / "cilium-examples"
     return Path(os.environ.get("CILIA_CILIUM_EXAMPLES", default))
+
+
+def parse_l7_rule(parse_rule: Callable[[Node, list[Problem]], T | None], text: str,
+                  path: str) -> tuple[T | None, list[str]]:
+    """Run an L7 module's ``parse_rule`` on one YAML mapping placed at ``path``
+    (e.g. ``http[0]``); returns the rule and the problem strings."""
+    docs, problems = load_documents(textwrap.dedent(text), "t.yaml")
+    assert not problems and len(docs) == 1
+    found: list[Problem] = []
+    rule = parse_rule(Node(docs[0].value, path, docs[0].source), found)
+    return rule, [str(p) for p in found]
+
+
+def valid_l7_rule(parse_rule: Callable[[Node, list[Problem]], T | None], text: str, path: str) -> T:
+    parsed, problems = parse_l7_rule(parse_rule, text, path)
+    assert problems == []
+    assert parsed is not None
+    return parsed

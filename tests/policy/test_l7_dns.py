@@ -2,30 +2,21 @@
 
 from __future__ import annotations
 
-import textwrap
-
 import pytest
 
-from cilia.policy._yaml import Node, load_documents
-from cilia.policy.errors import Problem, SourceRef
+from cilia.policy.errors import SourceRef
 from cilia.policy.flows import DNSRequest
 from cilia.policy.l7 import dns
 from cilia.policy.model import DNSRule
+from helpers import parse_l7_rule, valid_l7_rule
 
 
 def parse(text: str) -> tuple[DNSRule | None, list[str]]:
-    docs, problems = load_documents(textwrap.dedent(text), "t.yaml")
-    assert not problems and len(docs) == 1
-    found: list[Problem] = []
-    rule = dns.parse_rule(Node(docs[0].value, "dns[0]", docs[0].source), found)
-    return rule, [str(p) for p in found]
+    return parse_l7_rule(dns.parse_rule, text, "dns[0]")
 
 
 def rule(text: str) -> DNSRule:
-    parsed, problems = parse(text)
-    assert problems == []
-    assert parsed is not None
-    return parsed
+    return valid_l7_rule(dns.parse_rule, text, "dns[0]")
 
 
 def allows(text: str, name: str) -> bool:

@@ -2,30 +2,20 @@
 
 from __future__ import annotations
 
-import textwrap
-
 import pytest
 
-from cilia.policy._yaml import Node, load_documents
-from cilia.policy.errors import Problem
 from cilia.policy.flows import HTTPRequest
 from cilia.policy.l7 import http
 from cilia.policy.model import HTTPRule
+from helpers import parse_l7_rule, valid_l7_rule
 
 
 def parse(text: str) -> tuple[HTTPRule | None, list[str]]:
-    docs, problems = load_documents(textwrap.dedent(text), "t.yaml")
-    assert not problems and len(docs) == 1
-    found: list[Problem] = []
-    rule = http.parse_rule(Node(docs[0].value, "http[0]", docs[0].source), found)
-    return rule, [str(p) for p in found]
+    return parse_l7_rule(http.parse_rule, text, "http[0]")
 
 
 def rule(text: str) -> HTTPRule:
-    parsed, problems = parse(text)
-    assert problems == []
-    assert parsed is not None
-    return parsed
+    return valid_l7_rule(http.parse_rule, text, "http[0]")
 
 
 def req(method: str = "GET", path: str = "/", host: str = "", **headers: str) -> HTTPRequest:

@@ -2,30 +2,20 @@
 
 from __future__ import annotations
 
-import textwrap
-
 import pytest
 
-from cilia.policy._yaml import Node, load_documents
-from cilia.policy.errors import Problem
 from cilia.policy.flows import KafkaRequest
 from cilia.policy.l7 import kafka
 from cilia.policy.model import KafkaRule
+from helpers import parse_l7_rule, valid_l7_rule
 
 
 def parse(text: str) -> tuple[KafkaRule | None, list[str]]:
-    docs, problems = load_documents(textwrap.dedent(text), "t.yaml")
-    assert not problems and len(docs) == 1
-    found: list[Problem] = []
-    rule = kafka.parse_rule(Node(docs[0].value, "kafka[0]", docs[0].source), found)
-    return rule, [str(p) for p in found]
+    return parse_l7_rule(kafka.parse_rule, text, "kafka[0]")
 
 
 def rule(text: str) -> KafkaRule:
-    parsed, problems = parse(text)
-    assert problems == []
-    assert parsed is not None
-    return parsed
+    return valid_l7_rule(kafka.parse_rule, text, "kafka[0]")
 
 
 PRODUCE, FETCH, METADATA, HEARTBEAT = 0, 1, 3, 12
