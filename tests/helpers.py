@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import textwrap
 from collections.abc import Callable
@@ -10,6 +11,10 @@ from typing import TypeVar
 
 from cilia.policy._yaml import Node, load_documents
 from cilia.policy.errors import Problem
+from cilia.policy.flows import L7Request
+from cilia.policy.labels import LabelSet
+from cilia.policy.model import Policy, Protocol
+from cilia.policy.trace import Peer, TraceRequest, TraceResult, trace
 
 T = TypeVar("T")
 
@@ -40,3 +45,17 @@ def valid_l7_rule(parse_rule: Callable[[Node, list[Problem]], T | None], text: s
     assert problems == []
     assert parsed is not None
     return parsed
+
+
+def peer(spec: str) -> Peer:
+    """``"10.1.1.1"`` is an outside address; anything else a label set."""
+    try:
+        return Peer(address=ipaddress.ip_address(spec))
+    except ValueError:
+        return Peer(LabelSet.parse(spec))
+
+
+def run(policies: list[Policy], src: str, dst: str, protocol: Protocol = Protocol.TCP, dport: int | None = 80,
+        l7: L7Request | None = None) -> TraceResult:
+    """Trace one flow given as strings (labels or an address on each side)."""
+    return trace(policies, TraceRequest(peer(src), peer(dst), protocol, dport, l7))

@@ -3,7 +3,6 @@ policies as YAML, endpoints as label sets, verdicts from ``trace``."""
 
 from __future__ import annotations
 
-import ipaddress
 import textwrap
 
 import pytest
@@ -22,8 +21,7 @@ from cilia.policy import (
     Protocol,
     parse_text,
 )
-from cilia.policy.trace import Peer, TraceRequest, TraceResult, trace
-from helpers import cilium_examples_dir
+from helpers import cilium_examples_dir, run
 
 TCP, UDP, SCTP, ICMP, ICMPV6 = Protocol.TCP, Protocol.UDP, Protocol.SCTP, Protocol.ICMP, Protocol.ICMPV6
 NS = "k8s:io.kubernetes.pod.namespace"
@@ -50,17 +48,6 @@ def ccnp(spec: str, name: str = "p", filename: str = "test.yaml") -> list[Policy
     return cnp(spec, name, kind="CiliumClusterwideNetworkPolicy", filename=filename)
 
 
-def peer(spec: str) -> Peer:
-    """``"10.1.1.1"`` is an outside address; anything else a label set."""
-    try:
-        return Peer(address=ipaddress.ip_address(spec))
-    except ValueError:
-        return Peer(LabelSet.parse(spec))
-
-
-def run(policies: list[Policy], src: str, dst: str, protocol: Protocol = TCP, dport: int | None = 80,
-        l7: L7Request | None = None) -> TraceResult:
-    return trace(policies, TraceRequest(peer(src), peer(dst), protocol, dport, l7))
 
 
 def allowed(policies: list[Policy], src: str, dst: str, protocol: Protocol = TCP, dport: int | None = 80,

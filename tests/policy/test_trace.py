@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import ipaddress
 import json
 import textwrap
 
-from cilia.policy import HTTPRequest, LabelSet, Policy, Protocol, parse_text
-from cilia.policy.trace import Peer, TraceRequest, TraceResult, trace
-from helpers import cilium_examples_dir
+from cilia.policy import HTTPRequest, Policy, Protocol, parse_text
+from helpers import cilium_examples_dir, run
 
 TCP, UDP, SCTP, ICMP = Protocol.TCP, Protocol.UDP, Protocol.SCTP, Protocol.ICMP
 TIEFIGHTER = "org=empire,class=tiefighter"
@@ -30,16 +28,6 @@ def cnp(spec: str, filename: str = "test.yaml") -> list[Policy]:
     return result.policies
 
 
-def peer(spec: str) -> Peer:
-    try:
-        return Peer(address=ipaddress.ip_address(spec))
-    except ValueError:
-        return Peer(LabelSet.parse(spec))
-
-
-def run(policies: list[Policy], src: str, dst: str, protocol: Protocol = TCP, dport: int | None = 80,
-        l7: HTTPRequest | None = None) -> TraceResult:
-    return trace(policies, TraceRequest(peer(src), peer(dst), protocol, dport, l7))
 
 
 def where(rules: list[dict[str, object]]) -> list[str]:
