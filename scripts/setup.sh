@@ -32,7 +32,10 @@ want="$(sha256sum pyproject.toml | cut -d' ' -f1)"
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
     echo "setup: installing Python packages into .venv"
     .venv/bin/python -m pip install -q --upgrade pip >/dev/null 2>&1
-    # (the grep drops pip's notes about this machine's local package mirrors)
-    .venv/bin/python -m pip install -q -e '.[test]' 2> >(grep -v -e '^WARNING: Location' -e 'BuildBackendWarning' >&2)
+    # pip's stderr is mostly build-backend chatter: show it only if the install fails.
+    if ! .venv/bin/python -m pip install -q -e '.[test]' 2> .venv/pip-install.log; then
+        cat .venv/pip-install.log >&2
+        exit 1
+    fi
     echo "$want" > "$stamp"
 fi
