@@ -1,1 +1,34 @@
-"""cilia.xds: see docs/architecture.md (built by a later issue)."""
+"""cilia.xds: a generic xDS server (knows type URLs, names, messages and versions; no policy).
+
+    Cache --watch--> SotwStream / DeltaStream --Observer--> AckTracker.wait()
+                         ^ requests, v responses
+                      XdsServer (grpcio: ADS + LDS/RDS/CDS/EDS/SDS, TCP or unix:)
+
+Nothing here imports cilia.policy, cilia.envoy or cilia.bpf.
+"""
+
+from .acks import AckState, AckTracker, NackError
+from .cache import Cache, View, version_key
+from .server import XdsServer
+from .stream import DeltaStream, Observer, SotwStream
+from .types import ADS_ORDER, CLUSTER, ENDPOINT, LISTENER, ROUTE, SECRET, Resource
+
+__all__ = [
+    "ADS_ORDER",
+    "AckState",
+    "AckTracker",
+    "CLUSTER",
+    "Cache",
+    "DeltaStream",
+    "ENDPOINT",
+    "LISTENER",
+    "NackError",
+    "Observer",
+    "ROUTE",
+    "Resource",
+    "SECRET",
+    "SotwStream",
+    "View",
+    "XdsServer",
+    "version_key",
+]

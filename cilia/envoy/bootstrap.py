@@ -1,0 +1,91 @@
+"""Envoy bootstrap: a node id, an xDS server reached over ADS for CDS and LDS, an admin listener.
+
+Everything else (listeners, clusters, routes, endpoints) comes over xDS, so the
+bootstrap stays the same for the life of a node. Addresses are ``host:port`` or
+``unix:PATH``; the xDS server must speak HTTP/2 (gRPC).
+"""
+
+from __future__ import annotations
+
+from envoy.config.bootstrap.v3 import bootstrap_pb2
+from envoy.config.cluster.v3 import cluster_pb2
+from envoy.config.core.v3 import address_pb2, base_pb2, config_source_pb2, grpc_service_pb2, protocol_pb2
+from envoy.config.endpoint.v3 import endpoint_components_pb2, endpoint_pb2
+from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2
+from google.protobuf import json_format
+
+XDS_CLUSTER = "cilia-xds"
+_HTTP_OPTIONS = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
+
+
+def parse_address(address: str) -> address_pb2.Address:
+    """``unix:PATH`` → a pipe; ``HOST:PORT`` (``[v6]:PORT`` too) → a TCP socket address."""
+    if address.startswith("unix:"):
+        return address_pb2.Address(pipe=address_pb2.Pipe(path=address.removeprefix("unix:")))
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit():
+        raise ValueError(f"expected HOST:PORT or unix:PATH, got {address!r}")
+    return address_pb2.Address(socket_address=address_pb2.SocketAddress(address=host.strip("[]"), port_value=int(port)))
+
+
+def build_bootstrap(
+    node_id: str,
+    xds_address: str,
+    admin_address: str,
+    *,
+    delta: bool = False,
+    cluster: str = "cilia",
+) -> bootstrap_pb2.Bootstrap:
+    """A bootstrap for ``node_id`` that takes CDS and LDS over ADS (delta ADS if ``delta``)."""
+    ads = config_source_pb2.ConfigSource(
+        ads=config_source_pb2.AggregatedConfigSource(),
+        resource_api_version=config_source_pb2.V3,
+    )
+    http_options = http_protocol_options_pb2.HttpProtocolOptions(
+        explicit_http_config=http_protocol_options_pb2.HttpProtocolOptions.ExplicitHttpConfig(
+            http2_protocol_options=protocol_pb2.Http2ProtocolOptions()
+        )
+    )
+    xds_cluster = cluster_pb2.Cluster(
+        name=XDS_CLUSTER,
+        type=cluster_pb2.Cluster.STATIC,
+        load_assignment=endpoint_pb2.ClusterLoadAssignment(
+            cluster_name=XDS_CLUSTER,
+            endpoints=[
+                endpoint_components_pb2.LocalityLbEndpoints(
+                    lb_endpoints=[
+                        endpoint_components_pb2.LbEndpoint(
+                            endpoint=endpoint_components_pb2.Endpoint(address=parse_address(xds_address))
+                        )
+                    ]
+                )
+            ],
+        ),
+    )
+    xds_cluster.typed_extension_protocol_options[_HTTP_OPTIONS].Pack(http_options)
+    api_type = config_source_pb2.ApiConfigSource.DELTA_GRPC if delta else config_source_pb2.ApiConfigSource.GRPC
+    return bootstrap_pb2.Bootstrap(
+        node=base_pb2.Node(id=node_id, cluster=cluster),
+        static_resources=bootstrap_pb2.Bootstrap.StaticResources(clusters=[xds_cluster]),
+        dynamic_resources=bootstrap_pb2.Bootstrap.DynamicResources(
+            ads_config=config_source_pb2.ApiConfigSource(
+                api_type=api_type,
+                transport_api_version=config_source_pb2.V3,
+                set_node_on_first_message_only=True,
+                grpc_services=[
+                    grpc_service_pb2.GrpcService(
+                        envoy_grpc=grpc_service_pb2.GrpcService.EnvoyGrpc(cluster_name=XDS_CLUSTER)
+                    )
+                ],
+            ),
+            cds_config=ads,
+            lds_config=ads,
+        ),
+        admin=bootstrap_pb2.Admin(address=parse_address(admin_address)),
+    )
+
+
+def to_json(bootstrap: bootstrap_pb2.Bootstrap) -> str:
+    """JSON (which Envoy also reads as YAML) for ``envoy -c FILE`` or ``--config-yaml``."""
+    text: str = json_format.MessageToJson(bootstrap, indent=2, sort_keys=True)
+    return text
