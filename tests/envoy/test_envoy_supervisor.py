@@ -1,0 +1,183 @@
+"""EnvoySupervisor with the real Envoy binary: start, readiness, restarts, stop, failures."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+from pathlib import Path
+
+import pytest
+from envoy_support import (
+    FAST_BACKOFF,
+    GREETING,
+    bootstrap_yaml,
+    free_port,
+    http_get,
+    never_ready_bootstrap_yaml,
+    process_exists,
+    static_envoy,
+    supervised,
+)
+
+from cilia.envoy.admin import AdminClient, AdminUnavailable
+from cilia.envoy.supervisor import Backoff, EnvoyStartError, EnvoyState, EnvoySupervisor, envoy_binary
+
+
+def test_start_waits_until_envoy_serves(tmp_path: Path) -> None:
+    env = static_envoy(tmp_path)
+    with supervised(env) as sup:
+        status = sup.status()
+        assert status.running and status.state is EnvoyState.RUNNING
+        assert status.pid is not None and process_exists(status.pid)
+        assert status.restarts == 0 and status.last_error is None
+        # ready means ready: the listener answers right away
+        assert http_get(env.listener_port) == (200, GREETING + "\n")
+        assert "starting" in env.log.read_text()
+
+
+def test_runs_the_real_binary_with_hot_restart_off(tmp_path: Path) -> None:
+    env = static_envoy(tmp_path)
+    sup = EnvoySupervisor(env.bootstrap, env.admin_address, log_path=env.log, concurrency=2)
+    cmd = sup.command()
+    assert cmd[0] == str(envoy_binary())
+    assert "--disable-hot-restart" in cmd
+    assert cmd[cmd.index("--concurrency") + 1] == "2"
+    assert "--base-id" in EnvoySupervisor(env.bootstrap, env.admin_address, log_path=env.log,
+                                          base_id=7).command()
+    with pytest.raises(ValueError):
+        EnvoySupervisor(env.bootstrap, env.admin_address, log_path=env.log, base_id=1,
+                        use_dynamic_base_id=True)
+
+
+def test_sigkill_makes_the_supervisor_restart_envoy(tmp_path: Path) -> None:
+    env = static_envoy(tmp_path)
+    with supervised(env) as sup:
+        old = sup.status().pid
+        assert old is not None
+        os.kill(old, signal.SIGKILL)
+        status = sup.wait_for(lambda s: s.running and s.restarts == 1, timeout=20)
+        assert status.pid is not None and status.pid != old
+        assert not process_exists(old)  # the dead one was reaped
+        assert status.last_exit_code == -signal.SIGKILL
+        assert status.last_error is not None and "SIGKILL" in status.last_error
+        assert AdminClient(env.admin_address).ready()
+        assert http_get(env.listener_port) == (200, GREETING + "\n")
+        assert env.log.read_text().count("--- cilia: starting") == 2
+
+
+def test_failed_restarts_back_off_and_recover(tmp_path: Path) -> None:
+    env = static_envoy(tmp_path)
+    good = env.bootstrap.read_text()
+    with supervised(env) as sup:
+        old = sup.status().pid
+        assert old is not None
+        env.bootstrap.write_text(bootstrap_yaml(env.admin_port, env.listener_port,
+                                                extra_hcm_field="bogus_field: 1"))
+        os.kill(old, signal.SIGKILL)
+        status = sup.wait_for(lambda s: s.restarts >= 2 and s.state is EnvoyState.BACKOFF, timeout=20)
+        assert status.last_error is not None
+        assert "restart failed" in status.last_error and "bogus_field" in status.last_error
+        assert status.last_exit_code == 1
+        env.bootstrap.write_text(good)
+        status = sup.wait_for(lambda s: s.running, timeout=20)
+        assert http_get(env.listener_port) == (200, GREETING + "\n")
+
+
+def test_stop_during_backoff_ends_supervision_at_once(tmp_path: Path) -> None:
+    env = static_envoy(tmp_path)
+    slow = Backoff(initial=300.0, maximum=300.0)
+    with supervised(env, backoff=slow) as sup:
+        pid = sup.status().pid
+        assert pid is not None
+        os.kill(pid, signal.SIGKILL)
+        sup.wait_for(lambda s: s.state is EnvoyState.BACKOFF, timeout=20)
+        status = sup.stop()  # would hang for the 300 s delay if the wait were not interruptible
+    assert status.state is EnvoyState.STOPPED and status.restarts == 0 and status.pid is None
+    assert status.last_exit_code == -signal.SIGKILL
+
+
+def test_stop_leaves_no_process(tmp_path: Path) -> None:
+    env = static_envoy(tmp_path)
+    sup = EnvoySupervisor(env.bootstrap, env.admin_address, log_path=env.log, backoff=FAST_BACKOFF)
+    try:
+        with sup:
+            pid = sup.status().pid
+            assert pid is not None and process_exists(pid)
+    finally:
+        sup.stop()
+    assert not process_exists(pid)
+    status = sup.status()
+    assert status.state is EnvoyState.STOPPED and status.pid is None and status.restarts == 0
+    assert status.last_exit_code == 0  # Envoy exits cleanly on SIGTERM
+    with pytest.raises(AdminUnavailable):
+        AdminClient(env.admin_address, timeout=1).ready()
+    assert sup.stop() == status  # a second stop changes nothing
+
+
+def test_rejected_bootstrap_fails_start_with_envoys_message(tmp_path: Path) -> None:
+    env = static_envoy(tmp_path)
+    env.bootstrap.write_text(bootstrap_yaml(env.admin_port, env.listener_port, extra_hcm_field="bogus_field: 1"))
+    sup = EnvoySupervisor(env.bootstrap, env.admin_address, log_path=env.log, backoff=FAST_BACKOFF)
+    try:
+        with pytest.raises(EnvoyStartError) as caught:
+            sup.start()
+    finally:
+        sup.stop()
+    message = str(caught.value)
+    headline = message.splitlines()[0]
+    # Envoy's own words on the first line (protobuf randomizes their spacing, so compare words)
+    assert headline.startswith("Envoy exited with exit code 1 before becoming ready: ")
+    assert "no such field: 'bogus_field'" in headline
+    assert "--- envoy log (last lines) ---" in message
+    assert caught.value.exit_code == 1
+    status = sup.status()
+    assert status.state is EnvoyState.FAILED and status.pid is None
+    assert status.last_error == message
+
+
+def test_never_ready_envoy_is_stopped_after_the_timeout(tmp_path: Path) -> None:
+    env = static_envoy(tmp_path)
+    env.bootstrap.write_text(never_ready_bootstrap_yaml(env.admin_port, free_port()))
+    sup = EnvoySupervisor(env.bootstrap, env.admin_address, log_path=env.log, ready_timeout=1.0)
+    try:
+        with pytest.raises(EnvoyStartError, match=r"not ready within 1.0s"):
+            sup.start()
+    finally:
+        sup.stop()
+    assert sup.status().pid is None
+    with pytest.raises(AdminUnavailable):
+        AdminClient(env.admin_address, timeout=1).ready()
+
+
+def test_listener_port_in_use_fails_start_with_envoys_message(tmp_path: Path) -> None:
+    env = static_envoy(tmp_path)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", env.listener_port))
+        taken.listen()
+        sup = EnvoySupervisor(env.bootstrap, env.admin_address, log_path=env.log)
+        try:
+            with pytest.raises(EnvoyStartError) as caught:
+                sup.start()
+        finally:
+            sup.stop()
+    assert str(caught.value).splitlines()[0].endswith(
+        f"cannot bind '127.0.0.1:{env.listener_port}': Address already in use")
+
+
+def test_refuses_an_admin_address_another_envoy_answers_on(tmp_path: Path) -> None:
+    env = static_envoy(tmp_path)
+    with supervised(env) as first:
+        second = EnvoySupervisor(env.bootstrap, env.admin_address, log_path=tmp_path / "second.log")
+        try:
+            with pytest.raises(EnvoyStartError, match="already answers"):
+                second.start()
+        finally:
+            second.stop()
+        assert first.status().running
+
+
+def test_backoff_grows_and_is_capped() -> None:
+    b = Backoff(initial=0.5, maximum=4.0, multiplier=2.0)
+    assert [b.delay(n) for n in range(6)] == [0.5, 1.0, 2.0, 4.0, 4.0, 4.0]
+    assert b.delay(10_000) == 4.0
