@@ -17,7 +17,6 @@ import re
 import threading
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
-from concurrent import futures
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from enum import Enum
@@ -25,6 +24,8 @@ from itertools import islice
 from typing import Any
 
 import grpc
+
+from cilia.grpcserver import GrpcServer
 from envoy.config.core.v3 import base_pb2
 from envoy.data.accesslog.v3 import accesslog_pb2
 from envoy.service.accesslog.v3 import als_pb2
@@ -284,14 +285,12 @@ def _any_string(packed: Any) -> str:
     return ""
 
 
-class AccessLogServer:
+class AccessLogServer(GrpcServer):
     """grpcio server for StreamAccessLogs feeding one AccessLogReceiver. Each Envoy worker
     thread keeps a stream open, and each open stream holds one of ``max_streams`` threads."""
 
     def __init__(self, receiver: AccessLogReceiver, max_streams: int = 32) -> None:
         self.receiver = receiver
-        self._server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_streams,
-                                                              thread_name_prefix="accesslog"))
         handler = grpc.method_handlers_generic_handler(SERVICE_NAME, {
             "StreamAccessLogs": grpc.stream_unary_rpc_method_handler(
                 self._stream,
@@ -299,20 +298,7 @@ class AccessLogServer:
                 response_serializer=als_pb2.StreamAccessLogsResponse.SerializeToString,
             ),
         })
-        self._server.add_generic_rpc_handlers([handler])
-
-    def add_address(self, address: str) -> int:
-        """Listen on ``address`` (``host:port`` or ``unix:PATH``); returns the bound port (0 for UNIX)."""
-        port: int = self._server.add_insecure_port(address)
-        if not port and not address.startswith("unix:"):
-            raise OSError(f"cannot listen on {address}")
-        return port
-
-    def start(self) -> None:
-        self._server.start()
-
-    def stop(self, grace: float | None = None) -> None:
-        self._server.stop(grace).wait()
+        super().__init__([handler], max_streams, "accesslog")
 
     def _stream(self, messages: Iterator[Any], context: grpc.ServicerContext) -> Any:
         identifier = None

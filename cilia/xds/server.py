@@ -10,11 +10,11 @@ from __future__ import annotations
 import queue
 import threading
 from collections.abc import Callable, Iterator
-from concurrent import futures
 from typing import Any
 
 import grpc
 
+from cilia.grpcserver import GrpcServer
 from cilia.xds.cache import Cache
 from cilia.xds.stream import (
     DeltaDiscoveryRequest,
@@ -44,30 +44,14 @@ SERVICES: dict[str, tuple[str, str, str | None]] = {
 _END = object()
 
 
-class XdsServer:
+class XdsServer(GrpcServer):
     """Serves one Cache to any number of Envoys over TCP (``host:port``) and UNIX (``unix:PATH``) addresses."""
 
     def __init__(self, cache: Cache, observer: Observer | None = None, max_streams: int = 256) -> None:
         self.cache = cache
         self.observer = observer
-        # Each open stream occupies one worker thread for its lifetime.
-        self._server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_streams, thread_name_prefix="xds"))
-        handlers = [self._service(name, *methods) for name, methods in SERVICES.items()]
-        self._server.add_generic_rpc_handlers(handlers)
-
-    def add_address(self, address: str) -> int:
-        """Listen on ``address``; returns the bound port (useful with ``127.0.0.1:0``)."""
-        port: int = self._server.add_insecure_port(address)
-        if not port:
-            raise OSError(f"cannot listen on {address}")
-        return port
-
-    def start(self) -> None:
-        self._server.start()
-
-    def stop(self, grace: float | None = None) -> None:
-        """Stop serving; open streams are cancelled."""
-        self._server.stop(grace).wait()
+        super().__init__([self._service(name, *methods) for name, methods in SERVICES.items()],
+                         max_streams, "xds")
 
     def _service(self, service: str, sotw: str, delta: str, type_url: str | None) -> grpc.GenericRpcHandler:
         def sotw_rpc(requests: Iterator[DiscoveryRequest], context: grpc.ServicerContext) -> Iterator[Any]:
