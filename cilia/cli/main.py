@@ -247,6 +247,34 @@ def trace_cmd(policy_files: Sequence[str], src: str | None, src_cidr: str | None
     sys.exit(0 if result.allowed else 1)
 
 
+@cli.group()
+def envoy() -> None:
+    """Envoy helpers."""
+
+
+@envoy.command("bootstrap")
+@click.option("--node-id", required=True, help="Envoy node id (the xDS server keys its views by it).")
+@click.option("--xds-address", required=True, help="xDS server: HOST:PORT or unix:PATH.")
+@click.option("--admin-address", default="127.0.0.1:9901", show_default=True,
+              help="Envoy admin listener: HOST:PORT or unix:PATH.")
+@click.option("--delta", is_flag=True, help="Use incremental (delta) ADS.")
+@click.option("--output-file", type=click.Path(dir_okay=False), help="Write here instead of stdout.")
+def bootstrap_cmd(node_id: str, xds_address: str, admin_address: str, delta: bool, output_file: str | None) -> None:
+    """Print an Envoy bootstrap (JSON, which Envoy reads as YAML too) that takes
+    its listeners and clusters from cilia over ADS."""
+    from ..envoy.bootstrap import build_bootstrap, to_json
+
+    try:
+        text = to_json(build_bootstrap(node_id, xds_address, admin_address, delta=delta))
+    except ValueError as exc:
+        raise UsageError(str(exc)) from exc
+    if output_file:
+        with open(output_file, "w", encoding="utf-8") as fh:
+            fh.write(text)
+    else:
+        click.echo(text)
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     try:
         cli.main(args=list(argv) if argv is not None else None, prog_name="cilia", standalone_mode=True)

