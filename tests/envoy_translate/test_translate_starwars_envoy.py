@@ -12,13 +12,14 @@ import ipaddress
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
 
 from envoy_translate_support import Proxy, envoy_serving, free_port
 
+from cilia.demo import Deathstar
 from cilia.envoy.translate import PortMapping, ProxyResources, prefixes_by_identity, translate_ingress
 from cilia.policy import Endpoint, LabelSet, PolicyEngine, load_files
 from cilia.xds import AckTracker, Cache
@@ -26,37 +27,6 @@ from cilia.xds import AckTracker, Cache
 REPO = Path(__file__).resolve().parents[2]
 STARWARS = REPO / "examples" / "starwars"
 DEATHSTAR, TIEFIGHTER, XWING = "127.0.0.10", "127.0.0.11", "127.0.0.12"
-
-
-class Deathstar(BaseHTTPRequestHandler):
-    """Cilium's deathstar: landing requests succeed, the exhaust port is its weak spot."""
-
-    protocol_version = "HTTP/1.1"
-
-    def _answer(self, body: str, status: int = 200) -> None:
-        length = int(self.headers.get("Content-Length") or 0)
-        self.rfile.read(length)
-        data = body.encode()
-        self.send_response(status)
-        self.send_header("Content-Type", "text/plain")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-
-    def do_POST(self) -> None:  # noqa: N802 (http.server's naming)
-        if self.path == "/v1/request-landing":
-            self._answer("Ship landed\n")
-        else:
-            self._answer("Not found\n", 404)
-
-    def do_PUT(self) -> None:  # noqa: N802
-        if self.path == "/v1/exhaust-port":
-            self._answer("Panic: deathstar exploded\n")
-        else:
-            self._answer("Not found\n", 404)
-
-    def log_message(self, format: str, *args: object) -> None:  # noqa: A002 (signature of the base)
-        pass
 
 
 @dataclass
