@@ -16,6 +16,13 @@ has its own /32. Under an identity's range sit its HTTP rules: ORed rules, each 
 predicates on ``:method``, ``:path``, ``:authority`` (RE2 ``safe_regex``, which Envoy applies as a
 full match, the semantics cilia.policy validates and traces with) and present/exact headers.
 
+Every RBAC action is named after the rule that decided: an allowed request after the HTTP rule
+that matched (``<policy> <path> (<file>:<line>)``, the line of the rule under ``http:``), a denied
+one after the policy whose HTTP rules it failed (``default deny: ...``) or ``no rule allows this
+source``. Envoy puts the name in the ``envoy.filters.http.rbac`` dynamic metadata
+(``enforced_effective_policy_id``), and with ``access_log`` set the HTTP connection manager sends
+every request to the agent's gRPC access log service, where it becomes the record's ``rule``.
+
 Repeated fields are sorted by content (not by identity numbers, which depend on allocation order),
 so equal policy gives byte-equal resources and the xDS cache sees no change.
 """
@@ -28,11 +35,12 @@ from dataclasses import dataclass, field
 
 from envoy.config.accesslog.v3 import accesslog_pb2
 from envoy.config.cluster.v3 import cluster_pb2
-from envoy.config.core.v3 import address_pb2, base_pb2, protocol_pb2
+from envoy.config.core.v3 import address_pb2, base_pb2, config_source_pb2, grpc_service_pb2, protocol_pb2
 from envoy.config.endpoint.v3 import endpoint_components_pb2, endpoint_pb2
 from envoy.config.listener.v3 import listener_components_pb2, listener_pb2
 from envoy.config.rbac.v3 import rbac_pb2
 from envoy.config.route.v3 import route_components_pb2, route_pb2
+from envoy.extensions.access_loggers.grpc.v3 import als_pb2
 from envoy.extensions.filters.http.rbac.v3 import rbac_pb2 as http_rbac_pb2
 from envoy.extensions.filters.http.router.v3 import router_pb2
 from envoy.extensions.filters.network.http_connection_manager.v3 import http_connection_manager_pb2 as hcm_pb2
@@ -45,11 +53,33 @@ from google.protobuf import any_pb2, duration_pb2, message
 from xds.core.v3 import cidr_pb2, extension_pb2
 from xds.type.matcher.v3 import ip_pb2, matcher_pb2, regex_pb2, string_pb2
 
-from cilia.policy.mapstate import DirectionMapState, Verdict
+from cilia.policy.mapstate import DirectionMapState, PolicyEntry, RuleOrigin, Verdict
 from cilia.policy.model import HTTPRule, IPNetwork, Protocol
 
 ACCESS_DENIED_BODY = "Access denied\r\n"
 _HTTP_OPTIONS = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
+NO_RULE = "no rule allows this source"  # the action name for sources no rule allows on the port
+_ALLOWED = "allowed"  # the network RBAC's allow action: the HTTP RBAC names the rule
+
+
+@dataclass(frozen=True, slots=True)
+class AccessLogTarget:
+    """Where Envoy sends access logs: the gRPC access log service at ``address`` (an IP, or
+    ``unix:PATH``) and ``port``, reached through a STATIC HTTP/2 cluster named ``cluster``."""
+
+    cluster: str
+    address: str
+    port: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class _HTTPPolicy:
+    """One identity's HTTP policy on a port: allowed outright by rule ``allow``, or by the first
+    of ``rules`` (serialized predicate, rule name) that matches; otherwise denied as ``deny``."""
+
+    allow: str | None
+    rules: tuple[tuple[bytes, str], ...]
+    deny: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,8 +119,12 @@ def translate_ingress(
     listen_address: str,
     backend_address: str,
     prefixes: Mapping[int, Sequence[IPNetwork]],
+    access_log: AccessLogTarget | None = None,
 ) -> ProxyResources:
     """Listeners on ``listen_address`` and a STATIC cluster to ``backend_address`` per port.
+
+    With ``access_log``, every HTTP request is logged to that gRPC access log service (its
+    cluster is among the returned ones, after the backends).
 
     ``prefixes`` maps every known identity to its source prefixes; an address in none of them is
     never allowed. A port on which no identity is allowed still gets a listener (denying all),
@@ -100,11 +134,11 @@ def translate_ingress(
     clusters: list[cluster_pb2.Cluster] = []
     notes: dict[str, None] = {}  # ordered, without repeats
     universe = {ident: tuple(ps) for ident, ps in prefixes.items() if ps}
-    compiled: dict[tuple[object, ...], tuple[bytes, ...] | None] = {}
+    compiled: dict[tuple[object, ...], _HTTPPolicy] = {}
     for mapping in sorted(set(ports), key=lambda m: m.policy_port):
         base = f"{name}-ingress-{mapping.policy_port}"
         allowed: set[int] = set()
-        http: dict[int, tuple[bytes, ...] | None] = {}  # identity → predicates (None = any request)
+        http: dict[int, _HTTPPolicy] = {}
         any_l7 = False
         for ident in sorted(universe):
             hit = ingress.lookup(ident, Protocol.TCP, mapping.policy_port)
@@ -118,16 +152,16 @@ def translate_ingress(
             allowed.add(ident)
             any_l7 = any_l7 or l7 is not None
             if l7 is None or l7.allow_all:
-                http[ident] = None
+                http[ident] = _HTTPPolicy(_origins_name(hit[2]), (), "")
                 continue
-            key = tuple(rule for rule, _origin in l7.rules)
+            key = (l7.rules, hit[2].origins)
             if key not in compiled:
-                compiled[key] = _predicates(key, base, notes)
+                compiled[key] = _http_policy(hit[2], l7.rules, base, notes)
             http[ident] = compiled[key]
         filters = [_filter("envoy.filters.network.rbac", _network_rbac(base, allowed, universe))]
         if any_l7:
             filters.append(_filter("envoy.filters.network.http_connection_manager",
-                                   _hcm(base, http, universe)))
+                                   _hcm(base, http, universe, access_log)))
         else:
             filters.append(_filter("envoy.filters.network.tcp_proxy",
                                    tcp_proxy_pb2.TcpProxy(stat_prefix=base, cluster=base)))
@@ -137,6 +171,8 @@ def translate_ingress(
             filter_chains=[listener_components_pb2.FilterChain(filters=filters)],
         ))
         clusters.append(_cluster(base, backend_address, mapping.backend_port))
+    if access_log is not None:
+        clusters.append(_grpc_cluster(access_log))
     return ProxyResources(tuple(listeners), tuple(clusters), tuple(notes))
 
 
@@ -145,32 +181,33 @@ def translate_ingress(
 
 def _network_rbac(base: str, allowed: set[int], universe: Mapping[int, Sequence[IPNetwork]]) -> net_rbac_pb2.RBAC:
     """Only sources whose identity is in ``allowed`` get past the first byte."""
-    allow = matcher_pb2.Matcher.OnMatch(action=_action("allowed", rbac_pb2.RBAC.ALLOW))
+    allow = matcher_pb2.Matcher.OnMatch(action=_action(_ALLOWED, rbac_pb2.RBAC.ALLOW))
     groups = [(allowed, allow)] if allowed else []
     return net_rbac_pb2.RBAC(stat_prefix=f"{base}.rbac", matcher=_by_source(groups, universe))
 
 
-def _http_rbac(http: Mapping[int, tuple[bytes, ...] | None],
+def _http_rbac(http: Mapping[int, _HTTPPolicy],
                universe: Mapping[int, Sequence[IPNetwork]]) -> http_rbac_pb2.RBAC:
-    """Per distinct rule set, the identities sharing it; a request passes if any rule matches."""
-    by_rules: dict[tuple[bytes, ...] | None, set[int]] = {}
-    for ident, preds in http.items():
-        by_rules.setdefault(preds, set()).add(ident)
+    """Per distinct HTTP policy, the identities sharing it; a request passes if any rule matches,
+    and the action that decides is named after the rule (or the policy it failed)."""
+    by_policy: dict[_HTTPPolicy, set[int]] = {}
+    for ident, policy in http.items():
+        by_policy.setdefault(policy, set()).add(ident)
     groups: list[tuple[set[int], matcher_pb2.Matcher.OnMatch]] = []
-    for preds, idents in by_rules.items():
-        if preds is None:
-            on_match = matcher_pb2.Matcher.OnMatch(action=_action("allowed", rbac_pb2.RBAC.ALLOW))
-        elif not preds:
-            on_match = matcher_pb2.Matcher.OnMatch(action=_action("denied", rbac_pb2.RBAC.DENY))
+    for policy, idents in by_policy.items():
+        deny = matcher_pb2.Matcher.OnMatch(action=_action(policy.deny, rbac_pb2.RBAC.DENY))
+        if policy.allow is not None:
+            on_match = matcher_pb2.Matcher.OnMatch(action=_action(policy.allow, rbac_pb2.RBAC.ALLOW))
+        elif not policy.rules:
+            on_match = deny
         else:
             rules = matcher_pb2.Matcher.MatcherList(matchers=[
                 matcher_pb2.Matcher.MatcherList.FieldMatcher(
                     predicate=matcher_pb2.Matcher.MatcherList.Predicate.FromString(pred),
-                    on_match=matcher_pb2.Matcher.OnMatch(action=_action("allowed", rbac_pb2.RBAC.ALLOW)))
-                for pred in preds])
+                    on_match=matcher_pb2.Matcher.OnMatch(action=_action(rule, rbac_pb2.RBAC.ALLOW)))
+                for pred, rule in policy.rules])
             on_match = matcher_pb2.Matcher.OnMatch(matcher=matcher_pb2.Matcher(
-                matcher_list=rules,
-                on_no_match=matcher_pb2.Matcher.OnMatch(action=_action("denied", rbac_pb2.RBAC.DENY))))
+                matcher_list=rules, on_no_match=deny))
         groups.append((idents, on_match))
     return http_rbac_pb2.RBAC(matcher=_by_source(groups, universe))
 
@@ -183,7 +220,7 @@ def _by_source(groups: Sequence[tuple[set[int], matcher_pb2.Matcher.OnMatch]],
     exclusive, so the most specific prefix decides even when its nested rules do not match, and a
     less specific prefix of another identity (``world``'s 0.0.0.0/0) never lets a request in.
     """
-    deny = matcher_pb2.Matcher.OnMatch(action=_action("denied", rbac_pb2.RBAC.DENY))
+    deny = matcher_pb2.Matcher.OnMatch(action=_action(NO_RULE, rbac_pb2.RBAC.DENY))
     grouped = set().union(*(idents for idents, _ in groups)) if groups else set()
     others = {i for i in universe if i not in grouped}
     ranges: list[ip_pb2.IPMatcher.IPRangeMatcher] = []
@@ -209,19 +246,34 @@ def _prefix_key(prefix: IPNetwork) -> tuple[int, int, int]:
     return (prefix.version, int(prefix.network_address), prefix.prefixlen)
 
 
-def _predicates(rules: Sequence[object], base: str, notes: dict[str, None]) -> tuple[bytes, ...] | None:
-    """Serialized predicates of HTTP rules (sorted, deduplicated); None if one matches any request."""
-    preds: set[bytes] = set()
-    for rule in rules:
+def _origins_name(entry: PolicyEntry) -> str:
+    """The rules that allow a peer outright (an L3/L4 rule, or one with no HTTP rules)."""
+    return "; ".join(sorted({str(o) for o in entry.origins})) or "allowed"
+
+
+def _rule_name(rule: HTTPRule, origin: RuleOrigin) -> str:
+    """``<policy> <path> (<file>:<line>)``, the line being the HTTP rule's own."""
+    return str(RuleOrigin(origin.policy, origin.path, rule.source, origin.kind))
+
+
+def _http_policy(entry: PolicyEntry, rules: Sequence[tuple[object, RuleOrigin]], base: str,
+                 notes: dict[str, None]) -> _HTTPPolicy:
+    """HTTP rules as named predicates, sorted and deduplicated (the first name of a predicate
+    several rules share wins); allowed outright if one rule matches any request."""
+    deny = "default deny: " + "; ".join(sorted({str(o) for o in entry.origins}))
+    named: dict[bytes, str] = {}
+    for rule, origin in rules:
         assert isinstance(rule, HTTPRule)
         pred, matches_any, skipped = _predicate(rule)
         for reason in skipped:
             notes[f"{base}: {rule.source}: {reason}"] = None
+        name = _rule_name(rule, origin)
         if pred is None and matches_any:
-            return None
+            return _HTTPPolicy(name, (), deny)
         if pred is not None:
-            preds.add(pred.SerializeToString(deterministic=True))
-    return tuple(sorted(preds))
+            key = pred.SerializeToString(deterministic=True)
+            named[key] = min(named.get(key, name), name)
+    return _HTTPPolicy(None, tuple(sorted(named.items())), deny)
 
 
 def _predicate(rule: HTTPRule) -> tuple[matcher_pb2.Matcher.MatcherList.Predicate | None, bool, list[str]]:
@@ -278,8 +330,8 @@ def _extension(name: str, config: message.Message) -> extension_pb2.TypedExtensi
 # --- listener pieces --------------------------------------------------------------------
 
 
-def _hcm(base: str, http: Mapping[int, tuple[bytes, ...] | None],
-         universe: Mapping[int, Sequence[IPNetwork]]) -> hcm_pb2.HttpConnectionManager:
+def _hcm(base: str, http: Mapping[int, _HTTPPolicy], universe: Mapping[int, Sequence[IPNetwork]],
+         access_log: AccessLogTarget | None) -> hcm_pb2.HttpConnectionManager:
     route = route_components_pb2.Route(
         match=route_components_pb2.RouteMatch(prefix="/"),
         route=route_components_pb2.RouteAction(cluster=base),
@@ -288,8 +340,16 @@ def _hcm(base: str, http: Mapping[int, tuple[bytes, ...] | None],
         comparison=accesslog_pb2.ComparisonFilter(
             op=accesslog_pb2.ComparisonFilter.EQ,
             value=base_pb2.RuntimeUInt32(default_value=403, runtime_key="cilia.access_denied_status"))))
+    logs = [] if access_log is None else [accesslog_pb2.AccessLog(
+        name="envoy.access_loggers.http_grpc",
+        typed_config=_pack(als_pb2.HttpGrpcAccessLogConfig(common_config=als_pb2.CommonGrpcAccessLogConfig(
+            log_name=base,
+            transport_api_version=config_source_pb2.V3,
+            grpc_service=grpc_service_pb2.GrpcService(
+                envoy_grpc=grpc_service_pb2.GrpcService.EnvoyGrpc(cluster_name=access_log.cluster))))))]
     return hcm_pb2.HttpConnectionManager(
         stat_prefix=base,
+        access_log=logs,
         codec_type=hcm_pb2.HttpConnectionManager.AUTO,
         route_config=route_pb2.RouteConfiguration(name=base, virtual_hosts=[
             route_components_pb2.VirtualHost(name=base, domains=["*"], routes=[route])]),
@@ -318,6 +378,28 @@ def _cluster(name: str, address: str, port: int) -> cluster_pb2.Cluster:
             http_protocol_options=protocol_pb2.Http1ProtocolOptions(),
             http2_protocol_options=protocol_pb2.Http2ProtocolOptions(),
         ))
+    cluster.typed_extension_protocol_options[_HTTP_OPTIONS].Pack(options)
+    return cluster
+
+
+def _grpc_cluster(target: AccessLogTarget) -> cluster_pb2.Cluster:
+    """A STATIC HTTP/2 cluster to a gRPC service (on an IP and port, or ``unix:PATH``)."""
+    if target.address.startswith("unix:"):
+        address = address_pb2.Address(pipe=address_pb2.Pipe(path=target.address.removeprefix("unix:")))
+    else:
+        address = _socket(target.address, target.port)
+    cluster = cluster_pb2.Cluster(
+        name=target.cluster,
+        type=cluster_pb2.Cluster.STATIC,
+        connect_timeout=duration_pb2.Duration(seconds=2),
+        load_assignment=endpoint_pb2.ClusterLoadAssignment(cluster_name=target.cluster, endpoints=[
+            endpoint_components_pb2.LocalityLbEndpoints(lb_endpoints=[
+                endpoint_components_pb2.LbEndpoint(endpoint=endpoint_components_pb2.Endpoint(
+                    address=address))])]),
+    )
+    options = http_protocol_options_pb2.HttpProtocolOptions(
+        explicit_http_config=http_protocol_options_pb2.HttpProtocolOptions.ExplicitHttpConfig(
+            http2_protocol_options=protocol_pb2.Http2ProtocolOptions()))
     cluster.typed_extension_protocol_options[_HTTP_OPTIONS].Pack(options)
     return cluster
 
