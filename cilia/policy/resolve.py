@@ -19,7 +19,6 @@ from types import MappingProxyType
 
 from .compile import CompiledRule, Note, l7_protocols
 from .errors import L7ConflictError
-from .labels import LabelSet
 from .mapstate import (
     ANY_IDENTITY,
     ANY_L4,
@@ -71,10 +70,6 @@ class SelectorPolicy:
 
     def peers(self) -> set[PeerSelector]:
         return self.ingress.peers() | self.egress.peers()
-
-
-def rules_selecting(labels: LabelSet, rules: Iterable[CompiledRule]) -> list[CompiledRule]:
-    return [r for r in rules if r.subject is not None and r.subject.matches(labels)]
 
 
 def resolve_selector_policy(

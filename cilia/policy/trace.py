@@ -390,6 +390,3 @@ def render_text(result: TraceResult) -> str:
     lines.append(f"Final verdict: {result.verdict.upper()}")
     return "\n".join(lines)
 
-
-def parse_kafka_request(api_key: str, api_version: int, client_id: str, topics: Sequence[str]) -> KafkaRequest:
-    return KafkaRequest(l7kafka.parse_api_key(api_key), api_version, client_id, tuple(topics))

@@ -94,7 +94,7 @@ def test_records_name_the_rule_that_forwarded_or_denied(tmp_path: Path, backend_
     try:
         listen_port = free_port(DEATHSTAR)
         target = AccessLogTarget("cilia-accesslog", f"unix:{tmp_path}/als.sock")
-        with envoy_serving(tmp_path, starwars(listen_port, backend_port, target)):
+        with envoy_serving(starwars(listen_port, backend_port, target)):
             assert request(listen_port, "POST", "/v1/request-landing") == (200, "Ship landed\n")
             assert request(listen_port, "PUT", "/v1/exhaust-port") == (403, "Access denied\r\n")
             records = wait_records(server.receiver, 2)

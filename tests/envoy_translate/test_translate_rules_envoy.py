@@ -101,7 +101,7 @@ def api(tmp_path: Path) -> Iterator[tuple[int, int]]:
             [PortMapping(80, http_port, backend.server_address[1]), PortMapping(50051, rpc_port, grpc_port)],
             API, "127.0.0.1", prefixes_by_identity(engine.ipcache.items()))
         assert res.notes == ()
-        with envoy_serving(tmp_path, res):
+        with envoy_serving(res):
             yield http_port, rpc_port
     finally:
         grpc_server.stop(0)

@@ -17,12 +17,11 @@ from pathlib import Path
 
 import pytest
 
-from envoy_translate_support import Proxy, envoy_serving, free_port
+from envoy_translate_support import LoopbackEnvoy, envoy_serving, free_port
 
 from cilia.demo import Deathstar
 from cilia.envoy.translate import PortMapping, ProxyResources, prefixes_by_identity, translate_ingress
 from cilia.policy import Endpoint, LabelSet, PolicyEngine, load_files
-from cilia.xds import AckTracker, Cache
 
 REPO = Path(__file__).resolve().parents[2]
 STARWARS = REPO / "examples" / "starwars"
@@ -32,7 +31,7 @@ DEATHSTAR, TIEFIGHTER, XWING = "127.0.0.10", "127.0.0.11", "127.0.0.12"
 @dataclass
 class Demo:
     engine: PolicyEngine
-    proxy: Proxy
+    proxy: LoopbackEnvoy | None
     backend_port: int
     listen_port: int
 
@@ -56,7 +55,7 @@ class Demo:
 
 
 @pytest.fixture
-def demo(tmp_path: Path) -> Iterator[Demo]:
+def demo() -> Iterator[Demo]:
     backend = ThreadingHTTPServer(("127.0.0.1", 0), Deathstar)
     backend.daemon_threads = True
     threading.Thread(target=backend.serve_forever, daemon=True).start()
@@ -67,8 +66,8 @@ def demo(tmp_path: Path) -> Iterator[Demo]:
                                  ("xwing", "org=alliance,class=xwing", XWING)):
             engine.upsert_endpoint(Endpoint(name, LabelSet.parse(labels), (ipaddress.ip_address(ip),)))
         engine.apply(load_files([STARWARS / "sw_l3_l4_l7_policy.yaml"]))
-        demo = Demo(engine, Proxy(Cache(), AckTracker()), backend.server_address[1], free_port(DEATHSTAR))
-        with envoy_serving(tmp_path, demo.resources()) as proxy:
+        demo = Demo(engine, None, backend.server_address[1], free_port(DEATHSTAR))
+        with envoy_serving(demo.resources()) as proxy:
             demo.proxy = proxy
             yield demo
     finally:
@@ -87,6 +86,7 @@ def test_starwars_l7_policy_then_l3_l4_policy_on_a_real_envoy(demo: Demo) -> Non
         demo.request(XWING, "POST", "/v1/request-landing")
 
     demo.engine.apply(load_files([STARWARS / "sw_l3_l4_policy.yaml"]))  # replaces rule1: L3/L4 only
+    assert demo.proxy is not None
     demo.proxy.publish(demo.resources())
     assert demo.request(TIEFIGHTER, "PUT", "/v1/exhaust-port") == (200, "Panic: deathstar exploded\n")
     assert demo.request(TIEFIGHTER, "POST", "/v1/request-landing") == (200, "Ship landed\n")
