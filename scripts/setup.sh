@@ -5,7 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 # Debian packages the project needs (one per line in scripts/apt-packages.txt).
-mapfile -t APT_PKGS < <(grep -v '^\s*#' scripts/apt-packages.txt | grep -v '^\s*$' || true)
+mapfile -t APT_PKGS < <(sed -e "s/#.*//" -e "s/[[:space:]]*$//" scripts/apt-packages.txt | grep -v "^\s*$" || true)
 missing=()
 for pkg in "${APT_PKGS[@]}"; do
     dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "ok installed" || missing+=("$pkg")
