@@ -1,1 +1,6 @@
-"""cilia.agent: see docs/architecture.md (built by a later issue)."""
+"""The cilia agent: state, REST API, xDS and Envoy wired together (``cilia agent``)."""
+
+from .daemon import Agent, AgentConfig, AgentError
+from .state import EndpointSpec, PortSpec, StateError
+
+__all__ = ["Agent", "AgentConfig", "AgentError", "EndpointSpec", "PortSpec", "StateError"]

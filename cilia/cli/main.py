@@ -35,6 +35,7 @@ from ..policy import (
 from ..policy.l7 import kafka as l7kafka
 from ..policy.parse import check_unique
 from ..policy.trace import PROTOCOL_NAMES
+from .agent_cmds import register
 
 EXIT_ERROR = 2
 
@@ -53,7 +54,7 @@ def cli() -> None:
 
 @cli.group()
 def policy() -> None:
-    """Validate and trace CiliumNetworkPolicy files."""
+    """Validate and trace policy files; import, list, delete and wait for them in the agent."""
 
 
 def _output_option(f: Any) -> Any:
@@ -273,6 +274,9 @@ def bootstrap_cmd(node_id: str, xds_address: str, admin_address: str, delta: boo
             fh.write(text)
     else:
         click.echo(text)
+
+
+register(cli, policy)
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -1,0 +1,204 @@
+"""The agent's REST API: JSON over HTTP/1.1 on a UNIX socket (documented in openapi.yaml).
+
+Only local users who can open the socket (mode 0660, the agent's user and group) can change
+policy, as with Cilium's agent socket. Errors are ``{"error": TEXT, "problems": [...]}`` with
+the status the agent chose: 400 bad input, 404 unknown, 409 rejected (conflict or Envoy NACK),
+504 not realized in time.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import socketserver
+import threading
+from collections.abc import Callable
+from http.server import BaseHTTPRequestHandler
+from importlib import resources
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+from .daemon import Agent, AgentError
+from .state import EndpointSpec, StateError
+
+_log = logging.getLogger(__name__)
+
+MAX_BODY = 16 << 20  # 16 MiB of policy text is far more than any real import
+MAX_WAIT = 600.0
+
+Handler = Callable[[Agent, dict[str, str], dict[str, list[str]], Any], tuple[int, Any]]
+
+
+def _query_int(query: dict[str, list[str]], name: str) -> int | None:
+    values = query.get(name)
+    if not values:
+        return None
+    try:
+        return int(values[-1])
+    except ValueError:
+        raise AgentError(f"query parameter {name}: {values[-1]!r} is not an integer") from None
+
+
+def _get_status(agent: Agent, _: dict[str, str], __: dict[str, list[str]], ___: Any) -> tuple[int, Any]:
+    return 200, agent.status()
+
+
+def _get_policies(agent: Agent, _: dict[str, str], __: dict[str, list[str]], ___: Any) -> tuple[int, Any]:
+    return 200, agent.policies()
+
+
+def _post_policies(agent: Agent, _: dict[str, str], __: dict[str, list[str]], body: Any) -> tuple[int, Any]:
+    files = body.get("files") if isinstance(body, dict) else None
+    if not isinstance(files, list) or not all(
+            isinstance(f, dict) and isinstance(f.get("path"), str) and isinstance(f.get("text"), str) for f in files):
+        raise AgentError('body: expected {"files": [{"path": STRING, "text": STRING}, ...]}')
+    return 200, agent.import_policies([(f["path"], f["text"]) for f in files])
+
+
+def _delete_policies(agent: Agent, _: dict[str, str], query: dict[str, list[str]], __: Any) -> tuple[int, Any]:
+    name = query.get("name", [None])[-1]
+    everything = query.get("all", ["false"])[-1] == "true"
+    if (name is None) == (not everything):
+        raise AgentError("give exactly one of the query parameters name=NAME or all=true")
+    return 200, agent.delete_policies(name, query.get("namespace", [None])[-1])
+
+
+def _wait_revision(agent: Agent, path: dict[str, str], query: dict[str, list[str]], _: Any) -> tuple[int, Any]:
+    timeout = query.get("timeout", ["60"])[-1]
+    try:
+        seconds = min(float(timeout), MAX_WAIT)
+    except ValueError:
+        raise AgentError(f"query parameter timeout: {timeout!r} is not a number") from None
+    return 200, agent.wait(int(path["revision"]), seconds)
+
+
+def _get_endpoints(agent: Agent, _: dict[str, str], __: dict[str, list[str]], ___: Any) -> tuple[int, Any]:
+    return 200, agent.endpoints()
+
+
+def _post_endpoints(agent: Agent, _: dict[str, str], __: dict[str, list[str]], body: Any) -> tuple[int, Any]:
+    try:
+        spec = EndpointSpec.from_json(body)
+    except StateError as e:
+        raise AgentError(str(e)) from None
+    return 200, agent.add_endpoint(spec)
+
+
+def _delete_endpoint(agent: Agent, path: dict[str, str], _: dict[str, list[str]], __: Any) -> tuple[int, Any]:
+    return 200, agent.remove_endpoint(path["name"])
+
+
+def _get_identities(agent: Agent, _: dict[str, str], __: dict[str, list[str]], ___: Any) -> tuple[int, Any]:
+    return 200, agent.identities()
+
+
+def _get_flows(agent: Agent, _: dict[str, str], query: dict[str, list[str]], __: Any) -> tuple[int, Any]:
+    return 200, agent.flows(_query_int(query, "since"), _query_int(query, "limit"))
+
+
+def _get_openapi(_: Agent, __: dict[str, str], ___: dict[str, list[str]], ____: Any) -> tuple[int, Any]:
+    return 200, resources.files(__package__).joinpath("openapi.yaml").read_text(encoding="utf-8")
+
+
+# (method, path template) -> handler; templates use {name} for one path segment.
+ROUTES: dict[tuple[str, str], Handler] = {
+    ("GET", "/v1/status"): _get_status,
+    ("GET", "/v1/policies"): _get_policies,
+    ("POST", "/v1/policies"): _post_policies,
+    ("DELETE", "/v1/policies"): _delete_policies,
+    ("GET", "/v1/revisions/{revision}/wait"): _wait_revision,
+    ("GET", "/v1/endpoints"): _get_endpoints,
+    ("POST", "/v1/endpoints"): _post_endpoints,
+    ("DELETE", "/v1/endpoints/{name}"): _delete_endpoint,
+    ("GET", "/v1/identities"): _get_identities,
+    ("GET", "/v1/flows"): _get_flows,
+    ("GET", "/v1/openapi.yaml"): _get_openapi,
+}
+
+_PARAM_PATTERNS = {"revision": r"(?P<revision>\d+)", "name": r"(?P<name>[^/]+)"}
+_COMPILED = [(method, re.compile("^" + re.sub(r"\{(\w+)\}", lambda m: _PARAM_PATTERNS[m[1]], tmpl) + "$"), h)
+             for (method, tmpl), h in ROUTES.items()]
+
+
+class _RequestHandler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    server: APIServer
+
+    def _dispatch(self) -> None:
+        url = urlsplit(self.path)
+        allowed = []
+        for method, pattern, handler in _COMPILED:
+            m = pattern.match(url.path)
+            if m is None:
+                continue
+            allowed.append(method)
+            if method != self.command:
+                continue
+            try:
+                body = self._body()
+                status, payload = handler(self.server.agent, m.groupdict(), parse_qs(url.query), body)
+            except AgentError as e:
+                status, payload = e.status, {"error": str(e), "problems": [str(p) for p in e.problems]}
+            except Exception as e:  # answer, and keep serving: one bad request must not end the agent
+                _log.exception("API %s %s failed", self.command, self.path)
+                status, payload = 500, {"error": f"internal error: {e}", "problems": []}
+            self._send(status, payload)
+            return
+        if allowed:
+            self._send(405, {"error": f"{self.command} not allowed on {url.path} (use {', '.join(allowed)})",
+                             "problems": []})
+        else:
+            self._send(404, {"error": f"no such API path: {url.path}", "problems": []})
+
+    def _body(self) -> Any:
+        length = int(self.headers.get("Content-Length") or 0)
+        if length > MAX_BODY:
+            raise AgentError(f"request body over {MAX_BODY} bytes", 413)
+        if not length:
+            return None
+        try:
+            return json.loads(self.rfile.read(length))
+        except ValueError as e:
+            raise AgentError(f"request body is not JSON: {e}") from None
+
+    def _send(self, status: int, payload: Any) -> None:
+        if isinstance(payload, str):
+            data, ctype = payload.encode(), "application/yaml"
+        else:
+            data, ctype = json.dumps(payload, indent=1).encode() + b"\n", "application/json"
+        self.send_response(status)
+        self.send_header("Content-Type", ctype)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    do_GET = do_POST = do_DELETE = _dispatch  # noqa: N815 (http.server's naming)
+
+    def address_string(self) -> str:
+        return "unix"  # a UNIX socket peer has no address; the base class would index an empty string
+
+    def log_message(self, format: str, *args: object) -> None:  # noqa: A002 (the base's signature)
+        _log.debug("api: " + format, *args)
+
+
+class APIServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
+    daemon_threads = True
+
+    def __init__(self, path: Path, agent: Agent) -> None:
+        self.agent = agent
+        path.unlink(missing_ok=True)
+        super().__init__(str(path), _RequestHandler)
+        os.chmod(path, 0o660)
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self.serve_forever, name="cilia-api", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self.shutdown()
+        self.server_close()
+        Path(str(self.server_address)).unlink(missing_ok=True)

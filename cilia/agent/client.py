@@ -1,0 +1,78 @@
+"""The CLI's client for the agent's REST API on its UNIX socket."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+
+class APIError(Exception):
+    """The agent refused a request (``status`` as it answered) or could not be reached (status 0)."""
+
+    def __init__(self, message: str, status: int = 0, problems: list[str] | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.problems = problems or []
+
+
+class AgentClient:
+    def __init__(self, socket_path: str | Path, timeout: float = 30.0) -> None:
+        self.socket_path = Path(socket_path)
+        self._client = httpx.Client(transport=httpx.HTTPTransport(uds=str(self.socket_path)),
+                                    base_url="http://cilia", timeout=timeout)
+
+    def close(self) -> None:
+        self._client.close()
+
+    def request(self, method: str, path: str, *, json: Any = None, params: dict[str, Any] | None = None,
+                timeout: float | None = None) -> Any:
+        try:
+            resp = self._client.request(method, path, json=json, params=params,
+                                        timeout=timeout if timeout is not None else httpx.USE_CLIENT_DEFAULT)
+        except httpx.TransportError as e:
+            raise APIError(f"cannot reach the agent at {self.socket_path}: {e} "
+                           "(is `cilia agent` running? see --state-dir / CILIA_STATE_DIR)") from None
+        try:
+            payload = resp.json()
+        except ValueError:
+            payload = {"error": resp.text}
+        if resp.status_code >= 400:
+            raise APIError(str(payload.get("error", resp.text)), resp.status_code, payload.get("problems", []))
+        return payload
+
+    def status(self) -> Any:
+        return self.request("GET", "/v1/status")
+
+    def import_policies(self, files: list[tuple[str, str]]) -> Any:
+        return self.request("POST", "/v1/policies", json={"files": [{"path": p, "text": t} for p, t in files]})
+
+    def policies(self) -> Any:
+        return self.request("GET", "/v1/policies")
+
+    def delete_policies(self, name: str | None, namespace: str | None = None) -> Any:
+        params: dict[str, Any] = {"all": "true"} if name is None else {"name": name}
+        if namespace:
+            params["namespace"] = namespace
+        return self.request("DELETE", "/v1/policies", params=params)
+
+    def wait(self, revision: int, timeout: float) -> Any:
+        return self.request("GET", f"/v1/revisions/{revision}/wait", params={"timeout": timeout},
+                            timeout=timeout + 10)
+
+    def add_endpoint(self, spec: dict[str, Any]) -> Any:
+        return self.request("POST", "/v1/endpoints", json=spec)
+
+    def endpoints(self) -> Any:
+        return self.request("GET", "/v1/endpoints")
+
+    def remove_endpoint(self, name: str) -> Any:
+        return self.request("DELETE", f"/v1/endpoints/{name}")
+
+    def identities(self) -> Any:
+        return self.request("GET", "/v1/identities")
+
+    def flows(self, since: int | None = None, limit: int | None = None) -> Any:
+        params = {k: v for k, v in (("since", since), ("limit", limit)) if v is not None}
+        return self.request("GET", "/v1/flows", params=params)

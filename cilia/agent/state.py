@@ -1,0 +1,198 @@
+"""What the agent persists in its state directory, and how it is written.
+
+``state.json`` holds the revision, the endpoints and the policy sources: every imported file's
+text under its original path, with the keys of the policies still live from it. Keeping the text
+(not a re-serialized model) means a restarted agent parses the same bytes, so every verdict still
+names the user's file and line. Identities live beside it in ``identities.json``
+(``cilia.policy.FileAllocator``). Writes go to a temporary file renamed over the old one, so a
+crash leaves either the old state or the new, never half of one.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..policy import Protocol
+
+STATE_FILE = "state.json"
+FORMAT = 1
+
+PolicyKey = tuple[str, str, str]  # (kind, namespace, name) as cilia.policy.Policy.key
+
+_PORT = re.compile(r"^(?:(?P<name>[a-z0-9]([-a-z0-9]*[a-z0-9])?)=)?(?P<port>\d+)(?:/(?P<proto>[A-Za-z]+))?"
+                   r"(?::(?P<backend>\d+))?$")
+
+
+class StateError(ValueError):
+    """Bad endpoint or state input; the message names the field."""
+
+
+_PORT_PROTOCOLS = {p.name: p for p in (Protocol.TCP, Protocol.UDP, Protocol.SCTP)}
+
+
+def _protocol(name: str, where: str) -> Protocol:
+    try:
+        return _PORT_PROTOCOLS[name.upper()]
+    except KeyError:
+        raise StateError(f"port {where!r}: unknown protocol {name!r} (TCP, UDP, SCTP)") from None
+
+
+@dataclass(frozen=True, slots=True)
+class PortSpec:
+    """A port an endpoint serves: the policy's port, and where the app really listens.
+
+    Without BPF redirection (sidecar mode) Envoy listens on the endpoint's address at ``port``
+    and forwards to the app at ``backend``; the two must differ there."""
+
+    port: int
+    protocol: Protocol = Protocol.TCP
+    backend: int | None = None
+    name: str | None = None
+
+    @property
+    def app_port(self) -> int:
+        return self.backend if self.backend is not None else self.port
+
+    @classmethod
+    def parse(cls, text: str) -> PortSpec:
+        """``[NAME=]PORT[/PROTO][:BACKEND]``, e.g. ``80``, ``http=80/TCP:8080``."""
+        m = _PORT.match(text.strip())
+        if m is None:
+            raise StateError(f"port {text!r}: expected [NAME=]PORT[/PROTO][:BACKEND], e.g. 80 or http=80:8080")
+        proto = _protocol(m["proto"] or "TCP", text)
+        port = int(m["port"])
+        backend = int(m["backend"]) if m["backend"] else None
+        for what, value in (("port", port), ("backend port", backend)):
+            if value is not None and not 1 <= value <= 65535:
+                raise StateError(f"port {text!r}: {what} {value} is outside 1-65535")
+        return cls(port, proto, backend, m["name"])
+
+    def to_json(self) -> dict[str, Any]:
+        return {"port": self.port, "protocol": self.protocol.name, "backend": self.backend, "name": self.name}
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> PortSpec:
+        return cls(int(d["port"]), _protocol(str(d.get("protocol", "TCP")), str(d["port"])), d.get("backend"),
+                   d.get("name"))
+
+    def __str__(self) -> str:
+        text = f"{self.name}={self.port}" if self.name else str(self.port)
+        if self.protocol is not Protocol.TCP:
+            text += f"/{self.protocol.name}"
+        return text + (f":{self.backend}" if self.backend is not None else "")
+
+
+@dataclass(frozen=True, slots=True)
+class EndpointSpec:
+    """An endpoint as the user registered it."""
+
+    name: str
+    labels: tuple[str, ...]
+    ips: tuple[str, ...]
+    ports: tuple[PortSpec, ...] = ()
+
+    def __post_init__(self) -> None:
+        if not self.name:
+            raise StateError("endpoint name: must not be empty")
+        for ip in self.ips:
+            try:
+                ipaddress.ip_address(ip)
+            except ValueError:
+                raise StateError(f"endpoint {self.name}: ip {ip!r} is not an IP address") from None
+        seen: set[tuple[int, Protocol]] = set()
+        for p in self.ports:
+            if (p.port, p.protocol) in seen:
+                raise StateError(f"endpoint {self.name}: port {p.port}/{p.protocol.name} given twice")
+            seen.add((p.port, p.protocol))
+
+    def to_json(self) -> dict[str, Any]:
+        return {"name": self.name, "labels": list(self.labels), "ips": list(self.ips),
+                "ports": [p.to_json() for p in self.ports]}
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> EndpointSpec:
+        if not isinstance(d, dict):
+            raise StateError("endpoint: expected an object")
+        try:
+            return cls(str(d["name"]), tuple(str(x) for x in d.get("labels", ())),
+                       tuple(str(x) for x in d.get("ips", ())),
+                       tuple(PortSpec.from_json(p) if isinstance(p, dict) else PortSpec.parse(str(p))
+                             for p in d.get("ports", ())))
+        except KeyError as e:
+            raise StateError(f"endpoint: missing field {e.args[0]}") from None
+        except (TypeError, ValueError) as e:
+            if isinstance(e, StateError):
+                raise
+            raise StateError(f"endpoint: {e}") from None
+
+
+@dataclass
+class PolicySource:
+    """One imported file: its path as the user gave it, its text, and its live policies."""
+
+    path: str
+    text: str
+    keys: set[PolicyKey] = field(default_factory=set)
+
+
+@dataclass
+class AgentState:
+    revision: int = 0
+    sources: list[PolicySource] = field(default_factory=list)  # oldest first
+    endpoints: dict[str, EndpointSpec] = field(default_factory=dict)
+
+    def add_source(self, path: str, text: str, keys: set[PolicyKey]) -> None:
+        """Record an import: its policies now come from this text, not from older sources."""
+        for src in self.sources:
+            src.keys -= keys
+        self.sources = [s for s in self.sources if s.keys]
+        self.sources.append(PolicySource(path, text, set(keys)))
+
+    def drop_keys(self, keys: set[PolicyKey]) -> None:
+        for src in self.sources:
+            src.keys -= keys
+        self.sources = [s for s in self.sources if s.keys]
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "format": FORMAT,
+            "revision": self.revision,
+            "policies": [{"path": s.path, "text": s.text, "keys": sorted(list(k) for k in s.keys)}
+                         for s in self.sources],
+            "endpoints": [e.to_json() for _, e in sorted(self.endpoints.items())],
+        }
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> AgentState:
+        if d.get("format") != FORMAT:
+            raise StateError(f"state format {d.get('format')!r} is not {FORMAT}")
+        sources = [PolicySource(str(s["path"]), str(s["text"]), {(k[0], k[1], k[2]) for k in s["keys"]})
+                   for s in d.get("policies", [])]
+        endpoints = {e.name: e for e in (EndpointSpec.from_json(x) for x in d.get("endpoints", []))}
+        return cls(int(d.get("revision", 0)), sources, endpoints)
+
+
+def load_state(state_dir: Path) -> AgentState:
+    """The persisted state, or an empty one for a new directory."""
+    path = state_dir / STATE_FILE
+    try:
+        raw = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return AgentState()
+    try:
+        return AgentState.from_json(json.loads(raw))
+    except (ValueError, KeyError, TypeError) as e:
+        raise StateError(f"{path}: unreadable state: {e}") from None
+
+
+def save_state(state_dir: Path, state: AgentState) -> None:
+    path = state_dir / STATE_FILE
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(state.to_json(), indent=1, sort_keys=True), encoding="utf-8")
+    os.replace(tmp, path)

@@ -1,0 +1,307 @@
+"""Commands that run or talk to the agent: ``cilia agent``, ``status``, ``policy import|get|delete|wait``,
+``endpoint add|list|delete``, ``identity list`` and ``observe``.
+
+Every client command finds the agent's socket in ``--state-dir`` (or CILIA_STATE_DIR) and takes
+``-o json``, which prints the API's answer unchanged. Exit codes: 0 done, 1 the agent refused or
+the revision was not realized (the reason on stderr), 2 bad usage or no agent to talk to.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import click
+
+from ..agent.client import AgentClient, APIError
+from ..agent.state import PortSpec, StateError
+
+DEFAULT_STATE_DIR = "/var/run/cilia"
+
+
+def state_dir_option(f: Any) -> Any:
+    return click.option("--state-dir", envvar="CILIA_STATE_DIR", default=DEFAULT_STATE_DIR, show_default=True,
+                        type=click.Path(file_okay=False), help="The agent's state directory (holds cilia.sock).")(f)
+
+
+def output_option(f: Any) -> Any:
+    return click.option("-o", "--output", type=click.Choice(["text", "json"]), default="text",
+                        show_default=True, help="Output format.")(f)
+
+
+def _call(state_dir: str, fn: Callable[[AgentClient], Any]) -> Any:
+    client = AgentClient(Path(state_dir) / "cilia.sock")
+    try:
+        return fn(client)
+    except APIError as e:
+        click.echo(f"error: {e}", err=True)
+        for p in e.problems:
+            click.echo(p, err=True)
+        sys.exit(2 if e.status in (0, 400, 404, 405) else 1)
+    finally:
+        client.close()
+
+
+def _emit(output: str, payload: Any, text: Callable[[Any], str]) -> None:
+    click.echo(json.dumps(payload, indent=2) if output == "json" else text(payload))
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
+    cells = [list(map(str, header))] + [[str(c) for c in r] for r in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in cells)
+
+
+# --- the agent itself ------------------------------------------------------------------------------
+
+@click.command("agent")
+@state_dir_option
+@click.option("--xds-address", "xds_addresses", multiple=True,
+              help="Also serve xDS here (HOST:PORT or unix:PATH); unix:<state-dir>/xds.sock is always served.")
+@click.option("--envoy", "envoy_mode", type=click.Choice(["managed", "external", "none"]), default="managed",
+              show_default=True, help="managed: run and supervise Envoy; external: Envoys connect to the xDS "
+              "address; none: no proxy (policy is resolved only).")
+@click.option("--node-id", default="cilia-node", show_default=True, help="Node id of the managed Envoy.")
+@click.option("--log-level", type=click.Choice(["debug", "info", "warning"]), default="info", show_default=True)
+def agent_cmd(state_dir: str, xds_addresses: Sequence[str], envoy_mode: str, node_id: str, log_level: str) -> None:
+    """Run the agent until SIGTERM or Ctrl-C: load state, serve the REST API on
+    <state-dir>/cilia.sock, serve xDS, supervise Envoy, receive its access logs."""
+    from ..agent.api import APIServer
+    from ..agent.daemon import Agent, AgentConfig
+    from ..envoy.supervisor import EnvoyStartError
+
+    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    config = AgentConfig(Path(state_dir).resolve(), envoy_mode, tuple(xds_addresses), node_id)  # type: ignore[arg-type]
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    try:
+        agent = Agent(config)
+    except (StateError, OSError) as e:
+        click.echo(f"error: {e}", err=True)
+        sys.exit(2)
+    api: APIServer | None = None
+    try:
+        agent.start()
+        api = APIServer(config.api_socket, agent)
+        api.start()
+        status = agent.status()
+        envoy = status["envoy"]
+        click.echo(f"cilia agent: revision {status['revision']}, {status['policies']} policies, "
+                   f"{status['endpoints']} endpoints; API unix:{config.api_socket}; "
+                   f"xDS {', '.join(status['xds']['addresses'])}; Envoy {envoy_mode}"
+                   + (f" (pid {envoy.get('pid')})" if envoy.get("pid") else ""), err=True)
+        while not stop.wait(1.0):
+            pass
+    except EnvoyStartError as e:
+        click.echo(f"error: Envoy did not start: {e}", err=True)
+        sys.exit(1)
+    finally:
+        if api is not None:
+            api.stop()
+        agent.stop()
+
+
+# --- status ---------------------------------------------------------------------------------------
+
+def _status_text(s: dict[str, Any]) -> str:
+    envoy = s["envoy"]
+    lines = [f"Health:      {'Ok' if s['healthy'] else 'Degraded'}",
+             f"Revision:    {s['revision']}",
+             f"Policies:    {s['policies']}   Endpoints: {s['endpoints']}   Identities: {s['identities']}",
+             f"Envoy:       {envoy['mode']}" + (f", {envoy['state']}, pid {envoy['pid']}, restarts {envoy['restarts']}"
+                                               if "state" in envoy else "")
+             + (f", last error: {envoy['last_error']}" if envoy.get("last_error") else ""),
+             f"xDS:         {', '.join(s['xds']['addresses'])}"]
+    for p in s["xds"]["proxies"]:
+        state = f"NACK {p['nacked']}: {p['nack']}" if p["nack"] else f"acked {p['acked'] or '-'}"
+        lines.append(f"  {p['node']:<16} {p['type']:<22} sent {p['sent'] or '-':<28} {state}")
+    lines += [f"Note:        {n}" for n in s["notes"]]
+    return "\n".join(lines)
+
+
+@click.command("status")
+@state_dir_option
+@output_option
+def status_cmd(state_dir: str, output: str) -> None:
+    """The agent's health, revision, Envoy and each proxy's ACK/NACK state."""
+    payload = _call(state_dir, lambda c: c.status())
+    _emit(output, payload, _status_text)
+    if not payload["healthy"]:
+        sys.exit(1)
+
+
+# --- policy ---------------------------------------------------------------------------------------
+
+@click.command("import")
+@click.argument("files", nargs=-1, required=True, type=click.Path(dir_okay=False, exists=True))
+@state_dir_option
+@output_option
+def policy_import_cmd(files: Sequence[str], state_dir: str, output: str) -> None:
+    """Add or replace the policies in FILES (all or none); prints the new revision."""
+    texts = [(f, Path(f).read_text(encoding="utf-8")) for f in files]
+    payload = _call(state_dir, lambda c: c.import_policies(texts))
+    _emit(output, payload, lambda p: f"Revision: {p['revision']}")
+
+
+@click.command("get")
+@state_dir_option
+@output_option
+def policy_get_cmd(state_dir: str, output: str) -> None:
+    """List the policies the agent holds, with the file and line each came from."""
+    payload = _call(state_dir, lambda c: c.policies())
+    _emit(output, payload, lambda p: _table(
+        ["KIND", "NAMESPACE", "NAME", "RULES", "SOURCE"],
+        [(x["kind"], x["namespace"] or "-", x["name"], x["rules"], f"{x['file']}:{x['line']}")
+         for x in p["policies"]]) + f"\nRevision: {p['revision']}")
+
+
+@click.command("delete")
+@click.argument("name", required=False)
+@click.option("--all", "everything", is_flag=True, help="Delete every policy.")
+@click.option("--namespace", "-n", help="Only the policy in this namespace.")
+@state_dir_option
+@output_option
+def policy_delete_cmd(name: str | None, everything: bool, namespace: str | None, state_dir: str, output: str) -> None:
+    """Delete the policy NAME, or every policy with --all; prints the new revision."""
+    if (name is None) == (not everything):
+        raise click.UsageError("give a policy NAME or --all")
+    payload = _call(state_dir, lambda c: c.delete_policies(name, namespace))
+    _emit(output, payload, lambda p: f"Revision: {p['revision']}")
+
+
+@click.command("wait")
+@click.argument("revision", type=click.IntRange(1))
+@click.option("--timeout", type=click.FloatRange(0), default=60.0, show_default=True, help="Seconds.")
+@state_dir_option
+@output_option
+def policy_wait_cmd(revision: int, timeout: float, state_dir: str, output: str) -> None:
+    """Block until every proxy realized REVISION; fails with Envoy's NACK text if one rejected it."""
+    payload = _call(state_dir, lambda c: c.wait(revision, timeout))
+    _emit(output, payload, lambda p: f"Revision {p['revision']} realized by "
+                                     f"{', '.join(p['proxies']) or 'no proxies (none connected)'}")
+
+
+# --- endpoints and identities ---------------------------------------------------------------------
+
+@click.command("add")
+@click.option("--name", required=True)
+@click.option("--labels", required=True, help="k=v,k2=v2 (source k8s unless given as source:k=v).")
+@click.option("--ip", "ips", multiple=True, help="Endpoint address (repeatable).")
+@click.option("--port", "ports", multiple=True,
+              help="[NAME=]PORT[/PROTO][:APP_PORT] (repeatable): a port the endpoint serves; without BPF, "
+                   "Envoy listens on IP:PORT and forwards to the app on IP:APP_PORT.")
+@state_dir_option
+@output_option
+def endpoint_add_cmd(name: str, labels: str, ips: Sequence[str], ports: Sequence[str], state_dir: str,
+                     output: str) -> None:
+    """Add (or replace) an endpoint; prints its identity and the new revision."""
+    try:
+        specs = [PortSpec.parse(p).to_json() for p in ports]
+    except StateError as e:
+        raise click.UsageError(f"--port: {e}") from None
+    body = {"name": name, "labels": [x for x in labels.split(",") if x], "ips": list(ips), "ports": specs}
+    payload = _call(state_dir, lambda c: c.add_endpoint(body))
+    _emit(output, payload, lambda p: f"Endpoint {p['endpoint']['name']}: identity {p['endpoint']['identity']}\n"
+                                     f"Revision: {p['revision']}")
+
+
+def _enforcement(e: dict[str, Any], direction: str) -> str:
+    return "Enabled" if e["enforcement"][direction] else "Disabled"
+
+
+@click.command("list")
+@state_dir_option
+@output_option
+def endpoint_list_cmd(state_dir: str, output: str) -> None:
+    """List endpoints with identity, policy enforcement, addresses, ports and labels."""
+    payload = _call(state_dir, lambda c: c.endpoints())
+    _emit(output, payload, lambda p: _table(
+        ["ENDPOINT", "IDENTITY", "INGRESS", "EGRESS", "IPS", "PORTS", "LABELS"],
+        [(e["name"], e["identity"], _enforcement(e, "ingress"), _enforcement(e, "egress"),
+          ",".join(e["ips"]) or "-", ",".join(str(PortSpec.from_json(x)) for x in e["ports"]) or "-",
+          ",".join(e["identity_labels"])) for e in p["endpoints"]]))
+
+
+@click.command("delete")
+@click.argument("name")
+@state_dir_option
+@output_option
+def endpoint_delete_cmd(name: str, state_dir: str, output: str) -> None:
+    """Remove an endpoint; prints the new revision."""
+    payload = _call(state_dir, lambda c: c.remove_endpoint(name))
+    _emit(output, payload, lambda p: f"Revision: {p['revision']}")
+
+
+@click.command("list")
+@state_dir_option
+@output_option
+def identity_list_cmd(state_dir: str, output: str) -> None:
+    """List identities: reserved, endpoint and CIDR ones."""
+    payload = _call(state_dir, lambda c: c.identities())
+    _emit(output, payload, lambda p: _table(
+        ["ID", "KIND", "LABELS"],
+        [(i["id"], i["kind"], ",".join(i["labels"])) for i in p["identities"]]))
+
+
+# --- observe --------------------------------------------------------------------------------------
+
+def _who(side: dict[str, Any]) -> str:
+    name = side.get("endpoint") or ",".join(side["labels"][:3]) or "?"
+    return f"{side['address']}:{side['port']} ({name}, id {side['identity']})"
+
+
+def flow_line(f: dict[str, Any]) -> str:
+    what = f"http {f['method']} {f['host']}{f['path']} -> {f['status']}" if f["kind"] == "http" else "tcp"
+    rule = f"  rule: {f['rule']}" if f["rule"] else ""
+    return f"{f['time'][11:23]} {f['verdict'].upper():<9} {_who(f['source'])} -> {_who(f['destination'])} {what}{rule}"
+
+
+@click.command("observe")
+@click.option("--last", type=click.IntRange(1), default=20, show_default=True, help="Show the newest N flows.")
+@click.option("--follow", "-f", is_flag=True, help="Keep printing new flows until Ctrl-C.")
+@state_dir_option
+@output_option
+def observe_cmd(last: int, follow: bool, state_dir: str, output: str) -> None:
+    """Print flows Envoy logged (newest last): verdict, source and destination with identities and
+    labels, the request and the rule that decided it."""
+    payload = _call(state_dir, lambda c: c.flows(limit=last))
+    while True:
+        for f in payload["flows"]:
+            click.echo(json.dumps(f) if output == "json" else flow_line(f))
+        if not follow:
+            return
+        time.sleep(1.0)
+        payload = _call(state_dir, _newer_than(payload["last"]))
+
+
+def _newer_than(seq: int) -> Callable[[AgentClient], Any]:
+    return lambda c: c.flows(since=seq)
+
+
+def register(cli: click.Group, policy: click.Group) -> None:
+    cli.add_command(agent_cmd)
+    cli.add_command(status_cmd)
+    cli.add_command(observe_cmd)
+    for cmd in (policy_import_cmd, policy_get_cmd, policy_delete_cmd, policy_wait_cmd):
+        policy.add_command(cmd)
+
+    @cli.group("endpoint")
+    def endpoint() -> None:
+        """Endpoints the agent enforces policy for."""
+
+    for cmd in (endpoint_add_cmd, endpoint_list_cmd, endpoint_delete_cmd):
+        endpoint.add_command(cmd)
+
+    @cli.group("identity")
+    def identity() -> None:
+        """Security identities."""
+
+    identity.add_command(identity_list_cmd)
