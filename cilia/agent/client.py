@@ -5,6 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import socket
+
 import httpx
 
 
@@ -28,6 +30,7 @@ class AgentClient:
 
     def request(self, method: str, path: str, *, json: Any = None, params: dict[str, Any] | None = None,
                 timeout: float | None = None) -> Any:
+        self._check_reachable()
         try:
             resp = self._client.request(method, path, json=json, params=params,
                                         timeout=timeout if timeout is not None else httpx.USE_CLIENT_DEFAULT)
@@ -41,6 +44,16 @@ class AgentClient:
         if resp.status_code >= 400:
             raise APIError(str(payload.get("error", resp.text)), resp.status_code, payload.get("problems", []))
         return payload
+
+    def _check_reachable(self) -> None:
+        # httpcore leaks its socket when a UNIX connect fails, so find out first on one we close.
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+            probe.settimeout(2.0)
+            try:
+                probe.connect(str(self.socket_path))
+            except OSError as e:
+                raise APIError(f"cannot reach the agent at {self.socket_path}: {e.strerror or e} "
+                               "(is `cilia agent` running? see --state-dir / CILIA_STATE_DIR)") from None
 
     def status(self) -> Any:
         return self.request("GET", "/v1/status")
