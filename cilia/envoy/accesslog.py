@@ -57,6 +57,8 @@ RULE_METADATA_NAMESPACE = "cilia"
 RULE_METADATA_KEY = "rule"
 RULE_FILTER_STATE_KEY = "cilia.rule"
 _RBAC_METADATA_NAMESPACE = "envoy.filters.http.rbac"
+# The network RBAC keeps no decision in metadata; cilia mirrors its matcher as the shadow one.
+_NETWORK_RBAC_METADATA_NAMESPACE = "envoy.filters.network.rbac"
 _MATCHED_POLICY = re.compile(r"^rbac_access_denied_matched_policy\[(.*)\]$")
 
 _HTTP_VERSIONS = {
@@ -268,6 +270,10 @@ def _rule(common: Any, details: str) -> str:
             return text
     if _RBAC_METADATA_NAMESPACE in metadata:
         value = metadata[_RBAC_METADATA_NAMESPACE].fields.get("enforced_effective_policy_id")
+        if value is not None and value.string_value:
+            return str(value.string_value)
+    if _NETWORK_RBAC_METADATA_NAMESPACE in metadata:
+        value = metadata[_NETWORK_RBAC_METADATA_NAMESPACE].fields.get("shadow_effective_policy_id")
         if value is not None and value.string_value:
             return str(value.string_value)
     matched = _MATCHED_POLICY.match(details)

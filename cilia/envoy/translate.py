@@ -1,6 +1,21 @@
-"""Resolved ingress policy of one endpoint → Envoy listeners and clusters (sidecar/loopback mode).
+"""Resolved policy → Envoy listeners and clusters.
 
-One listener per proxied port, on the address clients connect to. Its filter chain is:
+Three shapes share the RBAC machinery below:
+
+- ``translate_ingress`` (sidecar/loopback): one endpoint's ingress, a listener per port on the
+  address clients connect to, forwarding to the app through a STATIC cluster;
+- ``translate_egress`` (sidecar outbound): one endpoint's egress, a transparent listener per port
+  receiving the endpoint's own redirected connections; the original destination names the peer;
+- ``translate_node`` (node mode): a transparent listener per proxy port and direction serving
+  every endpoint on the node; the matchers first pick the endpoint by its address (destination
+  for ingress, source for egress), then the peer's identity.
+
+Transparent listeners restore the original destination with ``envoy.filters.listener.original_dst``
+and forward through an ORIGINAL_DST cluster whose sockets carry a SO_MARK, so the datapath can
+tell Envoy's own connections from the ones to redirect.
+
+In ``translate_ingress``, one listener per proxied port, on the address clients connect to. Its
+filter chain is:
 
 1. ``envoy.filters.network.rbac``: only sources whose identity is allowed at L3/L4 on the port get
    any further; the others are closed on their first byte, before any HTTP parsing;
@@ -22,6 +37,8 @@ one after the policy whose HTTP rules it failed (``default deny: ...``) or ``no 
 source``. Envoy puts the name in the ``envoy.filters.http.rbac`` dynamic metadata
 (``enforced_effective_policy_id``), and with ``access_log`` set the HTTP connection manager sends
 every request to the agent's gRPC access log service, where it becomes the record's ``rule``.
+Connections the network RBAC refuses never become requests: the listener's own log
+(``tcp_grpc``) sends those, and only those, as TCP records.
 
 Repeated fields are sorted by content (not by identity numbers, which depend on allocation order),
 so equal policy gives byte-equal resources and the xDS cache sees no change.
@@ -35,7 +52,14 @@ from dataclasses import dataclass, field
 
 from envoy.config.accesslog.v3 import accesslog_pb2
 from envoy.config.cluster.v3 import cluster_pb2
-from envoy.config.core.v3 import address_pb2, base_pb2, config_source_pb2, grpc_service_pb2, protocol_pb2
+from envoy.config.core.v3 import (
+    address_pb2,
+    base_pb2,
+    config_source_pb2,
+    grpc_service_pb2,
+    protocol_pb2,
+    socket_option_pb2,
+)
 from envoy.config.endpoint.v3 import endpoint_components_pb2, endpoint_pb2
 from envoy.config.listener.v3 import listener_components_pb2, listener_pb2
 from envoy.config.rbac.v3 import rbac_pb2
@@ -43,13 +67,15 @@ from envoy.config.route.v3 import route_components_pb2, route_pb2
 from envoy.extensions.access_loggers.grpc.v3 import als_pb2
 from envoy.extensions.filters.http.rbac.v3 import rbac_pb2 as http_rbac_pb2
 from envoy.extensions.filters.http.router.v3 import router_pb2
+from envoy.extensions.filters.listener.original_dst.v3 import original_dst_pb2
 from envoy.extensions.filters.network.http_connection_manager.v3 import http_connection_manager_pb2 as hcm_pb2
 from envoy.extensions.filters.network.rbac.v3 import rbac_pb2 as net_rbac_pb2
 from envoy.extensions.filters.network.tcp_proxy.v3 import tcp_proxy_pb2
 from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2
 from envoy.extensions.matching.common_inputs.network.v3 import network_inputs_pb2
-from envoy.type.matcher.v3 import http_inputs_pb2
-from google.protobuf import any_pb2, duration_pb2, message
+from envoy.type.matcher.v3 import http_inputs_pb2, metadata_pb2, value_pb2
+from envoy.type.matcher.v3 import string_pb2 as string_matcher_pb2
+from google.protobuf import any_pb2, duration_pb2, message, wrappers_pb2
 from xds.core.v3 import cidr_pb2, extension_pb2
 from xds.type.matcher.v3 import ip_pb2, matcher_pb2, regex_pb2, string_pb2
 
@@ -97,7 +123,7 @@ class PortMapping:
 
 @dataclass(frozen=True)
 class ProxyResources:
-    """What one endpoint's ingress needs in Envoy; ``notes`` say what could not be enforced as written."""
+    """Listeners and clusters for Envoy; ``notes`` say what could not be enforced as written."""
 
     listeners: tuple[listener_pb2.Listener, ...]
     clusters: tuple[cluster_pb2.Cluster, ...]
@@ -137,31 +163,12 @@ def translate_ingress(
     compiled: dict[tuple[object, ...], _HTTPPolicy] = {}
     for mapping in sorted(set(ports), key=lambda m: m.policy_port):
         base = f"{name}-ingress-{mapping.policy_port}"
-        allowed: set[int] = set()
-        http: dict[int, _HTTPPolicy] = {}
-        any_l7 = False
-        for ident in sorted(universe):
-            hit = ingress.lookup(ident, Protocol.TCP, mapping.policy_port)
-            if hit is None or hit[2].verdict is Verdict.DENY:
-                continue
-            l7 = hit[2].l7 if hit[2].verdict is Verdict.REDIRECT else None
-            if l7 is not None and l7.protocol != "http":
-                notes[f"{base}: {l7.protocol} rules are not enforced in sidecar mode; "
-                      f"identity {ident} denied"] = None
-                continue
-            allowed.add(ident)
-            any_l7 = any_l7 or l7 is not None
-            if l7 is None or l7.allow_all:
-                http[ident] = _HTTPPolicy(_origins_name(hit[2]), (), "")
-                continue
-            key = (l7.rules, hit[2].origins)
-            if key not in compiled:
-                compiled[key] = _http_policy(hit[2], l7.rules, base, notes)
-            http[ident] = compiled[key]
-        filters = [_filter("envoy.filters.network.rbac", _network_rbac(base, allowed, universe))]
-        if any_l7:
+        port = _port_policy(ingress, mapping.policy_port, universe, base, "sidecar mode", notes, compiled)
+        net = _allow_matcher(port.allowed, universe, _SOURCE, NO_RULE)
+        filters = [_filter("envoy.filters.network.rbac", _network_rbac(base, net, access_log))]
+        if port.any_l7:
             filters.append(_filter("envoy.filters.network.http_connection_manager",
-                                   _hcm(base, http, universe, access_log)))
+                                   _hcm(base, _http_matcher(port.http, universe, _SOURCE, NO_RULE), access_log)))
         else:
             filters.append(_filter("envoy.filters.network.tcp_proxy",
                                    tcp_proxy_pb2.TcpProxy(stat_prefix=base, cluster=base)))
@@ -169,6 +176,7 @@ def translate_ingress(
             name=base,
             address=_socket(listen_address, mapping.listen_port),
             filter_chains=[listener_components_pb2.FilterChain(filters=filters)],
+            access_log=_connection_log(base, access_log),
         ))
         clusters.append(_cluster(base, backend_address, mapping.backend_port))
     if access_log is not None:
@@ -176,24 +184,245 @@ def translate_ingress(
     return ProxyResources(tuple(listeners), tuple(clusters), tuple(notes))
 
 
+# --- transparent proxying (node mode, sidecar outbound) -------------------------------------
+
+
+INGRESS_MARK = 0x0A00  # SO_MARK of Envoy's upstream sockets from ingress listeners (Cilium's PROXY_INGRESS)
+EGRESS_MARK = 0x0B00  # ... and from egress listeners (Cilium's PROXY_EGRESS)
+NO_DESTINATION_RULE = "no rule allows this destination"  # egress: no rule allows the destination's identity
+NO_ENDPOINT = "no proxied endpoint at this address"  # node mode: the connection belongs to no known endpoint
+_SOL_SOCKET, _SO_MARK = 1, 36  # Linux values
+
+
+@dataclass(frozen=True, slots=True)
+class ProxyPort:
+    """A policy port and the port of the transparent listener its redirected traffic reaches."""
+
+    policy_port: int
+    proxy_port: int
+
+
+@dataclass(frozen=True, slots=True)
+class NodeEndpoint:
+    """An endpoint on this node: its addresses and its resolved policy per direction (None: the
+    endpoint has no policy in that direction here, so its redirected connections are refused)."""
+
+    name: str
+    addresses: tuple[IPNetwork, ...]
+    ingress: DirectionMapState | None = None
+    egress: DirectionMapState | None = None
+
+
+def translate_node(
+    node: str,
+    endpoints: Sequence[NodeEndpoint],
+    listen_address: str,
+    prefixes: Mapping[int, Sequence[IPNetwork]],
+    *,
+    ingress: Sequence[ProxyPort] = (),
+    egress: Sequence[ProxyPort] = (),
+    access_log: AccessLogTarget | None = None,
+    ingress_mark: int = INGRESS_MARK,
+    egress_mark: int = EGRESS_MARK,
+) -> ProxyResources:
+    """Node mode: one transparent listener per proxy port serving every endpoint on the node.
+
+    The datapath redirects connections to ``listen_address``:``proxy_port`` (iptables REDIRECT or
+    TPROXY); the ``original_dst`` listener filter restores the destination the client dialed, and
+    the upstream is an ORIGINAL_DST cluster, so the connection continues to where it was going.
+    On an ``ingress`` port the endpoint is the one owning the destination address and the peer is
+    the direct source; on an ``egress`` port the endpoint owns the direct source address and the
+    peer is the destination. The RBAC matchers first pick the endpoint by its address, then the
+    peer's identity by longest prefix as in sidecar mode.
+
+    Envoy's upstream sockets carry SO_MARK ``ingress_mark``/``egress_mark`` (Cilium's 0xA00 and
+    0xB00 by default), so the datapath can recognise Envoy's own connections and not redirect
+    them again (e.g. ``iptables -t nat -A OUTPUT -m mark --mark 0xa00/0xf00 -j RETURN`` before
+    the REDIRECT rules). Setting SO_MARK needs CAP_NET_ADMIN, as does the transparent listener.
+
+    On a port where some endpoint has HTTP rules, the endpoints without any get a filter chain
+    of their own (chosen by their address) that proxies plain TCP.
+    """
+    notes: dict[str, None] = {}
+    universe = {ident: tuple(ps) for ident, ps in prefixes.items() if ps}
+    compiled: dict[tuple[object, ...], _HTTPPolicy] = {}
+    listeners: list[listener_pb2.Listener] = []
+    clusters: list[cluster_pb2.Cluster] = []
+    for direction, ports, mark in (("ingress", ingress, ingress_mark), ("egress", egress, egress_mark)):
+        states = [(tuple(ep.addresses), ep.ingress if direction == "ingress" else ep.egress)
+                  for ep in sorted(endpoints, key=lambda e: e.name)]
+        for proxy in sorted(set(ports), key=lambda p: (p.policy_port, p.proxy_port)):
+            base = f"{node}-{direction}-{proxy.policy_port}"
+            li, cluster = _transparent(base, direction, proxy, listen_address, universe, states, True,
+                                       access_log, mark, notes, compiled)
+            listeners.append(li)
+            clusters.append(cluster)
+    if access_log is not None:
+        clusters.append(_grpc_cluster(access_log))
+    return ProxyResources(tuple(listeners), tuple(clusters), tuple(notes))
+
+
+def translate_egress(
+    name: str,
+    egress: DirectionMapState,
+    ports: Sequence[ProxyPort],
+    listen_address: str,
+    prefixes: Mapping[int, Sequence[IPNetwork]],
+    access_log: AccessLogTarget | None = None,
+    socket_mark: int = EGRESS_MARK,
+) -> ProxyResources:
+    """Sidecar outbound: a transparent listener per port for one endpoint's own outgoing traffic.
+
+    Everything that reaches the listener is taken to come from the endpoint, so only the
+    destination is looked up: its original address gives the peer identity (longest prefix),
+    whose egress policy decides; allowed traffic goes on to that address through an ORIGINAL_DST
+    cluster whose sockets carry SO_MARK ``socket_mark`` (see translate_node).
+    """
+    notes: dict[str, None] = {}
+    universe = {ident: tuple(ps) for ident, ps in prefixes.items() if ps}
+    compiled: dict[tuple[object, ...], _HTTPPolicy] = {}
+    listeners: list[listener_pb2.Listener] = []
+    clusters: list[cluster_pb2.Cluster] = []
+    for proxy in sorted(set(ports), key=lambda p: (p.policy_port, p.proxy_port)):
+        base = f"{name}-egress-{proxy.policy_port}"
+        li, cluster = _transparent(base, "egress", proxy, listen_address, universe, [((), egress)], False,
+                                   access_log, socket_mark, notes, compiled)
+        listeners.append(li)
+        clusters.append(cluster)
+    if access_log is not None:
+        clusters.append(_grpc_cluster(access_log))
+    return ProxyResources(tuple(listeners), tuple(clusters), tuple(notes))
+
+
+def _transparent(base: str, direction: str, proxy: ProxyPort, listen_address: str,
+                 universe: Mapping[int, Sequence[IPNetwork]],
+                 states: Sequence[tuple[tuple[IPNetwork, ...], DirectionMapState | None]], by_endpoint: bool,
+                 access_log: AccessLogTarget | None, mark: int, notes: dict[str, None],
+                 compiled: dict[tuple[object, ...], _HTTPPolicy]) -> tuple[listener_pb2.Listener, cluster_pb2.Cluster]:
+    """The listener and ORIGINAL_DST cluster of one proxy port; with ``by_endpoint``, the
+    matchers first choose among ``states`` by the endpoint's address, else ``states`` is the one
+    endpoint all traffic belongs to."""
+    peer, local = (_SOURCE, _DESTINATION) if direction == "ingress" else (_DESTINATION, _SOURCE)
+    no_rule = NO_RULE if direction == "ingress" else NO_DESTINATION_RULE
+    mode = "node mode" if by_endpoint else "sidecar mode"
+    empty = _PortPolicy(frozenset(), {}, False)
+    policies = [(addresses, empty if state is None else
+                 _port_policy(state, proxy.policy_port, universe, base, mode, notes, compiled))
+                for addresses, state in states]
+    net = [(addresses, _allow_matcher(pp.allowed, universe, peer, no_rule)) for addresses, pp in policies]
+    http = [(addresses, _http_matcher(pp.http, universe, peer, no_rule)) for addresses, pp in policies if pp.any_l7]
+    if by_endpoint:
+        net_matcher = _by_endpoint(net, local, NO_ENDPOINT)
+        http_matcher = _by_endpoint(http, local, NO_ENDPOINT) if http else None
+    else:
+        net_matcher = net[0][1]
+        http_matcher = http[0][1] if http else None
+    rbac = _filter("envoy.filters.network.rbac", _network_rbac(base, net_matcher, access_log))
+    tcp = _filter("envoy.filters.network.tcp_proxy", tcp_proxy_pb2.TcpProxy(stat_prefix=base, cluster=base))
+    chains: list[listener_components_pb2.FilterChain] = []
+    if http_matcher is None:
+        chains.append(listener_components_pb2.FilterChain(filters=[rbac, tcp]))
+    else:
+        plain = sorted({a for addresses, pp in policies if not pp.any_l7 for a in addresses}, key=_prefix_key)
+        if by_endpoint and plain:
+            cidrs = [address_pb2.CidrRange(address_prefix=str(p.network_address), prefix_len={"value": p.prefixlen})
+                     for p in plain]
+            match = (listener_components_pb2.FilterChainMatch(prefix_ranges=cidrs) if direction == "ingress"
+                     else listener_components_pb2.FilterChainMatch(direct_source_prefix_ranges=cidrs))
+            chains.append(listener_components_pb2.FilterChain(name=f"{base}-tcp", filter_chain_match=match,
+                                                              filters=[rbac, tcp]))
+        hcm = _filter("envoy.filters.network.http_connection_manager", _hcm(base, http_matcher, access_log))
+        chains.append(listener_components_pb2.FilterChain(name=f"{base}-http", filters=[rbac, hcm]))
+    listener = listener_pb2.Listener(
+        name=base,
+        address=_socket(listen_address, proxy.proxy_port),
+        transparent=wrappers_pb2.BoolValue(value=True),
+        listener_filters=[listener_components_pb2.ListenerFilter(
+            name="envoy.filters.listener.original_dst", typed_config=_pack(original_dst_pb2.OriginalDst()))],
+        filter_chains=chains,
+        access_log=_connection_log(base, access_log),
+        traffic_direction=base_pb2.INBOUND if direction == "ingress" else base_pb2.OUTBOUND,
+    )
+    return listener, _original_dst_cluster(base, mark)
+
+
 # --- RBAC (matcher API) -------------------------------------------------------------------
 
 
-def _network_rbac(base: str, allowed: set[int], universe: Mapping[int, Sequence[IPNetwork]]) -> net_rbac_pb2.RBAC:
-    """Only sources whose identity is in ``allowed`` get past the first byte."""
+@dataclass(frozen=True, slots=True)
+class _Input:
+    """A matcher input naming one side of the connection."""
+
+    name: str
+    config: message.Message
+
+
+_SOURCE = _Input("envoy.matching.inputs.direct_source_ip", network_inputs_pb2.DirectSourceIPInput())
+_DESTINATION = _Input("envoy.matching.inputs.destination_ip", network_inputs_pb2.DestinationIPInput())
+
+
+@dataclass(frozen=True, slots=True)
+class _PortPolicy:
+    """One endpoint's policy on one port: the peer identities allowed at L3/L4, their HTTP policy,
+    and whether any of them has HTTP rules (then the port's traffic is parsed as HTTP)."""
+
+    allowed: frozenset[int]
+    http: Mapping[int, _HTTPPolicy]
+    any_l7: bool
+
+
+def _port_policy(state: DirectionMapState, port: int, universe: Mapping[int, Sequence[IPNetwork]], base: str,
+                 mode: str, notes: dict[str, None],
+                 compiled: dict[tuple[object, ...], _HTTPPolicy]) -> _PortPolicy:
+    """Look every known peer identity up in ``state`` on TCP ``port``."""
+    allowed: set[int] = set()
+    http: dict[int, _HTTPPolicy] = {}
+    any_l7 = False
+    for ident in sorted(universe):
+        hit = state.lookup(ident, Protocol.TCP, port)
+        if hit is None or hit[2].verdict is Verdict.DENY:
+            continue
+        l7 = hit[2].l7 if hit[2].verdict is Verdict.REDIRECT else None
+        if l7 is not None and l7.protocol != "http":
+            notes[f"{base}: {l7.protocol} rules are not enforced in {mode}; identity {ident} denied"] = None
+            continue
+        allowed.add(ident)
+        any_l7 = any_l7 or l7 is not None
+        if l7 is None or l7.allow_all:
+            http[ident] = _HTTPPolicy(_origins_name(hit[2]), (), "")
+            continue
+        key = (l7.rules, hit[2].origins)
+        if key not in compiled:
+            compiled[key] = _http_policy(hit[2], l7.rules, base, notes)
+        http[ident] = compiled[key]
+    return _PortPolicy(frozenset(allowed), http, any_l7)
+
+
+def _network_rbac(base: str, matcher: matcher_pb2.Matcher, access_log: AccessLogTarget | None) -> net_rbac_pb2.RBAC:
+    """With an access log, the same matcher also runs as the shadow one: Envoy reports only shadow
+    results in the connection's dynamic metadata (``shadow_engine_result``,
+    ``shadow_effective_policy_id``), which is how the listener's log sees refusals and their
+    rule name intact (the termination details have the name's spaces replaced by ``_``)."""
+    # No shadow_rules_stat_prefix: it would prefix the metadata keys as well.
+    return net_rbac_pb2.RBAC(stat_prefix=f"{base}.rbac", matcher=matcher,
+                             shadow_matcher=matcher if access_log is not None else None)
+
+
+def _allow_matcher(allowed: frozenset[int], universe: Mapping[int, Sequence[IPNetwork]], peer: _Input,
+                   no_rule: str) -> matcher_pb2.Matcher:
+    """The network RBAC's: only peers whose identity is in ``allowed`` get past the first byte."""
     allow = matcher_pb2.Matcher.OnMatch(action=_action(_ALLOWED, rbac_pb2.RBAC.ALLOW))
-    groups = [(allowed, allow)] if allowed else []
-    return net_rbac_pb2.RBAC(stat_prefix=f"{base}.rbac", matcher=_by_source(groups, universe))
+    return _by_peer([(allowed, allow)] if allowed else [], universe, peer, no_rule)
 
 
-def _http_rbac(http: Mapping[int, _HTTPPolicy],
-               universe: Mapping[int, Sequence[IPNetwork]]) -> http_rbac_pb2.RBAC:
+def _http_matcher(http: Mapping[int, _HTTPPolicy], universe: Mapping[int, Sequence[IPNetwork]],
+                  peer: _Input, no_rule: str) -> matcher_pb2.Matcher:
     """Per distinct HTTP policy, the identities sharing it; a request passes if any rule matches,
     and the action that decides is named after the rule (or the policy it failed)."""
     by_policy: dict[_HTTPPolicy, set[int]] = {}
     for ident, policy in http.items():
         by_policy.setdefault(policy, set()).add(ident)
-    groups: list[tuple[set[int], matcher_pb2.Matcher.OnMatch]] = []
+    groups: list[tuple[Iterable[int], matcher_pb2.Matcher.OnMatch]] = []
     for policy, idents in by_policy.items():
         deny = matcher_pb2.Matcher.OnMatch(action=_action(policy.deny, rbac_pb2.RBAC.DENY))
         if policy.allow is not None:
@@ -209,19 +438,20 @@ def _http_rbac(http: Mapping[int, _HTTPPolicy],
             on_match = matcher_pb2.Matcher.OnMatch(matcher=matcher_pb2.Matcher(
                 matcher_list=rules, on_no_match=deny))
         groups.append((idents, on_match))
-    return http_rbac_pb2.RBAC(matcher=_by_source(groups, universe))
+    return _by_peer(groups, universe, peer, no_rule)
 
 
-def _by_source(groups: Sequence[tuple[set[int], matcher_pb2.Matcher.OnMatch]],
-               universe: Mapping[int, Sequence[IPNetwork]]) -> matcher_pb2.Matcher:
-    """Source IP → identity by longest prefix (an IP range trie), then that identity's ``on_match``.
+def _by_peer(groups: Sequence[tuple[Iterable[int], matcher_pb2.Matcher.OnMatch]],
+             universe: Mapping[int, Sequence[IPNetwork]], peer: _Input, no_rule: str) -> matcher_pb2.Matcher:
+    """The peer's IP → identity by longest prefix (an IP range trie), then that identity's ``on_match``.
 
-    Every known prefix is in the trie, those of identities in no group with a DENY; all ranges are
-    exclusive, so the most specific prefix decides even when its nested rules do not match, and a
-    less specific prefix of another identity (``world``'s 0.0.0.0/0) never lets a request in.
+    Every known prefix is in the trie, those of identities in no group with a DENY named
+    ``no_rule``; all ranges are exclusive, so the most specific prefix decides even when its nested
+    rules do not match, and a less specific prefix of another identity (``world``'s 0.0.0.0/0)
+    never lets a request in.
     """
-    deny = matcher_pb2.Matcher.OnMatch(action=_action(NO_RULE, rbac_pb2.RBAC.DENY))
-    grouped = set().union(*(idents for idents, _ in groups)) if groups else set()
+    deny = matcher_pb2.Matcher.OnMatch(action=_action(no_rule, rbac_pb2.RBAC.DENY))
+    grouped = {i for idents, _ in groups for i in idents}
     others = {i for i in universe if i not in grouped}
     ranges: list[ip_pb2.IPMatcher.IPRangeMatcher] = []
     for idents, on_match in [*groups, (others, deny)]:
@@ -229,17 +459,40 @@ def _by_source(groups: Sequence[tuple[set[int], matcher_pb2.Matcher.OnMatch]],
         if not prefixes and idents is others and not ranges:  # nobody known: a range must still deny
             prefixes = [ipaddress.ip_network("0.0.0.0/0"), ipaddress.ip_network("::/0")]
         if prefixes:
-            ranges.append(ip_pb2.IPMatcher.IPRangeMatcher(
-                ranges=[cidr_pb2.CidrRange(address_prefix=str(p.network_address), prefix_len={"value": p.prefixlen})
-                        for p in prefixes],
-                on_match=on_match, exclusive=True))
+            ranges.append(_range(prefixes, on_match))
+    return _ip_tree(peer, ranges, deny)
+
+
+def _by_endpoint(endpoints: Sequence[tuple[Sequence[IPNetwork], matcher_pb2.Matcher]], local: _Input,
+                 no_endpoint: str) -> matcher_pb2.Matcher:
+    """Node mode: the endpoint's own address (``local``) picks its matcher; endpoints whose
+    matchers are byte-equal share one range."""
+    shared: dict[bytes, set[IPNetwork]] = {}
+    for addresses, nested in endpoints:
+        shared.setdefault(nested.SerializeToString(deterministic=True), set()).update(addresses)
+    deny = matcher_pb2.Matcher.OnMatch(action=_action(no_endpoint, rbac_pb2.RBAC.DENY))
+    ranges = [_range(sorted(addresses, key=_prefix_key),
+                     matcher_pb2.Matcher.OnMatch(matcher=matcher_pb2.Matcher.FromString(nested)))
+              for nested, addresses in shared.items() if addresses]
+    return _ip_tree(local, ranges, deny)
+
+
+def _range(prefixes: Sequence[IPNetwork], on_match: matcher_pb2.Matcher.OnMatch) -> ip_pb2.IPMatcher.IPRangeMatcher:
+    return ip_pb2.IPMatcher.IPRangeMatcher(
+        ranges=[cidr_pb2.CidrRange(address_prefix=str(p.network_address), prefix_len={"value": p.prefixlen})
+                for p in prefixes],
+        on_match=on_match, exclusive=True)
+
+
+def _ip_tree(ip: _Input, ranges: list[ip_pb2.IPMatcher.IPRangeMatcher],
+             no_match: matcher_pb2.Matcher.OnMatch) -> matcher_pb2.Matcher:
     # Ordered by content, not by identity numbers, which depend on allocation order.
     ranges.sort(key=lambda r: r.SerializeToString(deterministic=True))
     tree = matcher_pb2.Matcher.MatcherTree(
-        input=_extension("envoy.matching.inputs.direct_source_ip", network_inputs_pb2.DirectSourceIPInput()),
+        input=_extension(ip.name, ip.config),
         custom_match=_extension("envoy.matching.custom_matchers.ip_range_matcher",
                                 ip_pb2.IPMatcher(range_matchers=ranges)))
-    return matcher_pb2.Matcher(matcher_tree=tree, on_no_match=deny)
+    return matcher_pb2.Matcher(matcher_tree=tree, on_no_match=no_match)
 
 
 def _prefix_key(prefix: IPNetwork) -> tuple[int, int, int]:
@@ -330,8 +583,7 @@ def _extension(name: str, config: message.Message) -> extension_pb2.TypedExtensi
 # --- listener pieces --------------------------------------------------------------------
 
 
-def _hcm(base: str, http: Mapping[int, _HTTPPolicy], universe: Mapping[int, Sequence[IPNetwork]],
-         access_log: AccessLogTarget | None) -> hcm_pb2.HttpConnectionManager:
+def _hcm(base: str, rbac: matcher_pb2.Matcher, access_log: AccessLogTarget | None) -> hcm_pb2.HttpConnectionManager:
     route = route_components_pb2.Route(
         match=route_components_pb2.RouteMatch(prefix="/"),
         route=route_components_pb2.RouteAction(cluster=base),
@@ -342,11 +594,7 @@ def _hcm(base: str, http: Mapping[int, _HTTPPolicy], universe: Mapping[int, Sequ
             value=base_pb2.RuntimeUInt32(default_value=403, runtime_key="cilia.access_denied_status"))))
     logs = [] if access_log is None else [accesslog_pb2.AccessLog(
         name="envoy.access_loggers.http_grpc",
-        typed_config=_pack(als_pb2.HttpGrpcAccessLogConfig(common_config=als_pb2.CommonGrpcAccessLogConfig(
-            log_name=base,
-            transport_api_version=config_source_pb2.V3,
-            grpc_service=grpc_service_pb2.GrpcService(
-                envoy_grpc=grpc_service_pb2.GrpcService.EnvoyGrpc(cluster_name=access_log.cluster))))))]
+        typed_config=_pack(als_pb2.HttpGrpcAccessLogConfig(common_config=_grpc_log(base, access_log))))]
     return hcm_pb2.HttpConnectionManager(
         stat_prefix=base,
         access_log=logs,
@@ -354,12 +602,37 @@ def _hcm(base: str, http: Mapping[int, _HTTPPolicy], universe: Mapping[int, Sequ
         route_config=route_pb2.RouteConfiguration(name=base, virtual_hosts=[
             route_components_pb2.VirtualHost(name=base, domains=["*"], routes=[route])]),
         http_filters=[
-            hcm_pb2.HttpFilter(name="envoy.filters.http.rbac", typed_config=_pack(_http_rbac(http, universe))),
+            hcm_pb2.HttpFilter(name="envoy.filters.http.rbac", typed_config=_pack(http_rbac_pb2.RBAC(matcher=rbac))),
             hcm_pb2.HttpFilter(name="envoy.filters.http.router", typed_config=_pack(router_pb2.Router())),
         ],
         local_reply_config=hcm_pb2.LocalReplyConfig(mappers=[hcm_pb2.ResponseMapper(
             filter=denied, body=base_pb2.DataSource(inline_string=ACCESS_DENIED_BODY))]),
     )
+
+
+def _grpc_log(base: str, target: AccessLogTarget) -> als_pb2.CommonGrpcAccessLogConfig:
+    return als_pb2.CommonGrpcAccessLogConfig(
+        log_name=base,
+        transport_api_version=config_source_pb2.V3,
+        grpc_service=grpc_service_pb2.GrpcService(
+            envoy_grpc=grpc_service_pb2.GrpcService.EnvoyGrpc(cluster_name=target.cluster)))
+
+
+def _connection_log(base: str, target: AccessLogTarget | None) -> list[accesslog_pb2.AccessLog]:
+    """The listener's own access log, written when a connection ends: only connections the
+    network RBAC closed (its denials never reach the HTTP connection manager's log)."""
+    if target is None:
+        return []
+    refused = accesslog_pb2.AccessLogFilter(metadata_filter=accesslog_pb2.MetadataFilter(
+        matcher=metadata_pb2.MetadataMatcher(
+            filter="envoy.filters.network.rbac",
+            path=[metadata_pb2.MetadataMatcher.PathSegment(key="shadow_engine_result")],
+            value=value_pb2.ValueMatcher(string_match=string_matcher_pb2.StringMatcher(exact="denied"))),
+        match_if_key_not_found=wrappers_pb2.BoolValue(value=False)))
+    return [accesslog_pb2.AccessLog(
+        name="envoy.access_loggers.tcp_grpc",
+        filter=refused,
+        typed_config=_pack(als_pb2.TcpGrpcAccessLogConfig(common_config=_grpc_log(base, target))))]
 
 
 def _cluster(name: str, address: str, port: int) -> cluster_pb2.Cluster:
@@ -373,13 +646,32 @@ def _cluster(name: str, address: str, port: int) -> cluster_pb2.Cluster:
                 endpoint_components_pb2.LbEndpoint(endpoint=endpoint_components_pb2.Endpoint(
                     address=_socket(address, port)))])]),
     )
-    options = http_protocol_options_pb2.HttpProtocolOptions(
+    cluster.typed_extension_protocol_options[_HTTP_OPTIONS].Pack(_downstream_protocol())
+    return cluster
+
+
+def _original_dst_cluster(name: str, mark: int) -> cluster_pb2.Cluster:
+    """Upstream = the connection's original destination; Envoy's sockets carry SO_MARK ``mark``
+    (set before connect) so the datapath lets them through instead of redirecting them back."""
+    cluster = cluster_pb2.Cluster(
+        name=name,
+        type=cluster_pb2.Cluster.ORIGINAL_DST,
+        lb_policy=cluster_pb2.Cluster.CLUSTER_PROVIDED,
+        connect_timeout=duration_pb2.Duration(seconds=2),
+        upstream_bind_config=address_pb2.BindConfig(socket_options=[socket_option_pb2.SocketOption(
+            description="cilia proxy mark", level=_SOL_SOCKET, name=_SO_MARK, int_value=mark,
+            state=socket_option_pb2.SocketOption.STATE_PREBIND)]),
+    )
+    cluster.typed_extension_protocol_options[_HTTP_OPTIONS].Pack(_downstream_protocol())
+    return cluster
+
+
+def _downstream_protocol() -> http_protocol_options_pb2.HttpProtocolOptions:
+    return http_protocol_options_pb2.HttpProtocolOptions(
         use_downstream_protocol_config=http_protocol_options_pb2.HttpProtocolOptions.UseDownstreamHttpConfig(
             http_protocol_options=protocol_pb2.Http1ProtocolOptions(),
             http2_protocol_options=protocol_pb2.Http2ProtocolOptions(),
         ))
-    cluster.typed_extension_protocol_options[_HTTP_OPTIONS].Pack(options)
-    return cluster
 
 
 def _grpc_cluster(target: AccessLogTarget) -> cluster_pb2.Cluster:
