@@ -270,8 +270,8 @@ class AgentRun:
         while subprocess.run([sys.executable, "-m", "cilia", "status"], env=self.env,
                              capture_output=True).returncode != 0:
             if self.proc.poll() is not None or time.monotonic() > deadline:
-                log = (self.state_dir / "agent.log").read_text(errors="replace")
-                raise OSError(f"cilia agent did not start:\n{log[-3000:]}")
+                text = (self.state_dir / "agent.log").read_text(errors="replace")
+                raise OSError(f"cilia agent did not start:\n{text[-3000:]}")
             time.sleep(0.2)
 
     def cilia(self, *args: str, show: bool = True) -> str:

@@ -296,10 +296,14 @@ class Agent:
         prefixes = prefixes_by_identity(self.engine.ipcache.items())
         access_log = AccessLogTarget(ACCESS_LOG_CLUSTER, f"unix:{self.config.accesslog_socket}")
         for name, spec in sorted(self.state.endpoints.items()):
+            policy = self.engine.endpoint_policy(name)
+            if policy.map_state.egress.enforced:
+                notes[f"{name}: egress policy is not enforced: sidecar mode only sees traffic sent to the "
+                      "endpoint's ports (egress needs BPF redirection)"] = None
             ports = [PortMapping(p.port, p.port, p.app_port) for p in spec.ports if p.protocol is Protocol.TCP]
             if not ports or not spec.ips:
                 continue
-            res = translate_ingress(name, self.engine.endpoint_policy(name).map_state.ingress, ports,
+            res = translate_ingress(name, policy.map_state.ingress, ports,
                                     spec.ips[0], spec.ips[0], prefixes, access_log)
             listeners.update((li.name, li) for li in res.listeners)
             clusters.update((c.name, c) for c in res.clusters)
