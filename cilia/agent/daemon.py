@@ -13,11 +13,12 @@ request and Envoy never listens without its policy.
 
 from __future__ import annotations
 
+import copy
 import ipaddress
 import logging
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -65,6 +66,7 @@ class AgentConfig:
     xds_addresses: tuple[str, ...] = ()  # extra addresses besides unix:<state_dir>/xds.sock
     node_id: str = "cilia-node"
     envoy_args: tuple[str, ...] = ("--drain-time-s", "0")
+    apply_timeout: float = 10.0  # how long a change waits for the managed Envoy's ACK or NACK
     ring_size: int = 10_000
 
     @property
@@ -192,6 +194,9 @@ class Agent:
         except PolicyError as e:
             raise AgentError(f"{e}; nothing was imported") from None
         with self._lock:
+            keys = {p.key for p in policies}
+            before = {p.key: p for p in self.engine.policies() if p.key in keys}
+            sources_before = copy.deepcopy(self.state.sources)
             try:
                 self.engine.apply(policies)
             except L7ConflictError as e:
@@ -199,7 +204,15 @@ class Agent:
             for path, text, ps in parsed:
                 if ps:
                     self.state.add_source(path, text, {p.key for p in ps})
-            revision = self._commit()
+
+            def undo() -> None:
+                if keys - before.keys():
+                    self.engine.delete(keys - before.keys())
+                if before:
+                    self.engine.apply(list(before.values()))
+                self.state.sources = sources_before
+
+            revision = self._commit_checked(undo)
         return {"revision": revision, "policies": [_policy_json(p) for p in policies]}
 
     def delete_policies(self, name: str | None, namespace: str | None = None) -> dict[str, Any]:
@@ -241,8 +254,18 @@ class Agent:
                 self.engine.upsert_endpoint(endpoint)
             except L7ConflictError as e:
                 raise AgentError(f"endpoint {spec.name}: {e}", 409) from None
+            previous = self.state.endpoints.get(spec.name)
             self.state.endpoints[spec.name] = spec
-            revision = self._commit()
+
+            def undo() -> None:
+                if previous is None:
+                    self.engine.remove_endpoint(spec.name)
+                    del self.state.endpoints[spec.name]
+                else:
+                    self.engine.upsert_endpoint(_endpoint(previous))
+                    self.state.endpoints[spec.name] = previous
+
+            revision = self._commit_checked(undo)
             return {"revision": revision, "endpoint": self._endpoint_json(spec)}
 
     def remove_endpoint(self, name: str) -> dict[str, Any]:
@@ -277,6 +300,27 @@ class Agent:
         save_state(self.config.state_dir, self.state)
         self._publish()
         return self.state.revision
+
+    def _commit_checked(self, undo: Callable[[], None]) -> int:
+        """Commit, then wait for the managed Envoy: if it rejects the new config, ``undo`` the
+        change and commit the previous config again (a new revision, so versions stay monotonic),
+        like Cilium's revert on NACK. The error quotes Envoy. Other proxies' NACKs show in status
+        and ``policy wait``; a slow Envoy is not an error here."""
+        revision = self._commit()
+        if self.envoy is None or not self.envoy.status().running:
+            return revision
+        version = self._realized.version_for(revision)
+        assert version is not None
+        try:
+            self.tracker.wait(self.config.node_id, LISTENER, version, self.config.apply_timeout)
+        except TimeoutError:
+            return revision
+        except NackError as e:
+            undo()
+            restored = self._commit()
+            raise AgentError(f"Envoy rejected revision {revision}: {e.message}; the change was reverted "
+                             f"(revision {restored} restores the previous config)", 409) from None
+        return revision
 
     def _publish(self) -> None:
         listeners, clusters, notes = self._translate()

@@ -138,27 +138,54 @@ def test_endpoint_input_errors(agent: Agent) -> None:
     assert run_cli(state, "endpoint", "delete", "web").code == 2
 
 
-def test_envoy_nack_is_reported_and_the_last_good_policy_stays_enforced(starwars: Path) -> None:
+def test_change_envoy_rejects_is_reverted_and_the_last_good_policy_stays_enforced(starwars: Path) -> None:
     state = starwars
-    import_and_wait(state, STARWARS / "sw_l3_l4_l7_policy.yaml")
+    revision = import_and_wait(state, STARWARS / "sw_l3_l4_l7_policy.yaml")
     # 192.0.2.1 (TEST-NET-1) is not on this machine: Envoy cannot bind it and rejects the listeners.
     res = run_cli(state, "endpoint", "add", "--name", "ghost", "--labels", "app=ghost", "--ip", "192.0.2.1",
-                  "--port", "80:8080", "-o", "json")
-    assert res.code == 0
-    revision = res.json()["revision"]
-    waited = run_cli(state, "policy", "wait", str(revision), "--timeout", "20")
-    assert waited.code == 1
-    assert f"proxy cilia-node rejected revision {revision}" in waited.err and "192.0.2.1" in waited.err
+                  "--port", "80:8080")
+    assert res.code == 1
+    assert f"Envoy rejected revision {revision + 1}" in res.err and "192.0.2.1" in res.err
+    assert f"the change was reverted (revision {revision + 2} restores the previous config)" in res.err
+    assert [e["name"] for e in run_cli(state, "endpoint", "list", "-o", "json").json()["endpoints"]] == [
+        "deathstar", "tiefighter", "xwing"]
+    # The NACK is on record until the revert is acked; then the agent is healthy again.
+    waited = run_cli(state, "policy", "wait", str(revision + 1))
+    assert waited.code == 0 and f"Revision {revision + 1} realized" in waited.out  # by the later revision
     status = run_cli(state, "status", "-o", "json")
-    assert status.code == 1 and status.json()["healthy"] is False
-    nacks = [p for p in status.json()["xds"]["proxies"] if p["nack"]]
-    assert nacks and "192.0.2.1" in nacks[0]["nack"]
-    assert "NACK" in run_cli(state, "status").out
-    assert shoot(TIEFIGHTER, *EXHAUST) == "403 Access denied"  # Envoy keeps enforcing the last good config
+    assert status.code == 0 and status.json()["healthy"] is True and status.json()["revision"] == revision + 2
+    listener = [p for p in status.json()["xds"]["proxies"] if p["type"] == "Listener"][0]
+    assert listener["nacked"] and not listener["nack"]
+    assert shoot(TIEFIGHTER, *EXHAUST) == "403 Access denied"  # Envoy kept enforcing throughout
     assert shoot(XWING, *LAND) == "blocked"
-    fixed = run_cli(state, "endpoint", "delete", "ghost").out.split()[1]
-    assert run_cli(state, "policy", "wait", fixed).code == 0
-    assert run_cli(state, "status", "-o", "json").json()["healthy"] is True
+
+
+def test_nack_from_an_external_envoy_shows_in_status_and_wait(tmp_path: Path) -> None:
+    """A proxy the agent does not manage: its NACK is reported (not reverted) until fixed."""
+    from cilia.envoy.bootstrap import build_bootstrap, to_json
+    from cilia.envoy.loopback import free_port
+    from cilia.envoy.supervisor import EnvoySupervisor
+
+    state = tmp_path / "state"
+    admin = f"127.0.0.1:{free_port()}"
+    bootstrap = tmp_path / "bootstrap.json"
+    bootstrap.write_text(to_json(build_bootstrap("edge-1", f"unix:{state / 'xds.sock'}", admin)))
+    with agent_in_process(state, envoy="external"), EnvoySupervisor(
+            bootstrap, admin, log_path=tmp_path / "envoy.log", extra_args=["--drain-time-s", "0"]):
+        res = run_cli(state, "endpoint", "add", "--name", "ghost", "--labels", "app=ghost", "--ip", "192.0.2.1",
+                      "--port", "80:8080", "-o", "json")
+        assert res.code == 0
+        revision = res.json()["revision"]
+        waited = run_cli(state, "policy", "wait", str(revision), "--timeout", "20")
+        assert waited.code == 1
+        assert f"proxy edge-1 rejected revision {revision}" in waited.err and "192.0.2.1" in waited.err
+        status = run_cli(state, "status", "-o", "json")
+        assert status.code == 1 and status.json()["healthy"] is False
+        assert any("192.0.2.1" in p["nack"] for p in status.json()["xds"]["proxies"] if p["node"] == "edge-1")
+        assert "NACK" in run_cli(state, "status").out
+        fixed = run_cli(state, "endpoint", "delete", "ghost").out.split()[1]
+        assert run_cli(state, "policy", "wait", fixed).code == 0
+        assert run_cli(state, "status", "-o", "json").json()["healthy"] is True
 
 
 def test_openapi_document_lists_exactly_the_served_routes(agent: Agent) -> None:
