@@ -2,7 +2,9 @@
 
 Shared by the xDS server and the agent's Envoy-facing services. Every open
 stream holds one worker thread for its lifetime, so ``max_streams`` bounds how
-many streams can be served at once.
+many streams can be served at once. Threads are started only as streams open, so a
+high bound costs nothing until it is used; a stream beyond it is refused at once with
+RESOURCE_EXHAUSTED (the client retries) rather than left waiting for a free thread.
 """
 
 from __future__ import annotations
@@ -15,7 +17,9 @@ import grpc
 
 class GrpcServer:
     def __init__(self, handlers: Sequence[grpc.GenericRpcHandler], max_streams: int, name: str) -> None:
-        self._server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_streams, thread_name_prefix=name))
+        self.max_streams = max_streams
+        self._server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_streams, thread_name_prefix=name),
+                                   maximum_concurrent_rpcs=max_streams)
         self._server.add_generic_rpc_handlers(list(handlers))
 
     def add_address(self, address: str) -> int:

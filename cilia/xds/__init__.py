@@ -8,7 +8,8 @@ Nothing here imports cilia.policy, cilia.envoy or cilia.bpf.
 """
 
 from .acks import AckState, AckTracker, NackError
-from .cache import Cache, View, version_key
+from .cache import Cache, TypeChange, Update, View, version_key
+from .consistency import Inconsistencies, check
 from .server import XdsServer
 from .stream import DeltaStream, Observer, SotwStream
 from .types import ADS_ORDER, CLUSTER, ENDPOINT, LISTENER, ROUTE, SECRET, Resource
@@ -19,6 +20,7 @@ __all__ = [
     "AckTracker",
     "CLUSTER",
     "Cache",
+    "Inconsistencies",
     "DeltaStream",
     "ENDPOINT",
     "LISTENER",
@@ -28,7 +30,10 @@ __all__ = [
     "Resource",
     "SECRET",
     "SotwStream",
+    "TypeChange",
+    "Update",
     "View",
     "XdsServer",
+    "check",
     "version_key",
 ]

@@ -6,6 +6,9 @@ nothing. Versions are ``EPOCH-N`` with a per-process epoch, so a restarted serve
 hands out a version an old Envoy already holds. Each resource remembers the version it
 last changed at (for delta xDS). Per-node views restrict what a node sees to a set of
 resource names. Watchers are called after the lock is released.
+
+``update_many`` changes several types atomically and returns a ``revert`` that puts back what
+it replaced, as a new version (what an agent does when Envoy rejects a policy update).
 """
 
 from __future__ import annotations
@@ -14,11 +17,11 @@ import os
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from google.protobuf.message import Message
 
-from cilia.xds.types import Resource
+from cilia.xds.types import Resource, ads_rank
 
 Watcher = Callable[[str], None]  # called with the type URL that changed
 
@@ -43,6 +46,51 @@ class View:
     type_url: str
     version: str
     resources: Mapping[str, Resource]
+
+
+@dataclass(frozen=True, slots=True)
+class TypeChange:
+    """One type's part of ``Cache.update_many``: upserts, deletes, and with ``replace`` the
+    deletion of every resource not upserted (the type becomes exactly ``upserts``)."""
+
+    upserts: Mapping[str, Message] = field(default_factory=dict)
+    delete: tuple[str, ...] = ()
+    replace: bool = False
+
+
+class _Reverter:
+    """Restores what one update replaced: every name it touched gets its previous message back
+    (or is deleted again), as a new change with new versions, never the old version strings, so
+    every node sees the revert as an update. Names the update did not touch keep later changes."""
+
+    def __init__(self, cache: Cache, before: Mapping[str, Mapping[str, Message | None]]) -> None:
+        self._cache = cache
+        self._before = before
+        self._done = False
+        self._lock = threading.Lock()
+
+    def __call__(self) -> dict[str, str]:
+        with self._lock:
+            if self._done:
+                return {t: self._cache.version(t) for t in self._before}
+            self._done = True
+        changes = {
+            type_url: TypeChange(
+                {n: m for n, m in prior.items() if m is not None},
+                tuple(n for n, m in prior.items() if m is None),
+            )
+            for type_url, prior in self._before.items()
+        }
+        return dict(self._cache.update_many(changes).versions)
+
+
+@dataclass(frozen=True, slots=True)
+class Update:
+    """What ``Cache.update_many`` did: each type's version afterwards, and ``revert()``, which
+    undoes it (once; it returns each type's version after the revert)."""
+
+    versions: Mapping[str, str]
+    revert: Callable[[], dict[str, str]]
 
 
 class _TypeState:
@@ -74,15 +122,25 @@ class Cache:
         with self._lock:
             st = self._state(type_url)
             allowed = self._node_names.get(node_id, {}).get(type_url)
-            res = dict(st.resources)
-            if allowed is not None:
-                res = {n: r for n, r in res.items() if n in allowed}
+            if allowed is None:
+                res = dict(st.resources)
+            else:  # walk the node's few names, not every resource of the type
+                res = {n: st.resources[n] for n in allowed if n in st.resources}
             return View(type_url, self._version(st), res)
 
     def get(self, type_url: str, name: str) -> Message | None:
         with self._lock:
             r = self._state(type_url).resources.get(name)
             return r.message if r else None
+
+    def snapshot(self, node_id: str = "") -> dict[str, dict[str, Message]]:
+        """Every type's messages by name as ``node_id`` sees them, read under one lock hold."""
+        with self._lock:
+            out: dict[str, dict[str, Message]] = {}
+            for type_url, st in self._types.items():
+                allowed = self._node_names.get(node_id, {}).get(type_url)
+                out[type_url] = {n: r.message for n, r in st.resources.items() if allowed is None or n in allowed}
+            return out
 
     # -- writing -----------------------------------------------------------------
 
@@ -109,29 +167,61 @@ class Cache:
 
         ``delete_others`` also deletes every resource not in ``upserts``.
         """
+        change = TypeChange(upserts, tuple(delete), replace=delete_others)
+        return self.update_many({type_url: change}).versions[type_url]
+
+    def update_many(self, changes: Mapping[str, TypeChange]) -> Update:
+        """Apply changes to several types atomically: readers see all of them or none.
+
+        Each changed type gets one version bump, and watchers are told once per changed type,
+        in ADS order (clusters, endpoints, listeners, routes), after the lock is released. The
+        returned ``Update`` has each type's version and a ``revert`` that undoes the change.
+        """
         with self._lock:
-            st = self._state(type_url)
-            if delete_others:
-                delete = [n for n in st.resources if n not in upserts]
-            changed: dict[str, bytes] = {}
-            for name, msg in upserts.items():
-                data = msg.SerializeToString(deterministic=True)
-                old = st.resources.get(name)
-                if old is None or old.serialized != data:
-                    changed[name] = data
-            removed = [n for n in delete if n in st.resources and n not in upserts]
-            if changed or removed:
-                st.counter += 1
-                version = self._version(st)
-                for name, data in changed.items():
-                    st.resources[name] = Resource(name, upserts[name], version, data)
-                for name in removed:
-                    del st.resources[name]
-            version = self._version(st)
-            watchers = list(self._watchers) if (changed or removed) else []
-        for w in watchers:
-            w(type_url)
-        return version
+            before: dict[str, dict[str, Message | None]] = {}
+            changed_types: list[str] = []
+            for type_url, change in changes.items():
+                prior = self._apply(type_url, change)
+                before[type_url] = prior
+                if prior:
+                    changed_types.append(type_url)
+            versions = {t: self._version(self._state(t)) for t in changes}
+            watchers = list(self._watchers) if changed_types else []
+        self._notify(watchers, changed_types)
+        return Update(versions, _Reverter(self, before))
+
+    def _apply(self, type_url: str, change: TypeChange) -> dict[str, Message | None]:
+        """Apply one type's change under the lock; returns the previous message of every name it
+        changed (None: the name did not exist), empty when nothing changed."""
+        st = self._state(type_url)
+        delete: Iterable[str] = change.delete
+        if change.replace:
+            delete = [n for n in st.resources if n not in change.upserts]
+        changed: dict[str, bytes] = {}
+        for name, msg in change.upserts.items():
+            data = msg.SerializeToString(deterministic=True)
+            old = st.resources.get(name)
+            if old is None or old.serialized != data:
+                changed[name] = data
+        removed = [n for n in dict.fromkeys(delete) if n in st.resources and n not in change.upserts]
+        prior: dict[str, Message | None] = {}
+        if not changed and not removed:
+            return prior
+        st.counter += 1
+        version = self._version(st)
+        for name, data in changed.items():
+            old = st.resources.get(name)
+            prior[name] = old.message if old else None
+            st.resources[name] = Resource(name, change.upserts[name], version, data)
+        for name in removed:
+            prior[name] = st.resources.pop(name).message
+        return prior
+
+    @staticmethod
+    def _notify(watchers: list[Watcher], type_urls: Iterable[str]) -> None:
+        for type_url in sorted(type_urls, key=ads_rank):
+            for w in watchers:
+                w(type_url)
 
     def set_node_view(self, node_id: str, type_url: str, names: Iterable[str] | None) -> None:
         """Restrict what ``node_id`` sees of a type to ``names`` (None: everything)."""

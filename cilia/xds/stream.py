@@ -11,7 +11,9 @@ Rules both variants follow (see CILIUM-NOTES §2):
 - the first request for a type on a stream always gets the current state (that is how
   a reconnecting Envoy converges);
 - under ADS, a response with clusters is followed by the endpoints, so a changed
-  cluster is never left warming.
+  cluster is never left warming;
+- delta: a subscribed name that does not exist is named once in ``removed_resources``, so the
+  node does not wait for its fetch timeout (SotW has no such signal).
 """
 
 from __future__ import annotations
@@ -80,6 +82,8 @@ class _TypeStream:
     current: str = ""  # latest cache version whose content equals what was last sent
     acked: bool = False  # the latest response was acked
     started: bool = False  # at least one response went out
+    absent: set[str] = field(default_factory=set)  # delta: requested names the node was told do not exist
+    recheck: set[str] = field(default_factory=set)  # delta: unsubscribed under a wildcard, answer either way
 
 
 class _StreamBase:
@@ -216,12 +220,18 @@ class DeltaStream(_StreamBase):
                 st.wildcard = True
             else:
                 st.names.add(name)
+                st.absent.discard(name)  # asked again: answer again, whether it exists or not
+                if not first:
+                    st.sent.pop(name, None)  # the node may have forgotten it (xDS spec): send it again
         for name in req.resource_names_unsubscribe:
             if name == "*":
                 st.wildcard = False
             else:
                 st.names.discard(name)
+                st.absent.discard(name)
                 st.sent.pop(name, None)  # the node forgets it; a later subscribe sends it again
+                if st.wildcard:
+                    st.recheck.add(name)  # the wildcard may still cover it: the node must be told which
         return self._push([type_url], first=first)
 
     def on_change(self, type_urls: Iterable[str] | None = None) -> list[DeltaDiscoveryResponse]:
@@ -249,14 +259,19 @@ class DeltaStream(_StreamBase):
         st = self._types[type_url]
         version, res = self._visible(st, type_url)
         changed = sorted(n for n, r in res.items() if st.sent.get(n) != r.version or n in force)
-        removed = sorted(n for n in st.sent if n not in res)
+        # Requested names that do not exist go into removed_resources once, so the node need not
+        # wait for its fetch timeout (xDS spec: "Knowing When a Requested Resource Does Not Exist").
+        missing = {n for n in st.names | st.recheck if n not in res} - st.absent
+        removed = sorted({n for n in st.sent if n not in res} | missing)
+        st.recheck.clear()
         if not changed and not removed and not (first and not st.started):
             self._unchanged(type_url, st, version)
             return None, []
         for n in changed:
             st.sent[n] = res[n].version
         for n in removed:
-            del st.sent[n]
+            st.sent.pop(n, None)
+        st.absent = {n for n in st.names if n not in res}
         st.version, st.current = version, version
         st.nonce, st.acked, st.started = self._next_nonce(), False, True
         self.observer.on_sent(self.node_id, type_url, version)

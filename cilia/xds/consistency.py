@@ -1,0 +1,140 @@
+"""Does a set of resources hang together? Dangling references between xDS types.
+
+Envoy accepts a listener whose RDS route configuration or tcp_proxy cluster does not exist
+yet, and an EDS cluster without endpoints: the listener or cluster then warms (or traffic
+fails) until the missing piece arrives, which may be never. ``check`` finds such references
+before the resources are published, like go-control-plane's ``Snapshot.Consistent``.
+
+Only Envoy's own config protos are parsed here; typed configs of other types are skipped.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+
+from envoy.config.accesslog.v3 import accesslog_pb2
+from envoy.config.cluster.v3 import cluster_pb2
+from envoy.config.listener.v3 import listener_components_pb2, listener_pb2
+from envoy.config.route.v3 import route_pb2
+from envoy.extensions.access_loggers.grpc.v3 import als_pb2
+from envoy.extensions.filters.network.http_connection_manager.v3 import http_connection_manager_pb2 as hcm_pb2
+from envoy.extensions.filters.network.tcp_proxy.v3 import tcp_proxy_pb2
+from google.protobuf import any_pb2
+from google.protobuf.message import Message
+
+from cilia.xds.types import CLUSTER, ENDPOINT, LISTENER, ROUTE
+
+
+@dataclass(frozen=True, slots=True)
+class Inconsistencies:
+    """Dangling references, by the name of the resource that holds them; empty when consistent."""
+
+    missing_routes: Mapping[str, frozenset[str]] = field(default_factory=dict)  # listener -> RDS names
+    missing_clusters: Mapping[str, frozenset[str]] = field(default_factory=dict)  # listener -> cluster names
+    missing_endpoints: Mapping[str, str] = field(default_factory=dict)  # EDS cluster -> service name
+
+    def __bool__(self) -> bool:
+        return bool(self.missing_routes or self.missing_clusters or self.missing_endpoints)
+
+    def describe(self) -> list[str]:
+        """One line per problem, sorted."""
+        out = [f"listener {li}: route configuration {r} is missing"
+               for li, names in self.missing_routes.items() for r in sorted(names)]
+        out += [f"listener {li}: cluster {c} is missing"
+                for li, names in self.missing_clusters.items() for c in sorted(names)]
+        out += [f"cluster {c}: EDS ClusterLoadAssignment {n} is missing" for c, n in self.missing_endpoints.items()]
+        return sorted(out)
+
+
+def check(resources: Mapping[str, Mapping[str, Message]]) -> Inconsistencies:
+    """Check resources given by type URL and name (as ``Cache.snapshot()`` returns them).
+
+    Reported: listeners naming an RDS route configuration that is not there; listeners whose
+    HTTP routes (inline or via RDS), tcp_proxy or gRPC access logs name a cluster that is not
+    there; EDS clusters whose ClusterLoadAssignment is not there.
+    """
+    listeners = resources.get(LISTENER, {})
+    routes = resources.get(ROUTE, {})
+    clusters = resources.get(CLUSTER, {})
+    endpoints = resources.get(ENDPOINT, {})
+    missing_routes: dict[str, frozenset[str]] = {}
+    missing_clusters: dict[str, frozenset[str]] = {}
+    for name, msg in listeners.items():
+        if not isinstance(msg, listener_pb2.Listener):
+            continue
+        rds: set[str] = set()
+        refs: set[str] = set()
+        _listener_refs(msg, rds, refs)
+        for r in rds:
+            route = routes.get(r)
+            if isinstance(route, route_pb2.RouteConfiguration):
+                refs.update(_route_clusters(route))
+        if lost := frozenset(rds - routes.keys()):
+            missing_routes[name] = lost
+        if lost := frozenset(refs - clusters.keys()):
+            missing_clusters[name] = lost
+    missing_endpoints: dict[str, str] = {}
+    for name, msg in clusters.items():
+        if isinstance(msg, cluster_pb2.Cluster) and msg.type == cluster_pb2.Cluster.EDS:
+            service = msg.eds_cluster_config.service_name or msg.name
+            if service not in endpoints:
+                missing_endpoints[name] = service
+    return Inconsistencies(missing_routes, missing_clusters, missing_endpoints)
+
+
+def _unpack(a: any_pb2.Any, cls: type[Message]) -> Message | None:
+    if not a.Is(cls.DESCRIPTOR):
+        return None
+    msg = cls()
+    return msg if a.Unpack(msg) else None
+
+
+def _chains(listener: listener_pb2.Listener) -> Iterator[listener_components_pb2.FilterChain]:
+    yield from listener.filter_chains
+    if listener.HasField("default_filter_chain"):
+        yield listener.default_filter_chain
+
+
+def _listener_refs(listener: listener_pb2.Listener, rds: set[str], refs: set[str]) -> None:
+    refs.update(_log_clusters(listener.access_log))
+    for chain in _chains(listener):
+        for f in chain.filters:
+            hcm = _unpack(f.typed_config, hcm_pb2.HttpConnectionManager)
+            if isinstance(hcm, hcm_pb2.HttpConnectionManager):
+                if hcm.HasField("rds"):
+                    rds.add(hcm.rds.route_config_name)
+                if hcm.HasField("route_config"):
+                    refs.update(_route_clusters(hcm.route_config))
+                refs.update(_log_clusters(hcm.access_log))
+                continue
+            tcp = _unpack(f.typed_config, tcp_proxy_pb2.TcpProxy)
+            if isinstance(tcp, tcp_proxy_pb2.TcpProxy):
+                if tcp.cluster:
+                    refs.add(tcp.cluster)
+                refs.update(c.name for c in tcp.weighted_clusters.clusters)
+                refs.update(_log_clusters(tcp.access_log))
+
+
+def _route_clusters(config: route_pb2.RouteConfiguration) -> set[str]:
+    out: set[str] = set()
+    for vhost in config.virtual_hosts:
+        for route in vhost.routes:
+            if not route.HasField("route"):
+                continue
+            if route.route.cluster:
+                out.add(route.route.cluster)
+            out.update(c.name for c in route.route.weighted_clusters.clusters)
+    return out
+
+
+def _log_clusters(logs: Iterable[accesslog_pb2.AccessLog]) -> set[str]:
+    out: set[str] = set()
+    for log in logs:
+        for cls in (als_pb2.HttpGrpcAccessLogConfig, als_pb2.TcpGrpcAccessLogConfig):
+            cfg = _unpack(log.typed_config, cls)
+            if isinstance(cfg, (als_pb2.HttpGrpcAccessLogConfig, als_pb2.TcpGrpcAccessLogConfig)):
+                name = cfg.common_config.grpc_service.envoy_grpc.cluster_name
+                if name:
+                    out.add(name)
+    return out
