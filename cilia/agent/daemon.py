@@ -41,7 +41,7 @@ from ..policy import (
     parse_text,
 )
 from ..policy.parse import check_unique
-from ..xds import CLUSTER, LISTENER, AckState, AckTracker, Cache, NackError, XdsServer, version_key
+from ..xds import CLUSTER, LISTENER, AckState, AckTracker, Cache, NackError, TypeChange, XdsServer, version_key
 from .state import EndpointSpec, PolicyKey, StateError, load_state, save_state
 
 _log = logging.getLogger(__name__)
@@ -324,9 +324,10 @@ class Agent:
 
     def _publish(self) -> None:
         listeners, clusters, notes = self._translate()
-        self.cache.set(CLUSTER, clusters)  # clusters first: a listener may name a new one
-        version = self.cache.set(LISTENER, listeners)
-        self._realized.record(self.state.revision, version)
+        # One atomic update; the streams still send clusters before the listeners that name them.
+        update = self.cache.update_many({CLUSTER: TypeChange(clusters, replace=True),
+                                         LISTENER: TypeChange(listeners, replace=True)})
+        self._realized.record(self.state.revision, update.versions[LISTENER])
         self.notes = notes
 
     def _translate(self) -> tuple[dict[str, Any], dict[str, Any], tuple[str, ...]]:

@@ -16,6 +16,7 @@ from agent_support import (
 
 from cilia.agent import Agent
 from cilia.agent.api import ROUTES
+from cilia.xds import check
 
 
 @pytest.fixture
@@ -43,13 +44,15 @@ def import_and_wait(state: Path, *files: Path) -> int:
     return revision
 
 
-def test_starwars_policy_imported_through_the_agent_is_enforced_and_observed(starwars: Path) -> None:
+def test_starwars_policy_imported_through_the_agent_is_enforced_and_observed(starwars: Path, agent: Agent) -> None:
+    starwars_agent = agent
     state = starwars
     assert shoot(XWING, *LAND) == "200 Ship landed"  # no policy yet: everything is allowed
     import_and_wait(state, STARWARS / "sw_l3_l4_l7_policy.yaml")
     assert shoot(TIEFIGHTER, *LAND) == "200 Ship landed"
     assert shoot(TIEFIGHTER, *EXHAUST) == "403 Access denied"
     assert shoot(XWING, *LAND) == "blocked"
+    assert not check(starwars_agent.cache.snapshot("cilia-node"))  # every listener's clusters exist
 
     http = [f for f in wait_flows(state, 4) if f["kind"] == "http"]  # xwing's one never reached HTTP
     denied = [f for f in http if f["verdict"] == "denied"]
