@@ -1,0 +1,244 @@
+"""RBAC matchers (Envoy's matcher API) for the network and HTTP RBAC filters.
+
+Both filters get a matcher built here: the connection's *direct* source IP (never
+X-Forwarded-For, which a client writes itself), or its destination on egress, goes through an IP
+range trie holding every known prefix, so the longest prefix decides the identity as in the
+ipcache, and the cost does not grow with the number of identities. ``world``'s 0.0.0.0/0
+therefore never speaks for an endpoint that has its own /32. Under an identity's range sit its
+HTTP rules: ORed rules, each an AND of header predicates on ``:method``, ``:path``,
+``:authority`` (RE2 ``safe_regex``, which Envoy applies as a full match, the semantics
+cilia.policy validates and traces with) and present/exact headers. In node mode a trie on the
+endpoint's own address comes first and picks the endpoint's matcher.
+
+Every RBAC action is named after the rule that decided: an allowed request after the HTTP rule
+that matched (``<policy> <path> (<file>:<line>)``, the line of the rule under ``http:``), a denied
+one after the policy whose HTTP rules it failed (``default deny: ...``) or ``no rule allows this
+source``. Envoy puts the name in the RBAC filters' dynamic metadata, which is how access-log
+records get their ``rule``.
+
+Ranges and predicates are sorted by content (not by identity numbers, which depend on allocation
+order), so equal policy gives byte-equal matchers.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+
+from envoy.config.rbac.v3 import rbac_pb2
+from envoy.extensions.filters.network.rbac.v3 import rbac_pb2 as net_rbac_pb2
+from envoy.extensions.matching.common_inputs.network.v3 import network_inputs_pb2
+from envoy.type.matcher.v3 import http_inputs_pb2
+from google.protobuf import message
+from xds.core.v3 import cidr_pb2, extension_pb2
+from xds.type.matcher.v3 import ip_pb2, matcher_pb2, regex_pb2, string_pb2
+
+from cilia.envoy.resources import extension
+from cilia.policy.mapstate import PolicyEntry, RuleOrigin
+from cilia.policy.model import HTTPRule, IPNetwork
+
+NO_RULE = "no rule allows this source"  # the action name for sources no rule allows on the port
+NO_DESTINATION_RULE = "no rule allows this destination"  # egress: no rule allows the destination's identity
+NO_ENDPOINT = "no proxied endpoint at this address"  # node mode: the connection belongs to no known endpoint
+_ALLOWED = "allowed"  # the network RBAC's allow action: the HTTP RBAC names the rule
+
+
+@dataclass(frozen=True, slots=True)
+class Input:
+    """A matcher input naming one side of the connection."""
+
+    name: str
+    config: message.Message
+
+
+SOURCE = Input("envoy.matching.inputs.direct_source_ip", network_inputs_pb2.DirectSourceIPInput())
+DESTINATION = Input("envoy.matching.inputs.destination_ip", network_inputs_pb2.DestinationIPInput())
+
+
+@dataclass(frozen=True, slots=True)
+class HTTPPolicy:
+    """One identity's HTTP policy on a port: allowed outright by rule ``allow``, or by the first
+    of ``rules`` (serialized predicate, rule name) that matches; otherwise denied as ``deny``."""
+
+    allow: str | None
+    rules: tuple[tuple[bytes, str], ...]
+    deny: str
+
+
+def network_rbac(base: str, matcher: matcher_pb2.Matcher, shadow: bool) -> net_rbac_pb2.RBAC:
+    """With ``shadow`` (an access log is set), the same matcher also runs as the shadow one: Envoy reports only shadow
+    results in the connection's dynamic metadata (``shadow_engine_result``,
+    ``shadow_effective_policy_id``), which is how the listener's log sees refusals and their
+    rule name intact (the termination details have the name's spaces replaced by ``_``)."""
+    # No shadow_rules_stat_prefix: it would prefix the metadata keys as well.
+    return net_rbac_pb2.RBAC(stat_prefix=f"{base}.rbac", matcher=matcher,
+                             shadow_matcher=matcher if shadow else None)
+
+
+def allow_matcher(allowed: frozenset[int], universe: Mapping[int, Sequence[IPNetwork]], peer: Input,
+                  no_rule: str) -> matcher_pb2.Matcher:
+    """The network RBAC's: only peers whose identity is in ``allowed`` get past the first byte."""
+    allow = matcher_pb2.Matcher.OnMatch(action=_action(_ALLOWED, rbac_pb2.RBAC.ALLOW))
+    return _by_peer([(allowed, allow)] if allowed else [], universe, peer, no_rule)
+
+
+def http_matcher(http: Mapping[int, HTTPPolicy], universe: Mapping[int, Sequence[IPNetwork]],
+                 peer: Input, no_rule: str) -> matcher_pb2.Matcher:
+    """Per distinct HTTP policy, the identities sharing it; a request passes if any rule matches,
+    and the action that decides is named after the rule (or the policy it failed)."""
+    by_policy: dict[HTTPPolicy, set[int]] = {}
+    for ident, policy in http.items():
+        by_policy.setdefault(policy, set()).add(ident)
+    groups: list[tuple[Iterable[int], matcher_pb2.Matcher.OnMatch]] = []
+    for policy, idents in by_policy.items():
+        deny = matcher_pb2.Matcher.OnMatch(action=_action(policy.deny, rbac_pb2.RBAC.DENY))
+        if policy.allow is not None:
+            on_match = matcher_pb2.Matcher.OnMatch(action=_action(policy.allow, rbac_pb2.RBAC.ALLOW))
+        elif not policy.rules:
+            on_match = deny
+        else:
+            rules = matcher_pb2.Matcher.MatcherList(matchers=[
+                matcher_pb2.Matcher.MatcherList.FieldMatcher(
+                    predicate=matcher_pb2.Matcher.MatcherList.Predicate.FromString(pred),
+                    on_match=matcher_pb2.Matcher.OnMatch(action=_action(rule, rbac_pb2.RBAC.ALLOW)))
+                for pred, rule in policy.rules])
+            on_match = matcher_pb2.Matcher.OnMatch(matcher=matcher_pb2.Matcher(
+                matcher_list=rules, on_no_match=deny))
+        groups.append((idents, on_match))
+    return _by_peer(groups, universe, peer, no_rule)
+
+
+def _by_peer(groups: Sequence[tuple[Iterable[int], matcher_pb2.Matcher.OnMatch]],
+             universe: Mapping[int, Sequence[IPNetwork]], peer: Input, no_rule: str) -> matcher_pb2.Matcher:
+    """The peer's IP → identity by longest prefix (an IP range trie), then that identity's ``on_match``.
+
+    Every known prefix is in the trie, those of identities in no group with a DENY named
+    ``no_rule``; all ranges are exclusive, so the most specific prefix decides even when its nested
+    rules do not match, and a less specific prefix of another identity (``world``'s 0.0.0.0/0)
+    never lets a request in.
+    """
+    deny = matcher_pb2.Matcher.OnMatch(action=_action(no_rule, rbac_pb2.RBAC.DENY))
+    grouped = {i for idents, _ in groups for i in idents}
+    others = {i for i in universe if i not in grouped}
+    ranges: list[ip_pb2.IPMatcher.IPRangeMatcher] = []
+    for idents, on_match in [*groups, (others, deny)]:
+        prefixes: list[IPNetwork] = sorted({p for i in idents for p in universe.get(i, ())}, key=prefix_key)
+        if not prefixes and idents is others and not ranges:  # nobody known: a range must still deny
+            prefixes = [ipaddress.ip_network("0.0.0.0/0"), ipaddress.ip_network("::/0")]
+        if prefixes:
+            ranges.append(_range(prefixes, on_match))
+    return _ip_tree(peer, ranges, deny)
+
+
+def by_endpoint(endpoints: Sequence[tuple[Sequence[IPNetwork], matcher_pb2.Matcher]], local: Input,
+                no_endpoint: str) -> matcher_pb2.Matcher:
+    """Node mode: the endpoint's own address (``local``) picks its matcher; endpoints whose
+    matchers are byte-equal share one range."""
+    shared: dict[bytes, set[IPNetwork]] = {}
+    for addresses, nested in endpoints:
+        shared.setdefault(nested.SerializeToString(deterministic=True), set()).update(addresses)
+    deny = matcher_pb2.Matcher.OnMatch(action=_action(no_endpoint, rbac_pb2.RBAC.DENY))
+    ranges = [_range(sorted(addresses, key=prefix_key),
+                     matcher_pb2.Matcher.OnMatch(matcher=matcher_pb2.Matcher.FromString(nested)))
+              for nested, addresses in shared.items() if addresses]
+    return _ip_tree(local, ranges, deny)
+
+
+def _range(prefixes: Sequence[IPNetwork], on_match: matcher_pb2.Matcher.OnMatch) -> ip_pb2.IPMatcher.IPRangeMatcher:
+    return ip_pb2.IPMatcher.IPRangeMatcher(
+        ranges=[cidr_pb2.CidrRange(address_prefix=str(p.network_address), prefix_len={"value": p.prefixlen})
+                for p in prefixes],
+        on_match=on_match, exclusive=True)
+
+
+def _ip_tree(ip: Input, ranges: list[ip_pb2.IPMatcher.IPRangeMatcher],
+             no_match: matcher_pb2.Matcher.OnMatch) -> matcher_pb2.Matcher:
+    # Ordered by content, not by identity numbers, which depend on allocation order.
+    ranges.sort(key=lambda r: r.SerializeToString(deterministic=True))
+    tree = matcher_pb2.Matcher.MatcherTree(
+        input=extension(ip.name, ip.config),
+        custom_match=extension("envoy.matching.custom_matchers.ip_range_matcher",
+                               ip_pb2.IPMatcher(range_matchers=ranges)))
+    return matcher_pb2.Matcher(matcher_tree=tree, on_no_match=no_match)
+
+
+def prefix_key(prefix: IPNetwork) -> tuple[int, int, int]:
+    return (prefix.version, int(prefix.network_address), prefix.prefixlen)
+
+
+def origins_name(entry: PolicyEntry) -> str:
+    """The rules that allow a peer outright (an L3/L4 rule, or one with no HTTP rules)."""
+    return "; ".join(sorted({str(o) for o in entry.origins})) or "allowed"
+
+
+def _rule_name(rule: HTTPRule, origin: RuleOrigin) -> str:
+    """``<policy> <path> (<file>:<line>)``, the line being the HTTP rule's own."""
+    return str(RuleOrigin(origin.policy, origin.path, rule.source, origin.kind))
+
+
+def http_policy(entry: PolicyEntry, rules: Sequence[tuple[object, RuleOrigin]], base: str,
+                notes: dict[str, None]) -> HTTPPolicy:
+    """HTTP rules as named predicates, sorted and deduplicated (the first name of a predicate
+    several rules share wins); allowed outright if one rule matches any request."""
+    deny = "default deny: " + "; ".join(sorted({str(o) for o in entry.origins}))
+    named: dict[bytes, str] = {}
+    for rule, origin in rules:
+        assert isinstance(rule, HTTPRule)
+        pred, matches_any, skipped = _predicate(rule)
+        for reason in skipped:
+            notes[f"{base}: {rule.source}: {reason}"] = None
+        name = _rule_name(rule, origin)
+        if pred is None and matches_any:
+            return HTTPPolicy(name, (), deny)
+        if pred is not None:
+            key = pred.SerializeToString(deterministic=True)
+            named[key] = min(named.get(key, name), name)
+    return HTTPPolicy(None, tuple(sorted(named.items())), deny)
+
+
+def _predicate(rule: HTTPRule) -> tuple[matcher_pb2.Matcher.MatcherList.Predicate | None, bool, list[str]]:
+    """One HTTP rule as a predicate (every field must match); ``(None, True, _)`` if it matches any
+    request, ``(None, False, _)`` if none can be shown to match."""
+    Pred = matcher_pb2.Matcher.MatcherList.Predicate
+    skipped: list[str] = []
+    conds: list[tuple[str, string_pb2.StringMatcher]] = []
+    for header, pattern in ((":method", rule.method), (":path", rule.path), (":authority", rule.host)):
+        if pattern is not None:
+            conds.append((header, _regex(pattern)))
+    for name, value in rule.headers:
+        conds.append((name.lower(), _header_value(value)))
+    for match in rule.header_matches:
+        if match.mismatch is not None:
+            skipped.append(f"headerMatches {match.name}: mismatch action {match.mismatch} is not enforced")
+            continue
+        if match.secret is not None:
+            # The value lives in a secret cilia cannot read here: no request can be shown to match.
+            skipped.append(f"headerMatches {match.name}: secret values are not supported; rule matches nothing")
+            return None, False, skipped
+        conds.append((match.name.lower(), _header_value(match.value)))
+    preds = sorted(
+        (Pred(single_predicate=Pred.SinglePredicate(
+            input=extension("envoy.matching.inputs.request_headers",
+                            http_inputs_pb2.HttpRequestHeaderMatchInput(header_name=name)),
+            value_match=value)) for name, value in conds),
+        key=lambda p: p.SerializeToString(deterministic=True))
+    if not preds:
+        return None, True, skipped
+    if len(preds) == 1:
+        return preds[0], True, skipped
+    return Pred(and_matcher=Pred.PredicateList(predicate=preds)), True, skipped
+
+
+def _regex(pattern: str) -> string_pb2.StringMatcher:
+    return string_pb2.StringMatcher(safe_regex=regex_pb2.RegexMatcher(
+        google_re2=regex_pb2.RegexMatcher.GoogleRE2(), regex=pattern))
+
+
+def _header_value(value: str | None) -> string_pb2.StringMatcher:
+    """Exact value, or any value at all (the input yields nothing when the header is absent)."""
+    return string_pb2.StringMatcher(exact=value) if value is not None else _regex(".*")
+
+
+def _action(name: str, action: rbac_pb2.RBAC.Action.ValueType) -> extension_pb2.TypedExtensionConfig:
+    return extension("envoy.filters.rbac.action", rbac_pb2.Action(name=name, action=action))
