@@ -18,7 +18,7 @@ import ipaddress
 import logging
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -27,8 +27,9 @@ from ..envoy.accesslog import AccessLogReceiver, AccessLogServer, AccessRecord
 from ..envoy.bootstrap import build_bootstrap, to_json
 from ..envoy.loopback import free_port
 from ..envoy.supervisor import EnvoySupervisor
-from ..envoy.translate import AccessLogTarget, PortMapping, prefixes_by_identity, translate_ingress
+from ..envoy.translate import AccessLogTarget, PortMapping, ProxyResources, prefixes_by_identity, translate_ingress
 from ..policy import (
+    DirectionMapState,
     Endpoint,
     FileAllocator,
     L7ConflictError,
@@ -40,6 +41,7 @@ from ..policy import (
     Protocol,
     parse_text,
 )
+from ..policy.model import IPNetwork
 from ..policy.parse import check_unique
 from ..xds import CLUSTER, LISTENER, AckState, AckTracker, Cache, NackError, TypeChange, XdsServer, version_key
 from .state import EndpointSpec, PolicyKey, StateError, load_state, save_state
@@ -98,6 +100,17 @@ class _Realized:
         return self.versions[min(later)] if later else None
 
 
+@dataclass(frozen=True)
+class _Translated:
+    """An endpoint's last translation and what it was made from (compared by identity: the engine
+    hands out the same immutable map-state snapshot until the endpoint's policy changes)."""
+
+    ingress: DirectionMapState
+    prefixes: Mapping[int, tuple[IPNetwork, ...]]
+    key: tuple[tuple[PortMapping, ...], str]
+    resources: ProxyResources
+
+
 class Agent:
     def __init__(self, config: AgentConfig) -> None:
         self.config = config
@@ -111,6 +124,8 @@ class Agent:
         self.receiver = AccessLogReceiver(config.ring_size)
         self.notes: tuple[str, ...] = ()
         self._realized = _Realized()
+        self._prefixes: Mapping[int, tuple[IPNetwork, ...]] = {}
+        self._translated: dict[str, _Translated] = {}
         self._xds: XdsServer | None = None
         self._als: AccessLogServer | None = None
         self.envoy: EnvoySupervisor | None = None
@@ -338,7 +353,11 @@ class Agent:
         notes: dict[str, None] = {}
         if self.config.envoy == "none":
             return listeners, clusters, ()
-        prefixes = prefixes_by_identity(self.engine.ipcache.items())
+        prefixes: Mapping[int, tuple[IPNetwork, ...]] = prefixes_by_identity(self.engine.ipcache.items())
+        if prefixes == self._prefixes:
+            prefixes = self._prefixes  # the same object: lets _translated entries match by identity
+        self._prefixes = prefixes
+        translated: dict[str, _Translated] = {}
         access_log = AccessLogTarget(ACCESS_LOG_CLUSTER, f"unix:{self.config.accesslog_socket}")
         for name, spec in sorted(self.state.endpoints.items()):
             policy = self.engine.endpoint_policy(name)
@@ -348,11 +367,18 @@ class Agent:
             ports = [PortMapping(p.port, p.port, p.app_port) for p in spec.ports if p.protocol is Protocol.TCP]
             if not ports or not spec.ips:
                 continue
-            res = translate_ingress(name, policy.map_state.ingress, ports,
-                                    spec.ips[0], spec.ips[0], prefixes, access_log)
+            ingress = policy.map_state.ingress
+            key = (tuple(ports), spec.ips[0])
+            done = self._translated.get(name)
+            if done is not None and done.ingress is ingress and done.prefixes is prefixes and done.key == key:
+                res = done.resources  # unchanged map state, peers and ports: the same resources
+            else:
+                res = translate_ingress(name, ingress, ports, spec.ips[0], spec.ips[0], prefixes, access_log)
+            translated[name] = _Translated(ingress, prefixes, key, res)
             listeners.update((li.name, li) for li in res.listeners)
             clusters.update((c.name, c) for c in res.clusters)
             notes.update(dict.fromkeys(res.notes))
+        self._translated = translated
         return listeners, clusters, tuple(notes)
 
     def proxies(self) -> list[str]:
