@@ -94,6 +94,12 @@ class ProxyResources:
     notes: tuple[str, ...] = field(default=())
 
 
+# Envoy binds listeners with SO_REUSEPORT by default, so a second proxy on the same address would
+# silently take a share of the connections with whatever policy it enforces. Without it, the
+# second bind fails, Envoy rejects the config and the agent reverts the change: fail closed.
+EXCLUSIVE_PORT = wrappers_pb2.BoolValue(value=False)
+
+
 def prefixes_by_identity(items: Iterable[tuple[IPNetwork, int]]) -> dict[int, tuple[IPNetwork, ...]]:
     """Invert ipcache entries (prefix → identity) into identity → its prefixes."""
     out: dict[int, list[IPNetwork]] = {}
@@ -141,6 +147,7 @@ def translate_ingress(
         listeners.append(listener_pb2.Listener(
             name=base,
             address=resources.socket_address(listen_address, mapping.listen_port),
+            enable_reuse_port=EXCLUSIVE_PORT,
             filter_chains=[listener_components_pb2.FilterChain(filters=filters)],
             access_log=resources.connection_log(base, access_log),
         ))
@@ -303,6 +310,7 @@ def _transparent(base: str, direction: str, proxy: ProxyPort, listen_address: st
     listener = listener_pb2.Listener(
         name=base,
         address=resources.socket_address(listen_address, proxy.proxy_port),
+        enable_reuse_port=EXCLUSIVE_PORT,
         transparent=wrappers_pb2.BoolValue(value=True),
         listener_filters=[listener_components_pb2.ListenerFilter(
             name="envoy.filters.listener.original_dst", typed_config=resources.pack(original_dst_pb2.OriginalDst()))],

@@ -204,3 +204,15 @@ def test_openapi_document_lists_exactly_the_served_routes(agent: Agent) -> None:
     assert documented == set(ROUTES)
     unknown = run_cli(agent.config.state_dir, "status")  # sanity: the socket the document describes works
     assert unknown.code == 0
+
+
+def test_a_second_agent_cannot_take_over_an_address_another_envoy_serves(starwars: Path, tmp_path: Path) -> None:
+    """Two proxies must not share deathstar:80 (SO_REUSEPORT would split connections between
+    them): the second Envoy's bind fails, it rejects the config and its agent reverts."""
+    import_and_wait(starwars, STARWARS / "sw_l3_l4_l7_policy.yaml")
+    with agent_in_process(tmp_path / "other") as other:
+        res = run_cli(other.config.state_dir, "endpoint", "add", "--name", "deathstar",
+                      "--labels", "org=empire,class=deathstar", "--ip", DEATHSTAR, "--port", "80:9")
+        assert res.code == 1 and "Envoy rejected revision 1" in res.err and "reverted" in res.err
+        for _ in range(10):  # every connection still meets the first agent's policy
+            assert shoot(TIEFIGHTER, *EXHAUST) == "403 Access denied"
