@@ -22,6 +22,7 @@ order), so equal policy gives byte-equal matchers.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -123,7 +124,8 @@ def _by_peer(groups: Sequence[tuple[Iterable[int], matcher_pb2.Matcher.OnMatch]]
     others = {i for i in universe if i not in grouped}
     ranges: list[ip_pb2.IPMatcher.IPRangeMatcher] = []
     for idents, on_match in [*groups, (others, deny)]:
-        prefixes: list[IPNetwork] = sorted({p for i in idents for p in universe.get(i, ())}, key=prefix_key)
+        # An ipcache prefix belongs to one identity, so the groups' prefixes never repeat.
+        prefixes: list[IPNetwork] = sorted([p for i in idents for p in universe.get(i, ())], key=prefix_key)
         if not prefixes and idents is others and not ranges:  # nobody known: a range must still deny
             prefixes = [ipaddress.ip_network("0.0.0.0/0"), ipaddress.ip_network("::/0")]
         if prefixes:
@@ -146,10 +148,13 @@ def by_endpoint(endpoints: Sequence[tuple[Sequence[IPNetwork], matcher_pb2.Match
 
 
 def _range(prefixes: Sequence[IPNetwork], on_match: matcher_pb2.Matcher.OnMatch) -> ip_pb2.IPMatcher.IPRangeMatcher:
-    return ip_pb2.IPMatcher.IPRangeMatcher(
-        ranges=[cidr_pb2.CidrRange(address_prefix=str(p.network_address), prefix_len={"value": p.prefixlen})
-                for p in prefixes],
-        on_match=on_match, exclusive=True)
+    return ip_pb2.IPMatcher.IPRangeMatcher(ranges=[_cidr(p) for p in prefixes], on_match=on_match, exclusive=True)
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def _cidr(prefix: IPNetwork) -> cidr_pb2.CidrRange:
+    # Every listener lists every known prefix: building each message once saves most of the time.
+    return cidr_pb2.CidrRange(address_prefix=str(prefix.network_address), prefix_len={"value": prefix.prefixlen})
 
 
 def _ip_tree(ip: Input, ranges: list[ip_pb2.IPMatcher.IPRangeMatcher],
@@ -169,7 +174,12 @@ def prefix_key(prefix: IPNetwork) -> tuple[int, int, int]:
 
 def origins_name(entry: PolicyEntry) -> str:
     """The rules that allow a peer outright (an L3/L4 rule, or one with no HTTP rules)."""
-    return "; ".join(sorted({str(o) for o in entry.origins})) or "allowed"
+    return _origins_text(entry.origins)
+
+
+@functools.lru_cache(maxsize=1 << 14)
+def _origins_text(origins: Iterable[RuleOrigin]) -> str:
+    return "; ".join(sorted({str(o) for o in origins})) or "allowed"
 
 
 def _rule_name(rule: HTTPRule, origin: RuleOrigin) -> str:
