@@ -52,8 +52,8 @@ def run_cli(state_dir: Path, *args: str) -> Result:
 
 
 @contextmanager
-def agent_in_process(state_dir: Path, envoy: str = "managed") -> Iterator[Agent]:
-    agent = Agent(AgentConfig(state_dir, envoy))  # type: ignore[arg-type]
+def agent_in_process(state_dir: Path, envoy: str = "managed", xds_addresses: tuple[str, ...] = ()) -> Iterator[Agent]:
+    agent = Agent(AgentConfig(state_dir, envoy, xds_addresses))  # type: ignore[arg-type]
     api: APIServer | None = None
     try:
         agent.start()

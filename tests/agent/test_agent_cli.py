@@ -164,7 +164,8 @@ def test_change_envoy_rejects_is_reverted_and_the_last_good_policy_stays_enforce
 
 
 def test_nack_from_an_external_envoy_shows_in_status_and_wait(tmp_path: Path) -> None:
-    """A proxy the agent does not manage: its NACK is reported (not reverted) until fixed."""
+    """A proxy the agent does not manage (here over TCP, --xds-address): its NACK is reported
+    (not reverted) until fixed."""
     from cilia.envoy.bootstrap import build_bootstrap, to_json
     from cilia.envoy.loopback import free_port
     from cilia.envoy.supervisor import EnvoySupervisor
@@ -172,8 +173,9 @@ def test_nack_from_an_external_envoy_shows_in_status_and_wait(tmp_path: Path) ->
     state = tmp_path / "state"
     admin = f"127.0.0.1:{free_port()}"
     bootstrap = tmp_path / "bootstrap.json"
-    bootstrap.write_text(to_json(build_bootstrap("edge-1", f"unix:{state / 'xds.sock'}", admin)))
-    with agent_in_process(state, envoy="external"), EnvoySupervisor(
+    xds = f"127.0.0.1:{free_port()}"
+    bootstrap.write_text(to_json(build_bootstrap("edge-1", xds, admin)))
+    with agent_in_process(state, envoy="external", xds_addresses=(xds,)), EnvoySupervisor(
             bootstrap, admin, log_path=tmp_path / "envoy.log", extra_args=["--drain-time-s", "0"]):
         res = run_cli(state, "endpoint", "add", "--name", "ghost", "--labels", "app=ghost", "--ip", "192.0.2.1",
                       "--port", "80:8080", "-o", "json")
@@ -182,6 +184,7 @@ def test_nack_from_an_external_envoy_shows_in_status_and_wait(tmp_path: Path) ->
         waited = run_cli(state, "policy", "wait", str(revision), "--timeout", "20")
         assert waited.code == 1
         assert f"proxy edge-1 rejected revision {revision}" in waited.err and "192.0.2.1" in waited.err
+        assert xds in run_cli(state, "status", "-o", "json").json()["xds"]["addresses"]
         status = run_cli(state, "status", "-o", "json")
         assert status.code == 1 and status.json()["healthy"] is False
         assert any("192.0.2.1" in p["nack"] for p in status.json()["xds"]["proxies"] if p["node"] == "edge-1")
