@@ -25,7 +25,7 @@ from __future__ import annotations
 import functools
 import ipaddress
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from envoy.config.rbac.v3 import rbac_pb2
 from envoy.extensions.filters.network.rbac.v3 import rbac_pb2 as net_rbac_pb2
@@ -65,6 +65,13 @@ class HTTPPolicy:
     allow: str | None
     rules: tuple[tuple[bytes, str], ...]
     deny: str
+    _hash: int = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_hash", hash((self.allow, self.rules, self.deny)))
+
+    def __hash__(self) -> int:  # computed once: policies with many rules are grouped per identity
+        return self._hash
 
 
 def network_rbac(base: str, matcher: matcher_pb2.Matcher, shadow: bool) -> net_rbac_pb2.RBAC:
