@@ -320,21 +320,38 @@ def http_rbac(res: ProxyResources) -> http_rbac_pb2.RBAC:
 
 
 def matcher_shape(res: ProxyResources, path: str) -> dict[str, int]:
-    """How much work the HTTP RBAC matcher has for ``path``: source ranges in its IP trie, and the
-    position (1-based) of the first rule whose path regex matches, among the rules it tries."""
+    """How much work the HTTP RBAC matcher has for ``path``: source ranges in its IP trie, the
+    HTTP rules of the largest policy, and how many of them a request for ``path`` tries (the
+    1-based position of the first matching rule in the list it lands on: a plain rule list, or
+    the ``:path`` prefix bucket cilia builds for many rules)."""
     tree = http_rbac(res).matcher.matcher_tree
     ipm = _unpack(tree.custom_match.typed_config, ip_pb2.IPMatcher())
     ranges = sum(len(r.ranges) for r in ipm.range_matchers)
-    lists = [r.on_match.matcher.matcher_list for r in ipm.range_matchers if r.on_match.HasField("matcher")]
-    rules = max(lists, key=lambda ml: len(ml.matchers)).matchers if lists else []
+    nested = [r.on_match.matcher for r in ipm.range_matchers if r.on_match.HasField("matcher")]
+    if not nested:
+        return {"source_ranges": ranges, "rules": 0, "matched_rule_position": 0}
+    biggest = max(nested, key=lambda m: len(_rule_lists(m)))
+    rules = {fm.predicate.SerializeToString(deterministic=True) for ml in _rule_lists(biggest) for fm in ml.matchers}
+    tried = biggest.matcher_list
+    if biggest.HasField("matcher_tree"):
+        buckets = biggest.matcher_tree.prefix_match_map.map
+        keys = [k for k in buckets if path.startswith(k)]
+        tried = (buckets[max(keys, key=len)].matcher if keys else biggest.on_no_match.matcher).matcher_list
     position = 0
-    for i, fm in enumerate(rules, 1):
+    for i, fm in enumerate(tried.matchers, 1):
         preds = fm.predicate.and_matcher.predicate or [fm.predicate]
         regexes = [p.single_predicate.value_match.safe_regex.regex for p in preds]
         if any(re.fullmatch(rx, path) for rx in regexes if rx.startswith("/")):
             position = i
             break
     return {"source_ranges": ranges, "rules": len(rules), "matched_rule_position": position}
+
+
+def _rule_lists(m: Any) -> list[Any]:
+    """Every rule list in a policy's matcher: the list itself, or each prefix bucket's."""
+    if m.HasField("matcher_tree"):
+        return [b.matcher.matcher_list for b in m.matcher_tree.prefix_match_map.map.values()]
+    return [m.matcher_list]
 
 
 # --- the rig: backend + enforcing Envoy with one listener per case -----------------------------

@@ -60,10 +60,11 @@ DESTINATION = Input("envoy.matching.inputs.destination_ip", network_inputs_pb2.D
 @dataclass(frozen=True, slots=True)
 class HTTPPolicy:
     """One identity's HTTP policy on a port: allowed outright by rule ``allow``, or by the first
-    of ``rules`` (serialized predicate, rule name) that matches; otherwise denied as ``deny``."""
+    of ``rules`` (serialized predicate, rule name, literal prefix every path it matches starts
+    with) that matches; otherwise denied as ``deny``."""
 
     allow: str | None
-    rules: tuple[tuple[bytes, str], ...]
+    rules: tuple[tuple[bytes, str, str], ...]
     deny: str
     _hash: int = field(init=False, repr=False, compare=False)
 
@@ -106,15 +107,74 @@ def http_matcher(http: Mapping[int, HTTPPolicy], universe: Mapping[int, Sequence
         elif not policy.rules:
             on_match = deny
         else:
-            rules = matcher_pb2.Matcher.MatcherList(matchers=[
-                matcher_pb2.Matcher.MatcherList.FieldMatcher(
-                    predicate=matcher_pb2.Matcher.MatcherList.Predicate.FromString(pred),
-                    on_match=matcher_pb2.Matcher.OnMatch(action=_action(rule, rbac_pb2.RBAC.ALLOW)))
-                for pred, rule in policy.rules])
-            on_match = matcher_pb2.Matcher.OnMatch(matcher=matcher_pb2.Matcher(
-                matcher_list=rules, on_no_match=deny))
+            on_match = _rules_matcher(policy.rules, deny)
         groups.append((idents, on_match))
     return _by_peer(groups, universe, peer, no_rule)
+
+
+TREE_MIN_RULES = 8  # below this, trying each rule costs no more than a prefix lookup
+
+
+def _rules_matcher(rules: Sequence[tuple[bytes, str, str]], deny: matcher_pb2.Matcher.OnMatch
+                   ) -> matcher_pb2.Matcher.OnMatch:
+    """The first matching rule allows (named after it), else ``deny``.
+
+    Envoy tries a rule list in order, so a request matching the 1,000th rule pays for all of them.
+    With many rules, a ``:path`` prefix map (longest prefix wins) first picks the bucket of the
+    longest rule prefix the path starts with; each bucket holds, in the list's order, every rule
+    whose literal prefix that key starts with. Any rule that can match the path has a prefix the
+    path starts with, no longer than the chosen key, so the bucket holds every candidate and the
+    first match is the same rule the plain list finds. Rules without a literal prefix are in
+    every bucket and in the fallback for paths no key starts."""
+    def first_match(subset: Sequence[tuple[bytes, str, str]]) -> matcher_pb2.Matcher.OnMatch:
+        return matcher_pb2.Matcher.OnMatch(matcher=matcher_pb2.Matcher(
+            matcher_list=matcher_pb2.Matcher.MatcherList(matchers=[
+                matcher_pb2.Matcher.MatcherList.FieldMatcher(
+                    predicate=matcher_pb2.Matcher.MatcherList.Predicate.FromString(pred),
+                    on_match=matcher_pb2.Matcher.OnMatch(action=_action(name, rbac_pb2.RBAC.ALLOW)))
+                for pred, name, _ in subset]),
+            on_no_match=deny))
+
+    by_prefix: dict[str, list[int]] = {}
+    for i, (_, _, prefix) in enumerate(rules):
+        by_prefix.setdefault(prefix, []).append(i)
+    keys = sorted(k for k in by_prefix if k)
+    if len(rules) < TREE_MIN_RULES or not keys:
+        return first_match(rules)
+    buckets = {}
+    for key in keys:
+        members = sorted(i for n in range(len(key) + 1) for i in by_prefix.get(key[:n], ()))
+        buckets[key] = first_match([rules[i] for i in members])
+    unprefixed = [rules[i] for i in by_prefix.get("", ())]
+    tree = matcher_pb2.Matcher.MatcherTree(
+        input=extension("envoy.matching.inputs.request_headers",
+                        http_inputs_pb2.HttpRequestHeaderMatchInput(header_name=":path")),
+        prefix_match_map=matcher_pb2.Matcher.MatcherTree.MatchMap(map=buckets))
+    return matcher_pb2.Matcher.OnMatch(matcher=matcher_pb2.Matcher(
+        matcher_tree=tree, on_no_match=first_match(unprefixed) if unprefixed else deny))
+
+
+_REGEX_SPECIAL = frozenset(".^$*+?()[]{}|\\")
+
+
+def literal_prefix(pattern: str) -> str:
+    """Text every full match of the RE2 ``pattern`` starts with; '' when it cannot tell cheaply."""
+    if "|" in pattern:
+        return ""  # an alternation may start anywhere
+    out: list[str] = []
+    i = 1 if pattern.startswith("^") else 0
+    while i < len(pattern):
+        c = pattern[i]
+        if c == "\\" and i + 1 < len(pattern) and not pattern[i + 1].isalnum():
+            literal, i = pattern[i + 1], i + 2  # an escaped punctuation character is itself
+        elif c not in _REGEX_SPECIAL:
+            literal, i = c, i + 1
+        else:
+            break
+        if i < len(pattern) and pattern[i] in "*?{":
+            break  # the quantifier may make this character optional
+        out.append(literal)
+    return "".join(out)
 
 
 def _by_peer(groups: Sequence[tuple[Iterable[int], matcher_pb2.Matcher.OnMatch]],
@@ -199,7 +259,7 @@ def http_policy(entry: PolicyEntry, rules: Sequence[tuple[object, RuleOrigin]], 
     """HTTP rules as named predicates, sorted and deduplicated (the first name of a predicate
     several rules share wins); allowed outright if one rule matches any request."""
     deny = "default deny: " + "; ".join(sorted({str(o) for o in entry.origins}))
-    named: dict[bytes, str] = {}
+    named: dict[bytes, tuple[str, str]] = {}
     for rule, origin in rules:
         assert isinstance(rule, HTTPRule)
         pred, matches_any, skipped = _predicate(rule)
@@ -210,8 +270,9 @@ def http_policy(entry: PolicyEntry, rules: Sequence[tuple[object, RuleOrigin]], 
             return HTTPPolicy(name, (), deny)
         if pred is not None:
             key = pred.SerializeToString(deterministic=True)
-            named[key] = min(named.get(key, name), name)
-    return HTTPPolicy(None, tuple(sorted(named.items())), deny)
+            prefix = literal_prefix(rule.path) if rule.path is not None else ""
+            named[key] = (min(named[key][0], name), prefix) if key in named else (name, prefix)
+    return HTTPPolicy(None, tuple((pred, name, prefix) for pred, (name, prefix) in sorted(named.items())), deny)
 
 
 def _predicate(rule: HTTPRule) -> tuple[matcher_pb2.Matcher.MatcherList.Predicate | None, bool, list[str]]:

@@ -96,6 +96,26 @@ BATCH = "{matchLabels: {app: batch}}"
 PORT80 = '[{port: "80", protocol: TCP}]'
 
 POLICIES: dict[str, str] = {
+    # Enough rules (>= rbac.TREE_MIN_RULES) that the translation puts a :path prefix map in front
+    # of them: overlapping prefixes, a quantified last character, a rule with no literal prefix.
+    "many-paths": _cnp("many-paths", f"""
+  ingress:
+  - fromEndpoints: [{FE}]
+    toPorts:
+    - ports: {PORT80}
+      rules:
+        http:
+        - {{method: PUT, path: '/a/b.*'}}
+        - {{method: GET, path: '/a/c'}}
+        - {{method: GET, path: '/ab+'}}
+        - {{method: POST, path: /a}}
+        - {{method: DELETE, path: '/a.*'}}
+        - {{method: GET, path: '/x/.*'}}
+        - {{method: GET, path: '/y'}}
+        - {{method: PUT, path: '/[ab]'}}
+        - {{method: GET, path: '.*/b'}}
+        - {{method: GET, path: '/aX?'}}
+"""),
     "l3-only": _cnp("l3-only", f"""
   ingress:
   - fromEndpoints: [{FE}]

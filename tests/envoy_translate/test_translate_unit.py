@@ -6,9 +6,13 @@ import ipaddress
 from collections.abc import Iterator
 from typing import Any
 
+import pytest
 import re2
+from envoy.config.rbac.v3 import rbac_pb2
 from google.protobuf import json_format
+from xds.type.matcher.v3 import ip_pb2, matcher_pb2
 
+from cilia.envoy.rbac import SOURCE, TREE_MIN_RULES, HTTPPolicy, http_matcher, literal_prefix
 from cilia.envoy.translate import PortMapping, ProxyResources, prefixes_by_identity, translate_ingress
 from cilia.policy import Endpoint, LabelSet, PolicyEngine, parse_text
 
@@ -112,3 +116,55 @@ def test_plain_l4_ports_proxy_tcp_and_l7_ports_parse_http() -> None:
     assert by_name["api-ingress-8080"].address.socket_address.port_value == 18080
     assert {c.name: c.load_assignment.endpoints[0].lb_endpoints[0].endpoint.address.socket_address.port_value
             for c in res.clusters} == {"api-ingress-80": 80, "api-ingress-8080": 8081, "api-ingress-9000": 9000}
+
+
+
+@pytest.mark.parametrize(("pattern", "prefix"), [
+    ("/v1/request-landing", "/v1/request-landing"),
+    ("/api/r0999/[a-z]+", "/api/r0999/"),
+    ("/v1/.*", "/v1/"),
+    ("^/a/b", "/a/b"),
+    ("/ab*", "/a"),        # b* may be absent
+    ("/ab?", "/a"),
+    ("/a{2}", "/"),
+    ("/ab+c", "/ab"),       # b+ is there at least once
+    (r"/a\.b", "/a.b"),     # escaped punctuation is itself
+    (r"/x\d", "/x"),
+    ("/a|/b", ""),          # an alternation can start anywhere
+    ("(?i)/x", ""),
+    (".*/b", ""),
+])
+def test_literal_prefix_is_what_every_full_match_starts_with(pattern: str, prefix: str) -> None:
+    assert literal_prefix(pattern) == prefix
+
+
+def _rule_names(m: matcher_pb2.Matcher) -> list[str]:
+    out = []
+    for fm in m.matcher_list.matchers:
+        action = rbac_pb2.Action()
+        fm.on_match.action.typed_config.Unpack(action)
+        out.append(action.name)
+    return out
+
+
+def test_many_http_rules_get_a_path_prefix_map_whose_buckets_hold_every_candidate() -> None:
+    """Rules named after their path; predicates are placeholders here, Envoy checks the semantics
+    in tests/envoy_differential (policy many-paths)."""
+    paths = ["/a", "/a/b", "/ab", "/x/.*", ".*", "/a/c", "/q", "/r", "/s"]
+    assert len(paths) >= TREE_MIN_RULES
+    policy = HTTPPolicy(None, tuple((b"", p, literal_prefix(p)) for p in paths), "deny")
+    matcher = http_matcher({300: policy}, {300: (ipaddress.ip_network("10.0.0.1/32"),)}, SOURCE, "none")
+    ipm = ip_pb2.IPMatcher()
+    matcher.matcher_tree.custom_match.typed_config.Unpack(ipm)
+    (nested,) = [r.on_match.matcher for r in ipm.range_matchers if r.on_match.HasField("matcher")]
+    buckets = nested.matcher_tree.prefix_match_map.map
+    assert sorted(buckets) == ["/a", "/a/b", "/a/c", "/ab", "/q", "/r", "/s", "/x/"]
+    assert _rule_names(buckets["/a/b"].matcher) == ["/a", "/a/b", ".*"]  # own, shorter prefixes, unprefixed
+    assert _rule_names(buckets["/ab"].matcher) == ["/a", "/ab", ".*"]
+    assert _rule_names(buckets["/q"].matcher) == [".*", "/q"]  # in the rules' own order
+    assert _rule_names(nested.on_no_match.matcher) == [".*"]  # paths no key starts with
+    few = HTTPPolicy(None, tuple((b"", p, literal_prefix(p)) for p in paths[:TREE_MIN_RULES - 1]), "deny")
+    matcher = http_matcher({300: few}, {300: (ipaddress.ip_network("10.0.0.1/32"),)}, SOURCE, "none")
+    matcher.matcher_tree.custom_match.typed_config.Unpack(ipm)
+    (nested,) = [r.on_match.matcher for r in ipm.range_matchers if r.on_match.HasField("matcher")]
+    assert len(_rule_names(nested)) == TREE_MIN_RULES - 1  # a few rules stay a plain list
