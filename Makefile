@@ -17,6 +17,8 @@ test: setup
 
 bench: setup
 	@$(PY) bench/policy_resolution.py
+	@$(PY) bench/xds_fanout.py
+	@$(PY) bench/http_enforcement.py
 
 clean:
 	rm -rf .venv .pytest_cache .hypothesis
