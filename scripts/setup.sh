@@ -23,6 +23,17 @@ fi
 
 python3 -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "cilia needs Python >= 3.11")'
 
+# bcc compiles BPF programs at run time against the running kernel's headers. This kernel ships
+# none; Debian's linux-headers-amd64 serve for tc programs (FACTS.md), linked where bcc looks.
+moddir="/lib/modules/$(uname -r)"
+hdr="$(ls -d /usr/src/linux-headers-*-amd64 2>/dev/null | sort -V | tail -n1 || true)"
+if [ -n "$hdr" ] && [ ! -e "$moddir/build" ] && [ "$(id -u)" -eq 0 ]; then
+    echo "setup: linking $moddir/build -> $hdr"
+    mkdir -p "$moddir"
+    ln -sfn "$hdr" "$moddir/build"
+    ln -sfn "${hdr%-amd64}-common" "$moddir/source"
+fi
+
 # Python packages: reinstall only when pyproject.toml changed since the last install.
 if [ ! -x .venv/bin/python ]; then
     python3 -m venv .venv
@@ -38,4 +49,13 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
         exit 1
     fi
     echo "$want" > "$stamp"
+fi
+
+# bcc's Python module comes from Debian (python3-bpfcc; PyPI's "bcc" is another project). The
+# venv sees it through a .pth naming a directory that holds only a link to it.
+if [ -d /usr/lib/python3/dist-packages/bcc ]; then
+    site="$(.venv/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
+    mkdir -p .venv/bcc-link
+    ln -sfn /usr/lib/python3/dist-packages/bcc .venv/bcc-link/bcc
+    echo "$PWD/.venv/bcc-link" > "$site/cilia-bcc.pth"
 fi

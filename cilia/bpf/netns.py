@@ -49,13 +49,17 @@ def can_create_namespaces() -> bool:
 class Namespace:
     """One endpoint namespace: ``address`` on the namespace end of a veth pair ``host_if``."""
 
-    def __init__(self, name: str, address: str, host_if: str) -> None:
+    def __init__(self, name: str, address: str, host_if: str, node: str | None = None) -> None:
         if len(host_if) > 15:
             raise ValueError(f"interface name {host_if!r} is longer than 15 characters")
         self.name = name
         self.address = ipaddress.ip_address(address)
         self.host_if = host_if
+        self.node = node  # the namespace holding the host end (None: this process's)
         self.created = False
+
+    def _host(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        return ip(*(["-n", self.node] if self.node else []), *args, check=check)
 
     def create(self, gateway: str) -> None:
         """Create the namespace and wire it; ``gateway`` is a host address the endpoint routes to."""
@@ -63,21 +67,24 @@ class Namespace:
         bits = 32 if self.address.version == 4 else 128
         ip("netns", "add", self.name)
         self.created = True
-        ip("link", "add", self.host_if, "type", "veth", "peer", "name", peer, "netns", self.name)
-        ip("link", "set", self.host_if, "up")
+        if self.address.version == 4:  # no IPv6 link-local chatter on an IPv4 endpoint
+            subprocess.run(["ip", "netns", "exec", self.name, "sysctl", "-qw", "net.ipv6.conf.all.disable_ipv6=1",
+                            "net.ipv6.conf.default.disable_ipv6=1"], capture_output=True, check=False)
+        self._host("link", "add", self.host_if, "type", "veth", "peer", "name", peer, "netns", self.name)
+        self._host("link", "set", self.host_if, "up")
         ip("-n", self.name, "link", "set", "lo", "up")
         ip("-n", self.name, "link", "set", peer, "name", "eth0")
         ip("-n", self.name, "addr", "add", f"{self.address}/{bits}", "dev", "eth0")
         ip("-n", self.name, "link", "set", "eth0", "up")
         ip("-n", self.name, "route", "add", gateway, "dev", "eth0", "scope", "link")
         ip("-n", self.name, "route", "add", "default", "via", gateway, "dev", "eth0", "onlink")
-        ip("route", "replace", f"{self.address}/{bits}", "dev", self.host_if)
+        self._host("route", "replace", f"{self.address}/{bits}", "dev", self.host_if)
 
     def delete(self) -> None:
         """Remove the namespace (and with it the veth pair and the host route). Safe to repeat."""
         if self.created:
             ip("netns", "del", self.name, check=False)
-            ip("link", "del", self.host_if, check=False)  # gone with the namespace; make sure
+            self._host("link", "del", self.host_if, check=False)  # gone with the namespace; make sure
             self.created = False
 
     def run_in(self, fn: Callable[[], T]) -> T:

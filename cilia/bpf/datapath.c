@@ -1,0 +1,406 @@
+// cilia's datapath: L3/L4 policy per endpoint, connection tracking, redirect to Envoy.
+//
+// One program pair serves every endpoint, attached to the host end of its veth:
+//   from_endpoint  tc ingress  packets the endpoint sends
+//   to_endpoint    tc egress   packets about to enter the endpoint
+// A new flow between two local endpoints is judged once, where it enters the node (the
+// sender's egress policy, then the receiver's ingress policy); its conntrack entry lets the
+// rest of the flow and its replies through on both sides. Flows from the node itself or
+// elsewhere are judged against the receiver's ingress policy at to_endpoint.
+//
+// Maps shared across programs and agent restarts are pinned under PIN_DIR (set by the loader).
+// Policy maps are per endpoint (LPM tries made and pinned by the agent, like Cilium's
+// cilium_policy_<EPID>), found through the policy_maps array by endpoint id.
+//
+// Keep the structs in step with cilia/bpf/maps.py and cilia/bpf/policykey.py.
+
+#include <uapi/linux/bpf.h>
+#include <uapi/linux/if_ether.h>
+#include <uapi/linux/in.h>
+#include <uapi/linux/ip.h>
+#include <uapi/linux/tcp.h>
+#include <uapi/linux/udp.h>
+#include <uapi/linux/icmp.h>
+#include <uapi/linux/pkt_cls.h>
+
+#define MARK_MAGIC_MASK 0x0F00
+#define MARK_TO_PROXY 0x0200      // set on redirected packets; a routing rule delivers them locally
+#define MARK_PROXY_INGRESS 0x0A00 // Envoy's upstream connections (SO_MARK), already judged by Envoy
+#define MARK_PROXY_EGRESS 0x0B00
+
+#define EVENT_DROP 1
+#define EVENT_VERDICT 5
+
+#define REASON_POLICY_DENIED 133 // no entry allows it (Cilium's DROP_POLICY)
+#define REASON_POLICY_DENY 181   // a deny entry (Cilium's DROP_POLICY_DENY)
+#define REASON_INVALID_SOURCE 132
+#define REASON_UNKNOWN_L3 142    // not IPv4: fail closed
+#define REASON_NO_PROXY 180      // needs L7 but no proxy listener (or cannot redirect here)
+
+#define VERDICT_FORWARDED 1
+#define VERDICT_DROPPED 2
+#define VERDICT_REDIRECTED 5
+
+#define IDENTITY_HOST 1
+#define IDENTITY_WORLD_IPV4 9
+
+#define POLICY_DENY 1
+
+struct ipcache_key {
+    u32 prefixlen;
+    u32 addr; // network order
+};
+
+struct ipcache_val {
+    u32 identity;
+};
+
+struct endpoint_val {
+    u32 ep_id;     // index in policy_maps
+    u32 ifindex;   // host end of its veth
+    u32 identity;
+    u32 flags;
+};
+
+struct policy_key {
+    u32 prefixlen;
+    u32 identity;  // network order (always matched whole)
+    u8 egress;
+    u8 protocol;
+    u16 dport;     // network order
+};
+
+struct policy_val {
+    u16 proxy_port;
+    u8 flags;
+    u8 pad;
+    u32 rule_id;
+    u64 packets;
+    u64 bytes;
+};
+
+struct ct_key {
+    u32 saddr;
+    u32 daddr;
+    u16 sport;
+    u16 dport;
+    u8 protocol;
+    u8 pad[3];
+};
+
+struct ct_val {
+    u16 proxy_port; // the flow goes to Envoy on this port
+    u8 flags;
+    u8 pad;
+    u32 src_identity;
+    u64 packets;
+    u64 bytes;
+    u64 last_seen;
+};
+
+struct event {
+    u8 type;
+    u8 verdict;
+    u8 egress;     // which policy decided: 1 the sender's egress, 0 the receiver's ingress
+    u8 protocol;
+    u16 reason;
+    u16 proxy_port;
+    u32 ep_id;     // endpoint whose policy decided
+    u32 src_identity;
+    u32 dst_identity;
+    u32 saddr;
+    u32 daddr;
+    u16 sport;
+    u16 dport;
+    u32 rule_id;
+    u32 ifindex;
+    u32 len;
+};
+
+BPF_TABLE_PINNED7("lpm_trie", struct ipcache_key, struct ipcache_val, ipcache, 65536,
+                  PIN_DIR "/ipcache", BPF_F_NO_PREALLOC);
+BPF_TABLE_PINNED("hash", u32, struct endpoint_val, endpoints, 4096, PIN_DIR "/endpoints");
+BPF_TABLE_PINNED("lru_hash", struct ct_key, struct ct_val, conntrack, 262144, PIN_DIR "/conntrack");
+BPF_TABLE_PINNED("array", u32, u64, drop_counts, 256, PIN_DIR "/drop_counts");
+// Template for the per-endpoint policy tries (never used directly).
+BPF_F_TABLE("lpm_trie", struct policy_key, struct policy_val, policy_template, POLICY_MAX, BPF_F_NO_PREALLOC);
+BPF_ARRAY_OF_MAPS(policy_maps, "policy_template", 4096);
+BPF_PERF_OUTPUT(events);
+
+struct flow {
+    u32 saddr, daddr;
+    u16 sport, dport;   // network order; for ICMP dport holds the type, sport the echo id
+    u8 protocol;
+    u8 icmp_reply;      // an ICMP echo reply: its flow is the request's, reversed
+    u32 len;
+};
+
+static __always_inline int parse(struct __sk_buff *skb, struct flow *f) {
+    void *data = (void *)(long)skb->data;
+    void *end = (void *)(long)skb->data_end;
+    struct ethhdr *eth = data;
+    if ((void *)(eth + 1) > end)
+        return -1;
+    if (eth->h_proto != bpf_htons(ETH_P_IP))
+        return eth->h_proto == bpf_htons(ETH_P_ARP) ? 1 : -2;
+    struct iphdr *ip = (void *)(eth + 1);
+    if ((void *)(ip + 1) > end || ip->ihl < 5)
+        return -1;
+    f->saddr = ip->saddr;
+    f->daddr = ip->daddr;
+    f->protocol = ip->protocol;
+    f->sport = 0;
+    f->dport = 0;
+    f->icmp_reply = 0;
+    f->len = skb->len;
+    void *l4 = (void *)ip + ip->ihl * 4;
+    if (ip->frag_off & bpf_htons(0x1FFF))
+        return 0; // a later fragment: no L4 header; judged on ports 0
+    if (ip->protocol == IPPROTO_TCP || ip->protocol == IPPROTO_UDP || ip->protocol == IPPROTO_SCTP) {
+        u16 *ports = l4;
+        if ((void *)(ports + 2) > end)
+            return -1;
+        f->sport = ports[0];
+        f->dport = ports[1];
+    } else if (ip->protocol == IPPROTO_ICMP) {
+        struct icmphdr *icmp = l4;
+        if ((void *)(icmp + 1) > end)
+            return -1;
+        f->dport = bpf_htons(icmp->type);
+        if (icmp->type == ICMP_ECHO || icmp->type == ICMP_ECHOREPLY)
+            f->sport = icmp->un.echo.id;
+        f->icmp_reply = icmp->type == ICMP_ECHOREPLY;
+    }
+    return 0;
+}
+
+static __always_inline void ct_keys(struct flow *f, struct ct_key *fwd, struct ct_key *rev) {
+    __builtin_memset(fwd, 0, sizeof(*fwd));
+    __builtin_memset(rev, 0, sizeof(*rev));
+    fwd->saddr = f->saddr; fwd->daddr = f->daddr; fwd->protocol = f->protocol;
+    rev->saddr = f->daddr; rev->daddr = f->saddr; rev->protocol = f->protocol;
+    if (f->protocol == IPPROTO_ICMP) {
+        // Echo request and reply share one entry keyed (requester, responder, id, 0).
+        fwd->sport = f->sport; rev->sport = f->sport;
+    } else {
+        fwd->sport = f->sport; fwd->dport = f->dport;
+        rev->sport = f->dport; rev->dport = f->sport;
+    }
+}
+
+static __always_inline u32 identity_of(u32 addr) {
+    struct ipcache_key k = {.prefixlen = 32, .addr = addr};
+    struct ipcache_val *v = ipcache.lookup(&k);
+    return v ? v->identity : IDENTITY_WORLD_IPV4;
+}
+
+// The endpoint's decision for a peer: NULL = no entry (dropped). Exact identity first, then ANY:
+// the agent writes the map so that this equals `cilia policy trace` (see policykey.py).
+static __always_inline struct policy_val *policy_lookup(u32 ep_id, u32 peer, u8 egress, struct flow *f) {
+    void *map = policy_maps.lookup(&ep_id);
+    if (!map)
+        return NULL;
+    struct policy_key k = {.prefixlen = 64, .identity = bpf_htonl(peer), .egress = egress,
+                           .protocol = f->protocol, .dport = f->dport};
+    struct policy_val *v = bpf_map_lookup_elem(map, &k);
+    if (v)
+        return v;
+    k.identity = 0;
+    return bpf_map_lookup_elem(map, &k);
+}
+
+static __always_inline void emit(struct __sk_buff *skb, struct flow *f, u8 type, u8 verdict, u8 egress,
+                                 u16 reason, u32 ep_id, u32 src_id, u32 dst_id, struct policy_val *pv) {
+    struct event e = {};
+    e.type = type;
+    e.verdict = verdict;
+    e.egress = egress;
+    e.protocol = f->protocol;
+    e.reason = reason;
+    e.proxy_port = pv ? pv->proxy_port : 0;
+    e.ep_id = ep_id;
+    e.src_identity = src_id;
+    e.dst_identity = dst_id;
+    e.saddr = f->saddr;
+    e.daddr = f->daddr;
+    e.sport = f->sport;
+    e.dport = f->dport;
+    e.rule_id = pv ? pv->rule_id : 0;
+    e.ifindex = skb->ifindex;
+    e.len = f->len;
+    events.perf_submit(skb, &e, sizeof(e));
+}
+
+static __always_inline int drop(struct __sk_buff *skb, struct flow *f, u8 egress, u16 reason, u32 ep_id,
+                                u32 src_id, u32 dst_id, struct policy_val *pv) {
+    u32 idx = reason;
+    u64 *n = drop_counts.lookup(&idx);
+    if (n)
+        __sync_fetch_and_add(n, 1);
+    emit(skb, f, EVENT_DROP, VERDICT_DROPPED, egress, reason, ep_id, src_id, dst_id, pv);
+    return TC_ACT_SHOT;
+}
+
+static __always_inline void count(struct policy_val *pv, struct flow *f) {
+    __sync_fetch_and_add(&pv->packets, 1);
+    __sync_fetch_and_add(&pv->bytes, f->len);
+}
+
+// Hand the packet to Envoy's transparent listener on proxy_port: the flow's own accepted socket
+// if there is one, else the listener (a SYN becomes a new proxied connection; anything else is
+// answered with a reset, which is how connections that predate an L7 rule are made to reconnect).
+static __always_inline int to_proxy(struct __sk_buff *skb, struct flow *f, u16 proxy_port) {
+    struct bpf_sock_tuple t = {};
+    t.ipv4.saddr = f->saddr;
+    t.ipv4.daddr = f->daddr;
+    t.ipv4.sport = f->sport;
+    t.ipv4.dport = f->dport;
+    struct bpf_sock *sk = bpf_skc_lookup_tcp(skb, &t, sizeof(t.ipv4), BPF_F_CURRENT_NETNS, 0);
+    if (sk) {
+        if (sk->state != BPF_TCP_LISTEN)
+            goto assign;
+        bpf_sk_release(sk);
+    }
+    t.ipv4.daddr = bpf_htonl(0x7f000001);
+    t.ipv4.dport = bpf_htons(proxy_port);
+    sk = bpf_skc_lookup_tcp(skb, &t, sizeof(t.ipv4), BPF_F_CURRENT_NETNS, 0);
+    if (!sk)
+        return -1;
+assign:;
+    long err = bpf_sk_assign(skb, sk, 0);
+    bpf_sk_release(sk);
+    if (err)
+        return -1;
+    skb->mark = MARK_TO_PROXY;
+    return 0;
+}
+
+static __always_inline int established(struct __sk_buff *skb, struct flow *f, int at_source) {
+    struct ct_key fwd, rev;
+    ct_keys(f, &fwd, &rev);
+    struct ct_val *ct = f->icmp_reply ? NULL : conntrack.lookup(&fwd);
+    if (ct) {
+        __sync_fetch_and_add(&ct->packets, 1);
+        __sync_fetch_and_add(&ct->bytes, f->len);
+        ct->last_seen = bpf_ktime_get_ns();
+        if (ct->proxy_port && at_source && f->protocol == IPPROTO_TCP) {
+            if (to_proxy(skb, f, ct->proxy_port) < 0)
+                return drop(skb, f, 0, REASON_NO_PROXY, 0, ct->src_identity, 0, NULL);
+        }
+        return TC_ACT_OK;
+    }
+    ct = conntrack.lookup(&rev);
+    if (ct) {
+        __sync_fetch_and_add(&ct->packets, 1);
+        __sync_fetch_and_add(&ct->bytes, f->len);
+        ct->last_seen = bpf_ktime_get_ns();
+        return TC_ACT_OK;
+    }
+    return -1;
+}
+
+static __always_inline void ct_create(struct flow *f, u32 src_id, u16 proxy_port) {
+    struct ct_key fwd, rev;
+    ct_keys(f, &fwd, &rev);
+    struct ct_val v = {.proxy_port = proxy_port, .src_identity = src_id, .packets = 1,
+                       .bytes = f->len, .last_seen = bpf_ktime_get_ns()};
+    conntrack.update(&fwd, &v);
+}
+
+int from_endpoint(struct __sk_buff *skb) {
+    struct flow f = {};
+    int p = parse(skb, &f);
+    if (p == 1)
+        return TC_ACT_OK; // ARP
+    if (p < 0) {
+        struct flow none = {.len = skb->len};
+        return drop(skb, &none, 1, REASON_UNKNOWN_L3, 0, 0, 0, NULL);
+    }
+    struct endpoint_val *src = endpoints.lookup(&f.saddr);
+    if (!src || src->ifindex != skb->ifindex)
+        return drop(skb, &f, 1, REASON_INVALID_SOURCE, 0, 0, 0, NULL);
+    int r = established(skb, &f, 1);
+    if (r >= 0)
+        return r;
+    u32 src_id = src->identity;
+    u32 dst_id = identity_of(f.daddr);
+    u16 proxy_port = 0;
+
+    struct policy_val *pv = policy_lookup(src->ep_id, dst_id, 1, &f);
+    if (!pv)
+        return drop(skb, &f, 1, REASON_POLICY_DENIED, src->ep_id, src_id, dst_id, NULL);
+    if (pv->flags & POLICY_DENY)
+        return drop(skb, &f, 1, REASON_POLICY_DENY, src->ep_id, src_id, dst_id, pv);
+    count(pv, &f);
+    proxy_port = pv->proxy_port;
+    u8 decided_egress = 1;
+    u32 decided_ep = src->ep_id;
+    struct policy_val *decided = pv;
+
+    struct endpoint_val *dst = endpoints.lookup(&f.daddr);
+    if (dst) {
+        struct policy_val *iv = policy_lookup(dst->ep_id, src_id, 0, &f);
+        if (!iv)
+            return drop(skb, &f, 0, REASON_POLICY_DENIED, dst->ep_id, src_id, dst_id, NULL);
+        if (iv->flags & POLICY_DENY)
+            return drop(skb, &f, 0, REASON_POLICY_DENY, dst->ep_id, src_id, dst_id, iv);
+        count(iv, &f);
+        // The sender's L7 proxy goes first; otherwise the receiver's.
+        if (!proxy_port && iv->proxy_port) {
+            proxy_port = iv->proxy_port;
+            decided_egress = 0;
+            decided_ep = dst->ep_id;
+            decided = iv;
+        } else if (!proxy_port) {
+            decided_egress = 0;
+            decided_ep = dst->ep_id;
+            decided = iv;
+        }
+    }
+    if (proxy_port) {
+        if (f.protocol != IPPROTO_TCP || to_proxy(skb, &f, proxy_port) < 0)
+            return drop(skb, &f, decided_egress, REASON_NO_PROXY, decided_ep, src_id, dst_id, decided);
+    }
+    ct_create(&f, src_id, proxy_port);
+    emit(skb, &f, EVENT_VERDICT, proxy_port ? VERDICT_REDIRECTED : VERDICT_FORWARDED, decided_egress, 0,
+         decided_ep, src_id, dst_id, decided);
+    return TC_ACT_OK;
+}
+
+int to_endpoint(struct __sk_buff *skb) {
+    struct flow f = {};
+    int p = parse(skb, &f);
+    if (p == 1)
+        return TC_ACT_OK;
+    if (p < 0) {
+        struct flow none = {.len = skb->len};
+        return drop(skb, &none, 0, REASON_UNKNOWN_L3, 0, 0, 0, NULL);
+    }
+    int r = established(skb, &f, 0);
+    if (r >= 0)
+        return r;
+    struct endpoint_val *dst = endpoints.lookup(&f.daddr);
+    if (!dst)
+        return TC_ACT_OK; // not for an endpoint we manage (its own policy is elsewhere)
+    u32 src_id = identity_of(f.saddr);
+    u32 mark = skb->mark & MARK_MAGIC_MASK;
+    if (mark == MARK_PROXY_INGRESS) {
+        // Envoy's upstream connection for an ingress L7 port: Envoy enforced this endpoint's
+        // policy. (An egress proxy's upstream is judged below like any node traffic: its source
+        // is the node, so an endpoint whose ingress also needs L7 refuses it: fail closed.)
+        ct_create(&f, IDENTITY_HOST, 0);
+        return TC_ACT_OK;
+    }
+    struct policy_val *iv = policy_lookup(dst->ep_id, src_id, 0, &f);
+    if (!iv)
+        return drop(skb, &f, 0, REASON_POLICY_DENIED, dst->ep_id, src_id, dst->identity, NULL);
+    if (iv->flags & POLICY_DENY)
+        return drop(skb, &f, 0, REASON_POLICY_DENY, dst->ep_id, src_id, dst->identity, iv);
+    if (iv->proxy_port)
+        // Needs L7 but did not enter through an endpoint's veth, where it could be redirected.
+        return drop(skb, &f, 0, REASON_NO_PROXY, dst->ep_id, src_id, dst->identity, iv);
+    count(iv, &f);
+    ct_create(&f, src_id, 0);
+    emit(skb, &f, EVENT_VERDICT, VERDICT_FORWARDED, 0, 0, dst->ep_id, src_id, dst->identity, iv);
+    return TC_ACT_OK;
+}

@@ -1,0 +1,193 @@
+"""The BPF datapath as the agent sees it: endpoints, ipcache and resolved policy in, decoded
+events out. Writes only the map entries that changed.
+
+Every policy-map value carries a rule id (a CRC of the deciding rules' ``file:line`` text), so a
+drop or verdict event names the YAML that decided it; ids are stable across agent restarts, so a
+restarted agent rewrites nothing that did not change and the counters keep counting.
+"""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+import zlib
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from cilia.policy.mapstate import L4Key, MapState, PolicyEntry
+from cilia.policy.model import Direction, IPNetwork, Protocol
+
+from . import maps
+from .loader import Loader
+from .policykey import PolicyKey, PolicyValue, ProxyPortOf, direction_entries
+
+NO_RULE = "no rule allows it"
+DROP_REASONS = {
+    133: "Policy denied",
+    181: "Policy denied by denylist",
+    132: "Invalid source ip",
+    142: "Unknown L3 protocol",
+    180: "No proxy to redirect to",
+}
+VERDICTS = {1: "FORWARDED", 2: "DROPPED", 5: "REDIRECTED"}
+EVENT_TYPES = {1: "drop", 5: "policy-verdict"}
+
+
+def no_proxy(_d: Direction, _k: L4Key, _e: PolicyEntry) -> int:
+    return 0
+
+
+@dataclass(frozen=True, slots=True)
+class DatapathEvent:
+    time: float
+    type: str  # drop | policy-verdict
+    verdict: str  # FORWARDED | DROPPED | REDIRECTED
+    reason: int
+    reason_text: str
+    direction: str  # whose policy decided: "egress" (sender's) or "ingress" (receiver's)
+    protocol: str
+    source: str
+    source_port: int
+    destination: str
+    destination_port: int  # ICMP: the type
+    source_identity: int
+    destination_identity: int
+    endpoint_id: int
+    proxy_port: int
+    rule: str
+    ifindex: int
+    length: int
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class Datapath:
+    def __init__(self, loader: Loader) -> None:
+        self.loader = loader
+        self.rules: dict[int, str] = {}
+        self._events: list[Callable[[DatapathEvent], None]] = []
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    # -- state in ----------------------------------------------------------------------
+
+    def sync_ipcache(self, items: Iterable[tuple[IPNetwork, int]]) -> int:
+        return maps.sync_ipcache(self.loader.maps["ipcache"], items)
+
+    def upsert_endpoint(self, ep_id: int, address: str, ifname: str, identity: int) -> int:
+        """Attach to the endpoint's host-side interface and register its address; returns ifindex."""
+        self.loader.policy_map(ep_id)  # exists (empty: everything dropped) before traffic is judged
+        ifindex = self.loader.attach(ifname)
+        maps.set_endpoint(self.loader.maps["endpoints"], address, maps.EndpointEntry(ep_id, ifindex, identity))
+        return ifindex
+
+    def remove_endpoint(self, ep_id: int, address: str, ifname: str | None) -> None:
+        maps.delete_endpoint(self.loader.maps["endpoints"], address)
+        if ifname:
+            self.loader.detach(ifname)
+        self.loader.drop_policy_map(ep_id)
+
+    def rule_id(self, entry: PolicyEntry) -> int:
+        text = "; ".join(sorted({str(o) for o in entry.origins})) or "allowed"
+        rid = zlib.crc32(text.encode()) or 1
+        self.rules[rid] = text
+        return rid
+
+    def sync_policy(self, ep_id: int, state: MapState, proxy_port_of: ProxyPortOf = no_proxy) -> tuple[int, int]:
+        """Make endpoint ``ep_id``'s policy trie express ``state``; returns (written, removed)."""
+        target: dict[bytes, bytes] = {}
+        for direction in (state.ingress, state.egress):
+            for key, (value, _l4) in direction_entries(direction, proxy_port_of, self.rule_id).items():
+                target[key] = value.pack()
+        return maps.sync_policy(self.loader.policy_map(ep_id), target)
+
+    # -- state out ---------------------------------------------------------------------
+
+    def policy_rows(self, ep_id: int) -> list[dict[str, Any]]:
+        """Like ``cilium bpf policy get``: one row per trie entry, with its counters."""
+        rows = []
+        for k, v in self.loader.policy_map(ep_id).items():
+            key = PolicyKey.unpack(k)
+            value, packets, nbytes = PolicyValue.unpack(v)
+            rows.append({"verdict": "deny" if value.deny else ("redirect" if value.proxy_port else "allow"),
+                         "direction": "egress" if key.egress else "ingress", "identity": key.identity,
+                         "port": str(key), "proxy_port": value.proxy_port, "packets": packets, "bytes": nbytes,
+                         "rule": self.rules.get(value.rule_id, f"rule {value.rule_id}")})
+        rows.sort(key=lambda r: (r["direction"], r["identity"], r["port"]))
+        return rows
+
+    def conntrack(self) -> list[maps.CtEntry]:
+        return maps.ct_items(self.loader.maps["conntrack"])
+
+    def reset_flows_to_proxy(self, needs_proxy: Callable[[maps.CtEntry], int]) -> int:
+        """Point established flows that now need L7 at their proxy port; their next packet gets a
+        reset and the client reconnects through Envoy. Returns how many."""
+        m = self.loader.maps["conntrack"]
+        n = 0
+        for entry in self.conntrack():
+            if entry.protocol == Protocol.TCP and not entry.proxy_port:
+                port = needs_proxy(entry)
+                if port:
+                    maps.ct_set_proxy(m, entry, port)
+                    n += 1
+        return n
+
+    def flush_conntrack(self) -> None:
+        m = self.loader.maps["conntrack"]
+        for entry in self.conntrack():
+            maps.ct_delete(m, entry)
+
+    # -- events ------------------------------------------------------------------------
+
+    def subscribe(self, callback: Callable[[DatapathEvent], None]) -> None:
+        self._events.append(callback)
+
+    def start_events(self) -> None:
+        self.loader.open_events(self._on_raw)
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._poll, name="bpf-events", daemon=True)
+        self._thread.start()
+
+    def stop_events(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(5)
+            self._thread = None
+
+    def _poll(self) -> None:
+        while not self._stop.is_set():
+            self.loader.poll_events(100)
+
+    def _on_raw(self, raw: bytes) -> None:
+        ev = self.decode(raw[:maps.EVENT.size])
+        for cb in list(self._events):
+            cb(ev)
+
+    def decode(self, raw: bytes) -> DatapathEvent:
+        (etype, verdict, egress, proto, reason, proxy_port, ep_id, src_id, dst_id, saddr, daddr, sport, dport,
+         rule_id, ifindex, length) = maps.EVENT.unpack(raw)
+        try:
+            proto_name = Protocol(proto).label
+        except ValueError:
+            proto_name = str(proto)
+        rule = self.rules.get(rule_id, f"rule {rule_id}") if rule_id else (NO_RULE if verdict == 2 else "")
+        return DatapathEvent(
+            time=time.time(), type=EVENT_TYPES.get(etype, str(etype)), verdict=VERDICTS.get(verdict, str(verdict)),
+            reason=reason, reason_text=DROP_REASONS.get(reason, "") if reason else "",
+            direction="egress" if egress else "ingress", protocol=proto_name,
+            source=socket.inet_ntoa(saddr), source_port=int.from_bytes(sport, "big"),
+            destination=socket.inet_ntoa(daddr), destination_port=int.from_bytes(dport, "big"),
+            source_identity=src_id, destination_identity=dst_id, endpoint_id=ep_id, proxy_port=proxy_port,
+            rule=rule, ifindex=ifindex, length=length)
+
+    def drop_counts(self) -> dict[int, int]:
+        out = {}
+        for k, v in self.loader.maps["drop_counts"].items():
+            n = int.from_bytes(v, "little")
+            if n:
+                out[int.from_bytes(k, "little")] = n
+        return out
+

@@ -1,0 +1,133 @@
+"""The datapath's maps as Python values: packing, and syncing with only the changed entries.
+
+Layouts mirror the structs in ``datapath.c``. Addresses are stored in network order.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import socket
+import struct
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+from .syscall import Map
+
+IPCACHE_KEY = struct.Struct("<I4s")
+IPCACHE_VAL = struct.Struct("<I")
+ENDPOINT_KEY = struct.Struct("4s")
+ENDPOINT_VAL = struct.Struct("<IIII")
+CT_KEY = struct.Struct(">4s4sHHB3x")
+CT_VAL = struct.Struct("<HBxIQQQ")
+EVENT = struct.Struct("<BBBBHHIII4s4s2s2sIII")
+
+
+def ip4(addr: str | ipaddress.IPv4Address) -> bytes:
+    return socket.inet_aton(str(addr))
+
+
+@dataclass(frozen=True, slots=True)
+class EndpointEntry:
+    ep_id: int
+    ifindex: int
+    identity: int
+
+
+def sync_ipcache(m: Map, want: Iterable[tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, int]]) -> int:
+    """Make the ipcache trie hold exactly ``want`` (IPv4 prefixes); returns entries written or removed."""
+    target: dict[bytes, bytes] = {}
+    for prefix, identity in want:
+        if prefix.version != 4:
+            continue
+        target[IPCACHE_KEY.pack(prefix.prefixlen, prefix.network_address.packed)] = IPCACHE_VAL.pack(identity)
+    return _sync(m, target)
+
+
+def ipcache_items(m: Map) -> dict[ipaddress.IPv4Network, int]:
+    out = {}
+    for k, v in m.items():
+        plen, addr = IPCACHE_KEY.unpack(k)
+        out[ipaddress.IPv4Network((addr, plen))] = IPCACHE_VAL.unpack(v)[0]
+    return out
+
+
+def set_endpoint(m: Map, address: str, entry: EndpointEntry) -> None:
+    m.update(ENDPOINT_KEY.pack(ip4(address)), ENDPOINT_VAL.pack(entry.ep_id, entry.ifindex, entry.identity, 0))
+
+
+def delete_endpoint(m: Map, address: str) -> None:
+    m.delete(ENDPOINT_KEY.pack(ip4(address)))
+
+
+def endpoint_items(m: Map) -> dict[str, EndpointEntry]:
+    out = {}
+    for k, v in m.items():
+        ep_id, ifindex, identity, _ = ENDPOINT_VAL.unpack(v)
+        out[socket.inet_ntoa(k)] = EndpointEntry(ep_id, ifindex, identity)
+    return out
+
+
+def sync_policy(m: Map, target: Mapping[bytes, bytes]) -> tuple[int, int]:
+    """Write ``target`` (packed key -> packed value with zero counters) into an endpoint's policy
+    trie, leaving unchanged entries alone so their packet and byte counters keep counting.
+    Returns (written, removed)."""
+    current = dict(m.items())
+    written = 0
+    for k, v in target.items():
+        have = current.get(k)
+        if have is None or have[:8] != v[:8]:  # proxy port, flags, rule id; not the counters
+            m.update(k, v)
+            written += 1
+    removed = sum(1 for k in current if k not in target and m.delete(k))
+    return written, removed
+
+
+def _sync(m: Map, target: Mapping[bytes, bytes]) -> int:
+    current = dict(m.items())
+    n = 0
+    for k, v in target.items():
+        if current.get(k) != v:
+            m.update(k, v)
+            n += 1
+    for k in current:
+        if k not in target and m.delete(k):
+            n += 1
+    return n
+
+
+@dataclass(frozen=True, slots=True)
+class CtEntry:
+    saddr: str
+    daddr: str
+    sport: int
+    dport: int
+    protocol: int
+    proxy_port: int
+    src_identity: int
+    packets: int
+    nbytes: int
+
+
+def ct_items(m: Map) -> list[CtEntry]:
+    out = []
+    for k, v in m.items():
+        sa, da, sp, dp, proto = CT_KEY.unpack(k)
+        proxy_port, _flags, src_id, packets, nbytes, _seen = CT_VAL.unpack(v)
+        out.append(CtEntry(socket.inet_ntoa(sa), socket.inet_ntoa(da), sp, dp, proto, proxy_port, src_id,
+                           packets, nbytes))
+    return out
+
+
+def ct_set_proxy(m: Map, entry: CtEntry, proxy_port: int) -> None:
+    """Point an existing flow at the proxy: its next packet is answered with a reset, and the
+    client's new connection goes through Envoy."""
+    key = CT_KEY.pack(ip4(entry.saddr), ip4(entry.daddr), entry.sport, entry.dport, entry.protocol)
+    raw = m.lookup(key)
+    if raw is None:
+        return
+    _, flags, src_id, packets, nbytes, seen = CT_VAL.unpack(raw)
+    m.update(key, CT_VAL.pack(proxy_port, flags, src_id, packets, nbytes, seen))
+
+
+def ct_delete(m: Map, entry: CtEntry) -> None:
+    m.delete(CT_KEY.pack(ip4(entry.saddr), ip4(entry.daddr), entry.sport, entry.dport, entry.protocol))
