@@ -19,6 +19,7 @@ bench: setup
 	@$(PY) bench/policy_resolution.py
 	@$(PY) bench/xds_fanout.py
 	@$(PY) bench/http_enforcement.py
+	@$(PY) bench/bpf_datapath.py
 
 clean:
 	rm -rf .venv .pytest_cache .hypothesis

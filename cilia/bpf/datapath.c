@@ -132,6 +132,7 @@ struct flow {
     u16 sport, dport;   // network order; for ICMP dport holds the type, sport the echo id
     u8 protocol;
     u8 icmp_reply;      // an ICMP echo reply: its flow is the request's, reversed
+    u8 syn;             // a TCP SYN without ACK: a new connection, whatever conntrack remembers
     u32 len;
 };
 
@@ -152,6 +153,7 @@ static __always_inline int parse(struct __sk_buff *skb, struct flow *f) {
     f->sport = 0;
     f->dport = 0;
     f->icmp_reply = 0;
+    f->syn = 0;
     f->len = skb->len;
     void *l4 = (void *)ip + ip->ihl * 4;
     if (ip->frag_off & bpf_htons(0x1FFF))
@@ -162,6 +164,12 @@ static __always_inline int parse(struct __sk_buff *skb, struct flow *f) {
             return -1;
         f->sport = ports[0];
         f->dport = ports[1];
+        if (ip->protocol == IPPROTO_TCP) {
+            struct tcphdr *tcp = l4;
+            if ((void *)(tcp + 1) > end)
+                return -1;
+            f->syn = tcp->syn && !tcp->ack;
+        }
     } else if (ip->protocol == IPPROTO_ICMP) {
         struct icmphdr *icmp = l4;
         if ((void *)(icmp + 1) > end)
@@ -278,6 +286,13 @@ assign:;
 static __always_inline int established(struct __sk_buff *skb, struct flow *f, int at_source) {
     struct ct_key fwd, rev;
     ct_keys(f, &fwd, &rev);
+    // A SYN opens a new connection even on a reused 4-tuple: it is judged by today's policy,
+    // never let through on an old connection's entry. (At to_endpoint, a SYN from a local
+    // endpoint was judged a moment ago by from_endpoint, which made the entry.)
+    if (f->syn && (at_source || !endpoints.lookup(&f->saddr))) {
+        conntrack.delete(&fwd);
+        return -1;
+    }
     struct ct_val *ct = f->icmp_reply ? NULL : conntrack.lookup(&fwd);
     if (ct) {
         __sync_fetch_and_add(&ct->packets, 1);

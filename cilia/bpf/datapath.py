@@ -68,6 +68,7 @@ class Datapath:
     def __init__(self, loader: Loader) -> None:
         self.loader = loader
         self.rules: dict[int, str] = {}
+        self._written: dict[int, dict[bytes, bytes]] = {}  # per endpoint: what its trie holds
         self._events: list[Callable[[DatapathEvent], None]] = []
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -89,6 +90,7 @@ class Datapath:
         if ifname:
             self.loader.detach(ifname)
         self.loader.drop_policy_map(ep_id)
+        self._written.pop(ep_id, None)
 
     def rule_id(self, entry: PolicyEntry) -> int:
         text = "; ".join(sorted({str(o) for o in entry.origins})) or "allowed"
@@ -102,7 +104,15 @@ class Datapath:
         for direction in (state.ingress, state.egress):
             for key, (value, _l4) in direction_entries(direction, proxy_port_of, self.rule_id).items():
                 target[key] = value.pack()
-        return maps.sync_policy(self.loader.policy_map(ep_id), target)
+        return self.write_policy(ep_id, target)
+
+    def write_policy(self, ep_id: int, target: dict[bytes, bytes]) -> tuple[int, int]:
+        """Write packed entries (see policykey) as endpoint ``ep_id``'s whole trie, changing only
+        what differs from what was written before (read back from the kernel after a restart)."""
+        current = self._written.get(ep_id)
+        if current is None:
+            current = self._written[ep_id] = {k: v[:8] for k, v in self.loader.policy_map(ep_id).items()}
+        return maps.sync_policy(self.loader.policy_map(ep_id), target, current)
 
     # -- state out ---------------------------------------------------------------------
 

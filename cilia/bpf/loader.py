@@ -63,8 +63,10 @@ class Loader:
     """The loaded program and its maps. ``netns``: the namespace whose interfaces it attaches to
     (None: this process's)."""
 
-    def __init__(self, pin_dir: str = DEFAULT_PIN_DIR, netns: str | None = None) -> None:
+    def __init__(self, pin_dir: str = DEFAULT_PIN_DIR, netns: str | None = None,
+                 policy_max: int = POLICY_MAX) -> None:
         self.pin_dir = pin_dir
+        self.policy_max = policy_max
         self.netns = netns
         self.bpf: Any = None  # bcc.BPF
         self._fns: dict[str, Any] = {}
@@ -82,7 +84,7 @@ class Loader:
         os.makedirs(self.pin_dir, exist_ok=True)
         text = SOURCE.read_bytes()
         # bcc wants bytes throughout (str arguments raise DeprecationWarning).
-        cflags = [f'-DPIN_DIR="{self.pin_dir}"', f"-DPOLICY_MAX={POLICY_MAX}"]  # bcc encodes these itself
+        cflags = [f'-DPIN_DIR="{self.pin_dir}"', f"-DPOLICY_MAX={self.policy_max}"]  # bcc encodes these itself
         try:
             self.bpf = BPF(text=text, cflags=cflags)
         except Exception as e:  # bcc raises plain Exception on compile/verifier errors
@@ -129,7 +131,7 @@ class Loader:
             if os.path.exists(path):
                 m = Map.open_pinned(path)
             else:
-                m = Map.create(syscall.MAP_TYPE_LPM_TRIE, KEY_SIZE, VALUE_SIZE, POLICY_MAX,
+                m = Map.create(syscall.MAP_TYPE_LPM_TRIE, KEY_SIZE, VALUE_SIZE, self.policy_max,
                                flags=syscall.F_NO_PREALLOC, name=f"cilia_pol_{ep_id}")
                 m.pin(path)
             self.policy_maps[ep_id] = m

@@ -67,19 +67,26 @@ def endpoint_items(m: Map) -> dict[str, EndpointEntry]:
     return out
 
 
-def sync_policy(m: Map, target: Mapping[bytes, bytes]) -> tuple[int, int]:
+def sync_policy(m: Map, target: Mapping[bytes, bytes], current: dict[bytes, bytes] | None = None) -> tuple[int, int]:
     """Write ``target`` (packed key -> packed value with zero counters) into an endpoint's policy
     trie, leaving unchanged entries alone so their packet and byte counters keep counting.
-    Returns (written, removed)."""
-    current = dict(m.items())
+
+    ``current`` is what the trie holds (key -> value without counters), kept by the caller so a
+    change costs the entries it changes, not the size of the trie; None reads it from the kernel.
+    It is updated in place. Returns (written, removed)."""
+    if current is None:
+        current = {k: v[:8] for k, v in m.items()}
     written = 0
     for k, v in target.items():
-        have = current.get(k)
-        if have is None or have[:8] != v[:8]:  # proxy port, flags, rule id; not the counters
+        if current.get(k) != v[:8]:  # proxy port, flags, rule id; not the counters
             m.update(k, v)
+            current[k] = v[:8]
             written += 1
-    removed = sum(1 for k in current if k not in target and m.delete(k))
-    return written, removed
+    stale = [k for k in current if k not in target]
+    for k in stale:
+        m.delete(k)
+        del current[k]
+    return written, len(stale)
 
 
 def _sync(m: Map, target: Mapping[bytes, bytes]) -> int:
