@@ -360,13 +360,9 @@ int from_endpoint(struct __sk_buff *skb) {
         if (iv->flags & POLICY_DENY)
             return drop(skb, &f, 0, REASON_POLICY_DENY, dst->ep_id, src_id, dst_id, iv);
         count(iv, &f);
-        // The sender's L7 proxy goes first; otherwise the receiver's.
-        if (!proxy_port && iv->proxy_port) {
+        // The sender's L7 proxy goes first; otherwise the receiver's policy has the last word.
+        if (!proxy_port) {
             proxy_port = iv->proxy_port;
-            decided_egress = 0;
-            decided_ep = dst->ep_id;
-            decided = iv;
-        } else if (!proxy_port) {
             decided_egress = 0;
             decided_ep = dst->ep_id;
             decided = iv;

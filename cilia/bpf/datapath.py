@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from cilia.policy.mapstate import L4Key, MapState, PolicyEntry
+from cilia.policy.mapstate import L4Key, MapState, PolicyEntry, origins_name
 from cilia.policy.model import Direction, IPNetwork, Protocol
 
 from . import maps
@@ -93,7 +93,7 @@ class Datapath:
         self._written.pop(ep_id, None)
 
     def rule_id(self, entry: PolicyEntry) -> int:
-        text = "; ".join(sorted({str(o) for o in entry.origins})) or "allowed"
+        text = origins_name(entry)
         rid = zlib.crc32(text.encode()) or 1
         self.rules[rid] = text
         return rid
@@ -144,11 +144,6 @@ class Datapath:
                     maps.ct_set_proxy(m, entry, port)
                     n += 1
         return n
-
-    def flush_conntrack(self) -> None:
-        m = self.loader.maps["conntrack"]
-        for entry in self.conntrack():
-            maps.ct_delete(m, entry)
 
     # -- events ------------------------------------------------------------------------
 

@@ -40,7 +40,8 @@ def sync_ipcache(m: Map, want: Iterable[tuple[ipaddress.IPv4Network | ipaddress.
         if prefix.version != 4:
             continue
         target[IPCACHE_KEY.pack(prefix.prefixlen, prefix.network_address.packed)] = IPCACHE_VAL.pack(identity)
-    return _sync(m, target)
+    written, removed = _sync(m, target, None, None)
+    return written + removed
 
 
 def ipcache_items(m: Map) -> dict[ipaddress.IPv4Network, int]:
@@ -74,32 +75,25 @@ def sync_policy(m: Map, target: Mapping[bytes, bytes], current: dict[bytes, byte
     ``current`` is what the trie holds (key -> value without counters), kept by the caller so a
     change costs the entries it changes, not the size of the trie; None reads it from the kernel.
     It is updated in place. Returns (written, removed)."""
+    return _sync(m, target, current, 8)  # compare proxy port, flags, rule id; not the counters
+
+
+def _sync(m: Map, target: Mapping[bytes, bytes], current: dict[bytes, bytes] | None,
+          width: int | None) -> tuple[int, int]:
+    """Make ``m`` hold ``target``, comparing the first ``width`` bytes of values (None: all)."""
     if current is None:
-        current = {k: v[:8] for k, v in m.items()}
+        current = {k: v[:width] for k, v in m.items()}
     written = 0
     for k, v in target.items():
-        if current.get(k) != v[:8]:  # proxy port, flags, rule id; not the counters
+        if current.get(k) != v[:width]:
             m.update(k, v)
-            current[k] = v[:8]
+            current[k] = v[:width]
             written += 1
     stale = [k for k in current if k not in target]
     for k in stale:
         m.delete(k)
         del current[k]
     return written, len(stale)
-
-
-def _sync(m: Map, target: Mapping[bytes, bytes]) -> int:
-    current = dict(m.items())
-    n = 0
-    for k, v in target.items():
-        if current.get(k) != v:
-            m.update(k, v)
-            n += 1
-    for k in current:
-        if k not in target and m.delete(k):
-            n += 1
-    return n
 
 
 @dataclass(frozen=True, slots=True)
@@ -135,6 +129,3 @@ def ct_set_proxy(m: Map, entry: CtEntry, proxy_port: int) -> None:
     _, flags, src_id, packets, nbytes, seen = CT_VAL.unpack(raw)
     m.update(key, CT_VAL.pack(proxy_port, flags, src_id, packets, nbytes, seen))
 
-
-def ct_delete(m: Map, entry: CtEntry) -> None:
-    m.delete(CT_KEY.pack(ip4(entry.saddr), ip4(entry.daddr), entry.sport, entry.dport, entry.protocol))

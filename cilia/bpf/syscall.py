@@ -21,9 +21,9 @@ OBJ_PIN, OBJ_GET = 6, 7
 OBJ_GET_INFO_BY_FD = 15
 
 # enum bpf_map_type
-MAP_TYPE_HASH, MAP_TYPE_ARRAY, MAP_TYPE_LPM_TRIE, MAP_TYPE_LRU_HASH = 1, 2, 11, 9
+MAP_TYPE_LPM_TRIE = 11
 F_NO_PREALLOC = 1
-ANY, NOEXIST, EXIST = 0, 1, 2  # update flags
+ANY = 0  # update flag: create or replace
 
 
 class BpfError(OSError):
@@ -90,15 +90,8 @@ class Map:
         fd = _bpf(OBJ_GET, attr, f"open {path}")
         info = _MapInfo()
         req = _InfoByFd(bpf_fd=fd, info_len=ctypes.sizeof(info), info=ctypes.addressof(info))
-        _bpf(OBJ_GET_INFO_BY_FD, req, f"info {path}")
+        _bpf(OBJ_GET_INFO_BY_FD, req, f"info {path}")  # sizes come from the kernel, not the caller
         return cls(fd, info.key_size, info.value_size, info.name.decode(errors="replace"))
-
-    def info(self) -> tuple[int, int, int, int, int]:
-        """(type, key_size, value_size, max_entries, flags)."""
-        info = _MapInfo()
-        req = _InfoByFd(bpf_fd=self.fd, info_len=ctypes.sizeof(info), info=ctypes.addressof(info))
-        _bpf(OBJ_GET_INFO_BY_FD, req, f"info {self.name}")
-        return info.type, info.key_size, info.value_size, info.max_entries, info.map_flags
 
     def pin(self, path: str) -> None:
         raw = path.encode()

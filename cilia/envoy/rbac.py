@@ -255,25 +255,6 @@ def prefix_key(prefix: IPNetwork) -> tuple[int, int, int]:
     return (prefix.version, int(prefix.network_address), prefix.prefixlen)
 
 
-def origins_name(entry: PolicyEntry) -> str:
-    """The rules that allow a peer outright (an L3/L4 rule, or one with no HTTP rules)."""
-    # Keyed on the tuple object: many identities share one entry, and hashing its origins (one
-    # per policy selecting the peer, hundreds with 1,000 policies) cost a third of translation.
-    origins = entry.origins
-    hit = _ORIGIN_NAMES.get(id(origins))
-    if hit is not None and hit[0] is origins:
-        return hit[1]
-    if len(_ORIGIN_NAMES) >= 1 << 14:
-        _ORIGIN_NAMES.clear()
-    name = "; ".join(sorted({str(o) for o in origins})) or "allowed"
-    _ORIGIN_NAMES[id(origins)] = (origins, name)
-    return name
-
-
-#: id(origins tuple) -> (the tuple, kept alive so the id stays its own; its name)
-_ORIGIN_NAMES: dict[int, tuple[tuple[RuleOrigin, ...], str]] = {}
-
-
 def _rule_name(rule: HTTPRule, origin: RuleOrigin) -> str:
     """``<policy> <path> (<file>:<line>)``, the line being the HTTP rule's own."""
     return str(RuleOrigin(origin.policy, origin.path, rule.source, origin.kind))

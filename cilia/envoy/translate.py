@@ -51,7 +51,7 @@ from google.protobuf import wrappers_pb2
 from cilia.envoy import rbac, resources
 from cilia.envoy.rbac import NO_DESTINATION_RULE, NO_ENDPOINT, NO_RULE
 from cilia.envoy.resources import ACCESS_DENIED_BODY, AccessLogTarget
-from cilia.policy.mapstate import DirectionMapState, PolicyEntry, Verdict
+from cilia.policy.mapstate import DirectionMapState, PolicyEntry, Verdict, origins_name
 from cilia.policy.model import IPNetwork, Protocol
 
 __all__ = [
@@ -349,7 +349,7 @@ def _port_policy(state: DirectionMapState, port: int, universe: Mapping[int, Seq
         allowed.add(ident)
         any_l7 = any_l7 or l7 is not None
         if l7 is None or l7.allow_all:
-            http[ident] = rbac.HTTPPolicy(rbac.origins_name(hit[2]), (), "")
+            http[ident] = rbac.HTTPPolicy(origins_name(hit[2]), (), "")
             continue
         # Identities selected by the same rules share one entry object: key on it, since hashing
         # its rules (1,000 of them) once per identity (10,000) is what would cost the time.

@@ -125,6 +125,25 @@ class PolicyEntry:
     origins: tuple[RuleOrigin, ...]
 
 
+def origins_name(entry: PolicyEntry) -> str:
+    """The rules behind an entry as one name: each ``policy path (file:line)``, sorted."""
+    # Keyed on the tuple object: many identities share one entry, and hashing its origins (one
+    # per policy selecting the peer, hundreds with 1,000 policies) cost a third of translation.
+    origins = entry.origins
+    hit = _ORIGIN_NAMES.get(id(origins))
+    if hit is not None and hit[0] is origins:
+        return hit[1]
+    if len(_ORIGIN_NAMES) >= 1 << 14:
+        _ORIGIN_NAMES.clear()
+    name = "; ".join(sorted({str(o) for o in origins})) or "allowed"
+    _ORIGIN_NAMES[id(origins)] = (origins, name)
+    return name
+
+
+#: id(origins tuple) -> (the tuple, kept alive so the id stays its own; its name)
+_ORIGIN_NAMES: dict[int, tuple[tuple[RuleOrigin, ...], str]] = {}
+
+
 @dataclass(frozen=True, slots=True)
 class RawEntry:
     """One rule's contribution for one peer (identity or ANY) and L4 key."""
