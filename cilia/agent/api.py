@@ -28,6 +28,7 @@ _log = logging.getLogger(__name__)
 
 MAX_BODY = 16 << 20  # 16 MiB of policy text is far more than any real import
 MAX_WAIT = 600.0
+MAX_POLL = 30  # seconds a monitor request may wait for the next event
 
 Handler = Callable[[Agent, dict[str, str], dict[str, list[str]], Any], tuple[int, Any]]
 
@@ -99,6 +100,15 @@ def _get_flows(agent: Agent, _: dict[str, str], query: dict[str, list[str]], __:
     return 200, agent.flows(_query_int(query, "since"), _query_int(query, "limit"))
 
 
+def _get_bpf_policy(agent: Agent, path: dict[str, str], _: dict[str, list[str]], __: Any) -> tuple[int, Any]:
+    return 200, agent.bpf_policy(path["name"])
+
+
+def _get_monitor(agent: Agent, _: dict[str, str], query: dict[str, list[str]], __: Any) -> tuple[int, Any]:
+    wait = _query_int(query, "wait") or 0
+    return 200, agent.monitor(_query_int(query, "since"), _query_int(query, "limit"), min(max(wait, 0), MAX_POLL))
+
+
 def _get_openapi(_: Agent, __: dict[str, str], ___: dict[str, list[str]], ____: Any) -> tuple[int, Any]:
     return 200, resources.files(__package__).joinpath("openapi.yaml").read_text(encoding="utf-8")
 
@@ -113,6 +123,8 @@ ROUTES: dict[tuple[str, str], Handler] = {
     ("GET", "/v1/endpoints"): _get_endpoints,
     ("POST", "/v1/endpoints"): _post_endpoints,
     ("DELETE", "/v1/endpoints/{name}"): _delete_endpoint,
+    ("GET", "/v1/endpoints/{name}/bpf-policy"): _get_bpf_policy,
+    ("GET", "/v1/monitor"): _get_monitor,
     ("GET", "/v1/identities"): _get_identities,
     ("GET", "/v1/flows"): _get_flows,
     ("GET", "/v1/openapi.yaml"): _get_openapi,

@@ -86,6 +86,13 @@ class AgentClient:
     def identities(self) -> Any:
         return self.request("GET", "/v1/identities")
 
+    def bpf_policy(self, name: str) -> Any:
+        return self.request("GET", f"/v1/endpoints/{name}/bpf-policy")
+
+    def monitor(self, since: int | None = None, limit: int | None = None, wait: int = 0) -> Any:
+        params = {k: v for k, v in (("since", since), ("limit", limit), ("wait", wait)) if v is not None}
+        return self.request("GET", "/v1/monitor", params=params, timeout=wait + 30)
+
     def flows(self, since: int | None = None, limit: int | None = None) -> Any:
         params = {k: v for k, v in (("since", since), ("limit", limit)) if v is not None}
         return self.request("GET", "/v1/flows", params=params)

@@ -15,11 +15,16 @@ from __future__ import annotations
 
 import copy
 import ipaddress
+import json
 import logging
+import os
+import re
 import threading
 import time
+import zlib
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
 
@@ -27,8 +32,22 @@ from ..envoy.accesslog import AccessLogReceiver, AccessLogServer, AccessRecord
 from ..envoy.bootstrap import build_bootstrap, to_json
 from ..envoy.loopback import free_port
 from ..envoy.supervisor import EnvoySupervisor
-from ..envoy.translate import AccessLogTarget, PortMapping, ProxyResources, prefixes_by_identity, translate_ingress
+from ..bpf.datapath import DROP_REASONS, DatapathEvent
+from ..bpf.loader import DEFAULT_PIN_DIR
+from ..bpf.netns import Namespace, NetnsError, add_host_address, ip
+from ..bpf.node import EndpointPlan, NodeDatapath, proxy_key
+from ..envoy.translate import (
+    AccessLogTarget,
+    NodeEndpoint,
+    PortMapping,
+    ProxyPort,
+    ProxyResources,
+    prefixes_by_identity,
+    translate_ingress,
+    translate_node,
+)
 from ..policy import (
+    Direction,
     DirectionMapState,
     Endpoint,
     FileAllocator,
@@ -41,15 +60,20 @@ from ..policy import (
     Protocol,
     parse_text,
 )
+from ..policy.mapstate import Verdict
 from ..policy.model import IPNetwork
 from ..policy.parse import check_unique
+from ..ring import SeqRing
 from ..xds import CLUSTER, LISTENER, AckState, AckTracker, Cache, NackError, TypeChange, XdsServer, version_key
 from .state import EndpointSpec, PolicyKey, StateError, load_state, save_state
 
 _log = logging.getLogger(__name__)
 
 EnvoyMode = Literal["managed", "external", "none"]
+DatapathMode = Literal["none", "bpf"]
 ACCESS_LOG_CLUSTER = "cilia-accesslog"
+NODE_RECORD = "bpf-node.json"  # what the BPF datapath put on the node, for `cilia cleanup`
+MAX_ENDPOINT_ID = 4095  # the program's array of policy maps holds 4096
 
 
 class AgentError(Exception):
@@ -70,6 +94,10 @@ class AgentConfig:
     envoy_args: tuple[str, ...] = ("--drain-time-s", "0")
     apply_timeout: float = 10.0  # how long a change waits for the managed Envoy's ACK or NACK
     ring_size: int = 10_000
+    datapath: DatapathMode = "none"  # bpf: enforce L3/L4 in the kernel, redirect L7 ports to Envoy
+    bpf_pin_dir: str = DEFAULT_PIN_DIR
+    router_ip: str | None = None  # the gateway of endpoints the agent creates (put on lo if missing)
+    proxy_port_range: tuple[int, int] = (10000, 20000)  # Envoy's transparent listeners (Cilium's range)
 
     @property
     def api_socket(self) -> Path:
@@ -121,11 +149,19 @@ class Agent:
         self.engine = PolicyEngine(FileAllocator(config.state_dir))
         self.cache = Cache()
         self.tracker = AckTracker()
-        self.receiver = AccessLogReceiver(config.ring_size)
+        # What `observe` shows (Envoy's records and the kernel's verdicts, in arrival order) and
+        # what `monitor` shows (the kernel's events). The receiver's own ring is not read.
+        self.flow_log: SeqRing[AccessRecord | DatapathEvent] = SeqRing(config.ring_size)
+        self.monitor_log: SeqRing[DatapathEvent] = SeqRing(config.ring_size)
+        self.receiver = AccessLogReceiver(1, subscriber=self._on_access_record)
+        self.node = NodeDatapath(config.bpf_pin_dir) if config.datapath == "bpf" else None
+        self.datapath_error = ""
         self.notes: tuple[str, ...] = ()
         self._realized = _Realized()
         self._prefixes: Mapping[int, tuple[IPNetwork, ...]] = {}
         self._translated: dict[str, _Translated] = {}
+        self._node_translated: tuple[tuple[Any, ...], ProxyResources] | None = None
+        self._redirects: dict[str, tuple[Any, frozenset[str]]] = {}  # endpoint -> (map state, proxy keys)
         self._xds: XdsServer | None = None
         self._als: AccessLogServer | None = None
         self.envoy: EnvoySupervisor | None = None
@@ -148,11 +184,14 @@ class Agent:
                 self.engine.upsert_endpoint(_endpoint(spec))
             if policies:
                 self.engine.apply(policies)
+        self._allocate_proxy_ports()
         self._publish()
 
     def start(self) -> None:
         """Serve xDS and access logs, then start Envoy (managed mode) against the loaded config."""
         try:
+            if self.node is not None:
+                self._start_datapath()
             for sock in (self.config.xds_socket, self.config.accesslog_socket):
                 sock.unlink(missing_ok=True)
             self._xds = XdsServer(self.cache, self.tracker)
@@ -169,6 +208,25 @@ class Agent:
             self.stop()
             raise
 
+    def _start_datapath(self) -> None:
+        """Load the BPF program (its pinned maps still hold the last run's policy) and write the
+        replayed state into it, before Envoy or any client is served."""
+        assert self.node is not None
+        record_path = self.config.state_dir / NODE_RECORD
+        try:
+            record = json.loads(record_path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            record = {}
+        router = self.config.router_ip
+        added = bool(router) and (add_host_address(router) if router else False)
+        record = {"pin_dir": self.config.bpf_pin_dir, "netns": os.readlink("/proc/self/ns/net"),
+                  "router_ip": router if added or (router and record.get("router_ip") == router) else None}
+        record_path.write_text(json.dumps(record), encoding="utf-8")  # before loading: cleanup finds it
+        self.node.subscribe(self._on_datapath_event)
+        self.node.start()
+        with self._lock:
+            self._sync_datapath()
+
     def _start_envoy(self) -> None:
         self.admin_address = f"127.0.0.1:{free_port()}"
         bootstrap = self.config.state_dir / "envoy-bootstrap.json"
@@ -179,7 +237,8 @@ class Agent:
         self.envoy.start()
 
     def stop(self) -> None:
-        """Stop Envoy (managed mode), then the servers. Safe to repeat."""
+        """Stop Envoy (managed mode), then the servers and the datapath's event reader; the BPF
+        programs stay attached and keep enforcing. Safe to repeat."""
         try:
             if self.envoy is not None:
                 self.envoy.stop()
@@ -188,6 +247,8 @@ class Agent:
                 if server is not None:
                     server.stop(0)
             self._xds = self._als = None
+            if self.node is not None:
+                self.node.stop()
 
     # ------------------------------------------------------------------ policies
 
@@ -253,8 +314,15 @@ class Agent:
     # ------------------------------------------------------------------ endpoints
 
     def add_endpoint(self, spec: EndpointSpec) -> dict[str, Any]:
-        """Add or replace an endpoint; returns its identity and the new revision."""
-        if self.config.envoy != "none" and spec.ips:
+        """Add or replace an endpoint; returns its identity and the new revision.
+
+        With the BPF datapath, ``spec.create`` makes the endpoint's namespace and veth pair
+        (kept when an endpoint is replaced, e.g. relabelled) and ``spec.interface`` alone adopts
+        an existing host-side interface."""
+        if self.node is None and (spec.create or spec.interface):
+            raise AgentError(f"endpoint {spec.name}: create/interface need the BPF datapath "
+                             "(cilia agent --datapath bpf)")
+        if self.node is None and self.config.envoy != "none" and spec.ips:
             for p in spec.ports:
                 if p.protocol is Protocol.TCP and p.app_port == p.port:
                     raise AgentError(
@@ -265,12 +333,22 @@ class Agent:
         except (ValueError, PolicyError) as e:
             raise AgentError(f"endpoint {spec.name}: {e}") from None
         with self._lock:
+            previous = self.state.endpoints.get(spec.name)
+            created: Namespace | None = None
+            if spec.create:
+                spec, created = self._plumb(spec, previous)
+            elif spec.interface is not None and ip("link", "show", "dev", spec.interface, check=False).returncode:
+                raise AgentError(f"endpoint {spec.name}: interface {spec.interface}: no such interface on this node")
             try:
                 self.engine.upsert_endpoint(endpoint)
             except L7ConflictError as e:
+                if created is not None:
+                    created.delete()
                 raise AgentError(f"endpoint {spec.name}: {e}", 409) from None
-            previous = self.state.endpoints.get(spec.name)
             self.state.endpoints[spec.name] = spec
+            had_id = spec.name in self.state.endpoint_ids
+            if spec.interface is not None and not had_id:
+                self.state.endpoint_ids[spec.name] = self._free_endpoint_id()
 
             def undo() -> None:
                 if previous is None:
@@ -279,17 +357,56 @@ class Agent:
                 else:
                     self.engine.upsert_endpoint(_endpoint(previous))
                     self.state.endpoints[spec.name] = previous
+                if not had_id:
+                    self.state.endpoint_ids.pop(spec.name, None)
+                if created is not None:
+                    created.delete()
 
             revision = self._commit_checked(undo)
             return {"revision": revision, "endpoint": self._endpoint_json(spec)}
+
+    def _plumb(self, spec: EndpointSpec, previous: EndpointSpec | None) -> tuple[EndpointSpec, Namespace | None]:
+        """Make ``spec``'s namespace and veth pair (or keep the ones made for its previous version)."""
+        if previous is not None and previous.managed:
+            if previous.ips != spec.ips:
+                raise AgentError(f"endpoint {spec.name}: its namespace was made for {', '.join(previous.ips)}; "
+                                 "delete the endpoint to give it another address")
+            return replace(spec, create=False, managed=True, netns=previous.netns,
+                           interface=previous.interface), None
+        if not self.config.router_ip:
+            raise AgentError(f"endpoint {spec.name}: create: the agent has no --router-ip to route a new "
+                             "namespace through")
+        safe = re.sub(r"[^A-Za-z0-9_.-]", "-", spec.name)
+        netns = spec.netns or f"cilia-{safe}"[:64]
+        ifname = spec.interface or f"lxc{zlib.crc32(spec.name.encode()):08x}"
+        ns = Namespace(netns, spec.ips[0], ifname)
+        try:
+            ns.create(self.config.router_ip)
+        except (NetnsError, ValueError) as e:
+            ns.delete()
+            raise AgentError(f"endpoint {spec.name}: cannot create its namespace: {e}") from None
+        return replace(spec, create=False, managed=True, netns=netns, interface=ifname), ns
+
+    def _free_endpoint_id(self) -> int:
+        used = set(self.state.endpoint_ids.values())
+        for n in range(1, MAX_ENDPOINT_ID + 1):
+            if n not in used:
+                return n
+        raise AgentError(f"no free endpoint id: {MAX_ENDPOINT_ID} endpoints have the datapath", 409)
 
     def remove_endpoint(self, name: str) -> dict[str, Any]:
         with self._lock:
             if name not in self.state.endpoints:
                 raise AgentError(f"no endpoint named {name}", 404)
             self.engine.remove_endpoint(name)
-            del self.state.endpoints[name]
-            return {"revision": self._commit()}
+            spec = self.state.endpoints.pop(name)
+            self.state.endpoint_ids.pop(name, None)
+            revision = self._commit()  # detaches it and clears its maps first
+            if spec.managed and spec.netns and spec.interface:
+                ns = Namespace(spec.netns, spec.ips[0], spec.interface)
+                ns.created = True
+                ns.delete()
+            return {"revision": revision}
 
     def endpoints(self) -> dict[str, Any]:
         with self._lock:
@@ -312,6 +429,7 @@ class Agent:
     def _commit(self) -> int:
         """Persist, bump the revision and publish; called with the lock held after the engine changed."""
         self.state.revision += 1
+        self._allocate_proxy_ports()
         save_state(self.config.state_dir, self.state)
         self._publish()
         return self.state.revision
@@ -344,6 +462,111 @@ class Agent:
                                          LISTENER: TypeChange(listeners, replace=True)})
         self._realized.record(self.state.revision, update.versions[LISTENER])
         self.notes = notes
+        self._sync_datapath()
+
+    # ------------------------------------------------------------------ BPF datapath
+
+    def _allocate_proxy_ports(self) -> None:
+        """A proxy port for every (direction, TCP port) some endpoint redirects to L7; ports no
+        longer needed are released. Only with the BPF datapath."""
+        if self.node is None:
+            return
+        needed: set[str] = set()
+        redirects: dict[str, tuple[Any, frozenset[str]]] = {}
+        for name in self.state.endpoints:
+            ms = self.engine.endpoint_policy(name).map_state
+            done = self._redirects.get(name)
+            if done is None or done[0] is not ms:
+                keys = frozenset(proxy_key(d.direction, l4.port_lo) for d in (ms.ingress, ms.egress)
+                                 for _, l4, e in d.entries()
+                                 if e.verdict is Verdict.REDIRECT and l4.protocol is Protocol.TCP
+                                 and l4.port_lo == l4.port_hi)
+                done = (ms, keys)
+            redirects[name] = done
+            needed |= done[1]
+        self._redirects = redirects
+        ports = {k: v for k, v in self.state.proxy_ports.items() if k in needed}
+        lo, hi = self.config.proxy_port_range
+        free = (p for p in range(lo, hi + 1) if p not in set(ports.values()))
+        for key in sorted(needed - ports.keys()):
+            port = next(free, None)
+            if port is None:
+                _log.error("no free proxy port in %d-%d for %s: its traffic is dropped", lo, hi, key)
+                continue
+            ports[key] = port
+        self.state.proxy_ports = ports
+
+    def _sync_datapath(self) -> None:
+        """Write the engine's ipcache and every endpoint's map state into the kernel (only
+        what changed). An error is kept for status; the kernel keeps what it had."""
+        if self.node is None or not self.node.started:
+            return
+        plans = []
+        for name, spec in sorted(self.state.endpoints.items()):
+            ep_id = self.state.endpoint_ids.get(name)
+            v4 = [a for a in spec.ips if ipaddress.ip_address(a).version == 4]
+            if spec.interface is None or ep_id is None or not v4:
+                continue
+            plans.append(EndpointPlan(name, ep_id, v4[0], spec.interface, self.engine.identity_of(name).id,
+                                      self.engine.endpoint_policy(name).map_state))
+        try:
+            self.node.sync(self.engine.ipcache.items(), plans, self.state.proxy_ports, self._identity_number)
+            self.datapath_error = ""
+        except Exception as e:  # kernel or netlink refused: say so in status, keep serving
+            _log.exception("BPF datapath update failed")
+            self.datapath_error = f"{type(e).__name__}: {e}"
+
+    def _identity_number(self, address: str) -> int:
+        try:
+            return self.engine.ipcache.lookup(address)[1]
+        except (KeyError, ValueError):
+            return 2  # reserved:world
+
+    def _on_access_record(self, record: AccessRecord) -> None:
+        self.flow_log.append(record)
+
+    def _on_datapath_event(self, event: DatapathEvent) -> None:
+        self.monitor_log.append(event)
+        self.flow_log.append(event)
+
+    def bpf_policy(self, name: str) -> dict[str, Any]:
+        """An endpoint's policy map as the kernel holds it, with counters (``cilia bpf policy get``)."""
+        with self._lock:
+            spec = self.state.endpoints.get(name)
+            if spec is None:
+                raise AgentError(f"no endpoint named {name}", 404)
+            if self.node is None or not self.node.started:
+                raise AgentError("the BPF datapath is not running (cilia agent --datapath bpf)", 409)
+            ep_id = self.state.endpoint_ids.get(name)
+            if ep_id is None or name not in self.node.attached():
+                raise AgentError(f"endpoint {name} has no interface with the datapath: nothing in the kernel", 404)
+            rows = self.node.policy_rows(ep_id)
+            for row in rows:
+                row["labels"] = self._labels_of(int(row["identity"]))  # type: ignore[call-overload]
+            return {"endpoint": name, "id": ep_id, "interface": spec.interface, "entries": rows}
+
+    def monitor(self, since: int | None, limit: int | None, wait: float) -> dict[str, Any]:
+        """Datapath events after ``since`` (waiting up to ``wait`` seconds for one)."""
+        items = self.monitor_log.since(since, limit, wait)
+        with self._lock:
+            events = [{"seq": n, **self._event_json(ev)} for n, ev in items]
+        return {"last": self.monitor_log.last_seq(), "events": events}
+
+    def _event_json(self, ev: DatapathEvent) -> dict[str, Any]:
+        by_id = {v: k for k, v in self.state.endpoint_ids.items()}
+        return {**ev.to_json(), "time": datetime.fromtimestamp(ev.time, UTC).isoformat(),
+                "endpoint": by_id.get(ev.endpoint_id, ""),
+                "source": self._side(ev.source, ev.source_port, ev.source_identity),
+                "destination": self._side(ev.destination, ev.destination_port, ev.destination_identity)}
+
+    def _side(self, address: str, port: int, identity: int) -> dict[str, Any]:
+        names = [s.name for s in self.state.endpoints.values() if address in s.ips]
+        return {"address": address, "port": port, "identity": identity, "labels": self._labels_of(identity),
+                **({"endpoint": names[0]} if names else {})}
+
+    def _labels_of(self, identity: int) -> list[str]:
+        ident = self.engine.allocator.get(identity) if identity else None
+        return ident.labels.to_list() if ident else []
 
     def _translate(self) -> tuple[dict[str, Any], dict[str, Any], tuple[str, ...]]:
         """Every endpoint's ingress policy as Envoy listeners (sidecar mode: Envoy on the
@@ -357,6 +580,8 @@ class Agent:
         if prefixes == self._prefixes:
             prefixes = self._prefixes  # the same object: lets _translated entries match by identity
         self._prefixes = prefixes
+        if self.node is not None:
+            return self._translate_node(prefixes)
         translated: dict[str, _Translated] = {}
         access_log = AccessLogTarget(ACCESS_LOG_CLUSTER, f"unix:{self.config.accesslog_socket}")
         for name, spec in sorted(self.state.endpoints.items()):
@@ -380,6 +605,37 @@ class Agent:
             notes.update(dict.fromkeys(res.notes))
         self._translated = translated
         return listeners, clusters, tuple(notes)
+
+    def _translate_node(self, prefixes: Mapping[int, tuple[IPNetwork, ...]]
+                        ) -> tuple[dict[str, Any], dict[str, Any], tuple[str, ...]]:
+        """Node mode (BPF datapath): one transparent listener per proxy port on 127.0.0.1, where
+        the kernel hands redirected connections over, serving every endpoint."""
+        endpoints: list[NodeEndpoint] = []
+        notes: dict[str, None] = {}
+        for name, spec in sorted(self.state.endpoints.items()):
+            ms = self.engine.endpoint_policy(name).map_state
+            if spec.ips:
+                endpoints.append(NodeEndpoint(name, tuple(ipaddress.ip_network(a) for a in spec.ips),
+                                              ms.ingress, ms.egress))
+            if spec.interface is None:
+                notes[f"{name}: no interface: its policy is not enforced in the kernel "
+                      "(add it with --create-netns or --interface)"] = None
+        ports = {d: sorted((ProxyPort(int(k.split("/")[1]), v) for k, v in self.state.proxy_ports.items()
+                            if k.startswith(f"{d.value}/")), key=lambda p: (p.policy_port, p.proxy_port))
+                 for d in (Direction.INGRESS, Direction.EGRESS)}
+        key = (prefixes, tuple(ports[Direction.INGRESS]), tuple(ports[Direction.EGRESS]),
+               *((e.name, e.addresses, e.ingress, e.egress) for e in endpoints))
+        done = self._node_translated
+        if done is not None and _same_objects(done[0], key):
+            res = done[1]
+        else:
+            access_log = AccessLogTarget(ACCESS_LOG_CLUSTER, f"unix:{self.config.accesslog_socket}")
+            res = translate_node(self.config.node_id, endpoints, "127.0.0.1", prefixes,
+                                 ingress=ports[Direction.INGRESS], egress=ports[Direction.EGRESS],
+                                 access_log=access_log)
+            self._node_translated = (key, res)
+        notes.update(dict.fromkeys(res.notes))
+        return ({li.name: li for li in res.listeners}, {c.name: c for c in res.clusters}, tuple(notes))
 
     def proxies(self) -> list[str]:
         """Node ids of the proxies a revision must reach: the managed Envoy and every node that
@@ -428,19 +684,39 @@ class Agent:
             es = self.envoy.status()
             envoy.update(state=es.state.value, pid=es.pid, restarts=es.restarts, last_exit_code=es.last_exit_code,
                          last_error=es.last_error, admin=self.admin_address)
-        healthy = all(not p["nack"] for p in proxies) and (self.envoy is None or self.envoy.status().running)
-        return {"healthy": healthy, "revision": revision, **counts, "envoy": envoy,
+        datapath: dict[str, Any] = {"mode": self.config.datapath}
+        if self.node is not None:
+            with self._lock:
+                datapath.update(loaded=self.node.started, pin_dir=self.node.pin_dir, attached=self.node.attached(),
+                                proxy_ports=dict(self.state.proxy_ports), error=self.datapath_error,
+                                drops={DROP_REASONS.get(r, str(r)): n for r, n in self.node.drop_counts().items()}
+                                if self.node.started else {})
+        healthy = (all(not p["nack"] for p in proxies) and (self.envoy is None or self.envoy.status().running)
+                   and (self.node is None or (self.node.started and not self.datapath_error)))
+        return {"healthy": healthy, "revision": revision, **counts, "envoy": envoy, "datapath": datapath,
                 "xds": {"addresses": [f"unix:{self.config.xds_socket}", *self.config.xds_addresses],
                         "proxies": proxies},
                 "uptime_s": round(time.time() - self.started, 1), "notes": notes,
                 "state_dir": str(self.config.state_dir)}
 
     def flows(self, since: int | None = None, limit: int | None = None) -> dict[str, Any]:
-        records = self.receiver.records(since, limit)
-        return {"last": self.receiver.last_seq(), "flows": [self._flow_json(r) for r in records]}
+        """What Envoy logged and the kernel decided, oldest first."""
+        items = self.flow_log.since(since, limit)
+        with self._lock:
+            flows = [self._flow_json(n, x) if isinstance(x, AccessRecord) else self._datapath_flow_json(n, x)
+                     for n, x in items]
+        return {"last": self.flow_log.last_seq(), "flows": flows}
 
-    def _flow_json(self, r: AccessRecord) -> dict[str, Any]:
-        out: dict[str, Any] = {"seq": r.seq, "time": r.time.isoformat(), "kind": r.kind, "verdict": r.verdict.value}
+    def _datapath_flow_json(self, seq: int, ev: DatapathEvent) -> dict[str, Any]:
+        e = self._event_json(ev)
+        return {"seq": seq, "time": e["time"], "kind": "l3/l4", "verdict": ev.verdict.lower(),
+                "source": e["source"], "destination": e["destination"], "method": "", "path": "", "host": "",
+                "protocol": ev.protocol, "status": None, "rule": ev.rule, "details": ev.reason_text,
+                "node": self.config.node_id, "listener": "", "direction": ev.direction, "endpoint": e["endpoint"],
+                "proxy_port": ev.proxy_port}
+
+    def _flow_json(self, seq: int, r: AccessRecord) -> dict[str, Any]:
+        out: dict[str, Any] = {"seq": seq, "time": r.time.isoformat(), "kind": r.kind, "verdict": r.verdict.value}
         with self._lock:
             for side, addr, port in (("source", r.source_address, r.source_port),
                                      ("destination", r.destination_address, r.destination_port)):
@@ -458,6 +734,21 @@ class Agent:
         names = [s.name for s in self.state.endpoints.values() if address in s.ips]
         return {"identity": ident_id, "labels": ident.labels.to_list() if ident else [],
                 **({"endpoint": names[0]} if names else {})}
+
+
+def _same_objects(a: tuple[Any, ...], b: tuple[Any, ...]) -> bool:
+    """Equal tuples, with map states and mappings compared by identity: the engine hands out the
+    same immutable snapshot until something changes, and comparing their contents would cost
+    as much as translating them."""
+    if len(a) != len(b):
+        return False
+    for x, y in zip(a, b):
+        if isinstance(x, tuple) and isinstance(y, tuple):
+            if not _same_objects(x, y):
+                return False
+        elif x is not y and (isinstance(x, DirectionMapState | Mapping) or x != y):
+            return False
+    return True
 
 
 def _nack_stands(st: AckState) -> bool:

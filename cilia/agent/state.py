@@ -88,14 +88,27 @@ class PortSpec:
         return text + (f":{self.backend}" if self.backend is not None else "")
 
 
+_IFNAME = re.compile(r"^[A-Za-z0-9_.-]{1,15}$")
+_NETNS = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+
+
 @dataclass(frozen=True, slots=True)
 class EndpointSpec:
-    """An endpoint as the user registered it."""
+    """An endpoint as the user registered it.
+
+    With the BPF datapath, ``interface`` is the host end of the endpoint's veth (where the
+    programs attach) and ``netns`` its network namespace. ``create`` asks the agent to make the
+    namespace and veth pair itself; it then owns them (``managed``) and deletes them with the
+    endpoint. Without ``create`` they are adopted as they are and left in place on delete."""
 
     name: str
     labels: tuple[str, ...]
     ips: tuple[str, ...]
     ports: tuple[PortSpec, ...] = ()
+    interface: str | None = None
+    netns: str | None = None
+    create: bool = False
+    managed: bool = False
 
     def __post_init__(self) -> None:
         if not self.name:
@@ -110,10 +123,25 @@ class EndpointSpec:
             if (p.port, p.protocol) in seen:
                 raise StateError(f"endpoint {self.name}: port {p.port}/{p.protocol.name} given twice")
             seen.add((p.port, p.protocol))
+        if self.interface is not None and not _IFNAME.match(self.interface):
+            raise StateError(f"endpoint {self.name}: interface {self.interface!r} is not an interface name "
+                             "(1-15 letters, digits, '_', '.', '-')")
+        if self.netns is not None and not _NETNS.match(self.netns):
+            raise StateError(f"endpoint {self.name}: netns {self.netns!r} is not a namespace name")
+        if self.create and len(self.ips) != 1:
+            raise StateError(f"endpoint {self.name}: create: needs exactly one ip for the new namespace")
 
     def to_json(self) -> dict[str, Any]:
-        return {"name": self.name, "labels": list(self.labels), "ips": list(self.ips),
-                "ports": [p.to_json() for p in self.ports]}
+        out: dict[str, Any] = {"name": self.name, "labels": list(self.labels), "ips": list(self.ips),
+                               "ports": [p.to_json() for p in self.ports]}
+        for key in ("interface", "netns"):
+            if getattr(self, key) is not None:
+                out[key] = getattr(self, key)
+        if self.create:
+            out["create"] = True
+        if self.managed:
+            out["managed"] = True
+        return out
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> EndpointSpec:
@@ -123,13 +151,24 @@ class EndpointSpec:
             return cls(str(d["name"]), tuple(str(x) for x in d.get("labels", ())),
                        tuple(str(x) for x in d.get("ips", ())),
                        tuple(PortSpec.from_json(p) if isinstance(p, dict) else PortSpec.parse(str(p))
-                             for p in d.get("ports", ())))
+                             for p in d.get("ports", ())),
+                       _opt_str(d, "interface"), _opt_str(d, "netns"), bool(d.get("create", False)),
+                       bool(d.get("managed", False)))
         except KeyError as e:
             raise StateError(f"endpoint: missing field {e.args[0]}") from None
         except (TypeError, ValueError) as e:
             if isinstance(e, StateError):
                 raise
             raise StateError(f"endpoint: {e}") from None
+
+
+def _opt_str(d: dict[str, Any], key: str) -> str | None:
+    value = d.get(key)
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise StateError(f"endpoint: {key}: expected a string")
+    return value
 
 
 @dataclass
@@ -146,6 +185,10 @@ class AgentState:
     revision: int = 0
     sources: list[PolicySource] = field(default_factory=list)  # oldest first
     endpoints: dict[str, EndpointSpec] = field(default_factory=dict)
+    # BPF datapath: each endpoint's id (its policy map's index) and each L7 port's proxy port,
+    # kept so a restarted agent finds its pinned maps and Envoy listeners where they were.
+    endpoint_ids: dict[str, int] = field(default_factory=dict)
+    proxy_ports: dict[str, int] = field(default_factory=dict)  # "ingress/80" -> 10000
 
     def add_source(self, path: str, text: str, keys: set[PolicyKey]) -> None:
         """Record an import: its policies now come from this text, not from older sources."""
@@ -166,6 +209,8 @@ class AgentState:
             "policies": [{"path": s.path, "text": s.text, "keys": sorted(list(k) for k in s.keys)}
                          for s in self.sources],
             "endpoints": [e.to_json() for _, e in sorted(self.endpoints.items())],
+            "endpoint_ids": self.endpoint_ids,
+            "proxy_ports": self.proxy_ports,
         }
 
     @classmethod
@@ -175,7 +220,9 @@ class AgentState:
         sources = [PolicySource(str(s["path"]), str(s["text"]), {(k[0], k[1], k[2]) for k in s["keys"]})
                    for s in d.get("policies", [])]
         endpoints = {e.name: e for e in (EndpointSpec.from_json(x) for x in d.get("endpoints", []))}
-        return cls(int(d.get("revision", 0)), sources, endpoints)
+        return cls(int(d.get("revision", 0)), sources, endpoints,
+                   {str(k): int(v) for k, v in d.get("endpoint_ids", {}).items()},
+                   {str(k): int(v) for k, v in d.get("proxy_ports", {}).items()})
 
 
 def load_state(state_dir: Path) -> AgentState:

@@ -298,9 +298,12 @@ static __always_inline int established(struct __sk_buff *skb, struct flow *f, in
         __sync_fetch_and_add(&ct->packets, 1);
         __sync_fetch_and_add(&ct->bytes, f->len);
         ct->last_seen = bpf_ktime_get_ns();
-        if (ct->proxy_port && at_source && f->protocol == IPPROTO_TCP) {
-            if (to_proxy(skb, f, ct->proxy_port) < 0)
-                return drop(skb, f, 0, REASON_NO_PROXY, 0, ct->src_identity, 0, NULL);
+        if (ct->proxy_port) {
+            // The flow goes through Envoy. Where it enters from an endpoint, hand it over; where
+            // it arrives from elsewhere it cannot be redirected (an established flow that became
+            // subject to L7 policy after it began): drop, as a new one would be.
+            if (!at_source || f->protocol != IPPROTO_TCP || to_proxy(skb, f, ct->proxy_port) < 0)
+                return drop(skb, f, at_source, REASON_NO_PROXY, 0, ct->src_identity, 0, NULL);
         }
         return TC_ACT_OK;
     }

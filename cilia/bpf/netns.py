@@ -61,6 +61,10 @@ class Namespace:
     def _host(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
         return ip(*(["-n", self.node] if self.node else []), *args, check=check)
 
+    def _host_sysctl(self, setting: str) -> None:
+        prefix = ["ip", "netns", "exec", self.node] if self.node else []
+        subprocess.run([*prefix, "sysctl", "-qw", setting], capture_output=True, check=False)
+
     def create(self, gateway: str) -> None:
         """Create the namespace and wire it; ``gateway`` is a host address the endpoint routes to."""
         peer = self.host_if[:13] + "-e"
@@ -71,6 +75,8 @@ class Namespace:
             subprocess.run(["ip", "netns", "exec", self.name, "sysctl", "-qw", "net.ipv6.conf.all.disable_ipv6=1",
                             "net.ipv6.conf.default.disable_ipv6=1"], capture_output=True, check=False)
         self._host("link", "add", self.host_if, "type", "veth", "peer", "name", peer, "netns", self.name)
+        if self.address.version == 4:  # nor on its host end, whose IPv6 the datapath would drop
+            self._host_sysctl(f"net.ipv6.conf.{self.host_if}.disable_ipv6=1")
         self._host("link", "set", self.host_if, "up")
         ip("-n", self.name, "link", "set", "lo", "up")
         ip("-n", self.name, "link", "set", peer, "name", "eth0")
@@ -121,6 +127,8 @@ def run_in_netns(name: str, fn: Callable[[], T]) -> T:
 def add_host_address(address: str) -> bool:
     """Put ``address`` on the host's loopback (so the host owns it); False if it was already there."""
     bits = 32 if ipaddress.ip_address(address).version == 4 else 128
+    if ip("-o", "addr", "show", "to", f"{address}/{bits}", check=False).stdout.strip():
+        return False
     res = ip("addr", "add", f"{address}/{bits}", "dev", "lo", check=False)
     if res.returncode != 0 and "File exists" not in res.stderr:
         raise NetnsError(f"ip addr add {address}/{bits} dev lo: {res.stderr.strip()}")

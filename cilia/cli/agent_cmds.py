@@ -22,6 +22,7 @@ import click
 
 from ..agent.client import AgentClient, APIError
 from ..agent.state import PortSpec, StateError
+from ..bpf.loader import DEFAULT_PIN_DIR
 
 DEFAULT_STATE_DIR = "/var/run/cilia"
 
@@ -69,16 +70,31 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
               show_default=True, help="managed: run and supervise Envoy; external: Envoys connect to the xDS "
               "address; none: no proxy (policy is resolved only).")
 @click.option("--node-id", default="cilia-node", show_default=True, help="Node id of the managed Envoy.")
+@click.option("--datapath", type=click.Choice(["none", "bpf"]), default="none", show_default=True,
+              help="bpf: enforce L3/L4 in the kernel on endpoint veths and redirect L7 ports to Envoy's "
+              "transparent listeners (needs root); none: sidecar mode.")
+@click.option("--bpf-pin-dir", default=DEFAULT_PIN_DIR, show_default=True,
+              help="bpffs directory holding the datapath's maps (they outlive the agent).")
+@click.option("--router-ip", help="Gateway address of endpoints the agent creates (--create-netns); added to lo "
+              "if this node does not have it.")
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning"]), default="info", show_default=True)
-def agent_cmd(state_dir: str, xds_addresses: Sequence[str], envoy_mode: str, node_id: str, log_level: str) -> None:
+def agent_cmd(state_dir: str, xds_addresses: Sequence[str], envoy_mode: str, node_id: str, datapath: str,
+              bpf_pin_dir: str, router_ip: str | None, log_level: str) -> None:
     """Run the agent until SIGTERM or Ctrl-C: load state, serve the REST API on
-    <state-dir>/cilia.sock, serve xDS, supervise Envoy, receive its access logs."""
+    <state-dir>/cilia.sock, serve xDS, supervise Envoy, receive its access logs; with
+    --datapath bpf also load the BPF datapath. Stopping leaves the BPF programs enforcing the
+    last policy (`cilia cleanup` removes them)."""
     from ..agent.api import APIServer
     from ..agent.daemon import Agent, AgentConfig
+    from ..bpf.loader import DatapathError, bpf_available
     from ..envoy.supervisor import EnvoyStartError
 
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    config = AgentConfig(Path(state_dir).resolve(), envoy_mode, tuple(xds_addresses), node_id)  # type: ignore[arg-type]
+    if datapath == "bpf" and (why := bpf_available()) is not None:
+        click.echo(f"error: --datapath bpf: {why}", err=True)
+        sys.exit(2)
+    config = AgentConfig(Path(state_dir).resolve(), envoy_mode, tuple(xds_addresses), node_id,  # type: ignore[arg-type]
+                         datapath=datapath, bpf_pin_dir=bpf_pin_dir, router_ip=router_ip)  # type: ignore[arg-type]
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
@@ -97,11 +113,18 @@ def agent_cmd(state_dir: str, xds_addresses: Sequence[str], envoy_mode: str, nod
         click.echo(f"cilia agent: revision {status['revision']}, {status['policies']} policies, "
                    f"{status['endpoints']} endpoints; API unix:{config.api_socket}; "
                    f"xDS {', '.join(status['xds']['addresses'])}; Envoy {envoy_mode}"
-                   + (f" (pid {envoy.get('pid')})" if envoy.get("pid") else ""), err=True)
+                   + (f" (pid {envoy.get('pid')})" if envoy.get("pid") else "")
+                   + (f"; BPF datapath, maps in {bpf_pin_dir}" if datapath == "bpf" else ""), err=True)
         while not stop.wait(1.0):
             pass
     except EnvoyStartError as e:
         click.echo(f"error: Envoy did not start: {e}", err=True)
+        sys.exit(1)
+    except DatapathError as e:
+        click.echo(f"error: the BPF datapath did not load: {e}", err=True)
+        sys.exit(1)
+    except OSError as e:  # a socket, namespace or address the agent could not set up
+        click.echo(f"error: {e}", err=True)
         sys.exit(1)
     finally:
         if api is not None:
@@ -123,6 +146,17 @@ def _status_text(s: dict[str, Any]) -> str:
     for p in s["xds"]["proxies"]:
         state = f"NACK {p['nacked']}: {p['nack']}" if p["nack"] else f"acked {p['acked'] or '-'}"
         lines.append(f"  {p['node']:<16} {p['type']:<22} sent {p['sent'] or '-':<28} {state}")
+    dp = s.get("datapath", {})
+    if dp.get("mode") == "bpf":
+        ports = ", ".join(f"{k} -> {v}" for k, v in sorted(dp.get("proxy_ports", {}).items())) or "none"
+        drops = ", ".join(f"{k}: {v}" for k, v in sorted(dp.get("drops", {}).items())) or "none"
+        lines += [f"Datapath:    BPF, {'loaded' if dp.get('loaded') else 'NOT loaded'}, maps in {dp.get('pin_dir')}, "
+                  f"{len(dp.get('attached', {}))} endpoint(s) attached"
+                  + (f", error: {dp['error']}" if dp.get("error") else ""),
+                  f"  proxy ports: {ports}",
+                  f"  drops:       {drops}"]
+    else:
+        lines.append("Datapath:    none (sidecar mode)")
     lines += [f"Note:        {n}" for n in s["notes"]]
     return "\n".join(lines)
 
@@ -198,16 +232,26 @@ def policy_wait_cmd(revision: int, timeout: float, state_dir: str, output: str) 
 @click.option("--port", "ports", multiple=True,
               help="[NAME=]PORT[/PROTO][:APP_PORT] (repeatable): a port the endpoint serves; without BPF, "
                    "Envoy listens on IP:PORT and forwards to the app on IP:APP_PORT.")
+@click.option("--create-netns", is_flag=True,
+              help="BPF datapath: make a network namespace for the endpoint joined to the node by a veth pair "
+                   "(removed with the endpoint).")
+@click.option("--netns", help="The namespace's name (with --create-netns; default cilia-NAME).")
+@click.option("--interface", help="BPF datapath: the host end of the endpoint's veth (adopted as it is, or the "
+              "name to give it with --create-netns).")
 @state_dir_option
 @output_option
-def endpoint_add_cmd(name: str, labels: str, ips: Sequence[str], ports: Sequence[str], state_dir: str,
-                     output: str) -> None:
+def endpoint_add_cmd(name: str, labels: str, ips: Sequence[str], ports: Sequence[str], create_netns: bool,
+                     netns: str | None, interface: str | None, state_dir: str, output: str) -> None:
     """Add (or replace) an endpoint; prints its identity and the new revision."""
     try:
         specs = [PortSpec.parse(p).to_json() for p in ports]
     except StateError as e:
         raise click.UsageError(f"--port: {e}") from None
-    body = {"name": name, "labels": [x for x in labels.split(",") if x], "ips": list(ips), "ports": specs}
+    if netns and not create_netns:
+        raise click.UsageError("--netns names the namespace --create-netns makes")
+    body: dict[str, Any] = {"name": name, "labels": [x for x in labels.split(",") if x], "ips": list(ips),
+                            "ports": specs, "create": create_netns}
+    body.update({k: v for k, v in (("netns", netns), ("interface", interface)) if v})
     payload = _call(state_dir, lambda c: c.add_endpoint(body))
     _emit(output, payload, lambda p: f"Endpoint {p['endpoint']['name']}: identity {p['endpoint']['identity']}\n"
                                      f"Revision: {p['revision']}")
@@ -224,10 +268,10 @@ def endpoint_list_cmd(state_dir: str, output: str) -> None:
     """List endpoints with identity, policy enforcement, addresses, ports and labels."""
     payload = _call(state_dir, lambda c: c.endpoints())
     _emit(output, payload, lambda p: _table(
-        ["ENDPOINT", "IDENTITY", "INGRESS", "EGRESS", "IPS", "PORTS", "LABELS"],
+        ["ENDPOINT", "IDENTITY", "INGRESS", "EGRESS", "IPS", "PORTS", "INTERFACE", "LABELS"],
         [(e["name"], e["identity"], _enforcement(e, "ingress"), _enforcement(e, "egress"),
           ",".join(e["ips"]) or "-", ",".join(str(PortSpec.from_json(x)) for x in e["ports"]) or "-",
-          ",".join(e["identity_labels"])) for e in p["endpoints"]]))
+          e.get("interface") or "-", ",".join(e["identity_labels"])) for e in p["endpoints"]]))
 
 
 @click.command("delete")
@@ -259,7 +303,14 @@ def _who(side: dict[str, Any]) -> str:
 
 
 def flow_line(f: dict[str, Any]) -> str:
-    what = f"http {f['method']} {f['host']}{f['path']} -> {f['status']}" if f["kind"] == "http" else "tcp"
+    if f["kind"] == "http":
+        what = f"http {f['method']} {f['host']}{f['path']} -> {f['status']}"
+    elif f["kind"] == "l3/l4":
+        what = f"{f['protocol'].lower()} {f['direction']} policy" + (f" ({f['details']})" if f["details"] else "")
+        if f.get("proxy_port"):
+            what += f" to proxy port {f['proxy_port']}"
+    else:
+        what = "tcp"
     rule = f"  rule: {f['rule']}" if f["rule"] else ""
     return f"{f['time'][11:23]} {f['verdict'].upper():<9} {_who(f['source'])} -> {_who(f['destination'])} {what}{rule}"
 
@@ -270,8 +321,8 @@ def flow_line(f: dict[str, Any]) -> str:
 @state_dir_option
 @output_option
 def observe_cmd(last: int, follow: bool, state_dir: str, output: str) -> None:
-    """Print flows Envoy logged (newest last): verdict, source and destination with identities and
-    labels, the request and the rule that decided it."""
+    """Print flows (newest last) Envoy logged and the kernel decided: verdict, source and
+    destination with identities and labels, the request and the rule that decided it."""
     payload = _call(state_dir, lambda c: c.flows(limit=last))
     while True:
         for f in payload["flows"]:

@@ -15,17 +15,16 @@ from __future__ import annotations
 import logging
 import re
 import threading
-from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from enum import Enum
-from itertools import islice
 from typing import Any
 
 import grpc
 
 from cilia.grpcserver import GrpcServer
+from cilia.ring import SeqRing
 from envoy.config.core.v3 import base_pb2
 from envoy.data.accesslog.v3 import accesslog_pb2
 from envoy.service.accesslog.v3 import als_pb2
@@ -120,13 +119,12 @@ class AccessLogReceiver:
         if maxlen < 1:
             raise ValueError("maxlen must be at least 1")
         self.subscriber = subscriber
-        self._lock = threading.Lock()
-        self._ring: deque[AccessRecord] = deque(maxlen=maxlen)
-        self._seq = 0
+        self._lock = threading.Lock()  # numbers records and appends them as one step
+        self._ring: SeqRing[AccessRecord] = SeqRing(maxlen)
 
     @property
     def maxlen(self) -> int:
-        return self._ring.maxlen or 0
+        return self._ring.maxlen
 
     def add(self, message: Any) -> list[AccessRecord]:
         """Record one StreamAccessLogsMessage; ``identifier`` may be unset (Envoy sends it only
@@ -137,12 +135,9 @@ class AccessLogReceiver:
     def add_entries(self, http: Iterable[Any], tcp: Iterable[Any], identifier: Any) -> list[AccessRecord]:
         parsed = records_from_entries(http, tcp, identifier)  # outside the lock: the slow part
         with self._lock:
-            added = []
-            for unnumbered in parsed:
-                self._seq += 1
-                record = replace(unnumbered, seq=self._seq)
-                self._ring.append(record)
-                added.append(record)
+            first = self._ring.last_seq() + 1
+            added = [replace(r, seq=n) for n, r in enumerate(parsed, start=first)]
+            self._ring.extend(added)
         subscriber = self.subscriber
         if subscriber is not None:
             for record in added:
@@ -155,18 +150,11 @@ class AccessLogReceiver:
     def records(self, since: int | None = None, limit: int | None = None) -> list[AccessRecord]:
         """Records with ``seq > since`` (all kept ones if None), oldest first; with ``limit``,
         only the newest ``limit`` of them."""
-        with self._lock:
-            # seqs in the ring are consecutive, ending at self._seq
-            skip = 0 if since is None else max(0, len(self._ring) - max(0, self._seq - since))
-            found = list(islice(self._ring, skip, None))
-        if limit is not None:
-            found = found[-limit:] if limit > 0 else []
-        return found
+        return [r for _, r in self._ring.since(since, limit)]
 
     def last_seq(self) -> int:
         """The number of the newest record ever received (0 before the first)."""
-        with self._lock:
-            return self._seq
+        return self._ring.last_seq()
 
 
 def records_from_message(message: Any, identifier: Any = None) -> list[AccessRecord]:

@@ -125,7 +125,7 @@ def test_every_command_answers_json(starwars: Path) -> None:
     assert added["revision"] == revision + 1 and added["endpoint"]["identity"] >= 256
     assert run_cli(state, "endpoint", "delete", "probe", "-o", "json").json() == {"revision": revision + 2}
     text = run_cli(state, "endpoint", "list").out.splitlines()
-    assert text[0].split() == ["ENDPOINT", "IDENTITY", "INGRESS", "EGRESS", "IPS", "PORTS", "LABELS"]
+    assert text[0].split() == ["ENDPOINT", "IDENTITY", "INGRESS", "EGRESS", "IPS", "PORTS", "INTERFACE", "LABELS"]
 
 
 def test_endpoint_input_errors(agent: Agent) -> None:

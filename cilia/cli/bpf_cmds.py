@@ -1,0 +1,123 @@
+"""Commands for the BPF datapath: ``cilia monitor``, ``cilia bpf policy get`` and ``cilia cleanup``."""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import click
+
+from ..agent.client import AgentClient
+from .agent_cmds import _call, _emit, _table, output_option, state_dir_option
+
+EVENT_TYPES = ("drop", "policy-verdict")
+
+
+def _peer(side: dict[str, Any]) -> str:
+    labels = ",".join(side.get("labels", [])) or "unknown"
+    return f"{side['identity']} ({side.get('endpoint') or labels})"
+
+
+def event_line(e: dict[str, Any]) -> str:
+    """One event the way ``cilium monitor`` prints it, with endpoint names and the deciding rule."""
+    src, dst = e["source"], e["destination"]
+    flow = (f"{src['address']}:{src['port']} -> {dst['address']}:{dst['port']} {e['protocol'].lower()}"
+            if e["protocol"] in ("TCP", "UDP", "SCTP") else
+            f"{src['address']} -> {dst['address']} {e['protocol'].lower()} type {dst['port']}")
+    policy = f"{e['direction']} policy of {e['endpoint'] or 'endpoint ' + str(e['endpoint_id'])}"
+    if e["type"] == "drop":
+        head = f"xx drop ({e['reason_text'] or e['reason']}) by {policy}"
+    else:
+        head = f"-> policy-verdict {e['verdict']}" + (f" to proxy port {e['proxy_port']}" if e["proxy_port"] else "")
+        head += f" by {policy}"
+    return (f"{e['time'][11:23]} {head}, identity {_peer(src)} -> {_peer(dst)}: {flow}"
+            + (f"; rule: {e['rule']}" if e["rule"] else ""))
+
+
+@click.command("monitor")
+@click.option("--type", "-t", "types", multiple=True, type=click.Choice(EVENT_TYPES),
+              help="Only these event types (repeatable).")
+@click.option("--related-to", help="Only events decided by this endpoint's policy or to/from it (endpoint name).")
+@click.option("--last", type=click.IntRange(0), default=0, show_default=True,
+              help="First print the newest N events already recorded.")
+@click.option("--follow/--no-follow", default=True, show_default=True, help="Keep printing new events.")
+@state_dir_option
+@output_option
+def monitor_cmd(types: Sequence[str], related_to: str | None, last: int, follow: bool, state_dir: str,
+                output: str) -> None:
+    """Stream the BPF datapath's drop and policy-verdict events, decoded with identities, labels
+    and the deciding rule, until Ctrl-C."""
+    def wanted(e: dict[str, Any]) -> bool:
+        if types and e["type"] not in types:
+            return False
+        if related_to is not None:
+            names = {e["endpoint"], e["source"].get("endpoint"), e["destination"].get("endpoint")}
+            return related_to in names
+        return True
+
+    payload = _call(state_dir, lambda c: c.monitor(limit=last))
+    seen = payload["last"]
+    events = payload["events"] if last else []
+    while True:
+        for e in events:
+            if wanted(e):
+                click.echo(json.dumps(e) if output == "json" else event_line(e))
+        sys.stdout.flush()
+        if not follow:
+            return
+        payload = _call(state_dir, _events_after(seen))
+        seen = payload["last"]
+        events = payload["events"]
+
+
+def _events_after(seq: int) -> Callable[[AgentClient], Any]:
+    return lambda c: c.monitor(since=seq, wait=10)
+
+
+@click.command("get")
+@click.argument("endpoint")
+@state_dir_option
+@output_option
+def bpf_policy_get_cmd(endpoint: str, state_dir: str, output: str) -> None:
+    """An endpoint's policy map in the kernel, like `cilium bpf policy get`: verdict, direction,
+    identity, port/protocol, proxy port and the packets and bytes each entry matched."""
+    payload = _call(state_dir, lambda c: c.bpf_policy(endpoint))
+    _emit(output, payload, lambda p: _table(
+        ["POLICY", "DIRECTION", "IDENTITY", "LABELS", "PORT/PROTO", "PROXY PORT", "BYTES", "PACKETS", "RULE"],
+        [(r["verdict"].capitalize(), r["direction"].capitalize(), r["identity"] or "ANY",
+          ",".join(r["labels"]) or ("reserved:all" if not r["identity"] else "-"), r["port"], r["proxy_port"] or "-",
+          r["bytes"], r["packets"], r["rule"]) for r in p["entries"]]))
+
+
+@click.command("cleanup")
+@state_dir_option
+def cleanup_cmd(state_dir: str) -> None:
+    """With the agent stopped: remove its BPF programs, pinned maps, proxy route and the
+    namespaces it created for endpoints (policies stay)."""
+    from ..agent.cleanup import CleanupError, cleanup
+
+    try:
+        done = cleanup(Path(state_dir).resolve())
+    except CleanupError as e:
+        click.echo(f"error: {e}", err=True)
+        sys.exit(1)
+    for line in done or ["nothing to remove"]:
+        click.echo(line)
+
+
+def register(cli: click.Group) -> None:
+    cli.add_command(monitor_cmd)
+    cli.add_command(cleanup_cmd)
+
+    @cli.group("bpf")
+    def bpf() -> None:
+        """The BPF datapath's maps."""
+
+    @bpf.group("policy")
+    def bpf_policy() -> None:
+        """Endpoint policy maps."""
+
+    bpf_policy.add_command(bpf_policy_get_cmd)
