@@ -22,6 +22,21 @@ REPO = Path(__file__).resolve().parent.parent
 STARWARS = REPO / "examples" / "starwars"
 
 
+def require_bpf() -> None:
+    """Skip where the BPF datapath cannot run (not root, no bcc or headers), but fail in CI:
+    CI runs as root with everything installed, so a skip there would hide a broken test."""
+    import pytest
+
+    from cilia.bpf.loader import bpf_available
+
+    why = bpf_available()
+    if why is None:
+        return
+    if os.environ.get("CI"):
+        pytest.fail(f"BPF datapath tests must run in CI: {why}")
+    pytest.skip(f"BPF datapath: {why}")
+
+
 def cilium_examples_dir() -> Path:
     """Cilium's example policies (shared reference, beside the repo). Tests that
     need them fail, not skip, when the directory is missing."""

@@ -69,16 +69,17 @@ def agent_in_process(state_dir: Path, envoy: str = "managed", xds_addresses: tup
 class AgentProcess:
     """`python -m cilia agent` as a real process; stop() sends SIGTERM like an init system."""
 
-    def __init__(self, state_dir: Path, *args: str) -> None:
+    def __init__(self, state_dir: Path, *args: str, wrapper: tuple[str, ...] = ()) -> None:
         self.state_dir = state_dir
         self.args = args
+        self.wrapper = wrapper  # e.g. nsenter --net=...: run the agent in another network namespace
         self.proc: subprocess.Popen[bytes] | None = None
         self.log = state_dir.parent / f"{state_dir.name}-agent.log"
 
     def start(self, timeout: float = 30.0) -> None:
         with open(self.log, "ab") as log:
-            self.proc = subprocess.Popen([sys.executable, "-m", "cilia", "agent", "--state-dir", str(self.state_dir),
-                                          *self.args], stdout=log, stderr=subprocess.STDOUT)
+            self.proc = subprocess.Popen([*self.wrapper, sys.executable, "-m", "cilia", "agent", "--state-dir",
+                                          str(self.state_dir), *self.args], stdout=log, stderr=subprocess.STDOUT)
         client = AgentClient(self.state_dir / "cilia.sock", timeout=2)
         deadline = time.monotonic() + timeout
         try:

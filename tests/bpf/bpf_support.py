@@ -21,23 +21,14 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
-import pytest
+from helpers import require_bpf
 
 from cilia.bpf.datapath import Datapath, DatapathEvent
-from cilia.bpf.loader import Loader, bpf_available
+from cilia.bpf.loader import Loader
 from cilia.bpf.netns import Namespace, ip, run_in_netns
 from cilia.policy import Endpoint, LabelSet, PolicyEngine, parse_text
 
 NODE_IP = "10.211.0.1"
-
-
-def require_bpf() -> None:
-    why = bpf_available()
-    if why is None:
-        return
-    if os.environ.get("CI"):
-        pytest.fail(f"BPF datapath tests must run in CI: {why}")
-    pytest.skip(f"BPF datapath: {why}")
 
 
 @dataclass
