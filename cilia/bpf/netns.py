@@ -61,30 +61,11 @@ class Namespace:
     def _host(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
         return ip(*(["-n", self.node] if self.node else []), *args, check=check)
 
-    def _host_sysctl(self, setting: str) -> None:
-        prefix = ["ip", "netns", "exec", self.node] if self.node else []
-        subprocess.run([*prefix, "sysctl", "-qw", setting], capture_output=True, check=False)
-
     def create(self, gateway: str) -> None:
         """Create the namespace and wire it; ``gateway`` is a host address the endpoint routes to."""
-        peer = self.host_if[:13] + "-e"
-        bits = 32 if self.address.version == 4 else 128
         ip("netns", "add", self.name)
         self.created = True
-        if self.address.version == 4:  # no IPv6 link-local chatter on an IPv4 endpoint
-            subprocess.run(["ip", "netns", "exec", self.name, "sysctl", "-qw", "net.ipv6.conf.all.disable_ipv6=1",
-                            "net.ipv6.conf.default.disable_ipv6=1"], capture_output=True, check=False)
-        self._host("link", "add", self.host_if, "type", "veth", "peer", "name", peer, "netns", self.name)
-        if self.address.version == 4:  # nor on its host end, whose IPv6 the datapath would drop
-            self._host_sysctl(f"net.ipv6.conf.{self.host_if}.disable_ipv6=1")
-        self._host("link", "set", self.host_if, "up")
-        ip("-n", self.name, "link", "set", "lo", "up")
-        ip("-n", self.name, "link", "set", peer, "name", "eth0")
-        ip("-n", self.name, "addr", "add", f"{self.address}/{bits}", "dev", "eth0")
-        ip("-n", self.name, "link", "set", "eth0", "up")
-        ip("-n", self.name, "route", "add", gateway, "dev", "eth0", "scope", "link")
-        ip("-n", self.name, "route", "add", "default", "via", gateway, "dev", "eth0", "onlink")
-        self._host("route", "replace", f"{self.address}/{bits}", "dev", self.host_if)
+        wire_veth(os.path.join(NETNS_DIR, self.name), self.host_if, str(self.address), gateway, node=self.node)
 
     def delete(self) -> None:
         """Remove the namespace (and with it the veth pair and the host route). Safe to repeat."""
@@ -96,6 +77,64 @@ class Namespace:
     def run_in(self, fn: Callable[[], T]) -> T:
         """``fn()`` on a thread inside the namespace; its result or exception is passed back."""
         return run_in_netns(self.name, fn)
+
+
+def in_netns(path: str, *cmd: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    """Run ``cmd`` in the network namespace at ``path`` (only the network namespace is entered)."""
+    res = subprocess.run(["nsenter", f"--net={path}", *cmd], capture_output=True, text=True)
+    if check and res.returncode != 0:
+        raise NetnsError(f"{' '.join(cmd)} in {path}: {res.stderr.strip() or res.returncode}")
+    return res
+
+
+def wire_veth(netns_path: str, host_if: str, address: str, gateway: str, ifname: str = "eth0",
+              node: str | None = None) -> None:
+    """Join the namespace at ``netns_path`` to the node by a veth pair: ``ifname`` inside with
+    ``address`` (a host route) and a default route via ``gateway``, ``host_if`` on the node
+    (``node``: a named namespace; None: this process's) with a route to ``address``."""
+    if len(host_if) > 15:
+        raise ValueError(f"interface name {host_if!r} is longer than 15 characters")
+    addr = ipaddress.ip_address(address)
+    bits = 32 if addr.version == 4 else 128
+    peer = host_if[:13] + "-e"
+
+    def host(*args: str) -> None:
+        ip(*(["-n", node] if node else []), *args)
+
+    host("link", "add", host_if, "type", "veth", "peer", "name", peer)
+    _move_link(peer, netns_path, node)
+    if addr.version == 4:  # no IPv6 chatter on an IPv4 endpoint, nor on its host end: the datapath drops it
+        in_netns(netns_path, "sysctl", "-qw", "net.ipv6.conf.all.disable_ipv6=1",
+                 "net.ipv6.conf.default.disable_ipv6=1", check=False)
+        subprocess.run([*(["ip", "netns", "exec", node] if node else []), "sysctl", "-qw",
+                        f"net.ipv6.conf.{host_if}.disable_ipv6=1"], capture_output=True, check=False)
+    host("link", "set", host_if, "up")
+    in_netns(netns_path, "ip", "link", "set", "lo", "up")
+    in_netns(netns_path, "ip", "link", "set", peer, "name", ifname)
+    in_netns(netns_path, "ip", "addr", "add", f"{addr}/{bits}", "dev", ifname)
+    in_netns(netns_path, "ip", "link", "set", ifname, "up")
+    in_netns(netns_path, "ip", "route", "add", gateway, "dev", ifname, "scope", "link")
+    in_netns(netns_path, "ip", "route", "add", "default", "via", gateway, "dev", ifname, "onlink")
+    host("route", "replace", f"{addr}/{bits}", "dev", host_if)
+
+
+def _move_link(ifname: str, netns_path: str, node: str | None) -> None:
+    from pyroute2 import IPRoute, NetNS
+
+    fd = os.open(netns_path, os.O_RDONLY)
+    try:
+        with NetNS(node) if node else IPRoute() as ipr:
+            idx = ipr.link_lookup(ifname=ifname)
+            if not idx:
+                raise NetnsError(f"no interface {ifname} to move into {netns_path}")
+            ipr.link("set", index=idx[0], net_ns_fd=fd)
+    finally:
+        os.close(fd)
+
+
+def delete_link(ifname: str) -> bool:
+    """Delete an interface of this namespace (a veth takes its peer along); False if it was gone."""
+    return ip("link", "del", ifname, check=False).returncode == 0
 
 
 def run_in_netns(name: str, fn: Callable[[], T]) -> T:
