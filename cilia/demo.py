@@ -3,11 +3,17 @@
 First it traces each ship's request through the policy engine, printing the verdict and the rule
 (file:line) that decided it. Then it runs the guide's steps as real traffic through a real
 `cilia agent` and the Envoy it supervises, driven by the `cilia` command as a user would: the
-ships are registered as endpoints, each policy file is imported and waited for (`policy wait`:
-Envoy acked it), and `cilia observe` shows what Envoy logged. As root, tiefighter and xwing live
-in network namespaces of their own; otherwise on loopback addresses. Envoy tells the ships apart
-by source address. It exits non-zero if any verdict or outcome differs from the guide's, or if
-the agent or Envoy cannot run; agent, Envoy, app and namespaces are removed whatever happens,
+ships are registered as endpoints, each policy file is imported and waited for (`policy wait`),
+and `cilia observe` shows what was decided.
+
+Where the BPF datapath can load (root, bcc, kernel headers) it runs the way Cilium runs it: the
+agent, in a node namespace of its own, creates a namespace per ship, enforces L3/L4 in the kernel
+(xwing's request is dropped there and times out, and `cilia monitor` shows the drop) and hands
+L7 ports to Envoy's transparent listener. Otherwise it runs in sidecar mode: Envoy listens on
+deathstar's address and tells the ships apart by source address (ships in namespaces as root,
+else on loopback addresses). ``CILIA_DEMO_MODE=bpf|sidecar`` picks a mode. It says which mode
+ran, and exits non-zero if any verdict or outcome differs from the guide's or if the agent,
+Envoy or the datapath cannot run; everything it started or made is removed whatever happens,
 Ctrl-C included.
 """
 
@@ -22,13 +28,15 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 from ruamel.yaml import YAML
 
-from .bpf.netns import Namespace, add_host_address, can_create_namespaces, del_host_address
+from .bpf.loader import bpf_available
+from .bpf.netns import Namespace, add_host_address, can_create_namespaces, del_host_address, ip, run_in_netns
 from .envoy.loopback import free_port
 from .policy import (
     HTTPRequest,
@@ -117,6 +125,7 @@ def trace_section() -> int:
 DEATHSTAR_HOST = "deathstar.default.svc.cluster.local"
 ADDRESSES = {"deathstar": "127.0.0.10", "tiefighter": "127.0.0.11", "xwing": "127.0.0.12"}
 BLOCKED = "blocked"
+TIMEOUT = "timeout"  # no answer at all: what a drop in the kernel looks like to curl
 REQUEST_TIMEOUT = 2.0  # a dropped request would hang like Cilium's curl; Envoy's RBAC closes at once
 
 
@@ -248,7 +257,7 @@ def _request(source: str | None, target: str, method: str, path: str) -> tuple[s
     except ConnectionError:  # network RBAC closes the connection before any HTTP response
         return BLOCKED, "blocked: connection closed by Envoy before any response"
     except TimeoutError:
-        return BLOCKED, f"blocked: no answer within {REQUEST_TIMEOUT:g}s"
+        return TIMEOUT, f"no answer within {REQUEST_TIMEOUT:g}s (curl would time out)"
     finally:
         conn.close()
 
@@ -257,15 +266,17 @@ class AgentRun:
     """A real `cilia agent` process in a private state directory, driven by the `cilia` command
     exactly as a user would type it (each command is printed with its output)."""
 
-    def __init__(self, state_dir: Path) -> None:
+    def __init__(self, state_dir: Path, args: Sequence[str] = (), wrapper: Sequence[str] = ()) -> None:
         self.state_dir = state_dir
+        self.args = tuple(args)
+        self.wrapper = tuple(wrapper)  # nsenter --net=...: the agent runs in the demo's node namespace
         self.env = {**os.environ, "CILIA_STATE_DIR": str(state_dir)}
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
         with open(self.state_dir / "agent.log", "wb") as log:  # the child keeps its own copy
-            self.proc = subprocess.Popen([sys.executable, "-m", "cilia", "agent"], env=self.env,
-                                         stdout=subprocess.DEVNULL, stderr=log)
+            self.proc = subprocess.Popen([*self.wrapper, sys.executable, "-m", "cilia", "agent", *self.args],
+                                         env=self.env, stdout=subprocess.DEVNULL, stderr=log)
         deadline = time.monotonic() + 60
         while subprocess.run([sys.executable, "-m", "cilia", "status"], env=self.env,
                              capture_output=True).returncode != 0:
@@ -332,7 +343,7 @@ def envoy_section(ships: Ships) -> int:
                     agent.cilia("policy", "wait", out.split()[-1])
                 for shot in step.shots:
                     outcome, seen = ships.shoot(shot.ship, shot.method, shot.path)
-                    ok = outcome == shot.expect
+                    ok = outcome == shot.expect or (shot.expect == BLOCKED and outcome == TIMEOUT)
                     failures += not ok
                     verdict = "ok" if ok else f"UNEXPECTED: Cilium gives {shot.expect}"
                     print(f"   {shot.ship:>10} {shot.method:<4} {shot.path:<22} -> {seen}  [{verdict}]")
@@ -348,28 +359,182 @@ def envoy_section(ships: Ships) -> int:
             ships.teardown()
 
 
+# --- BPF mode: the kernel enforces L3/L4, Envoy's transparent listener L7 ---------------------
+
+class BpfNode:
+    """The demo's node: a network namespace holding the agent (entered with ``nsenter --net`` only,
+    so its maps are pinned in this bpffs), the host ends of the ships' veths and Envoy."""
+
+    ROUTER = "10.199.0.1"
+    ADDRESSES = Ships.NETNS
+
+    def __init__(self, tag: str) -> None:
+        self.name = f"cilia-demo-node-{tag}"
+        self.tag = tag
+        self.pin_dir = f"/sys/fs/bpf/cilia-demo-{tag}"
+        self.wrapper = ("nsenter", f"--net=/run/netns/{self.name}")
+        self.servers: list[ThreadingHTTPServer] = []
+
+    def netns(self, ship: str) -> str:
+        return f"cilia-demo-{ship}-{self.tag}"
+
+    def agent_args(self) -> list[str]:
+        return ["--datapath", "bpf", "--bpf-pin-dir", self.pin_dir, "--router-ip", self.ROUTER]
+
+    def setup(self) -> None:
+        ip("netns", "add", self.name)
+        ip("-n", self.name, "link", "set", "lo", "up")
+
+    def serve_deathstar(self) -> int:
+        server = run_in_netns(self.netns("deathstar"), lambda: ThreadingHTTPServer(("0.0.0.0", 80), Deathstar))
+        server.daemon_threads = True
+        threading.Thread(target=server.serve_forever, name="deathstar", daemon=True).start()
+        self.servers.append(server)
+        return 80
+
+    def shoot(self, ship: str, method: str, path: str) -> tuple[str, str]:
+        return run_in_netns(self.netns(ship), lambda: _request(None, self.ADDRESSES["deathstar"], method, path))
+
+    def teardown(self, state_dir: Path) -> None:
+        for server in self.servers:
+            server.shutdown()
+            server.server_close()
+        try:  # the agent is stopped: remove its programs, pins, route and the ships' namespaces
+            subprocess.run([*self.wrapper, sys.executable, "-m", "cilia", "cleanup", "--state-dir", str(state_dir)],
+                           capture_output=True, timeout=60, check=False)
+        finally:
+            for ship in self.ADDRESSES:
+                ip("netns", "del", self.netns(ship), check=False)
+            ip("netns", "del", self.name, check=False)
+            subprocess.run(["rm", "-rf", self.pin_dir], check=False)
+
+
+class MonitorRun:
+    """`cilia monitor --type drop` running while a step's requests are sent, as a user would
+    watch it in a second terminal."""
+
+    def __init__(self, env: dict[str, str]) -> None:
+        self.proc = subprocess.Popen([sys.executable, "-m", "cilia", "monitor", "--type", "drop"], env=env,
+                                     stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        self.lines: list[str] = []
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+        time.sleep(1.0)  # its first poll is waiting: the drops that follow reach it
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self.lines.append(line.rstrip())
+
+    def stop(self) -> list[str]:
+        time.sleep(0.5)
+        self.proc.terminate()
+        self.proc.wait(10)
+        self._reader.join(5)
+        if self.proc.stdout is not None:
+            self.proc.stdout.close()
+        return self.lines
+
+
+def bpf_section() -> int:
+    """Run ENVOY_STEPS with the BPF datapath; returns the number of unexpected outcomes.
+
+    Raises OSError (a command failed, the agent, Envoy or the datapath could not start)."""
+    labels = ship_labels(EXAMPLES / "http-sw-app.yaml")
+    node = BpfNode(f"{os.getpid() % 100000}")
+    with tempfile.TemporaryDirectory(prefix="cilia-demo-") as tmp:
+        agent = AgentRun(Path(tmp), node.agent_args(), node.wrapper)
+        try:
+            node.setup()
+            agent.start()
+            envoy_pid = json.loads(agent.cilia("status", "-o", "json", show=False))["envoy"]["pid"]
+            print(f"   cilia agent (pid {agent.proc.pid if agent.proc else '?'}) runs Envoy (pid {envoy_pid}) in "
+                  f"network namespace {node.name}; the ships get namespaces of their own, made by the agent")
+            print()
+            revision = ""
+            for name in ("deathstar", "tiefighter", "xwing"):
+                port = ["--port", "80"] if name == "deathstar" else []
+                revision = agent.cilia("endpoint", "add", "--name", name, "--labels",
+                                       ",".join(f"{k}={v.value}" for k, v in labels[name].items()),
+                                       "--ip", node.ADDRESSES[name], "--create-netns", "--netns", node.netns(name),
+                                       *port).split()[-1]
+            agent.cilia("policy", "wait", revision)
+            node.serve_deathstar()
+            print(f"   deathstar's app listens on {node.ADDRESSES['deathstar']}:80 in {node.netns('deathstar')}")
+            failures = 0
+            for step in ENVOY_STEPS:
+                print(f"\n-- {step.title}")
+                if step.policy_file is not None:
+                    out = agent.cilia("policy", "import", str(EXAMPLES / step.policy_file))
+                    agent.cilia("policy", "wait", out.split()[-1])
+                monitor = MonitorRun(agent.env) if any(s.expect == BLOCKED for s in step.shots) else None
+                for shot in step.shots:
+                    outcome, seen = node.shoot(shot.ship, shot.method, shot.path)
+                    expect = TIMEOUT if shot.expect == BLOCKED else shot.expect  # dropped in the kernel
+                    ok = outcome == expect
+                    failures += not ok
+                    verdict = "ok" if ok else f"UNEXPECTED: Cilium gives {shot.expect}"
+                    print(f"   {shot.ship:>10} {shot.method:<4} {shot.path:<22} -> {seen}  [{verdict}]")
+                if monitor is not None:
+                    lines = monitor.stop()
+                    print("   $ cilia monitor --type drop     (meanwhile, in another terminal)")
+                    for line in lines:
+                        print(f"     {line}")
+                    if not any("xwing" in line and "Policy denied" in line for line in lines):
+                        print("   UNEXPECTED: cilia monitor did not show xwing's drop")
+                        failures += 1
+            print("\n-- deathstar's policy map in the kernel, with what each entry matched")
+            agent.cilia("bpf", "policy", "get", "deathstar")
+            print("\n-- what the kernel and Envoy decided, with identities and the deciding rule")
+            time.sleep(1.2)  # Envoy flushes access logs about once a second
+            agent.cilia("observe", "--last", "8")
+            return failures
+        finally:
+            agent.stop()
+            node.teardown(Path(tmp))
+
+
+def choose_mode() -> tuple[str, str]:
+    """(mode, why): bpf where the datapath can load, else sidecar; CILIA_DEMO_MODE overrides."""
+    asked = os.environ.get("CILIA_DEMO_MODE", "")
+    why = bpf_available() or (None if can_create_namespaces() else "cannot create network namespaces")
+    if asked == "sidecar":
+        return "sidecar", "CILIA_DEMO_MODE=sidecar"
+    if asked == "bpf" or why is None:
+        return "bpf", why or "the BPF datapath loads here"
+    return "sidecar", f"the BPF datapath cannot run here: {why}"
+
+
 def main() -> int:
     print("cilia Star Wars demo (Cilium's getting-started guide, policies unchanged)")
     print("\n## policy engine (trace mode): each verdict and the rule (file:line) that decided it")
     failures = trace_section()
-    ships = Ships(can_create_namespaces())
-    print(f"\n## mode: Envoy via the cilia agent ({ships.mode}): real requests through a real Envoy "
-          "configured over xDS")
+    mode, why = choose_mode()
     try:
-        failures += envoy_section(ships)
+        if mode == "bpf":
+            print(f"\n## mode: BPF datapath ({why}): L3/L4 enforced in the kernel on each ship's veth, L7 ports "
+                  "redirected to Envoy with bpf_sk_assign")
+            failures += bpf_section()
+        else:
+            ships = Ships(can_create_namespaces())
+            print(f"\n## mode: Envoy via the cilia agent ({ships.mode}): real requests through a real Envoy "
+                  f"configured over xDS ({why})")
+            failures += envoy_section(ships)
     except KeyboardInterrupt:
-        print("\ninterrupted: Envoy and the deathstar app were stopped")
+        print("\ninterrupted: the agent, Envoy and the deathstar app were stopped")
         return 130
     except (OSError, ImportError) as exc:
-        print(f"\nthe Envoy part could not run: {type(exc).__name__}: {exc}")
+        part = "BPF" if mode == "bpf" else "Envoy"
+        print(f"\nthe {part} part could not run: {type(exc).__name__}: {exc}")
         print("demo FAILED")
         return 1
     print()
     if failures:
-        print(f"demo FAILED: {failures} outcome(s) differ from Cilium's")
+        print(f"demo FAILED ({mode} mode): {failures} outcome(s) differ from Cilium's")
         return 1
-    print("demo passed: every verdict and every request matches Cilium's getting-started guide")
+    print(f"demo passed ({mode} mode): every verdict and every request matches Cilium's getting-started guide")
     return 0
+
 
 if __name__ == "__main__":
     sys.exit(main())
