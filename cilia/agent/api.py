@@ -106,7 +106,8 @@ def _get_bpf_policy(agent: Agent, path: dict[str, str], _: dict[str, list[str]],
 
 def _get_monitor(agent: Agent, _: dict[str, str], query: dict[str, list[str]], __: Any) -> tuple[int, Any]:
     wait = _query_int(query, "wait") or 0
-    return 200, agent.monitor(_query_int(query, "since"), _query_int(query, "limit"), min(max(wait, 0), MAX_POLL))
+    return 200, agent.monitor(_query_int(query, "since"), _query_int(query, "limit"), min(max(wait, 0), MAX_POLL),
+                              query.get("trace", ["false"])[-1] == "true")
 
 
 def _get_openapi(_: Agent, __: dict[str, str], ___: dict[str, list[str]], ____: Any) -> tuple[int, Any]:

@@ -89,8 +89,11 @@ class AgentClient:
     def bpf_policy(self, name: str) -> Any:
         return self.request("GET", f"/v1/endpoints/{name}/bpf-policy")
 
-    def monitor(self, since: int | None = None, limit: int | None = None, wait: int = 0) -> Any:
-        params = {k: v for k, v in (("since", since), ("limit", limit), ("wait", wait)) if v is not None}
+    def monitor(self, since: int | None = None, limit: int | None = None, wait: int = 0, trace: bool = False) -> Any:
+        params: dict[str, Any] = {k: v for k, v in (("since", since), ("limit", limit), ("wait", wait))
+                                  if v is not None}
+        if trace:
+            params["trace"] = "true"
         return self.request("GET", "/v1/monitor", params=params, timeout=wait + 30)
 
     def flows(self, since: int | None = None, limit: int | None = None) -> Any:

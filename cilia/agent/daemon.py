@@ -527,7 +527,8 @@ class Agent:
 
     def _on_datapath_event(self, event: DatapathEvent) -> None:
         self.monitor_log.append(event)
-        self.flow_log.append(event)
+        if event.type != "trace":  # flows are verdicts; packet traces would only crowd them out
+            self.flow_log.append(event)
 
     def bpf_policy(self, name: str) -> dict[str, Any]:
         """An endpoint's policy map as the kernel holds it, with counters (``cilia bpf policy get``)."""
@@ -545,8 +546,11 @@ class Agent:
                 row["labels"] = self._labels_of(int(row["identity"]))  # type: ignore[call-overload]
             return {"endpoint": name, "id": ep_id, "interface": spec.interface, "entries": rows}
 
-    def monitor(self, since: int | None, limit: int | None, wait: float) -> dict[str, Any]:
-        """Datapath events after ``since`` (waiting up to ``wait`` seconds for one)."""
+    def monitor(self, since: int | None, limit: int | None, wait: float, trace: bool = False) -> dict[str, Any]:
+        """Datapath events after ``since`` (waiting up to ``wait`` seconds for one). ``trace``:
+        the caller wants trace events, so the datapath emits them for the next 30 seconds."""
+        if trace and self.node is not None and self.node.started:
+            self.node.datapath.trace_for(30.0)
         items = self.monitor_log.since(since, limit, wait)
         with self._lock:
             events = [{"seq": n, **self._event_json(ev)} for n, ev in items]

@@ -29,7 +29,13 @@
 #define MARK_PROXY_EGRESS 0x0B00
 
 #define EVENT_DROP 1
+#define EVENT_TRACE 4
 #define EVENT_VERDICT 5
+
+// Trace events carry their observation point in the reason field.
+#define OBS_FROM_ENDPOINT 1 // passed on leaving an endpoint
+#define OBS_TO_ENDPOINT 2   // passed on entering an endpoint
+#define OBS_TO_PROXY 3      // handed to Envoy
 
 #define REASON_POLICY_DENIED 133 // no entry allows it (Cilium's DROP_POLICY)
 #define REASON_POLICY_DENY 181   // a deny entry (Cilium's DROP_POLICY_DENY)
@@ -126,6 +132,9 @@ BPF_TABLE_PINNED("array", u32, u64, drop_counts, 256, PIN_DIR "/drop_counts");
 BPF_F_TABLE("lpm_trie", struct policy_key, struct policy_val, policy_template, POLICY_MAX, BPF_F_NO_PREALLOC);
 BPF_ARRAY_OF_MAPS(policy_maps, "policy_template", 4096);
 BPF_PERF_OUTPUT(events);
+// config[0] != 0: emit a trace event for every packet passed (`cilia monitor -t trace` turns it
+// on for as long as someone watches). Not pinned: a reloaded program starts without tracing.
+BPF_ARRAY(config, u32, 4);
 
 struct flow {
     u32 saddr, daddr;
@@ -239,6 +248,36 @@ static __always_inline void emit(struct __sk_buff *skb, struct flow *f, u8 type,
     events.perf_submit(skb, &e, sizeof(e));
 }
 
+static __always_inline void trace(struct __sk_buff *skb, struct flow *f, u16 obs, u8 verdict, u32 src_id,
+                                  u32 dst_id, u16 proxy_port) {
+    u32 idx = 0;
+    u32 *on = config.lookup(&idx);
+    if (!on || !*on)
+        return;
+    // An identity of 0 is looked up here, so a packet pays for it only while tracing.
+    if (!src_id)
+        src_id = identity_of(f->saddr);
+    if (!dst_id)
+        dst_id = identity_of(f->daddr);
+    struct endpoint_val *ep = endpoints.lookup(obs == OBS_TO_ENDPOINT ? &f->daddr : &f->saddr);
+    struct event e = {};
+    e.type = EVENT_TRACE;
+    e.verdict = verdict;
+    e.protocol = f->protocol;
+    e.reason = obs;
+    e.proxy_port = proxy_port;
+    e.ep_id = ep ? ep->ep_id : 0;
+    e.src_identity = src_id;
+    e.dst_identity = dst_id;
+    e.saddr = f->saddr;
+    e.daddr = f->daddr;
+    e.sport = f->sport;
+    e.dport = f->dport;
+    e.ifindex = skb->ifindex;
+    e.len = f->len;
+    events.perf_submit(skb, &e, sizeof(e));
+}
+
 static __always_inline int drop(struct __sk_buff *skb, struct flow *f, u8 egress, u16 reason, u32 ep_id,
                                 u32 src_id, u32 dst_id, struct policy_val *pv) {
     u32 idx = reason;
@@ -304,7 +343,10 @@ static __always_inline int established(struct __sk_buff *skb, struct flow *f, in
             // subject to L7 policy after it began): drop, as a new one would be.
             if (!at_source || f->protocol != IPPROTO_TCP || to_proxy(skb, f, ct->proxy_port) < 0)
                 return drop(skb, f, at_source, REASON_NO_PROXY, 0, ct->src_identity, 0, NULL);
+            trace(skb, f, OBS_TO_PROXY, VERDICT_REDIRECTED, ct->src_identity, 0, ct->proxy_port);
+            return TC_ACT_OK;
         }
+        trace(skb, f, at_source ? OBS_FROM_ENDPOINT : OBS_TO_ENDPOINT, VERDICT_FORWARDED, ct->src_identity, 0, 0);
         return TC_ACT_OK;
     }
     ct = conntrack.lookup(&rev);
@@ -312,6 +354,7 @@ static __always_inline int established(struct __sk_buff *skb, struct flow *f, in
         __sync_fetch_and_add(&ct->packets, 1);
         __sync_fetch_and_add(&ct->bytes, f->len);
         ct->last_seen = bpf_ktime_get_ns();
+        trace(skb, f, at_source ? OBS_FROM_ENDPOINT : OBS_TO_ENDPOINT, VERDICT_FORWARDED, 0, ct->src_identity, 0);
         return TC_ACT_OK;
     }
     return -1;

@@ -32,7 +32,9 @@ DROP_REASONS = {
     180: "No proxy to redirect to",
 }
 VERDICTS = {1: "FORWARDED", 2: "DROPPED", 5: "REDIRECTED"}
-EVENT_TYPES = {1: "drop", 5: "policy-verdict"}
+EVENT_TYPES = {1: "drop", 4: "trace", 5: "policy-verdict"}
+TRACE = 4
+OBSERVATION_POINTS = {1: "from-endpoint", 2: "to-endpoint", 3: "to-proxy"}  # a trace event's reason field
 
 
 def no_proxy(_d: Direction, _k: L4Key, _e: PolicyEntry) -> int:
@@ -42,7 +44,7 @@ def no_proxy(_d: Direction, _k: L4Key, _e: PolicyEntry) -> int:
 @dataclass(frozen=True, slots=True)
 class DatapathEvent:
     time: float
-    type: str  # drop | policy-verdict
+    type: str  # drop | trace | policy-verdict
     verdict: str  # FORWARDED | DROPPED | REDIRECTED
     reason: int
     reason_text: str
@@ -59,6 +61,7 @@ class DatapathEvent:
     rule: str
     ifindex: int
     length: int
+    observation_point: str = ""  # trace events: from-endpoint | to-endpoint | to-proxy
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -72,6 +75,7 @@ class Datapath:
         self._events: list[Callable[[DatapathEvent], None]] = []
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._trace_until = 0.0
 
     # -- state in ----------------------------------------------------------------------
 
@@ -162,9 +166,18 @@ class Datapath:
             self._thread.join(5)
             self._thread = None
 
+    def trace_for(self, seconds: float) -> None:
+        """Emit trace events (every packet passed) for the next ``seconds``; each call extends it."""
+        if not self._trace_until:
+            self.loader.set_config(0, 1)
+        self._trace_until = time.monotonic() + seconds
+
     def _poll(self) -> None:
         while not self._stop.is_set():
             self.loader.poll_events(100)
+            if self._trace_until and time.monotonic() > self._trace_until:
+                self._trace_until = 0.0  # nobody asked for a while: stop paying for it
+                self.loader.set_config(0, 0)
 
     def _on_raw(self, raw: bytes) -> None:
         ev = self.decode(raw[:maps.EVENT.size])
@@ -179,6 +192,9 @@ class Datapath:
         except ValueError:
             proto_name = str(proto)
         rule = self.rules.get(rule_id, f"rule {rule_id}") if rule_id else (NO_RULE if verdict == 2 else "")
+        obs = OBSERVATION_POINTS.get(reason, str(reason)) if etype == TRACE else ""
+        if etype == TRACE:
+            reason = 0
         return DatapathEvent(
             time=time.time(), type=EVENT_TYPES.get(etype, str(etype)), verdict=VERDICTS.get(verdict, str(verdict)),
             reason=reason, reason_text=DROP_REASONS.get(reason, "") if reason else "",
@@ -186,7 +202,7 @@ class Datapath:
             source=socket.inet_ntoa(saddr), source_port=int.from_bytes(sport, "big"),
             destination=socket.inet_ntoa(daddr), destination_port=int.from_bytes(dport, "big"),
             source_identity=src_id, destination_identity=dst_id, endpoint_id=ep_id, proxy_port=proxy_port,
-            rule=rule, ifindex=ifindex, length=length)
+            rule=rule, ifindex=ifindex, length=length, observation_point=obs)
 
     def drop_counts(self) -> dict[int, int]:
         out = {}

@@ -206,6 +206,11 @@ class Loader:
                         out.append(str(name))
             return out
 
+    def set_config(self, index: int, value: int) -> None:
+        """Set a slot of the program's (unpinned) config array; see ``config`` in datapath.c."""
+        if self.bpf is not None:
+            self.bpf[b"config"][ctypes.c_int(index)] = ctypes.c_uint32(value)
+
     # -- events -----------------------------------------------------------------------
 
     def open_events(self, callback: Callable[[bytes], None], pages: int = 64) -> None:

@@ -13,7 +13,7 @@ import click
 from ..agent.client import AgentClient
 from .agent_cmds import _call, _emit, _table, output_option, state_dir_option
 
-EVENT_TYPES = ("drop", "policy-verdict")
+EVENT_TYPES = ("drop", "policy-verdict", "trace")
 
 
 def _peer(side: dict[str, Any]) -> str:
@@ -28,6 +28,10 @@ def event_line(e: dict[str, Any]) -> str:
             if e["protocol"] in ("TCP", "UDP", "SCTP") else
             f"{src['address']} -> {dst['address']} {e['protocol'].lower()} type {dst['port']}")
     policy = f"{e['direction']} policy of {e['endpoint'] or 'endpoint ' + str(e['endpoint_id'])}"
+    if e["type"] == "trace":
+        where = e["endpoint"] or f"endpoint {e['endpoint_id']}"
+        head = f"-> {e['observation_point']} ({where})" + (f" port {e['proxy_port']}" if e["proxy_port"] else "")
+        return f"{e['time'][11:23]} {head}, identity {_peer(src)} -> {_peer(dst)}: {flow}, {e['length']} bytes"
     if e["type"] == "drop":
         head = f"xx drop ({e['reason_text'] or e['reason']}) by {policy}"
     else:
@@ -48,8 +52,9 @@ def event_line(e: dict[str, Any]) -> str:
 @output_option
 def monitor_cmd(types: Sequence[str], related_to: str | None, last: int, follow: bool, state_dir: str,
                 output: str) -> None:
-    """Stream the BPF datapath's drop and policy-verdict events, decoded with identities, labels
-    and the deciding rule, until Ctrl-C."""
+    """Stream the BPF datapath's drop, policy-verdict and trace events, decoded with identities,
+    labels and the deciding rule, until Ctrl-C. Trace events (every packet passed) are emitted
+    only while a monitor asks for them (no --type, or --type trace)."""
     def wanted(e: dict[str, Any]) -> bool:
         if types and e["type"] not in types:
             return False
@@ -58,7 +63,8 @@ def monitor_cmd(types: Sequence[str], related_to: str | None, last: int, follow:
             return related_to in names
         return True
 
-    payload = _call(state_dir, lambda c: c.monitor(limit=last))
+    trace = not types or "trace" in types
+    payload = _call(state_dir, lambda c: c.monitor(limit=last, trace=trace))
     seen = payload["last"]
     events = payload["events"] if last else []
     while True:
@@ -68,13 +74,13 @@ def monitor_cmd(types: Sequence[str], related_to: str | None, last: int, follow:
         sys.stdout.flush()
         if not follow:
             return
-        payload = _call(state_dir, _events_after(seen))
+        payload = _call(state_dir, _events_after(seen, trace))
         seen = payload["last"]
         events = payload["events"]
 
 
-def _events_after(seq: int) -> Callable[[AgentClient], Any]:
-    return lambda c: c.monitor(since=seq, wait=10)
+def _events_after(seq: int, trace: bool) -> Callable[[AgentClient], Any]:
+    return lambda c: c.monitor(since=seq, wait=10, trace=trace)
 
 
 @click.command("get")

@@ -59,7 +59,17 @@ def test_starwars_in_the_kernel_and_envoy(node: BpfAgentNode) -> None:
     assert "sw_l3_l4_policy.yaml:" in str(allow[0]["rule"])
 
     node.import_policy(L7)
-    assert node.shoot("tiefighter", *LAND) == "200 Ship landed"
+    tracer = node.monitor("--type", "trace")
+    try:
+        assert node.shoot("tiefighter", *LAND) == "200 Ship landed"
+        to_proxy = tracer.wait_for(lambda e: e["observation_point"] == "to-proxy")
+        back = tracer.wait_for(lambda e: e["observation_point"] == "to-endpoint"
+                               and e["destination"].get("endpoint") == "tiefighter")
+    finally:
+        tracer.stop()
+    assert to_proxy["type"] == "trace" and to_proxy["source"]["endpoint"] == "tiefighter"
+    assert to_proxy["endpoint"] == "tiefighter" and to_proxy["proxy_port"] >= 10000
+    assert back["source"]["endpoint"] == "deathstar" and back["verdict"] == "FORWARDED"
     assert node.shoot("tiefighter", *EXHAUST) == "403 Access denied"
     assert node.shoot("xwing", *LAND) == TIMEOUT
     redirect = [e for e in _entries(node, "deathstar") if e["identity"] == ids["tiefighter"]]
