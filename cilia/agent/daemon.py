@@ -620,7 +620,7 @@ class Agent:
             ms = self.engine.endpoint_policy(name).map_state
             if spec.ips:
                 endpoints.append(NodeEndpoint(name, tuple(ipaddress.ip_network(a) for a in spec.ips),
-                                              ms.ingress, ms.egress))
+                                              ms.ingress, ms.egress, self.engine.identity_of(name).id))
             if spec.interface is None:
                 notes[f"{name}: no interface: its policy is not enforced in the kernel "
                       "(add it with --create-netns or --interface)"] = None
@@ -628,7 +628,7 @@ class Agent:
                             if k.startswith(f"{d.value}/")), key=lambda p: (p.policy_port, p.proxy_port))
                  for d in (Direction.INGRESS, Direction.EGRESS)}
         key = (prefixes, tuple(ports[Direction.INGRESS]), tuple(ports[Direction.EGRESS]),
-               *((e.name, e.addresses, e.ingress, e.egress) for e in endpoints))
+               *((e.name, e.addresses, e.ingress, e.egress, e.identity) for e in endpoints))
         done = self._node_translated
         if done is not None and _same_objects(done[0], key):
             res = done[1]

@@ -443,11 +443,15 @@ int to_endpoint(struct __sk_buff *skb) {
     u32 mark = skb->mark & MARK_MAGIC_MASK;
     if (mark == MARK_PROXY_INGRESS) {
         // Envoy's upstream connection for an ingress L7 port: Envoy enforced this endpoint's
-        // policy. (An egress proxy's upstream is judged below like any node traffic: its source
-        // is the node, so an endpoint whose ingress also needs L7 refuses it: fail closed.)
+        // policy.
         ct_create(&f, IDENTITY_HOST, 0);
         return TC_ACT_OK;
     }
+    if (mark == MARK_PROXY_EGRESS && (skb->mark >> 16))
+        // An egress proxy's upstream on behalf of the endpoint whose identity the mark carries
+        // (Cilium's scheme): the receiver's ingress policy judges that identity, not the node.
+        // If the receiver's port needs L7 as well, it cannot be redirected here: dropped below.
+        src_id = skb->mark >> 16;
     struct policy_val *iv = policy_lookup(dst->ep_id, src_id, 0, &f);
     if (!iv)
         return drop(skb, &f, 0, REASON_POLICY_DENIED, dst->ep_id, src_id, dst->identity, NULL);

@@ -56,12 +56,13 @@ class AccessLogTarget:
     port: int = 0
 
 
-def hcm(base: str, rbac: matcher_pb2.Matcher, access_log: AccessLogTarget | None) -> hcm_pb2.HttpConnectionManager:
-    """HTTP RBAC with matcher ``rbac``, then the router to cluster ``base``; its 403s carry
-    ACCESS_DENIED_BODY, and with ``access_log`` every request is logged there."""
+def hcm(base: str, rbac: matcher_pb2.Matcher, access_log: AccessLogTarget | None,
+        cluster: str | None = None) -> hcm_pb2.HttpConnectionManager:
+    """HTTP RBAC with matcher ``rbac``, then the router to ``cluster`` (default ``base``); its
+    403s carry ACCESS_DENIED_BODY, and with ``access_log`` every request is logged there."""
     route = route_components_pb2.Route(
         match=route_components_pb2.RouteMatch(prefix="/"),
-        route=route_components_pb2.RouteAction(cluster=base),
+        route=route_components_pb2.RouteAction(cluster=cluster or base),
     )
     denied = accesslog_pb2.AccessLogFilter(status_code_filter=accesslog_pb2.StatusCodeFilter(
         comparison=accesslog_pb2.ComparisonFilter(

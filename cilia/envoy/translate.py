@@ -181,6 +181,7 @@ class NodeEndpoint:
     addresses: tuple[IPNetwork, ...]
     ingress: DirectionMapState | None = None
     egress: DirectionMapState | None = None
+    identity: int = 0  # with every endpoint's identity known, egress upstreams carry it in their mark
 
 
 def translate_node(
@@ -208,7 +209,11 @@ def translate_node(
     Envoy's upstream sockets carry SO_MARK ``ingress_mark``/``egress_mark`` (Cilium's 0xA00 and
     0xB00 by default), so the datapath can recognise Envoy's own connections and not redirect
     them again (e.g. ``iptables -t nat -A OUTPUT -m mark --mark 0xa00/0xf00 -j RETURN`` before
-    the REDIRECT rules). Setting SO_MARK needs CAP_NET_ADMIN, as does the transparent listener.
+    the REDIRECT rules). When every endpoint has its ``identity``, an egress port gets a filter
+    chain and cluster per source identity (chosen by the source address) whose mark also carries
+    the identity in its upper 16 bits, as Cilium's does: the destination's ingress policy then
+    judges the upstream connection by the endpoint that made the request, not by the node.
+    Setting SO_MARK needs CAP_NET_ADMIN, as does the transparent listener.
 
     On a port where some endpoint has HTTP rules, the endpoints without any get a filter chain
     of their own (chosen by their address) that proxies plain TCP.
@@ -218,15 +223,17 @@ def translate_node(
     compiled: dict[int, tuple[PolicyEntry, rbac.HTTPPolicy]] = {}
     listeners: list[listener_pb2.Listener] = []
     clusters: list[cluster_pb2.Cluster] = []
+    ordered = sorted(endpoints, key=lambda e: e.name)
+    identities = [ep.identity for ep in ordered] if ordered and all(ep.identity for ep in ordered) else None
     for direction, ports, mark in (("ingress", ingress, ingress_mark), ("egress", egress, egress_mark)):
-        states = [(tuple(ep.addresses), ep.ingress if direction == "ingress" else ep.egress)
-                  for ep in sorted(endpoints, key=lambda e: e.name)]
+        states = [(tuple(ep.addresses), ep.ingress if direction == "ingress" else ep.egress) for ep in ordered]
         for proxy in sorted(set(ports), key=lambda p: (p.policy_port, p.proxy_port)):
             base = f"{node}-{direction}-{proxy.policy_port}"
-            li, cluster = _transparent(base, direction, proxy, listen_address, universe, states, True,
-                                       access_log, mark, notes, compiled)
+            li, port_clusters = _transparent(base, direction, proxy, listen_address, universe, states, True,
+                                             access_log, mark, notes, compiled,
+                                             identities if direction == "egress" else None)
             listeners.append(li)
-            clusters.append(cluster)
+            clusters.extend(port_clusters)
     if access_log is not None:
         clusters.append(resources.grpc_cluster(access_log))
     return ProxyResources(tuple(listeners), tuple(clusters), tuple(notes))
@@ -255,10 +262,10 @@ def translate_egress(
     clusters: list[cluster_pb2.Cluster] = []
     for proxy in sorted(set(ports), key=lambda p: (p.policy_port, p.proxy_port)):
         base = f"{name}-egress-{proxy.policy_port}"
-        li, cluster = _transparent(base, "egress", proxy, listen_address, universe, [((), egress)], False,
-                                   access_log, socket_mark, notes, compiled)
+        li, port_clusters = _transparent(base, "egress", proxy, listen_address, universe, [((), egress)], False,
+                                         access_log, socket_mark, notes, compiled)
         listeners.append(li)
-        clusters.append(cluster)
+        clusters.extend(port_clusters)
     if access_log is not None:
         clusters.append(resources.grpc_cluster(access_log))
     return ProxyResources(tuple(listeners), tuple(clusters), tuple(notes))
@@ -269,10 +276,12 @@ def _transparent(base: str, direction: str, proxy: ProxyPort, listen_address: st
                  states: Sequence[tuple[tuple[IPNetwork, ...], DirectionMapState | None]], by_endpoint: bool,
                  access_log: AccessLogTarget | None, mark: int, notes: dict[str, None],
                  compiled: dict[int, tuple[PolicyEntry, rbac.HTTPPolicy]],
-                 ) -> tuple[listener_pb2.Listener, cluster_pb2.Cluster]:
-    """The listener and ORIGINAL_DST cluster of one proxy port; with ``by_endpoint``, the
+                 identities: Sequence[int] | None = None,
+                 ) -> tuple[listener_pb2.Listener, list[cluster_pb2.Cluster]]:
+    """The listener and ORIGINAL_DST cluster(s) of one proxy port; with ``by_endpoint``, the
     matchers first choose among ``states`` by the endpoint's address, else ``states`` is the one
-    endpoint all traffic belongs to."""
+    endpoint all traffic belongs to. With ``identities`` (one per state), a filter chain and a
+    cluster per source identity, whose mark carries it (``mark | identity << 16``)."""
     peer, local = (rbac.SOURCE, rbac.DESTINATION) if direction == "ingress" else (rbac.DESTINATION, rbac.SOURCE)
     no_rule = NO_RULE if direction == "ingress" else NO_DESTINATION_RULE
     mode = "node mode" if by_endpoint else "sidecar mode"
@@ -293,7 +302,29 @@ def _transparent(base: str, direction: str, proxy: ProxyPort, listen_address: st
     tcp = resources.network_filter("envoy.filters.network.tcp_proxy",
                                    tcp_proxy_pb2.TcpProxy(stat_prefix=base, cluster=base))
     chains: list[listener_components_pb2.FilterChain] = []
-    if http_matcher is None:
+    clusters: list[cluster_pb2.Cluster] = []
+    if identities is not None:
+        groups: dict[int, list[_PortPolicy]] = {}
+        members: dict[int, set[IPNetwork]] = {}
+        for ident, (addresses, pp) in zip(identities, policies):
+            if addresses:
+                groups.setdefault(ident, []).append(pp)
+                members.setdefault(ident, set()).update(addresses)
+        for ident in sorted(groups):
+            name = f"{base}-id{ident}"
+            cidrs = [address_pb2.CidrRange(address_prefix=str(p.network_address), prefix_len={"value": p.prefixlen})
+                     for p in sorted(members[ident], key=rbac.prefix_key)]
+            if http_matcher is not None and any(pp.any_l7 for pp in groups[ident]):
+                terminal = resources.network_filter("envoy.filters.network.http_connection_manager",
+                                                    resources.hcm(base, http_matcher, access_log, cluster=name))
+            else:
+                terminal = resources.network_filter("envoy.filters.network.tcp_proxy",
+                                                    tcp_proxy_pb2.TcpProxy(stat_prefix=base, cluster=name))
+            match = listener_components_pb2.FilterChainMatch(direct_source_prefix_ranges=cidrs)
+            chains.append(listener_components_pb2.FilterChain(name=name, filter_chain_match=match,
+                                                              filters=[rbac_filter, terminal]))
+            clusters.append(resources.original_dst_cluster(name, mark | (ident & 0xFFFF) << 16))
+    elif http_matcher is None:
         chains.append(listener_components_pb2.FilterChain(filters=[rbac_filter, tcp]))
     else:
         plain = sorted({a for addresses, pp in policies if not pp.any_l7 for a in addresses}, key=rbac.prefix_key)
@@ -318,7 +349,7 @@ def _transparent(base: str, direction: str, proxy: ProxyPort, listen_address: st
         access_log=resources.connection_log(base, access_log),
         traffic_direction=base_pb2.INBOUND if direction == "ingress" else base_pb2.OUTBOUND,
     )
-    return listener, resources.original_dst_cluster(base, mark)
+    return listener, clusters or [resources.original_dst_cluster(base, mark)]
 
 
 @dataclass(frozen=True, slots=True)

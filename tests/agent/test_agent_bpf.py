@@ -169,3 +169,46 @@ def test_relabel_delete_and_cleanup(node: BpfAgentNode) -> None:
     assert node.netns("deathstar") not in names and node.netns("xwing") not in names
     assert "lookup 2005" not in ip("-n", node.node, "rule", "show").stdout
     assert "10.212.0.1" not in ip("-n", node.node, "addr", "show", "dev", "lo").stdout
+
+
+TIEFIGHTER_EGRESS = """\
+apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata:
+  name: tiefighter-egress
+spec:
+  endpointSelector:
+    matchLabels:
+      class: tiefighter
+  egress:
+  - toEndpoints:
+    - matchLabels:
+        class: deathstar
+    toPorts:
+    - ports:
+      - port: "80"
+        protocol: TCP
+      rules:
+        http:
+        - method: POST
+          path: /v1/request-landing
+"""
+
+
+def test_egress_l7_goes_through_envoy_as_the_sender(node: BpfAgentNode, tmp_path: Path) -> None:
+    node.import_policy(L3L4)  # deathstar admits only empire ships
+    egress = tmp_path / "tiefighter-egress.yaml"
+    egress.write_text(TIEFIGHTER_EGRESS, encoding="utf-8")
+    node.import_policy(egress)
+    # Envoy's upstream carries tiefighter's identity in its mark, so deathstar's L3/L4 ingress
+    # policy admits it as tiefighter, not as the node (which it would refuse).
+    assert node.shoot("tiefighter", *LAND) == "200 Ship landed"
+    assert node.shoot("tiefighter", *EXHAUST) == "403 Access denied"  # tiefighter's own egress L7 rule
+    assert node.shoot("xwing", *LAND) == TIMEOUT
+    status = node.ok("status", "-o", "json").json()
+    assert "egress/80" in status["datapath"]["proxy_ports"] and status["healthy"]
+    egress_rows = [e for e in _entries(node, "tiefighter") if e["direction"] == "egress" and e["verdict"] == "redirect"]
+    assert [e["port"] for e in egress_rows] == ["80/TCP"]
+    flows = _wait_flows(node, lambda fs: any(f["kind"] == "http" and f["method"] == "PUT" for f in fs))
+    put = next(f for f in flows if f["kind"] == "http" and f["method"] == "PUT")
+    assert put["verdict"] == "denied" and "tiefighter-egress" in put["rule"]
