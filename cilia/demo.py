@@ -28,7 +28,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -335,18 +335,8 @@ def envoy_section(ships: Ships) -> int:
                                        ",".join(f"{k}={v.value}" for k, v in labels[name].items()),
                                        "--ip", ships.addresses[name], *port).split()[-1]
             agent.cilia("policy", "wait", revision)
-            failures = 0
-            for step in ENVOY_STEPS:
-                print(f"\n-- {step.title}")
-                if step.policy_file is not None:
-                    out = agent.cilia("policy", "import", str(EXAMPLES / step.policy_file))
-                    agent.cilia("policy", "wait", out.split()[-1])
-                for shot in step.shots:
-                    outcome, seen = ships.shoot(shot.ship, shot.method, shot.path)
-                    ok = outcome == shot.expect or (shot.expect == BLOCKED and outcome == TIMEOUT)
-                    failures += not ok
-                    verdict = "ok" if ok else f"UNEXPECTED: Cilium gives {shot.expect}"
-                    print(f"   {shot.ship:>10} {shot.method:<4} {shot.path:<22} -> {seen}  [{verdict}]")
+            # Envoy closes a connection its network RBAC refuses; a timeout is as blocked
+            failures = run_steps(agent, ships.shoot, (BLOCKED, TIMEOUT), watch_drops=False)
             print("\n-- what Envoy logged, with identities and the deciding rule")
             time.sleep(1.2)  # Envoy flushes access logs about once a second
             agent.cilia("observe", "--last", "6")
@@ -436,6 +426,35 @@ class MonitorRun:
         return self.lines
 
 
+def run_steps(agent: AgentRun, shoot: Callable[[str, str, str], tuple[str, str]], blocked: tuple[str, ...],
+              watch_drops: bool) -> int:
+    """ENVOY_STEPS through ``agent``: import and wait for each policy, send the shots, count the
+    outcomes that differ from Cilium's (a BLOCKED shot may end as any of ``blocked``); with
+    ``watch_drops``, `cilia monitor --type drop` runs beside a step's shots and must show xwing's."""
+    failures = 0
+    for step in ENVOY_STEPS:
+        print(f"\n-- {step.title}")
+        if step.policy_file is not None:
+            out = agent.cilia("policy", "import", str(EXAMPLES / step.policy_file))
+            agent.cilia("policy", "wait", out.split()[-1])
+        monitor = MonitorRun(agent.env) if watch_drops and any(s.expect == BLOCKED for s in step.shots) else None
+        for shot in step.shots:
+            outcome, seen = shoot(shot.ship, shot.method, shot.path)
+            ok = outcome in blocked if shot.expect == BLOCKED else outcome == shot.expect
+            failures += not ok
+            verdict = "ok" if ok else f"UNEXPECTED: Cilium gives {shot.expect}"
+            print(f"   {shot.ship:>10} {shot.method:<4} {shot.path:<22} -> {seen}  [{verdict}]")
+        if monitor is not None:
+            lines = monitor.stop()
+            print("   $ cilia monitor --type drop     (meanwhile, in another terminal)")
+            for line in lines:
+                print(f"     {line}")
+            if not any("xwing" in line and "Policy denied" in line for line in lines):
+                print("   UNEXPECTED: cilia monitor did not show xwing's drop")
+                failures += 1
+    return failures
+
+
 def bpf_section() -> int:
     """Run ENVOY_STEPS with the BPF datapath; returns the number of unexpected outcomes.
 
@@ -461,28 +480,7 @@ def bpf_section() -> int:
             agent.cilia("policy", "wait", revision)
             node.serve_deathstar()
             print(f"   deathstar's app listens on {node.ADDRESSES['deathstar']}:80 in {node.netns('deathstar')}")
-            failures = 0
-            for step in ENVOY_STEPS:
-                print(f"\n-- {step.title}")
-                if step.policy_file is not None:
-                    out = agent.cilia("policy", "import", str(EXAMPLES / step.policy_file))
-                    agent.cilia("policy", "wait", out.split()[-1])
-                monitor = MonitorRun(agent.env) if any(s.expect == BLOCKED for s in step.shots) else None
-                for shot in step.shots:
-                    outcome, seen = node.shoot(shot.ship, shot.method, shot.path)
-                    expect = TIMEOUT if shot.expect == BLOCKED else shot.expect  # dropped in the kernel
-                    ok = outcome == expect
-                    failures += not ok
-                    verdict = "ok" if ok else f"UNEXPECTED: Cilium gives {shot.expect}"
-                    print(f"   {shot.ship:>10} {shot.method:<4} {shot.path:<22} -> {seen}  [{verdict}]")
-                if monitor is not None:
-                    lines = monitor.stop()
-                    print("   $ cilia monitor --type drop     (meanwhile, in another terminal)")
-                    for line in lines:
-                        print(f"     {line}")
-                    if not any("xwing" in line and "Policy denied" in line for line in lines):
-                        print("   UNEXPECTED: cilia monitor did not show xwing's drop")
-                        failures += 1
+            failures = run_steps(agent, node.shoot, (TIMEOUT,), watch_drops=True)  # dropped in the kernel
             print("\n-- deathstar's policy map in the kernel, with what each entry matched")
             agent.cilia("bpf", "policy", "get", "deathstar")
             print("\n-- what the kernel and Envoy decided, with identities and the deciding rule")

@@ -226,15 +226,15 @@ static __always_inline struct policy_val *policy_lookup(u32 ep_id, u32 peer, u8 
     return bpf_map_lookup_elem(map, &k);
 }
 
-static __always_inline void emit(struct __sk_buff *skb, struct flow *f, u8 type, u8 verdict, u8 egress,
-                                 u16 reason, u32 ep_id, u32 src_id, u32 dst_id, struct policy_val *pv) {
+static __always_inline void emit_raw(struct __sk_buff *skb, struct flow *f, u8 type, u8 verdict, u8 egress,
+                                     u16 reason, u32 ep_id, u32 src_id, u32 dst_id, u16 proxy_port, u32 rule_id) {
     struct event e = {};
     e.type = type;
     e.verdict = verdict;
     e.egress = egress;
     e.protocol = f->protocol;
     e.reason = reason;
-    e.proxy_port = pv ? pv->proxy_port : 0;
+    e.proxy_port = proxy_port;
     e.ep_id = ep_id;
     e.src_identity = src_id;
     e.dst_identity = dst_id;
@@ -242,10 +242,16 @@ static __always_inline void emit(struct __sk_buff *skb, struct flow *f, u8 type,
     e.daddr = f->daddr;
     e.sport = f->sport;
     e.dport = f->dport;
-    e.rule_id = pv ? pv->rule_id : 0;
+    e.rule_id = rule_id;
     e.ifindex = skb->ifindex;
     e.len = f->len;
     events.perf_submit(skb, &e, sizeof(e));
+}
+
+static __always_inline void emit(struct __sk_buff *skb, struct flow *f, u8 type, u8 verdict, u8 egress,
+                                 u16 reason, u32 ep_id, u32 src_id, u32 dst_id, struct policy_val *pv) {
+    emit_raw(skb, f, type, verdict, egress, reason, ep_id, src_id, dst_id, pv ? pv->proxy_port : 0,
+             pv ? pv->rule_id : 0);
 }
 
 static __always_inline void trace(struct __sk_buff *skb, struct flow *f, u16 obs, u8 verdict, u32 src_id,
@@ -260,22 +266,7 @@ static __always_inline void trace(struct __sk_buff *skb, struct flow *f, u16 obs
     if (!dst_id)
         dst_id = identity_of(f->daddr);
     struct endpoint_val *ep = endpoints.lookup(obs == OBS_TO_ENDPOINT ? &f->daddr : &f->saddr);
-    struct event e = {};
-    e.type = EVENT_TRACE;
-    e.verdict = verdict;
-    e.protocol = f->protocol;
-    e.reason = obs;
-    e.proxy_port = proxy_port;
-    e.ep_id = ep ? ep->ep_id : 0;
-    e.src_identity = src_id;
-    e.dst_identity = dst_id;
-    e.saddr = f->saddr;
-    e.daddr = f->daddr;
-    e.sport = f->sport;
-    e.dport = f->dport;
-    e.ifindex = skb->ifindex;
-    e.len = f->len;
-    events.perf_submit(skb, &e, sizeof(e));
+    emit_raw(skb, f, EVENT_TRACE, verdict, 0, obs, ep ? ep->ep_id : 0, src_id, dst_id, proxy_port, 0);
 }
 
 static __always_inline int drop(struct __sk_buff *skb, struct flow *f, u8 egress, u16 reason, u32 ep_id,
