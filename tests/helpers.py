@@ -38,9 +38,9 @@ def require_bpf() -> None:
 
 
 def cilium_examples_dir() -> Path:
-    """Cilium's example policies (shared reference, beside the repo). Tests that
-    need them fail, not skip, when the directory is missing."""
-    default = REPO.parent / "shared" / "reference" / "cilium-examples"
+    """Cilium's example policies, kept unchanged in examples/cilium (CILIA_CILIUM_EXAMPLES
+    points elsewhere). Tests that need them fail, not skip, when the directory is missing."""
+    default = REPO / "examples" / "cilium"
     return Path(os.environ.get("CILIA_CILIUM_EXAMPLES", default))
 
 

@@ -1,6 +1,6 @@
 """Every Cilium example policy loads and validates unchanged, into the model it means.
 
-The examples live beside the repository (``../shared/reference/cilium-examples``, or
+The examples are kept unchanged in the repository (``examples/cilium``, or
 ``$CILIA_CILIUM_EXAMPLES``); these tests fail, not skip, when they are missing.
 """
 
