@@ -11,7 +11,7 @@ demo: setup
 	@$(PY) -m cilia.demo
 
 test: setup
-	@.venv/bin/ruff check cilia tests bench
+	@.venv/bin/ruff check cilia tests bench examples/r2d2
 	@.venv/bin/mypy
 	@$(PY) -m pytest -q
 

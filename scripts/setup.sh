@@ -39,12 +39,13 @@ if [ ! -x .venv/bin/python ]; then
     python3 -m venv .venv
 fi
 stamp=".venv/.cilia-installed"
-want="$(sha256sum pyproject.toml | cut -d' ' -f1)"
+want="$(cat pyproject.toml examples/r2d2/pyproject.toml | sha256sum | cut -d' ' -f1)"
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
     echo "setup: installing Python packages into .venv"
     .venv/bin/python -m pip install -q --upgrade pip >/dev/null 2>&1
     # pip's stderr is mostly build-backend chatter: show it only if the install fails.
-    if ! .venv/bin/python -m pip install -q -e '.[test]' 2> .venv/pip-install.log; then
+    # the example L7 parser plugin too: its tests use it installed, as a user would
+    if ! .venv/bin/python -m pip install -q -e '.[test]' -e examples/r2d2 2> .venv/pip-install.log; then
         cat .venv/pip-install.log >&2
         exit 1
     fi

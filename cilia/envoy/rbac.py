@@ -84,6 +84,20 @@ def network_rbac(base: str, matcher: matcher_pb2.Matcher, shadow: bool) -> net_r
                              shadow_matcher=matcher if shadow else None)
 
 
+def naming_rbac(base: str, prefix: str, side: Input, names: Sequence[tuple[Sequence[IPNetwork], str]],
+                no_match: str) -> net_rbac_pb2.RBAC:
+    """An RBAC filter that enforces nothing and names the connection: its shadow matcher's
+    action is the name of the range ``side``'s address falls in (``no_match`` outside all), which
+    Envoy puts in the connection's dynamic metadata as ``<prefix>shadow_effective_policy_id``.
+    That is how the L7 service learns a connection's peer identity and local endpoint."""
+    allow = matcher_pb2.Matcher(on_no_match=matcher_pb2.Matcher.OnMatch(action=_action(_ALLOWED, rbac_pb2.RBAC.ALLOW)))
+    ranges = [_range(prefixes, matcher_pb2.Matcher.OnMatch(action=_action(name, rbac_pb2.RBAC.ALLOW)))
+              for prefixes, name in names if prefixes]
+    shadow = _ip_tree(side, ranges, matcher_pb2.Matcher.OnMatch(action=_action(no_match, rbac_pb2.RBAC.ALLOW)))
+    return net_rbac_pb2.RBAC(stat_prefix=f"{base}.{prefix}rbac", matcher=allow, shadow_matcher=shadow,
+                             shadow_rules_stat_prefix=prefix)
+
+
 def allow_matcher(allowed: frozenset[int], universe: Mapping[int, Sequence[IPNetwork]], peer: Input,
                   no_rule: str) -> matcher_pb2.Matcher:
     """The network RBAC's: only peers whose identity is in ``allowed`` get past the first byte."""

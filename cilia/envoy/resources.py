@@ -15,6 +15,7 @@ Messages are packed deterministically, so equal input gives byte-equal resources
 from __future__ import annotations
 
 import ipaddress
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from envoy.config.accesslog.v3 import accesslog_pb2
@@ -33,6 +34,7 @@ from envoy.config.route.v3 import route_components_pb2, route_pb2
 from envoy.extensions.access_loggers.grpc.v3 import als_pb2
 from envoy.extensions.filters.http.rbac.v3 import rbac_pb2 as http_rbac_pb2
 from envoy.extensions.filters.http.router.v3 import router_pb2
+from envoy.extensions.filters.network.ext_proc.v3 import ext_proc_pb2
 from envoy.extensions.filters.network.http_connection_manager.v3 import http_connection_manager_pb2 as hcm_pb2
 from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2
 from envoy.type.matcher.v3 import metadata_pb2, value_pb2
@@ -47,13 +49,39 @@ _SOL_SOCKET, _SO_MARK = 1, 36  # Linux values
 
 
 @dataclass(frozen=True, slots=True)
-class AccessLogTarget:
-    """Where Envoy sends access logs: the gRPC access log service at ``address`` (an IP, or
-    ``unix:PATH``) and ``port``, reached through a STATIC HTTP/2 cluster named ``cluster``."""
+class GrpcTarget:
+    """A gRPC service of the agent Envoy calls (access logs, L7 parsers) at ``address`` (an IP,
+    or ``unix:PATH``) and ``port``, reached through a STATIC HTTP/2 cluster named ``cluster``."""
 
     cluster: str
     address: str
     port: int = 0
+
+
+AccessLogTarget = GrpcTarget
+
+#: ext_proc message timeout: every chunk must be answered within it, else the connection is
+#: closed (fail closed); generous, since a parser may wait on the agent's lock.
+EXT_PROC_TIMEOUT = duration_pb2.Duration(seconds=5)
+#: dynamic-metadata key prefixes of the RBAC filters that name a connection's peer identity and
+#: local endpoint for the L7 service (forwarded to it with the RBAC namespace)
+PEER_PREFIX = "cilia_peer_"
+LOCAL_PREFIX = "cilia_local_"
+RBAC_NAMESPACE = "envoy.filters.network.rbac"
+
+
+def ext_proc(base: str, target: GrpcTarget, info: Mapping[str, str]) -> ext_proc_pb2.NetworkExternalProcessor:
+    """Network ext_proc to the agent's L7 service: every chunk each way goes through a parser.
+    Fail closed (no failure_mode_allow), an explicit message timeout; ``info`` (listener,
+    direction, port, protocol) rides in the stream's gRPC metadata, and the RBAC namespace's
+    dynamic metadata (peer identity, local endpoint) in every message."""
+    service = grpc_service_pb2.GrpcService(
+        envoy_grpc=grpc_service_pb2.GrpcService.EnvoyGrpc(cluster_name=target.cluster),
+        initial_metadata=[base_pb2.HeaderValue(key=f"x-cilia-{k}", value=v) for k, v in sorted(info.items())])
+    return ext_proc_pb2.NetworkExternalProcessor(
+        grpc_service=service, failure_mode_allow=False, message_timeout=EXT_PROC_TIMEOUT, stat_prefix=base,
+        metadata_options=ext_proc_pb2.MetadataOptions(forwarding_namespaces=ext_proc_pb2.MetadataOptions.
+                                                      MetadataNamespaces(untyped=[RBAC_NAMESPACE])))
 
 
 def hcm(base: str, rbac: matcher_pb2.Matcher, access_log: AccessLogTarget | None,
@@ -150,7 +178,7 @@ def _downstream_protocol() -> http_protocol_options_pb2.HttpProtocolOptions:
         ))
 
 
-def grpc_cluster(target: AccessLogTarget) -> cluster_pb2.Cluster:
+def grpc_cluster(target: GrpcTarget) -> cluster_pb2.Cluster:
     """A STATIC HTTP/2 cluster to a gRPC service (on an IP and port, or ``unix:PATH``)."""
     if target.address.startswith("unix:"):
         address = address_pb2.Address(pipe=address_pb2.Pipe(path=target.address.removeprefix("unix:")))

@@ -38,6 +38,7 @@ so equal policy gives byte-equal resources and the xDS cache sees no change.
 
 from __future__ import annotations
 
+import ipaddress
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -50,7 +51,7 @@ from google.protobuf import wrappers_pb2
 
 from cilia.envoy import rbac, resources
 from cilia.envoy.rbac import NO_DESTINATION_RULE, NO_ENDPOINT, NO_RULE
-from cilia.envoy.resources import ACCESS_DENIED_BODY, AccessLogTarget
+from cilia.envoy.resources import ACCESS_DENIED_BODY, AccessLogTarget, GrpcTarget
 from cilia.policy.mapstate import DirectionMapState, PolicyEntry, Verdict, origins_name
 from cilia.policy.model import IPNetwork, Protocol
 
@@ -62,6 +63,7 @@ __all__ = [
     "NO_ENDPOINT",
     "NO_RULE",
     "AccessLogTarget",
+    "GrpcTarget",
     "NodeEndpoint",
     "PortMapping",
     "ProxyPort",
@@ -116,11 +118,14 @@ def translate_ingress(
     backend_address: str,
     prefixes: Mapping[int, Sequence[IPNetwork]],
     access_log: AccessLogTarget | None = None,
+    l7_service: GrpcTarget | None = None,
 ) -> ProxyResources:
     """Listeners on ``listen_address`` and a STATIC cluster to ``backend_address`` per port.
 
     With ``access_log``, every HTTP request is logged to that gRPC access log service (its
-    cluster is among the returned ones, after the backends).
+    cluster is among the returned ones, after the backends). With ``l7_service`` (the agent's
+    network ext_proc service hosting the L7 parsers), ports with Kafka or ``l7proto`` rules go
+    through it before tcp_proxy; without, those rules deny (noted).
 
     ``prefixes`` maps every known identity to its source prefixes; an address in none of them is
     never allowed. A port on which no identity is allowed still gets a listener (denying all),
@@ -133,11 +138,18 @@ def translate_ingress(
     compiled: dict[int, tuple[PolicyEntry, rbac.HTTPPolicy]] = {}
     for mapping in sorted(set(ports), key=lambda m: m.policy_port):
         base = f"{name}-ingress-{mapping.policy_port}"
-        port = _port_policy(ingress, mapping.policy_port, universe, base, "sidecar mode", notes, compiled)
+        port = _port_policy(ingress, mapping.policy_port, universe, base, "sidecar mode", notes, compiled,
+                            l7_service is not None)
         net = rbac.allow_matcher(port.allowed, universe, rbac.SOURCE, NO_RULE)
         filters = [resources.network_filter("envoy.filters.network.rbac",
                                             rbac.network_rbac(base, net, access_log is not None))]
-        if port.any_l7:
+        if port.parser is not None and l7_service is not None:
+            local = [((ipaddress.ip_network(listen_address),), name)]
+            filters += _parser_filters(base, "ingress", mapping.policy_port, port.parser, universe, rbac.SOURCE,
+                                       rbac.DESTINATION, local, l7_service)
+            filters.append(resources.network_filter("envoy.filters.network.tcp_proxy",
+                                                    tcp_proxy_pb2.TcpProxy(stat_prefix=base, cluster=base)))
+        elif port.any_l7:
             http = rbac.http_matcher(port.http, universe, rbac.SOURCE, NO_RULE)
             filters.append(resources.network_filter("envoy.filters.network.http_connection_manager",
                                                     resources.hcm(base, http, access_log)))
@@ -154,7 +166,26 @@ def translate_ingress(
         clusters.append(resources.static_cluster(base, backend_address, mapping.backend_port))
     if access_log is not None:
         clusters.append(resources.grpc_cluster(access_log))
+    if l7_service is not None:
+        clusters.append(resources.grpc_cluster(l7_service))
     return ProxyResources(tuple(listeners), tuple(clusters), tuple(notes))
+
+
+def _parser_filters(base: str, direction: str, port: int, parser: str, universe: Mapping[int, Sequence[IPNetwork]],
+                    peer: rbac.Input, local: rbac.Input, endpoints: Sequence[tuple[Sequence[IPNetwork], str]],
+                    l7_service: GrpcTarget) -> list[listener_components_pb2.Filter]:
+    """The filters that send a port's traffic through an L7 parser: two RBAC filters that name
+    the connection's peer identity and local endpoint (into dynamic metadata), then ext_proc."""
+    peers = [(universe[ident], str(ident)) for ident in sorted(universe)]
+    only = endpoints[0][1] if len(endpoints) == 1 else ""  # a sidecar's listener serves one endpoint
+    return [
+        resources.network_filter("envoy.filters.network.rbac",
+                                 rbac.naming_rbac(base, resources.PEER_PREFIX, peer, peers, "0")),
+        resources.network_filter("envoy.filters.network.rbac",
+                                 rbac.naming_rbac(base, resources.LOCAL_PREFIX, local, endpoints, only)),
+        resources.network_filter("envoy.filters.network.ext_proc", resources.ext_proc(
+            base, l7_service, {"listener": base, "direction": direction, "port": str(port), "protocol": parser})),
+    ]
 
 
 # --- transparent proxying (node mode, sidecar outbound) -------------------------------------
@@ -195,6 +226,7 @@ def translate_node(
     access_log: AccessLogTarget | None = None,
     ingress_mark: int = INGRESS_MARK,
     egress_mark: int = EGRESS_MARK,
+    l7_service: GrpcTarget | None = None,
 ) -> ProxyResources:
     """Node mode: one transparent listener per proxy port serving every endpoint on the node.
 
@@ -216,7 +248,9 @@ def translate_node(
     Setting SO_MARK needs CAP_NET_ADMIN, as does the transparent listener.
 
     On a port where some endpoint has HTTP rules, the endpoints without any get a filter chain
-    of their own (chosen by their address) that proxies plain TCP.
+    of their own (chosen by their address) that proxies plain TCP; endpoints whose rules on the
+    port are Kafka or ``l7proto`` ones get one that goes through ``l7_service`` (without it,
+    those rules deny and are noted).
     """
     notes: dict[str, None] = {}
     universe = {ident: tuple(ps) for ident, ps in prefixes.items() if ps}
@@ -231,12 +265,19 @@ def translate_node(
             base = f"{node}-{direction}-{proxy.policy_port}"
             li, port_clusters = _transparent(base, direction, proxy, listen_address, universe, states, True,
                                              access_log, mark, notes, compiled,
-                                             identities if direction == "egress" else None)
+                                             identities if direction == "egress" else None,
+                                             [ep.name for ep in ordered], l7_service)
             listeners.append(li)
             clusters.extend(port_clusters)
     if access_log is not None:
         clusters.append(resources.grpc_cluster(access_log))
+    if l7_service is not None and any(_uses(li, "envoy.filters.network.ext_proc") for li in listeners):
+        clusters.append(resources.grpc_cluster(l7_service))
     return ProxyResources(tuple(listeners), tuple(clusters), tuple(notes))
+
+
+def _uses(listener: listener_pb2.Listener, filter_name: str) -> bool:
+    return any(f.name == filter_name for chain in listener.filter_chains for f in chain.filters)
 
 
 def translate_egress(
@@ -247,6 +288,7 @@ def translate_egress(
     prefixes: Mapping[int, Sequence[IPNetwork]],
     access_log: AccessLogTarget | None = None,
     socket_mark: int = EGRESS_MARK,
+    l7_service: GrpcTarget | None = None,
 ) -> ProxyResources:
     """Sidecar outbound: a transparent listener per port for one endpoint's own outgoing traffic.
 
@@ -263,11 +305,13 @@ def translate_egress(
     for proxy in sorted(set(ports), key=lambda p: (p.policy_port, p.proxy_port)):
         base = f"{name}-egress-{proxy.policy_port}"
         li, port_clusters = _transparent(base, "egress", proxy, listen_address, universe, [((), egress)], False,
-                                         access_log, socket_mark, notes, compiled)
+                                         access_log, socket_mark, notes, compiled, None, [name], l7_service)
         listeners.append(li)
         clusters.extend(port_clusters)
     if access_log is not None:
         clusters.append(resources.grpc_cluster(access_log))
+    if l7_service is not None and any(_uses(li, "envoy.filters.network.ext_proc") for li in listeners):
+        clusters.append(resources.grpc_cluster(l7_service))
     return ProxyResources(tuple(listeners), tuple(clusters), tuple(notes))
 
 
@@ -276,18 +320,23 @@ def _transparent(base: str, direction: str, proxy: ProxyPort, listen_address: st
                  states: Sequence[tuple[tuple[IPNetwork, ...], DirectionMapState | None]], by_endpoint: bool,
                  access_log: AccessLogTarget | None, mark: int, notes: dict[str, None],
                  compiled: dict[int, tuple[PolicyEntry, rbac.HTTPPolicy]],
-                 identities: Sequence[int] | None = None,
+                 identities: Sequence[int] | None = None, names: Sequence[str] = (),
+                 l7_service: GrpcTarget | None = None,
                  ) -> tuple[listener_pb2.Listener, list[cluster_pb2.Cluster]]:
     """The listener and ORIGINAL_DST cluster(s) of one proxy port; with ``by_endpoint``, the
     matchers first choose among ``states`` by the endpoint's address, else ``states`` is the one
-    endpoint all traffic belongs to. With ``identities`` (one per state), a filter chain and a
-    cluster per source identity, whose mark carries it (``mark | identity << 16``)."""
+    endpoint all traffic belongs to.
+
+    Filter chains: a default one (HTTP if any endpoint has HTTP rules here, else plain TCP), and,
+    by the endpoint's address, one per other kind (plain TCP, an L7 parser) and, with
+    ``identities`` (one per state), per source identity, whose cluster's mark carries it
+    (``mark | identity << 16``)."""
     peer, local = (rbac.SOURCE, rbac.DESTINATION) if direction == "ingress" else (rbac.DESTINATION, rbac.SOURCE)
     no_rule = NO_RULE if direction == "ingress" else NO_DESTINATION_RULE
     mode = "node mode" if by_endpoint else "sidecar mode"
     empty = _PortPolicy(frozenset(), {}, False)
     policies = [(addresses, empty if state is None else
-                 _port_policy(state, proxy.policy_port, universe, base, mode, notes, compiled))
+                 _port_policy(state, proxy.policy_port, universe, base, mode, notes, compiled, l7_service is not None))
                 for addresses, state in states]
     net = [(addresses, rbac.allow_matcher(pp.allowed, universe, peer, no_rule)) for addresses, pp in policies]
     http = [(addresses, rbac.http_matcher(pp.http, universe, peer, no_rule)) for addresses, pp in policies if pp.any_l7]
@@ -299,45 +348,43 @@ def _transparent(base: str, direction: str, proxy: ProxyPort, listen_address: st
         http_matcher = http[0][1] if http else None
     rbac_filter = resources.network_filter("envoy.filters.network.rbac",
                                            rbac.network_rbac(base, net_matcher, access_log is not None))
-    tcp = resources.network_filter("envoy.filters.network.tcp_proxy",
-                                   tcp_proxy_pb2.TcpProxy(stat_prefix=base, cluster=base))
+    endpoints = [(addresses, name) for (addresses, _), name in zip(policies, names)]
+
+    def terminal(kind: str, cluster: str) -> list[listener_components_pb2.Filter]:
+        tcp = resources.network_filter("envoy.filters.network.tcp_proxy",
+                                       tcp_proxy_pb2.TcpProxy(stat_prefix=base, cluster=cluster))
+        if kind == "http":
+            assert http_matcher is not None
+            return [resources.network_filter("envoy.filters.network.http_connection_manager",
+                                             resources.hcm(base, http_matcher, access_log, cluster=cluster))]
+        if kind.startswith("l7-"):
+            assert l7_service is not None
+            return [*_parser_filters(base, direction, proxy.policy_port, kind[3:], universe, peer, local, endpoints,
+                                     l7_service), tcp]
+        return [tcp]
+
+    default = "http" if http_matcher is not None else (policies[0][1].kind if not by_endpoint else "tcp")
     chains: list[listener_components_pb2.FilterChain] = []
-    clusters: list[cluster_pb2.Cluster] = []
-    if identities is not None:
-        groups: dict[int, list[_PortPolicy]] = {}
-        members: dict[int, set[IPNetwork]] = {}
-        for ident, (addresses, pp) in zip(identities, policies):
-            if addresses:
-                groups.setdefault(ident, []).append(pp)
-                members.setdefault(ident, set()).update(addresses)
-        for ident in sorted(groups):
-            name = f"{base}-id{ident}"
+    clusters = {base: resources.original_dst_cluster(base, mark)}
+    if by_endpoint:
+        groups: dict[tuple[str, int], set[IPNetwork]] = {}
+        for i, (addresses, pp) in enumerate(policies):
+            key = (pp.kind, identities[i] if identities is not None else 0)
+            if addresses and key != (default, 0):
+                groups.setdefault(key, set()).update(addresses)
+        for (kind, ident), members in sorted(groups.items()):
+            cluster = f"{base}-id{ident}" if ident else base
+            if cluster not in clusters:
+                clusters[cluster] = resources.original_dst_cluster(cluster, mark | (ident & 0xFFFF) << 16)
             cidrs = [address_pb2.CidrRange(address_prefix=str(p.network_address), prefix_len={"value": p.prefixlen})
-                     for p in sorted(members[ident], key=rbac.prefix_key)]
-            if http_matcher is not None and any(pp.any_l7 for pp in groups[ident]):
-                terminal = resources.network_filter("envoy.filters.network.http_connection_manager",
-                                                    resources.hcm(base, http_matcher, access_log, cluster=name))
-            else:
-                terminal = resources.network_filter("envoy.filters.network.tcp_proxy",
-                                                    tcp_proxy_pb2.TcpProxy(stat_prefix=base, cluster=name))
-            match = listener_components_pb2.FilterChainMatch(direct_source_prefix_ranges=cidrs)
-            chains.append(listener_components_pb2.FilterChain(name=name, filter_chain_match=match,
-                                                              filters=[rbac_filter, terminal]))
-            clusters.append(resources.original_dst_cluster(name, mark | (ident & 0xFFFF) << 16))
-    elif http_matcher is None:
-        chains.append(listener_components_pb2.FilterChain(filters=[rbac_filter, tcp]))
-    else:
-        plain = sorted({a for addresses, pp in policies if not pp.any_l7 for a in addresses}, key=rbac.prefix_key)
-        if by_endpoint and plain:
-            cidrs = [address_pb2.CidrRange(address_prefix=str(p.network_address), prefix_len={"value": p.prefixlen})
-                     for p in plain]
+                     for p in sorted(members, key=rbac.prefix_key)]
             match = (listener_components_pb2.FilterChainMatch(prefix_ranges=cidrs) if direction == "ingress"
                      else listener_components_pb2.FilterChainMatch(direct_source_prefix_ranges=cidrs))
-            chains.append(listener_components_pb2.FilterChain(name=f"{base}-tcp", filter_chain_match=match,
-                                                              filters=[rbac_filter, tcp]))
-        hcm = resources.network_filter("envoy.filters.network.http_connection_manager",
-                                       resources.hcm(base, http_matcher, access_log))
-        chains.append(listener_components_pb2.FilterChain(name=f"{base}-http", filters=[rbac_filter, hcm]))
+            chains.append(listener_components_pb2.FilterChain(
+                name=f"{base}-{kind}" + (f"-id{ident}" if ident else ""), filter_chain_match=match,
+                filters=[rbac_filter, *terminal(kind, cluster)]))
+    chains.append(listener_components_pb2.FilterChain(name=f"{base}-{default}",
+                                                      filters=[rbac_filter, *terminal(default, base)]))
     listener = listener_pb2.Listener(
         name=base,
         address=resources.socket_address(listen_address, proxy.proxy_port),
@@ -349,33 +396,47 @@ def _transparent(base: str, direction: str, proxy: ProxyPort, listen_address: st
         access_log=resources.connection_log(base, access_log),
         traffic_direction=base_pb2.INBOUND if direction == "ingress" else base_pb2.OUTBOUND,
     )
-    return listener, clusters or [resources.original_dst_cluster(base, mark)]
+    return listener, list(clusters.values())
 
 
 @dataclass(frozen=True, slots=True)
 class _PortPolicy:
     """One endpoint's policy on one port: the peer identities allowed at L3/L4, their HTTP policy,
-    and whether any of them has HTTP rules (then the port's traffic is parsed as HTTP)."""
+    whether any of them has HTTP rules (then the port's traffic is parsed as HTTP), or else the
+    L7 parser the port's traffic goes through (kafka, memcache, cassandra, a plugin)."""
 
     allowed: frozenset[int]
     http: Mapping[int, rbac.HTTPPolicy]
     any_l7: bool
+    parser: str | None = None
+
+    @property
+    def kind(self) -> str:
+        """The port's filter chain: ``http``, ``l7-<parser>`` or ``tcp``."""
+        return "http" if self.any_l7 else (f"l7-{self.parser}" if self.parser else "tcp")
 
 
 def _port_policy(state: DirectionMapState, port: int, universe: Mapping[int, Sequence[IPNetwork]], base: str,
                  mode: str, notes: dict[str, None],
-                 compiled: dict[int, tuple[PolicyEntry, rbac.HTTPPolicy]]) -> _PortPolicy:
-    """Look every known peer identity up in ``state`` on TCP ``port``."""
+                 compiled: dict[int, tuple[PolicyEntry, rbac.HTTPPolicy]], parsers: bool = False) -> _PortPolicy:
+    """Look every known peer identity up in ``state`` on TCP ``port``. With ``parsers`` (the
+    agent's L7 service is there), non-HTTP L7 rules send the port through that parser;
+    without, such identities are denied (fail closed) and noted."""
     allowed: set[int] = set()
     http: dict[int, rbac.HTTPPolicy] = {}
     any_l7 = False
+    parser: str | None = None
     for ident in sorted(universe):
         hit = state.lookup(ident, Protocol.TCP, port)
         if hit is None or hit[2].verdict is Verdict.DENY:
             continue
         l7 = hit[2].l7 if hit[2].verdict is Verdict.REDIRECT else None
         if l7 is not None and l7.protocol != "http":
-            notes[f"{base}: {l7.protocol} rules are not enforced in {mode}; identity {ident} denied"] = None
+            if not parsers:
+                notes[f"{base}: {l7.protocol} rules are not enforced in {mode}; identity {ident} denied"] = None
+                continue
+            allowed.add(ident)  # the parser decides each request with the same policy
+            parser = l7.protocol
             continue
         allowed.add(ident)
         any_l7 = any_l7 or l7 is not None
@@ -388,4 +449,4 @@ def _port_policy(state: DirectionMapState, port: int, universe: Mapping[int, Seq
         if done is None:
             done = compiled[id(hit[2])] = (hit[2], rbac.http_policy(hit[2], l7.rules, base, notes))
         http[ident] = done[1]
-    return _PortPolicy(frozenset(allowed), http, any_l7)
+    return _PortPolicy(frozenset(allowed), http, any_l7 and parser is None, parser)

@@ -1,0 +1,202 @@
+"""The network ext_proc service that hosts the L7 parsers inside Envoy's data path.
+
+On a port with Kafka or ``l7proto`` rules, Envoy's listener runs ``envoy.filters.network.ext_proc``
+(fail closed, explicit message timeout) before ``tcp_proxy``: every TCP connection becomes one
+gRPC stream here, carrying each chunk the client sent (``read_data``) and each chunk the server
+sent back (``write_data``). The stream's gRPC metadata names the listener, direction, port and
+protocol; each message's dynamic metadata (from two naming RBAC filters, see
+``cilia.envoy.rbac.naming_rbac``) names the peer's identity and the local endpoint. The stream
+gets the parser for the protocol and the local endpoint's policy for that peer (``PolicySource``);
+policy changes reach open connections at their next chunk.
+
+Answers, per chunk (verified against Envoy 1.40, FACTS.md): a read chunk is answered with the
+bytes to pass on to the server (``read_data``, MODIFIED), preceded, when the parser answers the
+client itself (a denial), by a response carrying only those bytes (``write_data``); a write chunk
+with the bytes for the client. A ``ProtocolError`` closes the connection (``connection_status:
+CLOSE``); so does a stream whose metadata is incomplete or whose protocol has no parser.
+
+``StreamHandler`` is the plain per-stream object (request in, responses out); ``L7Server`` only
+moves messages. Every decided request reaches the ``RecordSink`` (flows and metrics).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import grpc
+from envoy.service.network_ext_proc.v3 import network_external_processor_pb2 as pb
+
+from cilia.envoy.resources import LOCAL_PREFIX, PEER_PREFIX, RBAC_NAMESPACE
+from cilia.grpcserver import GrpcServer
+
+from .base import Check, Decision, L7Connection, Output, ProtocolError, Record
+from .registry import ConnectionFactory, connection_factory
+
+_log = logging.getLogger(__name__)
+
+MODIFIED = pb.ProcessingResponse.MODIFIED
+CLOSE = pb.ProcessingResponse.CLOSE
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectionInfo:
+    """What a stream is: the listener, whose policy (``endpoint``'s, in ``direction``) on which
+    ``port``, the ``protocol`` parsed, and the peer's identity."""
+
+    listener: str
+    direction: str
+    port: int
+    protocol: str
+    endpoint: str
+    peer_identity: int
+
+
+class PolicySource(Protocol):
+    """The agent's side: the current policy for a connection and a number that changes with it."""
+
+    def l7_check(self, info: ConnectionInfo) -> Check: ...
+
+    def policy_revision(self) -> int: ...
+
+
+RecordSink = Callable[[ConnectionInfo, Record], None]
+
+
+def _ignore(_info: ConnectionInfo, _record: Record) -> None:
+    pass
+
+
+class StreamHandler:
+    """One connection's stream."""
+
+    def __init__(self, grpc_metadata: Mapping[str, str], source: PolicySource, sink: RecordSink = _ignore,
+                 factory_of: Callable[[str], ConnectionFactory | None] = connection_factory) -> None:
+        self._meta = grpc_metadata
+        self._source = source
+        self._sink = sink
+        self._factory_of = factory_of
+        self.info: ConnectionInfo | None = None
+        self.conn: L7Connection | None = None
+        self._revision = -1
+        self.closed = False
+
+    def handle(self, request: Any) -> list[Any]:
+        """Responses to one ProcessingRequest (empty once closed)."""
+        if self.closed:
+            return []
+        try:
+            if self.conn is None:
+                self._open(request)
+            assert self.conn is not None and self.info is not None
+            revision = self._source.policy_revision()
+            if revision != self._revision:  # policy changed: the next request meets the new one
+                self._revision = revision
+                self.conn.check = self._source.l7_check(self.info)
+            if request.HasField("read_data"):
+                return self._read(request.read_data)
+            if request.HasField("write_data"):
+                return self._write(request.write_data)
+            return []
+        except ProtocolError as e:
+            return self._close(f"unparseable {e.side} data: {e.message}", parse_error=True)
+        except _Refused as e:
+            return self._close(str(e))
+
+    def _open(self, request: Any) -> None:
+        meta = request.metadata.filter_metadata.get(RBAC_NAMESPACE)
+        fields = meta.fields if meta is not None else {}
+        peer = fields.get(f"{PEER_PREFIX}shadow_effective_policy_id")
+        local = fields.get(f"{LOCAL_PREFIX}shadow_effective_policy_id")
+        try:
+            info = ConnectionInfo(self._meta["x-cilia-listener"], self._meta["x-cilia-direction"],
+                                  int(self._meta["x-cilia-port"]), self._meta["x-cilia-protocol"],
+                                  local.string_value if local is not None else "",
+                                  int(peer.string_value) if peer is not None else -1)
+        except (KeyError, ValueError) as e:
+            raise _Refused(f"stream without complete cilia metadata ({e})") from None
+        self.info = info
+        if not info.endpoint or info.peer_identity < 0:
+            raise _Refused(f"{info.listener}: the connection's endpoint or peer is unknown")
+        factory = self._factory_of(info.protocol)
+        if factory is None:
+            raise _Refused(f"{info.listener}: no parser for {info.protocol!r} is installed")
+        self._revision = self._source.policy_revision()
+        self.conn = factory(self._source.l7_check(info))
+
+    def _records(self, out: Output) -> None:
+        assert self.info is not None
+        for record in out.records:
+            try:
+                self._sink(self.info, record)
+            except Exception:  # flows are a view; the data path goes on
+                _log.exception("L7 record sink failed")
+
+    def _read(self, data: Any) -> list[Any]:
+        assert self.conn is not None
+        out = self.conn.receive_client(data.data) if data.data else Output()
+        if data.end_of_stream:
+            out = out + self.conn.receive_client(b"")
+        self._records(out)
+        responses = []
+        if out.to_client:  # answer the client first; then the read is released with what passes
+            responses.append(pb.ProcessingResponse(write_data=pb.Data(data=out.to_client),
+                                                   data_processing_status=MODIFIED))
+        responses.append(pb.ProcessingResponse(read_data=pb.Data(data=out.to_server, end_of_stream=data.end_of_stream),
+                                               data_processing_status=MODIFIED))
+        return responses
+
+    def _write(self, data: Any) -> list[Any]:
+        assert self.conn is not None
+        out = self.conn.receive_server(data.data) if data.data else Output()
+        if data.end_of_stream:
+            out = out + self.conn.receive_server(b"")
+        self._records(out)
+        if out.to_server:  # no read is pending to carry it: a parser must not answer the server
+            raise ProtocolError("server", "the parser wanted to answer the server")
+        return [pb.ProcessingResponse(write_data=pb.Data(data=out.to_client, end_of_stream=data.end_of_stream),
+                                      data_processing_status=MODIFIED)]
+
+    def _close(self, why: str, parse_error: bool = False) -> list[Any]:
+        self.closed = True
+        where = self.info.listener if self.info is not None else "?"
+        _log.warning("L7 %s: closing the connection: %s", where, why)
+        if self.info is not None and parse_error:
+            self._records(Output(records=(Record({"error": why}, Decision(False, "", why)),)))
+        return [pb.ProcessingResponse(connection_status=CLOSE)]
+
+
+class _Refused(Exception):
+    pass
+
+
+SERVICE_NAME = "envoy.service.network_ext_proc.v3.NetworkExternalProcessor"
+
+
+class L7Server(GrpcServer):
+    """The service on a gRPC server; each open connection holds one of ``max_streams`` threads."""
+
+    def __init__(self, source: PolicySource, sink: RecordSink = _ignore, max_streams: int = 1024) -> None:
+        self.source = source
+        self.sink = sink
+        handler = grpc.method_handlers_generic_handler(SERVICE_NAME, {
+            "Process": grpc.stream_stream_rpc_method_handler(
+                self._process,
+                request_deserializer=pb.ProcessingRequest.FromString,
+                response_serializer=pb.ProcessingResponse.SerializeToString,
+            ),
+        })
+        super().__init__([handler], max_streams, "cilia-l7")
+
+    def _process(self, requests: Iterator[Any], context: grpc.ServicerContext) -> Iterator[Any]:
+        meta = {k: v for k, v in context.invocation_metadata() if isinstance(v, str)}
+        handler = StreamHandler(meta, self.source, self.sink)
+        try:
+            for request in requests:
+                yield from handler.handle(request)
+                if handler.closed:
+                    return
+        except grpc.RpcError:
+            pass  # Envoy closed the connection's stream
