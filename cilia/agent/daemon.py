@@ -38,6 +38,7 @@ from ..bpf.netns import Namespace, NetnsError, add_host_address, ip
 from ..bpf.node import EndpointPlan, NodeDatapath, proxy_key
 from ..envoy.translate import (
     AccessLogTarget,
+    GrpcTarget,
     NodeEndpoint,
     PortMapping,
     ProxyPort,
@@ -60,7 +61,10 @@ from ..policy import (
     Protocol,
     parse_text,
 )
-from ..policy.mapstate import Verdict
+from ..l7parsers.base import Check, Decision, Record
+from ..l7parsers.policycheck import policy_check
+from ..l7parsers.service import ConnectionInfo, L7Server
+from ..policy.mapstate import MapState, Verdict
 from ..policy.model import IPNetwork
 from ..policy.parse import check_unique
 from ..ring import SeqRing
@@ -72,6 +76,7 @@ _log = logging.getLogger(__name__)
 EnvoyMode = Literal["managed", "external", "none"]
 DatapathMode = Literal["none", "bpf"]
 ACCESS_LOG_CLUSTER = "cilia-accesslog"
+L7_CLUSTER = "cilia-l7"
 NODE_RECORD = "bpf-node.json"  # what the BPF datapath put on the node, for `cilia cleanup`
 MAX_ENDPOINT_ID = 4095  # the program's array of policy maps holds 4096
 
@@ -110,6 +115,10 @@ class AgentConfig:
     @property
     def accesslog_socket(self) -> Path:
         return self.state_dir / "accesslog.sock"
+
+    @property
+    def l7_socket(self) -> Path:
+        return self.state_dir / "l7.sock"
 
 
 @dataclass
@@ -151,7 +160,7 @@ class Agent:
         self.tracker = AckTracker()
         # What `observe` shows (Envoy's records and the kernel's verdicts, in arrival order) and
         # what `monitor` shows (the kernel's events). The receiver's own ring is not read.
-        self.flow_log: SeqRing[AccessRecord | DatapathEvent] = SeqRing(config.ring_size)
+        self.flow_log: SeqRing[AccessRecord | DatapathEvent | L7Flow] = SeqRing(config.ring_size)
         self.monitor_log: SeqRing[DatapathEvent] = SeqRing(config.ring_size)
         self.receiver = AccessLogReceiver(1, subscriber=self._on_access_record)
         self.node = NodeDatapath(config.bpf_pin_dir) if config.datapath == "bpf" else None
@@ -164,6 +173,10 @@ class Agent:
         self._redirects: dict[str, tuple[Any, frozenset[str]]] = {}  # endpoint -> (map state, proxy keys)
         self._xds: XdsServer | None = None
         self._als: AccessLogServer | None = None
+        self._l7: L7Server | None = None
+        # What the L7 parsers read, replaced whole at each publish: they run on Envoy's streams
+        # and must not wait for the agent's lock (held while a change waits for Envoy's ACK).
+        self._l7_views: Mapping[str, MapState] = {}
         self.envoy: EnvoySupervisor | None = None
         self.admin_address: str | None = None
         self._replay()
@@ -192,7 +205,7 @@ class Agent:
         try:
             if self.node is not None:
                 self._start_datapath()
-            for sock in (self.config.xds_socket, self.config.accesslog_socket):
+            for sock in (self.config.xds_socket, self.config.accesslog_socket, self.config.l7_socket):
                 sock.unlink(missing_ok=True)
             self._xds = XdsServer(self.cache, self.tracker)
             self._xds.add_address(f"unix:{self.config.xds_socket}")
@@ -202,6 +215,9 @@ class Agent:
             self._als = AccessLogServer(self.receiver)
             self._als.add_address(f"unix:{self.config.accesslog_socket}")
             self._als.start()
+            self._l7 = L7Server(self, self._on_l7_record)
+            self._l7.add_address(f"unix:{self.config.l7_socket}")
+            self._l7.start()
             if self.config.envoy == "managed":
                 self._start_envoy()
         except BaseException:
@@ -243,10 +259,10 @@ class Agent:
             if self.envoy is not None:
                 self.envoy.stop()
         finally:
-            for server in (self._xds, self._als):
+            for server in (self._xds, self._als, self._l7):
                 if server is not None:
                     server.stop(0)
-            self._xds = self._als = None
+            self._xds = self._als = self._l7 = None
             if self.node is not None:
                 self.node.stop()
 
@@ -462,6 +478,7 @@ class Agent:
                                          LISTENER: TypeChange(listeners, replace=True)})
         self._realized.record(self.state.revision, update.versions[LISTENER])
         self.notes = notes
+        self._l7_views = {name: self.engine.endpoint_policy(name).map_state for name in self.state.endpoints}
         self._sync_datapath()
 
     # ------------------------------------------------------------------ BPF datapath
@@ -530,6 +547,49 @@ class Agent:
         if event.type != "trace":  # flows are verdicts; packet traces would only crowd them out
             self.flow_log.append(event)
 
+    # ------------------------------------------------------------------ L7 parsers (ext_proc)
+
+    def _l7_target(self) -> GrpcTarget:
+        return GrpcTarget(L7_CLUSTER, f"unix:{self.config.l7_socket}")
+
+    def policy_revision(self) -> int:
+        return self.state.revision
+
+    def l7_check(self, info: ConnectionInfo) -> Check:
+        """The local endpoint's current policy for a parsed connection's peer (no agent lock)."""
+        ms = self._l7_views.get(info.endpoint)
+        if ms is None:
+            return _deny_all(Decision(False, "", f"{info.endpoint or 'the connection'} is not an endpoint here"))
+        state = ms.ingress if info.direction == "ingress" else ms.egress
+        hit = state.lookup(info.peer_identity, Protocol.TCP, info.port)
+        if hit is None:
+            return _deny_all(Decision(False, "no rule allows it", "denied at L3/L4"))
+        entry = hit[2]
+        if entry.l7 is not None and entry.l7.protocol != info.protocol:
+            return _deny_all(Decision(False, "", f"this port's rules are {entry.l7.protocol}, not {info.protocol}"))
+        return policy_check(entry)
+
+    def _on_l7_record(self, info: ConnectionInfo, record: Record) -> None:
+        self.flow_log.append(L7Flow(time.time(), info, record))
+
+    def _l7_flow_json(self, seq: int, f: L7Flow) -> dict[str, Any]:
+        info = f.info
+        local = self.state.endpoints.get(info.endpoint)
+        local_side = {"address": local.ips[0] if local and local.ips else "", "port": info.port,
+                      "identity": self.engine.identity_of(info.endpoint).id if local else None,
+                      "labels": self._labels_of(self.engine.identity_of(info.endpoint).id) if local else [],
+                      "endpoint": info.endpoint}
+        names = [n for n, s in self.state.endpoints.items() if self.engine.identity_of(n).id == info.peer_identity]
+        peer_side = {"address": "", "port": 0, "identity": info.peer_identity,
+                     "labels": self._labels_of(info.peer_identity), **({"endpoint": names[0]} if names else {})}
+        source, destination = (peer_side, local_side) if info.direction == "ingress" else (local_side, peer_side)
+        d = f.record.decision
+        return {"seq": seq, "time": datetime.fromtimestamp(f.time, UTC).isoformat(), "kind": info.protocol,
+                "verdict": "forwarded" if d.allowed else "denied", "source": source, "destination": destination,
+                "method": "", "path": "", "host": "", "protocol": info.protocol, "status": None, "rule": d.rule,
+                "details": d.reason, "node": self.config.node_id, "listener": info.listener,
+                "direction": info.direction, "l7": dict(f.record.summary)}
+
     def bpf_policy(self, name: str) -> dict[str, Any]:
         """An endpoint's policy map as the kernel holds it, with counters (``cilia bpf policy get``)."""
         with self._lock:
@@ -588,6 +648,7 @@ class Agent:
             return self._translate_node(prefixes)
         translated: dict[str, _Translated] = {}
         access_log = AccessLogTarget(ACCESS_LOG_CLUSTER, f"unix:{self.config.accesslog_socket}")
+        l7_service = self._l7_target()
         for name, spec in sorted(self.state.endpoints.items()):
             policy = self.engine.endpoint_policy(name)
             if policy.map_state.egress.enforced:
@@ -602,7 +663,8 @@ class Agent:
             if done is not None and done.ingress is ingress and done.prefixes is prefixes and done.key == key:
                 res = done.resources  # unchanged map state, peers and ports: the same resources
             else:
-                res = translate_ingress(name, ingress, ports, spec.ips[0], spec.ips[0], prefixes, access_log)
+                res = translate_ingress(name, ingress, ports, spec.ips[0], spec.ips[0], prefixes, access_log,
+                                        l7_service)
             translated[name] = _Translated(ingress, prefixes, key, res)
             listeners.update((li.name, li) for li in res.listeners)
             clusters.update((c.name, c) for c in res.clusters)
@@ -636,7 +698,7 @@ class Agent:
             access_log = AccessLogTarget(ACCESS_LOG_CLUSTER, f"unix:{self.config.accesslog_socket}")
             res = translate_node(self.config.node_id, endpoints, "127.0.0.1", prefixes,
                                  ingress=ports[Direction.INGRESS], egress=ports[Direction.EGRESS],
-                                 access_log=access_log)
+                                 access_log=access_log, l7_service=self._l7_target())
             self._node_translated = (key, res)
         notes.update(dict.fromkeys(res.notes))
         return ({li.name: li for li in res.listeners}, {c.name: c for c in res.clusters}, tuple(notes))
@@ -707,7 +769,8 @@ class Agent:
         """What Envoy logged and the kernel decided, oldest first."""
         items = self.flow_log.since(since, limit)
         with self._lock:
-            flows = [self._flow_json(n, x) if isinstance(x, AccessRecord) else self._datapath_flow_json(n, x)
+            flows = [self._flow_json(n, x) if isinstance(x, AccessRecord) else
+                     self._l7_flow_json(n, x) if isinstance(x, L7Flow) else self._datapath_flow_json(n, x)
                      for n, x in items]
         return {"last": self.flow_log.last_seq(), "flows": flows}
 
@@ -738,6 +801,22 @@ class Agent:
         names = [s.name for s in self.state.endpoints.values() if address in s.ips]
         return {"identity": ident_id, "labels": ident.labels.to_list() if ident else [],
                 **({"endpoint": names[0]} if names else {})}
+
+
+@dataclass(frozen=True, slots=True)
+class L7Flow:
+    """A request an L7 parser decided, for ``observe``."""
+
+    time: float
+    info: ConnectionInfo
+    record: Record
+
+
+def _deny_all(decision: Decision) -> Check:
+    def check(_request: object) -> Decision:
+        return decision
+
+    return check
 
 
 def _same_objects(a: tuple[Any, ...], b: tuple[Any, ...]) -> bool:

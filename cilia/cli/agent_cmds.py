@@ -309,6 +309,9 @@ def flow_line(f: dict[str, Any]) -> str:
         what = f"{f['protocol'].lower()} {f['direction']} policy" + (f" ({f['details']})" if f["details"] else "")
         if f.get("proxy_port"):
             what += f" to proxy port {f['proxy_port']}"
+    elif f.get("l7") is not None:  # a request an L7 parser decided
+        fields = " ".join(f"{k}={v}" for k, v in f["l7"].items() if v)
+        what = f"{f['kind']} {fields}" + (f" ({f['details']})" if f["details"] and f["verdict"] == "denied" else "")
     else:
         what = "tcp"
     rule = f"  rule: {f['rule']}" if f["rule"] else ""

@@ -1,0 +1,118 @@
+"""A third-party L7 parser (examples/r2d2, installed through its entry point) enforced inside a
+real Envoy's data path by the agent: network ext_proc to the agent's L7 service, one parser per
+connection, denials answered by the parser, the connection kept, verdicts in `cilia observe`."""
+
+from __future__ import annotations
+
+import json
+import socket
+import socketserver
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from agent_support import agent_in_process, run_cli
+
+from cilia.agent.daemon import Agent
+from cilia.envoy.loopback import free_port
+
+DROID, C3PO, JAWA = "127.0.2.10", "127.0.2.11", "127.0.2.12"
+POLICY = """\
+apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata:
+  name: droid
+spec:
+  endpointSelector:
+    matchLabels:
+      app: r2d2
+  ingress:
+  - fromEndpoints:
+    - matchLabels:
+        app: c3po
+    toPorts:
+    - ports:
+      - port: "4242"
+        protocol: TCP
+      rules:
+        l7proto: r2d2
+        l7:
+        - cmd: READ
+          file: "/public/.*"
+        - cmd: HALT
+"""
+
+
+class _Droid(socketserver.StreamRequestHandler):
+    """The r2d2 server: answers every command OK."""
+
+    def handle(self) -> None:
+        for _line in self.rfile:
+            self.wfile.write(b"OK\r\n")
+
+
+@pytest.fixture
+def droid(tmp_path: Path) -> Iterator[tuple[Agent, Path]]:
+    server = socketserver.ThreadingTCPServer((DROID, free_port(DROID)), _Droid)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    state = tmp_path / "state"
+    try:
+        with agent_in_process(state) as agent:
+            for args in (["--name", "r2d2", "--labels", "app=r2d2", "--ip", DROID,
+                          "--port", f"4242:{server.server_address[1]}"],
+                         ["--name", "c3po", "--labels", "app=c3po", "--ip", C3PO],
+                         ["--name", "jawa", "--labels", "app=jawa", "--ip", JAWA]):
+                assert run_cli(state, "endpoint", "add", *args).code == 0
+            policy = tmp_path / "droid.yaml"
+            policy.write_text(POLICY, encoding="utf-8")
+            res = run_cli(state, "policy", "import", str(policy))
+            assert res.code == 0, res.err
+            assert run_cli(state, "policy", "wait", res.out.split()[-1]).code == 0
+            yield agent, state
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def _talk(source: str, lines: list[bytes]) -> list[bytes]:
+    """Send each line on one connection from ``source``; the reply line to each."""
+    with socket.create_connection((DROID, 4242), timeout=5, source_address=(source, 0)) as s:
+        f = s.makefile("rb")
+        replies = []
+        for line in lines:
+            s.sendall(line)
+            replies.append(f.readline())
+        f.close()
+        return replies
+
+
+def test_plugin_parser_enforces_in_envoy(droid: tuple[Agent, Path]) -> None:
+    agent, state = droid
+    replies = _talk(C3PO, [b"READ /public/plans\r\n", b"WRITE /public/plans\r\n", b"READ /secret/plans\r\n",
+                           b"HALT\r\n"])
+    assert replies == [b"OK\r\n", b"ERROR access denied\r\n", b"ERROR access denied\r\n", b"OK\r\n"]
+    # another peer: closed at L3/L4 by the network RBAC before any parsing
+    assert _talk(JAWA, [b"READ /public/plans\r\n"]) == [b""]
+    deadline = time.monotonic() + 10
+    while True:
+        out = run_cli(state, "observe", "--last", "100", "-o", "json").out
+        flows = [json.loads(line) for line in out.splitlines() if '"r2d2"' in line]
+        if len(flows) >= 4 or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    got = [(f["l7"]["cmd"], f["l7"].get("file"), f["verdict"]) for f in flows]
+    assert got == [("READ", "/public/plans", "forwarded"), ("WRITE", "/public/plans", "denied"),
+                   ("READ", "/secret/plans", "denied"), ("HALT", None, "forwarded")]
+    assert flows[0]["source"]["endpoint"] == "c3po" and flows[0]["destination"]["endpoint"] == "r2d2"
+    assert "droid.yaml:" in flows[0]["rule"] and flows[1]["rule"].startswith("default deny: default/droid")
+    text = run_cli(state, "observe", "--last", "4").out
+    assert "r2d2 cmd=WRITE file=/public/plans (no r2d2 rule matches)" in text
+
+
+def test_unparseable_bytes_close_the_connection_and_never_pass(droid: tuple[Agent, Path]) -> None:
+    with socket.create_connection((DROID, 4242), timeout=5, source_address=(C3PO, 0)) as s:
+        s.sendall(b"FLY to the moon\r\n")
+        assert s.recv(100) == b""  # closed by the parser; the server saw nothing
