@@ -15,6 +15,7 @@ import re
 import socketserver
 import threading
 from collections.abc import Callable
+from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler
 from importlib import resources
 from pathlib import Path
@@ -110,6 +111,18 @@ def _get_monitor(agent: Agent, _: dict[str, str], query: dict[str, list[str]], _
                               query.get("trace", ["false"])[-1] == "true")
 
 
+@dataclass(frozen=True)
+class _Raw:
+    """A payload sent as it is, with its own content type."""
+
+    data: bytes
+    content_type: str
+
+
+def _get_metrics(agent: Agent, _: dict[str, str], __: dict[str, list[str]], ___: Any) -> tuple[int, Any]:
+    return 200, _Raw(agent.metrics.exposition(), "text/plain; version=0.0.4; charset=utf-8")
+
+
 def _get_openapi(_: Agent, __: dict[str, str], ___: dict[str, list[str]], ____: Any) -> tuple[int, Any]:
     return 200, resources.files(__package__).joinpath("openapi.yaml").read_text(encoding="utf-8")
 
@@ -129,6 +142,7 @@ ROUTES: dict[tuple[str, str], Handler] = {
     ("GET", "/v1/identities"): _get_identities,
     ("GET", "/v1/flows"): _get_flows,
     ("GET", "/v1/openapi.yaml"): _get_openapi,
+    ("GET", "/metrics"): _get_metrics,
 }
 
 _PARAM_PATTERNS = {"revision": r"(?P<revision>\d+)", "name": r"(?P<name>[^/]+)"}
@@ -178,7 +192,9 @@ class _RequestHandler(BaseHTTPRequestHandler):
             raise AgentError(f"request body is not JSON: {e}") from None
 
     def _send(self, status: int, payload: Any) -> None:
-        if isinstance(payload, str):
+        if isinstance(payload, _Raw):
+            data, ctype = payload.data, payload.content_type
+        elif isinstance(payload, str):
             data, ctype = payload.encode(), "application/yaml"
         else:
             data, ctype = json.dumps(payload, indent=1).encode() + b"\n", "application/json"

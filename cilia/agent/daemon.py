@@ -69,6 +69,7 @@ from ..policy.model import IPNetwork
 from ..policy.parse import check_unique
 from ..ring import SeqRing
 from ..xds import CLUSTER, LISTENER, AckState, AckTracker, Cache, NackError, TypeChange, XdsServer, version_key
+from .metrics import Metrics
 from .state import EndpointSpec, PolicyKey, StateError, load_state, save_state
 
 _log = logging.getLogger(__name__)
@@ -164,6 +165,7 @@ class Agent:
         self.monitor_log: SeqRing[DatapathEvent] = SeqRing(config.ring_size)
         self.receiver = AccessLogReceiver(1, subscriber=self._on_access_record)
         self.node = NodeDatapath(config.bpf_pin_dir) if config.datapath == "bpf" else None
+        self.metrics = Metrics()
         self.datapath_error = ""
         self.notes: tuple[str, ...] = ()
         self._realized = _Realized()
@@ -541,6 +543,8 @@ class Agent:
 
     def _on_access_record(self, record: AccessRecord) -> None:
         self.flow_log.append(record)
+        if record.kind == "http":
+            self.metrics.l7("http", not record.denied)
 
     def _on_datapath_event(self, event: DatapathEvent) -> None:
         self.monitor_log.append(event)
@@ -571,6 +575,7 @@ class Agent:
 
     def _on_l7_record(self, info: ConnectionInfo, record: Record) -> None:
         self.flow_log.append(L7Flow(time.time(), info, record))
+        self.metrics.l7(info.protocol, None if "error" in record.summary else record.decision.allowed)
 
     def _l7_flow_json(self, seq: int, f: L7Flow) -> dict[str, Any]:
         info = f.info

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 from agent_support import agent_in_process, run_cli
 
+from cilia.agent.client import AgentClient
 from cilia.agent.daemon import Agent
 from cilia.envoy.loopback import free_port
 
@@ -110,9 +111,21 @@ def test_plugin_parser_enforces_in_envoy(droid: tuple[Agent, Path]) -> None:
     assert "droid.yaml:" in flows[0]["rule"] and flows[1]["rule"].startswith("default deny: default/droid")
     text = run_cli(state, "observe", "--last", "4").out
     assert "r2d2 cmd=WRITE file=/public/plans (no r2d2 rule matches)" in text
+    client = AgentClient(state / "cilia.sock")
+    try:
+        metrics = client._client.get("/metrics").text
+    finally:
+        client.close()
+    for rule, n in (("received", 4), ("forwarded", 2), ("denied", 2)):
+        assert f'cilia_policy_l7_total{{proxy_type="r2d2",rule="{rule}"}} {n}.0' in metrics, metrics
 
 
 def test_unparseable_bytes_close_the_connection_and_never_pass(droid: tuple[Agent, Path]) -> None:
+    agent, _ = droid
     with socket.create_connection((DROID, 4242), timeout=5, source_address=(C3PO, 0)) as s:
         s.sendall(b"FLY to the moon\r\n")
         assert s.recv(100) == b""  # closed by the parser; the server saw nothing
+    deadline = time.monotonic() + 5
+    while b'rule="parse_errors"} 1.0' not in agent.metrics.exposition() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert b'cilia_policy_l7_total{proxy_type="r2d2",rule="parse_errors"} 1.0' in agent.metrics.exposition()
