@@ -23,6 +23,7 @@ from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 from .daemon import Agent, AgentError
+from .flows import FlowFilter, parse_labels
 from .state import EndpointSpec, StateError
 
 _log = logging.getLogger(__name__)
@@ -98,7 +99,17 @@ def _get_identities(agent: Agent, _: dict[str, str], __: dict[str, list[str]], _
 
 
 def _get_flows(agent: Agent, _: dict[str, str], query: dict[str, list[str]], __: Any) -> tuple[int, Any]:
-    return 200, agent.flows(_query_int(query, "since"), _query_int(query, "limit"))
+    since_time = query.get("since_time", [None])[-1]
+    try:
+        since = float(since_time) if since_time is not None else None
+    except ValueError:
+        raise AgentError(f"query parameter since_time: {since_time!r} is not a UNIX time") from None
+    flow_filter = FlowFilter(
+        tuple(label for v in query.get("from_label", []) for label in parse_labels(v)),
+        tuple(label for v in query.get("to_label", []) for label in parse_labels(v)),
+        frozenset(v.upper() for v in query.get("verdict", [])),
+        frozenset(v.lower() for v in query.get("protocol", [])), since)
+    return 200, agent.flows(_query_int(query, "since"), _query_int(query, "limit"), flow_filter)
 
 
 def _get_bpf_policy(agent: Agent, path: dict[str, str], _: dict[str, list[str]], __: Any) -> tuple[int, Any]:

@@ -69,6 +69,7 @@ from ..policy.model import IPNetwork
 from ..policy.parse import check_unique
 from ..ring import SeqRing
 from ..xds import CLUSTER, LISTENER, AckState, AckTracker, Cache, NackError, TypeChange, XdsServer, version_key
+from .flows import Flow, FlowFile, FlowFilter, Who, from_access, from_datapath, from_l7
 from .metrics import Metrics
 from .state import EndpointSpec, PolicyKey, StateError, load_state, save_state
 
@@ -100,6 +101,9 @@ class AgentConfig:
     envoy_args: tuple[str, ...] = ("--drain-time-s", "0")
     apply_timeout: float = 10.0  # how long a change waits for the managed Envoy's ACK or NACK
     ring_size: int = 10_000
+    flow_file: Path | None = None  # also append every flow here as a JSON line (rotated by size)
+    flow_file_max_bytes: int = 100 << 20
+    flow_file_backups: int = 5
     datapath: DatapathMode = "none"  # bpf: enforce L3/L4 in the kernel, redirect L7 ports to Envoy
     bpf_pin_dir: str = DEFAULT_PIN_DIR
     router_ip: str | None = None  # the gateway of endpoints the agent creates (put on lo if missing)
@@ -161,7 +165,11 @@ class Agent:
         self.tracker = AckTracker()
         # What `observe` shows (Envoy's records and the kernel's verdicts, in arrival order) and
         # what `monitor` shows (the kernel's events). The receiver's own ring is not read.
-        self.flow_log: SeqRing[AccessRecord | DatapathEvent | L7Flow] = SeqRing(config.ring_size)
+        self.flow_log: SeqRing[Flow] = SeqRing(config.ring_size)
+        self.flow_file = (FlowFile(config.flow_file, config.flow_file_max_bytes, config.flow_file_backups)
+                          if config.flow_file is not None else None)
+        self._flow_lock = threading.Lock()  # numbers a flow and writes it to the file as one step
+        self._who = Who.empty()  # names flows' sides; replaced whole at each publish
         self.monitor_log: SeqRing[DatapathEvent] = SeqRing(config.ring_size)
         self.receiver = AccessLogReceiver(1, subscriber=self._on_access_record)
         self.node = NodeDatapath(config.bpf_pin_dir) if config.datapath == "bpf" else None
@@ -267,6 +275,8 @@ class Agent:
             self._xds = self._als = self._l7 = None
             if self.node is not None:
                 self.node.stop()
+            if self.flow_file is not None:
+                self.flow_file.close()
 
     # ------------------------------------------------------------------ policies
 
@@ -481,6 +491,9 @@ class Agent:
         self._realized.record(self.state.revision, update.versions[LISTENER])
         self.notes = notes
         self._l7_views = {name: self.engine.endpoint_policy(name).map_state for name in self.state.endpoints}
+        self._who = Who({n: (tuple(s.ips), self.engine.identity_of(n).id) for n, s in self.state.endpoints.items()},
+                        {i.id: i.labels for i in self.engine.identities()}, self.engine.ipcache.items(),
+                        {v: k for k, v in self.state.endpoint_ids.items()})
         self._sync_datapath()
 
     # ------------------------------------------------------------------ BPF datapath
@@ -541,15 +554,24 @@ class Agent:
         except (KeyError, ValueError):
             return 2  # reserved:world
 
+    def _record(self, flow: Flow) -> None:
+        with self._flow_lock:
+            seq = self.flow_log.append(flow)
+            if self.flow_file is not None:
+                try:
+                    self.flow_file.write(seq, flow)
+                except OSError:
+                    _log.exception("cannot write the flow file")
+
     def _on_access_record(self, record: AccessRecord) -> None:
-        self.flow_log.append(record)
+        self._record(from_access(record, self._who))
         if record.kind == "http":
             self.metrics.l7("http", not record.denied)
 
     def _on_datapath_event(self, event: DatapathEvent) -> None:
         self.monitor_log.append(event)
         if event.type != "trace":  # flows are verdicts; packet traces would only crowd them out
-            self.flow_log.append(event)
+            self._record(from_datapath(event, self._who, self.config.node_id))
 
     # ------------------------------------------------------------------ L7 parsers (ext_proc)
 
@@ -574,26 +596,8 @@ class Agent:
         return policy_check(entry)
 
     def _on_l7_record(self, info: ConnectionInfo, record: Record) -> None:
-        self.flow_log.append(L7Flow(time.time(), info, record))
+        self._record(from_l7(time.time(), info, record, self._who, self.config.node_id))
         self.metrics.l7(info.protocol, None if "error" in record.summary else record.decision.allowed)
-
-    def _l7_flow_json(self, seq: int, f: L7Flow) -> dict[str, Any]:
-        info = f.info
-        local = self.state.endpoints.get(info.endpoint)
-        local_side = {"address": local.ips[0] if local and local.ips else "", "port": info.port,
-                      "identity": self.engine.identity_of(info.endpoint).id if local else None,
-                      "labels": self._labels_of(self.engine.identity_of(info.endpoint).id) if local else [],
-                      "endpoint": info.endpoint}
-        names = [n for n, s in self.state.endpoints.items() if self.engine.identity_of(n).id == info.peer_identity]
-        peer_side = {"address": "", "port": 0, "identity": info.peer_identity,
-                     "labels": self._labels_of(info.peer_identity), **({"endpoint": names[0]} if names else {})}
-        source, destination = (peer_side, local_side) if info.direction == "ingress" else (local_side, peer_side)
-        d = f.record.decision
-        return {"seq": seq, "time": datetime.fromtimestamp(f.time, UTC).isoformat(), "kind": info.protocol,
-                "verdict": "forwarded" if d.allowed else "denied", "source": source, "destination": destination,
-                "method": "", "path": "", "host": "", "protocol": info.protocol, "status": None, "rule": d.rule,
-                "details": d.reason, "node": self.config.node_id, "listener": info.listener,
-                "direction": info.direction, "l7": dict(f.record.summary)}
 
     def bpf_policy(self, name: str) -> dict[str, Any]:
         """An endpoint's policy map as the kernel holds it, with counters (``cilia bpf policy get``)."""
@@ -770,51 +774,16 @@ class Agent:
                 "uptime_s": round(time.time() - self.started, 1), "notes": notes,
                 "state_dir": str(self.config.state_dir)}
 
-    def flows(self, since: int | None = None, limit: int | None = None) -> dict[str, Any]:
-        """What Envoy logged and the kernel decided, oldest first."""
-        items = self.flow_log.since(since, limit)
-        with self._lock:
-            flows = [self._flow_json(n, x) if isinstance(x, AccessRecord) else
-                     self._l7_flow_json(n, x) if isinstance(x, L7Flow) else self._datapath_flow_json(n, x)
-                     for n, x in items]
-        return {"last": self.flow_log.last_seq(), "flows": flows}
-
-    def _datapath_flow_json(self, seq: int, ev: DatapathEvent) -> dict[str, Any]:
-        e = self._event_json(ev)
-        return {"seq": seq, "time": e["time"], "kind": "l3/l4", "verdict": ev.verdict.lower(),
-                "source": e["source"], "destination": e["destination"], "method": "", "path": "", "host": "",
-                "protocol": ev.protocol, "status": None, "rule": ev.rule, "details": ev.reason_text,
-                "node": self.config.node_id, "listener": "", "direction": ev.direction, "endpoint": e["endpoint"],
-                "proxy_port": ev.proxy_port}
-
-    def _flow_json(self, seq: int, r: AccessRecord) -> dict[str, Any]:
-        out: dict[str, Any] = {"seq": seq, "time": r.time.isoformat(), "kind": r.kind, "verdict": r.verdict.value}
-        with self._lock:
-            for side, addr, port in (("source", r.source_address, r.source_port),
-                                     ("destination", r.destination_address, r.destination_port)):
-                out[side] = {"address": addr, "port": port, **self._identity_of(addr)}
-        out.update(method=r.method, path=r.path, host=r.authority, protocol=r.protocol, status=r.status,
-                   rule=r.rule, details=r.response_code_details, node=r.node_id, listener=r.log_name)
-        return out
-
-    def _identity_of(self, address: str) -> dict[str, Any]:
-        try:
-            _, ident_id = self.engine.ipcache.lookup(address)
-        except (KeyError, ValueError):
-            return {"identity": None, "labels": []}
-        ident = self.engine.allocator.get(ident_id)
-        names = [s.name for s in self.state.endpoints.values() if address in s.ips]
-        return {"identity": ident_id, "labels": ident.labels.to_list() if ident else [],
-                **({"endpoint": names[0]} if names else {})}
-
-
-@dataclass(frozen=True, slots=True)
-class L7Flow:
-    """A request an L7 parser decided, for ``observe``."""
-
-    time: float
-    info: ConnectionInfo
-    record: Record
+    def flows(self, since: int | None = None, limit: int | None = None,
+              flow_filter: FlowFilter | None = None) -> dict[str, Any]:
+        """Flows numbered above ``since`` that pass ``flow_filter``, oldest first; with ``limit``
+        the newest that many of them."""
+        items = self.flow_log.since(since)
+        if flow_filter is not None:
+            items = [(n, f) for n, f in items if flow_filter.matches(f)]
+        if limit is not None:
+            items = items[-limit:] if limit > 0 else []
+        return {"last": self.flow_log.last_seq(), "flows": [f.to_json(n) for n, f in items]}
 
 
 def _deny_all(decision: Decision) -> Check:

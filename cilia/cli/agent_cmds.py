@@ -13,7 +13,6 @@ import logging
 import signal
 import sys
 import threading
-import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -295,55 +294,9 @@ def identity_list_cmd(state_dir: str, output: str) -> None:
         [(i["id"], i["kind"], ",".join(i["labels"])) for i in p["identities"]]))
 
 
-# --- observe --------------------------------------------------------------------------------------
-
-def _who(side: dict[str, Any]) -> str:
-    name = side.get("endpoint") or ",".join(side["labels"][:3]) or "?"
-    return f"{side['address']}:{side['port']} ({name}, id {side['identity']})"
-
-
-def flow_line(f: dict[str, Any]) -> str:
-    if f["kind"] == "http":
-        what = f"http {f['method']} {f['host']}{f['path']} -> {f['status']}"
-    elif f["kind"] == "l3/l4":
-        what = f"{f['protocol'].lower()} {f['direction']} policy" + (f" ({f['details']})" if f["details"] else "")
-        if f.get("proxy_port"):
-            what += f" to proxy port {f['proxy_port']}"
-    elif f.get("l7") is not None:  # a request an L7 parser decided
-        fields = " ".join(f"{k}={v}" for k, v in f["l7"].items() if v)
-        what = f"{f['kind']} {fields}" + (f" ({f['details']})" if f["details"] and f["verdict"] == "denied" else "")
-    else:
-        what = "tcp"
-    rule = f"  rule: {f['rule']}" if f["rule"] else ""
-    return f"{f['time'][11:23]} {f['verdict'].upper():<9} {_who(f['source'])} -> {_who(f['destination'])} {what}{rule}"
-
-
-@click.command("observe")
-@click.option("--last", type=click.IntRange(1), default=20, show_default=True, help="Show the newest N flows.")
-@click.option("--follow", "-f", is_flag=True, help="Keep printing new flows until Ctrl-C.")
-@state_dir_option
-@output_option
-def observe_cmd(last: int, follow: bool, state_dir: str, output: str) -> None:
-    """Print flows (newest last) Envoy logged and the kernel decided: verdict, source and
-    destination with identities and labels, the request and the rule that decided it."""
-    payload = _call(state_dir, lambda c: c.flows(limit=last))
-    while True:
-        for f in payload["flows"]:
-            click.echo(json.dumps(f) if output == "json" else flow_line(f))
-        if not follow:
-            return
-        time.sleep(1.0)
-        payload = _call(state_dir, _newer_than(payload["last"]))
-
-
-def _newer_than(seq: int) -> Callable[[AgentClient], Any]:
-    return lambda c: c.flows(since=seq)
-
-
 def register(cli: click.Group, policy: click.Group) -> None:
     cli.add_command(agent_cmd)
     cli.add_command(status_cmd)
-    cli.add_command(observe_cmd)
     for cmd in (policy_import_cmd, policy_get_cmd, policy_delete_cmd, policy_wait_cmd):
         policy.add_command(cmd)
 

@@ -52,8 +52,9 @@ def run_cli(state_dir: Path, *args: str) -> Result:
 
 
 @contextmanager
-def agent_in_process(state_dir: Path, envoy: str = "managed", xds_addresses: tuple[str, ...] = ()) -> Iterator[Agent]:
-    agent = Agent(AgentConfig(state_dir, envoy, xds_addresses))  # type: ignore[arg-type]
+def agent_in_process(state_dir: Path, envoy: str = "managed", xds_addresses: tuple[str, ...] = (),
+                     **config: Any) -> Iterator[Agent]:
+    agent = Agent(AgentConfig(state_dir, envoy, xds_addresses, **config))  # type: ignore[arg-type]
     api: APIServer | None = None
     try:
         agent.start()

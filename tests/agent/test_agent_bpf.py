@@ -82,13 +82,14 @@ def test_starwars_in_the_kernel_and_envoy(node: BpfAgentNode) -> None:
 
     flows = _wait_flows(node, lambda fs: sum(f["kind"] == "http" for f in fs) >= 2)
     http = [f for f in flows if f["kind"] == "http"]
-    assert {(f["method"], f["verdict"], f["status"]) for f in http} >= {("POST", "forwarded", 200),
-                                                                         ("PUT", "denied", 403)}
+    assert {(f["l7"]["method"], f["verdict"], f["l7"]["status"]) for f in http} >= {("POST", "FORWARDED", 200),
+                                                                                     ("PUT", "DROPPED", 403)}
     assert all(f["source"].get("endpoint") == "tiefighter" for f in http)
     assert any("sw_l3_l4_l7_policy.yaml:" in f["rule"] for f in http)
     kernel = [f for f in flows if f["kind"] == "l3/l4"]
-    assert any(f["verdict"] == "dropped" and f["source"].get("endpoint") == "xwing" for f in kernel)
-    assert any(f["verdict"] == "redirected" and f["proxy_port"] == proxy_port for f in kernel)
+    assert any(f["verdict"] == "DROPPED" and f["source"].get("endpoint") == "xwing"
+               and f["drop_reason"] == "Policy denied" and f["endpoint"] == "deathstar" for f in kernel)
+    assert any(f["verdict"] == "REDIRECTED" and f["proxy_port"] == proxy_port for f in kernel)
     text = node.ok("observe", "--last", "50").out
     assert "DROPPED" in text and "REDIRECTED" in text and "Access denied" not in text
     assert "REDIRECT" in node.ok("bpf", "policy", "get", "deathstar").out.upper()
@@ -209,6 +210,6 @@ def test_egress_l7_goes_through_envoy_as_the_sender(node: BpfAgentNode, tmp_path
     assert "egress/80" in status["datapath"]["proxy_ports"] and status["healthy"]
     egress_rows = [e for e in _entries(node, "tiefighter") if e["direction"] == "egress" and e["verdict"] == "redirect"]
     assert [e["port"] for e in egress_rows] == ["80/TCP"]
-    flows = _wait_flows(node, lambda fs: any(f["kind"] == "http" and f["method"] == "PUT" for f in fs))
-    put = next(f for f in flows if f["kind"] == "http" and f["method"] == "PUT")
-    assert put["verdict"] == "denied" and "tiefighter-egress" in put["rule"]
+    flows = _wait_flows(node, lambda fs: any(f["kind"] == "http" and f["l7"]["method"] == "PUT" for f in fs))
+    put = next(f for f in flows if f["kind"] == "http" and f["l7"]["method"] == "PUT")
+    assert put["verdict"] == "DROPPED" and "tiefighter-egress" in put["rule"] and put["direction"] == "egress"

@@ -55,19 +55,20 @@ def test_starwars_policy_imported_through_the_agent_is_enforced_and_observed(sta
     assert not check(starwars_agent.cache.snapshot("cilia-node"))  # every listener's clusters exist
 
     http = [f for f in wait_flows(state, 4) if f["kind"] == "http"]  # xwing's one never reached HTTP
-    denied = [f for f in http if f["verdict"] == "denied"]
+    denied = [f for f in http if f["verdict"] == "DROPPED"]
     assert len(denied) == 1
     put = denied[0]
-    assert (put["method"], put["path"], put["status"]) == ("PUT", "/v1/exhaust-port", 403)
+    assert (put["l7"]["method"], put["l7"]["path"], put["l7"]["status"]) == ("PUT", "/v1/exhaust-port", 403)
+    assert put["type"] == "L7" and put["drop_reason"] == "Policy denied (L7)" and put["direction"] == "ingress"
     assert put["source"]["endpoint"] == "tiefighter"
     assert "k8s:org=empire" in put["source"]["labels"] and "k8s:class=deathstar" in put["destination"]["labels"]
     assert put["source"]["identity"] != put["destination"]["identity"]
     assert put["rule"].endswith("sw_l3_l4_l7_policy.yaml:16)")  # the toPorts whose rules did not match
-    landed = [f for f in http if f["verdict"] == "forwarded" and f["path"] == "/v1/request-landing"
+    landed = [f for f in http if f["verdict"] == "FORWARDED" and f["l7"]["path"] == "/v1/request-landing"
               and f["source"]["endpoint"] == "tiefighter"]
     assert landed and landed[-1]["rule"].endswith("sw_l3_l4_l7_policy.yaml:21)")  # the matching http rule
     text = run_cli(state, "observe", "--last", "50")
-    assert any("DENIED" in line and "PUT" in line and "tiefighter" in line for line in text.out.splitlines())
+    assert any("DROPPED" in line and "PUT" in line and "tiefighter" in line for line in text.out.splitlines())
 
 
 def test_invalid_import_changes_nothing_and_names_file_and_line(starwars: Path, tmp_path: Path) -> None:

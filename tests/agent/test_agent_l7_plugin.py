@@ -105,8 +105,8 @@ def test_plugin_parser_enforces_in_envoy(droid: tuple[Agent, Path]) -> None:
             break
         time.sleep(0.2)
     got = [(f["l7"]["cmd"], f["l7"].get("file"), f["verdict"]) for f in flows]
-    assert got == [("READ", "/public/plans", "forwarded"), ("WRITE", "/public/plans", "denied"),
-                   ("READ", "/secret/plans", "denied"), ("HALT", None, "forwarded")]
+    assert got == [("READ", "/public/plans", "FORWARDED"), ("WRITE", "/public/plans", "DROPPED"),
+                   ("READ", "/secret/plans", "DROPPED"), ("HALT", None, "FORWARDED")]
     assert flows[0]["source"]["endpoint"] == "c3po" and flows[0]["destination"]["endpoint"] == "r2d2"
     assert "droid.yaml:" in flows[0]["rule"] and flows[1]["rule"].startswith("default deny: default/droid")
     text = run_cli(state, "observe", "--last", "4").out
