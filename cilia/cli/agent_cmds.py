@@ -76,9 +76,14 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
               help="bpffs directory holding the datapath's maps (they outlive the agent).")
 @click.option("--router-ip", help="Gateway address of endpoints the agent creates (--create-netns); added to lo "
               "if this node does not have it.")
+@click.option("--flow-file", type=click.Path(dir_okay=False), help="Also append every flow to this file as JSON "
+              "lines, rotated by size.")
+@click.option("--flow-file-max-mb", type=click.IntRange(1), default=100, show_default=True)
+@click.option("--flow-file-backups", type=click.IntRange(0), default=5, show_default=True)
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning"]), default="info", show_default=True)
 def agent_cmd(state_dir: str, xds_addresses: Sequence[str], envoy_mode: str, node_id: str, datapath: str,
-              bpf_pin_dir: str, router_ip: str | None, log_level: str) -> None:
+              bpf_pin_dir: str, router_ip: str | None, flow_file: str | None, flow_file_max_mb: int,
+              flow_file_backups: int, log_level: str) -> None:
     """Run the agent until SIGTERM or Ctrl-C: load state, serve the REST API on
     <state-dir>/cilia.sock, serve xDS, supervise Envoy, receive its access logs; with
     --datapath bpf also load the BPF datapath. Stopping leaves the BPF programs enforcing the
@@ -93,7 +98,9 @@ def agent_cmd(state_dir: str, xds_addresses: Sequence[str], envoy_mode: str, nod
         click.echo(f"error: --datapath bpf: {why}", err=True)
         sys.exit(2)
     config = AgentConfig(Path(state_dir).resolve(), envoy_mode, tuple(xds_addresses), node_id,  # type: ignore[arg-type]
-                         datapath=datapath, bpf_pin_dir=bpf_pin_dir, router_ip=router_ip)  # type: ignore[arg-type]
+                         datapath=datapath, bpf_pin_dir=bpf_pin_dir, router_ip=router_ip,  # type: ignore[arg-type]
+                         flow_file=Path(flow_file).resolve() if flow_file else None,
+                         flow_file_max_bytes=flow_file_max_mb << 20, flow_file_backups=flow_file_backups)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
