@@ -58,7 +58,10 @@ def _post_policies(agent: Agent, _: dict[str, str], __: dict[str, list[str]], bo
     if not isinstance(files, list) or not all(
             isinstance(f, dict) and isinstance(f.get("path"), str) and isinstance(f.get("text"), str) for f in files):
         raise AgentError('body: expected {"files": [{"path": STRING, "text": STRING}, ...]}')
-    return 200, agent.import_policies([(f["path"], f["text"]) for f in files])
+    audit = body.get("audit", False)
+    if not isinstance(audit, bool):
+        raise AgentError("body: audit: expected true or false")
+    return 200, agent.import_policies([(f["path"], f["text"]) for f in files], audit)
 
 
 def _delete_policies(agent: Agent, _: dict[str, str], query: dict[str, list[str]], __: Any) -> tuple[int, Any]:

@@ -58,8 +58,9 @@ class AgentClient:
     def status(self) -> Any:
         return self.request("GET", "/v1/status")
 
-    def import_policies(self, files: list[tuple[str, str]]) -> Any:
-        return self.request("POST", "/v1/policies", json={"files": [{"path": p, "text": t} for p, t in files]})
+    def import_policies(self, files: list[tuple[str, str]], audit: bool = False) -> Any:
+        return self.request("POST", "/v1/policies", json={"files": [{"path": p, "text": t} for p, t in files],
+                                                           "audit": audit})
 
     def policies(self) -> Any:
         return self.request("GET", "/v1/policies")

@@ -64,6 +64,7 @@ from ..policy import (
 from ..l7parsers.base import Check, Decision, Record
 from ..l7parsers.policycheck import policy_check
 from ..l7parsers.service import ConnectionInfo, L7Server
+from ..policy.flows import L7Request
 from ..policy.mapstate import MapState, Verdict
 from ..policy.model import IPNetwork
 from ..policy.parse import check_unique
@@ -149,7 +150,7 @@ class _Translated:
 
     ingress: DirectionMapState
     prefixes: Mapping[int, tuple[IPNetwork, ...]]
-    key: tuple[tuple[PortMapping, ...], str]
+    key: tuple[tuple[PortMapping, ...], str, bool]
     resources: ProxyResources
 
 
@@ -187,6 +188,8 @@ class Agent:
         # What the L7 parsers read, replaced whole at each publish: they run on Envoy's streams
         # and must not wait for the agent's lock (held while a change waits for Envoy's ACK).
         self._l7_views: Mapping[str, MapState] = {}
+        self._audits: Mapping[str, tuple[bool, bool]] = {}  # endpoint -> audit (ingress, egress), per publish
+        self._audit_keys: set[PolicyKey] = set()
         self.envoy: EnvoySupervisor | None = None
         self.admin_address: str | None = None
         self._replay()
@@ -280,8 +283,10 @@ class Agent:
 
     # ------------------------------------------------------------------ policies
 
-    def import_policies(self, files: Sequence[tuple[str, str]]) -> dict[str, Any]:
-        """Add or replace the policies in ``files`` ((path, text) pairs): all of them or none."""
+    def import_policies(self, files: Sequence[tuple[str, str]], audit: bool = False) -> dict[str, Any]:
+        """Add or replace the policies in ``files`` ((path, text) pairs): all of them or none.
+        ``audit``: the endpoints these policies select audit instead of dropping (in the
+        directions the policies have rules), until the policies are imported again without it."""
         parsed: list[tuple[str, str, list[Policy]]] = []
         problems: list[Problem] = []
         for path, text in files:
@@ -307,7 +312,7 @@ class Agent:
                 raise AgentError(f"{e}; nothing was imported", 409) from None
             for path, text, ps in parsed:
                 if ps:
-                    self.state.add_source(path, text, {p.key for p in ps})
+                    self.state.add_source(path, text, {p.key for p in ps}, audit)
 
             def undo() -> None:
                 if keys - before.keys():
@@ -317,7 +322,8 @@ class Agent:
                 self.state.sources = sources_before
 
             revision = self._commit_checked(undo)
-        return {"revision": revision, "policies": [_policy_json(p) for p in policies]}
+        audited = self.state.audit_keys()
+        return {"revision": revision, "policies": [_policy_json(p, audited) for p in policies]}
 
     def delete_policies(self, name: str | None, namespace: str | None = None) -> dict[str, Any]:
         """Delete the policies called ``name`` (in ``namespace`` if given), or all with None."""
@@ -337,7 +343,9 @@ class Agent:
 
     def policies(self) -> dict[str, Any]:
         with self._lock:
-            return {"revision": self.state.revision, "policies": [_policy_json(p) for p in self.engine.policies()]}
+            audited = self.state.audit_keys()
+            return {"revision": self.state.revision,
+                    "policies": [_policy_json(p, audited) for p in self.engine.policies()]}
 
     # ------------------------------------------------------------------ endpoints
 
@@ -443,8 +451,10 @@ class Agent:
     def _endpoint_json(self, spec: EndpointSpec) -> dict[str, Any]:
         ident = self.engine.identity_of(spec.name)
         ms = self.engine.endpoint_policy(spec.name).map_state
+        ingress, egress = self.audit_of(spec.name)
         return {**spec.to_json(), "identity": ident.id, "identity_labels": ident.labels.to_list(),
-                "enforcement": {"ingress": ms.ingress.enforced, "egress": ms.egress.enforced}}
+                "enforcement": {"ingress": ms.ingress.enforced, "egress": ms.egress.enforced},
+                "audit_mode": {"ingress": ingress, "egress": egress}}
 
     def identities(self) -> dict[str, Any]:
         with self._lock:
@@ -484,6 +494,8 @@ class Agent:
         return revision
 
     def _publish(self) -> None:
+        self._audit_keys = self.state.audit_keys()
+        self._audits = {name: self.audit_of(name) for name in self.state.endpoints}
         listeners, clusters, notes = self._translate()
         # One atomic update; the streams still send clusters before the listeners that name them.
         update = self.cache.update_many({CLUSTER: TypeChange(clusters, replace=True),
@@ -495,6 +507,21 @@ class Agent:
                         {i.id: i.labels for i in self.engine.identities()}, self.engine.ipcache.items(),
                         {v: k for k, v in self.state.endpoint_ids.items()})
         self._sync_datapath()
+
+    # ------------------------------------------------------------------ audit mode
+
+    def audit_of(self, name: str) -> tuple[bool, bool]:
+        """(ingress, egress): whether the endpoint audits instead of dropping in each direction:
+        it was added in audit mode, or a policy imported in audit mode has rules for it there."""
+        spec = self.state.endpoints.get(name)
+        if spec is not None and spec.audit:
+            return True, True
+        keys = self._audit_keys
+        if not keys:
+            return False, False
+        sp = self.engine.endpoint_policy(name).selector_policy
+        return (any(r.policy.key in keys for r in sp.ingress.selecting),
+                any(r.policy.key in keys for r in sp.egress.selecting))
 
     # ------------------------------------------------------------------ BPF datapath
 
@@ -540,7 +567,8 @@ class Agent:
             if spec.interface is None or ep_id is None or not v4:
                 continue
             plans.append(EndpointPlan(name, ep_id, v4[0], spec.interface, self.engine.identity_of(name).id,
-                                      self.engine.endpoint_policy(name).map_state))
+                                      self.engine.endpoint_policy(name).map_state,
+                                      *self._audits.get(name, (False, False))))
         try:
             self.node.sync(self.engine.ipcache.items(), plans, self.state.proxy_ports, self._identity_number)
             self.datapath_error = ""
@@ -593,7 +621,9 @@ class Agent:
         entry = hit[2]
         if entry.l7 is not None and entry.l7.protocol != info.protocol:
             return _deny_all(Decision(False, "", f"this port's rules are {entry.l7.protocol}, not {info.protocol}"))
-        return policy_check(entry)
+        check = policy_check(entry)
+        ingress, egress = self._audits.get(info.endpoint, (False, False))
+        return _audited(check) if (ingress if info.direction == "ingress" else egress) else check
 
     def _on_l7_record(self, info: ConnectionInfo, record: Record) -> None:
         self._record(from_l7(time.time(), info, record, self._who, self.config.node_id))
@@ -667,13 +697,13 @@ class Agent:
             if not ports or not spec.ips:
                 continue
             ingress = policy.map_state.ingress
-            key = (tuple(ports), spec.ips[0])
+            key = (tuple(ports), spec.ips[0], self._audits.get(name, (False, False))[0])
             done = self._translated.get(name)
             if done is not None and done.ingress is ingress and done.prefixes is prefixes and done.key == key:
                 res = done.resources  # unchanged map state, peers and ports: the same resources
             else:
                 res = translate_ingress(name, ingress, ports, spec.ips[0], spec.ips[0], prefixes, access_log,
-                                        l7_service)
+                                        l7_service, audit=self._audits.get(name, (False, False))[0])
             translated[name] = _Translated(ingress, prefixes, key, res)
             listeners.update((li.name, li) for li in res.listeners)
             clusters.update((c.name, c) for c in res.clusters)
@@ -690,8 +720,9 @@ class Agent:
         for name, spec in sorted(self.state.endpoints.items()):
             ms = self.engine.endpoint_policy(name).map_state
             if spec.ips:
+                audit = self._audits.get(name, (False, False))
                 endpoints.append(NodeEndpoint(name, tuple(ipaddress.ip_network(a) for a in spec.ips),
-                                              ms.ingress, ms.egress, self.engine.identity_of(name).id))
+                                              ms.ingress, ms.egress, self.engine.identity_of(name).id, *audit))
             if spec.interface is None:
                 notes[f"{name}: no interface: its policy is not enforced in the kernel "
                       "(add it with --create-netns or --interface)"] = None
@@ -699,7 +730,8 @@ class Agent:
                             if k.startswith(f"{d.value}/")), key=lambda p: (p.policy_port, p.proxy_port))
                  for d in (Direction.INGRESS, Direction.EGRESS)}
         key = (prefixes, tuple(ports[Direction.INGRESS]), tuple(ports[Direction.EGRESS]),
-               *((e.name, e.addresses, e.ingress, e.egress, e.identity) for e in endpoints))
+               *((e.name, e.addresses, e.ingress, e.egress, e.identity, e.audit_ingress, e.audit_egress)
+                 for e in endpoints))
         done = self._node_translated
         if done is not None and _same_objects(done[0], key):
             res = done[1]
@@ -786,6 +818,15 @@ class Agent:
         return {"last": self.flow_log.last_seq(), "flows": [f.to_json(n) for n, f in items]}
 
 
+def _audited(check: Check) -> Check:
+    """Audit mode: what ``check`` denies is allowed, marked as audited."""
+    def audit(request: L7Request) -> Decision:
+        d = check(request)
+        return d if d.allowed else Decision(True, d.rule, d.reason, audit=True)
+
+    return audit
+
+
 def _deny_all(decision: Decision) -> Check:
     def check(_request: object) -> Decision:
         return decision
@@ -822,9 +863,9 @@ def _endpoint(spec: EndpointSpec) -> Endpoint:
                     tuple(ipaddress.ip_address(ip) for ip in spec.ips), named)
 
 
-def _policy_json(p: Policy) -> dict[str, Any]:
+def _policy_json(p: Policy, audited: set[PolicyKey] | frozenset[PolicyKey] = frozenset()) -> dict[str, Any]:
     return {"kind": p.kind.value, "namespace": p.namespace, "name": p.name, "rules": len(p.rules),
-            "file": p.source.file, "line": p.source.line}
+            "file": p.source.file, "line": p.source.line, "audit": p.key in audited}
 
 
 __all__ = ["Agent", "AgentConfig", "AgentError", "EnvoyMode", "PolicyKey"]

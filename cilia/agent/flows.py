@@ -135,21 +135,22 @@ class Who:
 
 # --- conversions -------------------------------------------------------------------------------
 
-def from_access(r: AccessRecord, who: Who, audited: bool = False) -> Flow:
-    """An Envoy access-log record: an HTTP request, or a connection the network RBAC refused."""
+def from_access(r: AccessRecord, who: Who) -> Flow:
+    """An Envoy access-log record: an HTTP request, or a connection the network RBAC refused
+    (or, in audit mode, would have refused)."""
     source = who.peer(r.source_address, r.source_port)
     destination = who.peer(r.destination_address, r.destination_port)
     if r.kind == "http":
         l7: dict[str, Any] = {"method": r.method, "path": r.path, "host": r.authority, "protocol": r.protocol,
                               "status": r.status}
-        if r.denied:
-            verdict, reason = (Verdict.AUDIT if audited else Verdict.DROPPED), "Policy denied (L7)"
+        if r.denied or r.audit:
+            verdict, reason = (Verdict.DROPPED if r.denied else Verdict.AUDIT), "Policy denied (L7)"
         else:
             verdict, reason = Verdict.FORWARDED, ""
     else:
         l7 = {}
-        verdict = Verdict.DROPPED if r.denied else Verdict.FORWARDED
-        reason = "Policy denied" if r.denied else ""
+        verdict = Verdict.DROPPED if r.denied else Verdict.AUDIT if r.audit else Verdict.FORWARDED
+        reason = "Policy denied" if r.denied or r.audit else ""
     ingress = "egress" not in r.log_name
     return Flow(r.time.timestamp(), verdict, r.kind, source, destination, "TCP", "ingress" if ingress else "egress",
                 reason, l7, r.rule, (destination if ingress else source).endpoint, r.node_id, r.log_name)
@@ -169,7 +170,7 @@ def from_datapath(ev: DatapathEvent, who: Who, node: str) -> Flow:
                 who.endpoint_ids.get(ev.endpoint_id, ""), node, "", ev.proxy_port)
 
 
-def from_l7(time: float, info: ConnectionInfo, record: Record, who: Who, node: str, audited: bool = False) -> Flow:
+def from_l7(time: float, info: ConnectionInfo, record: Record, who: Who, node: str) -> Flow:
     """A request an L7 parser decided (or the bytes it could not parse: ERROR)."""
     local = who.endpoint_peer(info.endpoint, info.port)
     peer_name = who.endpoint_with_identity(info.peer_identity)
@@ -178,10 +179,12 @@ def from_l7(time: float, info: ConnectionInfo, record: Record, who: Who, node: s
     d = record.decision
     if "error" in record.summary:
         verdict, reason = Verdict.ERROR, d.reason
+    elif d.audit:
+        verdict, reason = Verdict.AUDIT, d.reason
     elif d.allowed:
         verdict, reason = Verdict.FORWARDED, ""
     else:
-        verdict, reason = (Verdict.AUDIT if audited else Verdict.DROPPED), d.reason
+        verdict, reason = Verdict.DROPPED, d.reason
     return Flow(time, verdict, info.protocol, source, destination, "TCP", info.direction, reason,
                 dict(record.summary), d.rule, info.endpoint, node, info.listener)
 

@@ -109,6 +109,7 @@ class EndpointSpec:
     netns: str | None = None
     create: bool = False
     managed: bool = False
+    audit: bool = False  # audit mode: what its policy would drop is let through and reported as AUDIT
 
     def __post_init__(self) -> None:
         if not self.name:
@@ -141,6 +142,8 @@ class EndpointSpec:
             out["create"] = True
         if self.managed:
             out["managed"] = True
+        if self.audit:
+            out["audit"] = True
         return out
 
     @classmethod
@@ -153,7 +156,7 @@ class EndpointSpec:
                        tuple(PortSpec.from_json(p) if isinstance(p, dict) else PortSpec.parse(str(p))
                              for p in d.get("ports", ())),
                        _opt_str(d, "interface"), _opt_str(d, "netns"), bool(d.get("create", False)),
-                       bool(d.get("managed", False)))
+                       bool(d.get("managed", False)), bool(d.get("audit", False)))
         except KeyError as e:
             raise StateError(f"endpoint: missing field {e.args[0]}") from None
         except (TypeError, ValueError) as e:
@@ -178,6 +181,7 @@ class PolicySource:
     path: str
     text: str
     keys: set[PolicyKey] = field(default_factory=set)
+    audit: bool = False  # imported in audit mode: the endpoints it selects audit instead of dropping
 
 
 @dataclass
@@ -190,12 +194,15 @@ class AgentState:
     endpoint_ids: dict[str, int] = field(default_factory=dict)
     proxy_ports: dict[str, int] = field(default_factory=dict)  # "ingress/80" -> 10000
 
-    def add_source(self, path: str, text: str, keys: set[PolicyKey]) -> None:
+    def add_source(self, path: str, text: str, keys: set[PolicyKey], audit: bool = False) -> None:
         """Record an import: its policies now come from this text, not from older sources."""
         for src in self.sources:
             src.keys -= keys
         self.sources = [s for s in self.sources if s.keys]
-        self.sources.append(PolicySource(path, text, set(keys)))
+        self.sources.append(PolicySource(path, text, set(keys), audit))
+
+    def audit_keys(self) -> set[PolicyKey]:
+        return {k for s in self.sources if s.audit for k in s.keys}
 
     def drop_keys(self, keys: set[PolicyKey]) -> None:
         for src in self.sources:
@@ -206,8 +213,8 @@ class AgentState:
         return {
             "format": FORMAT,
             "revision": self.revision,
-            "policies": [{"path": s.path, "text": s.text, "keys": sorted(list(k) for k in s.keys)}
-                         for s in self.sources],
+            "policies": [{"path": s.path, "text": s.text, "keys": sorted(list(k) for k in s.keys),
+                          **({"audit": True} if s.audit else {})} for s in self.sources],
             "endpoints": [e.to_json() for _, e in sorted(self.endpoints.items())],
             "endpoint_ids": self.endpoint_ids,
             "proxy_ports": self.proxy_ports,
@@ -217,8 +224,8 @@ class AgentState:
     def from_json(cls, d: dict[str, Any]) -> AgentState:
         if d.get("format") != FORMAT:
             raise StateError(f"state format {d.get('format')!r} is not {FORMAT}")
-        sources = [PolicySource(str(s["path"]), str(s["text"]), {(k[0], k[1], k[2]) for k in s["keys"]})
-                   for s in d.get("policies", [])]
+        sources = [PolicySource(str(s["path"]), str(s["text"]), {(k[0], k[1], k[2]) for k in s["keys"]},
+                                bool(s.get("audit", False))) for s in d.get("policies", [])]
         endpoints = {e.name: e for e in (EndpointSpec.from_json(x) for x in d.get("endpoints", []))}
         return cls(int(d.get("revision", 0)), sources, endpoints,
                    {str(k): int(v) for k, v in d.get("endpoint_ids", {}).items()},

@@ -45,7 +45,12 @@
 
 #define VERDICT_FORWARDED 1
 #define VERDICT_DROPPED 2
+#define VERDICT_AUDIT 4       // would have been dropped; the endpoint is in audit mode
 #define VERDICT_REDIRECTED 5
+
+// endpoint_val.flags: audit mode per direction of the endpoint's own policy
+#define EP_AUDIT_INGRESS 1
+#define EP_AUDIT_EGRESS 2
 
 #define IDENTITY_HOST 1
 #define IDENTITY_WORLD_IPV4 9
@@ -65,7 +70,7 @@ struct endpoint_val {
     u32 ep_id;     // index in policy_maps
     u32 ifindex;   // host end of its veth
     u32 identity;
-    u32 flags;
+    u32 flags;     // EP_AUDIT_*
 };
 
 struct policy_key {
@@ -377,14 +382,26 @@ int from_endpoint(struct __sk_buff *skb) {
     u32 src_id = src->identity;
     u32 dst_id = identity_of(f.daddr);
     u16 proxy_port = 0;
+    // A policy drop by an endpoint in audit mode is let through and reported as AUDIT instead.
+    u16 audit_reason = 0;
+    u8 audit_egress = 0;
+    u32 audit_ep = 0;
+    struct policy_val *audit_pv = NULL;
 
     struct policy_val *pv = policy_lookup(src->ep_id, dst_id, 1, &f);
-    if (!pv)
-        return drop(skb, &f, 1, REASON_POLICY_DENIED, src->ep_id, src_id, dst_id, NULL);
-    if (pv->flags & POLICY_DENY)
-        return drop(skb, &f, 1, REASON_POLICY_DENY, src->ep_id, src_id, dst_id, pv);
-    count(pv, &f);
-    proxy_port = pv->proxy_port;
+    if (!pv || (pv->flags & POLICY_DENY)) {
+        u16 reason = pv ? REASON_POLICY_DENY : REASON_POLICY_DENIED;
+        if (!(src->flags & EP_AUDIT_EGRESS))
+            return drop(skb, &f, 1, reason, src->ep_id, src_id, dst_id, pv);
+        audit_reason = reason;
+        audit_egress = 1;
+        audit_ep = src->ep_id;
+        audit_pv = pv;
+        pv = NULL;
+    } else {
+        count(pv, &f);
+        proxy_port = pv->proxy_port;
+    }
     u8 decided_egress = 1;
     u32 decided_ep = src->ep_id;
     struct policy_val *decided = pv;
@@ -392,17 +409,25 @@ int from_endpoint(struct __sk_buff *skb) {
     struct endpoint_val *dst = endpoints.lookup(&f.daddr);
     if (dst) {
         struct policy_val *iv = policy_lookup(dst->ep_id, src_id, 0, &f);
-        if (!iv)
-            return drop(skb, &f, 0, REASON_POLICY_DENIED, dst->ep_id, src_id, dst_id, NULL);
-        if (iv->flags & POLICY_DENY)
-            return drop(skb, &f, 0, REASON_POLICY_DENY, dst->ep_id, src_id, dst_id, iv);
-        count(iv, &f);
-        // The sender's L7 proxy goes first; otherwise the receiver's policy has the last word.
-        if (!proxy_port) {
-            proxy_port = iv->proxy_port;
-            decided_egress = 0;
-            decided_ep = dst->ep_id;
-            decided = iv;
+        if (!iv || (iv->flags & POLICY_DENY)) {
+            u16 reason = iv ? REASON_POLICY_DENY : REASON_POLICY_DENIED;
+            if (!(dst->flags & EP_AUDIT_INGRESS))
+                return drop(skb, &f, 0, reason, dst->ep_id, src_id, dst_id, iv);
+            if (!audit_reason) {
+                audit_reason = reason;
+                audit_egress = 0;
+                audit_ep = dst->ep_id;
+                audit_pv = iv;
+            }
+        } else {
+            count(iv, &f);
+            // The sender's L7 proxy goes first; otherwise the receiver's policy has the last word.
+            if (!proxy_port) {
+                proxy_port = iv->proxy_port;
+                decided_egress = 0;
+                decided_ep = dst->ep_id;
+                decided = iv;
+            }
         }
     }
     if (proxy_port) {
@@ -410,8 +435,11 @@ int from_endpoint(struct __sk_buff *skb) {
             return drop(skb, &f, decided_egress, REASON_NO_PROXY, decided_ep, src_id, dst_id, decided);
     }
     ct_create(&f, src_id, proxy_port);
-    emit(skb, &f, EVENT_VERDICT, proxy_port ? VERDICT_REDIRECTED : VERDICT_FORWARDED, decided_egress, 0,
-         decided_ep, src_id, dst_id, decided);
+    if (audit_reason)
+        emit(skb, &f, EVENT_VERDICT, VERDICT_AUDIT, audit_egress, audit_reason, audit_ep, src_id, dst_id, audit_pv);
+    else
+        emit(skb, &f, EVENT_VERDICT, proxy_port ? VERDICT_REDIRECTED : VERDICT_FORWARDED, decided_egress, 0,
+             decided_ep, src_id, dst_id, decided);
     return TC_ACT_OK;
 }
 
@@ -444,10 +472,14 @@ int to_endpoint(struct __sk_buff *skb) {
         // If the receiver's port needs L7 as well, it cannot be redirected here: dropped below.
         src_id = skb->mark >> 16;
     struct policy_val *iv = policy_lookup(dst->ep_id, src_id, 0, &f);
-    if (!iv)
-        return drop(skb, &f, 0, REASON_POLICY_DENIED, dst->ep_id, src_id, dst->identity, NULL);
-    if (iv->flags & POLICY_DENY)
-        return drop(skb, &f, 0, REASON_POLICY_DENY, dst->ep_id, src_id, dst->identity, iv);
+    if (!iv || (iv->flags & POLICY_DENY)) {
+        u16 reason = iv ? REASON_POLICY_DENY : REASON_POLICY_DENIED;
+        if (!(dst->flags & EP_AUDIT_INGRESS))
+            return drop(skb, &f, 0, reason, dst->ep_id, src_id, dst->identity, iv);
+        ct_create(&f, src_id, 0);
+        emit(skb, &f, EVENT_VERDICT, VERDICT_AUDIT, 0, reason, dst->ep_id, src_id, dst->identity, iv);
+        return TC_ACT_OK;
+    }
     if (iv->proxy_port)
         // Needs L7 but did not enter through an endpoint's veth, where it could be redirected.
         return drop(skb, &f, 0, REASON_NO_PROXY, dst->ep_id, src_id, dst->identity, iv);

@@ -31,7 +31,7 @@ DROP_REASONS = {
     142: "Unknown L3 protocol",
     180: "No proxy to redirect to",
 }
-VERDICTS = {1: "FORWARDED", 2: "DROPPED", 5: "REDIRECTED"}
+VERDICTS = {1: "FORWARDED", 2: "DROPPED", 4: "AUDIT", 5: "REDIRECTED"}
 EVENT_TYPES = {1: "drop", 4: "trace", 5: "policy-verdict"}
 TRACE = 4
 OBSERVATION_POINTS = {1: "from-endpoint", 2: "to-endpoint", 3: "to-proxy"}  # a trace event's reason field
@@ -82,11 +82,12 @@ class Datapath:
     def sync_ipcache(self, items: Iterable[tuple[IPNetwork, int]]) -> int:
         return maps.sync_ipcache(self.loader.maps["ipcache"], items)
 
-    def upsert_endpoint(self, ep_id: int, address: str, ifname: str, identity: int) -> int:
-        """Attach to the endpoint's host-side interface and register its address; returns ifindex."""
+    def upsert_endpoint(self, ep_id: int, address: str, ifname: str, identity: int, flags: int = 0) -> int:
+        """Attach to the endpoint's host-side interface and register its address (``flags``: audit
+        mode per direction, maps.AUDIT_*); returns ifindex."""
         self.loader.policy_map(ep_id)  # exists (empty: everything dropped) before traffic is judged
         ifindex = self.loader.attach(ifname)
-        maps.set_endpoint(self.loader.maps["endpoints"], address, maps.EndpointEntry(ep_id, ifindex, identity))
+        maps.set_endpoint(self.loader.maps["endpoints"], address, maps.EndpointEntry(ep_id, ifindex, identity, flags))
         return ifindex
 
     def remove_endpoint(self, ep_id: int, address: str, ifname: str | None) -> None:
@@ -191,7 +192,7 @@ class Datapath:
             proto_name = Protocol(proto).label
         except ValueError:
             proto_name = str(proto)
-        rule = self.rules.get(rule_id, f"rule {rule_id}") if rule_id else (NO_RULE if verdict == 2 else "")
+        rule = self.rules.get(rule_id, f"rule {rule_id}") if rule_id else (NO_RULE if verdict in (2, 4) else "")
         obs = OBSERVATION_POINTS.get(reason, str(reason)) if etype == TRACE else ""
         if etype == TRACE:
             reason = 0

@@ -26,11 +26,16 @@ def ip4(addr: str | ipaddress.IPv4Address) -> bytes:
     return socket.inet_aton(str(addr))
 
 
+AUDIT_INGRESS = 1  # EP_AUDIT_* in datapath.c
+AUDIT_EGRESS = 2
+
+
 @dataclass(frozen=True, slots=True)
 class EndpointEntry:
     ep_id: int
     ifindex: int
     identity: int
+    flags: int = 0  # AUDIT_INGRESS | AUDIT_EGRESS
 
 
 def sync_ipcache(m: Map, want: Iterable[tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, int]]) -> int:
@@ -53,7 +58,8 @@ def ipcache_items(m: Map) -> dict[ipaddress.IPv4Network, int]:
 
 
 def set_endpoint(m: Map, address: str, entry: EndpointEntry) -> None:
-    m.update(ENDPOINT_KEY.pack(ip4(address)), ENDPOINT_VAL.pack(entry.ep_id, entry.ifindex, entry.identity, 0))
+    m.update(ENDPOINT_KEY.pack(ip4(address)), ENDPOINT_VAL.pack(entry.ep_id, entry.ifindex, entry.identity,
+                                                                entry.flags))
 
 
 def delete_endpoint(m: Map, address: str) -> None:
@@ -63,8 +69,8 @@ def delete_endpoint(m: Map, address: str) -> None:
 def endpoint_items(m: Map) -> dict[str, EndpointEntry]:
     out = {}
     for k, v in m.items():
-        ep_id, ifindex, identity, _ = ENDPOINT_VAL.unpack(v)
-        out[socket.inet_ntoa(k)] = EndpointEntry(ep_id, ifindex, identity)
+        ep_id, ifindex, identity, flags = ENDPOINT_VAL.unpack(v)
+        out[socket.inet_ntoa(k)] = EndpointEntry(ep_id, ifindex, identity, flags)
     return out
 
 

@@ -47,6 +47,12 @@ class EndpointPlan:
     interface: str
     identity: int
     map_state: MapState
+    audit_ingress: bool = False  # would-be drops are let through and reported as AUDIT
+    audit_egress: bool = False
+
+    @property
+    def flags(self) -> int:
+        return (maps.AUDIT_INGRESS if self.audit_ingress else 0) | (maps.AUDIT_EGRESS if self.audit_egress else 0)
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,7 +82,8 @@ class NodeDatapath:
         self.datapath = Datapath(self.loader)
         self.host_addresses: list[str] = []
         self.started = False
-        self._attached: dict[str, tuple[int, str, str, int]] = {}  # name -> (ep_id, address, ifname, identity)
+        # name -> (ep_id, address, ifname, identity, flags)
+        self._attached: dict[str, tuple[int, str, str, int, int]] = {}
         self._synced: dict[str, tuple[MapState, tuple[tuple[str, int], ...]]] = {}
 
     @property
@@ -131,19 +138,19 @@ class NodeDatapath:
     def _sync_endpoints(self, plans: Sequence[EndpointPlan]) -> int:
         by_name = {p.name: p for p in plans}
         for name in [n for n in self._attached if n not in by_name]:
-            ep_id, address, ifname, _ = self._attached.pop(name)
+            ep_id, address, ifname, _, _ = self._attached.pop(name)
             self.datapath.remove_endpoint(ep_id, address, ifname)
             self._synced.pop(name, None)
         n = 0
         for plan in plans:
-            want = (plan.ep_id, plan.address, plan.interface, plan.identity)
+            want = (plan.ep_id, plan.address, plan.interface, plan.identity, plan.flags)
             have = self._attached.get(plan.name)
             if have == want:
                 continue
             if have is not None and (have[0], have[1], have[2]) != want[:3]:
                 self.datapath.remove_endpoint(have[0], have[1], have[2] if have[2] != plan.interface else None)
                 self._synced.pop(plan.name, None)
-            self.datapath.upsert_endpoint(plan.ep_id, plan.address, plan.interface, plan.identity)
+            self.datapath.upsert_endpoint(plan.ep_id, plan.address, plan.interface, plan.identity, plan.flags)
             self._attached[plan.name] = want
             n += 1
         # Left from an earlier run: addresses and policy tries of endpoints that are gone.

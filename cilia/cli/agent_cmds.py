@@ -182,12 +182,14 @@ def status_cmd(state_dir: str, output: str) -> None:
 
 @click.command("import")
 @click.argument("files", nargs=-1, required=True, type=click.Path(dir_okay=False, exists=True))
+@click.option("--audit", is_flag=True, help="Audit mode: the endpoints these policies select let through what "
+              "they would drop and report it as AUDIT (import again without --audit to enforce).")
 @state_dir_option
 @output_option
-def policy_import_cmd(files: Sequence[str], state_dir: str, output: str) -> None:
+def policy_import_cmd(files: Sequence[str], audit: bool, state_dir: str, output: str) -> None:
     """Add or replace the policies in FILES (all or none); prints the new revision."""
     texts = [(f, Path(f).read_text(encoding="utf-8")) for f in files]
-    payload = _call(state_dir, lambda c: c.import_policies(texts))
+    payload = _call(state_dir, lambda c: c.import_policies(texts, audit))
     _emit(output, payload, lambda p: f"Revision: {p['revision']}")
 
 
@@ -198,9 +200,9 @@ def policy_get_cmd(state_dir: str, output: str) -> None:
     """List the policies the agent holds, with the file and line each came from."""
     payload = _call(state_dir, lambda c: c.policies())
     _emit(output, payload, lambda p: _table(
-        ["KIND", "NAMESPACE", "NAME", "RULES", "SOURCE"],
-        [(x["kind"], x["namespace"] or "-", x["name"], x["rules"], f"{x['file']}:{x['line']}")
-         for x in p["policies"]]) + f"\nRevision: {p['revision']}")
+        ["KIND", "NAMESPACE", "NAME", "RULES", "MODE", "SOURCE"],
+        [(x["kind"], x["namespace"] or "-", x["name"], x["rules"], "audit" if x.get("audit") else "enforce",
+          f"{x['file']}:{x['line']}") for x in p["policies"]]) + f"\nRevision: {p['revision']}")
 
 
 @click.command("delete")
@@ -244,10 +246,12 @@ def policy_wait_cmd(revision: int, timeout: float, state_dir: str, output: str) 
 @click.option("--netns", help="The namespace's name (with --create-netns; default cilia-NAME).")
 @click.option("--interface", help="BPF datapath: the host end of the endpoint's veth (adopted as it is, or the "
               "name to give it with --create-netns).")
+@click.option("--audit", is_flag=True, help="Audit mode: what its policy would drop is let through and reported "
+              "as AUDIT.")
 @state_dir_option
 @output_option
 def endpoint_add_cmd(name: str, labels: str, ips: Sequence[str], ports: Sequence[str], create_netns: bool,
-                     netns: str | None, interface: str | None, state_dir: str, output: str) -> None:
+                     netns: str | None, interface: str | None, audit: bool, state_dir: str, output: str) -> None:
     """Add (or replace) an endpoint; prints its identity and the new revision."""
     try:
         specs = [PortSpec.parse(p).to_json() for p in ports]
@@ -256,7 +260,7 @@ def endpoint_add_cmd(name: str, labels: str, ips: Sequence[str], ports: Sequence
     if netns and not create_netns:
         raise click.UsageError("--netns names the namespace --create-netns makes")
     body: dict[str, Any] = {"name": name, "labels": [x for x in labels.split(",") if x], "ips": list(ips),
-                            "ports": specs, "create": create_netns}
+                            "ports": specs, "create": create_netns, "audit": audit}
     body.update({k: v for k, v in (("netns", netns), ("interface", interface)) if v})
     payload = _call(state_dir, lambda c: c.add_endpoint(body))
     _emit(output, payload, lambda p: f"Endpoint {p['endpoint']['name']}: identity {p['endpoint']['identity']}\n"
@@ -264,6 +268,8 @@ def endpoint_add_cmd(name: str, labels: str, ips: Sequence[str], ports: Sequence
 
 
 def _enforcement(e: dict[str, Any], direction: str) -> str:
+    if e.get("audit_mode", {}).get(direction):
+        return "Audit"
     return "Enabled" if e["enforcement"][direction] else "Disabled"
 
 

@@ -101,6 +101,7 @@ class AccessRecord:
     route_name: str = ""
     node_id: str = ""
     rule: str = ""  # the deciding rule, when Envoy's metadata names one
+    audit: bool = False  # let through in audit mode although the policy (RBAC shadow) refused it
 
     @property
     def denied(self) -> bool:
@@ -180,6 +181,7 @@ def _http_record(entry: Any, log_name: str, node_id: str) -> AccessRecord:
     status = response.response_code.value if response.HasField("response_code") else None
     details: str = response.response_code_details
     denied = status == 403 and details.startswith(RBAC_DENIED_PREFIX)
+    audit = not denied and _shadow_refused(common, _RBAC_METADATA_NAMESPACE)
     return AccessRecord(
         seq=0,
         time=_time(common),
@@ -197,8 +199,22 @@ def _http_record(entry: Any, log_name: str, node_id: str) -> AccessRecord:
         log_name=log_name,
         route_name=common.route_name,
         node_id=node_id,
-        rule=_rule(common, details),
+        rule=_shadow_rule(common, _RBAC_METADATA_NAMESPACE) if audit else _rule(common, details),
+        audit=audit,
     )
+
+
+def _shadow_refused(common: Any, namespace: str) -> bool:
+    """The RBAC filter's shadow matcher (audit mode's real policy) refused this."""
+    meta = common.metadata.filter_metadata.get(namespace)
+    value = meta.fields.get("shadow_engine_result") if meta is not None else None
+    return value is not None and value.string_value == "denied"
+
+
+def _shadow_rule(common: Any, namespace: str) -> str:
+    meta = common.metadata.filter_metadata.get(namespace)
+    value = meta.fields.get("shadow_effective_policy_id") if meta is not None else None
+    return str(value.string_value) if value is not None else ""
 
 
 def _tcp_record(entry: Any, log_name: str, node_id: str) -> AccessRecord:
@@ -206,11 +222,13 @@ def _tcp_record(entry: Any, log_name: str, node_id: str) -> AccessRecord:
     src, sport = _address(common.downstream_remote_address)
     dst, dport = _address(common.downstream_local_address)
     termination: str = common.connection_termination_details
+    denied = termination.startswith(RBAC_DENIED_PREFIX)
     return AccessRecord(
         seq=0,
         time=_time(common),
         kind="tcp",
-        verdict=Verdict.DENIED if termination.startswith(RBAC_DENIED_PREFIX) else Verdict.FORWARDED,
+        verdict=Verdict.DENIED if denied else Verdict.FORWARDED,
+        audit=not denied and _shadow_refused(common, _NETWORK_RBAC_METADATA_NAMESPACE),
         source_address=src, source_port=sport, destination_address=dst, destination_port=dport,
         response_flags=_flags(common.response_flags),
         termination_details=termination,

@@ -74,14 +74,22 @@ class HTTPPolicy:
         return self._hash
 
 
-def network_rbac(base: str, matcher: matcher_pb2.Matcher, shadow: bool) -> net_rbac_pb2.RBAC:
+def network_rbac(base: str, matcher: matcher_pb2.Matcher, shadow: bool,
+                 enforce: matcher_pb2.Matcher | None = None) -> net_rbac_pb2.RBAC:
     """With ``shadow`` (an access log is set), the same matcher also runs as the shadow one: Envoy reports only shadow
     results in the connection's dynamic metadata (``shadow_engine_result``,
     ``shadow_effective_policy_id``), which is how the listener's log sees refusals and their
-    rule name intact (the termination details have the name's spaces replaced by ``_``)."""
+    rule name intact (the termination details have the name's spaces replaced by ``_``).
+    ``enforce`` (audit mode) is what is enforced instead, while ``matcher`` only runs as the
+    shadow: what it would refuse passes and is logged."""
     # No shadow_rules_stat_prefix: it would prefix the metadata keys as well.
-    return net_rbac_pb2.RBAC(stat_prefix=f"{base}.rbac", matcher=matcher,
-                             shadow_matcher=matcher if shadow else None)
+    return net_rbac_pb2.RBAC(stat_prefix=f"{base}.rbac", matcher=enforce if enforce is not None else matcher,
+                             shadow_matcher=matcher if shadow or enforce is not None else None)
+
+
+def allow_everything() -> matcher_pb2.Matcher:
+    """A matcher allowing every connection or request (what audit mode enforces)."""
+    return matcher_pb2.Matcher(on_no_match=matcher_pb2.Matcher.OnMatch(action=_action(_ALLOWED, rbac_pb2.RBAC.ALLOW)))
 
 
 def naming_rbac(base: str, prefix: str, side: Input, names: Sequence[tuple[Sequence[IPNetwork], str]],
@@ -90,7 +98,7 @@ def naming_rbac(base: str, prefix: str, side: Input, names: Sequence[tuple[Seque
     action is the name of the range ``side``'s address falls in (``no_match`` outside all), which
     Envoy puts in the connection's dynamic metadata as ``<prefix>shadow_effective_policy_id``.
     That is how the L7 service learns a connection's peer identity and local endpoint."""
-    allow = matcher_pb2.Matcher(on_no_match=matcher_pb2.Matcher.OnMatch(action=_action(_ALLOWED, rbac_pb2.RBAC.ALLOW)))
+    allow = allow_everything()
     ranges = [_range(prefixes, matcher_pb2.Matcher.OnMatch(action=_action(name, rbac_pb2.RBAC.ALLOW)))
               for prefixes, name in names if prefixes]
     shadow = _ip_tree(side, ranges, matcher_pb2.Matcher.OnMatch(action=_action(no_match, rbac_pb2.RBAC.ALLOW)))

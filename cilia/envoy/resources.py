@@ -85,9 +85,10 @@ def ext_proc(base: str, target: GrpcTarget, info: Mapping[str, str]) -> ext_proc
 
 
 def hcm(base: str, rbac: matcher_pb2.Matcher, access_log: AccessLogTarget | None,
-        cluster: str | None = None) -> hcm_pb2.HttpConnectionManager:
+        cluster: str | None = None, shadow: matcher_pb2.Matcher | None = None) -> hcm_pb2.HttpConnectionManager:
     """HTTP RBAC with matcher ``rbac``, then the router to ``cluster`` (default ``base``); its
-    403s carry ACCESS_DENIED_BODY, and with ``access_log`` every request is logged there."""
+    403s carry ACCESS_DENIED_BODY, and with ``access_log`` every request is logged there.
+    ``shadow`` (audit mode) runs beside it, unenforced: its verdict reaches the access log."""
     route = route_components_pb2.Route(
         match=route_components_pb2.RouteMatch(prefix="/"),
         route=route_components_pb2.RouteAction(cluster=cluster or base),
@@ -106,7 +107,8 @@ def hcm(base: str, rbac: matcher_pb2.Matcher, access_log: AccessLogTarget | None
         route_config=route_pb2.RouteConfiguration(name=base, virtual_hosts=[
             route_components_pb2.VirtualHost(name=base, domains=["*"], routes=[route])]),
         http_filters=[
-            hcm_pb2.HttpFilter(name="envoy.filters.http.rbac", typed_config=pack(http_rbac_pb2.RBAC(matcher=rbac))),
+            hcm_pb2.HttpFilter(name="envoy.filters.http.rbac",
+                               typed_config=pack(http_rbac_pb2.RBAC(matcher=rbac, shadow_matcher=shadow))),
             hcm_pb2.HttpFilter(name="envoy.filters.http.router", typed_config=pack(router_pb2.Router())),
         ],
         local_reply_config=hcm_pb2.LocalReplyConfig(mappers=[hcm_pb2.ResponseMapper(

@@ -119,8 +119,12 @@ def translate_ingress(
     prefixes: Mapping[int, Sequence[IPNetwork]],
     access_log: AccessLogTarget | None = None,
     l7_service: GrpcTarget | None = None,
+    audit: bool = False,
 ) -> ProxyResources:
     """Listeners on ``listen_address`` and a STATIC cluster to ``backend_address`` per port.
+
+    ``audit``: the endpoint is in audit mode: everything is let through, and what the policy
+    would refuse is still decided (the RBAC filters' shadow) and logged.
 
     With ``access_log``, every HTTP request is logged to that gRPC access log service (its
     cluster is among the returned ones, after the backends). With ``l7_service`` (the agent's
@@ -141,8 +145,9 @@ def translate_ingress(
         port = _port_policy(ingress, mapping.policy_port, universe, base, "sidecar mode", notes, compiled,
                             l7_service is not None)
         net = rbac.allow_matcher(port.allowed, universe, rbac.SOURCE, NO_RULE)
+        everything = rbac.allow_everything() if audit else None
         filters = [resources.network_filter("envoy.filters.network.rbac",
-                                            rbac.network_rbac(base, net, access_log is not None))]
+                                            rbac.network_rbac(base, net, access_log is not None, everything))]
         if port.parser is not None and l7_service is not None:
             local = [((ipaddress.ip_network(listen_address),), name)]
             filters += _parser_filters(base, "ingress", mapping.policy_port, port.parser, universe, rbac.SOURCE,
@@ -152,7 +157,8 @@ def translate_ingress(
         elif port.any_l7:
             http = rbac.http_matcher(port.http, universe, rbac.SOURCE, NO_RULE)
             filters.append(resources.network_filter("envoy.filters.network.http_connection_manager",
-                                                    resources.hcm(base, http, access_log)))
+                                                    resources.hcm(base, everything or http, access_log,
+                                                                  shadow=http if audit else None)))
         else:
             filters.append(resources.network_filter("envoy.filters.network.tcp_proxy",
                                                     tcp_proxy_pb2.TcpProxy(stat_prefix=base, cluster=base)))
@@ -166,7 +172,7 @@ def translate_ingress(
         clusters.append(resources.static_cluster(base, backend_address, mapping.backend_port))
     if access_log is not None:
         clusters.append(resources.grpc_cluster(access_log))
-    if l7_service is not None:
+    if l7_service is not None and any(_uses(li, "envoy.filters.network.ext_proc") for li in listeners):
         clusters.append(resources.grpc_cluster(l7_service))
     return ProxyResources(tuple(listeners), tuple(clusters), tuple(notes))
 
@@ -213,6 +219,8 @@ class NodeEndpoint:
     ingress: DirectionMapState | None = None
     egress: DirectionMapState | None = None
     identity: int = 0  # with every endpoint's identity known, egress upstreams carry it in their mark
+    audit_ingress: bool = False  # audit mode: let everything through, log what policy would refuse
+    audit_egress: bool = False
 
 
 def translate_node(
@@ -263,10 +271,11 @@ def translate_node(
         states = [(tuple(ep.addresses), ep.ingress if direction == "ingress" else ep.egress) for ep in ordered]
         for proxy in sorted(set(ports), key=lambda p: (p.policy_port, p.proxy_port)):
             base = f"{node}-{direction}-{proxy.policy_port}"
+            audits = [ep.audit_ingress if direction == "ingress" else ep.audit_egress for ep in ordered]
             li, port_clusters = _transparent(base, direction, proxy, listen_address, universe, states, True,
                                              access_log, mark, notes, compiled,
                                              identities if direction == "egress" else None,
-                                             [ep.name for ep in ordered], l7_service)
+                                             [ep.name for ep in ordered], l7_service, audits)
             listeners.append(li)
             clusters.extend(port_clusters)
     if access_log is not None:
@@ -321,7 +330,7 @@ def _transparent(base: str, direction: str, proxy: ProxyPort, listen_address: st
                  access_log: AccessLogTarget | None, mark: int, notes: dict[str, None],
                  compiled: dict[int, tuple[PolicyEntry, rbac.HTTPPolicy]],
                  identities: Sequence[int] | None = None, names: Sequence[str] = (),
-                 l7_service: GrpcTarget | None = None,
+                 l7_service: GrpcTarget | None = None, audits: Sequence[bool] = (),
                  ) -> tuple[listener_pb2.Listener, list[cluster_pb2.Cluster]]:
     """The listener and ORIGINAL_DST cluster(s) of one proxy port; with ``by_endpoint``, the
     matchers first choose among ``states`` by the endpoint's address, else ``states`` is the one
@@ -340,14 +349,24 @@ def _transparent(base: str, direction: str, proxy: ProxyPort, listen_address: st
                 for addresses, state in states]
     net = [(addresses, rbac.allow_matcher(pp.allowed, universe, peer, no_rule)) for addresses, pp in policies]
     http = [(addresses, rbac.http_matcher(pp.http, universe, peer, no_rule)) for addresses, pp in policies if pp.any_l7]
+    audited = [bool(a) for a, _ in zip(list(audits) + [False] * len(policies), policies)]
+    everything = rbac.allow_everything()
     if by_endpoint:
         net_matcher = rbac.by_endpoint(net, local, NO_ENDPOINT)
         http_matcher = rbac.by_endpoint(http, local, NO_ENDPOINT) if http else None
+        # audit mode: those endpoints' matchers are only the shadow; what is enforced lets all pass
+        net_enforced = (rbac.by_endpoint([(a, everything if au else m) for (a, m), au in zip(net, audited)], local,
+                                         NO_ENDPOINT) if any(audited) else None)
+        audited_http = [au for (_, pp), au in zip(policies, audited) if pp.any_l7]
+        http_enforced = (rbac.by_endpoint([(a, everything if au else m) for (a, m), au in zip(http, audited_http)],
+                                          local, NO_ENDPOINT) if http and any(audited_http) else None)
     else:
         net_matcher = net[0][1]
         http_matcher = http[0][1] if http else None
+        net_enforced = everything if audited[0] else None
+        http_enforced = everything if audited[0] and http else None
     rbac_filter = resources.network_filter("envoy.filters.network.rbac",
-                                           rbac.network_rbac(base, net_matcher, access_log is not None))
+                                           rbac.network_rbac(base, net_matcher, access_log is not None, net_enforced))
     endpoints = [(addresses, name) for (addresses, _), name in zip(policies, names)]
 
     def terminal(kind: str, cluster: str) -> list[listener_components_pb2.Filter]:
@@ -355,8 +374,9 @@ def _transparent(base: str, direction: str, proxy: ProxyPort, listen_address: st
                                        tcp_proxy_pb2.TcpProxy(stat_prefix=base, cluster=cluster))
         if kind == "http":
             assert http_matcher is not None
-            return [resources.network_filter("envoy.filters.network.http_connection_manager",
-                                             resources.hcm(base, http_matcher, access_log, cluster=cluster))]
+            hcm = resources.hcm(base, http_enforced or http_matcher, access_log, cluster=cluster,
+                                shadow=http_matcher if http_enforced is not None else None)
+            return [resources.network_filter("envoy.filters.network.http_connection_manager", hcm)]
         if kind.startswith("l7-"):
             assert l7_service is not None
             return [*_parser_filters(base, direction, proxy.policy_port, kind[3:], universe, peer, local, endpoints,

@@ -37,11 +37,13 @@ DEFAULT_MAX_BUFFER = 16 << 20  # bytes of one unfinished frame a parser holds be
 @dataclass(frozen=True, slots=True)
 class Decision:
     """Policy's answer for one request: allowed or not, the deciding rule (policy, path and
-    file:line, for flow records) and why."""
+    file:line, for flow records) and why. ``audit``: allowed only because the endpoint is in
+    audit mode; the policy would have denied it."""
 
     allowed: bool
     rule: str = ""
     reason: str = ""
+    audit: bool = False
 
 
 #: The endpoint's policy for the connection's peer, as a function of one request.
@@ -62,15 +64,18 @@ def decide(check: Check, requests: Sequence[L7Request]) -> Decision:
         return NO_POLICY_DECISION
     rules: list[str] = []
     reasons: list[str] = []
+    audited: Decision | None = None
     for request in requests:
         d = check(request)
         if not d.allowed:
             return d
+        if d.audit and audited is None:
+            audited = d  # the first request the policy would have denied names the decision
         if d.rule and d.rule not in rules:
             rules.append(d.rule)
         if d.reason and d.reason not in reasons:
             reasons.append(d.reason)
-    return Decision(True, "; ".join(rules), "; ".join(reasons))
+    return audited or Decision(True, "; ".join(rules), "; ".join(reasons))
 
 
 @dataclass(frozen=True, slots=True)

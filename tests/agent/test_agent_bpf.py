@@ -213,3 +213,16 @@ def test_egress_l7_goes_through_envoy_as_the_sender(node: BpfAgentNode, tmp_path
     flows = _wait_flows(node, lambda fs: any(f["kind"] == "http" and f["l7"]["method"] == "PUT" for f in fs))
     put = next(f for f in flows if f["kind"] == "http" and f["l7"]["method"] == "PUT")
     assert put["verdict"] == "DROPPED" and "tiefighter-egress" in put["rule"] and put["direction"] == "egress"
+
+
+def test_audit_mode_in_the_kernel(node: BpfAgentNode) -> None:
+    node.ok("policy", "import", "--audit", str(L3L4))
+    revision = node.ok("status", "-o", "json").json()["revision"]
+    node.ok("policy", "wait", str(revision))
+    assert node.shoot("xwing", *LAND) == "200 Ship landed"  # would be dropped in the kernel: let through
+    flows = _wait_flows(node, lambda fs: any(f["verdict"] == "AUDIT" for f in fs))
+    audit = next(f for f in flows if f["verdict"] == "AUDIT")
+    assert audit["kind"] == "l3/l4" and audit["source"]["endpoint"] == "xwing"
+    assert audit["drop_reason"] == "Policy denied" and audit["endpoint"] == "deathstar"
+    node.import_policy(L3L4)  # enforce it
+    assert node.shoot("xwing", *LAND) == TIMEOUT

@@ -129,3 +129,19 @@ def test_unparseable_bytes_close_the_connection_and_never_pass(droid: tuple[Agen
     while b'rule="parse_errors"} 1.0' not in agent.metrics.exposition() and time.monotonic() < deadline:
         time.sleep(0.1)
     assert b'cilia_policy_l7_total{proxy_type="r2d2",rule="parse_errors"} 1.0' in agent.metrics.exposition()
+
+
+def test_audit_mode_reaches_the_parser(droid: tuple[Agent, Path], tmp_path: Path) -> None:
+    _, state = droid
+    res = run_cli(state, "policy", "import", "--audit", str(tmp_path / "droid.yaml"))
+    assert res.code == 0 and run_cli(state, "policy", "wait", res.out.split()[-1]).code == 0
+    assert _talk(C3PO, [b"WRITE /public/plans\r\n", b"READ /public/plans\r\n"]) == [b"OK\r\n", b"OK\r\n"]
+    deadline = time.monotonic() + 10
+    while True:
+        out = run_cli(state, "observe", "--protocol", "r2d2", "-o", "json").out
+        flows = [json.loads(line) for line in out.splitlines()]
+        if len(flows) >= 2 or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    assert [(f["l7"]["cmd"], f["verdict"]) for f in flows[-2:]] == [("WRITE", "AUDIT"), ("READ", "FORWARDED")]
+    assert flows[-2]["drop_reason"] == "no r2d2 rule matches" and flows[-2]["rule"].startswith("default deny")

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 
 from helpers import require_bpf
 
+from cilia.bpf import maps
 from cilia.bpf.datapath import Datapath, DatapathEvent
 from cilia.bpf.loader import Loader
 from cilia.bpf.netns import Namespace, ip, run_in_netns
@@ -93,6 +94,11 @@ class BpfNode:
         self.engine.upsert_endpoint(Endpoint(name, LabelSet.parse(list(ep.labels)),
                                              (ipaddress.ip_address(ep.address),)))
         self.datapath.upsert_endpoint(ep.ep_id, ep.address, ep.ns.host_if, self.engine.identity_of(name).id)
+
+    def set_audit(self, name: str, ingress: bool = False, egress: bool = False) -> None:
+        ep = self.endpoints[name]
+        flags = (maps.AUDIT_INGRESS if ingress else 0) | (maps.AUDIT_EGRESS if egress else 0)
+        self.datapath.upsert_endpoint(ep.ep_id, ep.address, ep.ns.host_if, self.engine.identity_of(name).id, flags)
 
     def apply(self, yaml_text: str, path: str = "policy.yaml") -> None:
         loaded = parse_text(yaml_text, path)

@@ -225,3 +225,19 @@ def test_reload_keeps_pinned_state_and_enforcement(node: BpfNode) -> None:
     assert counted and all(r["packets"] >= counted.get(r["port"], 0) for r in rows_after)
     assert node.tcp("client", "server", 8080) and not node.tcp("other", "server", 8080)
     assert node.loader.attached_filters(node.endpoints["server"].ns.host_if).count("cilia_from_endpoint") == 1
+
+
+def test_audit_mode_lets_would_be_drops_through_and_reports_them(node: BpfNode) -> None:
+    node.apply(SERVER_INGRESS)
+    assert not node.tcp("other", "server", 8080)
+    node.set_audit("server", ingress=True)
+    assert node.tcp("other", "server", 8080)  # would be dropped: let through
+    assert node.tcp("client", "server", 8080)  # allowed anyway: an ordinary verdict
+    audit = node.wait_events(lambda e: e.verdict == "AUDIT" and e.source == "10.211.0.11")
+    a = audit[0]
+    assert a.reason == 133 and a.reason_text == "Policy denied" and a.direction == "ingress"
+    assert a.destination_identity == node.engine.identity_of("server").id and a.rule == "no rule allows it"
+    assert not node.wait_events(lambda e: e.verdict == "AUDIT" and e.source == "10.211.0.10", timeout=0.5)
+    assert node.tcp("other", "server", 9003)  # another port the policy does not allow
+    node.set_audit("server")
+    assert not node.tcp("other", "server", 8080)  # enforcing again
