@@ -64,6 +64,17 @@ def _post_policies(agent: Agent, _: dict[str, str], __: dict[str, list[str]], bo
     return 200, agent.import_policies([(f["path"], f["text"]) for f in files], audit)
 
 
+def _diff_policies(agent: Agent, _: dict[str, str], __: dict[str, list[str]], body: Any) -> tuple[int, Any]:
+    files = body.get("files") if isinstance(body, dict) else None
+    if not isinstance(files, list) or not all(
+            isinstance(f, dict) and isinstance(f.get("path"), str) and isinstance(f.get("text"), str) for f in files):
+        raise AgentError('body: expected {"files": [{"path": STRING, "text": STRING}, ...], "last": N}')
+    last = body.get("last")
+    if last is not None and (not isinstance(last, int) or last < 1):
+        raise AgentError("body: last: expected a positive integer")
+    return 200, agent.diff_policies([(f["path"], f["text"]) for f in files], last)
+
+
 def _delete_policies(agent: Agent, _: dict[str, str], query: dict[str, list[str]], __: Any) -> tuple[int, Any]:
     name = query.get("name", [None])[-1]
     everything = query.get("all", ["false"])[-1] == "true"
@@ -147,6 +158,7 @@ ROUTES: dict[tuple[str, str], Handler] = {
     ("GET", "/v1/policies"): _get_policies,
     ("POST", "/v1/policies"): _post_policies,
     ("DELETE", "/v1/policies"): _delete_policies,
+    ("POST", "/v1/policies/diff"): _diff_policies,
     ("GET", "/v1/revisions/{revision}/wait"): _wait_revision,
     ("GET", "/v1/endpoints"): _get_endpoints,
     ("POST", "/v1/endpoints"): _post_endpoints,

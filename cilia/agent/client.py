@@ -62,6 +62,12 @@ class AgentClient:
         return self.request("POST", "/v1/policies", json={"files": [{"path": p, "text": t} for p, t in files],
                                                            "audit": audit})
 
+    def diff_policies(self, files: list[tuple[str, str]], last: int | None = None) -> Any:
+        body: dict[str, Any] = {"files": [{"path": p, "text": t} for p, t in files]}
+        if last is not None:
+            body["last"] = last
+        return self.request("POST", "/v1/policies/diff", json=body)
+
     def policies(self) -> Any:
         return self.request("GET", "/v1/policies")
 

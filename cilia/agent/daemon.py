@@ -70,6 +70,7 @@ from ..policy.model import IPNetwork
 from ..policy.parse import check_unique
 from ..ring import SeqRing
 from ..xds import CLUSTER, LISTENER, AckState, AckTracker, Cache, NackError, TypeChange, XdsServer, version_key
+from .diff import policy_diff
 from .flows import Flow, FlowFile, FlowFilter, Who, from_access, from_datapath, from_l7
 from .metrics import Metrics
 from .state import EndpointSpec, PolicyKey, StateError, load_state, save_state
@@ -324,6 +325,28 @@ class Agent:
             revision = self._commit_checked(undo)
         audited = self.state.audit_keys()
         return {"revision": revision, "policies": [_policy_json(p, audited) for p in policies]}
+
+    def diff_policies(self, files: Sequence[tuple[str, str]], last: int | None = None) -> dict[str, Any]:
+        """Which of the newest ``last`` recorded flows (all kept ones if None) the policies in
+        ``files`` would decide differently; nothing is applied."""
+        candidate: list[Policy] = []
+        problems: list[Problem] = []
+        for path, text in files:
+            loaded = parse_text(text, path)
+            problems += loaded.problems
+            candidate += loaded.policies
+        if problems:
+            raise AgentError(f"{len(problems)} problem(s) in the candidate policy", 400, problems)
+        if not candidate:
+            raise AgentError("no CiliumNetworkPolicy or CiliumClusterwideNetworkPolicy in the input")
+        try:
+            check_unique(candidate)
+        except PolicyError as e:
+            raise AgentError(str(e)) from None
+        with self._lock:
+            current = list(self.engine.policies())
+        flows = self.flow_log.since(None, last)
+        return policy_diff(current, candidate, flows)
 
     def delete_policies(self, name: str | None, namespace: str | None = None) -> dict[str, Any]:
         """Delete the policies called ``name`` (in ``namespace`` if given), or all with None."""

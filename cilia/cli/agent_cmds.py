@@ -193,6 +193,31 @@ def policy_import_cmd(files: Sequence[str], audit: bool, state_dir: str, output:
     _emit(output, payload, lambda p: f"Revision: {p['revision']}")
 
 
+@click.command("diff")
+@click.argument("files", nargs=-1, required=True, type=click.Path(dir_okay=False, exists=True))
+@click.option("--last", type=click.IntRange(1), help="Replay only the newest N recorded flows (default: all kept).")
+@state_dir_option
+@output_option
+def policy_diff_cmd(files: Sequence[str], last: int | None, state_dir: str, output: str) -> None:
+    """Replay the recorded flows against the policies in FILES (added, or replacing those of the
+    same name) and show which flows would change verdict; nothing is applied."""
+    from .observe_cmds import flow_line
+
+    texts = [(f, Path(f).read_text(encoding="utf-8")) for f in files]
+    payload = _call(state_dir, lambda c: c.diff_policies(texts, last))
+
+    def text(p: Any) -> str:
+        lines = [f"{c['now']:>7} -> {c['candidate']:<7} {flow_line(c['flow'])}"
+                 + (f"\n{'':>18}with the candidate: {c['rule'] or c['reason']}" if c["rule"] or c["reason"] else "")
+                 for c in p["changed"]]
+        lines.append(f"{len(p['changed'])} of {p['replayed']} replayed flows would change verdict"
+                     + (f" ({p['skipped']} of {p['considered']} recorded could not be replayed)" if p["skipped"]
+                        else ""))
+        return "\n".join(lines)
+
+    _emit(output, payload, text)
+
+
 @click.command("get")
 @state_dir_option
 @output_option
@@ -310,7 +335,7 @@ def identity_list_cmd(state_dir: str, output: str) -> None:
 def register(cli: click.Group, policy: click.Group) -> None:
     cli.add_command(agent_cmd)
     cli.add_command(status_cmd)
-    for cmd in (policy_import_cmd, policy_get_cmd, policy_delete_cmd, policy_wait_cmd):
+    for cmd in (policy_import_cmd, policy_get_cmd, policy_delete_cmd, policy_wait_cmd, policy_diff_cmd):
         policy.add_command(cmd)
 
     @cli.group("endpoint")

@@ -50,6 +50,10 @@ class Relay:
 
     def stop(self) -> None:
         self._closed = True
+        try:
+            self._listener.shutdown(socket.SHUT_RDWR)  # wakes the accept() that close() alone would not
+        except OSError:
+            pass
         self._listener.close()
         with self._lock:
             for s in self._sockets:
