@@ -78,6 +78,10 @@ def _l7_of(flow: Flow) -> list[L7Request | None]:
         topics = tuple(t for t in str(l7.get("topic", "")).split(",") if t)
         return [KafkaRequest(api_key, version, str(l7.get("client_id", "")), topics)]
     fields = {str(k): str(v) for k, v in l7.items()}
+    actions, tables = fields.get("query_action", "").split(","), fields.get("query_table", "").split(",")
+    if flow.kind == "cassandra" and len(actions) > 1 and len(actions) == len(tables):  # a batch: every statement
+        return [GenericL7Request.of("cassandra", {"query_action": a, "query_table": t})
+                for a, t in zip(actions, tables)]
     if flow.kind == "memcache" and " " in fields.get("key", ""):  # every key of the request must pass
         return [GenericL7Request.of("memcache", {**fields, "key": key}) for key in fields["key"].split()]
     return [GenericL7Request.of(flow.kind, fields)]
