@@ -144,6 +144,13 @@ class _Raw:
     content_type: str
 
 
+def _get_healthz(agent: Agent, _: dict[str, str], __: dict[str, list[str]], ___: Any) -> tuple[int, Any]:
+    status = agent.status()
+    if status["healthy"]:
+        return 200, {"status": "ok"}
+    return 503, {"status": "degraded", "reasons": status["reasons"]}
+
+
 def _get_metrics(agent: Agent, _: dict[str, str], __: dict[str, list[str]], ___: Any) -> tuple[int, Any]:
     return 200, _Raw(agent.metrics.exposition(), "text/plain; version=0.0.4; charset=utf-8")
 
@@ -169,6 +176,7 @@ ROUTES: dict[tuple[str, str], Handler] = {
     ("GET", "/v1/flows"): _get_flows,
     ("GET", "/v1/openapi.yaml"): _get_openapi,
     ("GET", "/metrics"): _get_metrics,
+    ("GET", "/healthz"): _get_healthz,
 }
 
 _PARAM_PATTERNS = {"revision": r"(?P<revision>\d+)", "name": r"(?P<name>[^/]+)"}

@@ -58,6 +58,20 @@ class AgentClient:
     def status(self) -> Any:
         return self.request("GET", "/v1/status")
 
+    def metrics(self) -> str:
+        """The Prometheus exposition text."""
+        self._check_reachable()
+        try:
+            resp = self._client.get("/metrics")
+        except httpx.TransportError as e:
+            raise APIError(f"cannot reach the agent at {self.socket_path}: {e}") from None
+        return resp.text
+
+    def healthz(self) -> tuple[int, Any]:
+        self._check_reachable()
+        resp = self._client.get("/healthz")
+        return resp.status_code, resp.json()
+
     def import_policies(self, files: list[tuple[str, str]], audit: bool = False) -> Any:
         return self.request("POST", "/v1/policies", json={"files": [{"path": p, "text": t} for p, t in files],
                                                            "audit": audit})

@@ -22,6 +22,7 @@ import re
 import threading
 import time
 import zlib
+from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
@@ -29,6 +30,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from ..envoy.accesslog import AccessLogReceiver, AccessLogServer, AccessRecord
+from ..envoy.admin import AdminClient, AdminError
 from ..envoy.bootstrap import build_bootstrap, to_json
 from ..envoy.loopback import free_port
 from ..envoy.supervisor import EnvoySupervisor
@@ -72,7 +74,7 @@ from ..ring import SeqRing
 from ..xds import CLUSTER, LISTENER, AckState, AckTracker, Cache, NackError, TypeChange, XdsServer, version_key
 from .diff import policy_diff
 from .flows import Flow, FlowFile, FlowFilter, Who, from_access, from_datapath, from_l7
-from .metrics import Metrics
+from .metrics import MeteredAckTracker, Metrics
 from .state import EndpointSpec, PolicyKey, StateError, load_state, save_state
 
 _log = logging.getLogger(__name__)
@@ -164,7 +166,9 @@ class Agent:
         self.state = load_state(config.state_dir)
         self.engine = PolicyEngine(FileAllocator(config.state_dir))
         self.cache = Cache()
-        self.tracker = AckTracker()
+        self.metrics = Metrics()
+        self.tracker: AckTracker = MeteredAckTracker(self.metrics)
+        self.errors: deque[dict[str, Any]] = deque(maxlen=50)  # the last errors, newest last, for status
         # What `observe` shows (Envoy's records and the kernel's verdicts, in arrival order) and
         # what `monitor` shows (the kernel's events). The receiver's own ring is not read.
         self.flow_log: SeqRing[Flow] = SeqRing(config.ring_size)
@@ -175,7 +179,8 @@ class Agent:
         self.monitor_log: SeqRing[DatapathEvent] = SeqRing(config.ring_size)
         self.receiver = AccessLogReceiver(1, subscriber=self._on_access_record)
         self.node = NodeDatapath(config.bpf_pin_dir) if config.datapath == "bpf" else None
-        self.metrics = Metrics()
+        self.metrics.envoy_up.set_function(lambda: 1.0 if self.envoy is not None and self.envoy.status().running
+                                           else 0.0)
         self.datapath_error = ""
         self.notes: tuple[str, ...] = ()
         self._realized = _Realized()
@@ -510,6 +515,7 @@ class Agent:
         except TimeoutError:
             return revision
         except NackError as e:
+            self._error("envoy", f"NACK of revision {revision}: {e.message}")
             undo()
             restored = self._commit()
             raise AgentError(f"Envoy rejected revision {revision}: {e.message}; the change was reverted "
@@ -526,10 +532,29 @@ class Agent:
         self._realized.record(self.state.revision, update.versions[LISTENER])
         self.notes = notes
         self._l7_views = {name: self.engine.endpoint_policy(name).map_state for name in self.state.endpoints}
+        self._update_gauges()
         self._who = Who({n: (tuple(s.ips), self.engine.identity_of(n).id) for n, s in self.state.endpoints.items()},
                         {i.id: i.labels for i in self.engine.identities()}, self.engine.ipcache.items(),
                         {v: k for k, v in self.state.endpoint_ids.items()})
         self._sync_datapath()
+
+    def _update_gauges(self) -> None:
+        m = self.metrics
+        m.policies.set(len(self.engine.policies()))
+        m.max_revision.set(self.state.revision)
+        m.endpoints.set(len(self.state.endpoints))
+        m.identities.set(len(self.engine.identities()))
+        redirects: dict[str, set[tuple[str, str, int]]] = {}
+        for name, ms in self._l7_views.items():
+            for d in (ms.ingress, ms.egress):
+                for _, l4, entry in d.entries():
+                    if entry.verdict is Verdict.REDIRECT and entry.l7 is not None:
+                        redirects.setdefault(entry.l7.protocol, set()).add((name, d.direction.value, l4.port_lo))
+        m.set_redirects({proto: len(ports) for proto, ports in redirects.items()})
+
+    def _error(self, component: str, message: str) -> None:
+        """Remember an error for ``cilia status`` (the last 50)."""
+        self.errors.append({"time": datetime.now(UTC).isoformat(), "component": component, "message": message})
 
     # ------------------------------------------------------------------ audit mode
 
@@ -598,6 +623,7 @@ class Agent:
         except Exception as e:  # kernel or netlink refused: say so in status, keep serving
             _log.exception("BPF datapath update failed")
             self.datapath_error = f"{type(e).__name__}: {e}"
+            self._error("datapath", self.datapath_error)
 
     def _identity_number(self, address: str) -> int:
         try:
@@ -621,6 +647,10 @@ class Agent:
 
     def _on_datapath_event(self, event: DatapathEvent) -> None:
         self.monitor_log.append(event)
+        if event.type == "drop":
+            self.metrics.drops.labels(event.reason_text or str(event.reason), event.direction).inc()
+        elif event.type == "policy-verdict":
+            self.metrics.forwards.labels(event.direction).inc()
         if event.type != "trace":  # flows are verdicts; packet traces would only crowd them out
             self._record(from_datapath(event, self._who, self.config.node_id))
 
@@ -651,6 +681,8 @@ class Agent:
     def _on_l7_record(self, info: ConnectionInfo, record: Record) -> None:
         self._record(from_l7(time.time(), info, record, self._who, self.config.node_id))
         self.metrics.l7(info.protocol, None if "error" in record.summary else record.decision.allowed)
+        if "error" in record.summary:
+            self._error(f"l7/{info.protocol}", f"{info.listener}: {record.summary['error']}")
 
     def bpf_policy(self, name: str) -> dict[str, Any]:
         """An endpoint's policy map as the kernel holds it, with counters (``cilia bpf policy get``)."""
@@ -821,13 +853,47 @@ class Agent:
                                 proxy_ports=dict(self.state.proxy_ports), error=self.datapath_error,
                                 drops={DROP_REASONS.get(r, str(r)): n for r, n in self.node.drop_counts().items()}
                                 if self.node.started else {})
-        healthy = (all(not p["nack"] for p in proxies) and (self.envoy is None or self.envoy.status().running)
-                   and (self.node is None or (self.node.started and not self.datapath_error)))
-        return {"healthy": healthy, "revision": revision, **counts, "envoy": envoy, "datapath": datapath,
+        if self.envoy is not None and self.admin_address and envoy.get("state") == "running":
+            envoy.update(self._envoy_admin())
+        controllers = self._controllers(envoy, datapath)
+        reasons = [f"proxy {p['node']} rejected {p['type']} {p['nacked']}: {p['nack']}" for p in proxies if p["nack"]]
+        reasons += [f"{c['name']}: {c['last_error'] or c['status']}" for c in controllers if c["status"] != "ok"]
+        return {"healthy": not reasons, "reasons": reasons, "revision": revision, **counts, "envoy": envoy,
+                "datapath": datapath,
                 "xds": {"addresses": [f"unix:{self.config.xds_socket}", *self.config.xds_addresses],
                         "proxies": proxies},
+                "controllers": controllers, "errors": list(self.errors),
                 "uptime_s": round(time.time() - self.started, 1), "notes": notes,
                 "state_dir": str(self.config.state_dir)}
+
+    def _envoy_admin(self) -> dict[str, Any]:
+        """Envoy's own view, from its admin endpoint: ready or not, version, uptime."""
+        assert self.admin_address is not None
+        try:
+            client = AdminClient(self.admin_address, timeout=1.0)
+            info = client.server_info()
+            return {"ready": client.ready(), "version": info.version, "server_state": info.state,
+                    "uptime_s": info.uptime_seconds}
+        except AdminError as e:
+            return {"ready": False, "admin_error": str(e)}
+
+    def _controllers(self, envoy: Mapping[str, Any], datapath: Mapping[str, Any]) -> list[dict[str, Any]]:
+        """The agent's moving parts, like Cilium's controllers: each ok or failing, with why."""
+        def ctl(name: str, ok: bool, error: str = "", **extra: Any) -> dict[str, Any]:
+            return {"name": name, "status": "ok" if ok else "failing", "last_error": "" if ok else error, **extra}
+
+        out = [ctl("xds-server", self._xds is not None, "not serving"),
+               ctl("accesslog-server", self._als is not None, "not serving"),
+               ctl("l7-server", self._l7 is not None, "not serving")]
+        if self.envoy is not None:
+            running = envoy.get("state") == "running" and envoy.get("ready", True) is not False
+            out.append(ctl("envoy-supervisor", running, str(envoy.get("last_error") or envoy.get("admin_error")
+                                                            or f"Envoy is {envoy.get('state')}"),
+                           restarts=envoy.get("restarts", 0)))
+        if self.node is not None:
+            out.append(ctl("bpf-datapath", bool(datapath.get("loaded")) and not self.datapath_error,
+                           self.datapath_error or "not loaded"))
+        return out
 
     def flows(self, since: int | None = None, limit: int | None = None,
               flow_filter: FlowFilter | None = None) -> dict[str, Any]:

@@ -164,16 +164,51 @@ def _status_text(s: dict[str, Any]) -> str:
     else:
         lines.append("Datapath:    none (sidecar mode)")
     lines += [f"Note:        {n}" for n in s["notes"]]
+    lines += [f"Degraded:    {r}" for r in s.get("reasons", [])]
+    return "\n".join(lines)
+
+
+def _status_verbose(s: dict[str, Any], endpoints: dict[str, Any], metrics: str) -> str:
+    lines = [_status_text(s)]
+    envoy = s["envoy"]
+    if "ready" in envoy:
+        lines.append(f"Envoy admin: {envoy['admin']}, ready {envoy['ready']}, version {envoy.get('version', '?')}, "
+                     f"uptime {envoy.get('uptime_s', '?')}s" + (f", {envoy['admin_error']}" if envoy.get("admin_error")
+                                                               else ""))
+    controllers = s.get("controllers", [])
+    ok = sum(c["status"] == "ok" for c in controllers)
+    lines.append(f"Controllers: {ok}/{len(controllers)} healthy")
+    for c in controllers:
+        lines.append(f"  {c['name']:<18} {c['status']}" + (f": {c['last_error']}" if c["last_error"] else ""))
+    lines.append("Endpoints:")
+    for e in endpoints["endpoints"]:
+        lines.append(f"  {e['name']:<16} identity {e['identity']:<6} ingress {_enforcement(e, 'ingress'):<8} "
+                     f"egress {_enforcement(e, 'egress'):<8} {','.join(e['ips']) or '-'}"
+                     + (f" on {e['interface']}" if e.get("interface") else ""))
+    l7 = [line for line in metrics.splitlines() if line.startswith("cilia_policy_l7_total{")]
+    if l7:
+        lines.append("L7 requests:")
+        lines += [f"  {line.removeprefix('cilia_policy_l7_total')}" for line in l7]
+    errors = s.get("errors", [])
+    lines.append(f"Last errors: {len(errors) or 'none'}")
+    lines += [f"  {e['time'][:19]} {e['component']}: {e['message']}" for e in errors[-10:]]
     return "\n".join(lines)
 
 
 @click.command("status")
+@click.option("--verbose", "-v", is_flag=True, help="Also controllers, Envoy's admin view, endpoints, L7 counts and "
+              "the last errors.")
 @state_dir_option
 @output_option
-def status_cmd(state_dir: str, output: str) -> None:
-    """The agent's health, revision, Envoy and each proxy's ACK/NACK state."""
+def status_cmd(verbose: bool, state_dir: str, output: str) -> None:
+    """The agent's health, revision, Envoy, the datapath and each proxy's ACK/NACK state."""
     payload = _call(state_dir, lambda c: c.status())
-    _emit(output, payload, _status_text)
+    if verbose and output == "text":
+        endpoints = _call(state_dir, lambda c: c.endpoints())
+        metrics = _call(state_dir, lambda c: c.metrics())
+        click.echo(_status_verbose(payload, endpoints, metrics))
+    else:
+        _emit(output, payload, _status_text)
     if not payload["healthy"]:
         sys.exit(1)
 
