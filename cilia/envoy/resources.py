@@ -68,6 +68,7 @@ EXT_PROC_TIMEOUT = duration_pb2.Duration(seconds=5)
 PEER_PREFIX = "cilia_peer_"
 LOCAL_PREFIX = "cilia_local_"
 RBAC_NAMESPACE = "envoy.filters.network.rbac"
+NO_LOCAL = "-"  # the local-endpoint name of a connection to no known endpoint (action names cannot be empty)
 
 
 def ext_proc(base: str, target: GrpcTarget, info: Mapping[str, str]) -> ext_proc_pb2.NetworkExternalProcessor:

@@ -183,7 +183,7 @@ def _parser_filters(base: str, direction: str, port: int, parser: str, universe:
     """The filters that send a port's traffic through an L7 parser: two RBAC filters that name
     the connection's peer identity and local endpoint (into dynamic metadata), then ext_proc."""
     peers = [(universe[ident], str(ident)) for ident in sorted(universe)]
-    only = endpoints[0][1] if len(endpoints) == 1 else ""  # a sidecar's listener serves one endpoint
+    only = endpoints[0][1] if len(endpoints) == 1 else resources.NO_LOCAL  # a sidecar listener serves one
     return [
         resources.network_filter("envoy.filters.network.rbac",
                                  rbac.naming_rbac(base, resources.PEER_PREFIX, peer, peers, "0")),

@@ -29,7 +29,7 @@ from typing import Any, Protocol
 import grpc
 from envoy.service.network_ext_proc.v3 import network_external_processor_pb2 as pb
 
-from cilia.envoy.resources import LOCAL_PREFIX, PEER_PREFIX, RBAC_NAMESPACE
+from cilia.envoy.resources import LOCAL_PREFIX, NO_LOCAL, PEER_PREFIX, RBAC_NAMESPACE
 from cilia.grpcserver import GrpcServer
 
 from .base import Check, Decision, L7Connection, Output, ProtocolError, Record
@@ -118,7 +118,7 @@ class StreamHandler:
         except (KeyError, ValueError) as e:
             raise _Refused(f"stream without complete cilia metadata ({e})") from None
         self.info = info
-        if not info.endpoint or info.peer_identity < 0:
+        if info.endpoint in ("", NO_LOCAL) or info.peer_identity < 0:
             raise _Refused(f"{info.listener}: the connection's endpoint or peer is unknown")
         factory = self._factory_of(info.protocol)
         if factory is None:

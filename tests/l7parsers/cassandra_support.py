@@ -21,7 +21,7 @@ import struct
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from importlib.util import find_spec
 from dataclasses import dataclass
 from pathlib import Path
@@ -72,13 +72,13 @@ commitlog_sync_period_in_ms: 10000
 seed_provider:
     - class_name: org.apache.cassandra.locator.SimpleSeedProvider
       parameters:
-          - seeds: "127.0.0.1"
+          - seeds: "{host}"
 concurrent_reads: 8
 concurrent_writes: 8
 storage_port: {storage}
 ssl_storage_port: {ssl_storage}
-listen_address: 127.0.0.1
-rpc_address: 127.0.0.1
+listen_address: {host}
+rpc_address: {host}
 rpc_port: {rpc}
 start_rpc: false
 start_native_transport: true
@@ -116,10 +116,11 @@ class Cassandra12:
     port: int
     process: subprocess.Popen[bytes]
     root: Path
+    host: str = "127.0.0.1"
 
     @property
     def address(self) -> tuple[str, int]:
-        return ("127.0.0.1", self.port)
+        return (self.host, self.port)
 
     def stop(self) -> None:
         if self.process.poll() is None:
@@ -132,14 +133,21 @@ class Cassandra12:
         shutil.rmtree(self.root, ignore_errors=True)
 
 
-def start_cassandra(timeout: float = 60.0) -> Cassandra12:
-    """Start a private Cassandra 1.2.0 and wait until its CQL port accepts connections."""
+def start_cassandra(timeout: float = 60.0, host: str = "127.0.0.1", native: int | None = None,
+                    wrapper: Sequence[str] = (), reachable: Callable[[tuple[str, int]], bool] | None = None
+                    ) -> Cassandra12:
+    """Start a private Cassandra 1.2.0 and wait until its CQL port accepts connections.
+
+    ``host``/``native``: where it listens; ``wrapper`` runs it (e.g. ``nsenter --net=...`` to put
+    it in an endpoint's network namespace), ``reachable`` says whether its port answers (default:
+    a TCP connect from here)."""
     root = Path(tempfile.mkdtemp(prefix="cilia-cass12-"))
-    native, storage, ssl_storage, rpc = _free_ports(4)
+    free_native, storage, ssl_storage, rpc = _free_ports(4)
+    native = native or free_native
     (root / "cassandra.yaml").write_text(_YAML.format(root=root, storage=storage, ssl_storage=ssl_storage,
-                                                       rpc=rpc, native=native))
+                                                       rpc=rpc, native=native, host=host))
     (root / "log4j.properties").write_text(_LOG4J)
-    cmd = [JAVA, "-Xms128m", "-Xmx384m", "-XX:+UseSerialGC",
+    cmd = [*wrapper, JAVA, "-Xms128m", "-Xmx384m", "-XX:+UseSerialGC",
            *(f"--add-opens=java.base/{m}=ALL-UNNAMED" for m in _OPENS),
            f"-Dcassandra.config=file://{root}/cassandra.yaml",
            f"-Dlog4j.configuration=file://{root}/log4j.properties",
@@ -148,21 +156,28 @@ def start_cassandra(timeout: float = 60.0) -> Cassandra12:
     log = open(root / "cassandra.log", "wb")  # noqa: SIM115 - the child keeps it
     process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=root)
     log.close()
-    server = Cassandra12(native, process, root)
+    server = Cassandra12(native, process, root, host)
+    reachable = reachable or _connects
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process.poll() is not None:
             output = (root / "cassandra.log").read_text(errors="replace")
             server.stop()
             raise RuntimeError(f"Cassandra 1.2 exited with {process.returncode}:\n{output[-4000:]}")
-        try:
-            socket.create_connection(server.address, timeout=0.5).close()
+        if reachable(server.address):
             return server
-        except OSError:
-            time.sleep(0.1)
+        time.sleep(0.1)
     output = (root / "cassandra.log").read_text(errors="replace")
     server.stop()
     raise RuntimeError(f"Cassandra 1.2 did not open port {native} in {timeout} s:\n{output[-4000:]}")
+
+
+def _connects(address: tuple[str, int]) -> bool:
+    try:
+        socket.create_connection(address, timeout=0.5).close()
+        return True
+    except OSError:
+        return False
 
 
 def running_cassandra() -> Iterator[Cassandra12]:
