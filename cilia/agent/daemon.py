@@ -186,6 +186,7 @@ class Agent:
         self._realized = _Realized()
         self._prefixes: Mapping[int, tuple[IPNetwork, ...]] = {}
         self._translated: dict[str, _Translated] = {}
+        self._sidecar_names: set[str] = set()  # endpoints whose sidecar view is set
         self._node_translated: tuple[tuple[Any, ...], ProxyResources] | None = None
         self._redirects: dict[str, tuple[Any, frozenset[str]]] = {}  # endpoint -> (map state, proxy keys)
         self._xds: XdsServer | None = None
@@ -527,6 +528,17 @@ class Agent:
         self._audits = {name: self.audit_of(name) for name in self.state.endpoints}
         listeners, clusters, notes = self._translate()
         # One atomic update; the streams still send clusters before the listeners that name them.
+        # A sidecar Envoy whose node id is an endpoint's name sees only that endpoint's listeners
+        # (and their clusters): it runs in the endpoint's namespace and can bind no other address.
+        # Set before the update, so a sidecar never sees another endpoint's listeners.
+        if self.node is None:
+            for name in (self.state.endpoints.keys() | self._sidecar_names) - {self.config.node_id}:
+                done = self._translated.get(name)
+                res_l = [li.name for li in done.resources.listeners] if done else []
+                res_c = [c.name for c in done.resources.clusters] if done else []
+                self.cache.set_node_view(name, LISTENER, res_l)
+                self.cache.set_node_view(name, CLUSTER, res_c)
+            self._sidecar_names = set(self.state.endpoints)
         update = self.cache.update_many({CLUSTER: TypeChange(clusters, replace=True),
                                          LISTENER: TypeChange(listeners, replace=True)})
         self._realized.record(self.state.revision, update.versions[LISTENER])
