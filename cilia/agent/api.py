@@ -144,6 +144,10 @@ class _Raw:
     content_type: str
 
 
+def _get_debuginfo(agent: Agent, _: dict[str, str], query: dict[str, list[str]], __: Any) -> tuple[int, Any]:
+    return 200, agent.debug_info(_query_int(query, "flows") or 1000)
+
+
 def _get_healthz(agent: Agent, _: dict[str, str], __: dict[str, list[str]], ___: Any) -> tuple[int, Any]:
     status = agent.status()
     if status["healthy"]:
@@ -177,6 +181,7 @@ ROUTES: dict[tuple[str, str], Handler] = {
     ("GET", "/v1/openapi.yaml"): _get_openapi,
     ("GET", "/metrics"): _get_metrics,
     ("GET", "/healthz"): _get_healthz,
+    ("GET", "/v1/debuginfo"): _get_debuginfo,
 }
 
 _PARAM_PATTERNS = {"revision": r"(?P<revision>\d+)", "name": r"(?P<name>[^/]+)"}

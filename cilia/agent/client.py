@@ -67,6 +67,9 @@ class AgentClient:
             raise APIError(f"cannot reach the agent at {self.socket_path}: {e}") from None
         return resp.text
 
+    def debug_info(self, flows: int = 1000) -> Any:
+        return self.request("GET", "/v1/debuginfo", params={"flows": flows}, timeout=60)
+
     def healthz(self) -> tuple[int, Any]:
         self._check_reachable()
         resp = self._client.get("/healthz")

@@ -878,6 +878,40 @@ class Agent:
                 "uptime_s": round(time.time() - self.started, 1), "notes": notes,
                 "state_dir": str(self.config.state_dir)}
 
+    def debug_info(self, flows: int = 1000) -> dict[str, Any]:
+        """Everything ``cilia bugtool`` packs: status, config, policies with their source text,
+        endpoints, identities, recent flows and datapath events, the policy maps in the kernel,
+        Envoy's config dump and the tail of its log."""
+        out: dict[str, Any] = {"status": self.status(), "policies": self.policies(), "endpoints": self.endpoints(),
+                               "identities": self.identities(), "flows": self.flows(limit=flows),
+                               "monitor": self.monitor(None, flows, 0.0)}
+        cfg = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(self.config).items()}
+        out["config"] = cfg
+        with self._lock:
+            out["sources"] = [{"path": src.path, "text": src.text, "audit": src.audit,
+                               "policies": sorted("/".join(k) for k in src.keys)} for src in self.state.sources]
+        bpf: dict[str, Any] = {}
+        if self.node is not None and self.node.started:
+            for name in sorted(self.node.attached()):
+                try:
+                    bpf[name] = self.bpf_policy(name)
+                except AgentError as e:
+                    bpf[name] = {"error": str(e)}
+        out["bpf_policy"] = bpf
+        if self.envoy is not None and self.admin_address:
+            try:
+                out["envoy_config_dump"] = AdminClient(self.admin_address, timeout=3.0).config_dump()
+            except AdminError as e:
+                out["envoy_config_dump"] = {"error": str(e)}
+        log = self.config.state_dir / "envoy.log"
+        try:
+            with open(log, "rb") as f:
+                f.seek(max(0, log.stat().st_size - (1 << 20)))
+                out["envoy_log"] = f.read().decode("utf-8", "replace")  # the last MiB
+        except OSError:
+            out["envoy_log"] = ""
+        return out
+
     def _envoy_admin(self) -> dict[str, Any]:
         """Envoy's own view, from its admin endpoint: ready or not, version, uptime."""
         assert self.admin_address is not None

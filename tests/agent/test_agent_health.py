@@ -3,9 +3,11 @@ scrapes, checked against what really happened (requests through Envoy, a NACK, E
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
+import tarfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -79,3 +81,24 @@ def test_status_verbose_healthz_and_metrics(agent: Agent) -> None:
         time.sleep(0.2)
     assert run_cli(state, "status").code == 0  # back, with the same config
     assert shoot(TIEFIGHTER, *EXHAUST) == "403 Access denied"
+
+
+def test_bugtool_archive(agent: Agent, tmp_path: Path) -> None:
+    state = agent.config.state_dir
+    assert shoot(TIEFIGHTER, *EXHAUST) == "403 Access denied"
+    wait_flows(state, 1)
+    out = tmp_path / "bug.tar.gz"
+    res = run_cli(state, "bugtool", "-o", str(out))
+    assert res.code == 0 and "wrote" in res.out
+    with tarfile.open(out) as tar:
+        names = {n.split("/", 1)[1]: n for n in tar.getnames()}
+        assert {"status.json", "config.json", "policies.json", "endpoints.json", "identities.json", "flows.jsonl",
+                "monitor.jsonl", "envoy-config-dump.json", "envoy.log", "policy-sources.json"} <= set(names)
+        read = lambda n: tar.extractfile(names[n]).read().decode()  # type: ignore[union-attr]  # noqa: E731
+        assert json.loads(read("status.json"))["revision"] >= 4
+        assert any(f["verdict"] == "DROPPED" for f in map(json.loads, read("flows.jsonl").splitlines()))
+        dump = json.loads(read("envoy-config-dump.json"))
+        assert "deathstar-ingress-80" in json.dumps(dump)
+        policy_file = next(n for n in names if n.startswith("policies/") and n.endswith("sw_l3_l4_l7_policy.yaml"))
+        assert read(policy_file) == (STARWARS / "sw_l3_l4_l7_policy.yaml").read_text()
+        assert "envoy" in read("envoy.log").lower()
