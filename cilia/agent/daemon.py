@@ -169,6 +169,7 @@ class Agent:
         self.metrics = Metrics()
         self.tracker: AckTracker = MeteredAckTracker(self.metrics)
         self.errors: deque[dict[str, Any]] = deque(maxlen=50)  # the last errors, newest last, for status
+        self.kubernetes: Any = None  # the Kubernetes watcher feeding this agent (cilia.k8s.Watcher), if any
         # What `observe` shows (Envoy's records and the kernel's verdicts, in arrival order) and
         # what `monitor` shows (the kernel's events). The receiver's own ring is not read.
         self.flow_log: SeqRing[Flow] = SeqRing(config.ring_size)
@@ -369,6 +370,19 @@ class Agent:
             self.state.drop_keys(set(keys))
             revision = self._commit()
         return {"revision": revision, "deleted": [list(k) for k in sorted(keys)]}
+
+    def delete_policy_keys(self, keys: Sequence[PolicyKey]) -> dict[str, Any]:
+        """Delete exactly the policies with these (kind, namespace, name) keys (namespace "" for a
+        CCNP); the Kubernetes watcher uses it, since names alone are not unique across kinds."""
+        with self._lock:
+            present = {p.key for p in self.engine.policies()}
+            found = [k for k in (tuple(k) for k in keys) if k in present]
+            if not found:
+                raise AgentError(f"no such policy: {', '.join('/'.join(x for x in k if x) for k in keys)}", 404)
+            self.engine.delete(found)
+            self.state.drop_keys(set(found))
+            revision = self._commit()
+        return {"revision": revision, "deleted": [list(k) for k in sorted(found)]}
 
     def policies(self) -> dict[str, Any]:
         with self._lock:
@@ -868,6 +882,12 @@ class Agent:
         if self.envoy is not None and self.admin_address and envoy.get("state") == "running":
             envoy.update(self._envoy_admin())
         controllers = self._controllers(envoy, datapath)
+        k8s = self.kubernetes.status() if self.kubernetes is not None else None
+        if k8s is not None:
+            controllers.append({"name": "kubernetes-watch", "status": "ok" if k8s["connected"] else "failing",
+                                "last_error": "" if k8s["connected"] else "; ".join(
+                                    f"{n}: {r['last_error'] or 'not connected'}" for n, r in k8s["resources"].items()
+                                    if not r["connected"])})
         reasons = [f"proxy {p['node']} rejected {p['type']} {p['nacked']}: {p['nack']}" for p in proxies if p["nack"]]
         reasons += [f"{c['name']}: {c['last_error'] or c['status']}" for c in controllers if c["status"] != "ok"]
         return {"healthy": not reasons, "reasons": reasons, "revision": revision, **counts, "envoy": envoy,
@@ -875,6 +895,7 @@ class Agent:
                 "xds": {"addresses": [f"unix:{self.config.xds_socket}", *self.config.xds_addresses],
                         "proxies": proxies},
                 "controllers": controllers, "errors": list(self.errors),
+                **({"kubernetes": k8s} if k8s is not None else {}),
                 "uptime_s": round(time.time() - self.started, 1), "notes": notes,
                 "state_dir": str(self.config.state_dir)}
 

@@ -80,10 +80,15 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
               "lines, rotated by size.")
 @click.option("--flow-file-max-mb", type=click.IntRange(1), default=100, show_default=True)
 @click.option("--flow-file-backups", type=click.IntRange(0), default=5, show_default=True)
+@click.option("--kubernetes", metavar="in-cluster|KUBECONFIG",
+              help="Watch Pods, NetworkPolicy, CiliumNetworkPolicy and CiliumClusterwideNetworkPolicy: in-cluster "
+              "(the pod's service account) or a kubeconfig path ('default': $KUBECONFIG or ~/.kube/config).")
+@click.option("--node-name", envvar="NODE_NAME", help="With --kubernetes: only the pods on this node "
+              "(default: $NODE_NAME, else the host name).")
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning"]), default="info", show_default=True)
 def agent_cmd(state_dir: str, xds_addresses: Sequence[str], envoy_mode: str, node_id: str, datapath: str,
               bpf_pin_dir: str, router_ip: str | None, flow_file: str | None, flow_file_max_mb: int,
-              flow_file_backups: int, log_level: str) -> None:
+              flow_file_backups: int, kubernetes: str | None, node_name: str | None, log_level: str) -> None:
     """Run the agent until SIGTERM or Ctrl-C: load state, serve the REST API on
     <state-dir>/cilia.sock, serve xDS, supervise Envoy, receive its access logs; with
     --datapath bpf also load the BPF datapath. Stopping leaves the BPF programs enforcing the
@@ -110,10 +115,14 @@ def agent_cmd(state_dir: str, xds_addresses: Sequence[str], envoy_mode: str, nod
         click.echo(f"error: {e}", err=True)
         sys.exit(2)
     api: APIServer | None = None
+    watcher: Any = None
     try:
         agent.start()
         api = APIServer(config.api_socket, agent)
         api.start()
+        if kubernetes:
+            watcher = _kubernetes_watcher(agent, kubernetes, node_name, datapath, envoy_mode)
+            watcher.start()
         status = agent.status()
         envoy = status["envoy"]
         click.echo(f"cilia agent: revision {status['revision']}, {status['policies']} policies, "
@@ -133,9 +142,30 @@ def agent_cmd(state_dir: str, xds_addresses: Sequence[str], envoy_mode: str, nod
         click.echo(f"error: {e}", err=True)
         sys.exit(1)
     finally:
+        if watcher is not None:
+            watcher.stop()
         if api is not None:
             api.stop()
         agent.stop()
+
+
+def _kubernetes_watcher(agent: Any, kubernetes: str, node_name: str | None, datapath: str, envoy_mode: str) -> Any:
+    """The watcher feeding ``agent`` from the cluster; exits 2 if its config cannot be read."""
+    import socket
+
+    from ..k8s import WatchConfig, Watcher, connect
+    from ..k8s.watch import WatchError
+
+    try:
+        api = connect(None if kubernetes in ("in-cluster", "default") else kubernetes, kubernetes == "in-cluster")
+    except WatchError as e:
+        click.echo(f"error: --kubernetes: {e}", err=True)
+        sys.exit(2)
+    # Named container ports give endpoints ports; without BPF an agent would put Envoy on them.
+    watcher = Watcher(api, agent, WatchConfig(node_name=node_name or socket.gethostname(),
+                                              pod_ports=datapath == "bpf" or envoy_mode == "none"))
+    agent.kubernetes = watcher
+    return watcher
 
 
 # --- status ---------------------------------------------------------------------------------------
@@ -163,6 +193,10 @@ def _status_text(s: dict[str, Any]) -> str:
                   f"  drops:       {drops}"]
     else:
         lines.append("Datapath:    none (sidecar mode)")
+    if s.get("kubernetes"):
+        from ..k8s import format_status
+
+        lines.append(format_status(s["kubernetes"]))
     lines += [f"Note:        {n}" for n in s["notes"]]
     lines += [f"Degraded:    {r}" for r in s.get("reasons", [])]
     return "\n".join(lines)

@@ -268,18 +268,15 @@ def test_cilia_agent_accepts_the_command_line() -> None:
 
 
 def test_daemonset_passes_kubernetes_in_cluster() -> None:
-    """PENDING FLAG: `--kubernetes in-cluster` is being added to `cilia agent` by another change."""
     argv = cilia_argv()
     assert argv.count("--kubernetes") == 1
     assert argv[argv.index("--kubernetes") + 1] == "in-cluster"
 
 
 def test_cilia_agent_accepts_kubernetes_in_cluster() -> None:
-    """PENDING FLAG: passes once `cilia agent` has --kubernetes (being added); expected to fail until then."""
-    if "--kubernetes" not in help_text("agent"):
-        pytest.xfail("PENDING FLAG: `cilia agent --help` has no --kubernetes yet (being added)")
+    assert "--kubernetes" in help_text("agent")
     params = parse_cilia(cilia_argv())
-    assert "in-cluster" in json.dumps(params, default=str)
+    assert params["kubernetes"] == "in-cluster"
 
 
 def fake_cilia(tmp_path: Path, body: str) -> dict[str, str]:
