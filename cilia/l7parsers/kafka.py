@@ -124,7 +124,9 @@ class KafkaConnection(L7Connection):
         body = decode_body(layout, payload, header.body)
         topics = request_topics(layout, body, self.topic_ids)
         client_id = header.client_id or ""
-        decision = decide(self.check, [KafkaRequest(api_key, version, client_id, topics)])
+        # Metadata v1+ with an empty list asks about no topic (how clients learn the brokers)
+        no_topics = api_key == replies.METADATA and version >= 1 and body.get("Topics") == []
+        decision = decide(self.check, [KafkaRequest(api_key, version, client_id, topics, not no_topics)])
         record = Record(_summary(api_key, version, client_id, topics, header.correlation_id), decision)
         answered = not (api_key == replies.PRODUCE and body.get("Acks") == 0)
         if decision.allowed:

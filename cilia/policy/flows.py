@@ -30,6 +30,9 @@ class KafkaRequest:
     api_version: int
     client_id: str = ""
     topics: tuple[str, ...] = ()
+    # Without topics: does it ask about every topic (Metadata v0's empty list, a null list) or
+    # about none (Metadata v1+'s empty list, which clients send to learn the brokers)?
+    all_topics: bool = True
 
     protocol = "kafka"
 

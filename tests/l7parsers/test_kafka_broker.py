@@ -22,7 +22,6 @@ import textwrap
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 from kafka_support import Broker, start_broker, tansu_binary
@@ -36,7 +35,6 @@ from cilia.l7parsers.base import Check, allow_all
 from cilia.l7parsers.kafka import KafkaConnection
 from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.admin import NewTopic
-from kafka.net.compat import KafkaNetClient
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples" / "cilium"
 BROKER_LABELS = "app=kafka"
@@ -260,32 +258,26 @@ def test_sw_policy_lets_brokers_talk_freely(broker: Broker) -> None:
     assert denied(broker) == []
 
 
-def test_sw_policy_denies_the_topicless_bootstrap_metadata(broker: Broker) -> None:
-    """Cilium's topic-bound roles deny a Metadata request without topics (policy.l7.kafka: Kafka
-    reads an empty list as "all topics"), and kafka-python bootstraps with one (v12, topics []):
-    with this policy alone, its producer never gets past bootstrap."""
+def test_sw_policy_lets_kafka_python_bootstrap_and_produce(broker: Broker) -> None:
+    """kafka-python bootstraps with Metadata v12 ``topics: []``, which asks about no topic (v1+):
+    Cilium's topic-bound produce role admits it, and the producer reaches its own topic only."""
+    create_topics(broker, "deathstar-plans", "secret")
     enforce(broker, example_check("kafka-sw-security-policy.yaml", "app=empire-hq"))
-    clients: list[Any] = []
-
-    def client(**config: Any) -> Any:
-        clients.append(KafkaNetClient(**config))
-        return clients[-1]
-
+    p = KafkaProducer(bootstrap_servers=broker.bootstrap, enable_idempotence=False, max_block_ms=3000)
     try:
-        with pytest.raises(kafka.errors.KafkaTimeoutError, match="Unable to bootstrap"):
-            KafkaProducer(bootstrap_servers=broker.bootstrap, bootstrap_timeout_ms=1500, enable_idempotence=False,
-                          kafka_client=client)
+        assert p.send("deathstar-plans", b"plan").get(10).offset == 0
+        with pytest.raises(kafka.errors.KafkaError):
+            p.send("secret", b"leak").get(5)
     finally:
-        for c in clients:
-            c.close()  # a failed KafkaProducer() does not close its client
-    assert {(d["api_key"], d["topic"]) for d in denied(broker)} == {("metadata", "")}
+        p.close()
+    assert "produce" not in {d["api_key"] for d in denied(broker)}
+    assert all("secret" in d["topic"] for d in denied(broker))
 
 
 def test_sw_policy_with_aiokafka(broker: Broker) -> None:
-    """aiokafka ignores the denied bootstrap Metadata (it has no brokers) and asks for its topic:
-    producing to deathstar-plans works. For a denied topic its Metadata request (now for both
-    topics) is denied as a whole; aiokafka never learns the partitions and raises
-    UnknownTopicOrPartitionError."""
+    """aiokafka's bootstrap Metadata asks about no topic and passes; producing to deathstar-plans
+    works. For a denied topic its Metadata request is denied;
+    aiokafka never learns the partitions and raises UnknownTopicOrPartitionError."""
     create_topics(broker, "deathstar-plans", "secret")
     enforce(broker, example_check("kafka-sw-security-policy.yaml", "app=empire-hq"))
 
@@ -301,5 +293,5 @@ def test_sw_policy_with_aiokafka(broker: Broker) -> None:
 
     asyncio.run(produce())
     topics = {frozenset(d["topic"].split(",")) for d in denied(broker) if d["api_key"] == "metadata"}
-    assert topics == {frozenset({""}), frozenset({"deathstar-plans", "secret"})}
+    assert topics == {frozenset({"secret"})}
     assert "produce" not in {d["api_key"] for d in denied(broker)}

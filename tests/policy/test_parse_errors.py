@@ -549,7 +549,7 @@ R = "policy.yaml:11: ingress[0].toPorts[0].rules"
      f"{R}.l7proto: dns and l7proto rules cannot be mixed on one port rule"),
     ('{port: "80", protocol: TCP}', "{l7: [{command: get}]}", f"{R}.l7: l7 rules need l7proto to name the parser"),
     ('{port: "80", protocol: TCP}', "{l7proto: redis, l7: [{}]}",
-     f"{R}.l7proto: unknown L7 protocol 'redis' (registered parsers: cassandra, memcache)"),
+     f"{R}.l7proto: unknown L7 protocol 'redis' (registered parsers: cassandra, memcache, r2d2)"),  # r2d2: examples/
     # ports L7 rules can apply to
     ('{port: "80", protocol: UDP}', "{http: [{}]}", f"{R}: http rules need TCP, not UDP (port 80/UDP)"),
     ('{port: "80", protocol: SCTP}', "{kafka: [{}]}", f"{R}: kafka rules need TCP, not SCTP (port 80/SCTP)"),

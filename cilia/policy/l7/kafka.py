@@ -210,13 +210,15 @@ def evaluate(rules: Sequence[KafkaRule], req: KafkaRequest) -> tuple[KafkaRule, 
     """The rules that decide the request (one per topic, deduplicated); empty = denied.
 
     Different topics may be allowed by different rules. A request without
-    topics needs one header-matching rule; for a topic-carrying API key (see
-    ``TOPIC_API_KEYS``) that rule must not name a topic, since Kafka reads an
-    empty topic list as "all topics" and Cilium denies it to topic-bound rules.
+    topics needs one header-matching rule; when it asks about every topic
+    (``all_topics``: Metadata v0's empty list, a null list) of a topic-carrying
+    API key (see ``TOPIC_API_KEYS``), that rule must not name a topic, as in
+    Cilium. A request asking about no topic at all (Metadata v1+ with an empty
+    list, how clients learn the brokers) passes any header-matching rule.
     """
     candidates = [rule for rule in rules if _matches_header(rule, req)]
     if not req.topics:
-        if req.api_key in TOPIC_API_KEYS:
+        if req.api_key in TOPIC_API_KEYS and req.all_topics:
             candidates = [rule for rule in candidates if rule.topic is None]
         return (candidates[0],) if candidates else ()
     deciding: list[KafkaRule] = []
