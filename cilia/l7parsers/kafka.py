@@ -39,6 +39,7 @@ from .kafka_codec import (
     CodecError,
     correlation_id_of,
     decode_body,
+    RequestHeader,
     decode_request_header,
     encode_body,
     frame,
@@ -46,6 +47,7 @@ from .kafka_codec import (
     peek_request_key,
     response_header_size,
 )
+from .kafka_schema import Layout, Struct, Value
 from .kafka_topics import learn_topic_ids, request_topics
 
 MIN_REQUEST = 10  # api_key, api_version, correlation_id, client_id length
@@ -61,6 +63,7 @@ class _Pending:
     api_version: int
     client_id: str
     named: bool  # Metadata: the client listed topics (rather than asking for all)
+    withheld: tuple[Value, ...] = ()  # Metadata: the request's denied topics, answered here with error 29
 
 
 class KafkaConnection(L7Connection):
@@ -137,8 +140,32 @@ class KafkaConnection(L7Connection):
             return whole, b"", record
         if not answered:
             return b"", b"", record
+        if api_key == replies.METADATA and version >= 1 and topics:
+            return self._metadata_without(payload, layout, header, body, client_id) + (record,)
         reply = replies.denial(api_key, version, header.correlation_id, body, bool(topics))
         return b"", self._queue.denied(reply), record
+
+    def _metadata_without(self, payload: bytes, layout: Layout, header: RequestHeader, body: Struct,
+                          client_id: str) -> tuple[bytes, bytes]:
+        """A Metadata request naming a topic the client may not see is sent on without those
+        topics (a v1+ empty list asks about none), and the response answers them with error 29:
+        the client gets the brokers and learns the topic is not authorized, as from a broker's
+        ACLs, while the broker never hears of the topic (nor auto-creates it)."""
+        version = header.api_version
+
+        def visible(entry: Value) -> bool:
+            name = entry.get("Name") if isinstance(entry, dict) else None
+            return isinstance(name, str) and decide(self.check, [
+                KafkaRequest(replies.METADATA, version, client_id, (name,))]).allowed
+
+        entries = body["Topics"]
+        assert isinstance(entries, list)
+        kept = [e for e in entries if visible(e)]
+        withheld = tuple(e for e in entries if not visible(e))
+        forward = frame(payload[:header.body] + encode_body(layout, {**body, "Topics": kept}))
+        self._queue.forwarded()
+        self._pending.append(_Pending(header.correlation_id, replies.METADATA, version, client_id, True, withheld))
+        return forward, b""
 
     def _newer_api_versions(self, payload: bytes, version: int) -> tuple[bytes, bytes, Record]:
         header = decode_request_header(payload, True)  # ApiVersions is flexible from v3 on
@@ -241,7 +268,14 @@ class KafkaConnection(L7Connection):
             request = KafkaRequest(replies.METADATA, pending.api_version, pending.client_id, (topic,))
             return decide(self.check, [request]).allowed
 
-        if not replies.filter_metadata(body, allowed, pending.named):
+        changed = replies.filter_metadata(body, allowed, pending.named)
+        if pending.withheld:
+            errored = replies.denial_body(layout, {"Topics": list(pending.withheld)}, True).get("Topics")
+            topics = body.get("Topics")
+            body["Topics"] = [*(topics if isinstance(topics, list) else []),
+                              *(errored if isinstance(errored, list) else [])]
+            changed = True
+        if not changed:
             return frame(payload)
         return frame(payload[:start] + encode_body(layout, body))
 

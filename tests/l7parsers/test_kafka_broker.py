@@ -276,8 +276,8 @@ def test_sw_policy_lets_kafka_python_bootstrap_and_produce(broker: Broker) -> No
 
 def test_sw_policy_with_aiokafka(broker: Broker) -> None:
     """aiokafka's bootstrap Metadata asks about no topic and passes; producing to deathstar-plans
-    works. For a denied topic its Metadata request is denied;
-    aiokafka never learns the partitions and raises UnknownTopicOrPartitionError."""
+    works. For a denied topic its Metadata request goes on without it and the answer errors it
+    with 29: aiokafka raises its own TopicAuthorizationFailedError."""
     create_topics(broker, "deathstar-plans", "secret")
     enforce(broker, example_check("kafka-sw-security-policy.yaml", "app=empire-hq"))
 
@@ -286,7 +286,7 @@ def test_sw_policy_with_aiokafka(broker: Broker) -> None:
         await p.start()
         try:
             assert (await p.send_and_wait("deathstar-plans", b"plan")).offset == 0
-            with pytest.raises(aiokafka.errors.UnknownTopicOrPartitionError):
+            with pytest.raises(aiokafka.errors.TopicAuthorizationFailedError):
                 await p.send_and_wait("secret", b"leak")
         finally:
             await p.stop()

@@ -15,7 +15,14 @@ from kafka_support import kafka_policy, kp_classes, kp_decode_response, kp_reque
 from cilia.l7parsers import kafka_schema as schema
 from cilia.l7parsers.base import Decision, Output, ProtocolError
 from cilia.l7parsers.kafka import KafkaConnection
-from cilia.l7parsers.kafka_codec import decode_body, encode_body, encode_request_header, frame, response_header_size
+from cilia.l7parsers.kafka_codec import (
+    decode_body,
+    decode_request_header,
+    encode_body,
+    encode_request_header,
+    frame,
+    response_header_size,
+)
 from cilia.l7parsers.kafka_schema import Value
 from cilia.l7parsers.kafka_topics import unknown_topic
 from cilia.policy.flows import KafkaRequest, L7Request
@@ -292,7 +299,11 @@ def test_null_client_id_is_empty() -> None:
 # --- denials ------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+# Metadata v1+ naming topics is not denied whole: it goes on without them (test_metadata_...)
+ANSWERED = [(c, i) for c, i in zip(CASES, CASE_IDS) if not (c.api_key == 3 and c.version >= 1)]
+
+
+@pytest.mark.parametrize("case", [c for c, _ in ANSWERED], ids=[i for _, i in ANSWERED])
 def test_denial_is_the_apis_own_response(case: Case) -> None:
     conn = KafkaConnection(DENY_ALL)
     out = conn.receive_client(case.frame(correlation_id=1234))
@@ -326,12 +337,25 @@ def test_fetch_denial_answers_each_partition() -> None:
         [("t1", 0, 29), ("t1", 2, 29)]
 
 
-def test_metadata_denial_errors_each_topic() -> None:
+def test_metadata_naming_a_denied_topic_goes_on_without_it() -> None:
+    """The broker never hears of the denied topic (nor auto-creates it); the client gets the
+    brokers, the allowed topic, and error 29 for the denied one, as from a broker's ACLs."""
     data = kp_request("MetadataRequest", 12, 8, CLIENT_ID, topics=[{"name": "t1"}, {"name": "secret"}])
-    out = KafkaConnection(ONLY_T1).receive_client(data)
-    resp = kp_decode_response("MetadataResponse", 12, out.to_client)
-    assert [(t.name, t.error_code, t.partitions) for t in resp.topics] == [("t1", 29, []), ("secret", 29, [])]
-    assert resp.brokers == []
+    conn = KafkaConnection(ONLY_T1)
+    out = conn.receive_client(data)
+    assert out.to_client == b"" and not out.records[0].decision.allowed
+    sent = schema.request_layout(3, 12)
+    assert sent is not None
+    header = decode_request_header(out.to_server[4:], True)
+    assert header.correlation_id == 8
+    topics = decode_body(sent, out.to_server[4:], header.body)["Topics"]
+    assert isinstance(topics, list) and [t["Name"] for t in topics if isinstance(t, dict)] == ["t1"]
+    answer = kp_response("MetadataResponse", 12, 8, brokers=[{"node_id": 1, "host": "h", "port": 9}],
+                         topics=[{"name": "t1", "partitions": []}])
+    back = conn.receive_server(answer).to_client
+    resp = kp_decode_response("MetadataResponse", 12, back)
+    assert [(t.name, t.error_code) for t in resp.topics] == [("t1", 0), ("secret", 29)]
+    assert [b.host for b in resp.brokers] == ["h"]
 
 
 @pytest.mark.parametrize("key", schema.api_keys())
@@ -347,6 +371,9 @@ def test_every_api_version_has_a_denial(key: int) -> None:
             body["Acks"] = 1
         data = frame(encode_request_header(key, version, 99, "c", layout.flexible) + encode_body(layout, body))
         out = KafkaConnection(DENY_ALL).receive_client(data)
+        if key == 3 and version >= 1 and out.to_server:  # naming topics: goes on without them
+            assert out.to_client == b"" and not out.records[0].decision.allowed
+            continue
         assert out.to_server == b"" and out.records and not out.records[0].decision.allowed
         assert decode_response(key, version, out.to_client)[0] == 99
         response = schema.response_layout(key, version)
