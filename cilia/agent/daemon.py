@@ -63,10 +63,10 @@ from ..policy import (
     Protocol,
     parse_text,
 )
-from ..l7parsers.base import Check, Decision, Record
-from ..l7parsers.policycheck import policy_check
+from ..l7parsers.base import Check, Record
 from ..l7parsers.service import ConnectionInfo, L7Server
-from ..policy.flows import L7Request
+from ..l7parsers.views import PolicyViews, ViewSource, check_for
+from ..l7parsers.workers import WorkerPool
 from ..policy.mapstate import MapState, Verdict
 from ..policy.model import IPNetwork
 from ..policy.parse import check_unique
@@ -112,6 +112,7 @@ class AgentConfig:
     bpf_pin_dir: str = DEFAULT_PIN_DIR
     router_ip: str | None = None  # the gateway of endpoints the agent creates (put on lo if missing)
     proxy_port_range: tuple[int, int] = (10000, 20000)  # Envoy's transparent listeners (Cilium's range)
+    l7_workers: int = 0  # L7 parsers in this many worker processes (0: in the agent's own process)
 
     @property
     def api_socket(self) -> Path:
@@ -128,6 +129,13 @@ class AgentConfig:
     @property
     def l7_socket(self) -> Path:
         return self.state_dir / "l7.sock"
+
+    @property
+    def l7_sockets(self) -> list[Path]:
+        """Where Envoy reaches the L7 service: the agent's own socket, or each worker's."""
+        if self.l7_workers:
+            return [self.state_dir / f"l7-{i}.sock" for i in range(self.l7_workers)]
+        return [self.l7_socket]
 
 
 @dataclass
@@ -193,6 +201,9 @@ class Agent:
         self._xds: XdsServer | None = None
         self._als: AccessLogServer | None = None
         self._l7: L7Server | None = None
+        self._l7_pool: WorkerPool | None = None
+        self._views = PolicyViews()  # what the L7 parsers read, replaced whole at each publish
+        self._view_source = ViewSource()  # the in-process L7 service's reading of it
         # What the L7 parsers read, replaced whole at each publish: they run on Envoy's streams
         # and must not wait for the agent's lock (held while a change waits for Envoy's ACK).
         self._l7_views: Mapping[str, MapState] = {}
@@ -226,7 +237,7 @@ class Agent:
         try:
             if self.node is not None:
                 self._start_datapath()
-            for sock in (self.config.xds_socket, self.config.accesslog_socket, self.config.l7_socket):
+            for sock in (self.config.xds_socket, self.config.accesslog_socket, *self.config.l7_sockets):
                 sock.unlink(missing_ok=True)
             self._xds = XdsServer(self.cache, self.tracker)
             self._xds.add_address(f"unix:{self.config.xds_socket}")
@@ -236,9 +247,15 @@ class Agent:
             self._als = AccessLogServer(self.receiver)
             self._als.add_address(f"unix:{self.config.accesslog_socket}")
             self._als.start()
-            self._l7 = L7Server(self, self._on_l7_record)
-            self._l7.add_address(f"unix:{self.config.l7_socket}")
-            self._l7.start()
+            if self.config.l7_workers:
+                self._l7_pool = WorkerPool([f"unix:{p}" for p in self.config.l7_sockets], self._on_worker_record)
+                self._l7_pool.publish(self._views)
+                self._l7_pool.start()
+            else:
+                self._view_source.views = self._views
+                self._l7 = L7Server(self._view_source, self._on_l7_record)
+                self._l7.add_address(f"unix:{self.config.l7_socket}")
+                self._l7.start()
             if self.config.envoy == "managed":
                 self._start_envoy()
         except BaseException:
@@ -284,6 +301,9 @@ class Agent:
                 if server is not None:
                     server.stop(0)
             self._xds = self._als = self._l7 = None
+            if self._l7_pool is not None:
+                self._l7_pool.stop()
+                self._l7_pool = None
             if self.node is not None:
                 self.node.stop()
             if self.flow_file is not None:
@@ -540,6 +560,11 @@ class Agent:
     def _publish(self) -> None:
         self._audit_keys = self.state.audit_keys()
         self._audits = {name: self.audit_of(name) for name in self.state.endpoints}
+        self._l7_views = {name: self.engine.endpoint_policy(name).map_state for name in self.state.endpoints}
+        self._views = PolicyViews(self.state.revision, self._l7_views, dict(self._audits))
+        self._view_source.views = self._views
+        if self._l7_pool is not None:
+            self._l7_pool.publish(self._views)
         listeners, clusters, notes = self._translate()
         # One atomic update; the streams still send clusters before the listeners that name them.
         # A sidecar Envoy whose node id is an endpoint's name sees only that endpoint's listeners
@@ -557,7 +582,6 @@ class Agent:
                                          LISTENER: TypeChange(listeners, replace=True)})
         self._realized.record(self.state.revision, update.versions[LISTENER])
         self.notes = notes
-        self._l7_views = {name: self.engine.endpoint_policy(name).map_state for name in self.state.endpoints}
         self._update_gauges()
         self._who = Who({n: (tuple(s.ips), self.engine.identity_of(n).id) for n, s in self.state.endpoints.items()},
                         {i.id: i.labels for i in self.engine.identities()}, self.engine.ipcache.items(),
@@ -683,29 +707,18 @@ class Agent:
     # ------------------------------------------------------------------ L7 parsers (ext_proc)
 
     def _l7_target(self) -> GrpcTarget:
-        return GrpcTarget(L7_CLUSTER, f"unix:{self.config.l7_socket}")
-
-    def policy_revision(self) -> int:
-        return self.state.revision
+        first, *more = (f"unix:{p}" for p in self.config.l7_sockets)
+        return GrpcTarget(L7_CLUSTER, first, more=tuple(more))
 
     def l7_check(self, info: ConnectionInfo) -> Check:
         """The local endpoint's current policy for a parsed connection's peer (no agent lock)."""
-        ms = self._l7_views.get(info.endpoint)
-        if ms is None:
-            return _deny_all(Decision(False, "", f"{info.endpoint or 'the connection'} is not an endpoint here"))
-        state = ms.ingress if info.direction == "ingress" else ms.egress
-        hit = state.lookup(info.peer_identity, Protocol.TCP, info.port)
-        if hit is None:
-            return _deny_all(Decision(False, "no rule allows it", "denied at L3/L4"))
-        entry = hit[2]
-        if entry.l7 is not None and entry.l7.protocol != info.protocol:
-            return _deny_all(Decision(False, "", f"this port's rules are {entry.l7.protocol}, not {info.protocol}"))
-        check = policy_check(entry)
-        ingress, egress = self._audits.get(info.endpoint, (False, False))
-        return _audited(check) if (ingress if info.direction == "ingress" else egress) else check
+        return check_for(self._views, info)
 
-    def _on_l7_record(self, info: ConnectionInfo, record: Record) -> None:
-        self._record(from_l7(time.time(), info, record, self._who, self.config.node_id))
+    def _on_worker_record(self, when: float, info: ConnectionInfo, record: Record) -> None:
+        self._on_l7_record(info, record, when)
+
+    def _on_l7_record(self, info: ConnectionInfo, record: Record, when: float | None = None) -> None:
+        self._record(from_l7(when or time.time(), info, record, self._who, self.config.node_id))
         self.metrics.l7(info.protocol, None if "error" in record.summary else record.decision.allowed)
         if "error" in record.summary:
             self._error(f"l7/{info.protocol}", f"{info.listener}: {record.summary['error']}")
@@ -951,7 +964,11 @@ class Agent:
 
         out = [ctl("xds-server", self._xds is not None, "not serving"),
                ctl("accesslog-server", self._als is not None, "not serving"),
-               ctl("l7-server", self._l7 is not None, "not serving")]
+               ctl("l7-server", self._l7 is not None or self._l7_pool is not None, "not serving")]
+        if self._l7_pool is not None:
+            alive = self._l7_pool.alive()
+            out.append(ctl("l7-workers", alive == len(self._l7_pool.addresses),
+                           f"{alive}/{len(self._l7_pool.addresses)} workers alive", restarts=self._l7_pool.restarts))
         if self.envoy is not None:
             running = envoy.get("state") == "running" and envoy.get("ready", True) is not False
             out.append(ctl("envoy-supervisor", running, str(envoy.get("last_error") or envoy.get("admin_error")
@@ -972,22 +989,6 @@ class Agent:
         if limit is not None:
             items = items[-limit:] if limit > 0 else []
         return {"last": self.flow_log.last_seq(), "flows": [f.to_json(n) for n, f in items]}
-
-
-def _audited(check: Check) -> Check:
-    """Audit mode: what ``check`` denies is allowed, marked as audited."""
-    def audit(request: L7Request) -> Decision:
-        d = check(request)
-        return d if d.allowed else Decision(True, d.rule, d.reason, audit=True)
-
-    return audit
-
-
-def _deny_all(decision: Decision) -> Check:
-    def check(_request: object) -> Decision:
-        return decision
-
-    return check
 
 
 def _same_objects(a: tuple[Any, ...], b: tuple[Any, ...]) -> bool:

@@ -80,6 +80,9 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
               "lines, rotated by size.")
 @click.option("--flow-file-max-mb", type=click.IntRange(1), default=100, show_default=True)
 @click.option("--flow-file-backups", type=click.IntRange(0), default=5, show_default=True)
+@click.option("--l7-workers", type=click.IntRange(0, 64), default=0, show_default=True,
+              help="Run the Kafka/Cassandra/Memcached/plugin parsers in this many worker processes (0: in the "
+              "agent's own process); Envoy spreads connections over them.")
 @click.option("--kubernetes", metavar="in-cluster|KUBECONFIG",
               help="Watch Pods, NetworkPolicy, CiliumNetworkPolicy and CiliumClusterwideNetworkPolicy: in-cluster "
               "(the pod's service account) or a kubeconfig path ('default': $KUBECONFIG or ~/.kube/config).")
@@ -88,7 +91,8 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning"]), default="info", show_default=True)
 def agent_cmd(state_dir: str, xds_addresses: Sequence[str], envoy_mode: str, node_id: str, datapath: str,
               bpf_pin_dir: str, router_ip: str | None, flow_file: str | None, flow_file_max_mb: int,
-              flow_file_backups: int, kubernetes: str | None, node_name: str | None, log_level: str) -> None:
+              flow_file_backups: int, l7_workers: int, kubernetes: str | None, node_name: str | None,
+              log_level: str) -> None:
     """Run the agent until SIGTERM or Ctrl-C: load state, serve the REST API on
     <state-dir>/cilia.sock, serve xDS, supervise Envoy, receive its access logs; with
     --datapath bpf also load the BPF datapath. Stopping leaves the BPF programs enforcing the
@@ -105,7 +109,8 @@ def agent_cmd(state_dir: str, xds_addresses: Sequence[str], envoy_mode: str, nod
     config = AgentConfig(Path(state_dir).resolve(), envoy_mode, tuple(xds_addresses), node_id,  # type: ignore[arg-type]
                          datapath=datapath, bpf_pin_dir=bpf_pin_dir, router_ip=router_ip,  # type: ignore[arg-type]
                          flow_file=Path(flow_file).resolve() if flow_file else None,
-                         flow_file_max_bytes=flow_file_max_mb << 20, flow_file_backups=flow_file_backups)
+                         flow_file_max_bytes=flow_file_max_mb << 20, flow_file_backups=flow_file_backups,
+                         l7_workers=l7_workers)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())

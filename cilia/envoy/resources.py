@@ -56,6 +56,7 @@ class GrpcTarget:
     cluster: str
     address: str
     port: int = 0
+    more: tuple[str, ...] = ()  # further ``unix:PATH`` endpoints of the same service (worker processes)
 
 
 AccessLogTarget = GrpcTarget
@@ -187,14 +188,16 @@ def grpc_cluster(target: GrpcTarget) -> cluster_pb2.Cluster:
         address = address_pb2.Address(pipe=address_pb2.Pipe(path=target.address.removeprefix("unix:")))
     else:
         address = socket_address(target.address, target.port)
+    addresses = [address, *(address_pb2.Address(pipe=address_pb2.Pipe(path=a.removeprefix("unix:")))
+                            for a in target.more)]
     cluster = cluster_pb2.Cluster(
         name=target.cluster,
         type=cluster_pb2.Cluster.STATIC,
         connect_timeout=duration_pb2.Duration(seconds=2),
         load_assignment=endpoint_pb2.ClusterLoadAssignment(cluster_name=target.cluster, endpoints=[
             endpoint_components_pb2.LocalityLbEndpoints(lb_endpoints=[
-                endpoint_components_pb2.LbEndpoint(endpoint=endpoint_components_pb2.Endpoint(
-                    address=address))])]),
+                endpoint_components_pb2.LbEndpoint(endpoint=endpoint_components_pb2.Endpoint(address=a))
+                for a in addresses])]),
     )
     options = http_protocol_options_pb2.HttpProtocolOptions(
         explicit_http_config=http_protocol_options_pb2.HttpProtocolOptions.ExplicitHttpConfig(

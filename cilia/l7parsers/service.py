@@ -21,8 +21,10 @@ moves messages. Every decided request reaches the ``RecordSink`` (flows and metr
 
 from __future__ import annotations
 
+import asyncio
 import logging
-from collections.abc import Callable, Iterator, Mapping
+import threading
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -30,7 +32,6 @@ import grpc
 from envoy.service.network_ext_proc.v3 import network_external_processor_pb2 as pb
 
 from cilia.envoy.resources import LOCAL_PREFIX, NO_LOCAL, PEER_PREFIX, RBAC_NAMESPACE
-from cilia.grpcserver import GrpcServer
 
 from .base import Check, Decision, L7Connection, Output, ProtocolError, Record
 from .registry import ConnectionFactory, connection_factory
@@ -175,12 +176,30 @@ class _Refused(Exception):
 SERVICE_NAME = "envoy.service.network_ext_proc.v3.NetworkExternalProcessor"
 
 
-class L7Server(GrpcServer):
-    """The service on a gRPC server; each open connection holds one of ``max_streams`` threads."""
+class L7Server:
+    """The service on a grpc.aio server, its event loop on a thread of its own.
 
-    def __init__(self, source: PolicySource, sink: RecordSink = _ignore, max_streams: int = 1024) -> None:
+    asyncio rather than a thread per stream: measured on Envoy 1.40 with a pass-through servicer
+    and 8 memcached connections, the thread-per-stream server answered 5,400 chunk pairs a second
+    and grpc.aio 12,700 (bench/README.md). Parsers are plain code run inline; nothing they call
+    blocks (policy views are lock-free)."""
+
+    def __init__(self, source: PolicySource, sink: RecordSink = _ignore) -> None:
         self.source = source
         self.sink = sink
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="cilia-l7", daemon=True)
+        self._addresses: list[str] = []
+        self._server: Any = None
+
+    def add_address(self, address: str) -> None:
+        self._addresses.append(address)
+
+    def start(self) -> None:
+        self._thread.start()
+        asyncio.run_coroutine_threadsafe(self._start(), self._loop).result(30)
+
+    async def _start(self) -> None:
         handler = grpc.method_handlers_generic_handler(SERVICE_NAME, {
             "Process": grpc.stream_stream_rpc_method_handler(
                 self._process,
@@ -188,14 +207,31 @@ class L7Server(GrpcServer):
                 response_serializer=pb.ProcessingResponse.SerializeToString,
             ),
         })
-        super().__init__([handler], max_streams, "cilia-l7")
+        self._server = grpc.aio.server()
+        self._server.add_generic_rpc_handlers([handler])
+        for address in self._addresses:
+            if not self._server.add_insecure_port(address) and not address.startswith("unix:"):
+                raise OSError(f"cannot listen on {address}")
+        await self._server.start()
 
-    def _process(self, requests: Iterator[Any], context: grpc.ServicerContext) -> Iterator[Any]:
-        meta = {k: v for k, v in context.invocation_metadata() if isinstance(v, str)}
+    def stop(self, grace: float | None = None) -> None:
+        """Stop serving (open streams are cancelled) and end the loop's thread. Safe to repeat."""
+        if self._server is not None and self._loop.is_running():
+            asyncio.run_coroutine_threadsafe(self._server.stop(grace), self._loop).result(30)
+            self._server = None
+        if self._loop.is_running():
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(10)
+        if not self._loop.is_running() and not self._loop.is_closed():
+            self._loop.close()
+
+    async def _process(self, requests: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+        meta = {k: v for k, v in context.invocation_metadata() or () if isinstance(v, str)}
         handler = StreamHandler(meta, self.source, self.sink)
         try:
-            for request in requests:
-                yield from handler.handle(request)
+            async for request in requests:
+                for response in handler.handle(request):
+                    yield response
                 if handler.closed:
                     return
         except grpc.RpcError:

@@ -5,6 +5,8 @@ connection, denials answered by the parser, the connection kept, verdicts in `ci
 from __future__ import annotations
 
 import json
+import os
+import signal
 import socket
 import socketserver
 import threading
@@ -54,14 +56,14 @@ class _Droid(socketserver.StreamRequestHandler):
             self.wfile.write(b"OK\r\n")
 
 
-@pytest.fixture
-def droid(tmp_path: Path) -> Iterator[tuple[Agent, Path]]:
+@pytest.fixture(params=[0, 2], ids=["in-process", "2-workers"])
+def droid(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[tuple[Agent, Path]]:
     server = socketserver.ThreadingTCPServer((DROID, free_port(DROID)), _Droid)
     server.daemon_threads = True
     threading.Thread(target=server.serve_forever, daemon=True).start()
     state = tmp_path / "state"
     try:
-        with agent_in_process(state) as agent:
+        with agent_in_process(state, l7_workers=request.param) as agent:
             for args in (["--name", "r2d2", "--labels", "app=r2d2", "--ip", DROID,
                           "--port", f"4242:{server.server_address[1]}"],
                          ["--name", "c3po", "--labels", "app=c3po", "--ip", C3PO],
@@ -145,3 +147,29 @@ def test_audit_mode_reaches_the_parser(droid: tuple[Agent, Path], tmp_path: Path
         time.sleep(0.2)
     assert [(f["l7"]["cmd"], f["verdict"]) for f in flows[-2:]] == [("WRITE", "AUDIT"), ("READ", "FORWARDED")]
     assert flows[-2]["drop_reason"] == "no r2d2 rule matches" and flows[-2]["rule"].startswith("default deny")
+
+
+@pytest.mark.parametrize("droid", [2], indirect=True, ids=["2-workers"])
+def test_a_dead_worker_is_started_again(droid: tuple[Agent, Path]) -> None:
+    agent, state = droid
+    pool = agent._l7_pool
+    assert pool is not None
+    victim = pool._procs[0]
+    os.kill(victim.pid, signal.SIGKILL)
+    deadline = time.monotonic() + 20
+    while (pool.restarts < 1 or pool.alive() < 2) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert pool.restarts >= 1 and pool.alive() == 2
+    # Connections Envoy sends the dead worker's way fail (closed: fail closed) until it has
+    # reconnected to the new one; then every connection works again, whichever worker it picks
+    deadline = time.monotonic() + 15
+    streak = 0
+    while streak < 6 and time.monotonic() < deadline:
+        streak = streak + 1 if _talk(C3PO, [b"READ /public/plans\r\n"]) == [b"OK\r\n"] else 0
+        time.sleep(0.05)
+    assert streak == 6, "connections still fail after the worker was started again"
+    for _ in range(4):
+        assert _talk(C3PO, [b"READ /public/plans\r\n", b"WRITE /public/plans\r\n"]) == [
+            b"OK\r\n", b"ERROR access denied\r\n"]
+    controllers = {c["name"]: c for c in run_cli(state, "status", "-o", "json").json()["controllers"]}
+    assert controllers["l7-workers"]["status"] == "ok" and controllers["l7-workers"]["restarts"] >= 1
