@@ -20,6 +20,7 @@ bench: setup
 	@$(PY) bench/xds_fanout.py
 	@$(PY) bench/http_enforcement.py
 	@$(PY) bench/bpf_datapath.py
+	@$(PY) bench/l7_protocols.py
 
 clean:
 	rm -rf .venv .pytest_cache .hypothesis

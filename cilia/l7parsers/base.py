@@ -130,6 +130,39 @@ class L7Connection(ABC):
         """Bytes the server sent (``b""``: it closed its side)."""
 
 
+class FramedConnection(L7Connection):
+    """An ``L7Connection`` whose subclasses read each side in ``_from_client``/``_from_server``:
+    empty chunks (a side closing) are ignored, and after a ProtocolError the connection stays
+    failed (h11's rule), so a host feeding it again gets the first error back."""
+
+    def __init__(self, check: Check, max_buffer: int = DEFAULT_MAX_BUFFER) -> None:
+        super().__init__(check, max_buffer)
+        self._failed: ProtocolError | None = None
+
+    def receive_client(self, data: bytes) -> Output:
+        return self._guard(self._from_client, data)
+
+    def receive_server(self, data: bytes) -> Output:
+        return self._guard(self._from_server, data)
+
+    @abstractmethod
+    def _from_client(self, data: bytes) -> Output: ...
+
+    @abstractmethod
+    def _from_server(self, data: bytes) -> Output: ...
+
+    def _guard(self, receive: Callable[[bytes], Output], data: bytes) -> Output:
+        if self._failed is not None:
+            raise ProtocolError(self._failed.side, f"fed after failing ({self._failed.message})")
+        if not data:
+            return Output()
+        try:
+            return receive(data)
+        except ProtocolError as e:
+            self._failed = e
+            raise
+
+
 @dataclass
 class ReplyQueue:
     """Replies owed to the client, in request order: a forwarded request's reply will come from

@@ -23,10 +23,9 @@ from __future__ import annotations
 import enum
 import struct
 from collections import deque
-from collections.abc import Callable
 from dataclasses import dataclass
 
-from .base import DEFAULT_MAX_BUFFER, Check, L7Connection, Output, ProtocolError, Record, ReplyQueue
+from .base import DEFAULT_MAX_BUFFER, Check, FramedConnection, Output, ProtocolError, Record, ReplyQueue
 from .memcache import MAX_KEY, Answer, Buffer, decided, key_text
 
 __all__ = [
@@ -296,7 +295,7 @@ class _Awaited:
     own: bool = False  # the parser's Noop: its response is not passed on
 
 
-class MemcacheBinaryConnection(L7Connection):
+class MemcacheBinaryConnection(FramedConnection):
     """The binary protocol both ways: requests checked and forwarded or denied, responses passed
     on unchanged with each denial put in its place."""
 
@@ -308,24 +307,6 @@ class MemcacheBinaryConnection(L7Connection):
         self._responses = ResponseReader(max_buffer)
         self._awaited: deque[_Awaited] = deque()
         self._queue = ReplyQueue()
-        self._failed: ProtocolError | None = None
-
-    def receive_client(self, data: bytes) -> Output:
-        return self._guard(self._from_client, data)
-
-    def receive_server(self, data: bytes) -> Output:
-        return self._guard(self._from_server, data)
-
-    def _guard(self, receive: Callable[[bytes], Output], data: bytes) -> Output:
-        if self._failed is not None:
-            raise ProtocolError(self._failed.side, f"fed after failing ({self._failed.message})")
-        if not data:
-            return Output()
-        try:
-            return receive(data)
-        except ProtocolError as e:
-            self._failed = e
-            raise
 
     def _from_client(self, data: bytes) -> Output:
         self._requests.feed(data)

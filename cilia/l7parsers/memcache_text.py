@@ -31,7 +31,7 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from .base import DEFAULT_MAX_BUFFER, Check, L7Connection, Output, ProtocolError, Record, ReplyQueue
+from .base import DEFAULT_MAX_BUFFER, Check, FramedConnection, Output, ProtocolError, Record, ReplyQueue
 from .memcache import MAX_KEY, MAX_LINE, Answer, Buffer, decided, key_text
 
 __all__ = [
@@ -577,7 +577,7 @@ class _Awaited:
 _BARRIER = _Awaited(_ACCEPTS[(Reply.MN, False)], False, True, own=True)
 
 
-class MemcacheTextConnection(L7Connection):
+class MemcacheTextConnection(FramedConnection):
     """The text protocol both ways: requests checked and forwarded or denied, replies passed on
     unchanged with each denial put in its place."""
 
@@ -591,24 +591,6 @@ class MemcacheTextConnection(L7Connection):
         self._quiet = 0  # how many awaited requests may get no reply
         self._drift = False  # a reply may have been credited to the wrong quiet request (until an MN)
         self._queue = ReplyQueue()
-        self._failed: ProtocolError | None = None
-
-    def receive_client(self, data: bytes) -> Output:
-        return self._guard(self._from_client, data)
-
-    def receive_server(self, data: bytes) -> Output:
-        return self._guard(self._from_server, data)
-
-    def _guard(self, receive: Callable[[bytes], Output], data: bytes) -> Output:
-        if self._failed is not None:
-            raise ProtocolError(self._failed.side, f"fed after failing ({self._failed.message})")
-        if not data:
-            return Output()
-        try:
-            return receive(data)
-        except ProtocolError as e:
-            self._failed = e
-            raise
 
     def _from_client(self, data: bytes) -> Output:
         self._requests.feed(data)
