@@ -260,15 +260,16 @@ def servers() -> Iterator[dict[str, int]]:
 
     with ExitStack() as stack:
         mc_port, kafka_port = free_port(), free_port()
-        mc = subprocess.Popen(["memcached", "-u", "root", "-l", "127.0.0.1", "-p", str(mc_port), "-U", "0"],
+        # every server listens on all addresses: the sidecar Envoy forwards to the endpoint's own
+        mc = subprocess.Popen(["memcached", "-u", "root", "-l", "0.0.0.0", "-p", str(mc_port), "-U", "0"],
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         stack.callback(_stop, mc)
-        tansu = subprocess.Popen([str(tansu_binary()), "broker", "--listener-url", f"tcp://127.0.0.1:{kafka_port}",
+        tansu = subprocess.Popen([str(tansu_binary()), "broker", "--listener-url", f"tcp://0.0.0.0:{kafka_port}",
                                   "--advertised-listener-url", f"tcp://127.0.0.1:{kafka_port}",
                                   "--storage-engine", "memory://tansu/"],
                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         stack.callback(_stop, tansu)
-        cassandra = start_cassandra()
+        cassandra = start_cassandra(host="0.0.0.0")
         stack.callback(cassandra.stop)
         for port in (mc_port, kafka_port):
             _wait_port(("127.0.0.1", port))
@@ -376,7 +377,7 @@ def main() -> int:
     samples: list[Sample] = []
     try:
         with servers() as ports, agent(ports, args.agent_arg):
-            paths = {"direct": lambda p: ("127.0.0.1", ports[p]), "tcp_proxy": lambda p: (PLAIN_SERVER, PORTS[p]),
+            paths = {"direct": lambda p: (L7_SERVER, ports[p]), "tcp_proxy": lambda p: (PLAIN_SERVER, PORTS[p]),
                      "parsed": lambda p: (L7_SERVER, PORTS[p])}
             for protocol in EXCHANGES:  # warm-up: every path answers
                 for path, target in paths.items():
