@@ -53,26 +53,32 @@ def _get_policies(agent: Agent, _: dict[str, str], __: dict[str, list[str]], ___
     return 200, agent.policies()
 
 
-def _post_policies(agent: Agent, _: dict[str, str], __: dict[str, list[str]], body: Any) -> tuple[int, Any]:
+_FILES = '"files": [{"path": STRING, "text": STRING}, ...]'
+
+
+def _policy_files(body: Any, expected: str) -> list[tuple[str, str]]:
+    """The body's policy files as (path, text); ``expected`` is the body's shape for the error."""
     files = body.get("files") if isinstance(body, dict) else None
     if not isinstance(files, list) or not all(
             isinstance(f, dict) and isinstance(f.get("path"), str) and isinstance(f.get("text"), str) for f in files):
-        raise AgentError('body: expected {"files": [{"path": STRING, "text": STRING}, ...]}')
+        raise AgentError(f"body: expected {expected}")
+    return [(f["path"], f["text"]) for f in files]
+
+
+def _post_policies(agent: Agent, _: dict[str, str], __: dict[str, list[str]], body: Any) -> tuple[int, Any]:
+    files = _policy_files(body, "{" + _FILES + "}")
     audit = body.get("audit", False)
     if not isinstance(audit, bool):
         raise AgentError("body: audit: expected true or false")
-    return 200, agent.import_policies([(f["path"], f["text"]) for f in files], audit)
+    return 200, agent.import_policies(files, audit)
 
 
 def _diff_policies(agent: Agent, _: dict[str, str], __: dict[str, list[str]], body: Any) -> tuple[int, Any]:
-    files = body.get("files") if isinstance(body, dict) else None
-    if not isinstance(files, list) or not all(
-            isinstance(f, dict) and isinstance(f.get("path"), str) and isinstance(f.get("text"), str) for f in files):
-        raise AgentError('body: expected {"files": [{"path": STRING, "text": STRING}, ...], "last": N}')
+    files = _policy_files(body, "{" + _FILES + ', "last": N}')
     last = body.get("last")
     if last is not None and (not isinstance(last, int) or last < 1):
         raise AgentError("body: last: expected a positive integer")
-    return 200, agent.diff_policies([(f["path"], f["text"]) for f in files], last)
+    return 200, agent.diff_policies(files, last)
 
 
 def _delete_policies(agent: Agent, _: dict[str, str], query: dict[str, list[str]], __: Any) -> tuple[int, Any]:

@@ -155,6 +155,17 @@ class _Realized:
 
 
 @dataclass(frozen=True)
+class Redirect:
+    """A map-state entry sending a port to the proxy (``l7_protocol`` "" when it names none)."""
+
+    direction: Direction
+    protocol: Protocol
+    port_lo: int
+    port_hi: int
+    l7_protocol: str
+
+
+@dataclass(frozen=True)
 class _Translated:
     """An endpoint's last translation and what it was made from (compared by identity: the engine
     hands out the same immutable map-state snapshot until the endpoint's policy changes)."""
@@ -197,7 +208,9 @@ class Agent:
         self._translated: dict[str, _Translated] = {}
         self._sidecar_names: set[str] = set()  # endpoints whose sidecar view is set
         self._node_translated: tuple[tuple[Any, ...], ProxyResources] | None = None
-        self._redirects: dict[str, tuple[Any, frozenset[str]]] = {}  # endpoint -> (map state, proxy keys)
+        # endpoint -> (map state, its REDIRECT entries): scanned once per map state, read by the
+        # proxy-port allocation and the redirect gauge
+        self._redirects: dict[str, tuple[MapState, tuple[Redirect, ...]]] = {}
         self._xds: XdsServer | None = None
         self._als: AccessLogServer | None = None
         self._l7: L7Server | None = None
@@ -596,10 +609,11 @@ class Agent:
         m.identities.set(len(self.engine.identities()))
         redirects: dict[str, set[tuple[str, str, int]]] = {}
         for name, ms in self._l7_views.items():
-            for d in (ms.ingress, ms.egress):
-                for _, l4, entry in d.entries():
-                    if entry.verdict is Verdict.REDIRECT and entry.l7 is not None:
-                        redirects.setdefault(entry.l7.protocol, set()).add((name, d.direction.value, l4.port_lo))
+            for r in self._redirects_of(name, ms):
+                if r.l7_protocol:
+                    redirects.setdefault(r.l7_protocol, set()).add((name, r.direction.value, r.port_lo))
+        # every publish passes here with the whole endpoint set: forget the deleted ones
+        self._redirects = {n: done for n, done in self._redirects.items() if n in self._l7_views}
         m.set_redirects({proto: len(ports) for proto, ports in redirects.items()})
 
     def _error(self, component: str, message: str) -> None:
@@ -628,20 +642,9 @@ class Agent:
         longer needed are released. Only with the BPF datapath."""
         if self.node is None:
             return
-        needed: set[str] = set()
-        redirects: dict[str, tuple[Any, frozenset[str]]] = {}
-        for name in self.state.endpoints:
-            ms = self.engine.endpoint_policy(name).map_state
-            done = self._redirects.get(name)
-            if done is None or done[0] is not ms:
-                keys = frozenset(proxy_key(d.direction, l4.port_lo) for d in (ms.ingress, ms.egress)
-                                 for _, l4, e in d.entries()
-                                 if e.verdict is Verdict.REDIRECT and l4.protocol is Protocol.TCP
-                                 and l4.port_lo == l4.port_hi)
-                done = (ms, keys)
-            redirects[name] = done
-            needed |= done[1]
-        self._redirects = redirects
+        needed = {proxy_key(r.direction, r.port_lo) for name in self.state.endpoints
+                  for r in self._redirects_of(name, self.engine.endpoint_policy(name).map_state)
+                  if r.protocol is Protocol.TCP and r.port_lo == r.port_hi}
         ports = {k: v for k, v in self.state.proxy_ports.items() if k in needed}
         lo, hi = self.config.proxy_port_range
         free = (p for p in range(lo, hi + 1) if p not in set(ports.values()))
@@ -652,6 +655,17 @@ class Agent:
                 continue
             ports[key] = port
         self.state.proxy_ports = ports
+
+    def _redirects_of(self, name: str, ms: MapState) -> tuple[Redirect, ...]:
+        """The endpoint's REDIRECT entries, scanned again only when its map state changed."""
+        done = self._redirects.get(name)
+        if done is None or done[0] is not ms:
+            done = (ms, tuple(Redirect(d.direction, l4.protocol, l4.port_lo, l4.port_hi,
+                                       e.l7.protocol if e.l7 is not None else "")
+                              for d in (ms.ingress, ms.egress) for _, l4, e in d.entries()
+                              if e.verdict is Verdict.REDIRECT))
+            self._redirects[name] = done
+        return done[1]
 
     def _sync_datapath(self) -> None:
         """Write the engine's ipcache and every endpoint's map state into the kernel (only
@@ -745,21 +759,15 @@ class Agent:
         if trace and self.node is not None and self.node.started:
             self.node.datapath.trace_for(30.0)
         items = self.monitor_log.since(since, limit, wait)
-        with self._lock:
-            events = [{"seq": n, **self._event_json(ev)} for n, ev in items]
+        who = self._who  # names both sides, as the flows do
+        events = [{"seq": n, **self._event_json(ev, who)} for n, ev in items]
         return {"last": self.monitor_log.last_seq(), "events": events}
 
-    def _event_json(self, ev: DatapathEvent) -> dict[str, Any]:
-        by_id = {v: k for k, v in self.state.endpoint_ids.items()}
+    def _event_json(self, ev: DatapathEvent, who: Who) -> dict[str, Any]:
         return {**ev.to_json(), "time": datetime.fromtimestamp(ev.time, UTC).isoformat(),
-                "endpoint": by_id.get(ev.endpoint_id, ""),
-                "source": self._side(ev.source, ev.source_port, ev.source_identity),
-                "destination": self._side(ev.destination, ev.destination_port, ev.destination_identity)}
-
-    def _side(self, address: str, port: int, identity: int) -> dict[str, Any]:
-        names = [s.name for s in self.state.endpoints.values() if address in s.ips]
-        return {"address": address, "port": port, "identity": identity, "labels": self._labels_of(identity),
-                **({"endpoint": names[0]} if names else {})}
+                "endpoint": who.endpoint_ids.get(ev.endpoint_id, ""),
+                "source": who.peer(ev.source, ev.source_port, ev.source_identity).to_json(),
+                "destination": who.peer(ev.destination, ev.destination_port, ev.destination_identity).to_json()}
 
     def _labels_of(self, identity: int) -> list[str]:
         ident = self.engine.allocator.get(identity) if identity else None

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..policy import Peer, Policy, Protocol, TraceRequest, trace
+from ..policy.identity import LOCAL_CIDR_BASE, MIN_ALLOCATED
 from ..policy.flows import GenericL7Request, HTTPRequest, KafkaRequest, L7Request
 from ..policy.l7.kafka import parse_api_key
 from ..policy.labels import LabelSet
@@ -24,7 +25,6 @@ from .flows import Flow, Verdict
 
 _PROTOCOLS = {"TCP": Protocol.TCP, "UDP": Protocol.UDP, "SCTP": Protocol.SCTP, "ICMP": Protocol.ICMP,
               "ICMPV6": Protocol.ICMPV6}
-FIRST_ENDPOINT_IDENTITY, FIRST_CIDR_IDENTITY = 256, 1 << 24
 
 
 @dataclass(frozen=True)
@@ -38,7 +38,7 @@ class Change:
 
 
 def _side(peer_labels: tuple[str, ...], address: str, identity: int | None, endpoint: str) -> Peer | None:
-    if endpoint or (identity is not None and FIRST_ENDPOINT_IDENTITY <= identity < FIRST_CIDR_IDENTITY):
+    if endpoint or (identity is not None and MIN_ALLOCATED <= identity < LOCAL_CIDR_BASE):
         return Peer(labels=LabelSet.parse(list(peer_labels))) if peer_labels else None
     if address:
         try:

@@ -96,6 +96,13 @@ class Who:
                  ipcache: Iterable[tuple[IPNetwork, int]], endpoint_ids: Mapping[int, str] | None = None) -> None:
         self._by_address = {ip: (name, ident) for name, (ips, ident) in endpoints.items() for ip in ips}
         self._identity_of_endpoint = {name: ident for name, (_, ident) in endpoints.items()}
+        # Reverse lookups, built once: the L7 path names a side per request.
+        self._address_of_endpoint: dict[str, str] = {}
+        for address, (name, _) in self._by_address.items():
+            self._address_of_endpoint.setdefault(name, address)
+        self._endpoint_of_identity: dict[int, str] = {}
+        for name, ident in self._identity_of_endpoint.items():
+            self._endpoint_of_identity.setdefault(ident, name)
         self._labels = {ident: tuple(ls.to_list()) for ident, ls in labels.items()}
         self._ipcache = IPCache()
         for prefix, ident in ipcache:
@@ -113,7 +120,7 @@ class Who:
         return self._identity_of_endpoint.get(name)
 
     def endpoint_with_identity(self, identity: int) -> str:
-        return next((n for n, i in self._identity_of_endpoint.items() if i == identity), "")
+        return self._endpoint_of_identity.get(identity, "")
 
     def peer(self, address: str, port: int = 0, identity: int | None = None) -> Peer:
         """A side by its address (its identity from the ipcache unless given)."""
@@ -129,7 +136,7 @@ class Who:
 
     def endpoint_peer(self, name: str, port: int = 0) -> Peer:
         ident = self._identity_of_endpoint.get(name)
-        address = next((a for a, (n, _) in self._by_address.items() if n == name), "")
+        address = self._address_of_endpoint.get(name, "")
         return Peer(address, port, ident, self.labels(ident), name)
 
 

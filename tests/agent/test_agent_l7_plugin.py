@@ -22,30 +22,7 @@ from cilia.agent.daemon import Agent
 from cilia.envoy.loopback import free_port
 
 DROID, C3PO, JAWA = "127.0.2.10", "127.0.2.11", "127.0.2.12"
-POLICY = """\
-apiVersion: cilium.io/v2
-kind: CiliumNetworkPolicy
-metadata:
-  name: droid
-spec:
-  endpointSelector:
-    matchLabels:
-      app: r2d2
-  ingress:
-  - fromEndpoints:
-    - matchLabels:
-        app: c3po
-    toPorts:
-    - ports:
-      - port: "4242"
-        protocol: TCP
-      rules:
-        l7proto: r2d2
-        l7:
-        - cmd: READ
-          file: "/public/.*"
-        - cmd: HALT
-"""
+POLICY = Path(__file__).parents[2] / "examples" / "r2d2" / "droid.yaml"  # the example plugin's own policy
 
 
 class _Droid(socketserver.StreamRequestHandler):
@@ -69,9 +46,7 @@ def droid(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[tuple[Agen
                          ["--name", "c3po", "--labels", "app=c3po", "--ip", C3PO],
                          ["--name", "jawa", "--labels", "app=jawa", "--ip", JAWA]):
                 assert run_cli(state, "endpoint", "add", *args).code == 0
-            policy = tmp_path / "droid.yaml"
-            policy.write_text(POLICY, encoding="utf-8")
-            res = run_cli(state, "policy", "import", str(policy))
+            res = run_cli(state, "policy", "import", str(POLICY))
             assert res.code == 0, res.err
             assert run_cli(state, "policy", "wait", res.out.split()[-1]).code == 0
             yield agent, state
@@ -133,9 +108,9 @@ def test_unparseable_bytes_close_the_connection_and_never_pass(droid: tuple[Agen
     assert b'cilia_policy_l7_total{proxy_type="r2d2",rule="parse_errors"} 1.0' in agent.metrics.exposition()
 
 
-def test_audit_mode_reaches_the_parser(droid: tuple[Agent, Path], tmp_path: Path) -> None:
+def test_audit_mode_reaches_the_parser(droid: tuple[Agent, Path]) -> None:
     _, state = droid
-    res = run_cli(state, "policy", "import", "--audit", str(tmp_path / "droid.yaml"))
+    res = run_cli(state, "policy", "import", "--audit", str(POLICY))
     assert res.code == 0 and run_cli(state, "policy", "wait", res.out.split()[-1]).code == 0
     assert _talk(C3PO, [b"WRITE /public/plans\r\n", b"READ /public/plans\r\n"]) == [b"OK\r\n", b"OK\r\n"]
     deadline = time.monotonic() + 10

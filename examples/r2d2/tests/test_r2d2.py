@@ -9,32 +9,10 @@ from cilia.l7parsers.registry import connection_factory
 from cilia.policy import Endpoint, LabelSet, PolicyEngine, Protocol, default_registry, parse_text
 from cilia_r2d2 import R2D2Connection
 import ipaddress
+from pathlib import Path
 import pytest
 
-POLICY = """\
-apiVersion: cilium.io/v2
-kind: CiliumNetworkPolicy
-metadata:
-  name: droid
-spec:
-  endpointSelector:
-    matchLabels:
-      app: r2d2
-  ingress:
-  - fromEndpoints:
-    - matchLabels:
-        app: c3po
-    toPorts:
-    - ports:
-      - port: "4242"
-        protocol: TCP
-      rules:
-        l7proto: r2d2
-        l7:
-        - cmd: READ
-          file: "/public/.*"
-        - cmd: HALT
-"""
+POLICY = (Path(__file__).parent.parent / "droid.yaml").read_text(encoding="utf-8")
 
 
 def _connection() -> R2D2Connection:
