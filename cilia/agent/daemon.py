@@ -75,7 +75,8 @@ from ..xds import CLUSTER, LISTENER, AckState, AckTracker, Cache, NackError, Typ
 from .diff import policy_diff
 from .flows import Flow, FlowFile, FlowFilter, Who, from_access, from_datapath, from_l7
 from .metrics import MeteredAckTracker, Metrics
-from .state import EndpointSpec, PolicyKey, StateError, load_state, save_state
+from ..specs import EndpointSpec, PolicyKey, StateError
+from .state import load_state, save_state
 
 _log = logging.getLogger(__name__)
 
