@@ -9,11 +9,12 @@ protocol; each message's dynamic metadata (from two naming RBAC filters, see
 gets the parser for the protocol and the local endpoint's policy for that peer (``PolicySource``);
 policy changes reach open connections at their next chunk.
 
-Answers, per chunk (verified against Envoy 1.40, FACTS.md): a read chunk is answered with the
-bytes to pass on to the server (``read_data``, MODIFIED), preceded, when the parser answers the
-client itself (a denial), by a response carrying only those bytes (``write_data``); a write chunk
-with the bytes for the client. A ``ProtocolError`` closes the connection (``connection_status:
-CLOSE``); so does a stream whose metadata is incomplete or whose protocol has no parser.
+Answers, per chunk (as Envoy 1.40 needs them): a read chunk is answered with the bytes to pass
+on to the server (``read_data``, MODIFIED), preceded, when the parser answers the client itself
+(a denial), by a response carrying only those bytes (``write_data``; on its own it would leave
+the read pending until the message timeout); a write chunk with the bytes for the client. A
+``ProtocolError`` closes the connection (``connection_status: CLOSE``); so does a stream whose
+metadata is incomplete or whose protocol has no parser.
 
 ``StreamHandler`` is the plain per-stream object (request in, responses out); ``L7Server`` only
 moves messages. Every decided request reaches the ``RecordSink`` (flows and metrics).

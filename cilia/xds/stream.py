@@ -3,7 +3,7 @@
 No gRPC here: the server feeds requests and cache-change notices in and writes out
 what comes back, so the protocol rules can be tested with in-memory sequences.
 
-Rules both variants follow (see CILIUM-NOTES §2):
+Rules of the xDS protocol both variants follow (Envoy relies on each):
 - nonces increase along a stream; a request carrying a nonce other than the latest one
   sent for its type is stale and its ACK/NACK is ignored;
 - ``error_detail`` marks a NACK; the rejected content counts as sent, so it is not sent
