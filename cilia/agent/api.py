@@ -14,7 +14,7 @@ import os
 import re
 import socketserver
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler
 from importlib import resources
@@ -24,7 +24,8 @@ from urllib.parse import parse_qs, urlsplit
 
 from .daemon import Agent, AgentError
 from .flows import FlowFilter, parse_labels
-from ..specs import EndpointSpec, StateError
+from .render import render
+from ..specs import EndpointSpec, PolicyKey, StateError
 
 _log = logging.getLogger(__name__)
 
@@ -237,6 +238,7 @@ class _RequestHandler(BaseHTTPRequestHandler):
             raise AgentError(f"request body is not JSON: {e}") from None
 
     def _send(self, status: int, payload: Any) -> None:
+        payload = render(payload)
         if isinstance(payload, _Raw):
             data, ctype = payload.data, payload.content_type
         elif isinstance(payload, str):
@@ -276,3 +278,32 @@ class APIServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
         self.shutdown()
         self.server_close()
         Path(str(self.server_address)).unlink(missing_ok=True)
+
+
+class InProcess:
+    """The agent's operations with the REST API's JSON answers, without the socket: what an
+    in-process caller written against the API's shapes (the Kubernetes watcher) uses."""
+
+    def __init__(self, agent: Agent) -> None:
+        self.agent = agent
+
+    def add_endpoint(self, spec: EndpointSpec) -> dict[str, Any]:
+        return render(self.agent.add_endpoint(spec))  # type: ignore[no-any-return]
+
+    def remove_endpoint(self, name: str) -> dict[str, Any]:
+        return render(self.agent.remove_endpoint(name))  # type: ignore[no-any-return]
+
+    def endpoints(self) -> dict[str, Any]:
+        return render(self.agent.endpoints())  # type: ignore[no-any-return]
+
+    def import_policies(self, files: Sequence[tuple[str, str]], audit: bool = False) -> dict[str, Any]:
+        return render(self.agent.import_policies(files, audit))  # type: ignore[no-any-return]
+
+    def delete_policies(self, name: str | None, namespace: str | None = None) -> dict[str, Any]:
+        return render(self.agent.delete_policies(name, namespace))  # type: ignore[no-any-return]
+
+    def delete_policy_keys(self, keys: Sequence[PolicyKey]) -> dict[str, Any]:
+        return render(self.agent.delete_policy_keys(keys))  # type: ignore[no-any-return]
+
+    def policies(self) -> dict[str, Any]:
+        return render(self.agent.policies())  # type: ignore[no-any-return]

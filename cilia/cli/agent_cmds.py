@@ -130,8 +130,10 @@ def _kubernetes_watcher(agent: Any, kubernetes: str, node_name: str | None, data
         click.echo(f"error: --kubernetes: {e}", err=True)
         sys.exit(2)
     # Named container ports give endpoints ports; without BPF an agent would put Envoy on them.
-    watcher = Watcher(api, agent, WatchConfig(node_name=node_name or socket.gethostname(),
-                                              pod_ports=datapath == "bpf" or envoy_mode == "none"))
+    from ..agent.api import InProcess
+
+    watcher = Watcher(api, InProcess(agent), WatchConfig(node_name=node_name or socket.gethostname(),
+                                                         pod_ports=datapath == "bpf" or envoy_mode == "none"))
     agent.kubernetes = watcher
     return watcher
 
