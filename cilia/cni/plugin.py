@@ -169,8 +169,9 @@ def cmd_add(req: Request) -> dict[str, Any]:
     wired = False
     try:
         if gateway is None:  # only a delegated plugin can leave it out
-            raise CNIError(ERR_INVALID_CONFIG, f"ipam plugin {getattr(ipam, 'name', OWN_IPAM)} gave {address} no "
-                           "gateway: configure one in ipam (the agent's --router-ip)")
+            name = ipam.name if isinstance(ipam, DelegatedIPAM) else OWN_IPAM
+            raise CNIError(ERR_INVALID_CONFIG, f"ipam plugin {name} gave {address} no gateway: configure one in "
+                           "ipam (the agent's --router-ip)")
         add_host_address(str(gateway))  # the endpoints' gateway must be an address of the node
         if ip("link", "show", "dev", req.host_if, check=False).returncode != 0:
             wire_veth(req.netns, req.host_if, str(address), str(gateway), req.ifname)
