@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from envoy.config.listener.v3 import listener_components_pb2, listener_pb2
 from envoy.extensions.filters.network.tcp_proxy.v3 import tcp_proxy_pb2
-from envoy_support import static_envoy, supervised
+from envoy_support import static_envoy, supervised, wait_until
 
 from cilia.envoy.admin import AdminClient
 from cilia.envoy.listener_health import listener_problems
@@ -80,8 +80,7 @@ def test_drained_envoy(envoy: tuple[LoopbackEnvoy, AdminClient, int]) -> None:
     connection; a listener sent afterwards is acked and never served."""
     lb, admin, port = envoy
     admin.drain_listeners()
-    with socket.socket() as s, pytest.raises(ConnectionRefusedError):
-        s.connect(("127.0.0.1", port))
+    wait_until(lambda: _refused(port), timeout=10)  # the workers close the sockets a moment later
     assert admin.state() == "LIVE"
     problems = listener_problems(admin, {"a"})
     assert problems == ["Envoy stopped its listeners (1 stopped, e.g. by POST /drain_listeners): "
@@ -89,6 +88,15 @@ def test_drained_envoy(envoy: tuple[LoopbackEnvoy, AdminClient, int]) -> None:
     lb.publish(resources(tcp_listener("a", port), tcp_listener("c", free_port())))
     assert listener_problems(admin, {"a", "c"})[0] == problems[0]
     assert len(listener_problems(admin, {"a", "c"})) == 2  # and c is not served
+
+
+def _refused(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.connect(("127.0.0.1", port))
+        except ConnectionRefusedError:
+            return True
+        return False
 
 
 def test_unreadable_admin_is_a_problem(tmp_path: Path) -> None:
