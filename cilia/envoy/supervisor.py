@@ -19,9 +19,9 @@ ports with a frozen policy: the next agent's Envoy then fails to bind them. Two 
 * every Envoy gets the parent-death signal SIGKILL. It is set by ``setpriv --pdeathsig KILL``
   (util-linux), which then execs Envoy, so Envoy keeps its PID. A ``preexec_fn`` calling prctl
   would run Python between fork and exec in a threaded process, which ``subprocess`` documents
-  as unsafe (the child can deadlock on a lock another thread held at fork). The signal follows
-  the *thread* that forked, so every Envoy is launched from the supervising thread, which lives
-  exactly as long as supervision;
+  as unsafe (the child can deadlock on a lock another thread held at fork). prctl(2) documents
+  the signal as following the *thread* that forked (kernels differ here), so every Envoy is
+  launched from the supervising thread, which lives exactly as long as supervision;
 * with a ``pid_file`` each Envoy's PID and start time are recorded, and ``start()`` first stops
   the Envoy recorded there if that very process still runs (``pidrecord``). This covers an
   agent killed in the instant between fork and prctl, and Envoys started by older agents.
@@ -40,6 +40,7 @@ from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
 from types import TracebackType
+from typing import BinaryIO
 
 from cilia.envoy.admin import AdminClient, AdminError, AdminUnavailable
 from cilia.envoy.listener_health import listener_problems
@@ -361,7 +362,7 @@ class EnvoySupervisor:
         with self._lock:
             if self._stop_event.is_set():
                 raise _StopRequested
-            with self.log_path.open("ab") as log:
+            with self._open_log() as log:
                 log.write(f"--- cilia: starting {' '.join(self.command())}\n".encode())
                 log.flush()
                 offset = log.tell()
@@ -409,7 +410,7 @@ class EnvoySupervisor:
             raise EnvoyStartError(f"cannot tell which Envoy ran before: {exc}; remove the file if no Envoy "
                                   "of this state directory runs") from None
         if stopped is not None:
-            with self.log_path.open("ab") as log:
+            with self._open_log() as log:
                 log.write(f"--- cilia: stopped leftover Envoy pid {stopped.pid} recorded in {self.pid_file}\n"
                           .encode())
 
@@ -485,6 +486,16 @@ class EnvoySupervisor:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+    def _open_log(self) -> BinaryIO:
+        """The log for appending, owner-only: Envoy's messages quote its config."""
+        fd = os.open(self.log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            os.fchmod(fd, 0o600)
+        except BaseException:
+            os.close(fd)
+            raise
+        return os.fdopen(fd, "ab")
 
     def _read_log(self, offset: int) -> str:
         """What Envoy wrote since ``offset`` (this launch only)."""

@@ -1,5 +1,5 @@
 """A local user other than the agent's cannot reach the managed Envoy's admin API (dump the policy,
-drain the listeners, stop Envoy) nor read its bootstrap or PID record. Checked as a real
+drain the listeners, stop Envoy) nor read its bootstrap, PID record or log. Checked as a real
 unprivileged user created for the test, against a real agent and Envoy, in a state directory
 that user can enter and list: only the files' own modes protect them."""
 
@@ -26,12 +26,13 @@ def test_another_user_cannot_reach_envoys_admin_or_read_its_bootstrap() -> None:
             assert run_as(user, ADMIN_PROBE, admin) == "refused PermissionError"
             assert run_as(user, READ_PROBE, str(bootstrap)) == "refused PermissionError"
             assert run_as(user, READ_PROBE, str(state / "envoy.pid")) == "refused PermissionError"
+            assert run_as(user, READ_PROBE, str(state / "envoy.log")) == "refused PermissionError"
             # ... though it gets as far as the directory and lists them: their modes protect them.
             socket_path = Path(admin.removeprefix("unix:"))
             assert socket_path.parent == state
             listed = run_as(user, LIST_PROBE, str(state)).split()
-            assert {socket_path.name, bootstrap.name, "envoy.pid"} <= set(listed)
-            for path in (socket_path, bootstrap, state / "envoy.pid"):
+            assert {socket_path.name, bootstrap.name, "envoy.pid", "envoy.log"} <= set(listed)
+            for path in (socket_path, bootstrap, state / "envoy.pid", state / "envoy.log"):
                 assert stat.S_IMODE(path.stat().st_mode) == 0o600, path
             # the owner (root, like the agent) uses the admin API as before
             assert agent.envoy.status().running and AdminClient(admin).ready()
