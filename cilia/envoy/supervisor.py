@@ -332,10 +332,15 @@ class EnvoySupervisor:
             first.error = EnvoyStartError("Envoy start interrupted by stop()")
             first.done.set()
             return
-        except EnvoyStartError as exc:
+        except Exception as exc:  # whatever it is, start() must not wait forever, nor Envoy linger
+            error = exc if isinstance(exc, EnvoyStartError) else EnvoyStartError(f"cannot start Envoy: {exc!r}")
             with self._lock:
-                self._set(EnvoyState.FAILED, error=str(exc), exit_code=exc.exit_code)
-            first.error = exc
+                launched = self._proc
+            if launched is not None:
+                self._terminate(launched, self.stop_timeout)
+            with self._lock:
+                self._set(EnvoyState.FAILED, error=str(error), exit_code=error.exit_code)
+            first.error = error
             first.done.set()
             return
         with self._lock:
@@ -362,24 +367,30 @@ class EnvoySupervisor:
         with self._lock:
             if self._stop_event.is_set():
                 raise _StopRequested
-            with self._open_log() as log:
-                log.write(f"--- cilia: starting {' '.join(self.command())}\n".encode())
-                log.flush()
-                offset = log.tell()
-                try:
+            try:
+                with self._open_log() as log:
+                    log.write(f"--- cilia: starting {' '.join(self.command())}\n".encode())
+                    log.flush()
+                    offset = log.tell()
                     # setpriv sets the parent-death signal, then execs Envoy (same PID)
                     proc = subprocess.Popen([setpriv, "--pdeathsig", "KILL", "--", *self.command()],
                                             stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                                             start_new_session=True, umask=_ENVOY_UMASK)
-                except OSError as exc:
-                    raise EnvoyStartError(f"cannot run Envoy: {exc}") from exc
+            except OSError as exc:
+                raise EnvoyStartError(f"cannot run Envoy: {exc}") from exc
             self._proc = proc
             self._changed.notify_all()
+            record_error = None
             if self.pid_file is not None:
                 try:
                     write_record(self.pid_file, proc.pid)
-                except (OSError, ProcessLookupError):
-                    pass  # it died at once: the wait below reports why
+                except OSError as exc:
+                    record_error = exc
+        if record_error is not None:
+            # fail closed: an unrecorded Envoy could not be found by the next agent
+            self._terminate(proc, self.stop_timeout)
+            raise EnvoyStartError(f"cannot record Envoy's PID in {self.pid_file}: {record_error}",
+                                  exit_code=proc.returncode)
         deadline = time.monotonic() + self.ready_timeout
         while True:
             code = proc.poll()
@@ -409,10 +420,15 @@ class EnvoySupervisor:
         except RecordError as exc:
             raise EnvoyStartError(f"cannot tell which Envoy ran before: {exc}; remove the file if no Envoy "
                                   "of this state directory runs") from None
+        except OSError as exc:
+            raise EnvoyStartError(f"cannot stop the Envoy recorded in {self.pid_file}: {exc}") from exc
         if stopped is not None:
-            with self._open_log() as log:
-                log.write(f"--- cilia: stopped leftover Envoy pid {stopped.pid} recorded in {self.pid_file}\n"
-                          .encode())
+            try:
+                with self._open_log() as log:
+                    log.write(f"--- cilia: stopped leftover Envoy pid {stopped.pid} recorded in {self.pid_file}\n"
+                              .encode())
+            except OSError as exc:
+                raise EnvoyStartError(f"cannot write Envoy's log {self.log_path}: {exc}") from exc
 
     def _forget_record(self, pid: int) -> None:
         """Remove the record of ``pid`` (it exited and was reaped); a newer record stays."""

@@ -312,3 +312,18 @@ def _answers(port: int) -> bool:
         return http_get(port)[0] == 200
     except OSError:
         return False
+
+
+def test_an_envoy_that_cannot_be_recorded_is_not_left_running(tmp_path: Path) -> None:
+    """Fail closed: an Envoy the next start could not find is stopped at once."""
+    env = static_envoy(tmp_path)
+    sup = EnvoySupervisor(env.bootstrap, env.admin_address, log_path=env.log,
+                          pid_file=tmp_path / "no-such-dir" / "envoy.pid")
+    try:
+        with pytest.raises(EnvoyStartError, match="cannot record Envoy's PID in .*no-such-dir/envoy.pid"):
+            sup.start()
+    finally:
+        sup.stop()
+    assert sup.status().state is EnvoyState.FAILED and sup.status().pid is None
+    with pytest.raises(AdminUnavailable):
+        AdminClient(env.admin_address, timeout=1).ready()
