@@ -34,7 +34,7 @@ from ..envoy.admin import AdminClient, AdminError
 from ..envoy.bootstrap import build_bootstrap, write_bootstrap
 from ..envoy.supervisor import EnvoySupervisor
 from ..bpf.datapath import DROP_REASONS, DatapathEvent
-from ..bpf.loader import DEFAULT_PIN_DIR
+from ..bpf.paths import DEFAULT_PIN_DIR
 from ..bpf.netns import Namespace, NetnsError, add_host_address, ip
 from ..bpf.node import EndpointPlan, NodeDatapath, proxy_key
 from ..envoy.translate import (
