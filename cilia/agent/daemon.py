@@ -33,11 +33,10 @@ from ..bpf.paths import DEFAULT_PIN_DIR
 from ..bpf.netns import Namespace, add_host_address
 from ..bpf.node import NodeDatapath
 from ..envoy.accesslog import AccessLogReceiver, AccessLogServer
-from ..envoy.bootstrap import build_bootstrap, to_json
+from ..envoy.bootstrap import build_bootstrap, write_bootstrap
 from ..envoy.l7service import ConnectionInfo, L7Server
 from ..envoy.l7views import check_for
 from ..envoy.l7workers import WorkerPool
-from ..netutil import free_port
 from ..envoy.supervisor import EnvoySupervisor
 from ..envoy.translate import AccessLogTarget, GrpcTarget
 from ..l7parsers.base import Check
@@ -287,12 +286,14 @@ class Agent:
             self._realize(None)
 
     def _start_envoy(self) -> None:
-        self.admin_address = f"127.0.0.1:{free_port()}"
+        # admin on an owner-only socket: over TCP any local user could dump, drain or stop Envoy
+        self.admin_address = f"unix:{self.config.state_dir / 'envoy-admin.sock'}"
         bootstrap = self.config.state_dir / "envoy-bootstrap.json"
-        bootstrap.write_text(to_json(build_bootstrap(self.config.node_id, f"unix:{self.config.xds_socket}",
-                                                     self.admin_address)), encoding="utf-8")
+        write_bootstrap(bootstrap, build_bootstrap(self.config.node_id, f"unix:{self.config.xds_socket}",
+                                                   self.admin_address))
         self.envoy = EnvoySupervisor(bootstrap, self.admin_address, log_path=self.config.state_dir / "envoy.log",
-                                     extra_args=self.config.envoy_args)
+                                     extra_args=self.config.envoy_args,
+                                     pid_file=self.config.state_dir / "envoy.pid")
         self.envoy.start()
 
     def stop(self) -> None:

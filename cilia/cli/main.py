@@ -253,24 +253,24 @@ def envoy() -> None:
 @envoy.command("bootstrap")
 @click.option("--node-id", required=True, help="Envoy node id (the xDS server keys its views by it).")
 @click.option("--xds-address", required=True, help="xDS server: HOST:PORT or unix:PATH.")
-@click.option("--admin-address", default="127.0.0.1:9901", show_default=True,
-              help="Envoy admin listener: HOST:PORT or unix:PATH.")
+@click.option("--admin", "--admin-address", "admin_address", default="127.0.0.1:9901", show_default=True,
+              help="Envoy admin listener: unix:PATH (an owner-only socket, mode 0600) or HOST:PORT "
+                   "(reachable by every local user: the admin API can dump the policy, drain or stop Envoy).")
 @click.option("--delta", is_flag=True, help="Use incremental (delta) ADS.")
 @click.option("--output-file", type=click.Path(dir_okay=False), help="Write here instead of stdout.")
 def bootstrap_cmd(node_id: str, xds_address: str, admin_address: str, delta: bool, output_file: str | None) -> None:
     """Print an Envoy bootstrap (JSON, which Envoy reads as YAML too) that takes
     its listeners and clusters from cilia over ADS."""
-    from ..envoy.bootstrap import build_bootstrap, to_json
+    from ..envoy.bootstrap import build_bootstrap, to_json, write_bootstrap
 
     try:
-        text = to_json(build_bootstrap(node_id, xds_address, admin_address, delta=delta))
+        bootstrap = build_bootstrap(node_id, xds_address, admin_address, delta=delta)
     except ValueError as exc:
         raise UsageError(str(exc)) from exc
     if output_file:
-        with open(output_file, "w", encoding="utf-8") as fh:
-            fh.write(text)
+        write_bootstrap(output_file, bootstrap)  # owner-only: it names the admin and xDS addresses
     else:
-        click.echo(text)
+        click.echo(to_json(bootstrap))
 
 
 register(cli, policy)

@@ -3,9 +3,16 @@
 Everything else (listeners, clusters, routes, endpoints) comes over xDS, so the
 bootstrap stays the same for the life of a node. Addresses are ``host:port`` or
 ``unix:PATH``; the xDS server must speak HTTP/2 (gRPC).
+
+The admin API can dump every policy, drain the listeners and stop Envoy, so an admin on
+``unix:PATH`` gets an owner-only socket (mode 0600, as Cilium does) and ``write_bootstrap``
+writes the file owner-only too: it names the admin and xDS addresses.
 """
 
 from __future__ import annotations
+
+import os
+from pathlib import Path
 
 from envoy.config.bootstrap.v3 import bootstrap_pb2
 from envoy.config.cluster.v3 import cluster_pb2
@@ -14,14 +21,23 @@ from envoy.config.endpoint.v3 import endpoint_components_pb2, endpoint_pb2
 from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2
 from google.protobuf import json_format
 
+from cilia.envoy.private_file import write_private
+
 XDS_CLUSTER = "cilia-xds"
+ADMIN_SOCKET_MODE = 0o600
 _HTTP_OPTIONS = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
+_MAX_UNIX_PATH = 107  # sun_path is 108 bytes with the terminating NUL
 
 
 def parse_address(address: str) -> address_pb2.Address:
     """``unix:PATH`` → a pipe; ``HOST:PORT`` (``[v6]:PORT`` too) → a TCP socket address."""
     if address.startswith("unix:"):
-        return address_pb2.Address(pipe=address_pb2.Pipe(path=address.removeprefix("unix:")))
+        path = address.removeprefix("unix:")
+        if not path:
+            raise ValueError(f"expected unix:PATH with a path, got {address!r}")
+        if len(os.fsencode(path)) > _MAX_UNIX_PATH:
+            raise ValueError(f"UNIX socket path longer than {_MAX_UNIX_PATH} bytes: {path}")
+        return address_pb2.Address(pipe=address_pb2.Pipe(path=path))
     host, sep, port = address.rpartition(":")
     if not sep or not port.isdigit():
         raise ValueError(f"expected HOST:PORT or unix:PATH, got {address!r}")
@@ -36,7 +52,11 @@ def build_bootstrap(
     delta: bool = False,
     cluster: str = "cilia",
 ) -> bootstrap_pb2.Bootstrap:
-    """A bootstrap for ``node_id`` that takes CDS and LDS over ADS (delta ADS if ``delta``)."""
+    """A bootstrap for ``node_id`` that takes CDS and LDS over ADS (delta ADS if ``delta``).
+    An admin on ``unix:PATH`` is created with mode 0600."""
+    admin = parse_address(admin_address)
+    if admin.HasField("pipe"):
+        admin.pipe.mode = ADMIN_SOCKET_MODE
     ads = config_source_pb2.ConfigSource(
         ads=config_source_pb2.AggregatedConfigSource(),
         resource_api_version=config_source_pb2.V3,
@@ -81,7 +101,7 @@ def build_bootstrap(
             cds_config=ads,
             lds_config=ads,
         ),
-        admin=bootstrap_pb2.Admin(address=parse_address(admin_address)),
+        admin=bootstrap_pb2.Admin(address=admin),
     )
 
 
@@ -89,3 +109,8 @@ def to_json(bootstrap: bootstrap_pb2.Bootstrap) -> str:
     """JSON (which Envoy also reads as YAML) for ``envoy -c FILE`` or ``--config-yaml``."""
     text: str = json_format.MessageToJson(bootstrap, indent=2, sort_keys=True)
     return text
+
+
+def write_bootstrap(path: str | Path, bootstrap: bootstrap_pb2.Bootstrap) -> None:
+    """Write ``bootstrap`` as JSON to ``path``, owner-only and atomically."""
+    write_private(path, to_json(bootstrap))
