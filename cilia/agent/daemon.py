@@ -72,6 +72,7 @@ from ..policy.model import IPNetwork
 from ..policy.parse import check_unique
 from ..ring import SeqRing
 from ..xds import CLUSTER, LISTENER, AckState, AckTracker, Cache, NackError, TypeChange, XdsServer, version_key
+from ..xds import ServerTls
 from .diff import policy_diff
 from .flows import Flow, FlowFile, FlowFilter, Who, from_access, from_datapath, from_l7
 from .metrics import MeteredAckTracker, Metrics
@@ -113,6 +114,9 @@ class AgentConfig:
     router_ip: str | None = None  # the gateway of endpoints the agent creates (put on lo if missing)
     proxy_port_range: tuple[int, int] = (10000, 20000)  # Envoy's transparent listeners (Cilium's range)
     l7_workers: int = 0  # L7 parsers in this many worker processes (0: in the agent's own process)
+    xds_tls: ServerTls | None = None  # mutual TLS for the TCP xds_addresses (client certificate CN = node id)
+    xds_insecure: bool = False  # serve TCP xds_addresses in plaintext: chosen explicitly, never by default
+    socket_group: int | None = None  # the agent's sockets are 0660 with this gid, else 0600
 
     @property
     def api_socket(self) -> Path:
@@ -252,22 +256,25 @@ class Agent:
                 self._start_datapath()
             for sock in (self.config.xds_socket, self.config.accesslog_socket, *self.config.l7_sockets):
                 sock.unlink(missing_ok=True)
-            self._xds = XdsServer(self.cache, self.tracker)
-            self._xds.add_address(f"unix:{self.config.xds_socket}")
+            group = self.config.socket_group
+            self._xds = XdsServer(self.cache, self.tracker, known_nodes=self._known_node)
+            self._xds.add_address(f"unix:{self.config.xds_socket}", group=group)
             for address in self.config.xds_addresses:
-                self._xds.add_address(address)
+                self._xds.add_address(address, group=group, tls=self.config.xds_tls,
+                                      insecure=self.config.xds_insecure)
             self._xds.start()
             self._als = AccessLogServer(self.receiver)
-            self._als.add_address(f"unix:{self.config.accesslog_socket}")
+            self._als.add_address(f"unix:{self.config.accesslog_socket}", group=group)
             self._als.start()
             if self.config.l7_workers:
-                self._l7_pool = WorkerPool([f"unix:{p}" for p in self.config.l7_sockets], self._on_worker_record)
+                self._l7_pool = WorkerPool([f"unix:{p}" for p in self.config.l7_sockets], self._on_worker_record,
+                                           group=group)
                 self._l7_pool.publish(self._views)
                 self._l7_pool.start()
             else:
                 self._view_source.views = self._views
                 self._l7 = L7Server(self._view_source, self._on_l7_record)
-                self._l7.add_address(f"unix:{self.config.l7_socket}")
+                self._l7.add_address(f"unix:{self.config.l7_socket}", group=group)
                 self._l7.start()
             if self.config.envoy == "managed":
                 self._start_envoy()
@@ -590,6 +597,8 @@ class Agent:
                 res_c = [c.name for c in done.resources.clusters] if done else []
                 self.cache.set_node_view(name, LISTENER, res_l)
                 self.cache.set_node_view(name, CLUSTER, res_c)
+            # Known to xDS (_known_node) only once its view is set: never a moment of seeing everything.
+            # Its listeners are new, so the update below pushes them.
             self._sidecar_names = set(self.state.endpoints)
         update = self.cache.update_many({CLUSTER: TypeChange(clusters, replace=True),
                                          LISTENER: TypeChange(listeners, replace=True)})
@@ -845,6 +854,11 @@ class Agent:
             self._node_translated = (key, res)
         notes.update(dict.fromkeys(res.notes))
         return ({li.name: li for li in res.listeners}, {c.name: c for c in res.clusters}, tuple(notes))
+
+    def _known_node(self, node_id: str) -> bool:
+        """The nodes xDS serves: the agent's own (--node-id) and, in sidecar mode, an endpoint's sidecar
+        (node id = the endpoint's name, seeing only that endpoint). Any other node gets nothing."""
+        return node_id == self.config.node_id or (self.node is None and node_id in self._sidecar_names)
 
     def proxies(self) -> list[str]:
         """Node ids of the proxies a revision must reach: the managed Envoy and every node that

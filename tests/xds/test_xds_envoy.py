@@ -21,9 +21,9 @@ class Counting(AckTracker):
         super().__init__()
         self.sent_count: dict[str, int] = {}
 
-    def on_sent(self, node_id: str, type_url: str, version: str) -> None:
+    def on_sent(self, node_id: str, type_url: str, version: str, *, stream: int) -> None:
         self.sent_count[type_url] = self.sent_count.get(type_url, 0) + 1
-        super().on_sent(node_id, type_url, version)
+        super().on_sent(node_id, type_url, version, stream=stream)
 
 
 @pytest.fixture
