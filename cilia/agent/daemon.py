@@ -64,9 +64,9 @@ from ..policy import (
     parse_text,
 )
 from ..l7parsers.base import Check, Record
-from ..l7parsers.service import ConnectionInfo, L7Server
-from ..l7parsers.views import PolicyViews, ViewSource, check_for
-from ..l7parsers.workers import WorkerPool
+from ..envoy.l7service import ConnectionInfo, L7Server
+from ..envoy.l7views import PolicyViews, ViewSource, check_for
+from ..envoy.l7workers import WorkerPool
 from ..policy.mapstate import MapState, Verdict
 from ..policy.model import IPNetwork
 from ..policy.parse import check_unique
