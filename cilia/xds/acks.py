@@ -61,12 +61,12 @@ def _order(version: str) -> tuple[str, int]:
 
 def _combined(states: Iterable[AckState]) -> AckState:
     """One node's standing from its open streams: the newest version sent, the oldest acked (what
-    all of them hold), and a NACK if one of them rejected something and has not acked since."""
+    all of them hold), and the NACK that still stands on one of them, else the newest one."""
     states = list(states)
     sent = max((st.sent for st in states), key=_order)
     acked = min((st.acked for st in states), key=_order)
-    nack = next((st for st in states if _nack_stands(st)), None)
-    return AckState(sent, acked, nack.nacked if nack else "", nack.nack_message if nack else "")
+    nack = next((st for st in states if _nack_stands(st)), None) or max(states, key=lambda st: _order(st.nacked))
+    return AckState(sent, acked, nack.nacked, nack.nack_message)
 
 
 class AckTracker:
