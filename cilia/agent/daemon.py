@@ -73,6 +73,7 @@ from ..policy.parse import check_unique
 from ..ring import SeqRing
 from ..xds import CLUSTER, LISTENER, AckState, AckTracker, Cache, NackError, TypeChange, XdsServer, version_key
 from ..xds import ServerTls
+from ..xds.sockets import private_dir
 from .diff import policy_diff
 from .flows import Flow, FlowFile, FlowFilter, Who, from_access, from_datapath, from_l7
 from .metrics import MeteredAckTracker, Metrics
@@ -184,7 +185,7 @@ class Agent:
     def __init__(self, config: AgentConfig) -> None:
         self.config = config
         self.started = time.time()
-        config.state_dir.mkdir(parents=True, exist_ok=True)
+        private_dir(config.state_dir, config.socket_group)  # nobody else may swap the sockets in it
         self._lock = threading.RLock()
         self.state = load_state(config.state_dir)
         self.engine = PolicyEngine(FileAllocator(config.state_dir))

@@ -34,6 +34,23 @@ def socket_mode(group: int | None) -> int:
     return OWNER_ONLY if group is None else OWNER_AND_GROUP
 
 
+def private_dir(path: Path, group: int | None = None) -> None:
+    """Make ``path`` (created with its parents if missing) a directory only its owner may change:
+    mode 0700, or 0710 with ``group`` (members may reach the sockets inside, not list or replace
+    them). Whoever may write to it could swap a socket for one of their own, which the proxies would
+    then trust. A directory of another user is left as it is unless others may write to it: refused."""
+    path.mkdir(parents=True, exist_ok=True)
+    st = path.stat()
+    if st.st_uid != os.geteuid():
+        if st.st_mode & 0o022:
+            raise OSError(f"{path} belongs to uid {st.st_uid} and others may write to it (mode "
+                          f"{st.st_mode & 0o777:o}): anyone could replace the sockets in it")
+        return
+    if group is not None:
+        os.chown(path, -1, group)
+    os.chmod(path, 0o710 if group is not None else 0o700)
+
+
 def bind_unix(path: Path | str, bind: Callable[[str], T], group: int | None = None) -> T:
     """Call ``bind(staging_path)`` (which must create a listening UNIX socket there), give the
     socket mode 0600 (0660 and ``group`` when given), then move it to ``path``; returns what

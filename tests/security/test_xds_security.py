@@ -86,6 +86,7 @@ def test_unprivileged_user_reaches_no_agent_socket(open_dir: Path, stranger: tup
     agent.start()
     try:
         assert connect_as(stranger, open_dir / "control.sock") == "ok"  # the harness can tell
+        assert stat.S_IMODE(state.stat().st_mode) == 0o700  # nobody else may swap a socket in it
         for name in SOCKETS:
             mode = (state / name).stat().st_mode
             assert stat.S_ISSOCK(mode) and stat.S_IMODE(mode) == 0o600, name
@@ -103,10 +104,22 @@ def test_socket_group_lets_its_members_in(open_dir: Path, stranger: tuple[int, i
         for name in SOCKETS:
             st = (state / name).stat()
             assert (stat.S_IMODE(st.st_mode), st.st_gid) == (0o660, stranger[1]), name
+        st = state.stat()
+        assert (stat.S_IMODE(st.st_mode), st.st_gid) == (0o710, stranger[1])  # reach, not list or change
         member = (stranger[0], stranger[1])
         assert connect_as(member, state / "xds.sock") == "ok"
     finally:
         agent.stop()
+
+
+def test_agent_refuses_a_state_dir_others_may_write(open_dir: Path, stranger: tuple[int, int]) -> None:
+    state = open_dir / "theirs"
+    state.mkdir()
+    os.chown(state, stranger[0], stranger[1])
+    state.chmod(0o777)
+    res = run_cli(open_dir, "agent", "--state-dir", str(state), "--envoy", "none")
+    assert res.code == 2
+    assert f"{state} belongs to uid {stranger[0]} and others may write to it" in res.err
 
 
 class Rogue:
