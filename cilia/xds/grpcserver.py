@@ -17,6 +17,8 @@ from pathlib import Path
 
 import grpc
 
+from cilia.xds.sockets import bind_unix
+
 
 class GrpcServer:
     def __init__(self, handlers: Sequence[grpc.GenericRpcHandler], max_streams: int, name: str) -> None:
@@ -38,8 +40,6 @@ class GrpcServer:
             return port
 
         if address.startswith("unix:"):
-            from cilia.xds.sockets import bind_unix  # here: cilia.xds imports this module
-
             path = Path(address.removeprefix("unix:"))
             port = bind_unix(path, lambda staging: listen(f"unix:{staging}"), group)
             self._unix_paths.append((path, path.stat().st_ino))
