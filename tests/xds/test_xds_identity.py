@@ -15,13 +15,14 @@ from pathlib import Path
 import grpc
 import pytest
 from envoy.service.discovery.v3 import ads_pb2_grpc
-from envoy.service.discovery.v3.discovery_pb2 import DiscoveryRequest, DiscoveryResponse
+from envoy.config.core.v3.base_pb2 import Node
+from envoy.service.discovery.v3.discovery_pb2 import DeltaDiscoveryRequest, DiscoveryRequest, DiscoveryResponse
 from google.rpc import status_pb2
 from pki import Pki
 from xds_support import free_port, http_get, http_listener, running_envoy, wait_for
 
 from cilia.envoy.bootstrap import XdsClientTls
-from cilia.xds import LISTENER, AckTracker, Cache, ServerTls, XdsServer
+from cilia.xds import LISTENER, AckTracker, Cache, DeltaStream, IdentityError, ServerTls, SotwStream, XdsServer
 
 
 @pytest.fixture(scope="module")
@@ -256,3 +257,20 @@ def test_real_envoy_whose_certificate_names_another_node_gets_nothing(
                                                  if "not the client certificate's 'node-y'" in r.getMessage()])
         assert env.dynamic("listeners") == {}
     assert tracker.states() == {}
+
+
+@pytest.mark.parametrize("kind", [SotwStream, DeltaStream])
+def test_stream_objects_hold_their_node(kind: type[SotwStream] | type[DeltaStream]) -> None:
+    cache, tracker = Cache(epoch="e"), AckTracker()
+    cache.upsert(LISTENER, "a", http_listener("a", 1, "x"))
+    request = DiscoveryRequest if kind is SotwStream else DeltaDiscoveryRequest
+    proven = kind(cache, tracker, None, identity="n1")
+    with pytest.raises(IdentityError, match="not the client certificate's 'n1'"):
+        proven.handle(request(type_url=LISTENER, node=Node(id="n2")))  # type: ignore[arg-type]
+    [r] = proven.handle(request(type_url=LISTENER))  # type: ignore[arg-type]
+    assert len(r.resources) == 1 and tracker.streams("n1") == 1  # no node named: the certificate's
+    claimed = kind(cache, tracker, None, known_nodes=lambda n: n == "n1")
+    [r] = claimed.handle(request(type_url=LISTENER, node=Node(id="n3")))  # type: ignore[arg-type]
+    assert len(r.resources) == 0 and tracker.streams("n3") == 0  # unknown: nothing, not tracked
+    with pytest.raises(IdentityError, match="on a stream of node 'n3'"):
+        claimed.handle(request(type_url=LISTENER, node=Node(id="n1")))  # type: ignore[arg-type]
