@@ -170,7 +170,7 @@ def test_nack_from_an_external_envoy_shows_in_status_and_wait(tmp_path: Path) ->
     from pki import Pki
 
     from cilia.envoy.bootstrap import XdsClientTls, build_bootstrap, to_json
-    from cilia.envoy.loopback import free_port
+    from cilia.netutil import free_port
     from cilia.envoy.supervisor import EnvoySupervisor
     from cilia.xds import ServerTls
 

@@ -30,7 +30,7 @@ from pki import Pki
 
 from cilia.envoy.admin import AdminClient
 from cilia.envoy.bootstrap import XdsClientTls, build_bootstrap, to_json
-from cilia.envoy.loopback import free_port
+from cilia.netutil import free_port
 from cilia.envoy.supervisor import EnvoySupervisor
 from cilia.xds import LISTENER, ServerTls
 
