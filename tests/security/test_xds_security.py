@@ -82,12 +82,16 @@ def test_unprivileged_user_reaches_no_agent_socket(open_dir: Path, stranger: tup
     control.listen()
     (open_dir / "control.sock").chmod(0o666)
     state = open_dir / "state"
-    agent = AgentProcess(state, wrapper=umask_000())
+    agent = AgentProcess(state, "--l7-workers", "1", wrapper=umask_000())  # a worker process's socket too
     agent.start()
     try:
+        deadline = time.monotonic() + 30
+        while not (state / "l7-0.sock").exists():
+            assert time.monotonic() < deadline, "the L7 worker did not listen"
+            time.sleep(0.1)
         assert connect_as(stranger, open_dir / "control.sock") == "ok"  # the harness can tell
         assert stat.S_IMODE(state.stat().st_mode) == 0o700  # nobody else may swap a socket in it
-        for name in SOCKETS:
+        for name in ("cilia.sock", "xds.sock", "accesslog.sock", "l7-0.sock"):
             mode = (state / name).stat().st_mode
             assert stat.S_ISSOCK(mode) and stat.S_IMODE(mode) == 0o600, name
             assert connect_as(stranger, state / name) == "PermissionError", name
