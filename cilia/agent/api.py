@@ -1,16 +1,15 @@
 """The agent's REST API: JSON over HTTP/1.1 on a UNIX socket (documented in openapi.yaml).
 
-Only local users who can open the socket (mode 0660, the agent's user and group) can change
-policy, as with Cilium's agent socket. Errors are ``{"error": TEXT, "problems": [...]}`` with
-the status the agent chose: 400 bad input, 404 unknown, 409 rejected (conflict or Envoy NACK),
-504 not realized in time.
+Only local users who can open the socket (mode 0600: the agent's user and root; 0660 with
+--socket-group: also that group) can change policy, as with Cilium's agent socket. Errors are
+``{"error": TEXT, "problems": [...]}`` with the status the agent chose: 400 bad input, 404
+unknown, 409 rejected (conflict or Envoy NACK), 504 not realized in time.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import os
 import re
 import socketserver
 import threading
@@ -22,6 +21,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
+from ..xds.sockets import bind_unix
 from .daemon import Agent, AgentError
 from .flows import FlowFilter, parse_labels
 from .render import render
@@ -265,9 +265,19 @@ class APIServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
 
     def __init__(self, path: Path, agent: Agent) -> None:
         self.agent = agent
-        path.unlink(missing_ok=True)
-        super().__init__(str(path), _RequestHandler)
-        os.chmod(path, 0o660)
+        super().__init__(str(path), _RequestHandler, bind_and_activate=False)
+
+        def listen(staging: str) -> None:
+            self.server_address = staging
+            self.server_bind()
+            self.server_activate()
+
+        try:  # 0600 (0660 with the agent's socket group) from the first moment, whatever the umask
+            bind_unix(path, listen, agent.config.socket_group)
+        except BaseException:
+            self.server_close()
+            raise
+        self.server_address = str(path)
         self._thread: threading.Thread | None = None
 
     def start(self) -> None:

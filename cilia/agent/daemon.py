@@ -59,7 +59,8 @@ from ..realizer.l7views import L7ViewSink
 from ..realizer.proxy import ProxyMode, ProxySink
 from ..realizer.proxyports import RedirectIndex, allocate
 from ..specs import EndpointSpec, PolicyKey, StateError
-from ..xds import LISTENER, AckTracker, Cache, NackError, XdsServer
+from ..xds import LISTENER, AckTracker, Cache, NackError, ServerTls, XdsServer
+from ..xds.sockets import private_dir
 from . import status as status_view
 from .diff import policy_diff
 from .flows import FlowFile, FlowFilter
@@ -115,6 +116,9 @@ class AgentConfig:
     router_ip: str | None = None  # the gateway of endpoints the agent creates (put on lo if missing)
     proxy_port_range: tuple[int, int] = (10000, 20000)  # Envoy's transparent listeners (Cilium's range)
     l7_workers: int = 0  # L7 parsers in this many worker processes (0: in the agent's own process)
+    xds_tls: ServerTls | None = None  # mutual TLS for the TCP xds_addresses (client certificate CN = node id)
+    xds_insecure: bool = False  # serve TCP xds_addresses in plaintext: chosen explicitly, never by default
+    socket_group: int | None = None  # the agent's sockets are 0660 with this gid, else 0600
 
     @property
     def api_socket(self) -> Path:
@@ -172,7 +176,7 @@ class Agent:
     def __init__(self, config: AgentConfig) -> None:
         self.config = config
         self.started = time.time()
-        config.state_dir.mkdir(parents=True, exist_ok=True)
+        private_dir(config.state_dir, config.socket_group)  # nobody else may swap the sockets in it
         self.lock = threading.RLock()  # engine, state and revisions; never held while waiting for proxies
         self.state = load_state(config.state_dir)
         self.engine = PolicyEngine(FileAllocator(config.state_dir))
@@ -244,21 +248,23 @@ class Agent:
             for sock in (self.config.xds_socket, self.config.accesslog_socket, *self.config.l7_sockets):
                 sock.unlink(missing_ok=True)
             s = self.servers
-            s.xds = XdsServer(self.cache, self.tracker)
-            s.xds.add_address(f"unix:{self.config.xds_socket}")
+            group = self.config.socket_group
+            s.xds = XdsServer(self.cache, self.tracker, known_nodes=self._known_node)
+            s.xds.add_address(f"unix:{self.config.xds_socket}", group=group)
             for address in self.config.xds_addresses:
-                s.xds.add_address(address)
+                s.xds.add_address(address, group=group, tls=self.config.xds_tls, insecure=self.config.xds_insecure)
             s.xds.start()
             s.als = AccessLogServer(self.receiver)
-            s.als.add_address(f"unix:{self.config.accesslog_socket}")
+            s.als.add_address(f"unix:{self.config.accesslog_socket}", group=group)
             s.als.start()
             if self.config.l7_workers:
-                s.l7_pool = WorkerPool([f"unix:{p}" for p in self.config.l7_sockets], self.observer.on_worker_record)
+                s.l7_pool = WorkerPool([f"unix:{p}" for p in self.config.l7_sockets], self.observer.on_worker_record,
+                                       group=group)
                 self.views.attach(s.l7_pool)
                 s.l7_pool.start()
             else:
                 s.l7 = L7Server(self.views.source, self.observer.on_l7_record)
-                s.l7.add_address(f"unix:{self.config.l7_socket}")
+                s.l7.add_address(f"unix:{self.config.l7_socket}", group=group)
                 s.l7.start()
             if self.config.envoy == "managed":
                 self._start_envoy()
@@ -603,6 +609,11 @@ class Agent:
         self.errors.append({"time": datetime.now(UTC).isoformat(), "component": component, "message": message})
 
     # ------------------------------------------------------------------ waiting for proxies
+
+    def _known_node(self, node_id: str) -> bool:
+        """The nodes xDS serves: the agent's own (--node-id) and, in sidecar mode, an endpoint's sidecar
+        (node id = the endpoint's name, seeing only that endpoint). Any other node gets nothing."""
+        return node_id == self.config.node_id or node_id in self.proxy.sidecar_names
 
     def proxies(self) -> list[str]:
         """Node ids of the proxies a revision must reach: the managed Envoy and every node that

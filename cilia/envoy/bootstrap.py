@@ -11,14 +11,18 @@ writes the file owner-only too: it names the admin and xDS addresses.
 
 from __future__ import annotations
 
+import ipaddress
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 from envoy.config.bootstrap.v3 import bootstrap_pb2
 from envoy.config.cluster.v3 import cluster_pb2
 from envoy.config.core.v3 import address_pb2, base_pb2, config_source_pb2, grpc_service_pb2, protocol_pb2
 from envoy.config.endpoint.v3 import endpoint_components_pb2, endpoint_pb2
+from envoy.extensions.transport_sockets.tls.v3 import common_pb2, tls_pb2
 from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2
+from envoy.type.matcher.v3 import string_pb2
 from google.protobuf import json_format
 
 from cilia.envoy.private_file import write_private
@@ -44,6 +48,43 @@ def parse_address(address: str) -> address_pb2.Address:
     return address_pb2.Address(socket_address=address_pb2.SocketAddress(address=host.strip("[]"), port_value=int(port)))
 
 
+@dataclass(frozen=True)
+class XdsClientTls:
+    """Mutual TLS to a TCP xDS server: this proxy's certificate (its subject CN is the node id the
+    server lets it speak for) and key, and the CA that signed the server's certificate."""
+
+    cert: Path
+    key: Path
+    ca: Path
+
+
+def _xds_transport_socket(tls: XdsClientTls, xds_address: str) -> base_pb2.TransportSocket:
+    """TLS with our client certificate; the server's certificate must chain to ``tls.ca`` and name
+    the address's host (an IP SAN for an IP, else a DNS SAN), as an HTTPS client would check."""
+    host = xds_address.rpartition(":")[0].strip("[]")
+    try:
+        ipaddress.ip_address(host)
+        san_type, sni = common_pb2.SubjectAltNameMatcher.IP_ADDRESS, ""
+    except ValueError:
+        san_type, sni = common_pb2.SubjectAltNameMatcher.DNS, host
+    context = tls_pb2.UpstreamTlsContext(
+        sni=sni,
+        common_tls_context=tls_pb2.CommonTlsContext(
+            alpn_protocols=["h2"],
+            tls_certificates=[common_pb2.TlsCertificate(
+                certificate_chain=base_pb2.DataSource(filename=str(tls.cert)),
+                private_key=base_pb2.DataSource(filename=str(tls.key)))],
+            validation_context=common_pb2.CertificateValidationContext(
+                trusted_ca=base_pb2.DataSource(filename=str(tls.ca)),
+                match_typed_subject_alt_names=[common_pb2.SubjectAltNameMatcher(
+                    san_type=san_type, matcher=string_pb2.StringMatcher(exact=host))]),
+        ),
+    )
+    socket = base_pb2.TransportSocket(name="envoy.transport_sockets.tls")
+    socket.typed_config.Pack(context)
+    return socket
+
+
 def build_bootstrap(
     node_id: str,
     xds_address: str,
@@ -51,9 +92,11 @@ def build_bootstrap(
     *,
     delta: bool = False,
     cluster: str = "cilia",
+    xds_tls: XdsClientTls | None = None,
 ) -> bootstrap_pb2.Bootstrap:
-    """A bootstrap for ``node_id`` that takes CDS and LDS over ADS (delta ADS if ``delta``).
-    An admin on ``unix:PATH`` is created with mode 0600."""
+    """A bootstrap for ``node_id`` that takes CDS and LDS over ADS (delta ADS if ``delta``; over
+    mutual TLS with ``xds_tls``, for a TCP xDS address). An admin on ``unix:PATH`` is created with
+    mode 0600."""
     admin = parse_address(admin_address)
     if admin.HasField("pipe"):
         admin.pipe.mode = ADMIN_SOCKET_MODE
@@ -83,6 +126,10 @@ def build_bootstrap(
         ),
     )
     xds_cluster.typed_extension_protocol_options[_HTTP_OPTIONS].Pack(http_options)
+    if xds_tls is not None:
+        if xds_address.startswith("unix:"):
+            raise ValueError("xDS TLS is for a TCP xDS address; a unix: socket is protected by its file mode")
+        xds_cluster.transport_socket.CopyFrom(_xds_transport_socket(xds_tls, xds_address))
     api_type = config_source_pb2.ApiConfigSource.DELTA_GRPC if delta else config_source_pb2.ApiConfigSource.GRPC
     return bootstrap_pb2.Bootstrap(
         node=base_pb2.Node(id=node_id, cluster=cluster),

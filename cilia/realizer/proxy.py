@@ -87,6 +87,12 @@ class ProxySink:
         self._sidecar_names: frozenset[str] = frozenset()  # endpoints whose sidecar view is set
         self._node: tuple[tuple[Any, ...], ProxyResources] | None = None
 
+    @property
+    def sidecar_names(self) -> frozenset[str]:
+        """Endpoints whose sidecar view is set (sidecar mode): only these may be served as nodes,
+        never before their view exists, so a sidecar never sees another endpoint's listeners."""
+        return self._sidecar_names
+
     def version_for(self, revision: int) -> str | None:
         return self._revisions.version_for(revision)
 
