@@ -16,7 +16,6 @@ from cilia.envoy.admin import AdminClient
 from cilia.envoy.bootstrap import build_bootstrap, write_bootstrap
 from cilia.envoy.supervisor import EnvoySupervisor
 from cilia.envoy.translate import ProxyResources
-from cilia.netutil import free_port
 from cilia.xds import CLUSTER, LISTENER, AckTracker, Cache, XdsServer
 
 __all__ = ["LoopbackEnvoy"]
