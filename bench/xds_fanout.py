@@ -1,9 +1,8 @@
-#!/usr/bin/env python3
 """xDS fan-out: from a policy import until every proxy acked it, with 1 real Envoy and 100 or
 1,000 simulated ones on one XdsServer.
 
-    .venv/bin/python bench/xds_fanout.py           # full run, a few minutes
-    .venv/bin/python bench/xds_fanout.py --quick   # small sizes, < 60 s, for smoke use
+    .venv/bin/python -m bench.xds_fanout           # full run, a few minutes
+    .venv/bin/python -m bench.xds_fanout --quick   # small sizes, < 60 s, for smoke use
 
 Prints a table and writes bench/results/xds_fanout.json (--quick: xds_fanout-quick.json).
 Progress goes to stderr. See bench/README.md for what is measured.
@@ -28,19 +27,18 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from bench.ads_load import AdsLoad
+from bench.synthetic_cluster import make_cluster, make_policies, policies_text
+
+from cilia.envoy.bootstrap import build_bootstrap, to_json
+from cilia.netutil import free_port
+from cilia.envoy.supervisor import EnvoySupervisor
+from cilia.envoy.translate import PortMapping, prefixes_by_identity, translate_ingress
+from cilia.policy import Endpoint, PolicyEngine, parse_text
+from cilia.policy.model import Policy
+from cilia.xds import CLUSTER, LISTENER, AckTracker, Cache, TypeChange, Update, XdsServer
+
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
-
-from ads_load import AdsLoad  # noqa: E402
-from synthetic_cluster import make_cluster, make_policies, policies_text  # noqa: E402
-
-from cilia.envoy.bootstrap import build_bootstrap, to_json  # noqa: E402
-from cilia.netutil import free_port  # noqa: E402
-from cilia.envoy.supervisor import EnvoySupervisor  # noqa: E402
-from cilia.envoy.translate import PortMapping, prefixes_by_identity, translate_ingress  # noqa: E402
-from cilia.policy import Endpoint, PolicyEngine, parse_text  # noqa: E402
-from cilia.policy.model import Policy  # noqa: E402
-from cilia.xds import CLUSTER, LISTENER, AckTracker, Cache, TypeChange, Update, XdsServer  # noqa: E402
 
 RESULTS = HERE / "results" / "xds_fanout.json"
 QUICK_RESULTS = HERE / "results" / "xds_fanout-quick.json"

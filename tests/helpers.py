@@ -1,4 +1,4 @@
-"""Paths shared by the tests (tests/ is on sys.path through its conftest)."""
+"""Paths and checks shared by the tests (imported as ``tests.helpers``)."""
 
 from __future__ import annotations
 

@@ -23,8 +23,8 @@ from http.server import ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
-from agent_support import AgentProcess, Result, run_cli
-from helpers import require_bpf
+from tests.agent.agent_support import AgentProcess, Result, run_cli
+from tests.helpers import require_bpf
 
 from cilia.bpf.netns import ip, run_in_netns
 from cilia.demo import Deathstar

@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from bpf_agent_support import CLOSED, TIMEOUT, BpfAgentNode, bpf_agent, request
+from tests.agent.bpf_agent_support import CLOSED, TIMEOUT, BpfAgentNode, bpf_agent, request
 
 from cilia.bpf.netns import ip
 

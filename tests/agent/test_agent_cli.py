@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from ruamel.yaml import YAML
 
-from agent_support import (
+from tests.agent.agent_support import (
     DEATHSTAR, EXHAUST, LAND, STARWARS, TIEFIGHTER, XWING, add_starwars_endpoints, agent_in_process,
     deathstar_app, run_cli, shoot, wait_flows,
 )
@@ -167,7 +167,7 @@ def test_change_envoy_rejects_is_reverted_and_the_last_good_policy_stays_enforce
 def test_nack_from_an_external_envoy_shows_in_status_and_wait(tmp_path: Path) -> None:
     """A proxy the agent does not manage (here over mutual TLS on TCP, --xds-address, its
     certificate naming node edge-1): its NACK is reported (not reverted) until fixed."""
-    from pki import Pki
+    from tests.pki import Pki
 
     from cilia.envoy.bootstrap import XdsClientTls, build_bootstrap, to_json
     from cilia.netutil import free_port

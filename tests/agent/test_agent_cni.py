@@ -13,8 +13,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from bpf_agent_support import ROUTER_IP, TIMEOUT, BpfAgentNode, bpf_agent
-from helpers import require_cni_plugins
+from tests.agent.bpf_agent_support import ROUTER_IP, TIMEOUT, BpfAgentNode, bpf_agent
+from tests.helpers import require_cni_plugins
 
 from cilia.bpf.netns import ip, run_in_netns
 from cilia.cni.plugin import Request

@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from agent_support import agent_in_process, run_cli
+from tests.agent.agent_support import agent_in_process, run_cli
 
 from cilia.agent.client import AgentClient
 from cilia.agent.daemon import Agent

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from bpf_agent_support import BpfAgentNode, bpf_agent
+from tests.agent.bpf_agent_support import BpfAgentNode, bpf_agent
 
 from cilia.bpf.netns import in_netns
 
@@ -170,7 +170,7 @@ attempt("drop", "DROP TABLE attendance.daily_records")
 
 
 def test_cassandra_guide_on_real_cassandra(node: BpfAgentNode) -> None:
-    from cassandra_support import start_cassandra
+    from tests.l7parsers.cassandra_support import start_cassandra
 
     add(node, "cass-server", SERVER_IP, "app=cass-server", "9042")
     add(node, "empire-hq", "10.212.0.23", "app=empire-hq")
@@ -270,7 +270,7 @@ print(json.dumps({"%(topic)s": asyncio.run(main())}))
 
 
 def test_kafka_guide_on_tansu(node: BpfAgentNode) -> None:
-    from kafka_support import tansu_binary
+    from tests.l7parsers.kafka_support import tansu_binary
 
     add(node, "kafka", SERVER_IP, "app=kafka", "9092")
     add(node, "empire-hq", "10.212.0.23", "app=empire-hq")

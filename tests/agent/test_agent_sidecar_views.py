@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from agent_support import (
+from tests.agent.agent_support import (
     EXHAUST, LAND, STARWARS, TIEFIGHTER, add_starwars_endpoints, agent_in_process, deathstar_app, run_cli, shoot,
 )
 

@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from agent_support import STARWARS, agent_in_process
+from tests.agent.agent_support import STARWARS, agent_in_process
 
 from cilia.specs import EndpointSpec, PortSpec
 

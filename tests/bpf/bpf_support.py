@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
-from helpers import require_bpf
+from tests.helpers import require_bpf
 
 from cilia.bpf import maps
 from cilia.bpf.datapath import Datapath, DatapathEvent

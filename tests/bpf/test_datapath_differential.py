@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import pytest
-from bpf_support import BpfNode, bpf_node
+from tests.bpf.bpf_support import BpfNode, bpf_node
 
 from cilia.policy import LabelSet, parse_text
 from cilia.policy.model import Protocol

@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import pytest
-from bpf_support import NODE_IP, BpfNode, bpf_node
+from tests.bpf.bpf_support import NODE_IP, BpfNode, bpf_node
 
 SERVER_INGRESS = """\
 apiVersion: cilium.io/v2

@@ -5,8 +5,6 @@ kernel's own answers are compared with trace in test_datapath_differential.py.""
 from __future__ import annotations
 
 import ipaddress
-import sys
-from pathlib import Path
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -16,8 +14,7 @@ from cilia.policy import Endpoint, PolicyEngine, parse_text
 from cilia.policy.mapstate import L4Key, PolicyEntry, Verdict
 from cilia.policy.model import Direction, Protocol
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "policy"))
-import strategies  # noqa: E402
+from tests.policy import strategies
 
 PORTS = (0, 1, 21, 22, 79, 80, 81, 85, 443, 999, 8080, 32767, 32768, 65535)
 PROTOCOLS = (Protocol.TCP, Protocol.UDP, Protocol.SCTP, Protocol.ICMP, Protocol.ICMPV6, 47)

@@ -9,7 +9,7 @@ from click.testing import CliRunner
 
 from cilia.cli.main import cli
 
-from helpers import STARWARS, cilium_examples_dir
+from tests.helpers import STARWARS, cilium_examples_dir
 
 L7 = str(STARWARS / "sw_l3_l4_l7_policy.yaml")
 TIE = "org=empire,class=tiefighter"

@@ -8,7 +8,7 @@ import re
 import subprocess
 
 import pytest
-from helpers import require_bpf
+from tests.helpers import require_bpf
 
 from cilia import demo
 

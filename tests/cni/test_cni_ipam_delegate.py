@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import require_cni_plugins
+from tests.helpers import require_cni_plugins
 
 from cilia.cni.delegate import ERR_IPAM, DelegatedIPAM, IPAMPluginError
 from cilia.cni.plugin import OWN_IPAM, Request

@@ -7,7 +7,6 @@ from __future__ import annotations
 import copy
 import json
 import re
-import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -22,7 +21,8 @@ from cilia.policy.l7 import dns as l7dns
 from cilia.policy.l7 import http as l7http
 from cilia.policy.l7 import kafka as l7kafka
 
-from deploy_support import REPO, Doc, crd_schemas, generator, json_schema, load_docs, prune_nulls, walk
+from tests.deploy.deploy_support import REPO, Doc, crd_schemas, generator, json_schema, load_docs, prune_nulls, walk
+from tests.policy.strategies import policy_docs  # random valid policies
 
 CNP, CCNP = "CiliumNetworkPolicy", "CiliumClusterwideNetworkPolicy"
 SCHEMAS = crd_schemas()
@@ -190,10 +190,6 @@ def test_examples_include_both_kinds() -> None:
 def test_cilium_example_validates(name: str, doc: Doc) -> None:
     assert not cilia_problems(doc)  # (cilia accepts them all: tests/policy/test_cilium_examples.py)
     assert not errors(doc), errors(doc)
-
-
-sys.path.insert(0, str(REPO / "tests" / "policy"))
-from strategies import policy_docs  # noqa: E402  (tests/policy's random valid policies)
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from packaging.specifiers import SpecifierSet
 
-from deploy_support import DEPLOY, REPO, find
+from tests.deploy.deploy_support import DEPLOY, REPO, find
 
 DOCKER = DEPLOY / "docker"
 DOCKERFILE = DOCKER / "Dockerfile"

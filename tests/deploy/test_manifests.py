@@ -16,7 +16,7 @@ import pytest
 
 from cilia.cni import plugin as cni
 
-from deploy_support import (
+from tests.deploy.deploy_support import (
     DEPLOY,
     K8S_VERSION,
     Doc,

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from deploy_support import DEPLOY, REPO, Doc, container_env, expand, find, load_docs, unexpanded
+from tests.deploy.deploy_support import DEPLOY, REPO, Doc, container_env, expand, find, load_docs, unexpanded
 
 SIDECAR = DEPLOY / "sidecar"
 BOOTSTRAP = SIDECAR / "envoy-bootstrap.json"

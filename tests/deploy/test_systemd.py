@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from deploy_support import DEPLOY, flags, help_text, parse_cilia
+from tests.deploy.deploy_support import DEPLOY, flags, help_text, parse_cilia
 
 UNIT = DEPLOY / "systemd" / "cilia-agent.service"
 

@@ -7,7 +7,7 @@ import stat
 from pathlib import Path
 
 import pytest
-from envoy_support import static_envoy, supervised
+from tests.envoy.envoy_support import static_envoy, supervised
 
 from cilia.envoy.admin import (
     AdminClient,

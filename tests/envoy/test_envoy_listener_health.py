@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from envoy.config.listener.v3 import listener_components_pb2, listener_pb2
 from envoy.extensions.filters.network.tcp_proxy.v3 import tcp_proxy_pb2
-from envoy_support import static_envoy, supervised, wait_until
+from tests.envoy.envoy_support import static_envoy, supervised, wait_until
 
 from cilia.envoy.admin import AdminClient
 from cilia.envoy.listener_health import listener_problems

@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from envoy_support import (
+from tests.envoy.envoy_support import (
     FAST_BACKOFF,
     GREETING,
     bootstrap_yaml,

@@ -9,8 +9,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
-from agent_support import AgentProcess, run_cli
-from apiserver import KubeTestServer
+from tests.agent.agent_support import AgentProcess, run_cli
+from tests.k8s.apiserver import KubeTestServer
 
 T = TypeVar("T")
 

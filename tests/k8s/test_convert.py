@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from helpers import run
+from tests.helpers import run
 from ruamel.yaml import YAML
 
 from cilia.specs import EndpointSpec, PortSpec

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
-from apiserver import KubeTestServer
+from tests.k8s.apiserver import KubeTestServer
 from click.testing import CliRunner
 
 from cilia.agent.api import APIServer, InProcess

@@ -22,8 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from policy_support import check_from_policy
-from relay import Relay
+from tests.l7parsers.policy_support import check_from_policy
+from tests.l7parsers.relay import Relay
 
 with warnings.catch_warnings():
     # kafka-python 3.0.12 calls the deprecated importlib.resources.read_text while importing,

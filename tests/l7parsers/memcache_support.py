@@ -13,8 +13,8 @@ import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 
-from helpers import cilium_examples_dir
-from policy_support import check_from_policy
+from tests.helpers import cilium_examples_dir
+from tests.l7parsers.policy_support import check_from_policy
 
 from cilia.l7parsers.base import Check, L7Connection, Output
 

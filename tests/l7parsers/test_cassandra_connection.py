@@ -13,7 +13,7 @@ from cilia.l7parsers.base import Check, Decision, Output, ProtocolError
 from cilia.l7parsers.cassandra import CassandraConnection
 from cilia.policy.flows import L7Request
 
-from cassandra_support import (
+from tests.l7parsers.cassandra_support import (
     SHOP_POLICY,
     batch,
     decode_reply,
@@ -34,7 +34,7 @@ from cassandra_support import (
     supported,
     void,
 )
-from policy_support import check_from_policy
+from tests.l7parsers.policy_support import check_from_policy
 
 CHECK = check_from_policy(SHOP_POLICY, "app=shop-frontend", "app=shop-db", 9042)
 QID = bytes(range(16))
@@ -635,7 +635,7 @@ def test_fixture_whole_bytewise_and_with_junk(name: str) -> None:
 
 def test_cilium_example_policy() -> None:
     """examples/cilium/cass-sw-security-policy.yaml, unchanged."""
-    from helpers import cilium_examples_dir
+    from tests.helpers import cilium_examples_dir
 
     text = (cilium_examples_dir() / "cass-sw-security-policy.yaml").read_text()
     outpost = conn(check_from_policy(text, "app=empire-outpost", "app=cass-server", 9042))

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import struct
 
-from cassandra_support import (
+from tests.l7parsers.cassandra_support import (
     SHOP_POLICY,
     batch,
     event,
@@ -24,7 +24,7 @@ from cassandra_support import (
 )
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from policy_support import check_from_policy
+from tests.l7parsers.policy_support import check_from_policy
 
 from cilia.l7parsers.base import Output, ProtocolError
 from cilia.l7parsers.cassandra import CassandraConnection

@@ -11,10 +11,10 @@ import pytest
 from cassandra import ConsistencyLevel, Unauthorized
 from cassandra.cluster import EXEC_PROFILE_DEFAULT, Cluster, ExecutionProfile, Session
 from cassandra.policies import RoundRobinPolicy
-from cassandra_support import Cassandra12, running_cassandra
-from helpers import cilium_examples_dir
-from policy_support import check_from_policy
-from relay import Relay
+from tests.l7parsers.cassandra_support import Cassandra12, running_cassandra
+from tests.helpers import cilium_examples_dir
+from tests.l7parsers.policy_support import check_from_policy
+from tests.l7parsers.relay import Relay
 
 from cilia.l7parsers.base import Check
 from cilia.l7parsers.cassandra import CassandraConnection

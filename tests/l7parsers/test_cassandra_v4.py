@@ -14,10 +14,10 @@ from cassandra import ConsistencyLevel, Unauthorized
 from cassandra.cluster import EXEC_PROFILE_DEFAULT, Cluster, ExecutionProfile, NoHostAvailable, Session
 from cassandra.policies import RoundRobinPolicy
 from cassandra.query import BatchStatement, SimpleStatement
-from cassandra_support import SHOP_POLICY
-from cql_v4_server import CQLv4TestServer
-from policy_support import check_from_policy
-from relay import Relay
+from tests.l7parsers.cassandra_support import SHOP_POLICY
+from tests.l7parsers.cql_v4_server import CQLv4TestServer
+from tests.l7parsers.policy_support import check_from_policy
+from tests.l7parsers.relay import Relay
 
 from cilia.l7parsers.cassandra import CassandraConnection
 

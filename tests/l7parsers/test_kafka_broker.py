@@ -24,8 +24,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from kafka_support import Broker, start_broker, tansu_binary
-from policy_support import check_from_policy
+from tests.l7parsers.kafka_support import Broker, start_broker, tansu_binary
+from tests.l7parsers.policy_support import check_from_policy
 
 import aiokafka.errors
 import kafka.errors

@@ -6,7 +6,7 @@ from __future__ import annotations
 import random
 
 import pytest
-from kafka_support import kp_build, kp_classes, sample
+from tests.l7parsers.kafka_support import kp_build, kp_classes, sample
 
 from cilia.l7parsers import kafka_schema as schema
 from cilia.l7parsers.kafka_codec import (

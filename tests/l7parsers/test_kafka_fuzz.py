@@ -9,7 +9,7 @@ import uuid
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from kafka_support import kafka_policy, kp_request, kp_response
+from tests.l7parsers.kafka_support import kafka_policy, kp_request, kp_response
 
 from cilia.l7parsers import kafka_schema as schema
 from cilia.l7parsers.base import Output, ProtocolError

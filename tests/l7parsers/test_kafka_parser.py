@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
-from kafka_support import kafka_policy, kp_classes, kp_decode_response, kp_request, kp_response, sample
+from tests.l7parsers.kafka_support import kafka_policy, kp_classes, kp_decode_response, kp_request, kp_response, sample
 
 from cilia.l7parsers import kafka_schema as schema
 from cilia.l7parsers.base import Decision, Output, ProtocolError

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from memcache_support import (
+from tests.l7parsers.memcache_support import (
     ALLOW_ALL, DENY_ALL, binary_request, binary_response, example_check, feed, rules_check,
 )
 

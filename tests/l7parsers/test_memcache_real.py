@@ -17,10 +17,10 @@ from contextlib import contextmanager
 import bmemcached
 import pytest
 from bmemcached.exceptions import MemcachedException
-from memcache_support import ALLOW_ALL, binary_request, example_check, memcached
+from tests.l7parsers.memcache_support import ALLOW_ALL, binary_request, example_check, memcached
 from pymemcache.client.base import Client
 from pymemcache.exceptions import MemcacheClientError
-from relay import Relay
+from tests.l7parsers.relay import Relay
 
 from cilia.l7parsers.base import Check
 from cilia.l7parsers.memcache import MemcacheConnection

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from memcache_support import ALLOW_ALL, DENY_ALL, example_check, feed, rules_check
+from tests.l7parsers.memcache_support import ALLOW_ALL, DENY_ALL, example_check, feed, rules_check
 
 from cilia.l7parsers.base import Check, Output, ProtocolError
 from cilia.l7parsers.memcache import MemcacheConnection

@@ -20,7 +20,7 @@ from cilia.policy.flows import HTTPRequest
 from cilia.policy.labels import Label, LabelSet
 from cilia.policy.model import Protocol
 
-from oracle import NAMESPACE_KEY, Flow, Side
+from tests.policy.oracle import NAMESPACE_KEY, Flow, Side
 
 APPS = ("a", "b", "c")
 ENVS = ("prod", "dev")

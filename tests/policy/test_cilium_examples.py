@@ -14,7 +14,7 @@ import pytest
 from cilia.policy import Policy, PolicyKind, Protocol, SourceRef, load_paths
 from cilia.policy.model import CIDRRule, GenericL7Rule, HTTPRule, ICMPField, KafkaRule, PortProtocol
 from cilia.policy.selectors import LabelSelector, Operator, Requirement
-from helpers import cilium_examples_dir
+from tests.helpers import cilium_examples_dir
 
 # file -> (kind, name, rules per policy); http-sw-app.yaml holds only the demo's workloads.
 EXAMPLES: dict[str, tuple[PolicyKind, str, int] | None] = {

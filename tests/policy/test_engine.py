@@ -23,7 +23,7 @@ from cilia.policy import (
     parse_text,
 )
 from cilia.policy.model import HTTPRule
-from helpers import cilium_examples_dir
+from tests.helpers import cilium_examples_dir
 
 TCP = Protocol.TCP
 

@@ -8,7 +8,7 @@ from cilia.policy.errors import SourceRef
 from cilia.policy.flows import DNSRequest
 from cilia.policy.l7 import dns
 from cilia.policy.model import DNSRule
-from helpers import parse_l7_rule, valid_l7_rule
+from tests.helpers import parse_l7_rule, valid_l7_rule
 
 
 def parse(text: str) -> tuple[DNSRule | None, list[str]]:

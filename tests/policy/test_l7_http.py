@@ -7,7 +7,7 @@ import pytest
 from cilia.policy.flows import HTTPRequest
 from cilia.policy.l7 import http
 from cilia.policy.model import HTTPRule
-from helpers import parse_l7_rule, valid_l7_rule
+from tests.helpers import parse_l7_rule, valid_l7_rule
 
 
 def parse(text: str) -> tuple[HTTPRule | None, list[str]]:

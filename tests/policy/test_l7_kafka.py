@@ -7,7 +7,7 @@ import pytest
 from cilia.policy.flows import KafkaRequest
 from cilia.policy.l7 import kafka
 from cilia.policy.model import KafkaRule
-from helpers import parse_l7_rule, valid_l7_rule
+from tests.helpers import parse_l7_rule, valid_l7_rule
 
 
 def parse(text: str) -> tuple[KafkaRule | None, list[str]]:

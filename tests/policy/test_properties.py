@@ -39,8 +39,8 @@ from cilia.policy.mapstate import ANY_IDENTITY, MapState, PolicyEntry, RawEntry
 from cilia.policy.model import PORT_PROTOCOLS, Policy, Protocol
 from cilia.policy.peers import AnyPeer
 
-import strategies as S
-from oracle import Flow, Side, decide
+from tests.policy import strategies as S
+from tests.policy.oracle import Flow, Side, decide
 
 BASE = settings(deadline=None, derandomize=True, database=None, print_blob=True,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])

@@ -21,7 +21,7 @@ from cilia.policy import (
     Protocol,
     parse_text,
 )
-from helpers import cilium_examples_dir, run
+from tests.helpers import cilium_examples_dir, run
 
 TCP, UDP, SCTP, ICMP, ICMPV6 = Protocol.TCP, Protocol.UDP, Protocol.SCTP, Protocol.ICMP, Protocol.ICMPV6
 NS = "k8s:io.kubernetes.pod.namespace"

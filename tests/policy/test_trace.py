@@ -6,7 +6,7 @@ import json
 import textwrap
 
 from cilia.policy import HTTPRequest, Policy, Protocol, parse_text
-from helpers import cilium_examples_dir, run
+from tests.helpers import cilium_examples_dir, run
 
 TCP, UDP, SCTP, ICMP = Protocol.TCP, Protocol.UDP, Protocol.SCTP, Protocol.ICMP
 TIEFIGHTER = "org=empire,class=tiefighter"

@@ -9,8 +9,9 @@ import os
 import stat
 from pathlib import Path
 
-from agent_support import agent_in_process
-from security_support import ADMIN_PROBE, LIST_PROBE, READ_PROBE, run_as, traversable_dir, unprivileged_user
+from tests.agent.agent_support import agent_in_process
+from tests.security.security_support import (ADMIN_PROBE, LIST_PROBE, READ_PROBE, run_as, traversable_dir,
+                                             unprivileged_user)
 
 from cilia.envoy.admin import AdminClient
 

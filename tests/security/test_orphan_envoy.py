@@ -14,10 +14,10 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
-from agent_support import (
+from tests.agent.agent_support import (
     EXHAUST, LAND, STARWARS, TIEFIGHTER, XWING, AgentProcess, add_starwars_endpoints, deathstar_app, run_cli, shoot,
 )
-from security_support import kill_if_running, process_running, start_time, wait_until
+from tests.security.security_support import kill_if_running, process_running, start_time, wait_until
 
 from cilia.envoy.supervisor import envoy_binary
 
@@ -137,7 +137,7 @@ static_resources:
 
 
 def test_next_agent_stops_the_leftover_envoy_recorded_in_its_state_dir(tmp_path: Path) -> None:
-    from agent_support import DEATHSTAR
+    from tests.agent.agent_support import DEATHSTAR
 
     state = tmp_path / "state"
     agent = AgentProcess(state)

@@ -22,11 +22,11 @@ from pathlib import Path
 
 import grpc
 import pytest
-from agent_support import AgentProcess, agent_in_process, run_cli
+from tests.agent.agent_support import AgentProcess, agent_in_process, run_cli
 from envoy.service.discovery.v3 import ads_pb2_grpc
 from envoy.service.discovery.v3.discovery_pb2 import DiscoveryRequest, DiscoveryResponse
 from google.rpc import status_pb2
-from pki import Pki
+from tests.pki import Pki
 
 from cilia.envoy.admin import AdminClient
 from cilia.envoy.bootstrap import XdsClientTls, build_bootstrap, to_json

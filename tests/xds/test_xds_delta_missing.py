@@ -8,7 +8,7 @@ from pathlib import Path
 
 from envoy.config.endpoint.v3 import endpoint_pb2
 from envoy.config.listener.v3 import listener_pb2
-from xds_support import eds_cluster, running_envoy, wait_for
+from tests.xds.xds_support import eds_cluster, running_envoy, wait_for
 
 from cilia.xds.acks import AckTracker
 from cilia.xds.cache import Cache

@@ -6,7 +6,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from xds_support import eds_cluster, http_get, http_listener, load_assignment, running_envoy, wait_for, free_port
+from tests.xds.xds_support import (eds_cluster, free_port, http_get, http_listener, load_assignment, running_envoy,
+                                   wait_for)
 
 from cilia.xds.acks import AckTracker, NackError
 from cilia.xds.cache import Cache

@@ -5,7 +5,7 @@ from __future__ import annotations
 import threading
 from pathlib import Path
 
-from als_support import ALLOW_RULE, DENY_POLICY, LOG_NAME, als_envoy, request, wait_until
+from tests.envoy.als_support import ALLOW_RULE, DENY_POLICY, LOG_NAME, als_envoy, request, wait_until
 
 from cilia.envoy.accesslog import AccessLogReceiver, AccessRecord, Verdict
 

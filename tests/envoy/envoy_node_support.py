@@ -1,7 +1,7 @@
 """A private network namespace with a real Envoy in it, for node-mode (transparent) proxying.
 
 ``node_namespace`` creates the namespace (lo up, the endpoints' /32 addresses on lo), starts
-``envoy_node_driver.py`` inside it and deletes the namespace however the test ends. iptables
+``tests.envoy.envoy_node_driver`` inside it and deletes the namespace however the test ends. iptables
 rules in the namespace redirect connections to Envoy's transparent listeners; Envoy's own
 upstream connections carry its socket mark and are let through.
 """
@@ -23,7 +23,8 @@ import pytest
 
 from cilia.envoy.translate import ProxyResources
 
-DRIVER = Path(__file__).with_name("envoy_node_driver.py")
+DRIVER = "tests.envoy.envoy_node_driver"  # run with -m from the repository root
+REPO = Path(__file__).resolve().parents[2]
 
 
 def require_root() -> None:
@@ -76,9 +77,9 @@ def node_namespace(addresses: Sequence[str]) -> Iterator[Node]:
         ip("-n", name, "link", "set", "lo", "up")
         for address in addresses:
             ip("-n", name, "addr", "add", f"{address}/32", "dev", "lo")
-        proc = subprocess.Popen(["ip", "netns", "exec", name, sys.executable, str(DRIVER)],
+        proc = subprocess.Popen(["ip", "netns", "exec", name, sys.executable, "-m", DRIVER],
                                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-                                cwd=Path(__file__).resolve().parents[2])
+                                cwd=REPO)
         yield Node(name, proc)
     finally:
         try:

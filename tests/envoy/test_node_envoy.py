@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from envoy_node_support import Node, node_namespace
+from tests.envoy.envoy_node_support import Node, node_namespace
 
 from cilia.envoy.accesslog import AccessLogReceiver, AccessRecord, Verdict, serve
 from cilia.envoy.translate import (

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import grpc
 import pytest
-from envoy_translate_support import envoy_serving, free_port
+from tests.envoy.envoy_translate_support import envoy_serving, free_port
 
 from cilia.envoy.translate import PortMapping, prefixes_by_identity, translate_ingress
 from cilia.policy import Endpoint, LabelSet, PolicyEngine, parse_text

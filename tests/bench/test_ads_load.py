@@ -3,17 +3,12 @@ connection each, in other processes) all get and ACK a new version; the server's
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 from envoy.config.cluster.v3 import cluster_pb2
 from envoy.config.listener.v3 import listener_pb2
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
+from bench.ads_load import AdsLoad
 
-from ads_load import AdsLoad  # noqa: E402
-
-from cilia.xds import CLUSTER, LISTENER, AckTracker, Cache, TypeChange, XdsServer  # noqa: E402
+from cilia.xds import CLUSTER, LISTENER, AckTracker, Cache, TypeChange, XdsServer
 
 CLIENTS = 50
 

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from envoy_translate_support import envoy_serving, free_port
-from test_translate_accesslog import DEATHSTAR, TIEFIGHTER, request, starwars, wait_records
+from tests.envoy.envoy_translate_support import envoy_serving, free_port
+from tests.envoy.test_translate_accesslog import DEATHSTAR, TIEFIGHTER, request, starwars, wait_records
 
 from cilia.demo import Deathstar
 from cilia.envoy.accesslog import Verdict, serve

@@ -7,7 +7,6 @@ Behaviour only: no assertion here looks at a rate or a latency.
 from __future__ import annotations
 
 import shutil
-import sys
 import tempfile
 from collections.abc import Iterator
 from dataclasses import replace
@@ -15,9 +14,7 @@ from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
-
-import http_enforcement as bench  # noqa: E402
+from bench import http_enforcement as bench
 
 pytestmark = pytest.mark.skipif(shutil.which("wrk") is None or shutil.which("h2load") is None,
                                 reason="wrk and h2load (Debian: wrk, nghttp2-client) are not installed")

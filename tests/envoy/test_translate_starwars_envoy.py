@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from envoy_translate_support import LoopbackEnvoy, envoy_serving, free_port
+from tests.envoy.envoy_translate_support import LoopbackEnvoy, envoy_serving, free_port
 
 from cilia.demo import Deathstar
 from cilia.envoy.translate import PortMapping, ProxyResources, prefixes_by_identity, translate_ingress

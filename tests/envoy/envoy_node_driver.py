@@ -1,4 +1,4 @@
-"""Runs inside a test's network namespace (``ip netns exec NS python envoy_node_driver.py``).
+"""Runs inside a test's network namespace (``ip netns exec NS python -m tests.envoy.envoy_node_driver``).
 
 The test process stays in its own namespace and drives this one over stdin/stdout, one JSON
 object per line each way:

@@ -149,7 +149,7 @@ def _rule_names(m: matcher_pb2.Matcher) -> list[str]:
 
 def test_many_http_rules_get_a_path_prefix_map_whose_buckets_hold_every_candidate() -> None:
     """Rules named after their path; predicates are placeholders here, Envoy checks the semantics
-    in tests/envoy_differential (policy many-paths)."""
+    in tests/envoy/test_envoy_differential.py (policy many-paths)."""
     paths = ["/a", "/a/b", "/ab", "/x/.*", ".*", "/a/c", "/q", "/r", "/s"]
     assert len(paths) >= TREE_MIN_RULES
     policy = HTTPPolicy(None, tuple((b"", p, literal_prefix(p)) for p in paths), "deny")

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from envoy_translate_support import envoy_serving, free_port
+from tests.envoy.envoy_translate_support import envoy_serving, free_port
 
 from cilia.demo import Deathstar
 from cilia.envoy.accesslog import AccessLogReceiver, AccessRecord, Verdict, serve
