@@ -34,6 +34,7 @@ with warnings.catch_warnings():
 
 from cilia.l7parsers.base import Check, L7Connection
 from cilia.l7parsers.kafka_schema import Field, Struct, Value
+from cilia.netutil import free_port
 
 
 def tansu_binary() -> Path:
@@ -41,12 +42,6 @@ def tansu_binary() -> Path:
     if not os.access(path, os.X_OK):
         path.chmod(0o755)
     return path
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def wait_for_port(port: int, proc: subprocess.Popen[bytes], timeout: float = 10.0) -> None:

@@ -1,5 +1,5 @@
 """Shared pieces of the memcache parser tests: real policies as Checks (Cilium's example and
-small ones of our own), feeding helpers, and a real memcached on a free port."""
+small ones of our own), frame builders, and a real memcached on a free port."""
 
 from __future__ import annotations
 
@@ -16,7 +16,8 @@ from contextlib import contextmanager
 from tests.helpers import cilium_examples_dir
 from tests.l7parsers.policy_support import check_from_policy
 
-from cilia.l7parsers.base import Check, L7Connection, Output
+from cilia.l7parsers.base import Check
+from cilia.netutil import free_port
 
 EXAMPLE_POLICY = cilium_examples_dir() / "memcd-sw-security-policy.yaml"
 SERVER_LABELS = "app=memcd-server"
@@ -61,17 +62,6 @@ ALLOW_ALL = rules_check({})
 DENY_ALL = rules_check({"command": "misbehave"})  # a command none of the tests send
 
 
-def feed(conn: L7Connection, data: bytes, chunk: int = 0, side: str = "client") -> Output:
-    """Feed ``data`` whole (chunk 0) or in pieces of ``chunk`` bytes; the outputs added up."""
-    receive = conn.receive_client if side == "client" else conn.receive_server
-    if not chunk:
-        return receive(data)
-    out = Output()
-    for i in range(0, len(data), chunk):
-        out = out + receive(data[i:i + chunk])
-    return out
-
-
 def binary_request(opcode: int, key: bytes = b"", extras: bytes = b"", value: bytes = b"", opaque: int = 0,
                    cas: int = 0, magic: int = 0x80, data_type: int = 0, status: int = 0) -> bytes:
     """A binary frame (a response with magic 0x81 and ``status``)."""
@@ -88,19 +78,12 @@ def binary_response(opcode: int, status: int = 0, key: bytes = b"", extras: byte
 MEMCACHED = "/usr/bin/memcached"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
 @contextmanager
 def memcached() -> Iterator[int]:
     """A real memcached 1.6 (text and binary, ``-B auto``) on a free loopback port; stopped by PID."""
     binary = MEMCACHED if os.path.exists(MEMCACHED) else shutil.which("memcached")
     assert binary, "memcached is not installed (scripts/setup.sh installs it)"
-    port = _free_port()
+    port = free_port()
     args = [binary, "-l", "127.0.0.1", "-p", str(port), "-U", "0", "-B", "auto", "-t", "2", "-m", "64"]
     if os.geteuid() == 0:
         args += ["-u", "root"]  # memcached refuses to run as root without it

@@ -17,6 +17,8 @@ from collections.abc import Callable
 
 from cilia.l7parsers.base import L7Connection, Output, ProtocolError, Record
 
+from tests.l7parsers.byte_feed import chunked, feed
+
 
 class Relay:
     def __init__(self, upstream: tuple[str, int], factory: Callable[[], L7Connection], chunk: int = 0) -> None:
@@ -88,13 +90,8 @@ class Relay:
                 self._threads.append(t)
 
     def _feed(self, conn: L7Connection, is_client: bool, data: bytes) -> Output:
-        receive = conn.receive_client if is_client else conn.receive_server
-        if not self.chunk or not data:
-            return receive(data)
-        out = Output()
-        for i in range(0, len(data), self.chunk):
-            out = out + receive(data[i:i + self.chunk])
-        return out
+        # b"" (the peer closed) is passed on as it is: end of stream is an event for the parser
+        return feed(conn, chunked(data, self.chunk) if data else data, "client" if is_client else "server")
 
     def _pump(self, conn: L7Connection, lock: threading.Lock, src: socket.socket, client: socket.socket,
               server: socket.socket, is_client: bool) -> None:

@@ -34,6 +34,7 @@ from tests.l7parsers.cassandra_support import (
     supported,
     void,
 )
+from tests.l7parsers.byte_feed import chunked, feed
 from tests.l7parsers.policy_support import check_from_policy
 
 CHECK = check_from_policy(SHOP_POLICY, "app=shop-frontend", "app=shop-db", 9042)
@@ -601,20 +602,16 @@ def run(steps: list[Step], split: Callable[[bytes], list[bytes]]) -> tuple[list[
     c = conn()
     outs = []
     for side, data in steps:
-        receive = c.receive_client if side == "client" else c.receive_server
-        out = Output()
-        for piece in split(data):
-            out = out + receive(piece)
-        outs.append(out)
+        outs.append(feed(c, split(data), side))
     return outs, c
 
 
 def whole(data: bytes) -> list[bytes]:
-    return [data]
+    return chunked(data)
 
 
 def bytewise(data: bytes) -> list[bytes]:
-    return [data[i:i + 1] for i in range(len(data))]
+    return chunked(data, 1)
 
 
 @pytest.mark.parametrize("name", FIXTURES)

@@ -24,6 +24,7 @@ from tests.l7parsers.cassandra_support import (
 )
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from tests.l7parsers.byte_feed import cut, feed
 from tests.l7parsers.policy_support import check_from_policy
 
 from cilia.l7parsers.base import Output, ProtocolError
@@ -63,21 +64,12 @@ def with_stream(data: bytes, stream: int) -> bytes:
     return data[:2] + struct.pack(">h", stream) + data[4:]
 
 
-def feed(receive: object, data: bytes, cuts: list[int]) -> Output:
-    assert callable(receive)
-    out = Output()
-    points = sorted({c % (len(data) + 1) for c in cuts} | {0, len(data)})
-    for a, b in zip(points, points[1:]):
-        out = out + receive(data[a:b])
-    return out
-
-
 @settings(max_examples=200, deadline=None)
 @given(st.binary(max_size=300), st.lists(st.integers(0, 300), max_size=10))
 def test_random_client_bytes(data: bytes, cuts: list[int]) -> None:
     c = CassandraConnection(CHECK)
     try:
-        out = feed(c.receive_client, data, cuts)
+        out = feed(c, cut(data, cuts))
     except ProtocolError as e:
         assert e.side == "client"
         return
@@ -90,7 +82,7 @@ def test_random_server_bytes(data: bytes, cuts: list[int]) -> None:
     c = CassandraConnection(CHECK)
     c.receive_client(prepare("SELECT * FROM shop.orders", 4, 0))
     try:
-        out = feed(c.receive_server, data, cuts)
+        out = feed(c, cut(data, cuts), "server")
     except ProtocolError as e:
         assert e.side == "server"
         return
@@ -141,7 +133,7 @@ def test_server_frames_pass_unchanged_however_split(frames: list[bytes], cuts: l
     c = CassandraConnection(CHECK, max_buffer=limit)
     c.receive_client(prepare("SELECT * FROM shop.orders", 4, 5))
     data = b"".join(frames)
-    out = feed(c.receive_server, data, cuts)
+    out = feed(c, cut(data, cuts), "server")
     assert out.to_client == data
 
 

@@ -9,10 +9,11 @@ import uuid
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from tests.l7parsers.byte_feed import cut, feed
 from tests.l7parsers.kafka_support import kafka_policy, kp_request, kp_response
 
 from cilia.l7parsers import kafka_schema as schema
-from cilia.l7parsers.base import Output, ProtocolError
+from cilia.l7parsers.base import ProtocolError
 from cilia.l7parsers.kafka import KafkaConnection
 
 ONLY_T1 = kafka_policy('- topic: "t1"\n')
@@ -53,15 +54,6 @@ def frames(data: bytes) -> list[bytes]:
     return out
 
 
-def feed(conn: KafkaConnection, data: bytes, cuts: list[int], server: bool = False) -> Output:
-    receive = conn.receive_server if server else conn.receive_client
-    out = Output()
-    points = sorted({c % (len(data) + 1) for c in cuts} | {0, len(data)})
-    for a, b in zip(points, points[1:]):
-        out = out + receive(data[a:b])
-    return out
-
-
 def assert_forwarded_frames_are_allowed(to_server: bytes) -> None:
     for f in frames(to_server):
         again = KafkaConnection(ONLY_T1).receive_client(f)
@@ -73,7 +65,7 @@ def assert_forwarded_frames_are_allowed(to_server: bytes) -> None:
 def test_random_bytes_raise_only_protocol_errors(data: bytes, cuts: list[int]) -> None:
     conn = KafkaConnection(ONLY_T1)
     try:
-        out = feed(conn, data, cuts)
+        out = feed(conn, cut(data, cuts))
     except ProtocolError as e:
         assert e.side == "client"
         return
@@ -95,7 +87,7 @@ def framed_garbage(draw: st.DrawFn) -> bytes:
 def test_framed_garbage_raises_only_protocol_errors(garbage: list[bytes], cuts: list[int]) -> None:
     conn = KafkaConnection(ONLY_T1)
     try:
-        out = feed(conn, b"".join(garbage), cuts)
+        out = feed(conn, cut(b"".join(garbage), cuts))
     except ProtocolError:
         return
     assert_forwarded_frames_are_allowed(out.to_server)
@@ -107,7 +99,7 @@ def test_framed_garbage_raises_only_protocol_errors(garbage: list[bytes], cuts: 
 def test_chunk_boundaries_do_not_matter(picks: list[int], cuts: list[int]) -> None:
     stream = b"".join(REQUESTS[i] for i in picks)
     whole = KafkaConnection(ONLY_T1).receive_client(stream)
-    split = feed(KafkaConnection(ONLY_T1), stream, cuts)
+    split = feed(KafkaConnection(ONLY_T1), cut(stream, cuts))
     assert split == whole
     allowed = [REQUESTS[i] for i, r in zip(picks, whole.records) if r.decision.allowed]
     assert whole.to_server == b"".join(allowed)
@@ -124,7 +116,7 @@ def test_corrupted_streams_forward_only_allowed_frames(picks: list[int], flips: 
         stream[at % len(stream)] = value
     conn = KafkaConnection(ONLY_T1)
     try:
-        out = feed(conn, bytes(stream), cuts)
+        out = feed(conn, cut(bytes(stream), cuts))
     except ProtocolError:
         return
     assert_forwarded_frames_are_allowed(out.to_server)
@@ -152,7 +144,7 @@ def test_server_side_boundaries_and_garbage(cuts: list[int], junk: bytes) -> Non
         conn = KafkaConnection(WITH_METADATA)
         for r in requests:
             conn.receive_client(r)
-        outs.append(feed(conn, responses, pieces, server=True))
+        outs.append(feed(conn, cut(responses, pieces), "server"))
         if junk:
             try:
                 conn.receive_server(junk)

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
+from tests.l7parsers.byte_feed import chunked, feed
 from tests.l7parsers.kafka_support import kafka_policy, kp_classes, kp_decode_response, kp_request, kp_response, sample
 
 from cilia.l7parsers import kafka_schema as schema
@@ -188,24 +189,6 @@ CASES = [
 CASE_IDS = [f"{c.name.removesuffix('Request')}-v{c.version}-{i}" for i, c in enumerate(CASES)]
 
 
-def feed_client(conn: KafkaConnection, data: bytes, chunk: int = 0) -> Output:
-    if not chunk:
-        return conn.receive_client(data)
-    out = Output()
-    for i in range(0, len(data), chunk):
-        out = out + conn.receive_client(data[i:i + chunk])
-    return out
-
-
-def feed_server(conn: KafkaConnection, data: bytes, chunk: int = 0) -> Output:
-    if not chunk:
-        return conn.receive_server(data)
-    out = Output()
-    for i in range(0, len(data), chunk):
-        out = out + conn.receive_server(data[i:i + chunk])
-    return out
-
-
 def error_codes(value: Value) -> set[int]:
     """Every non-zero ``...ErrorCode`` in a decoded response."""
     found: set[int] = set()
@@ -253,7 +236,7 @@ def test_request_names_its_topics(case: Case, chunk: int) -> None:
     recorder = Recorder()
     conn = KafkaConnection(recorder)
     data = case.frame(correlation_id=41)
-    out = feed_client(conn, data, chunk)
+    out = feed(conn, chunked(data, chunk))
     assert out.to_server == data and out.to_client == b""
     assert recorder.seen == [KafkaRequest(case.api_key, case.version, CLIENT_ID, case.topics)]
     (record,) = out.records
@@ -275,9 +258,9 @@ def test_request_then_junk(case: Case, chunk: int) -> None:
     for junk in JUNK:
         conn = KafkaConnection(Recorder())
         data = case.frame()
-        assert feed_client(conn, data, chunk).to_server == data
+        assert feed(conn, chunked(data, chunk)).to_server == data
         with pytest.raises(ProtocolError):
-            feed_client(conn, junk, chunk)
+            feed(conn, chunked(junk, chunk))
 
 
 def test_record_names_the_api_as_cilium_does() -> None:
@@ -415,15 +398,15 @@ def _produce_response(cid: int, topic: str) -> bytes:
 def test_pipelined_denial_waits_for_earlier_responses(chunk: int) -> None:
     conn = KafkaConnection(ONLY_T1)
     a, b, c, d = _produce(1, "t1"), _produce(2, "secret"), _produce(3, "t1"), _produce(4, "other")
-    out = feed_client(conn, a + b + c + d, chunk)
+    out = feed(conn, chunked(a + b + c + d, chunk))
     assert out.to_server == a + c
     assert out.to_client == b""  # b and d wait behind a and c
     assert [r.decision.allowed for r in out.records] == [True, False, True, False]
     denial_b = KafkaConnection(ONLY_T1).receive_client(b).to_client
     denial_d = KafkaConnection(ONLY_T1).receive_client(d).to_client
     ra, rc = _produce_response(1, "t1"), _produce_response(3, "t1")
-    assert feed_server(conn, ra, chunk).to_client == ra + denial_b
-    assert feed_server(conn, rc, chunk).to_client == rc + denial_d
+    assert feed(conn, chunked(ra, chunk), "server").to_client == ra + denial_b
+    assert feed(conn, chunked(rc, chunk), "server").to_client == rc + denial_d
     # Correlation ids in order, as kafka-python checks them.
     ids = [kp_decode_response("ProduceResponse", 9, r).header.correlation_id for r in (ra, denial_b, rc, denial_d)]
     assert ids == [1, 2, 3, 4]
@@ -445,7 +428,7 @@ def test_large_response_streams_through() -> None:
     assert conn.receive_client(data).to_server == data
     big = kp_response("FetchResponse", 12, 7, responses=[{"topic": "t1", "partitions": [
         {"partition_index": 0, "error_code": 0, "high_watermark": 1, "records": b"r" * 100_000}]}])
-    out = feed_server(conn, big, 4096)
+    out = feed(conn, chunked(big, 4096), "server")
     assert out.to_client == big
 
 
@@ -606,9 +589,9 @@ _GOOD = kp_request("MetadataRequest", 12, 1, CLIENT_ID, topics=[{"name": "t1"}])
 def test_junk_after_a_request_raises_protocol_error(junk: bytes) -> None:
     for chunk in (0, 1):
         conn = KafkaConnection(ONLY_T1)
-        assert feed_client(conn, _GOOD, chunk).to_server == _GOOD
+        assert feed(conn, chunked(_GOOD, chunk)).to_server == _GOOD
         with pytest.raises(ProtocolError) as e:
-            feed_client(conn, junk, chunk)
+            feed(conn, chunked(junk, chunk))
         assert e.value.side == "client"
         with pytest.raises(ProtocolError):
             conn.receive_client(_GOOD)  # spent

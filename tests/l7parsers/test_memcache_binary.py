@@ -10,8 +10,9 @@ from dataclasses import dataclass
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from tests.l7parsers.byte_feed import chunked, feed, splits
 from tests.l7parsers.memcache_support import (
-    ALLOW_ALL, DENY_ALL, binary_request, binary_response, example_check, feed, rules_check,
+    ALLOW_ALL, DENY_ALL, binary_request, binary_response, example_check, rules_check,
 )
 
 from cilia.l7parsers.base import Check, Output, ProtocolError
@@ -103,7 +104,7 @@ def _summary(command: str, key: str | None) -> dict[str, str]:
 @pytest.mark.parametrize("chunk", [0, 1])
 def test_allowed_forms(frame: bytes, command: str, key: str | None, answer: str, chunk: int) -> None:
     c = conn()
-    out = feed(c, frame, chunk)
+    out = feed(c, chunked(frame, chunk))
     assert [dict(r.summary) for r in out.records] == [_summary(command, key)]
     assert out.records[0].decision.allowed
     assert c.dialect == "binary"
@@ -117,7 +118,7 @@ def test_allowed_forms(frame: bytes, command: str, key: str | None, answer: str,
 @pytest.mark.parametrize(("frame", "command", "key", "answer"), FORMS)
 @pytest.mark.parametrize("chunk", [0, 1])
 def test_denied_forms(frame: bytes, command: str, key: str | None, answer: str, chunk: int) -> None:
-    out = feed(conn(DENY_ALL), frame, chunk)
+    out = feed(conn(DENY_ALL), chunked(frame, chunk))
     assert out.to_server == b""
     assert out.to_client == denied(frame[1], struct.unpack_from(">I", frame, 12)[0])  # quiet ones too
     assert not out.records[0].decision.allowed
@@ -144,7 +145,7 @@ def test_many_frames_per_chunk_and_byte_by_byte() -> None:
     frames = [f for f, *_ in FORMS if f[1] not in UNSERVED]
     stream = b"".join(frames)
     for chunk in (0, 1, 5):
-        out = feed(conn(), stream, chunk)
+        out = feed(conn(), chunked(stream, chunk))
         assert out.to_server == stream
         assert len(out.records) == len(frames)
 
@@ -195,7 +196,7 @@ BAD = [
 def test_bad_requests_are_protocol_errors(data: bytes, chunk: int) -> None:
     c = MemcacheBinaryConnection(ALLOW_ALL)
     with pytest.raises(ProtocolError) as e:
-        feed(c, data, chunk)
+        feed(c, chunked(data, chunk))
     assert e.value.side == "client"
     with pytest.raises(ProtocolError):
         c.receive_client(req(0x0A))
@@ -266,7 +267,7 @@ def test_get_multi_with_a_denied_key() -> None:
         assert out.to_client == b""
         last = resp(0x0C, key=b"awing-coord", extras=HIT[:4], value=HIT[4:], opaque=3)
         server = hit + resp(0x0A, opaque=0xC111A) + last
-        assert feed(c, server, 1, "server").to_client == hit + denied(0x0D, 2) + last
+        assert feed(c, chunked(server, 1), "server").to_client == hit + denied(0x0D, 2) + last
 
 
 def test_denial_behind_a_definite_request_needs_no_noop() -> None:
@@ -286,7 +287,7 @@ def test_quiet_failures_stats_and_a_clients_noop() -> None:
     replies = (resp(0x12, status=2, value=b"Data exists for key.", opaque=2) +
                resp(0x10, key=b"pid", value=b"1", opaque=3) + resp(0x10, key=b"uptime", value=b"2", opaque=3) +
                resp(0x10, opaque=3) + resp(0x0A, opaque=4))
-    assert feed(c, replies, 7, "server").to_client == replies
+    assert feed(c, chunked(replies, 7), "server").to_client == replies
     with pytest.raises(ProtocolError, match="no outstanding"):
         c.receive_server(resp(0x0A, opaque=4))
 
@@ -334,7 +335,7 @@ def test_bad_responses_are_protocol_errors(request_: bytes, response: bytes) -> 
     c = conn()
     c.receive_client(request_)
     with pytest.raises(ProtocolError) as e:
-        feed(c, response, 1, "server")
+        feed(c, chunked(response, 1), "server")
     assert e.value.side == "server"
 
 
@@ -348,12 +349,6 @@ def test_server_buffer_limit() -> None:
 # --- Hypothesis ----------------------------------------------------------------------------
 
 FUZZ = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-
-
-@st.composite
-def splits(draw: st.DrawFn, data: bytes) -> list[bytes]:
-    cuts = sorted(draw(st.lists(st.integers(0, len(data)), max_size=12)))
-    return [data[a:b] for a, b in zip([0, *cuts], [*cuts, len(data)])]
 
 
 @FUZZ

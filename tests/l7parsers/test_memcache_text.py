@@ -9,7 +9,8 @@ from dataclasses import dataclass
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from tests.l7parsers.memcache_support import ALLOW_ALL, DENY_ALL, example_check, feed, rules_check
+from tests.l7parsers.byte_feed import chunked, feed, splits
+from tests.l7parsers.memcache_support import ALLOW_ALL, DENY_ALL, example_check, rules_check
 
 from cilia.l7parsers.base import Check, Output, ProtocolError
 from cilia.l7parsers.memcache import MemcacheConnection
@@ -111,7 +112,7 @@ def _summary(command: str, key: str | None) -> dict[str, str]:
 def test_allowed_forms_are_forwarded_whole(frame: bytes, command: str, key: str | None, answer: str,
                                            chunk: int) -> None:
     c = conn()
-    out = feed(c, frame, chunk)
+    out = feed(c, chunked(frame, chunk))
     assert out.to_server == frame
     assert out.to_client == b""
     assert [dict(r.summary) for r in out.records] == [_summary(command, key)]
@@ -134,7 +135,7 @@ def test_request_events(frame: bytes, command: str, key: str | None, answer: str
 @pytest.mark.parametrize("chunk", [0, 1])
 def test_denied_forms_are_answered_unless_noreply(frame: bytes, command: str, key: str | None, answer: str,
                                                   chunk: int) -> None:
-    out = feed(conn(DENY_ALL), frame, chunk)
+    out = feed(conn(DENY_ALL), chunked(frame, chunk))
     assert out.to_server == b""
     assert out.to_client == (b"" if answer == "never" else DENIED)
     assert [dict(r.summary) for r in out.records] == [_summary(command, key)]
@@ -151,7 +152,7 @@ def test_junk_after_a_form(frame: bytes, command: str, key: str | None, answer: 
 def test_many_forms_in_one_chunk_and_byte_by_byte() -> None:
     stream = b"".join(frame for frame, *_ in FORMS)
     for chunk in (0, 1, 7):
-        out = feed(conn(), stream, chunk)
+        out = feed(conn(), chunked(stream, chunk))
         assert out.to_server == stream
         assert len(out.records) == len(FORMS)
 
@@ -232,7 +233,7 @@ BAD = [
 def test_bad_requests_are_protocol_errors(data: bytes, chunk: int) -> None:
     c = conn()
     with pytest.raises(ProtocolError) as e:
-        feed(c, data, chunk)
+        feed(c, chunked(data, chunk))
     assert e.value.side == "client"
     with pytest.raises(ProtocolError):  # a failed connection stays failed
         c.receive_client(b"get k\r\n")
@@ -261,7 +262,7 @@ def test_line_limit() -> None:
         c.receive_client(b"get " + b"k " * 60 + b"\r\n")
     c = conn()
     with pytest.raises(ProtocolError, match="longer than"):
-        feed(c, b"get " + b"key " * 20000, 4096)
+        feed(c, chunked(b"get " + b"key " * 20000, 4096))
 
 
 def test_buffer_limit() -> None:
@@ -394,8 +395,8 @@ def test_replies_of_every_kind_pass_unchanged() -> None:
                b"VALUE a 0 1\r\nx\r\nCLIENT_ERROR bad command line format\r\n")
     for chunk in (0, 1):
         c = conn()
-        assert feed(c, requests, chunk).to_server == requests
-        assert feed(c, replies, chunk, "server").to_client == replies
+        assert feed(c, chunked(requests, chunk)).to_server == requests
+        assert feed(c, chunked(replies, chunk), "server").to_client == replies
         with pytest.raises(ProtocolError, match="no outstanding"):
             c.receive_server(b"END\r\n")
 
@@ -430,7 +431,7 @@ def test_denial_after_a_quiet_request_waits_for_our_mn() -> None:
         out = c.receive_client(b"mg awing-coord v q\r\nmg xwing-coord v\r\n")
         assert out.to_server == b"mg awing-coord v q\r\n" + BARRIER
         assert out.to_client == b""
-        assert feed(c, hit + b"MN\r\n", 1, "server").to_client == hit + DENIED  # our MN is not passed on
+        assert feed(c, chunked(hit + b"MN\r\n", 1), "server").to_client == hit + DENIED  # our MN is not passed on
         assert c.receive_client(b"get xwing-coord\r\n").to_client == DENIED  # nothing outstanding now
 
 
@@ -509,7 +510,7 @@ def test_bad_replies_are_protocol_errors(request_: bytes, reply: bytes) -> None:
     c = conn()
     c.receive_client(request_)
     with pytest.raises(ProtocolError) as e:
-        feed(c, reply, 1, "server")
+        feed(c, chunked(reply, 1), "server")
     assert e.value.side == "server"
 
 
@@ -542,12 +543,6 @@ def test_direct_text_connection() -> None:
 # --- Hypothesis ----------------------------------------------------------------------------
 
 FUZZ = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-
-
-@st.composite
-def splits(draw: st.DrawFn, data: bytes) -> list[bytes]:
-    cuts = sorted(draw(st.lists(st.integers(0, len(data)), max_size=12)))
-    return [data[a:b] for a, b in zip([0, *cuts], [*cuts, len(data)])]
 
 
 @FUZZ
