@@ -5,6 +5,7 @@ from __future__ import annotations
 import ipaddress
 import os
 import textwrap
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
@@ -51,6 +52,14 @@ def require_cni_plugins() -> Path:
     if os.environ.get("CI"):
         pytest.fail(f"CNI IPAM tests must run in CI: {why}")
     pytest.skip(why)
+
+
+def wait_until(predicate: Callable[[], object], timeout: float = 30.0, what: str = "condition") -> None:
+    """Poll ``predicate`` until it returns something true; fail the test naming ``what`` after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"{what}: not reached within {timeout}s"
+        time.sleep(0.05)
 
 
 def cilium_examples_dir() -> Path:

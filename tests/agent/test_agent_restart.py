@@ -20,6 +20,7 @@ from tests.agent.agent_support import (
     EXHAUST, LAND, STARWARS, TIEFIGHTER, XWING, AgentProcess, add_starwars_endpoints, deathstar_app, pid_alive,
     run_cli, shoot,
 )
+from tests.helpers import wait_until
 
 from cilia.envoy.bootstrap import build_bootstrap, to_json
 from cilia.netutil import free_port
@@ -61,13 +62,6 @@ class Prober:
 
     def count(self, name: str) -> int:
         return sum(n == name for n, _ in self.outcomes)
-
-
-def wait_until(predicate: object, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():  # type: ignore[operator]
-        assert time.monotonic() < deadline, "condition not reached in time"
-        time.sleep(0.1)
 
 
 def enforced(state: Path) -> None:

@@ -10,29 +10,20 @@ after RBAC names rule ``ALLOW_RULE`` in dynamic metadata ``cilia``. Its access l
 from __future__ import annotations
 
 import http.client
-import socket
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
 
 from cilia.envoy.accesslog import AccessLogReceiver, AccessLogServer, serve
 from cilia.envoy.supervisor import EnvoySupervisor
+from cilia.netutil import free_port
 
-T = TypeVar("T")
+from tests.envoy.envoy_support import StaticEnvoy, grpc_cluster, supervised
 
 LOG_NAME = "ingress-http"
 DENY_POLICY = "deny-forbidden"
 ALLOW_RULE = "allow-rest"  # cilia/rule in dynamic metadata of every request RBAC let through
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 def als_bootstrap_yaml(admin_port: int, listener_port: int, als_port: int) -> str:
@@ -42,19 +33,7 @@ admin:
   address: {{socket_address: {{address: 127.0.0.1, port_value: {admin_port}}}}}
 static_resources:
   clusters:
-  - name: als
-    type: STATIC
-    connect_timeout: 1s
-    typed_extension_protocol_options:
-      envoy.extensions.upstreams.http.v3.HttpProtocolOptions:
-        "@type": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions
-        explicit_http_config: {{http2_protocol_options: {{}}}}
-    load_assignment:
-      cluster_name: als
-      endpoints:
-      - lb_endpoints:
-        - endpoint: {{address: {{socket_address: {{address: 127.0.0.1, port_value: {als_port}}}}}}}
-  listeners:
+{grpc_cluster("als", als_port)}  listeners:
   - name: ingress
     address: {{socket_address: {{address: 127.0.0.1, port_value: {listener_port}}}}}
     filter_chains:
@@ -122,16 +101,10 @@ def als_envoy(tmp: Path, receiver: AccessLogReceiver) -> Iterator[AlsEnvoy]:
     server, als_port = serve("127.0.0.1:0", receiver)
     try:
         admin_port, listener_port = free_port(), free_port()
-        bootstrap = tmp / "bootstrap.yaml"
-        bootstrap.write_text(als_bootstrap_yaml(admin_port, listener_port, als_port))
-        sup = EnvoySupervisor(bootstrap, f"127.0.0.1:{admin_port}", log_path=tmp / "envoy.log",
-                              use_dynamic_base_id=True, concurrency=1,
-                              extra_args=["--disable-hot-restart"])
-        try:
-            sup.start()
+        env = StaticEnvoy(tmp / "bootstrap.yaml", tmp / "envoy.log", admin_port, listener_port)
+        env.bootstrap.write_text(als_bootstrap_yaml(admin_port, listener_port, als_port))
+        with supervised(env, use_dynamic_base_id=True, concurrency=1, extra_args=["--disable-hot-restart"]) as sup:
             yield AlsEnvoy(receiver, server, sup, listener_port)
-        finally:
-            sup.stop()
     finally:
         server.stop(None)
 
@@ -146,14 +119,3 @@ def request(port: int, method: str, path: str, host: str = "example.test") -> in
     finally:
         conn.close()
 
-
-def wait_until(probe: Callable[[], T | None], timeout: float = 10.0, what: str = "condition") -> T:
-    """Poll ``probe`` until it returns something other than None/False; TimeoutError otherwise."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = probe()
-        if value is not None and value is not False:
-            return value
-        if time.monotonic() >= deadline:
-            raise TimeoutError(f"{what} not met within {timeout}s")
-        time.sleep(0.01)

@@ -1,39 +1,50 @@
-"""Helpers for the Envoy tests: free ports, a minimal static bootstrap, and process checks.
+"""The tests' one way to run a real Envoy: every Envoy a test starts is started here, through
+cilia's EnvoySupervisor, and stopped however the test ends.
 
-The bootstrap here is deliberately tiny and static (admin plus one listener answering with a
-direct_response), so these tests depend on nothing but the Envoy binary.
+- ``envoy_serving(resources)``: an Envoy fed over xDS by cilia's own server
+  (``cilia.envoy.loopback.LoopbackEnvoy``), for translated policy;
+- ``static_envoy`` + ``supervised``: an Envoy on a static bootstrap, deliberately tiny
+  (``bootstrap_yaml``: admin plus one listener answering with a direct_response; ``grpc_cluster``
+  for a bootstrap that talks to a test's gRPC server), so the tests of the supervisor, the admin
+  API and the access log stream depend on nothing but the Envoy binary.
+
+Plus what those tests look at Envoy with: ``http_get`` and ``wait_records``.
 """
 
 from __future__ import annotations
 
 import http.client
-import os
-import socket
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from cilia.envoy.accesslog import AccessLogReceiver, AccessRecord
+from cilia.envoy.loopback import LoopbackEnvoy
 from cilia.envoy.supervisor import Backoff, EnvoySupervisor
+from cilia.envoy.translate import ProxyResources
+from cilia.netutil import free_port
 
 GREETING = "hello from envoy"
 
 
-def free_port() -> int:
-    """A loopback TCP port the OS just handed out (free now; Envoy binds it right after)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
+@contextmanager
+def envoy_serving(res: ProxyResources, node_id: str = "sidecar") -> Iterator[LoopbackEnvoy]:
+    """An xDS server holding ``res`` and a real Envoy that acked it; both stopped on exit."""
+    with LoopbackEnvoy(node_id) as envoy:
+        envoy.start(res)
+        yield envoy
 
 
 def bootstrap_yaml(admin_port: int, listener_port: int, *, extra_hcm_field: str = "",
-                   admin_socket: Path | None = None) -> str:
-    """Admin on ``admin_port`` (on ``admin_socket`` if given, mode 0600); listener ``direct``
-    answers every request with GREETING."""
+                   admin_socket: Path | None = None, listener_address: str = "127.0.0.1",
+                   body: str = GREETING + "\n") -> str:
+    """Admin on ``admin_port`` (on ``admin_socket`` if given, mode 0600); listener ``direct`` on
+    ``listener_address:listener_port`` answers every request with 200 and ``body``."""
     admin = (f"{{pipe: {{path: '{admin_socket}', mode: 384}}}}" if admin_socket is not None
              else f"{{socket_address: {{address: 127.0.0.1, port_value: {admin_port}}}}}")
+    escaped = body.encode("unicode_escape").decode()  # a YAML double-quoted string
     return f"""\
 node: {{id: cilia-test, cluster: cilia-test}}
 admin:
@@ -41,7 +52,7 @@ admin:
 static_resources:
   listeners:
   - name: direct
-    address: {{socket_address: {{address: 127.0.0.1, port_value: {listener_port}}}}}
+    address: {{socket_address: {{address: {listener_address}, port_value: {listener_port}}}}}
     filter_chains:
     - filters:
       - name: envoy.filters.network.http_connection_manager
@@ -59,7 +70,25 @@ static_resources:
               domains: ["*"]
               routes:
               - match: {{prefix: "/"}}
-                direct_response: {{status: 200, body: {{inline_string: "{GREETING}\\n"}}}}
+                direct_response: {{status: 200, body: {{inline_string: "{escaped}"}}}}
+"""
+
+
+def grpc_cluster(name: str, port: int) -> str:
+    """A static_resources ``clusters`` entry: HTTP/2 (gRPC) to 127.0.0.1:``port``."""
+    return f"""\
+  - name: {name}
+    type: STATIC
+    connect_timeout: 1s
+    typed_extension_protocol_options:
+      envoy.extensions.upstreams.http.v3.HttpProtocolOptions:
+        "@type": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions
+        explicit_http_config: {{http2_protocol_options: {{}}}}
+    load_assignment:
+      cluster_name: {name}
+      endpoints:
+      - lb_endpoints:
+        - endpoint: {{address: {{socket_address: {{address: 127.0.0.1, port_value: {port}}}}}}}
 """
 
 
@@ -80,19 +109,7 @@ dynamic_resources:
       grpc_services: [{{envoy_grpc: {{cluster_name: xds}}}}]
 static_resources:
   clusters:
-  - name: xds
-    type: STATIC
-    connect_timeout: 1s
-    typed_extension_protocol_options:
-      envoy.extensions.upstreams.http.v3.HttpProtocolOptions:
-        "@type": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions
-        explicit_http_config: {{http2_protocol_options: {{}}}}
-    load_assignment:
-      cluster_name: xds
-      endpoints:
-      - lb_endpoints:
-        - endpoint: {{address: {{socket_address: {{address: 127.0.0.1, port_value: {xds_port}}}}}}}
-"""
+{grpc_cluster("xds", xds_port)}"""
 
 
 @dataclass(frozen=True)
@@ -113,7 +130,7 @@ class StaticEnvoy:
 
 
 def static_envoy(tmp: Path, *, unix_admin: bool = False) -> StaticEnvoy:
-    """A static Envoy's files in ``tmp``; its admin on TCP, or on ``tmp/admin.sock``."""
+    """A static Envoy's files in ``tmp`` (``bootstrap_yaml``); its admin on TCP, or on ``tmp/admin.sock``."""
     admin_port, listener_port = free_port(), free_port()
     admin_socket = tmp / "admin.sock" if unix_admin else None
     bootstrap = tmp / "bootstrap.yaml"
@@ -146,30 +163,11 @@ def http_get(port: int, path: str = "/") -> tuple[int, str]:
         conn.close()
 
 
-def process_exists(pid: int) -> bool:
-    """True while ``pid`` names any process, zombies included (a reaped child is gone)."""
-    return os.path.exists(f"/proc/{pid}")
-
-
-def process_running(pid: int) -> bool:
-    """True while ``pid`` runs; a zombie (exited, not reaped yet) does not count."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            stat = f.read()
-    except FileNotFoundError:
-        return False
-    return stat[stat.rindex(b")") + 2:].split()[0] != b"Z"
-
-
-def start_time(pid: int) -> int:
-    """Field 22 of /proc/PID/stat, which the supervisor records next to an Envoy's PID."""
-    with open(f"/proc/{pid}/stat", "rb") as f:
-        stat = f.read()
-    return int(stat[stat.rindex(b")") + 2:].split()[19])
-
-
-def wait_until(predicate: Callable[[], bool], timeout: float) -> None:
+def wait_records(receiver: AccessLogReceiver, count: int, timeout: float = 10) -> list[AccessRecord]:
+    """The receiver's records once it holds ``count`` of them."""
     deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, f"not reached within {timeout}s"
+    while len(records := receiver.records()) < count:
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{len(records)} of {count} access log records after {timeout}s")
         time.sleep(0.05)
+    return records

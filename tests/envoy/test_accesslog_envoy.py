@@ -5,7 +5,8 @@ from __future__ import annotations
 import threading
 from pathlib import Path
 
-from tests.envoy.als_support import ALLOW_RULE, DENY_POLICY, LOG_NAME, als_envoy, request, wait_until
+from tests.envoy.als_support import ALLOW_RULE, DENY_POLICY, LOG_NAME, als_envoy, request
+from tests.helpers import wait_until
 
 from cilia.envoy.accesslog import AccessLogReceiver, AccessRecord, Verdict
 
@@ -16,7 +17,7 @@ def test_forwarded_and_denied_requests_are_recorded(tmp_path: Path) -> None:
         assert request(env.listener_port, "GET", "/ok", host="deathstar.test") == 200
         assert request(env.listener_port, "POST", "/forbidden", host="deathstar.test:8080") == 403
         assert request(env.listener_port, "PUT", "/missing") == 404
-        wait_until(lambda: receiver.last_seq() >= 3, what="three access log records")
+        wait_until(lambda: receiver.last_seq() >= 3, timeout=10, what="three access log records")
     records = receiver.records()
     by_path = {r.path: r for r in records}
     assert set(by_path) == {"/ok", "/forbidden", "/missing"}
@@ -47,7 +48,7 @@ def test_ring_keeps_only_the_last_n(tmp_path: Path) -> None:
     with als_envoy(tmp_path, receiver) as env:
         for i in range(5):
             assert request(env.listener_port, "GET", f"/ok?n={i}") == 200
-        wait_until(lambda: receiver.last_seq() >= 5, what="five access log records")
+        wait_until(lambda: receiver.last_seq() >= 5, timeout=10, what="five access log records")
     records = receiver.records()
     assert [r.seq for r in records] == [3, 4, 5]
     assert [r.path for r in records] == ["/ok?n=2", "/ok?n=3", "/ok?n=4"]  # one worker: request order
@@ -70,7 +71,7 @@ def test_subscriber_sees_each_record_and_a_failing_one_loses_nothing(tmp_path: P
     receiver = AccessLogReceiver(subscriber=subscriber)
     with als_envoy(tmp_path, receiver) as env:
         assert request(env.listener_port, "GET", "/ok") == 200
-        wait_until(lambda: len(seen) >= 1, what="first record at the subscriber")
+        wait_until(lambda: len(seen) >= 1, timeout=10, what="first record at the subscriber")
         assert request(env.listener_port, "DELETE", "/forbidden") == 403
         assert got_two.wait(10)
     assert [(r.method, r.verdict) for r in seen] == [("GET", Verdict.FORWARDED), ("DELETE", Verdict.DENIED)]

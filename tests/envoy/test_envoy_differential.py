@@ -24,6 +24,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
+from tests.envoy.envoy_support import envoy_serving
+
 from cilia.envoy.loopback import LoopbackEnvoy
 from cilia.netutil import free_port
 from cilia.envoy.translate import (
@@ -325,7 +327,6 @@ def web() -> Iterator[tuple[PolicyEngine, LoopbackEnvoy, int, int]]:
     backend = ThreadingHTTPServer((WEB, 0), AnyRequest)
     backend.daemon_threads = True
     threading.Thread(target=backend.serve_forever, name="web-backend", daemon=True).start()
-    envoy = LoopbackEnvoy("web-differential")
     try:
         engine = PolicyEngine()
         engine.upsert_endpoint(Endpoint("web", WEB_LABELS, (ipaddress.ip_address(WEB),)))
@@ -334,10 +335,9 @@ def web() -> Iterator[tuple[PolicyEngine, LoopbackEnvoy, int, int]]:
                 engine.upsert_endpoint(Endpoint(name, labels, (ipaddress.ip_address(address),)))
         backend_port = backend.server_address[1]
         listen_port = free_port(WEB)
-        envoy.start(_resources(engine, listen_port, backend_port))
-        yield engine, envoy, listen_port, backend_port
+        with envoy_serving(_resources(engine, listen_port, backend_port), "web-differential") as envoy:
+            yield engine, envoy, listen_port, backend_port
     finally:
-        envoy.stop()
         backend.shutdown()
         backend.server_close()
 

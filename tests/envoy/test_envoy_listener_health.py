@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 from envoy.config.listener.v3 import listener_components_pb2, listener_pb2
 from envoy.extensions.filters.network.tcp_proxy.v3 import tcp_proxy_pb2
-from tests.envoy.envoy_support import static_envoy, supervised, wait_until
+from tests.envoy.envoy_support import envoy_serving, static_envoy, supervised
+from tests.helpers import wait_until
 
 from cilia.envoy.admin import AdminClient
 from cilia.envoy.listener_health import listener_problems
@@ -41,8 +42,7 @@ def resources(*listeners: listener_pb2.Listener) -> ProxyResources:
 def envoy() -> Iterator[tuple[LoopbackEnvoy, AdminClient, int]]:
     """An Envoy serving listener "a" on a port it yields."""
     port = free_port()
-    with LoopbackEnvoy("health") as lb:
-        lb.start(resources(tcp_listener("a", port)))
+    with envoy_serving(resources(tcp_listener("a", port)), "health") as lb:
         assert lb.admin is not None
         yield lb, lb.admin, port
 

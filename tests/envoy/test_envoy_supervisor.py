@@ -16,18 +16,16 @@ from tests.envoy.envoy_support import (
     FAST_BACKOFF,
     GREETING,
     bootstrap_yaml,
-    free_port,
     http_get,
     never_ready_bootstrap_yaml,
-    process_exists,
-    process_running,
-    start_time,
     static_envoy,
     supervised,
-    wait_until,
 )
+from tests.helpers import wait_until
+from tests.procfs import process_exists, process_running, start_time
 
 from cilia.envoy.admin import AdminClient, AdminUnavailable
+from cilia.netutil import free_port
 from cilia.envoy.supervisor import Backoff, EnvoyStartError, EnvoyState, EnvoySupervisor, envoy_binary
 
 

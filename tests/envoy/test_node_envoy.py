@@ -10,15 +10,15 @@ socket mark keeps Envoy's own upstream connections from being redirected back to
 from __future__ import annotations
 
 import ipaddress
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from tests.envoy.envoy_node_support import Node, node_namespace
+from tests.envoy.envoy_support import wait_records
 
-from cilia.envoy.accesslog import AccessLogReceiver, AccessRecord, Verdict, serve
+from cilia.envoy.accesslog import Verdict, serve
 from cilia.envoy.translate import (
     ACCESS_DENIED_BODY,
     EGRESS_MARK,
@@ -183,12 +183,3 @@ def test_sidecar_outbound_listener_for_one_endpoint(node: Node) -> None:
     assert node.http(CLIENT_A, SERVER, 80, "GET", "/allowed") == {"status": 200, "body": f"{SERVER} GET /allowed"}
     assert node.http(CLIENT_A, SERVER, 80, "GET", "/other") == {"status": 403, "body": ACCESS_DENIED_BODY}
     assert "closed" in node.http(CLIENT_A, SERVER2, 80, "GET", "/allowed")
-
-
-def wait_records(receiver: AccessLogReceiver, count: int, timeout: float = 10) -> list[AccessRecord]:
-    deadline = time.monotonic() + timeout
-    while len(records := receiver.records()) < count:
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{len(records)} of {count} access log records after {timeout}s")
-        time.sleep(0.05)
-    return records

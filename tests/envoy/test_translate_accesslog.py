@@ -10,17 +10,17 @@ from __future__ import annotations
 import http.client
 import ipaddress
 import threading
-import time
 from collections.abc import Iterator
 from http.server import ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
 
-from tests.envoy.envoy_translate_support import envoy_serving, free_port
+from tests.envoy.envoy_support import envoy_serving, wait_records
 
 from cilia.demo import Deathstar
-from cilia.envoy.accesslog import AccessLogReceiver, AccessRecord, Verdict, serve
+from cilia.envoy.accesslog import Verdict, serve
+from cilia.netutil import free_port
 from cilia.envoy.translate import AccessLogTarget, PortMapping, ProxyResources, prefixes_by_identity, translate_ingress
 from cilia.policy import Endpoint, LabelSet, PolicyEngine, load_files
 
@@ -56,15 +56,6 @@ def test_access_log_cluster_and_named_rules_are_deterministic() -> None:
     text = b"".join(serialized(res))
     assert HTTP_RULE.encode() in text and DEFAULT_DENY.encode() in text
     assert b"envoy.access_loggers.http_grpc" not in b"".join(serialized(starwars(80, 8080, None)))
-
-
-def wait_records(receiver: AccessLogReceiver, count: int, timeout: float = 10) -> list[AccessRecord]:
-    deadline = time.monotonic() + timeout
-    while len(records := receiver.records()) < count:
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{len(records)} of {count} access log records after {timeout}s")
-        time.sleep(0.05)
-    return records
 
 
 @pytest.fixture

@@ -15,12 +15,13 @@ from pathlib import Path
 
 import pytest
 
-from tests.envoy.envoy_translate_support import envoy_serving, free_port
-from tests.envoy.test_translate_accesslog import DEATHSTAR, TIEFIGHTER, request, starwars, wait_records
+from tests.envoy.envoy_support import envoy_serving, wait_records
+from tests.envoy.test_translate_accesslog import DEATHSTAR, TIEFIGHTER, request, starwars
 
 from cilia.demo import Deathstar
 from cilia.envoy.accesslog import Verdict, serve
 from cilia.envoy.translate import NO_RULE, AccessLogTarget
+from cilia.netutil import free_port
 
 XWING = "127.0.0.12"
 

@@ -17,8 +17,9 @@ from pathlib import Path
 
 import grpc
 import pytest
-from tests.envoy.envoy_translate_support import envoy_serving, free_port
+from tests.envoy.envoy_support import envoy_serving
 
+from cilia.netutil import free_port
 from cilia.envoy.translate import PortMapping, prefixes_by_identity, translate_ingress
 from cilia.policy import Endpoint, LabelSet, PolicyEngine, parse_text
 

@@ -17,9 +17,11 @@ from pathlib import Path
 
 import pytest
 
-from tests.envoy.envoy_translate_support import LoopbackEnvoy, envoy_serving, free_port
+from tests.envoy.envoy_support import envoy_serving
 
 from cilia.demo import Deathstar
+from cilia.envoy.loopback import LoopbackEnvoy
+from cilia.netutil import free_port
 from cilia.envoy.translate import PortMapping, ProxyResources, prefixes_by_identity, translate_ingress
 from cilia.policy import Endpoint, LabelSet, PolicyEngine, load_files
 

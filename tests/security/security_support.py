@@ -1,5 +1,5 @@
 """Helpers for the security tests: a throwaway unprivileged user, a directory that user can
-traverse, code run as that user, and process checks that count a zombie as dead."""
+traverse, code run as that user, and killing a process a test left running."""
 
 from __future__ import annotations
 
@@ -9,11 +9,12 @@ import secrets
 import shutil
 import subprocess
 import tempfile
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+
+from tests.procfs import process_running
 
 SYSTEM_PYTHON = "/usr/bin/python3"  # the user runs only the standard library
 
@@ -91,30 +92,6 @@ LIST_PROBE = r"""
 import os, sys
 print(" ".join(sorted(os.listdir(sys.argv[1]))))
 """
-
-
-def process_running(pid: int) -> bool:
-    """True while ``pid`` runs; a zombie (exited, not reaped yet) does not count."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            stat = f.read()
-    except FileNotFoundError:
-        return False
-    return stat[stat.rindex(b")") + 2:].split()[0] != b"Z"
-
-
-def start_time(pid: int) -> int:
-    """Field 22 of /proc/PID/stat: what the agent records next to an Envoy's PID."""
-    with open(f"/proc/{pid}/stat", "rb") as f:
-        stat = f.read()
-    return int(stat[stat.rindex(b")") + 2:].split()[19])
-
-
-def wait_until(predicate: Callable[[], bool], timeout: float = 30.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, f"{what}: not reached within {timeout}s"
-        time.sleep(0.1)
 
 
 def kill_if_running(pid: int | None) -> None:

@@ -17,7 +17,10 @@ from typing import Any
 from tests.agent.agent_support import (
     EXHAUST, LAND, STARWARS, TIEFIGHTER, XWING, AgentProcess, add_starwars_endpoints, deathstar_app, run_cli, shoot,
 )
-from tests.security.security_support import kill_if_running, process_running, start_time, wait_until
+from tests.envoy.envoy_support import bootstrap_yaml
+from tests.helpers import wait_until
+from tests.procfs import process_running, start_time
+from tests.security.security_support import kill_if_running
 
 from cilia.envoy.supervisor import envoy_binary
 
@@ -108,32 +111,7 @@ def test_envoy_dies_with_a_killed_agent_and_the_next_agent_enforces_a_lockdown(t
 def leftover_bootstrap(admin_socket: Path, deathstar: str) -> str:
     """A stale, permissive Envoy of this state directory: its admin socket, and the deathstar's
     port answering every request."""
-    return f"""\
-node: {{id: cilia-node, cluster: cilia}}
-admin:
-  address: {{pipe: {{path: "{admin_socket}"}}}}
-static_resources:
-  listeners:
-  - name: leftover
-    address: {{socket_address: {{address: {deathstar}, port_value: 80}}}}
-    filter_chains:
-    - filters:
-      - name: envoy.filters.network.http_connection_manager
-        typed_config:
-          "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
-          stat_prefix: leftover
-          http_filters:
-          - name: envoy.filters.http.router
-            typed_config:
-              "@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router
-          route_config:
-            virtual_hosts:
-            - name: all
-              domains: ["*"]
-              routes:
-              - match: {{prefix: "/"}}
-                direct_response: {{status: 200, body: {{inline_string: "leftover"}}}}
-"""
+    return bootstrap_yaml(0, 80, admin_socket=admin_socket, listener_address=deathstar, body="leftover")
 
 
 def test_next_agent_stops_the_leftover_envoy_recorded_in_its_state_dir(tmp_path: Path) -> None:

@@ -6,9 +6,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from tests.xds.xds_support import (eds_cluster, free_port, http_get, http_listener, load_assignment, running_envoy,
-                                   wait_for)
+from tests.xds.xds_support import eds_cluster, http_get, http_listener, load_assignment, running_envoy, wait_for
 
+from cilia.netutil import free_port
 from cilia.xds.acks import AckTracker, NackError
 from cilia.xds.cache import Cache
 from cilia.xds.server import XdsServer

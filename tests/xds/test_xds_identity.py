@@ -19,9 +19,10 @@ from envoy.config.core.v3.base_pb2 import Node
 from envoy.service.discovery.v3.discovery_pb2 import DeltaDiscoveryRequest, DiscoveryRequest, DiscoveryResponse
 from google.rpc import status_pb2
 from tests.pki import Pki
-from tests.xds.xds_support import free_port, http_get, http_listener, running_envoy, wait_for
+from tests.xds.xds_support import http_get, http_listener, running_envoy, wait_for
 
 from cilia.envoy.bootstrap import XdsClientTls
+from cilia.netutil import free_port
 from cilia.xds import LISTENER, AckTracker, Cache, DeltaStream, IdentityError, ServerTls, SotwStream, XdsServer
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import socket
 import subprocess
 import time
 import urllib.request
@@ -27,13 +26,6 @@ from cilia.envoy.bootstrap import XdsClientTls, build_bootstrap, to_json
 
 T = TypeVar("T")
 HCM = hcm_pb2.HttpConnectionManager
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 def wait_for(what: str, check: Callable[[], T | None], timeout: float = 10.0) -> T:
