@@ -8,18 +8,22 @@ cilia's EnvoySupervisor, and stopped however the test ends.
   for a bootstrap that talks to a test's gRPC server), so the tests of the supervisor, the admin
   API and the access log stream depend on nothing but the Envoy binary.
 
-Plus what those tests look at Envoy with: ``http_get`` and ``wait_records``.
+Plus what those tests put behind Envoy and look at it with: ``deathstar_backend``, ``http_get``
+and ``wait_records``.
 """
 
 from __future__ import annotations
 
 import http.client
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from http.server import ThreadingHTTPServer
 from pathlib import Path
 
+from cilia.demo import Deathstar
 from cilia.envoy.accesslog import AccessLogReceiver, AccessRecord
 from cilia.envoy.loopback import LoopbackEnvoy
 from cilia.envoy.supervisor import Backoff, EnvoySupervisor
@@ -151,6 +155,19 @@ def supervised(env: StaticEnvoy, **kwargs: object) -> Iterator[EnvoySupervisor]:
         yield sup
     finally:
         sup.stop()
+
+
+@contextmanager
+def deathstar_backend() -> Iterator[int]:
+    """Cilium's deathstar app on 127.0.0.1, the backend of the translated Star Wars policy; yields its port."""
+    backend = ThreadingHTTPServer(("127.0.0.1", 0), Deathstar)
+    backend.daemon_threads = True
+    threading.Thread(target=backend.serve_forever, daemon=True).start()
+    try:
+        yield backend.server_address[1]
+    finally:
+        backend.shutdown()
+        backend.server_close()
 
 
 def http_get(port: int, path: str = "/") -> tuple[int, str]:

@@ -9,16 +9,13 @@ from __future__ import annotations
 
 import http.client
 import ipaddress
-import threading
 from collections.abc import Iterator
-from http.server import ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
 
-from tests.envoy.envoy_support import envoy_serving, wait_records
+from tests.envoy.envoy_support import deathstar_backend, envoy_serving, wait_records
 
-from cilia.demo import Deathstar
 from cilia.envoy.accesslog import Verdict, serve
 from cilia.netutil import free_port
 from cilia.envoy.translate import AccessLogTarget, PortMapping, ProxyResources, prefixes_by_identity, translate_ingress
@@ -60,14 +57,8 @@ def test_access_log_cluster_and_named_rules_are_deterministic() -> None:
 
 @pytest.fixture
 def backend_port() -> Iterator[int]:
-    backend = ThreadingHTTPServer(("127.0.0.1", 0), Deathstar)
-    backend.daemon_threads = True
-    threading.Thread(target=backend.serve_forever, daemon=True).start()
-    try:
-        yield backend.server_address[1]
-    finally:
-        backend.shutdown()
-        backend.server_close()
+    with deathstar_backend() as port:
+        yield port
 
 
 def request(port: int, method: str, path: str) -> tuple[int, str]:

@@ -8,17 +8,14 @@ connection to cilia's receiver. Connections RBAC let through are logged per requ
 from __future__ import annotations
 
 import socket
-import threading
 from collections.abc import Iterator
-from http.server import ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
 
-from tests.envoy.envoy_support import envoy_serving, wait_records
+from tests.envoy.envoy_support import deathstar_backend, envoy_serving, wait_records
 from tests.envoy.test_translate_accesslog import DEATHSTAR, TIEFIGHTER, request, starwars
 
-from cilia.demo import Deathstar
 from cilia.envoy.accesslog import Verdict, serve
 from cilia.envoy.translate import NO_RULE, AccessLogTarget
 from cilia.netutil import free_port
@@ -28,14 +25,8 @@ XWING = "127.0.0.12"
 
 @pytest.fixture
 def backend_port() -> Iterator[int]:
-    backend = ThreadingHTTPServer(("127.0.0.1", 0), Deathstar)
-    backend.daemon_threads = True
-    threading.Thread(target=backend.serve_forever, daemon=True).start()
-    try:
-        yield backend.server_address[1]
-    finally:
-        backend.shutdown()
-        backend.server_close()
+    with deathstar_backend() as port:
+        yield port
 
 
 def refused(port: int) -> bytes:

@@ -9,17 +9,14 @@ from __future__ import annotations
 
 import http.client
 import ipaddress
-import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
-from http.server import ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
 
-from tests.envoy.envoy_support import envoy_serving
+from tests.envoy.envoy_support import deathstar_backend, envoy_serving
 
-from cilia.demo import Deathstar
 from cilia.envoy.loopback import LoopbackEnvoy
 from cilia.netutil import free_port
 from cilia.envoy.translate import PortMapping, ProxyResources, prefixes_by_identity, translate_ingress
@@ -58,23 +55,17 @@ class Demo:
 
 @pytest.fixture
 def demo() -> Iterator[Demo]:
-    backend = ThreadingHTTPServer(("127.0.0.1", 0), Deathstar)
-    backend.daemon_threads = True
-    threading.Thread(target=backend.serve_forever, daemon=True).start()
-    try:
+    with deathstar_backend() as backend_port:
         engine = PolicyEngine()
         for name, labels, ip in (("deathstar", "org=empire,class=deathstar", DEATHSTAR),
                                  ("tiefighter", "org=empire,class=tiefighter", TIEFIGHTER),
                                  ("xwing", "org=alliance,class=xwing", XWING)):
             engine.upsert_endpoint(Endpoint(name, LabelSet.parse(labels), (ipaddress.ip_address(ip),)))
         engine.apply(load_files([STARWARS / "sw_l3_l4_l7_policy.yaml"]))
-        demo = Demo(engine, None, backend.server_address[1], free_port(DEATHSTAR))
+        demo = Demo(engine, None, backend_port, free_port(DEATHSTAR))
         with envoy_serving(demo.resources()) as proxy:
             demo.proxy = proxy
             yield demo
-    finally:
-        backend.shutdown()
-        backend.server_close()
 
 
 def test_starwars_l7_policy_then_l3_l4_policy_on_a_real_envoy(demo: Demo) -> None:
