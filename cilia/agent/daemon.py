@@ -36,7 +36,7 @@ from ..envoy.loopback import free_port
 from ..envoy.supervisor import EnvoySupervisor
 from ..bpf.datapath import DROP_REASONS, DatapathEvent
 from ..bpf.loader import DEFAULT_PIN_DIR
-from ..bpf.netns import Namespace, NetnsError, add_host_address, ip
+from ..bpf.netns import Namespace, NetnsError, add_host_address, link_exists
 from ..bpf.node import EndpointPlan, NodeDatapath, proxy_key
 from ..envoy.translate import (
     AccessLogTarget,
@@ -449,7 +449,7 @@ class Agent:
             created: Namespace | None = None
             if spec.create:
                 spec, created = self._plumb(spec, previous)
-            elif spec.interface is not None and ip("link", "show", "dev", spec.interface, check=False).returncode:
+            elif spec.interface is not None and not link_exists(spec.interface):
                 raise AgentError(f"endpoint {spec.name}: interface {spec.interface}: no such interface on this node")
             try:
                 self.engine.upsert_endpoint(endpoint)
