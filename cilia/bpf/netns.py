@@ -121,7 +121,11 @@ def create_netns(name: str) -> None:
         with netlink(f"loopback of {name}") as ipr:
             ipr.link("set", index=_index(ipr, "lo", name), state="up")
 
-    run_in_netns(name, lo_up)
+    try:
+        run_in_netns(name, lo_up)
+    except BaseException:
+        delete_netns(name)
+        raise
 
 
 def delete_netns(name: str) -> bool:
@@ -197,10 +201,14 @@ def wire_veth(netns_path: str, host_if: str, address: str, gateway: str, ifname:
     def host_end() -> None:
         with netlink(f"veth {host_if} for {netns_path}") as ipr:
             ipr.link("add", ifname=host_if, kind="veth", peer=peer)
-            _move_link(ipr, peer, netns_path)
-            if quiet_ipv6:
-                _write_sysctl(("net", "ipv6", "conf", host_if, "disable_ipv6"), "1")
-            ipr.link("set", index=_index(ipr, host_if), state="up")
+            try:
+                _move_link(ipr, peer, netns_path)
+                if quiet_ipv6:
+                    _write_sysctl(("net", "ipv6", "conf", host_if, "disable_ipv6"), "1")
+                ipr.link("set", index=_index(ipr, host_if), state="up")
+            except BaseException:
+                ipr.link("del", index=_index(ipr, host_if))
+                raise
 
     def inside() -> None:
         if quiet_ipv6:
@@ -221,8 +229,12 @@ def wire_veth(netns_path: str, host_if: str, address: str, gateway: str, ifname:
             ipr.route("replace", dst=f"{addr}/{bits}", oif=_index(ipr, host_if), proto=RTPROT_BOOT)
 
     _in(node, host_end)
-    run_in_netns(netns_path, inside)
-    _in(node, host_route)
+    try:
+        run_in_netns(netns_path, inside)
+        _in(node, host_route)
+    except BaseException:
+        delete_link(host_if, node)  # takes the peer along: nothing half-made is left
+        raise
 
 
 def _move_link(ipr: Any, ifname: str, netns_path: str) -> None:
@@ -237,17 +249,17 @@ def delete_link(ifname: str, netns: str | None = None) -> bool:
     """Delete an interface (of ``netns``; None: this namespace); a veth takes its peer along.
     False if it was gone."""
     def go() -> bool:
-        try:
-            with netlink(f"delete {ifname}") as ipr:
-                found = ipr.link_lookup(ifname=ifname)
-                if not found:
-                    return False
-                ipr.link("del", index=found[0])
-                return True
-        except NetnsError:
-            return False
+        with netlink(f"delete {ifname}") as ipr:
+            found = ipr.link_lookup(ifname=ifname)
+            if not found:
+                return False
+            ipr.link("del", index=found[0])
+            return True
 
-    return _in(netns, go)
+    try:
+        return _in(netns, go)
+    except OSError:  # gone meanwhile, or its namespace is
+        return False
 
 
 def link_exists(ifname: str, netns: str | None = None) -> bool:
