@@ -35,7 +35,7 @@ from ..envoy.bootstrap import build_bootstrap, to_json
 from ..envoy.loopback import free_port
 from ..envoy.supervisor import EnvoySupervisor
 from ..bpf.datapath import DROP_REASONS, DatapathEvent
-from ..bpf.loader import DEFAULT_PIN_DIR
+from ..bpf.paths import DEFAULT_PIN_DIR
 from ..bpf.netns import Namespace, NetnsError, add_host_address, link_exists
 from ..bpf.node import EndpointPlan, NodeDatapath, proxy_key
 from ..envoy.translate import (

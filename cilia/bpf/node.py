@@ -28,8 +28,9 @@ from cilia.policy.model import Direction, IPNetwork, Protocol
 
 from . import maps, proxyroute
 from .datapath import Datapath, DatapathEvent
-from .loader import DEFAULT_PIN_DIR, Loader
+from .loader import Loader
 from .netns import addresses
+from .paths import DEFAULT_PIN_DIR
 from .policykey import ProxyPortOf
 
 _log = logging.getLogger(__name__)

@@ -21,7 +21,7 @@ import click
 
 from ..agent.client import AgentClient, APIError
 from ..specs import PortSpec, StateError
-from ..bpf.loader import DEFAULT_PIN_DIR
+from ..bpf.paths import DEFAULT_PIN_DIR
 
 DEFAULT_STATE_DIR = "/var/run/cilia"
 
