@@ -35,7 +35,7 @@ from ads_load import AdsLoad  # noqa: E402
 from synthetic_cluster import make_cluster, make_policies, policies_text  # noqa: E402
 
 from cilia.envoy.bootstrap import build_bootstrap, to_json  # noqa: E402
-from cilia.envoy.loopback import free_port  # noqa: E402
+from cilia.netutil import free_port  # noqa: E402
 from cilia.envoy.supervisor import EnvoySupervisor  # noqa: E402
 from cilia.envoy.translate import PortMapping, prefixes_by_identity, translate_ingress  # noqa: E402
 from cilia.policy import Endpoint, PolicyEngine, parse_text  # noqa: E402

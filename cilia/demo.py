@@ -45,7 +45,7 @@ from .bpf.netns import (
     delete_netns,
     run_in_netns,
 )
-from .envoy.loopback import free_port
+from .netutil import free_port
 from .policy import (
     HTTPRequest,
     LabelSet,

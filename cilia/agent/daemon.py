@@ -32,7 +32,7 @@ from typing import Any, Literal
 from ..envoy.accesslog import AccessLogReceiver, AccessLogServer, AccessRecord
 from ..envoy.admin import AdminClient, AdminError
 from ..envoy.bootstrap import build_bootstrap, to_json
-from ..envoy.loopback import free_port
+from ..netutil import free_port
 from ..envoy.supervisor import EnvoySupervisor
 from ..bpf.datapath import DROP_REASONS, DatapathEvent
 from ..bpf.paths import DEFAULT_PIN_DIR

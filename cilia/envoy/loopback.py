@@ -8,7 +8,6 @@ acked the new listeners, so traffic sent afterwards meets the new policy.
 
 from __future__ import annotations
 
-import socket
 import tempfile
 from pathlib import Path
 from types import TracebackType
@@ -16,17 +15,10 @@ from types import TracebackType
 from cilia.envoy.bootstrap import build_bootstrap, to_json
 from cilia.envoy.supervisor import EnvoySupervisor
 from cilia.envoy.translate import ProxyResources
+from cilia.netutil import free_port
 from cilia.xds import CLUSTER, LISTENER, AckTracker, Cache, XdsServer
 
-__all__ = ["LoopbackEnvoy", "free_port"]
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port the OS considers free on ``host`` now (it may be taken before it is used)."""
-    with socket.socket() as s:
-        s.bind((host, 0))
-        port: int = s.getsockname()[1]
-        return port
+__all__ = ["LoopbackEnvoy"]
 
 
 class LoopbackEnvoy:

@@ -168,7 +168,7 @@ def test_nack_from_an_external_envoy_shows_in_status_and_wait(tmp_path: Path) ->
     """A proxy the agent does not manage (here over TCP, --xds-address): its NACK is reported
     (not reverted) until fixed."""
     from cilia.envoy.bootstrap import build_bootstrap, to_json
-    from cilia.envoy.loopback import free_port
+    from cilia.netutil import free_port
     from cilia.envoy.supervisor import EnvoySupervisor
 
     state = tmp_path / "state"

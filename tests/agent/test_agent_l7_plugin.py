@@ -19,7 +19,7 @@ from agent_support import agent_in_process, run_cli
 
 from cilia.agent.client import AgentClient
 from cilia.agent.daemon import Agent
-from cilia.envoy.loopback import free_port
+from cilia.netutil import free_port
 
 DROID, C3PO, JAWA = "127.0.2.10", "127.0.2.11", "127.0.2.12"
 POLICY = Path(__file__).parents[2] / "examples" / "r2d2" / "droid.yaml"  # the example plugin's own policy
