@@ -136,7 +136,7 @@ class Rig:
         up = self.publish(listeners, clusters)
         sock = f"unix:{self.workdir}/xds.sock"
         self.server.add_address(sock)
-        port = self.server.add_address("127.0.0.1:0")
+        port = self.server.add_address("127.0.0.1:0", insecure=True)  # loopback clients of this benchmark
         self.server.start()
         try:
             admin = f"127.0.0.1:{free_port()}"

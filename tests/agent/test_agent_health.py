@@ -61,7 +61,7 @@ def test_status_verbose_healthz_and_metrics(agent: Agent) -> None:
     assert text.code == 0, text.out
     out = text.out
     assert "Controllers: 4/4 healthy" in out and "envoy-supervisor" in out
-    assert re.search(r"Envoy admin: 127\.0\.0\.1:\d+, ready True, version 1\.40", out)
+    assert re.search(r"Envoy admin: unix:/\S+/envoy-admin\.sock, ready True, version 1\.40", out)
     assert re.search(r"deathstar\s+identity \d+\s+ingress Enabled", out)
     assert 'proxy_type="http",rule="denied"} 1.0' in out and "Last errors: none" in out
 

@@ -127,7 +127,7 @@ def test_audit_mode_reaches_the_parser(droid: tuple[Agent, Path]) -> None:
 @pytest.mark.parametrize("droid", [2], indirect=True, ids=["2-workers"])
 def test_a_dead_worker_is_started_again(droid: tuple[Agent, Path]) -> None:
     agent, state = droid
-    pool = agent._l7_pool
+    pool = agent.servers.l7_pool
     assert pool is not None
     victim = pool._procs[0]
     os.kill(victim.pid, signal.SIGKILL)
