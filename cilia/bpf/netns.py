@@ -72,6 +72,13 @@ def _write_sysctl(parts: Sequence[str], value: str) -> bool:
         return False
 
 
+def _open_netns(path: str) -> int:
+    try:
+        return os.open(path, os.O_RDONLY)
+    except OSError as e:
+        raise NetnsError(e.errno, f"network namespace {path}: {e.strerror}") from None
+
+
 def _in(netns: str | None, fn: Callable[[], T]) -> T:
     return fn() if netns is None else run_in_netns(netns, fn)
 
@@ -86,7 +93,7 @@ def run_in_netns(netns: str, fn: Callable[[], T]) -> T:
 
     def target() -> None:
         try:
-            fd = os.open(path, os.O_RDONLY)
+            fd = _open_netns(path)
             try:
                 if libc.setns(fd, CLONE_NEWNET) != 0:
                     code = ctypes.get_errno()
@@ -238,7 +245,7 @@ def wire_veth(netns_path: str, host_if: str, address: str, gateway: str, ifname:
 
 
 def _move_link(ipr: Any, ifname: str, netns_path: str) -> None:
-    fd = os.open(netns_path, os.O_RDONLY)
+    fd = _open_netns(netns_path)
     try:
         ipr.link("set", index=_index(ipr, ifname), net_ns_fd=fd)
     finally:
