@@ -20,6 +20,8 @@ def test_another_user_cannot_reach_envoys_admin_or_read_its_bootstrap() -> None:
         state = base / "state"
         with agent_in_process(state) as agent:
             assert agent.envoy is not None and agent.envoy.status().running
+            # The agent makes its state directory 0700; open it up so only the files' modes protect them.
+            state.chmod(0o755)
             admin = agent.status()["envoy"]["admin"]
             bootstrap = state / "envoy-bootstrap.json"
             # The user may neither talk to the admin API nor read the bootstrap or the record ...
