@@ -20,7 +20,7 @@ import signal
 import subprocess
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
@@ -134,9 +134,11 @@ class EnvoySupervisor:
         ready_timeout: float = 30.0,  # above Envoy's default 15 s initial xDS fetch timeout
         stop_timeout: float = 10.0,
         envoy_path: str | Path | None = None,
+        env: Mapping[str, str] | None = None,
     ) -> None:
         """``admin_address`` (``host:port``) must be the admin address in the bootstrap.
-        ``base_id``/``use_dynamic_base_id`` keep Envoy's hot-restart machinery on (off otherwise)."""
+        ``base_id``/``use_dynamic_base_id`` keep Envoy's hot-restart machinery on (off otherwise).
+        ``env``: variables added to Envoy's environment (e.g. ENVOY_DYNAMIC_MODULES_SEARCH_PATH)."""
         if base_id is not None and use_dynamic_base_id:
             raise ValueError("give base_id or use_dynamic_base_id, not both")
         if concurrency < 1:
@@ -153,6 +155,7 @@ class EnvoySupervisor:
         self._concurrency = concurrency
         self._log_level = log_level
         self._extra_args = tuple(extra_args)
+        self._env = {**os.environ, **env} if env else None
 
         self._lock = threading.Lock()
         self._changed = threading.Condition(self._lock)
@@ -292,7 +295,7 @@ class EnvoySupervisor:
                 offset = log.tell()
                 try:
                     proc = subprocess.Popen(self.command(), stdin=subprocess.DEVNULL, stdout=log,
-                                            stderr=subprocess.STDOUT, start_new_session=True)
+                                            stderr=subprocess.STDOUT, start_new_session=True, env=self._env)
                 except OSError as exc:
                     raise EnvoyStartError(f"cannot run Envoy: {exc}") from exc
             self._proc = proc

@@ -110,6 +110,18 @@ class MemcacheConnection(L7Connection):
         self._inner: L7Connection | None = None
         self.dialect: str | None = None
 
+    @property
+    def check(self) -> Check:
+        return self._check
+
+    @check.setter
+    def check(self, check: Check) -> None:
+        # A policy change reaches the dialect's parser too, not only this dispatcher.
+        self._check = check
+        inner = getattr(self, "_inner", None)  # None while the base class's __init__ sets it
+        if inner is not None:
+            inner.check = check
+
     def receive_client(self, data: bytes) -> Output:
         if self._inner is None:
             if not data:

@@ -1,0 +1,262 @@
+"""The Python that runs inside Envoy: cilia's L7 parsers behind the ``cilia_l7`` dynamic module.
+
+``cilia_l7.c`` calls ``new_filter_config`` once per listener filter (on Envoy's main thread) and,
+on the connection's worker thread, ``FilterConfig.connection()`` per TCP connection and
+``Connection.read``/``write`` per chunk, with the GIL held. Each answers what the ext_proc
+service (``cilia.l7parsers.service.StreamHandler``) answers, through the same parser classes and
+the same ``check_for``: bytes to pass on in the chunk's direction, bytes to answer the sender
+with (a denial, in reply order), and whether to close the connection (a parse error, a
+connection whose endpoint or peer is unknown, no parser for the protocol: fail closed).
+
+The connection's listener, direction, port and protocol come from ``filter_config`` (JSON); the
+peer identity and local endpoint from the naming RBAC filters' dynamic metadata, read through
+``_cilia_inproc`` (the module's built-in) at the first chunk. Policy comes from the agent over
+``AgentLink`` (the whole ``PolicyViews`` at every publish; a connection meets a new revision at
+its next chunk), and decided requests go back to it in batches.
+
+A Python exception closes only its connection and is counted; a parser call longer than
+``SLOW_SECONDS`` is counted as slow (it stalled every connection of that Envoy worker).
+"""
+
+from __future__ import annotations
+
+import gc
+import importlib
+import json
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable
+from multiprocessing.connection import Client, Connection
+
+from cilia.envoy.resources import LOCAL_PREFIX, NO_LOCAL, PEER_PREFIX, RBAC_NAMESPACE
+from cilia.l7parsers.base import Decision, L7Connection, Output, ProtocolError, Record
+from cilia.l7parsers.registry import ConnectionFactory, connection_factory
+from cilia.l7parsers.service import ConnectionInfo
+from cilia.l7parsers.views import PolicyViews, check_for
+
+_log = logging.getLogger("cilia.envoy.inproc")
+
+#: (same direction, reply to the sender, close) as the module reads it; None: the chunk passes unchanged
+Answer = tuple[bytes, bytes, int] | None
+Metadata = Callable[[str, str], "str | None"]
+
+FLUSH_SECONDS = 0.05  # records go to the agent this often
+HEARTBEAT_SECONDS = 1.0  # ... and a report at least this often, records or not
+FIRST_VIEWS_SECONDS = 5.0  # a new listener waits this long for the agent's first policy
+SLOW_SECONDS = 0.01  # a chunk taking longer stalled its worker: counted
+_PEER_KEY = f"{PEER_PREFIX}shadow_effective_policy_id"
+_LOCAL_KEY = f"{LOCAL_PREFIX}shadow_effective_policy_id"
+_EMPTY = Output()
+_CONFIG_FIELDS = {"listener": str, "direction": str, "port": int, "protocol": str, "agent": str}
+
+
+class AgentLink:
+    """This interpreter's connection to the agent (``cilia.envoy.inproc.channel``): the current
+    ``PolicyViews`` in, records and counters out. Reconnects when the agent restarts; until the
+    first views arrive, every connection meets an empty policy (which denies everything)."""
+
+    def __init__(self, address: str) -> None:
+        self.address = address
+        self.views = PolicyViews()
+        self.has_views = threading.Event()
+        self.counters = {"connections": 0, "errors": 0, "slow": 0, "closed": 0}
+        self._pending: list[tuple[float, ConnectionInfo, Record]] = []
+        self._conn: Connection | None = None
+        self._send_lock = threading.Lock()
+        threading.Thread(target=self._receive, name="cilia-inproc-views", daemon=True).start()
+        threading.Thread(target=self._report, name="cilia-inproc-records", daemon=True).start()
+
+    def add(self, info: ConnectionInfo, records: tuple[Record, ...]) -> None:
+        now = time.time()
+        self._pending.extend((now, info, r) for r in records)  # list.extend is atomic under the GIL
+
+    def _receive(self) -> None:
+        while True:
+            try:
+                conn = Client(self.address.removeprefix("unix:"), family="AF_UNIX")
+            except OSError:
+                time.sleep(0.2)  # the agent is not (yet, or no longer) there
+                continue
+            with self._send_lock:
+                self._conn = conn
+                conn.send(("hello", os.getpid()))
+            try:
+                while True:
+                    views = conn.recv()
+                    if isinstance(views, PolicyViews):
+                        self.views = views  # replaced whole: a connection never sees half a change
+                        gc.freeze()  # the views live long: keep the collector from walking them
+                        self.has_views.set()
+            except (EOFError, OSError):
+                with self._send_lock:
+                    self._conn = None
+                conn.close()
+
+    def _report(self) -> None:
+        last = 0.0
+        while True:
+            time.sleep(FLUSH_SECONDS)
+            if not self._pending and time.monotonic() - last < HEARTBEAT_SECONDS:
+                continue
+            batch, self._pending = self._pending, []
+            with self._send_lock:
+                if self._conn is None:
+                    continue  # records made while the agent is away are dropped; the data path goes on
+                try:
+                    self._conn.send(("report", dict(self.counters), batch))
+                    last = time.monotonic()
+                except OSError:
+                    pass
+
+
+_links: dict[str, AgentLink] = {}
+_links_lock = threading.Lock()
+
+
+def link_for(address: str) -> AgentLink:
+    with _links_lock:
+        link = _links.get(address)
+        if link is None:
+            link = _links[address] = AgentLink(address)
+    return link
+
+
+def _envoy_metadata() -> Metadata:
+    module = importlib.import_module("_cilia_inproc")  # only inside Envoy
+    read: Metadata = module.dynamic_metadata
+    return read
+
+
+class FilterConfig:
+    """One listener filter's configuration: what its connections are, and where policy comes from."""
+
+    def __init__(self, listener: str, direction: str, port: int, protocol: str, link: AgentLink,
+                 metadata: Metadata | None = None,
+                 factory_of: Callable[[str], ConnectionFactory | None] = connection_factory) -> None:
+        self.listener, self.direction, self.port, self.protocol = listener, direction, port, protocol
+        self.link = link
+        self.metadata = metadata or _envoy_metadata()
+        self.factory = factory_of(protocol)  # looked up once; None closes every connection
+
+    def connection(self) -> FilterConnection:
+        self.link.counters["connections"] += 1
+        return FilterConnection(self)
+
+
+def new_filter_config(name: str, config: bytes) -> FilterConfig:
+    """``filter_config`` is JSON: listener, direction, port, protocol, agent (``unix`` path of
+    the agent's channel). A bad one raises: Envoy rejects the listener."""
+    try:
+        fields = json.loads(config)
+    except ValueError as e:
+        raise ValueError(f"filter {name}: filter_config is not JSON: {e}") from None
+    if not isinstance(fields, dict):
+        raise ValueError(f"filter {name}: filter_config must be a JSON object")
+    for key, kind in _CONFIG_FIELDS.items():
+        if not isinstance(fields.get(key), kind):
+            raise ValueError(f"filter {name}: filter_config.{key} must be a {kind.__name__}")
+    if fields["direction"] not in ("ingress", "egress"):
+        raise ValueError(f"filter {name}: filter_config.direction must be ingress or egress")
+    link = link_for(fields["agent"])
+    if not link.has_views.wait(FIRST_VIEWS_SECONDS):
+        _log.warning("%s: no policy from the agent at %s yet: connections are denied until it comes",
+                     fields["listener"], fields["agent"])
+    return FilterConfig(fields["listener"], fields["direction"], fields["port"], fields["protocol"], link)
+
+
+class _Refused(Exception):
+    pass
+
+
+class FilterConnection:
+    """One TCP connection: its parser, opened at the first chunk (the naming RBAC filters have
+    run by then), and the policy revision its parser checks against."""
+
+    __slots__ = ("config", "info", "conn", "revision", "closed")
+
+    def __init__(self, config: FilterConfig) -> None:
+        self.config = config
+        self.info: ConnectionInfo | None = None
+        self.conn: L7Connection | None = None
+        self.revision = -1
+        self.closed = False
+
+    def read(self, data: bytes, end_stream: bool) -> Answer:
+        """A chunk from the client: (bytes for the server, reply to the client, close)."""
+        return self._chunk(data, end_stream, True)
+
+    def write(self, data: bytes, end_stream: bool) -> Answer:
+        """A chunk from the server: (bytes for the client, b"", close)."""
+        return self._chunk(data, end_stream, False)
+
+    def close(self) -> None:
+        if not self.closed:
+            self.config.link.counters["closed"] += 1
+        self.closed = True
+        self.conn = None
+
+    def _chunk(self, data: bytes, end_stream: bool, from_client: bool) -> Answer:
+        if self.closed:
+            return (b"", b"", 1)
+        started = time.perf_counter()
+        try:
+            conn = self.conn or self._open()
+            views = self.config.link.views
+            if views.revision != self.revision:  # policy changed: the next request meets the new one
+                assert self.info is not None
+                self.revision = views.revision
+                conn.check = check_for(views, self.info)
+            receive = conn.receive_client if from_client else conn.receive_server
+            out = receive(data) if data else _EMPTY
+            if end_stream:
+                out = out + receive(b"")
+            if out.records:
+                assert self.info is not None
+                self.config.link.add(self.info, out.records)
+            if from_client:
+                return (out.to_server, out.to_client, 0)
+            if out.to_server:  # nothing in flight could carry it: a parser must not answer the server
+                raise ProtocolError("server", "the parser wanted to answer the server")
+            return (out.to_client, b"", 0)
+        except ProtocolError as e:
+            return self._fail(f"unparseable {e.side} data: {e.message}", record=True)
+        except _Refused as e:
+            return self._fail(str(e))
+        except Exception as e:  # a bug in a parser: this connection closes, the others go on
+            self.config.link.counters["errors"] += 1
+            _log.exception("L7 %s: parser error", self.config.listener)
+            return self._fail(f"{type(e).__name__}: {e}", record=True)
+        finally:
+            if time.perf_counter() - started > SLOW_SECONDS:
+                self.config.link.counters["slow"] += 1
+
+    def _open(self) -> L7Connection:
+        cfg = self.config
+        peer = cfg.metadata(RBAC_NAMESPACE, _PEER_KEY)
+        local = cfg.metadata(RBAC_NAMESPACE, _LOCAL_KEY)
+        try:
+            peer_identity = int(peer) if peer is not None else -1
+        except ValueError:
+            peer_identity = -1
+        self.info = ConnectionInfo(cfg.listener, cfg.direction, cfg.port, cfg.protocol, local or "", peer_identity)
+        if self.info.endpoint in ("", NO_LOCAL) or peer_identity < 0:
+            raise _Refused(f"{cfg.listener}: the connection's endpoint or peer is unknown")
+        if cfg.factory is None:
+            raise _Refused(f"{cfg.listener}: no parser for {cfg.protocol!r} is installed")
+        views = cfg.link.views
+        self.revision = views.revision
+        self.conn = cfg.factory(check_for(views, self.info))
+        return self.conn
+
+    def _fail(self, why: str, record: bool = False) -> Answer:
+        self.closed = True
+        self.conn = None
+        _log.warning("L7 %s: closing the connection: %s", self.config.listener, why)
+        if record and self.info is not None:
+            self.config.link.add(self.info, (Record({"error": why}, Decision(False, "", why)),))
+        return (b"", b"", 1)
+
+
+__all__ = ["AgentLink", "FilterConfig", "link_for", "new_filter_config"]
