@@ -31,6 +31,7 @@ from typing import Any, Literal
 
 from ..envoy.accesslog import AccessLogReceiver, AccessLogServer, AccessRecord
 from ..envoy.admin import AdminClient, AdminError
+from ..envoy.inproc.channel import InprocL7, L7Mode
 from ..envoy.bootstrap import build_bootstrap, to_json
 from ..envoy.loopback import free_port
 from ..envoy.supervisor import EnvoySupervisor
@@ -41,6 +42,7 @@ from ..bpf.node import EndpointPlan, NodeDatapath, proxy_key
 from ..envoy.translate import (
     AccessLogTarget,
     GrpcTarget,
+    InprocTarget,
     NodeEndpoint,
     PortMapping,
     ProxyPort,
@@ -113,6 +115,7 @@ class AgentConfig:
     router_ip: str | None = None  # the gateway of endpoints the agent creates (put on lo if missing)
     proxy_port_range: tuple[int, int] = (10000, 20000)  # Envoy's transparent listeners (Cilium's range)
     l7_workers: int = 0  # L7 parsers in this many worker processes (0: in the agent's own process)
+    l7_mode: L7Mode = "auto"  # L7 parsers inside Envoy (inproc) or on ext_proc; auto: inproc if its module is built
 
     @property
     def api_socket(self) -> Path:
@@ -224,6 +227,9 @@ class Agent:
         self._audit_keys: set[PolicyKey] = set()
         self.envoy: EnvoySupervisor | None = None
         self.admin_address: str | None = None
+        # --- the L7 parsers inside Envoy (cilia.envoy.inproc); None: they run on ext_proc
+        self.l7_inproc = InprocL7.choose(config.l7_mode, config.state_dir / "l7-inproc.sock", self._on_worker_record,
+                                         managed=config.envoy == "managed", workers=config.l7_workers)
         self._replay()
 
     # ------------------------------------------------------------------ lifecycle
@@ -269,6 +275,8 @@ class Agent:
                 self._l7 = L7Server(self._view_source, self._on_l7_record)
                 self._l7.add_address(f"unix:{self.config.l7_socket}")
                 self._l7.start()
+            if self.l7_inproc is not None:
+                self.l7_inproc.start()
             if self.config.envoy == "managed":
                 self._start_envoy()
         except BaseException:
@@ -300,7 +308,8 @@ class Agent:
         bootstrap.write_text(to_json(build_bootstrap(self.config.node_id, f"unix:{self.config.xds_socket}",
                                                      self.admin_address)), encoding="utf-8")
         self.envoy = EnvoySupervisor(bootstrap, self.admin_address, log_path=self.config.state_dir / "envoy.log",
-                                     extra_args=self.config.envoy_args)
+                                     extra_args=self.config.envoy_args,
+                                     env=self.l7_inproc.envoy_env() if self.l7_inproc is not None else None)
         self.envoy.start()
 
     def stop(self) -> None:
@@ -317,6 +326,8 @@ class Agent:
             if self._l7_pool is not None:
                 self._l7_pool.stop()
                 self._l7_pool = None
+            if self.l7_inproc is not None:
+                self.l7_inproc.stop()
             if self.node is not None:
                 self.node.stop()
             if self.flow_file is not None:
@@ -578,6 +589,8 @@ class Agent:
         self._view_source.views = self._views
         if self._l7_pool is not None:
             self._l7_pool.publish(self._views)
+        if self.l7_inproc is not None:
+            self.l7_inproc.publish(self._views)
         listeners, clusters, notes = self._translate()
         # One atomic update; the streams still send clusters before the listeners that name them.
         # A sidecar Envoy whose node id is an endpoint's name sees only that endpoint's listeners
@@ -720,7 +733,9 @@ class Agent:
 
     # ------------------------------------------------------------------ L7 parsers (ext_proc)
 
-    def _l7_target(self) -> GrpcTarget:
+    def _l7_target(self) -> GrpcTarget | InprocTarget:
+        if self.l7_inproc is not None:
+            return self.l7_inproc.target
         first, *more = (f"unix:{p}" for p in self.config.l7_sockets)
         return GrpcTarget(L7_CLUSTER, first, more=tuple(more))
 
@@ -916,6 +931,7 @@ class Agent:
                 "xds": {"addresses": [f"unix:{self.config.xds_socket}", *self.config.xds_addresses],
                         "proxies": proxies},
                 "controllers": controllers, "errors": list(self.errors),
+                "l7": self.l7_inproc.status() if self.l7_inproc is not None else {"mode": "extproc"},
                 **({"kubernetes": k8s} if k8s is not None else {}),
                 "uptime_s": round(time.time() - self.started, 1), "notes": notes,
                 "state_dir": str(self.config.state_dir)}
@@ -977,6 +993,9 @@ class Agent:
             alive = self._l7_pool.alive()
             out.append(ctl("l7-workers", alive == len(self._l7_pool.addresses),
                            f"{alive}/{len(self._l7_pool.addresses)} workers alive", restarts=self._l7_pool.restarts))
+        if self.l7_inproc is not None:
+            problem = self.l7_inproc.problem()
+            out.append(ctl("l7-inproc", not problem, problem))
         if self.envoy is not None:
             running = envoy.get("state") == "running" and envoy.get("ready", True) is not False
             out.append(ctl("envoy-supervisor", running, str(envoy.get("last_error") or envoy.get("admin_error")

@@ -6,8 +6,10 @@ the agent's channel."""
 
 from __future__ import annotations
 
+import os
+import signal
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -156,3 +158,25 @@ def test_build_reads_the_pinned_envoy() -> None:
     who = build.identify(envoy_binary())
     assert who.abi_version == build.SUPPORTED_ABI == "v0.2.0"
     assert len(who.build_id) == 40
+
+
+def test_the_channel_notices_an_interpreter_that_stops_reporting(node: InprocEnvoy) -> None:
+    client(node, "127.0.0.2").set("awing-coord", "1")  # the interpreter is up and reporting
+    node.channel.stale_after = 1.0
+    pid = node.envoy.status().pid
+    assert pid is not None
+    os.kill(pid, signal.SIGSTOP)  # a wedged Envoy: its interpreter reports nothing
+    try:
+        assert _until(lambda: [i["stale"] for i in node.channel.interpreters()] == [True])
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    assert _until(lambda: [i["stale"] for i in node.channel.interpreters()] == [False])
+
+
+def _until(predicate: Callable[[], bool], timeout: float = 15.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.1)
+    return True

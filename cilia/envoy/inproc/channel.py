@@ -145,11 +145,12 @@ class InprocL7:
         self.target = InprocTarget(MODULE_NAME, f"unix:{socket}")
 
     @classmethod
-    def choose(cls, mode: L7Mode, socket: Path, on_record: RecordCallback,
-               module_dir: Path | None = None) -> InprocL7 | None:
-        """None for ext_proc: asked for, or (``auto``) no module built for this Envoy. ``inproc``
-        without a module raises ValueError."""
-        if mode == "extproc":
+    def choose(cls, mode: L7Mode, socket: Path, on_record: RecordCallback, *, managed: bool = True,
+               workers: int = 0, module_dir: Path | None = None) -> InprocL7 | None:
+        """None for ext_proc: asked for, or (``auto``) no module built for this Envoy, an Envoy
+        the agent does not start (its environment is not ours to set) or worker processes asked
+        for. ``inproc`` without a module raises ValueError."""
+        if mode == "extproc" or (mode == "auto" and (not managed or workers)):
             return None
         found = installed(directory=module_dir)
         if found is None:
@@ -175,9 +176,9 @@ class InprocL7:
         return {"mode": "inproc", "module": str(self.module_dir / f"lib{MODULE_NAME}.so"),
                 "interpreters": self.channel.interpreters(), "disconnects": self.channel.disconnects}
 
-    def problem(self, envoy_running: bool) -> str:
+    def problem(self) -> str:
         """Why the in-process L7 path is failing ("" if it is not): an interpreter that stopped
-        reporting, or a running Envoy whose interpreter never connected."""
+        reporting (one starts only once Envoy has a listener with the module)."""
         interpreters = self.channel.interpreters()
         stale = [str(i["pid"]) for i in interpreters if i["stale"]]
         if stale:
