@@ -1,6 +1,6 @@
 """The cilia agent: state, REST API, xDS and Envoy wired together (``cilia agent``)."""
 
 from .daemon import Agent, AgentConfig, AgentError
-from .state import EndpointSpec, PortSpec, StateError
+from ..specs import EndpointSpec, PortSpec, StateError
 
 __all__ = ["Agent", "AgentConfig", "AgentError", "EndpointSpec", "PortSpec", "StateError"]

@@ -24,7 +24,7 @@ from urllib.parse import parse_qs, urlsplit
 
 from .daemon import Agent, AgentError
 from .flows import FlowFilter, parse_labels
-from .state import EndpointSpec, StateError
+from ..specs import EndpointSpec, StateError
 
 _log = logging.getLogger(__name__)
 

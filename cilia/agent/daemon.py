@@ -66,9 +66,9 @@ from ..policy import (
     parse_text,
 )
 from ..l7parsers.base import Check, Record
-from ..l7parsers.service import ConnectionInfo, L7Server
-from ..l7parsers.views import PolicyViews, ViewSource, check_for
-from ..l7parsers.workers import WorkerPool
+from ..envoy.l7service import ConnectionInfo, L7Server
+from ..envoy.l7views import PolicyViews, ViewSource, check_for
+from ..envoy.l7workers import WorkerPool
 from ..policy.mapstate import MapState, Verdict
 from ..policy.model import IPNetwork
 from ..policy.parse import check_unique
@@ -77,7 +77,8 @@ from ..xds import CLUSTER, LISTENER, AckState, AckTracker, Cache, NackError, Typ
 from .diff import policy_diff
 from .flows import Flow, FlowFile, FlowFilter, Who, from_access, from_datapath, from_l7
 from .metrics import MeteredAckTracker, Metrics
-from .state import EndpointSpec, PolicyKey, StateError, load_state, save_state
+from ..specs import EndpointSpec, PolicyKey, StateError
+from .state import load_state, save_state
 
 _log = logging.getLogger(__name__)
 

@@ -28,7 +28,7 @@ from typing import Any
 from ..bpf.datapath import DatapathEvent
 from ..envoy.accesslog import AccessRecord
 from ..l7parsers.base import Record
-from ..l7parsers.service import ConnectionInfo
+from ..envoy.l7service import ConnectionInfo
 from ..policy.ipcache import IPCache
 from ..policy.labels import LabelSet
 from ..policy.model import IPNetwork

@@ -20,7 +20,7 @@ from typing import Any
 import click
 
 from ..agent.client import AgentClient, APIError
-from ..agent.state import PortSpec, StateError
+from ..specs import PortSpec, StateError
 from ..bpf.loader import DEFAULT_PIN_DIR
 
 DEFAULT_STATE_DIR = "/var/run/cilia"

@@ -24,6 +24,14 @@ from typing import Any
 import grpc
 
 from cilia.grpcserver import GrpcServer
+from cilia.envoy.metadata import (
+    ENFORCED_EFFECTIVE_POLICY_ID,
+    HTTP_RBAC,
+    NETWORK_RBAC,
+    SHADOW_DENIED,
+    SHADOW_EFFECTIVE_POLICY_ID,
+    SHADOW_ENGINE_RESULT,
+)
 from cilia.ring import SeqRing
 from envoy.config.core.v3 import base_pb2
 from envoy.data.accesslog.v3 import accesslog_pb2
@@ -55,9 +63,9 @@ RBAC_DENIED_PREFIX = "rbac_access_denied"  # Envoy's response code details for a
 RULE_METADATA_NAMESPACE = "cilia"
 RULE_METADATA_KEY = "rule"
 RULE_FILTER_STATE_KEY = "cilia.rule"
-_RBAC_METADATA_NAMESPACE = "envoy.filters.http.rbac"
+_RBAC_METADATA_NAMESPACE = HTTP_RBAC
 # The network RBAC keeps no decision in metadata; cilia mirrors its matcher as the shadow one.
-_NETWORK_RBAC_METADATA_NAMESPACE = "envoy.filters.network.rbac"
+_NETWORK_RBAC_METADATA_NAMESPACE = NETWORK_RBAC
 _MATCHED_POLICY = re.compile(r"^rbac_access_denied_matched_policy\[(.*)\]$")
 
 _HTTP_VERSIONS = {
@@ -207,13 +215,13 @@ def _http_record(entry: Any, log_name: str, node_id: str) -> AccessRecord:
 def _shadow_refused(common: Any, namespace: str) -> bool:
     """The RBAC filter's shadow matcher (audit mode's real policy) refused this."""
     meta = common.metadata.filter_metadata.get(namespace)
-    value = meta.fields.get("shadow_engine_result") if meta is not None else None
-    return value is not None and value.string_value == "denied"
+    value = meta.fields.get(SHADOW_ENGINE_RESULT) if meta is not None else None
+    return value is not None and value.string_value == SHADOW_DENIED
 
 
 def _shadow_rule(common: Any, namespace: str) -> str:
     meta = common.metadata.filter_metadata.get(namespace)
-    value = meta.fields.get("shadow_effective_policy_id") if meta is not None else None
+    value = meta.fields.get(SHADOW_EFFECTIVE_POLICY_ID) if meta is not None else None
     return str(value.string_value) if value is not None else ""
 
 
@@ -275,11 +283,11 @@ def _rule(common: Any, details: str) -> str:
         if text:
             return text
     if _RBAC_METADATA_NAMESPACE in metadata:
-        value = metadata[_RBAC_METADATA_NAMESPACE].fields.get("enforced_effective_policy_id")
+        value = metadata[_RBAC_METADATA_NAMESPACE].fields.get(ENFORCED_EFFECTIVE_POLICY_ID)
         if value is not None and value.string_value:
             return str(value.string_value)
     if _NETWORK_RBAC_METADATA_NAMESPACE in metadata:
-        value = metadata[_NETWORK_RBAC_METADATA_NAMESPACE].fields.get("shadow_effective_policy_id")
+        value = metadata[_NETWORK_RBAC_METADATA_NAMESPACE].fields.get(SHADOW_EFFECTIVE_POLICY_ID)
         if value is not None and value.string_value:
             return str(value.string_value)
     matched = _MATCHED_POLICY.match(details)

@@ -45,7 +45,7 @@ from google.protobuf import any_pb2, duration_pb2, message, wrappers_pb2
 from xds.core.v3 import extension_pb2
 from xds.type.matcher.v3 import matcher_pb2
 
-from . import dynamic_modules_proto
+from . import dynamic_modules_proto, metadata
 
 ACCESS_DENIED_BODY = "Access denied\r\n"  # the body of a denied HTTP request's 403
 _HTTP_OPTIONS = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
@@ -77,26 +77,21 @@ class InprocTarget:
 #: ext_proc message timeout: every chunk must be answered within it, else the connection is
 #: closed (fail closed); generous, since a parser may wait on the agent's lock.
 EXT_PROC_TIMEOUT = duration_pb2.Duration(seconds=5)
-#: dynamic-metadata key prefixes of the RBAC filters that name a connection's peer identity and
-#: local endpoint for the L7 service (forwarded to it with the RBAC namespace)
-PEER_PREFIX = "cilia_peer_"
-LOCAL_PREFIX = "cilia_local_"
-RBAC_NAMESPACE = "envoy.filters.network.rbac"
-NO_LOCAL = "-"  # the local-endpoint name of a connection to no known endpoint (action names cannot be empty)
 
 
 def ext_proc(base: str, target: GrpcTarget, info: Mapping[str, str]) -> ext_proc_pb2.NetworkExternalProcessor:
     """Network ext_proc to the agent's L7 service: every chunk each way goes through a parser.
-    Fail closed (no failure_mode_allow), an explicit message timeout; ``info`` (listener,
-    direction, port, protocol) rides in the stream's gRPC metadata, and the RBAC namespace's
-    dynamic metadata (peer identity, local endpoint) in every message."""
+    Fail closed (no failure_mode_allow), an explicit message timeout; ``info``
+    (``metadata.stream_metadata``: listener, direction, port, protocol) rides in the stream's gRPC
+    metadata, and the RBAC namespace's dynamic metadata (peer identity, local endpoint) in every
+    message."""
     service = grpc_service_pb2.GrpcService(
         envoy_grpc=grpc_service_pb2.GrpcService.EnvoyGrpc(cluster_name=target.cluster),
-        initial_metadata=[base_pb2.HeaderValue(key=f"x-cilia-{k}", value=v) for k, v in sorted(info.items())])
+        initial_metadata=[base_pb2.HeaderValue(key=k, value=v) for k, v in sorted(info.items())])
     return ext_proc_pb2.NetworkExternalProcessor(
         grpc_service=service, failure_mode_allow=False, message_timeout=EXT_PROC_TIMEOUT, stat_prefix=base,
         metadata_options=ext_proc_pb2.MetadataOptions(forwarding_namespaces=ext_proc_pb2.MetadataOptions.
-                                                      MetadataNamespaces(untyped=[RBAC_NAMESPACE])))
+                                                      MetadataNamespaces(untyped=[metadata.RBAC_NAMESPACE])))
 
 
 def dynamic_module_filter(target: InprocTarget, info: Mapping[str, str | int]) -> message.Message:
@@ -136,7 +131,7 @@ def hcm(base: str, rbac: matcher_pb2.Matcher, access_log: AccessLogTarget | None
         route_config=route_pb2.RouteConfiguration(name=base, virtual_hosts=[
             route_components_pb2.VirtualHost(name=base, domains=["*"], routes=[route])]),
         http_filters=[
-            hcm_pb2.HttpFilter(name="envoy.filters.http.rbac",
+            hcm_pb2.HttpFilter(name=metadata.HTTP_RBAC,
                                typed_config=pack(http_rbac_pb2.RBAC(matcher=rbac, shadow_matcher=shadow))),
             hcm_pb2.HttpFilter(name="envoy.filters.http.router", typed_config=pack(router_pb2.Router())),
         ],
@@ -160,9 +155,9 @@ def connection_log(base: str, target: AccessLogTarget | None) -> list[accesslog_
         return []
     refused = accesslog_pb2.AccessLogFilter(metadata_filter=accesslog_pb2.MetadataFilter(
         matcher=metadata_pb2.MetadataMatcher(
-            filter="envoy.filters.network.rbac",
-            path=[metadata_pb2.MetadataMatcher.PathSegment(key="shadow_engine_result")],
-            value=value_pb2.ValueMatcher(string_match=string_matcher_pb2.StringMatcher(exact="denied"))),
+            filter=metadata.NETWORK_RBAC,
+            path=[metadata_pb2.MetadataMatcher.PathSegment(key=metadata.SHADOW_ENGINE_RESULT)],
+            value=value_pb2.ValueMatcher(string_match=string_matcher_pb2.StringMatcher(exact=metadata.SHADOW_DENIED))),
         match_if_key_not_found=wrappers_pb2.BoolValue(value=False)))
     return [accesslog_pb2.AccessLog(
         name="envoy.access_loggers.tcp_grpc",

@@ -49,7 +49,7 @@ from envoy.extensions.filters.listener.original_dst.v3 import original_dst_pb2
 from envoy.extensions.filters.network.tcp_proxy.v3 import tcp_proxy_pb2
 from google.protobuf import wrappers_pb2
 
-from cilia.envoy import rbac, resources
+from cilia.envoy import metadata, rbac, resources
 from cilia.envoy.rbac import NO_DESTINATION_RULE, NO_ENDPOINT, NO_RULE
 from cilia.envoy.resources import ACCESS_DENIED_BODY, AccessLogTarget, GrpcTarget, InprocTarget
 from cilia.policy.mapstate import DirectionMapState, PolicyEntry, Verdict, origins_name
@@ -152,7 +152,7 @@ def translate_ingress(
                             l7_service is not None)
         net = rbac.allow_matcher(port.allowed, universe, rbac.SOURCE, NO_RULE)
         everything = rbac.allow_everything() if audit else None
-        filters = [resources.network_filter("envoy.filters.network.rbac",
+        filters = [resources.network_filter(metadata.NETWORK_RBAC,
                                             rbac.network_rbac(base, net, access_log is not None, everything))]
         if port.parser is not None and l7_service is not None:
             local = [((ipaddress.ip_network(listen_address),), name)]
@@ -190,12 +190,12 @@ def _parser_filters(base: str, direction: str, port: int, parser: str, universe:
     the connection's peer identity and local endpoint (into dynamic metadata), then the parser
     (network ext_proc, or the in-process dynamic module)."""
     peers = [(universe[ident], str(ident)) for ident in sorted(universe)]
-    only = endpoints[0][1] if len(endpoints) == 1 else resources.NO_LOCAL  # a sidecar listener serves one
+    only = endpoints[0][1] if len(endpoints) == 1 else metadata.NO_LOCAL  # a sidecar listener serves one
     return [
-        resources.network_filter("envoy.filters.network.rbac",
-                                 rbac.naming_rbac(base, resources.PEER_PREFIX, peer, peers, "0")),
-        resources.network_filter("envoy.filters.network.rbac",
-                                 rbac.naming_rbac(base, resources.LOCAL_PREFIX, local, endpoints, only)),
+        resources.network_filter(metadata.NETWORK_RBAC,
+                                 rbac.naming_rbac(base, metadata.PEER_PREFIX, peer, peers, "0")),
+        resources.network_filter(metadata.NETWORK_RBAC,
+                                 rbac.naming_rbac(base, metadata.LOCAL_PREFIX, local, endpoints, only)),
         _parser(base, direction, port, parser, l7_service),
     ]
 
@@ -207,7 +207,7 @@ def _parser(base: str, direction: str, port: int, parser: str, l7_service: L7Tar
         return resources.network_filter("envoy.filters.network.dynamic_modules", resources.dynamic_module_filter(
             l7_service, {"listener": base, "direction": direction, "port": port, "protocol": parser}))
     return resources.network_filter("envoy.filters.network.ext_proc", resources.ext_proc(
-        base, l7_service, {"listener": base, "direction": direction, "port": str(port), "protocol": parser}))
+        base, l7_service, metadata.stream_metadata(base, direction, port, parser)))
 
 
 # --- transparent proxying (node mode, sidecar outbound) -------------------------------------
@@ -381,7 +381,7 @@ def _transparent(base: str, direction: str, proxy: ProxyPort, listen_address: st
         http_matcher = http[0][1] if http else None
         net_enforced = everything if audited[0] else None
         http_enforced = everything if audited[0] and http else None
-    rbac_filter = resources.network_filter("envoy.filters.network.rbac",
+    rbac_filter = resources.network_filter(metadata.NETWORK_RBAC,
                                            rbac.network_rbac(base, net_matcher, access_log is not None, net_enforced))
     endpoints = [(addresses, name) for (addresses, _), name in zip(policies, names)]
 

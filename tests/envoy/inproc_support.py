@@ -28,8 +28,8 @@ from cilia.envoy.resources import InprocTarget
 from cilia.envoy.supervisor import Backoff, EnvoySupervisor
 from cilia.envoy.translate import PortMapping, prefixes_by_identity, translate_ingress
 from cilia.l7parsers.base import Record
-from cilia.l7parsers.service import ConnectionInfo
-from cilia.l7parsers.views import PolicyViews
+from cilia.envoy.l7service import ConnectionInfo
+from cilia.envoy.l7views import PolicyViews
 from cilia.policy import Endpoint, LabelSet, PolicyEngine, parse_text
 
 SERVER = "memcd-server"

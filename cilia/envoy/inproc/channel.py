@@ -26,8 +26,8 @@ from typing import Any, Literal
 
 from cilia.envoy.resources import InprocTarget
 from cilia.l7parsers.base import Record
-from cilia.l7parsers.service import ConnectionInfo
-from cilia.l7parsers.views import PolicyViews
+from cilia.envoy.l7service import ConnectionInfo
+from cilia.envoy.l7views import PolicyViews
 
 from .build import MODULE_NAME, installed
 

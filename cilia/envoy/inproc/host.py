@@ -3,7 +3,7 @@
 ``cilia_l7.c`` calls ``new_filter_config`` once per listener filter (on Envoy's main thread) and,
 on the connection's worker thread, ``FilterConfig.connection()`` per TCP connection and
 ``Connection.read``/``write`` per chunk, with the GIL held. Each answers what the ext_proc
-service (``cilia.l7parsers.service.StreamHandler``) answers, through the same parser classes and
+service (``cilia.envoy.l7service.StreamHandler``) answers, through the same parser classes and
 the same ``check_for``: bytes to pass on in the chunk's direction, bytes to answer the sender
 with (a denial, in reply order), and whether to close the connection (a parse error, a
 connection whose endpoint or peer is unknown, no parser for the protocol: fail closed).
@@ -30,11 +30,11 @@ import time
 from collections.abc import Callable
 from multiprocessing.connection import Client, Connection
 
-from cilia.envoy.resources import LOCAL_PREFIX, NO_LOCAL, PEER_PREFIX, RBAC_NAMESPACE
+from cilia.envoy.metadata import LOCAL_PREFIX, NO_LOCAL, PEER_PREFIX, RBAC_NAMESPACE, naming_key
 from cilia.l7parsers.base import Decision, L7Connection, Output, ProtocolError, Record
 from cilia.l7parsers.registry import ConnectionFactory, connection_factory
-from cilia.l7parsers.service import ConnectionInfo
-from cilia.l7parsers.views import PolicyViews, check_for
+from cilia.envoy.l7service import ConnectionInfo
+from cilia.envoy.l7views import PolicyViews, check_for
 
 _log = logging.getLogger("cilia.envoy.inproc")
 
@@ -46,8 +46,8 @@ FLUSH_SECONDS = 0.05  # records go to the agent this often
 HEARTBEAT_SECONDS = 1.0  # ... and a report at least this often, records or not
 FIRST_VIEWS_SECONDS = 5.0  # a new listener waits this long for the agent's first policy
 SLOW_SECONDS = 0.01  # a chunk taking longer stalled its worker: counted
-_PEER_KEY = f"{PEER_PREFIX}shadow_effective_policy_id"
-_LOCAL_KEY = f"{LOCAL_PREFIX}shadow_effective_policy_id"
+_PEER_KEY = naming_key(PEER_PREFIX)
+_LOCAL_KEY = naming_key(LOCAL_PREFIX)
 _EMPTY = Output()
 _CONFIG_FIELDS = {"listener": str, "direction": str, "port": int, "protocol": str, "agent": str}
 

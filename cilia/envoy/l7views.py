@@ -15,13 +15,13 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 
+from cilia.l7parsers.base import Check, Decision
+from cilia.l7parsers.policycheck import policy_check
 from cilia.policy.flows import L7Request
 from cilia.policy.mapstate import MapState
 from cilia.policy.model import Protocol
 
-from .base import Check, Decision
-from .policycheck import policy_check
-from .service import ConnectionInfo
+from .l7service import ConnectionInfo
 
 
 @dataclass(frozen=True)

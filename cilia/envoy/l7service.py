@@ -31,10 +31,10 @@ from typing import Any, Protocol
 import grpc
 from envoy.service.network_ext_proc.v3 import network_external_processor_pb2 as pb
 
-from cilia.envoy.resources import LOCAL_PREFIX, NO_LOCAL, PEER_PREFIX, RBAC_NAMESPACE
+from cilia.l7parsers.base import Check, Decision, L7Connection, Output, ProtocolError, Record
+from cilia.l7parsers.registry import ConnectionFactory, connection_factory
 
-from .base import Check, Decision, L7Connection, Output, ProtocolError, Record
-from .registry import ConnectionFactory, connection_factory
+from . import metadata
 
 _log = logging.getLogger(__name__)
 
@@ -107,19 +107,19 @@ class StreamHandler:
             return self._close(str(e))
 
     def _open(self, request: Any) -> None:
-        meta = request.metadata.filter_metadata.get(RBAC_NAMESPACE)
+        meta = request.metadata.filter_metadata.get(metadata.RBAC_NAMESPACE)
         fields = meta.fields if meta is not None else {}
-        peer = fields.get(f"{PEER_PREFIX}shadow_effective_policy_id")
-        local = fields.get(f"{LOCAL_PREFIX}shadow_effective_policy_id")
+        peer = fields.get(metadata.naming_key(metadata.PEER_PREFIX))
+        local = fields.get(metadata.naming_key(metadata.LOCAL_PREFIX))
         try:
-            info = ConnectionInfo(self._meta["x-cilia-listener"], self._meta["x-cilia-direction"],
-                                  int(self._meta["x-cilia-port"]), self._meta["x-cilia-protocol"],
+            info = ConnectionInfo(self._meta[metadata.STREAM_LISTENER], self._meta[metadata.STREAM_DIRECTION],
+                                  int(self._meta[metadata.STREAM_PORT]), self._meta[metadata.STREAM_PROTOCOL],
                                   local.string_value if local is not None else "",
                                   int(peer.string_value) if peer is not None else -1)
         except (KeyError, ValueError) as e:
             raise _Refused(f"stream without complete cilia metadata ({e})") from None
         self.info = info
-        if info.endpoint in ("", NO_LOCAL) or info.peer_identity < 0:
+        if info.endpoint in ("", metadata.NO_LOCAL) or info.peer_identity < 0:
             raise _Refused(f"{info.listener}: the connection's endpoint or peer is unknown")
         factory = self._factory_of(info.protocol)
         if factory is None:

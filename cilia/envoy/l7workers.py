@@ -21,9 +21,10 @@ from multiprocessing.connection import Connection, wait
 from pathlib import Path
 from typing import Any
 
-from .base import Record
-from .service import ConnectionInfo, L7Server
-from .views import PolicyViews, ViewSource
+from cilia.l7parsers.base import Record
+
+from .l7service import ConnectionInfo, L7Server
+from .l7views import PolicyViews, ViewSource
 
 _log = logging.getLogger(__name__)
 
