@@ -122,6 +122,12 @@ class MemcacheConnection(L7Connection):
         if inner is not None:
             inner.check = check
 
+    def assume(self, first: int) -> None:
+        """Choose the dialect as if the client's first byte had been ``first``: a fast path that
+        read the first requests itself hands the connection over (``memcache_fast``)."""
+        if self._inner is None:
+            self._inner = self._start(first)
+
     def receive_client(self, data: bytes) -> Output:
         if self._inner is None:
             if not data:
