@@ -29,6 +29,7 @@ import threading
 import time
 from collections.abc import Callable
 from multiprocessing.connection import Client, Connection
+from typing import Protocol
 
 from cilia.envoy.metadata import LOCAL_PREFIX, NO_LOCAL, PEER_PREFIX, RBAC_NAMESPACE, naming_key
 from cilia.l7parsers.base import Check, Decision, L7Connection, Output, ProtocolError, Record
@@ -55,6 +56,15 @@ MEMO_SIZE = 4096  # decisions kept per (policy revision, endpoint, peer) before 
 #: parsers with a fast path in front (same decisions and bytes, tests/l7parsers/test_memcache_fast.py)
 FAST: dict[str, ConnectionFactory] = {"memcache": FastMemcacheConnection}
 _CONFIG_FIELDS = {"listener": str, "direction": str, "port": int, "protocol": str, "agent": str}
+
+
+class PolicyLink(Protocol):
+    """Where a filter's connections get policy and leave records (``AgentLink`` inside Envoy)."""
+
+    views: PolicyViews
+    counters: dict[str, int]
+
+    def add(self, info: ConnectionInfo, records: tuple[Record, ...]) -> None: ...
 
 
 class AgentLink:
@@ -138,7 +148,7 @@ def _envoy_metadata() -> Metadata:
 class FilterConfig:
     """One listener filter's configuration: what its connections are, and where policy comes from."""
 
-    def __init__(self, listener: str, direction: str, port: int, protocol: str, link: AgentLink,
+    def __init__(self, listener: str, direction: str, port: int, protocol: str, link: PolicyLink,
                  metadata: Metadata | None = None,
                  factory_of: Callable[[str], ConnectionFactory | None] = connection_factory) -> None:
         self.listener, self.direction, self.port, self.protocol = listener, direction, port, protocol
@@ -301,4 +311,4 @@ class FilterConnection:
         return (b"", b"", 1)
 
 
-__all__ = ["AgentLink", "FilterConfig", "link_for", "new_filter_config"]
+__all__ = ["AgentLink", "FilterConfig", "FilterConnection", "PolicyLink", "link_for", "memoized", "new_filter_config"]
