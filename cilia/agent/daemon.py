@@ -735,10 +735,9 @@ class Agent:
     # ------------------------------------------------------------------ L7 parsers (ext_proc)
 
     def _l7_target(self) -> GrpcTarget | InprocTarget:
-        if self.l7_inproc is not None:
-            return self.l7_inproc.target
         first, *more = (f"unix:{p}" for p in self.config.l7_sockets)
-        return GrpcTarget(L7_CLUSTER, first, more=tuple(more))
+        extproc = GrpcTarget(L7_CLUSTER, first, more=tuple(more))
+        return self.l7_inproc.target(extproc) if self.l7_inproc is not None else extproc
 
     def l7_check(self, info: ConnectionInfo) -> Check:
         """The local endpoint's current policy for a parsed connection's peer (no agent lock)."""

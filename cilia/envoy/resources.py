@@ -69,10 +69,14 @@ AccessLogTarget = GrpcTarget
 @dataclass(frozen=True, slots=True)
 class InprocTarget:
     """The L7 parsers inside Envoy (``cilia.envoy.inproc``): the dynamic module's name and the
-    agent's channel its interpreter reaches (``unix:PATH``) for policy."""
+    agent's channel its interpreter reaches (``unix:PATH``) for policy. Protocols in ``isolated``
+    (plugins whose parser says ``isolation = "process"``) stay on ``extproc`` (the agent's ext_proc
+    service); without it their ports deny."""
 
     module: str
     agent: str
+    extproc: GrpcTarget | None = None
+    isolated: frozenset[str] = frozenset()
 
 #: ext_proc message timeout: every chunk must be answered within it, else the connection is
 #: closed (fail closed); generous, since a parser may wait on the agent's lock.

@@ -178,8 +178,7 @@ def translate_ingress(
         clusters.append(resources.static_cluster(base, backend_address, mapping.backend_port))
     if access_log is not None:
         clusters.append(resources.grpc_cluster(access_log))
-    if isinstance(l7_service, GrpcTarget) and any(_uses(li, "envoy.filters.network.ext_proc") for li in listeners):
-        clusters.append(resources.grpc_cluster(l7_service))
+    clusters += _extproc_cluster(l7_service, listeners)
     return ProxyResources(tuple(listeners), tuple(clusters), tuple(notes))
 
 
@@ -204,10 +203,24 @@ def _parser(base: str, direction: str, port: int, parser: str, l7_service: L7Tar
     """Network ext_proc to the agent's L7 service, or (``InprocTarget``) the same parsers inside
     Envoy through the ``cilia_l7`` dynamic module."""
     if isinstance(l7_service, InprocTarget):
-        return resources.network_filter("envoy.filters.network.dynamic_modules", resources.dynamic_module_filter(
-            l7_service, {"listener": base, "direction": direction, "port": port, "protocol": parser}))
+        if parser not in l7_service.isolated:
+            return resources.network_filter("envoy.filters.network.dynamic_modules", resources.dynamic_module_filter(
+                l7_service, {"listener": base, "direction": direction, "port": port, "protocol": parser}))
+        if l7_service.extproc is None:  # kept out of Envoy's process, and no service to run it: deny
+            return resources.network_filter(metadata.NETWORK_RBAC, rbac.network_rbac(
+                base, rbac.allow_matcher(frozenset(), {}, rbac.SOURCE, NO_RULE), False, None))
+        l7_service = l7_service.extproc
     return resources.network_filter("envoy.filters.network.ext_proc", resources.ext_proc(
         base, l7_service, metadata.stream_metadata(base, direction, port, parser)))
+
+
+def _extproc_cluster(l7_service: L7Target | None,
+                     listeners: Sequence[listener_pb2.Listener]) -> list[cluster_pb2.Cluster]:
+    """The ext_proc service's cluster, when a listener sends a port to it."""
+    target = l7_service.extproc if isinstance(l7_service, InprocTarget) else l7_service
+    if target is None or not any(_uses(li, "envoy.filters.network.ext_proc") for li in listeners):
+        return []
+    return [resources.grpc_cluster(target)]
 
 
 # --- transparent proxying (node mode, sidecar outbound) -------------------------------------
@@ -296,8 +309,7 @@ def translate_node(
             clusters.extend(port_clusters)
     if access_log is not None:
         clusters.append(resources.grpc_cluster(access_log))
-    if isinstance(l7_service, GrpcTarget) and any(_uses(li, "envoy.filters.network.ext_proc") for li in listeners):
-        clusters.append(resources.grpc_cluster(l7_service))
+    clusters += _extproc_cluster(l7_service, listeners)
     return ProxyResources(tuple(listeners), tuple(clusters), tuple(notes))
 
 
@@ -335,8 +347,7 @@ def translate_egress(
         clusters.extend(port_clusters)
     if access_log is not None:
         clusters.append(resources.grpc_cluster(access_log))
-    if isinstance(l7_service, GrpcTarget) and any(_uses(li, "envoy.filters.network.ext_proc") for li in listeners):
-        clusters.append(resources.grpc_cluster(l7_service))
+    clusters += _extproc_cluster(l7_service, listeners)
     return ProxyResources(tuple(listeners), tuple(clusters), tuple(notes))
 
 

@@ -24,7 +24,8 @@ from multiprocessing.connection import Connection, Listener
 from pathlib import Path
 from typing import Any, Literal
 
-from cilia.envoy.resources import InprocTarget
+from cilia.envoy.resources import GrpcTarget, InprocTarget
+from cilia.policy.l7.registry import L7Registry, default_registry
 from cilia.l7parsers.base import Record
 from cilia.envoy.l7service import ConnectionInfo
 from cilia.envoy.l7views import PolicyViews
@@ -139,10 +140,16 @@ class InprocChannel:
 class InprocL7:
     """``--l7-mode inproc``: the module Envoy loads, the translator's target, the channel."""
 
-    def __init__(self, module_dir: Path, socket: Path, on_record: RecordCallback) -> None:
+    def __init__(self, module_dir: Path, socket: Path, on_record: RecordCallback,
+                 registry: L7Registry | None = None) -> None:
         self.module_dir = module_dir
         self.channel = InprocChannel(socket, on_record)
-        self.target = InprocTarget(MODULE_NAME, f"unix:{socket}")
+        self.socket = socket
+        self.isolated = isolated_protocols(registry or default_registry())
+
+    def target(self, extproc: GrpcTarget) -> InprocTarget:
+        """The translator's target; ``isolated`` protocols stay on ``extproc``."""
+        return InprocTarget(MODULE_NAME, f"unix:{self.socket}", extproc, self.isolated)
 
     @classmethod
     def choose(cls, mode: L7Mode, socket: Path, on_record: RecordCallback, *, managed: bool = True,
@@ -174,6 +181,7 @@ class InprocL7:
 
     def status(self) -> dict[str, Any]:
         return {"mode": "inproc", "module": str(self.module_dir / f"lib{MODULE_NAME}.so"),
+                "extproc_protocols": sorted(self.isolated),
                 "interpreters": self.channel.interpreters(), "disconnects": self.channel.disconnects}
 
     def problem(self) -> str:
@@ -184,3 +192,15 @@ class InprocL7:
         if stale:
             return f"in-Envoy interpreter(s) {', '.join(stale)} stopped reporting"
         return ""
+
+
+def isolated_protocols(registry: L7Registry) -> frozenset[str]:
+    """Plugins whose parser must not run inside Envoy's process (``isolation = "process"`` on the
+    registered protocol or its ``connection`` class): they stay on ext_proc."""
+    out = set()
+    for name in registry.names():
+        proto = registry.get(name)
+        connection = getattr(proto, "connection", None)
+        if "process" in (getattr(proto, "isolation", None), getattr(connection, "isolation", None)):
+            out.add(name)
+    return frozenset(out)
