@@ -118,7 +118,7 @@ def _python() -> tuple[str, str, str, list[str]]:
 
 def _stamp_for(envoy: EnvoyIdentity, libpython: str) -> dict[str, str]:
     return {"abi_version": envoy.abi_version, "envoy_build_id": envoy.build_id, "python": libpython,
-            "site": sysconfig.get_paths()["purelib"],
+            "site": str(Path(sysconfig.get_paths()["purelib"]).resolve()),  # not through a venv symlink
             "source_sha256": hashlib.sha256(SOURCE.read_bytes()).hexdigest()}
 
 

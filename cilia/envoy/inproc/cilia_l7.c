@@ -28,6 +28,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 #if !defined(CILIA_ABI_VERSION) || !defined(CILIA_ENVOY_BUILD_ID) || !defined(CILIA_PYTHON_HOME) || \
     !defined(CILIA_SITE_DIR) || !defined(CILIA_LIBPYTHON)
@@ -63,6 +64,17 @@ static PyObject *host_module;     /* cilia.envoy.inproc.host */
 static PyObject *name_read, *name_write, *name_close, *name_connection;
 static __thread PyThreadState *thread_state; /* this thread's, created on first use */
 static __thread void *current_filter;        /* the Envoy filter whose hook is running */
+
+/* Chunks handed to Python, the time they took with the GIL held, and how many took longer than
+ * SLOW_NS (they stalled their worker's every connection). Changed and read with the GIL held. */
+#define SLOW_NS 10000000ull
+static unsigned long long stat_chunks, stat_ns, stat_slow;
+
+static unsigned long long now_ns(void) {
+  struct timespec t;
+  clock_gettime(CLOCK_MONOTONIC, &t);
+  return (unsigned long long)t.tv_sec * 1000000000ull + (unsigned long long)t.tv_nsec;
+}
 
 static void acquire(void) {
   if (thread_state == NULL) thread_state = PyThreadState_New(PyInterpreterState_Main());
@@ -100,7 +112,14 @@ static PyObject *py_worker_index(PyObject *self, PyObject *args) {
   return PyLong_FromUnsignedLong(envoy_dynamic_module_callback_network_filter_get_worker_index(current_filter));
 }
 
+static PyObject *py_stats(PyObject *self, PyObject *args) {
+  (void)self;
+  (void)args;
+  return Py_BuildValue("(KKK)", stat_chunks, stat_ns, stat_slow);
+}
+
 static PyMethodDef inproc_methods[] = {
+    {"stats", py_stats, METH_NOARGS, "stats() -> (chunks, nanoseconds in Python, slow chunks) since Envoy started"},
     {"dynamic_metadata", py_dynamic_metadata, METH_VARARGS,
      "dynamic_metadata(namespace, key) -> str | None: a string of the running connection's dynamic metadata"},
     {"worker_index", py_worker_index, METH_NOARGS, "worker_index() -> int: the running connection's Envoy worker"},
@@ -261,6 +280,7 @@ static int on_data(void *fe, filter_t *f, bool read, bool end_stream) {
     return STATUS_STOP_ITERATION;
   }
   acquire();
+  unsigned long long started = now_ns();
   current_filter = fe;
   int status = STATUS_CONTINUE;
   PyObject *data = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)total), *result = NULL;
@@ -304,6 +324,10 @@ static int on_data(void *fe, filter_t *f, bool read, bool end_stream) {
   Py_XDECREF(result);
   Py_XDECREF(data);
   current_filter = NULL;
+  unsigned long long took = now_ns() - started;
+  stat_chunks++;
+  stat_ns += took;
+  if (took > SLOW_NS) stat_slow++;
   release();
   return status;
 }
