@@ -76,22 +76,6 @@ class InprocEnvoy:
         return s
 
 
-class BoundSockets:
-    """A ``socket_module`` for pymemcache whose sockets leave from ``source`` (the client's
-    identity is its address)."""
-
-    def __init__(self, source: str) -> None:
-        self.source = source
-
-    def socket(self, *args: Any) -> socket.socket:
-        s = socket.socket(*args)
-        s.bind((self.source, 0))
-        return s
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(socket, name)
-
-
 def bootstrap_json(admin_port: int, res: Any) -> str:
     boot = bootstrap_pb2.Bootstrap(
         admin=bootstrap_pb2.Admin(address=parse_address(f"127.0.0.1:{admin_port}")),

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 from helpers import cilium_examples_dir
-from inproc_support import BoundSockets, InprocEnvoy, inproc_envoy
-from memcache_support import memcached
+from inproc_support import InprocEnvoy, inproc_envoy
+from memcache_support import BoundSockets, memcached
 from pymemcache.client.base import Client
 from pymemcache.exceptions import MemcacheClientError
 
