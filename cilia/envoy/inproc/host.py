@@ -21,6 +21,7 @@ counts those over 10 ms as slow (they stalled every connection of that Envoy wor
 from __future__ import annotations
 
 import gc
+from collections import deque
 import importlib
 import json
 import logging
@@ -77,14 +78,15 @@ class AgentLink:
         self.has_views = threading.Event()
         # chunks, python_us (with the GIL held) and slow ones come from the module's own count
         self.counters = {"connections": 0, "errors": 0, "slow": 0, "closed": 0, "chunks": 0, "python_us": 0}
-        self._pending: list[tuple[float, ConnectionInfo, tuple[Record, ...]]] = []  # flattened when sent
+        # workers append, the reporter pops: deque ends are thread-safe, so nothing falls between
+        self._pending: deque[tuple[float, ConnectionInfo, tuple[Record, ...]]] = deque()
         self._conn: Connection | None = None
         self._send_lock = threading.Lock()
         threading.Thread(target=self._receive, name="cilia-inproc-views", daemon=True).start()
         threading.Thread(target=self._report, name="cilia-inproc-records", daemon=True).start()
 
     def add(self, info: ConnectionInfo, records: tuple[Record, ...]) -> None:
-        self._pending.append((time.time(), info, records))  # list.append is atomic under the GIL
+        self._pending.append((time.time(), info, records))
 
     def _receive(self) -> None:
         while True:
@@ -121,8 +123,10 @@ class AgentLink:
             time.sleep(FLUSH_SECONDS)
             if not self._pending and time.monotonic() - last < HEARTBEAT_SECONDS:
                 continue
-            pending, self._pending = self._pending, []
-            batch = [(when, info, r) for when, info, records in pending for r in records]
+            batch: list[tuple[float, ConnectionInfo, Record]] = []
+            for _ in range(len(self._pending)):
+                when, info, records = self._pending.popleft()
+                batch += ((when, info, r) for r in records)
             self._count_chunks()
             with self._send_lock:
                 if self._conn is None:
