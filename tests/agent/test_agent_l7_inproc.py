@@ -29,6 +29,7 @@ POLICY = cilium_examples_dir() / "memcd-sw-security-policy.yaml"
 @pytest.fixture
 def agent(tmp_path: Path) -> Iterator[Agent]:
     build.build()  # as setup does
+    build.build_compiled()
     state = tmp_path / "state"
     with memcached("0.0.0.0") as port, agent_in_process(state, l7_mode="inproc") as a:
         for args in (["--name", "memcd-server", "--labels", "app=memcd-server", "--ip", SERVER,
@@ -61,8 +62,10 @@ def test_enforced_in_envoy_and_a_crash_fails_closed(agent: Agent) -> None:
     c.close()
     status = agent.status()
     assert status["l7"]["mode"] == "inproc" and status["healthy"], status["reasons"]
-    first = _until(lambda: agent.status()["l7"]["interpreters"])[0]["pid"]
+    interpreter = _until(lambda: agent.status()["l7"]["interpreters"])[0]
+    first = interpreter["pid"]
     assert first == agent.envoy.status().pid  # type: ignore[union-attr]  # the interpreter is Envoy's own
+    assert _until(lambda: agent.status()["l7"]["interpreters"][0].get("compiled")) == 1  # mypyc modules in use
 
     os.kill(first, signal.SIGSEGV)  # what an interpreter crash does to Envoy
     _until(lambda: agent.envoy.status().restarts >= 1 and agent.envoy.status().running)  # type: ignore[union-attr]

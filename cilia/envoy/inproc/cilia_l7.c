@@ -31,7 +31,7 @@
 #include <time.h>
 
 #if !defined(CILIA_ABI_VERSION) || !defined(CILIA_ENVOY_BUILD_ID) || !defined(CILIA_PYTHON_HOME) || \
-    !defined(CILIA_SITE_DIR) || !defined(CILIA_LIBPYTHON)
+    !defined(CILIA_SITE_DIR) || !defined(CILIA_LIBPYTHON) || !defined(CILIA_MODULE_DIR)
 #error "build with python -m cilia.envoy.inproc.build, which defines the CILIA_* macros"
 #endif
 
@@ -131,7 +131,11 @@ static struct PyModuleDef inproc_module = {PyModuleDef_HEAD_INIT, "_cilia_inproc
 
 static PyObject *init_inproc_module(void) {
   PyObject *m = PyModule_Create(&inproc_module);
-  if (m != NULL) PyModule_AddStringConstant(m, "ABI_VERSION", CILIA_ABI_VERSION);
+  if (m != NULL && (PyModule_AddStringConstant(m, "ABI_VERSION", CILIA_ABI_VERSION) != 0 ||
+                    PyModule_AddStringConstant(m, "MODULE_DIR", CILIA_MODULE_DIR) != 0)) {
+    Py_DECREF(m);
+    return NULL;
+  }
   return m;
 }
 

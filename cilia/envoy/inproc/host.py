@@ -26,10 +26,12 @@ import importlib
 import json
 import logging
 import os
+import sys
 import threading
 import time
 from collections.abc import Callable
 from multiprocessing.connection import Client, Connection
+from pathlib import Path
 from typing import Protocol
 
 from cilia.envoy.metadata import LOCAL_PREFIX, NO_LOCAL, PEER_PREFIX, RBAC_NAMESPACE, naming_key
@@ -56,6 +58,27 @@ MEMO_SIZE = 4096  # decisions kept per (policy revision, endpoint, peer) before 
 #: parsers with a fast path in front (same decisions and bytes, tests/l7parsers/test_memcache_fast.py)
 FAST: dict[str, ConnectionFactory] = {"memcache": FastMemcacheConnection}
 _CONFIG_FIELDS = {"listener": str, "direction": str, "port": int, "protocol": str, "agent": str}
+
+
+def use_compiled(module_dir: str) -> bool:
+    """Put the mypyc-compiled parser modules (``build.build_compiled``) in front of the pure-Python
+    ones, if they were built from exactly the sources here; else the pure ones stay."""
+    import cilia.l7parsers
+    from cilia.envoy.inproc.build import COMPILED_DIR, source_hashes
+
+    compiled = Path(module_dir) / COMPILED_DIR
+    root = Path(cilia.__file__).resolve().parents[1]
+    try:
+        if json.loads((compiled / "stamp.json").read_text(encoding="utf-8")) != source_hashes(root):
+            _log.warning("compiled parser modules in %s are stale: using the pure-Python ones", compiled)
+            return False
+    except (OSError, ValueError):
+        return False
+    if any(name.startswith("cilia.l7parsers.kafka") for name in sys.modules):
+        return False  # too late: already imported
+    sys.path.append(str(compiled))  # the modules' shared mypyc runtime
+    cilia.l7parsers.__path__.insert(0, str(compiled / "cilia" / "l7parsers"))
+    return True
 
 
 class PolicyLink(Protocol):
@@ -115,7 +138,7 @@ class AgentLink:
             chunks, nanoseconds, slow = importlib.import_module("_cilia_inproc").stats()
         except ImportError:
             return  # not inside Envoy
-        self.counters.update(chunks=chunks, python_us=nanoseconds // 1000, slow=slow)
+        self.counters.update(chunks=chunks, python_us=nanoseconds // 1000, slow=slow, compiled=int(COMPILED))
 
     def _report(self) -> None:
         last = 0.0
@@ -138,6 +161,17 @@ class AgentLink:
                     pass
 
 
+def _inside_envoy() -> None:
+    try:
+        module = importlib.import_module("_cilia_inproc")
+    except ImportError:
+        return  # imported outside Envoy (tests, the agent): nothing to set up
+    global COMPILED
+    COMPILED = use_compiled(module.MODULE_DIR)
+
+
+COMPILED = False  # whether the mypyc-compiled parser modules are in use (reported to the agent)
+_inside_envoy()
 _links: dict[str, AgentLink] = {}
 _links_lock = threading.Lock()
 
