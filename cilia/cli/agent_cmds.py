@@ -8,56 +8,19 @@ the revision was not realized (the reason on stderr), 2 bad usage or no agent to
 
 from __future__ import annotations
 
-import json
 import logging
 import signal
 import sys
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import click
 
-from ..agent.client import AgentClient, APIError
 from ..specs import PortSpec, StateError
-from ..bpf.loader import DEFAULT_PIN_DIR
-
-DEFAULT_STATE_DIR = "/var/run/cilia"
-
-
-def state_dir_option(f: Any) -> Any:
-    return click.option("--state-dir", envvar="CILIA_STATE_DIR", default=DEFAULT_STATE_DIR, show_default=True,
-                        type=click.Path(file_okay=False), help="The agent's state directory (holds cilia.sock).")(f)
-
-
-def output_option(f: Any) -> Any:
-    return click.option("-o", "--output", type=click.Choice(["text", "json"]), default="text",
-                        show_default=True, help="Output format.")(f)
-
-
-def _call(state_dir: str, fn: Callable[[AgentClient], Any]) -> Any:
-    client = AgentClient(Path(state_dir) / "cilia.sock")
-    try:
-        return fn(client)
-    except APIError as e:
-        click.echo(f"error: {e}", err=True)
-        for p in e.problems:
-            click.echo(p, err=True)
-        sys.exit(2 if e.status in (0, 400, 404, 405) else 1)
-    finally:
-        client.close()
-
-
-def _emit(output: str, payload: Any, text: Callable[[Any], str]) -> None:
-    click.echo(json.dumps(payload, indent=2) if output == "json" else text(payload))
-
-
-def _table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
-    cells = [list(map(str, header))] + [[str(c) for c in r] for r in rows]
-    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
-    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in cells)
-
+from ..bpf.paths import DEFAULT_PIN_DIR
+from .common import call_agent, emit, output_option, state_dir_option, table
 
 # --- the agent itself ------------------------------------------------------------------------------
 
@@ -92,11 +55,22 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
               "(the pod's service account) or a kubeconfig path ('default': $KUBECONFIG or ~/.kube/config).")
 @click.option("--node-name", envvar="NODE_NAME", help="With --kubernetes: only the pods on this node "
               "(default: $NODE_NAME, else the host name).")
+@click.option("--xds-tls-cert", type=click.Path(dir_okay=False), help="PEM certificate of the xDS server on "
+              "TCP --xds-address (with --xds-tls-key and --xds-tls-ca): mutual TLS, the client certificate's "
+              "subject CN is the node id it may speak for.")
+@click.option("--xds-tls-key", type=click.Path(dir_okay=False), help="PEM private key of --xds-tls-cert.")
+@click.option("--xds-tls-ca", type=click.Path(dir_okay=False), help="PEM CA bundle that signs the proxies' "
+              "client certificates.")
+@click.option("--xds-insecure", is_flag=True, help="Serve TCP --xds-address in plaintext without client "
+              "authentication (anyone reaching the port may claim any node id). Refused without this flag.")
+@click.option("--socket-group", metavar="GROUP", help="Make the agent's sockets (API, xDS, access log, L7) "
+              "mode 0660 with this group (name or gid) instead of 0600 (the agent's user and root only).")
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning"]), default="info", show_default=True)
 def agent_cmd(state_dir: str, xds_addresses: Sequence[str], envoy_mode: str, node_id: str, datapath: str,
               bpf_pin_dir: str, router_ip: str | None, flow_file: str | None, flow_file_max_mb: int,
               flow_file_backups: int, l7_workers: int, l7_mode: str, kubernetes: str | None,
-              node_name: str | None, log_level: str) -> None:
+              node_name: str | None, xds_tls_cert: str | None, xds_tls_key: str | None, xds_tls_ca: str | None,
+              xds_insecure: bool, socket_group: str | None, log_level: str) -> None:
     """Run the agent until SIGTERM or Ctrl-C: load state, serve the REST API on
     <state-dir>/cilia.sock, serve xDS, supervise Envoy, receive its access logs; with
     --datapath bpf also load the BPF datapath. Stopping leaves the BPF programs enforcing the
@@ -114,7 +88,9 @@ def agent_cmd(state_dir: str, xds_addresses: Sequence[str], envoy_mode: str, nod
                          datapath=datapath, bpf_pin_dir=bpf_pin_dir, router_ip=router_ip,  # type: ignore[arg-type]
                          flow_file=Path(flow_file).resolve() if flow_file else None,
                          flow_file_max_bytes=flow_file_max_mb << 20, flow_file_backups=flow_file_backups,
-                         l7_workers=l7_workers, l7_mode=l7_mode)  # type: ignore[arg-type]
+                         l7_workers=l7_workers, l7_mode=l7_mode,  # type: ignore[arg-type]
+                         xds_tls=_xds_tls(xds_addresses, xds_tls_cert, xds_tls_key, xds_tls_ca, xds_insecure),
+                         xds_insecure=xds_insecure, socket_group=_group_id(socket_group))
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
@@ -158,6 +134,52 @@ def agent_cmd(state_dir: str, xds_addresses: Sequence[str], envoy_mode: str, nod
         agent.stop()
 
 
+def _xds_tls(addresses: Sequence[str], cert: str | None, key: str | None, ca: str | None,
+             insecure: bool) -> Any:
+    """The ServerTls for TCP xDS addresses (None without); exits 2 on an incomplete or unreadable set
+    of files, or a TCP address with neither TLS nor --xds-insecure."""
+    from ..xds import ServerTls
+
+    given = {"--xds-tls-cert": cert, "--xds-tls-key": key, "--xds-tls-ca": ca}
+    if any(given.values()) and not all(given.values()):
+        missing = ", ".join(flag for flag, v in given.items() if not v)
+        click.echo(f"error: mutual TLS for xDS needs --xds-tls-cert, --xds-tls-key and --xds-tls-ca ({missing} "
+                   "missing)", err=True)
+        sys.exit(2)
+    if cert and insecure:
+        click.echo("error: --xds-insecure and --xds-tls-* contradict each other: choose one", err=True)
+        sys.exit(2)
+    tcp = [a for a in addresses if not a.startswith("unix:")]
+    if tcp and not cert and not insecure:
+        click.echo(f"error: --xds-address {tcp[0]} is TCP: give --xds-tls-cert, --xds-tls-key and --xds-tls-ca "
+                   "(mutual TLS; the client certificate's CN is the node id), or --xds-insecure to serve it in "
+                   "plaintext to anyone who can reach it", err=True)
+        sys.exit(2)
+    if not cert:
+        return None
+    assert key is not None and ca is not None
+    tls = ServerTls(Path(cert).resolve(), Path(key).resolve(), Path(ca).resolve())
+    try:
+        tls.credentials()  # read now: a bad file is an error at start, not when the first proxy connects
+    except ValueError as e:
+        click.echo(f"error: {e}", err=True)
+        sys.exit(2)
+    return tls
+
+
+def _group_id(group: str | None) -> int | None:
+    """--socket-group as a gid (a name or a number); exits 2 for an unknown group."""
+    import grp
+
+    if group is None:
+        return None
+    try:
+        return int(group) if group.isdigit() else grp.getgrnam(group).gr_gid
+    except KeyError:
+        click.echo(f"error: --socket-group {group}: no such group", err=True)
+        sys.exit(2)
+
+
 def _kubernetes_watcher(agent: Any, kubernetes: str, node_name: str | None, datapath: str, envoy_mode: str) -> Any:
     """The watcher feeding ``agent`` from the cluster; exits 2 if its config cannot be read."""
     import socket
@@ -171,8 +193,10 @@ def _kubernetes_watcher(agent: Any, kubernetes: str, node_name: str | None, data
         click.echo(f"error: --kubernetes: {e}", err=True)
         sys.exit(2)
     # Named container ports give endpoints ports; without BPF an agent would put Envoy on them.
-    watcher = Watcher(api, agent, WatchConfig(node_name=node_name or socket.gethostname(),
-                                              pod_ports=datapath == "bpf" or envoy_mode == "none"))
+    from ..agent.api import InProcess
+
+    watcher = Watcher(api, InProcess(agent), WatchConfig(node_name=node_name or socket.gethostname(),
+                                                         pod_ports=datapath == "bpf" or envoy_mode == "none"))
     agent.kubernetes = watcher
     return watcher
 
@@ -256,13 +280,13 @@ def _status_verbose(s: dict[str, Any], endpoints: dict[str, Any], metrics: str) 
 @output_option
 def status_cmd(verbose: bool, state_dir: str, output: str) -> None:
     """The agent's health, revision, Envoy, the datapath and each proxy's ACK/NACK state."""
-    payload = _call(state_dir, lambda c: c.status())
+    payload = call_agent(state_dir, lambda c: c.status())
     if verbose and output == "text":
-        endpoints = _call(state_dir, lambda c: c.endpoints())
-        metrics = _call(state_dir, lambda c: c.metrics())
+        endpoints = call_agent(state_dir, lambda c: c.endpoints())
+        metrics = call_agent(state_dir, lambda c: c.metrics())
         click.echo(_status_verbose(payload, endpoints, metrics))
     else:
-        _emit(output, payload, _status_text)
+        emit(output, payload, _status_text)
     if not payload["healthy"]:
         sys.exit(1)
 
@@ -278,8 +302,8 @@ def status_cmd(verbose: bool, state_dir: str, output: str) -> None:
 def policy_import_cmd(files: Sequence[str], audit: bool, state_dir: str, output: str) -> None:
     """Add or replace the policies in FILES (all or none); prints the new revision."""
     texts = [(f, Path(f).read_text(encoding="utf-8")) for f in files]
-    payload = _call(state_dir, lambda c: c.import_policies(texts, audit))
-    _emit(output, payload, lambda p: f"Revision: {p['revision']}")
+    payload = call_agent(state_dir, lambda c: c.import_policies(texts, audit))
+    emit(output, payload, lambda p: f"Revision: {p['revision']}")
 
 
 @click.command("diff")
@@ -293,7 +317,7 @@ def policy_diff_cmd(files: Sequence[str], last: int | None, state_dir: str, outp
     from .observe_cmds import flow_line
 
     texts = [(f, Path(f).read_text(encoding="utf-8")) for f in files]
-    payload = _call(state_dir, lambda c: c.diff_policies(texts, last))
+    payload = call_agent(state_dir, lambda c: c.diff_policies(texts, last))
 
     def text(p: Any) -> str:
         lines = [f"{c['now']:>7} -> {c['candidate']:<7} {flow_line(c['flow'])}"
@@ -304,7 +328,7 @@ def policy_diff_cmd(files: Sequence[str], last: int | None, state_dir: str, outp
                         else ""))
         return "\n".join(lines)
 
-    _emit(output, payload, text)
+    emit(output, payload, text)
 
 
 @click.command("get")
@@ -312,8 +336,8 @@ def policy_diff_cmd(files: Sequence[str], last: int | None, state_dir: str, outp
 @output_option
 def policy_get_cmd(state_dir: str, output: str) -> None:
     """List the policies the agent holds, with the file and line each came from."""
-    payload = _call(state_dir, lambda c: c.policies())
-    _emit(output, payload, lambda p: _table(
+    payload = call_agent(state_dir, lambda c: c.policies())
+    emit(output, payload, lambda p: table(
         ["KIND", "NAMESPACE", "NAME", "RULES", "MODE", "SOURCE"],
         [(x["kind"], x["namespace"] or "-", x["name"], x["rules"], "audit" if x.get("audit") else "enforce",
           f"{x['file']}:{x['line']}") for x in p["policies"]]) + f"\nRevision: {p['revision']}")
@@ -329,8 +353,8 @@ def policy_delete_cmd(name: str | None, everything: bool, namespace: str | None,
     """Delete the policy NAME, or every policy with --all; prints the new revision."""
     if (name is None) == (not everything):
         raise click.UsageError("give a policy NAME or --all")
-    payload = _call(state_dir, lambda c: c.delete_policies(name, namespace))
-    _emit(output, payload, lambda p: f"Revision: {p['revision']}")
+    payload = call_agent(state_dir, lambda c: c.delete_policies(name, namespace))
+    emit(output, payload, lambda p: f"Revision: {p['revision']}")
 
 
 @click.command("wait")
@@ -340,8 +364,8 @@ def policy_delete_cmd(name: str | None, everything: bool, namespace: str | None,
 @output_option
 def policy_wait_cmd(revision: int, timeout: float, state_dir: str, output: str) -> None:
     """Block until every proxy realized REVISION; fails with Envoy's NACK text if one rejected it."""
-    payload = _call(state_dir, lambda c: c.wait(revision, timeout))
-    _emit(output, payload, lambda p: f"Revision {p['revision']} realized by "
+    payload = call_agent(state_dir, lambda c: c.wait(revision, timeout))
+    emit(output, payload, lambda p: f"Revision {p['revision']} realized by "
                                      f"{', '.join(p['proxies']) or 'no proxies (none connected)'}")
 
 
@@ -376,8 +400,8 @@ def endpoint_add_cmd(name: str, labels: str, ips: Sequence[str], ports: Sequence
     body: dict[str, Any] = {"name": name, "labels": [x for x in labels.split(",") if x], "ips": list(ips),
                             "ports": specs, "create": create_netns, "audit": audit}
     body.update({k: v for k, v in (("netns", netns), ("interface", interface)) if v})
-    payload = _call(state_dir, lambda c: c.add_endpoint(body))
-    _emit(output, payload, lambda p: f"Endpoint {p['endpoint']['name']}: identity {p['endpoint']['identity']}\n"
+    payload = call_agent(state_dir, lambda c: c.add_endpoint(body))
+    emit(output, payload, lambda p: f"Endpoint {p['endpoint']['name']}: identity {p['endpoint']['identity']}\n"
                                      f"Revision: {p['revision']}")
 
 
@@ -392,8 +416,8 @@ def _enforcement(e: dict[str, Any], direction: str) -> str:
 @output_option
 def endpoint_list_cmd(state_dir: str, output: str) -> None:
     """List endpoints with identity, policy enforcement, addresses, ports and labels."""
-    payload = _call(state_dir, lambda c: c.endpoints())
-    _emit(output, payload, lambda p: _table(
+    payload = call_agent(state_dir, lambda c: c.endpoints())
+    emit(output, payload, lambda p: table(
         ["ENDPOINT", "IDENTITY", "INGRESS", "EGRESS", "IPS", "PORTS", "INTERFACE", "LABELS"],
         [(e["name"], e["identity"], _enforcement(e, "ingress"), _enforcement(e, "egress"),
           ",".join(e["ips"]) or "-", ",".join(str(PortSpec.from_json(x)) for x in e["ports"]) or "-",
@@ -406,8 +430,8 @@ def endpoint_list_cmd(state_dir: str, output: str) -> None:
 @output_option
 def endpoint_delete_cmd(name: str, state_dir: str, output: str) -> None:
     """Remove an endpoint; prints the new revision."""
-    payload = _call(state_dir, lambda c: c.remove_endpoint(name))
-    _emit(output, payload, lambda p: f"Revision: {p['revision']}")
+    payload = call_agent(state_dir, lambda c: c.remove_endpoint(name))
+    emit(output, payload, lambda p: f"Revision: {p['revision']}")
 
 
 @click.command("list")
@@ -415,8 +439,8 @@ def endpoint_delete_cmd(name: str, state_dir: str, output: str) -> None:
 @output_option
 def identity_list_cmd(state_dir: str, output: str) -> None:
     """List identities: reserved, endpoint and CIDR ones."""
-    payload = _call(state_dir, lambda c: c.identities())
-    _emit(output, payload, lambda p: _table(
+    payload = call_agent(state_dir, lambda c: c.identities())
+    emit(output, payload, lambda p: table(
         ["ID", "KIND", "LABELS"],
         [(i["id"], i["kind"], ",".join(i["labels"])) for i in p["identities"]]))
 

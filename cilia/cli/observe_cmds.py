@@ -12,7 +12,7 @@ from typing import Any
 import click
 
 from ..agent.client import AgentClient
-from .agent_cmds import _call, state_dir_option
+from .common import call_agent, state_dir_option
 
 VERDICTS = ("FORWARDED", "DROPPED", "REDIRECTED", "AUDIT", "ERROR")
 _DURATION = re.compile(r"^(\d+(?:\.\d+)?)(s|m|h|d)$")
@@ -91,14 +91,14 @@ def observe_cmd(last: int, follow: bool, from_labels: Sequence[str], to_labels: 
         filters["since_time"] = since_time(since)
     if output == "table":
         click.echo("  ".join(name.ljust(w) if w else name for name, w in COLUMNS))
-    payload = _call(state_dir, lambda c: c.flows(limit=last, **filters))
+    payload = call_agent(state_dir, lambda c: c.flows(limit=last, **filters))
     while True:
         for f in payload["flows"]:
             click.echo(json.dumps(f) if output == "json" else table_row(f) if output == "table" else flow_line(f))
         if not follow:
             return
         time.sleep(1.0)
-        payload = _call(state_dir, _newer_than(payload["last"], filters))
+        payload = call_agent(state_dir, _newer_than(payload["last"], filters))
 
 
 def _newer_than(seq: int, filters: dict[str, Any]) -> Callable[[AgentClient], Any]:
