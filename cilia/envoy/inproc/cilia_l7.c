@@ -275,14 +275,19 @@ static int on_data(void *fe, filter_t *f, bool read, bool end_stream) {
                                           : envoy_dynamic_module_callback_network_filter_append_write_buffer;
   buffer_t stack[16], *parts = stack;
   size_t n = chunks_size(fe), total = 0;
-  if (n > 16 && (parts = malloc(n * sizeof(*parts))) == NULL) n = 0;
-  if (n && !chunks(fe, parts)) n = 0;
-  for (size_t i = 0; i < n; i++) total += parts[i].length;
-  if (f->closed) { /* nothing passes a connection being closed */
-    if (total) drain(fe, total);
+  bool unread = (n > 16 && (parts = malloc(n * sizeof(*parts))) == NULL) || (n && !chunks(fe, parts));
+  if (unread) { /* bytes we cannot show the parser must not pass: close (fail closed) */
     if (parts != stack) free(parts);
+    f->closed = true;
+    envoy_dynamic_module_callback_network_filter_close(fe, CLOSE_NO_FLUSH);
+    complain("cannot read a chunk's buffer: connection closed");
+  }
+  if (f->closed) { /* nothing passes a connection being closed */
+    if (parts != stack && !unread) free(parts);
+    drain(fe, (size_t)-1); /* all of it: Envoy clamps the length to the buffer's */
     return STATUS_STOP_ITERATION;
   }
+  for (size_t i = 0; i < n; i++) total += parts[i].length;
   acquire();
   unsigned long long started = now_ns();
   current_filter = fe;
