@@ -201,7 +201,7 @@ class Agent:
         # --- the L7 parsers inside Envoy (cilia.envoy.inproc); None: they run on ext_proc
         self.l7_inproc = InprocL7.choose(config.l7_mode, config.state_dir / "l7-inproc.sock",
                                          self.observer.on_worker_record, managed=config.envoy == "managed",
-                                         workers=config.l7_workers)
+                                         workers=config.l7_workers, on_error=self._error)
         if self.l7_inproc is not None:
             self.views.attach(self.l7_inproc)  # every revision's views go to Envoy's interpreters
         self.proxy = ProxySink(self.cache, config.proxy_mode, config.node_id,

@@ -35,6 +35,11 @@ from .build import MODULE_NAME, installed
 _log = logging.getLogger(__name__)
 
 RecordCallback = Callable[[float, ConnectionInfo, Record], None]
+ErrorCallback = Callable[[str, str], None]  # (component, message), e.g. the agent's error list
+
+
+def _ignore_error(_component: str, _message: str) -> None:
+    pass
 L7Mode = Literal["auto", "inproc", "extproc"]
 STALE_SECONDS = 5.0
 
@@ -48,9 +53,11 @@ class _Interpreter:
 
 
 class InprocChannel:
-    def __init__(self, path: Path, on_record: RecordCallback, stale_after: float = STALE_SECONDS) -> None:
+    def __init__(self, path: Path, on_record: RecordCallback, stale_after: float = STALE_SECONDS,
+                 on_error: ErrorCallback = _ignore_error) -> None:
         self.path = path
         self.on_record = on_record
+        self.on_error = on_error  # told of parser exceptions and slow calls as reports bring them
         self.stale_after = stale_after
         self._views = PolicyViews()
         self._lock = threading.Lock()  # serializes sends and guards the table
@@ -99,6 +106,7 @@ class InprocChannel:
                 kind, counters, batch = conn.recv()
                 if kind != "report":
                     continue
+                self._tell(it, counters)
                 it.last_report, it.counters = time.monotonic(), dict(counters)
                 for when, info, record in batch:
                     try:
@@ -112,6 +120,15 @@ class InprocChannel:
                 if self._interpreters.pop(id(conn), None) is not None:
                     self.disconnects += 1
             conn.close()
+
+    def _tell(self, it: _Interpreter, counters: Mapping[str, int]) -> None:
+        """Parser exceptions (each closed its connection) and calls over the budget (each stalled
+        its Envoy worker) since the interpreter's last report."""
+        for key, what in (("errors", "parser exception(s) closed their connection"),
+                          ("slow", "call(s) over 10 ms stalled their Envoy worker")):
+            new = int(counters.get(key, 0)) - int(it.counters.get(key, 0))
+            if new > 0:
+                self.on_error("l7/inproc", f"in-Envoy interpreter {it.pid}: {new} {what}")
 
     def interpreters(self) -> list[dict[str, Any]]:
         now = time.monotonic()
@@ -141,9 +158,9 @@ class InprocL7:
     """``--l7-mode inproc``: the module Envoy loads, the translator's target, the channel."""
 
     def __init__(self, module_dir: Path, socket: Path, on_record: RecordCallback,
-                 registry: L7Registry | None = None) -> None:
+                 registry: L7Registry | None = None, on_error: ErrorCallback = _ignore_error) -> None:
         self.module_dir = module_dir
-        self.channel = InprocChannel(socket, on_record)
+        self.channel = InprocChannel(socket, on_record, on_error=on_error)
         self.socket = socket
         self.isolated = isolated_protocols(registry or default_registry())
 
@@ -153,7 +170,8 @@ class InprocL7:
 
     @classmethod
     def choose(cls, mode: L7Mode, socket: Path, on_record: RecordCallback, *, managed: bool = True,
-               workers: int = 0, module_dir: Path | None = None) -> InprocL7 | None:
+               workers: int = 0, module_dir: Path | None = None,
+               on_error: ErrorCallback = _ignore_error) -> InprocL7 | None:
         """None for ext_proc: asked for, or (``auto``) no module built for this Envoy, an Envoy
         the agent does not start (its environment is not ours to set) or worker processes asked
         for. ``inproc`` without a module raises ValueError."""
@@ -165,7 +183,7 @@ class InprocL7:
                 raise ValueError("--l7-mode inproc: no in-process L7 module built for this Envoy "
                                  "(run python -m cilia.envoy.inproc.build)")
             return None
-        return cls(found, socket, on_record)
+        return cls(found, socket, on_record, on_error=on_error)
 
     def envoy_env(self) -> Mapping[str, str]:
         return {"ENVOY_DYNAMIC_MODULES_SEARCH_PATH": str(self.module_dir)}
