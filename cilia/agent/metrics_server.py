@@ -1,7 +1,8 @@
 """The agent's TCP endpoints for the cluster's tools: ``/metrics`` for Prometheus
-(``--prometheus-serve-addr``, Cilium's flag, port 9962) and ``/healthz`` for kubelet probes
-(``--agent-health-port``, Cilium's 9879). Read-only: the REST API (which can change policy) stays
-on the UNIX socket.
+(``--prometheus-serve-addr``, Cilium's flag, port 9962) and, for kubelet probes on
+``--agent-health-port`` (Cilium's 9879), ``/healthz`` (200 healthy, 503 degraded, with reasons)
+and ``/livez`` (200 whenever the agent answers). Read-only: the REST API (which can change policy)
+stays on the UNIX socket.
 """
 
 from __future__ import annotations
@@ -97,6 +98,14 @@ def health_page(agent: Any) -> Page:
     return page
 
 
+def live_page(agent: Any) -> Page:
+    """200 whenever the agent answers its status at all (liveness: restart only a hung agent)."""
+    def page() -> tuple[int, str, bytes]:
+        agent.status()
+        return 200, "application/json", b'{"status": "alive"}\n'
+    return page
+
+
 def start_servers(agent: Any, prometheus_address: str | None, health_port: int | None) -> list[TcpPages]:
     """The TCP servers the agent was asked for, started; stop() each when the agent stops."""
     servers: list[TcpPages] = []
@@ -105,7 +114,7 @@ def start_servers(agent: Any, prometheus_address: str | None, health_port: int |
             servers.append(TcpPages(parse_address(prometheus_address, PROMETHEUS_PORT),
                                     {"/metrics": metrics_page(agent)}))
         if health_port:
-            servers.append(TcpPages(("", health_port), {"/healthz": health_page(agent)}))
+            servers.append(TcpPages(("", health_port), {"/healthz": health_page(agent), "/livez": live_page(agent)}))
     except BaseException:
         for s in servers:
             s.server_close()
