@@ -1,6 +1,5 @@
-"""The cilia agent: state, REST API, xDS and Envoy wired together (``cilia agent``)."""
+"""The cilia agent: state, REST API, xDS and Envoy wired together (``cilia agent``).
 
-from .daemon import Agent, AgentConfig, AgentError
-from .state import EndpointSpec, PortSpec, StateError
-
-__all__ = ["Agent", "AgentConfig", "AgentError", "EndpointSpec", "PortSpec", "StateError"]
+Import what you need from its modules (``cilia.agent.daemon``, ``cilia.agent.client``, ...):
+this package imports none of them, so a client does not load the daemon.
+"""

@@ -25,8 +25,9 @@ from urllib.parse import parse_qs, urlsplit
 
 from .daemon import Agent, AgentError
 from ..policy.selector_text import SelectorError
-from .flows import FlowFilter, parse_http_status, parse_labels
-from .state import EndpointSpec, StateError
+from ..specs import EndpointSpec, StateError
+from .flowquery import parse_http_status, parse_labels
+from .flows import FlowFilter
 
 _log = logging.getLogger(__name__)
 

@@ -35,7 +35,7 @@ from ..envoy.bootstrap import build_bootstrap, to_json
 from ..envoy.loopback import free_port
 from ..envoy.supervisor import EnvoySupervisor
 from ..bpf.datapath import DROP_REASONS, DatapathEvent
-from ..bpf.loader import DEFAULT_PIN_DIR
+from ..bpf.paths import DEFAULT_PIN_DIR
 from ..bpf.netns import Namespace, NetnsError, add_host_address, ip
 from ..bpf.node import EndpointPlan, NodeDatapath, proxy_key
 from ..envoy.translate import (
@@ -75,7 +75,8 @@ from ..xds import CLUSTER, LISTENER, AckState, AckTracker, Cache, NackError, Typ
 from .diff import policy_diff
 from .flows import Flow, FlowFile, FlowFilter, Who, from_access, from_datapath, from_l7
 from .metrics import MeteredAckTracker, Metrics
-from .state import EndpointSpec, PolicyKey, StateError, load_state, save_state
+from ..specs import EndpointSpec, PolicyKey, StateError
+from .state import load_state, save_state
 
 _log = logging.getLogger(__name__)
 

@@ -33,9 +33,9 @@ from ..l7parsers.base import Record
 from ..envoy.l7service import ConnectionInfo
 from ..policy.ipcache import IPCache
 from ..policy.labels import LabelSet
-from ..policy.selector_text import parse_selector
 from ..policy.selectors import LabelSelector
 from ..policy.model import IPNetwork
+from .flowquery import HttpStatus
 from .hubble import export_line, pod_name
 
 
@@ -231,20 +231,6 @@ def from_l7(time: float, info: ConnectionInfo, record: Record, who: Who, node: s
 # --- filtering -----------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
-class HttpStatus:
-    """``--http-status``: a code (``403``) or a class (``4+``: 400-499)."""
-
-    text: str
-
-    def matches(self, code: object) -> bool:
-        if not isinstance(code, int):
-            return False
-        if self.text.endswith("+"):
-            return str(code).startswith(self.text[:-1])
-        return str(code) == self.text
-
-
-@dataclass(frozen=True)
 class FlowFilter:
     """What ``cilia observe`` asks for, named as ``hubble observe`` names it. Every given
     criterion must hold; the values of one criterion are alternatives (any may match), except
@@ -332,18 +318,6 @@ def _selects(peer: Peer, selectors: tuple[LabelSelector, ...]) -> bool:
         return True
     labels = LabelSet.parse(list(peer.labels))
     return all(s.matches(labels) for s in selectors)
-
-
-def parse_labels(text: str) -> LabelSelector:
-    """A label selector (``k=v,k2 in (a,b),!k3``; a source prefix like ``k8s:`` is optional) for
-    --label/--from-label/--to-label; SelectorError if it is not one."""
-    return parse_selector(text)
-
-
-def parse_http_status(text: str) -> HttpStatus:
-    if not re.fullmatch(r"[1-5](\d\d|\d?\+)", text.strip()):
-        raise ValueError(f"{text!r} is not an HTTP status (403) or class (4+, 40+)")
-    return HttpStatus(text.strip())
 
 
 # --- the rotating JSON-lines file ------------------------------------------------------------------

@@ -18,12 +18,11 @@ from pathlib import Path
 from typing import Any
 
 from . import syscall
+from .paths import BPFFS, DEFAULT_PIN_DIR
 from .policykey import KEY_SIZE, VALUE_SIZE
 from .syscall import Map
 
 SOURCE = Path(__file__).with_name("datapath.c")
-BPFFS = "/sys/fs/bpf"
-DEFAULT_PIN_DIR = f"{BPFFS}/cilia"
 POLICY_MAX = 16384  # entries per endpoint policy trie (Cilium's default)
 # tc filter identity: ours are replaced in place on reload, never duplicated.
 FILTER_PRIO = 1

@@ -29,7 +29,8 @@ from cilia.policy.model import Direction, IPNetwork, Protocol
 
 from . import maps, proxyroute
 from .datapath import Datapath, DatapathEvent
-from .loader import DEFAULT_PIN_DIR, Loader
+from .loader import Loader
+from .paths import DEFAULT_PIN_DIR
 from .policykey import ProxyPortOf
 
 _log = logging.getLogger(__name__)

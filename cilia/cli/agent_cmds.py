@@ -8,56 +8,19 @@ the revision was not realized (the reason on stderr), 2 bad usage or no agent to
 
 from __future__ import annotations
 
-import json
 import logging
 import signal
 import sys
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import click
 
-from ..agent.client import AgentClient, APIError
-from ..agent.state import PortSpec, StateError
-from ..bpf.loader import DEFAULT_PIN_DIR
-
-DEFAULT_STATE_DIR = "/var/run/cilia"
-
-
-def state_dir_option(f: Any) -> Any:
-    return click.option("--state-dir", envvar="CILIA_STATE_DIR", default=DEFAULT_STATE_DIR, show_default=True,
-                        type=click.Path(file_okay=False), help="The agent's state directory (holds cilia.sock).")(f)
-
-
-def output_option(f: Any) -> Any:
-    return click.option("-o", "--output", type=click.Choice(["text", "json"]), default="text",
-                        show_default=True, help="Output format.")(f)
-
-
-def _call(state_dir: str, fn: Callable[[AgentClient], Any]) -> Any:
-    client = AgentClient(Path(state_dir) / "cilia.sock")
-    try:
-        return fn(client)
-    except APIError as e:
-        click.echo(f"error: {e}", err=True)
-        for p in e.problems:
-            click.echo(p, err=True)
-        sys.exit(2 if e.status in (0, 400, 404, 405) else 1)
-    finally:
-        client.close()
-
-
-def _emit(output: str, payload: Any, text: Callable[[Any], str]) -> None:
-    click.echo(json.dumps(payload, indent=2) if output == "json" else text(payload))
-
-
-def _table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
-    cells = [list(map(str, header))] + [[str(c) for c in r] for r in rows]
-    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
-    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in cells)
-
+from ..specs import PortSpec, StateError
+from ..bpf.paths import DEFAULT_PIN_DIR
+from .common import call_agent, emit, output_option, state_dir_option, table
 
 # --- the agent itself ------------------------------------------------------------------------------
 
@@ -259,13 +222,13 @@ def _status_verbose(s: dict[str, Any], endpoints: dict[str, Any], metrics: str) 
 @output_option
 def status_cmd(verbose: bool, state_dir: str, output: str) -> None:
     """The agent's health, revision, Envoy, the datapath and each proxy's ACK/NACK state."""
-    payload = _call(state_dir, lambda c: c.status())
+    payload = call_agent(state_dir, lambda c: c.status())
     if verbose and output == "text":
-        endpoints = _call(state_dir, lambda c: c.endpoints())
-        metrics = _call(state_dir, lambda c: c.metrics())
+        endpoints = call_agent(state_dir, lambda c: c.endpoints())
+        metrics = call_agent(state_dir, lambda c: c.metrics())
         click.echo(_status_verbose(payload, endpoints, metrics))
     else:
-        _emit(output, payload, _status_text)
+        emit(output, payload, _status_text)
     if not payload["healthy"]:
         sys.exit(1)
 
@@ -281,8 +244,8 @@ def status_cmd(verbose: bool, state_dir: str, output: str) -> None:
 def policy_import_cmd(files: Sequence[str], audit: bool, state_dir: str, output: str) -> None:
     """Add or replace the policies in FILES (all or none); prints the new revision."""
     texts = [(f, Path(f).read_text(encoding="utf-8")) for f in files]
-    payload = _call(state_dir, lambda c: c.import_policies(texts, audit))
-    _emit(output, payload, lambda p: f"Revision: {p['revision']}")
+    payload = call_agent(state_dir, lambda c: c.import_policies(texts, audit))
+    emit(output, payload, lambda p: f"Revision: {p['revision']}")
 
 
 @click.command("diff")
@@ -296,7 +259,7 @@ def policy_diff_cmd(files: Sequence[str], last: int | None, state_dir: str, outp
     from .observe_cmds import flow_line
 
     texts = [(f, Path(f).read_text(encoding="utf-8")) for f in files]
-    payload = _call(state_dir, lambda c: c.diff_policies(texts, last))
+    payload = call_agent(state_dir, lambda c: c.diff_policies(texts, last))
 
     def text(p: Any) -> str:
         lines = [f"{c['now']:>7} -> {c['candidate']:<7} {flow_line(c['flow'])}"
@@ -307,7 +270,7 @@ def policy_diff_cmd(files: Sequence[str], last: int | None, state_dir: str, outp
                         else ""))
         return "\n".join(lines)
 
-    _emit(output, payload, text)
+    emit(output, payload, text)
 
 
 @click.command("get")
@@ -315,8 +278,8 @@ def policy_diff_cmd(files: Sequence[str], last: int | None, state_dir: str, outp
 @output_option
 def policy_get_cmd(state_dir: str, output: str) -> None:
     """List the policies the agent holds, with the file and line each came from."""
-    payload = _call(state_dir, lambda c: c.policies())
-    _emit(output, payload, lambda p: _table(
+    payload = call_agent(state_dir, lambda c: c.policies())
+    emit(output, payload, lambda p: table(
         ["KIND", "NAMESPACE", "NAME", "RULES", "MODE", "SOURCE"],
         [(x["kind"], x["namespace"] or "-", x["name"], x["rules"], "audit" if x.get("audit") else "enforce",
           f"{x['file']}:{x['line']}") for x in p["policies"]]) + f"\nRevision: {p['revision']}")
@@ -332,8 +295,8 @@ def policy_delete_cmd(name: str | None, everything: bool, namespace: str | None,
     """Delete the policy NAME, or every policy with --all; prints the new revision."""
     if (name is None) == (not everything):
         raise click.UsageError("give a policy NAME or --all")
-    payload = _call(state_dir, lambda c: c.delete_policies(name, namespace))
-    _emit(output, payload, lambda p: f"Revision: {p['revision']}")
+    payload = call_agent(state_dir, lambda c: c.delete_policies(name, namespace))
+    emit(output, payload, lambda p: f"Revision: {p['revision']}")
 
 
 @click.command("wait")
@@ -343,8 +306,8 @@ def policy_delete_cmd(name: str | None, everything: bool, namespace: str | None,
 @output_option
 def policy_wait_cmd(revision: int, timeout: float, state_dir: str, output: str) -> None:
     """Block until every proxy realized REVISION; fails with Envoy's NACK text if one rejected it."""
-    payload = _call(state_dir, lambda c: c.wait(revision, timeout))
-    _emit(output, payload, lambda p: f"Revision {p['revision']} realized by "
+    payload = call_agent(state_dir, lambda c: c.wait(revision, timeout))
+    emit(output, payload, lambda p: f"Revision {p['revision']} realized by "
                                      f"{', '.join(p['proxies']) or 'no proxies (none connected)'}")
 
 
@@ -379,8 +342,8 @@ def endpoint_add_cmd(name: str, labels: str, ips: Sequence[str], ports: Sequence
     body: dict[str, Any] = {"name": name, "labels": [x for x in labels.split(",") if x], "ips": list(ips),
                             "ports": specs, "create": create_netns, "audit": audit}
     body.update({k: v for k, v in (("netns", netns), ("interface", interface)) if v})
-    payload = _call(state_dir, lambda c: c.add_endpoint(body))
-    _emit(output, payload, lambda p: f"Endpoint {p['endpoint']['name']}: identity {p['endpoint']['identity']}\n"
+    payload = call_agent(state_dir, lambda c: c.add_endpoint(body))
+    emit(output, payload, lambda p: f"Endpoint {p['endpoint']['name']}: identity {p['endpoint']['identity']}\n"
                                      f"Revision: {p['revision']}")
 
 
@@ -395,8 +358,8 @@ def _enforcement(e: dict[str, Any], direction: str) -> str:
 @output_option
 def endpoint_list_cmd(state_dir: str, output: str) -> None:
     """List endpoints with identity, policy enforcement, addresses, ports and labels."""
-    payload = _call(state_dir, lambda c: c.endpoints())
-    _emit(output, payload, lambda p: _table(
+    payload = call_agent(state_dir, lambda c: c.endpoints())
+    emit(output, payload, lambda p: table(
         ["ENDPOINT", "IDENTITY", "INGRESS", "EGRESS", "IPS", "PORTS", "INTERFACE", "LABELS"],
         [(e["name"], e["identity"], _enforcement(e, "ingress"), _enforcement(e, "egress"),
           ",".join(e["ips"]) or "-", ",".join(str(PortSpec.from_json(x)) for x in e["ports"]) or "-",
@@ -409,8 +372,8 @@ def endpoint_list_cmd(state_dir: str, output: str) -> None:
 @output_option
 def endpoint_delete_cmd(name: str, state_dir: str, output: str) -> None:
     """Remove an endpoint; prints the new revision."""
-    payload = _call(state_dir, lambda c: c.remove_endpoint(name))
-    _emit(output, payload, lambda p: f"Revision: {p['revision']}")
+    payload = call_agent(state_dir, lambda c: c.remove_endpoint(name))
+    emit(output, payload, lambda p: f"Revision: {p['revision']}")
 
 
 @click.command("list")
@@ -418,8 +381,8 @@ def endpoint_delete_cmd(name: str, state_dir: str, output: str) -> None:
 @output_option
 def identity_list_cmd(state_dir: str, output: str) -> None:
     """List identities: reserved, endpoint and CIDR ones."""
-    payload = _call(state_dir, lambda c: c.identities())
-    _emit(output, payload, lambda p: _table(
+    payload = call_agent(state_dir, lambda c: c.identities())
+    emit(output, payload, lambda p: table(
         ["ID", "KIND", "LABELS"],
         [(i["id"], i["kind"], ",".join(i["labels"])) for i in p["identities"]]))
 

@@ -11,7 +11,7 @@ from typing import Any
 import click
 
 from ..agent.client import AgentClient
-from .agent_cmds import _call, _emit, _table, output_option, state_dir_option
+from .common import call_agent, emit, output_option, state_dir_option, table
 
 EVENT_TYPES = ("drop", "policy-verdict", "trace")
 
@@ -64,7 +64,7 @@ def monitor_cmd(types: Sequence[str], related_to: str | None, last: int, follow:
         return True
 
     trace = not types or "trace" in types
-    payload = _call(state_dir, lambda c: c.monitor(limit=last, trace=trace))
+    payload = call_agent(state_dir, lambda c: c.monitor(limit=last, trace=trace))
     seen = payload["last"]
     events = payload["events"] if last else []
     while True:
@@ -74,7 +74,7 @@ def monitor_cmd(types: Sequence[str], related_to: str | None, last: int, follow:
         sys.stdout.flush()
         if not follow:
             return
-        payload = _call(state_dir, _events_after(seen, trace))
+        payload = call_agent(state_dir, _events_after(seen, trace))
         seen = payload["last"]
         events = payload["events"]
 
@@ -90,8 +90,8 @@ def _events_after(seq: int, trace: bool) -> Callable[[AgentClient], Any]:
 def bpf_policy_get_cmd(endpoint: str, state_dir: str, output: str) -> None:
     """An endpoint's policy map in the kernel, like `cilium bpf policy get`: verdict, direction,
     identity, port/protocol, proxy port and the packets and bytes each entry matched."""
-    payload = _call(state_dir, lambda c: c.bpf_policy(endpoint))
-    _emit(output, payload, lambda p: _table(
+    payload = call_agent(state_dir, lambda c: c.bpf_policy(endpoint))
+    emit(output, payload, lambda p: table(
         ["POLICY", "DIRECTION", "IDENTITY", "LABELS", "PORT/PROTO", "PROXY PORT", "BYTES", "PACKETS", "RULE"],
         [(r["verdict"].capitalize(), r["direction"].capitalize(), r["identity"] or "ANY",
           ",".join(r["labels"]) or ("reserved:all" if not r["identity"] else "-"), r["port"], r["proxy_port"] or "-",

@@ -12,7 +12,7 @@ from typing import Any
 
 import click
 
-from .agent_cmds import _call, state_dir_option
+from .common import call_agent, state_dir_option
 
 # file in the archive -> the part of the agent's debug info it holds
 _JSON_PARTS = {"status.json": "status", "config.json": "config", "policies.json": "policies",
@@ -58,7 +58,7 @@ def bugtool_cmd(output: str | None, flows: int, state_dir: str) -> None:
     """Write one archive for a bug report: status, config, policies and their files, endpoints,
     identities, recent flows and datapath events, the kernel's policy maps, Envoy's config dump
     and log."""
-    info = _call(state_dir, lambda c: c.debug_info(flows))
+    info = call_agent(state_dir, lambda c: c.debug_info(flows))
     stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
     root = f"cilia-bugtool-{stamp}"
     path = Path(output or f"{root}.tar.gz")

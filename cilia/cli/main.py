@@ -37,6 +37,7 @@ from ..policy.parse import check_unique
 from ..policy.trace import PROTOCOL_NAMES
 from . import bpf_cmds, bugtool_cmds, observe_cmds
 from .agent_cmds import register
+from .common import output_option
 
 EXIT_ERROR = 2
 
@@ -58,14 +59,9 @@ def policy() -> None:
     """Validate and trace policy files; import, list, delete and wait for them in the agent."""
 
 
-def _output_option(f: Any) -> Any:
-    return click.option("-o", "--output", type=click.Choice(["text", "json"]), default="text",
-                        show_default=True, help="Output format.")(f)
-
-
 @policy.command("validate")
 @click.argument("files", nargs=-1, required=True, type=click.Path(dir_okay=False))
-@_output_option
+@output_option
 def validate_cmd(files: Sequence[str], output: str) -> None:
     """Validate policy FILES: exit 0 if all are valid, else print every problem
     (file:line: field: message) and exit 2."""
@@ -205,7 +201,7 @@ def _l7_request(http_method: str | None, http_path: str | None, http_host: str |
 @click.option("--kafka-topic", "kafka_topics", multiple=True, help="Topic (repeatable).")
 @click.option("--l7", help="L7 protocol of an l7proto parser (cassandra, memcache, ...) or dns.")
 @click.option("--l7-field", "l7_fields", multiple=True, help="key=value request field (repeatable).")
-@_output_option
+@output_option
 def trace_cmd(policy_files: Sequence[str], src: str | None, src_cidr: str | None, dst: str | None,
               dst_cidr: str | None, protocol: str, dport: int | None, icmp_type: int | None,
               http_method: str | None, http_path: str | None, http_host: str | None,

@@ -20,9 +20,8 @@ from typing import Any, NoReturn
 import click
 
 from ..agent.client import AgentClient
-from ..agent.flows import parse_http_status, parse_labels
-from ..policy.selector_text import SelectorError
-from .agent_cmds import _call, state_dir_option
+from ..agent.flowquery import SelectorError, parse_http_status, parse_labels
+from .common import call_agent, state_dir_option
 
 VERDICTS = ("FORWARDED", "DROPPED", "REDIRECTED", "AUDIT", "ERROR", "TRACED")
 TYPES = ("l7", "drop", "policy-verdict")
@@ -222,14 +221,14 @@ def observe_cmd(last: int, follow: bool, since: str | None, until: str | None, p
     render = RENDER[output]
     if output == "table":
         click.echo("  ".join(name.ljust(w) if w else name for name, w in COLUMNS))
-    payload = _call(state_dir, lambda c: c.flows(limit=last, **filters))
+    payload = call_agent(state_dir, lambda c: c.flows(limit=last, **filters))
     while True:
         for f in payload["flows"]:
             click.echo(render(f))
         if not follow:
             return
         time.sleep(1.0)
-        payload = _call(state_dir, _newer_than(payload["last"], filters))
+        payload = call_agent(state_dir, _newer_than(payload["last"], filters))
 
 
 def _newer_than(seq: int, filters: dict[str, Any]) -> Callable[[AgentClient], Any]:

@@ -23,7 +23,6 @@ from typing import Any
 
 import grpc
 
-from cilia.grpcserver import GrpcServer
 from cilia.envoy.metadata import (
     ENFORCED_EFFECTIVE_POLICY_ID,
     HTTP_RBAC,
@@ -33,6 +32,7 @@ from cilia.envoy.metadata import (
     SHADOW_ENGINE_RESULT,
 )
 from cilia.ring import SeqRing
+from cilia.xds.grpcserver import GrpcServer
 from envoy.config.core.v3 import base_pb2
 from envoy.data.accesslog.v3 import accesslog_pb2
 from envoy.service.accesslog.v3 import als_pb2

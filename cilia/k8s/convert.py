@@ -23,7 +23,7 @@ from typing import Any
 
 from ruamel.yaml import YAML
 
-from ..agent.state import EndpointSpec, PortSpec, StateError
+from ..specs import EndpointSpec, PortSpec, StateError
 from ..policy import Protocol
 from ..policy.errors import LabelError
 from ..policy.labels import NAMESPACE_KEY, LabelSet

@@ -27,7 +27,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
-from ..agent.state import EndpointSpec, PolicyKey, StateError
+from ..specs import EndpointSpec, PolicyKey, StateError
 from .convert import (
     CCNP,
     CNP,

@@ -4,7 +4,8 @@
                          ^ requests, v responses
                       XdsServer (grpcio: ADS + LDS/RDS/CDS/EDS/SDS, TCP or unix:)
 
-Nothing here imports cilia.policy, cilia.envoy or cilia.bpf.
+Nothing here imports any other part of cilia; ``grpcserver`` (the grpcio server on TCP or
+UNIX addresses) is shared with the agent's other Envoy-facing services.
 """
 
 from .acks import AckState, AckTracker, NackError

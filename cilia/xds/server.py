@@ -14,7 +14,7 @@ from typing import Any
 
 import grpc
 
-from cilia.grpcserver import GrpcServer
+from cilia.xds.grpcserver import GrpcServer
 from cilia.xds.cache import Cache
 from cilia.xds.stream import (
     DeltaDiscoveryRequest,

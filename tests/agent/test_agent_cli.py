@@ -14,7 +14,7 @@ from agent_support import (
     deathstar_app, run_cli, shoot, wait_flows,
 )
 
-from cilia.agent import Agent
+from cilia.agent.daemon import Agent
 from cilia.agent.api import ROUTES
 from cilia.xds import check
 

@@ -8,7 +8,7 @@ import pytest
 from helpers import run
 from ruamel.yaml import YAML
 
-from cilia.agent.state import EndpointSpec, PortSpec
+from cilia.specs import EndpointSpec, PortSpec
 from cilia.k8s.convert import (
     CCNP,
     CNP,

@@ -19,7 +19,7 @@ from click.testing import CliRunner
 
 from cilia.agent.api import APIServer
 from cilia.agent.daemon import Agent, AgentConfig, AgentError
-from cilia.agent.state import EndpointSpec, PolicyKey
+from cilia.specs import EndpointSpec, PolicyKey
 from cilia.cli.main import cli
 from cilia.k8s import WatchConfig, Watcher, connect, format_status
 from cilia.k8s.watch import PODS, WatchError
