@@ -29,8 +29,10 @@ from cilia.envoy.loopback import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 STARWARS = REPO / "examples" / "starwars"
-# Addresses of their own, so these tests never meet the demo's or other tests' listeners.
-DEATHSTAR, TIEFIGHTER, XWING = "127.0.1.10", "127.0.1.11", "127.0.1.12"
+# Addresses of their own, so these tests never meet the demo's or other tests' listeners;
+# CILIA_TEST_NET moves them (e.g. 127.0.19) when two checkouts run these tests at once.
+_NET = os.environ.get("CILIA_TEST_NET", "127.0.1")
+DEATHSTAR, TIEFIGHTER, XWING = f"{_NET}.10", f"{_NET}.11", f"{_NET}.12"
 LAND = ("POST", "/v1/request-landing")
 EXHAUST = ("PUT", "/v1/exhaust-port")
 
@@ -162,7 +164,8 @@ def simple(line: dict[str, Any]) -> dict[str, Any]:
     flow, ours = line["flow"], line["cilia"]
     return {"verdict": flow["verdict"], "kind": ours["kind"], "rule": ours["rule"], "l7": ours.get("l7", {}),
             "drop_reason": ours.get("drop_reason", ""), "endpoint": ours.get("endpoint", ""),
-            "proxy_port": flow.get("proxy_port", 0), "seq": ours["seq"],
+            "proxy_port": flow.get("proxy_port", 0), "seq": ours["seq"], "type": flow["Type"],
+            "direction": flow.get("traffic_direction", "").lower(),
             "source": _side(flow, "source"), "destination": _side(flow, "destination")}
 
 

@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from agent_support import simple
 from bpf_agent_support import CLOSED, TIMEOUT, BpfAgentNode, bpf_agent, request
 
 from cilia.bpf.netns import ip
@@ -101,7 +102,7 @@ def _wait_flows(node: BpfAgentNode, enough: object, timeout: float = 10.0) -> li
     deadline = time.monotonic() + timeout
     while True:
         out = node.ok("observe", "--last", "1000", "-o", "json").out
-        flows = [json.loads(line) for line in out.splitlines()]
+        flows = [simple(json.loads(line)) for line in out.splitlines()]
         if enough(flows) or time.monotonic() > deadline:  # type: ignore[operator]
             return flows
         time.sleep(0.3)

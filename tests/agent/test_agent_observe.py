@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -80,8 +82,9 @@ def test_filters_formats_and_the_flow_file(agent: Agent, tmp_path: Path) -> None
         assert bad.code == 2 and says in bad.err and len(bad.err.strip().splitlines()) == 1, (args, bad.err)
     # the other formats: compact lines like Hubble's, dict blocks, a table with a header
     compact = run_cli(state, "observe", "--last", "1", "--http-method", "PUT").out.strip()
-    assert re.fullmatch(rf"\w+ \d+ [\d:.]+: {TIEFIGHTER}:\d+ \(ID:\d+\) -> deathstar:80 \(ID:\d+\) http-request "
-                        r"DROPPED \(HTTP/1.1 PUT http://\S+/v1/exhaust-port => 403\)  rule: .*", compact), compact
+    assert re.fullmatch(r"\w+ \d+ [\d:.]+: default/tiefighter:\d+ \(ID:\d+\) -> default/deathstar:80 \(ID:\d+\) "
+                        r"http-request DROPPED \(HTTP/1.1 PUT http://\S+/v1/exhaust-port => 403\)  rule: .*",
+                        compact), compact
     block = run_cli(state, "observe", "--last", "1", "-o", "dict").out
     assert [line.split(":")[0].strip() for line in block.splitlines()][:6] == [
         "TIMESTAMP", "SOURCE", "DESTINATION", "TYPE", "VERDICT", "SUMMARY"]
@@ -96,3 +99,11 @@ def test_filters_formats_and_the_flow_file(agent: Agent, tmp_path: Path) -> None
     assert all(check(line, EXPORT_LINE) == [] for line in kept)
     assert {f["cilia"]["seq"] for f in kept} <= {f["seq"] for f in flows} and len(kept) >= 3
     assert all(p.stat().st_size <= 4000 + 2000 for p in files)
+
+
+def test_monitor_last_is_a_snapshot(agent: Agent) -> None:
+    """`cilia monitor --last N` prints what is recorded and returns (it used to keep following)."""
+    state = agent.config.state_dir
+    res = subprocess.run([sys.executable, "-m", "cilia", "monitor", "--last", "5", "--state-dir", str(state)],
+                         capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, res.stderr

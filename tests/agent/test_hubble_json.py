@@ -13,6 +13,7 @@ from hubble_fields import EXPORT_LINE, check
 from cilia.agent.api import flow_filter
 from cilia.agent.daemon import AgentError
 from cilia.agent.flows import Verdict, Who, from_access, from_datapath, from_l7
+from cilia.agent.metrics import Metrics
 from cilia.bpf.datapath import DatapathEvent
 from cilia.envoy.accesslog import AccessRecord
 from cilia.envoy.accesslog import Verdict as EnvoyVerdict
@@ -87,10 +88,6 @@ def test_cassandra_version_fallback_is_a_negotiation_not_a_drop() -> None:
     assert "protocol version 5" in line["cilia"]["l7"]["negotiation"]
 
 
-def _filter(**query: list[str]) -> object:
-    return flow_filter(query)
-
-
 def test_hubble_named_filters() -> None:
     denied, kernel = from_access(_http(True), WHO), from_datapath(_kernel_drop(), WHO, "n1")
     cases = [({"pod": ["default/tiefighter"]}, True, True), ({"to_pod": ["default/tiefighter"]}, False, False),
@@ -114,3 +111,26 @@ def test_bad_filters_are_400(query: dict[str, list[str]]) -> None:
     with pytest.raises(AgentError) as e:
         flow_filter(query)
     assert e.value.status == 400
+
+
+def test_flow_metrics_count_hubbles_way() -> None:
+    m = Metrics()
+    negotiation = Record({"opcode": "OPTIONS"}, Decision(False, "", "protocol version 5 is refused"), True)
+    flows = [from_access(_http(True), WHO), from_access(_http(False), WHO), from_datapath(_kernel_drop(), WHO, "n1"),
+             from_l7(NOW, INFO, negotiation, WHO, "n1")]
+    for f in flows:
+        m.flow(f)
+    m.datapath(_kernel_drop())
+
+    def value(name: str, **labels: str) -> float | None:
+        return m.registry.get_sample_value(name, labels)
+
+    assert value("cilia_hubble_flows_processed_total", type="L7", subtype="http", verdict="DROPPED") == 1
+    assert value("cilia_hubble_flows_processed_total", type="L3_L4", subtype="drop", verdict="DROPPED") == 1
+    assert value("cilia_hubble_flows_processed_total", type="L7", subtype="kafka", verdict="TRACED") == 1
+    assert value("cilia_hubble_drop_total", reason="POLICY_DENIED", protocol="TCP") == 2  # not the negotiation
+    assert value("cilia_hubble_http_requests_total", method="PUT", protocol="HTTP/1.1", status="403",
+                 reporter="server") == 1
+    assert value("cilia_drop_count_total", reason="Policy denied", direction="ingress") == 1
+    assert value("cilia_drop_bytes_total", reason="Policy denied", direction="ingress") == 74
+    assert value("process_cpu_seconds_total") is not None  # the process collector
