@@ -50,7 +50,8 @@ from google.protobuf import any_pb2  # noqa: E402
 from xds.type.matcher.v3 import ip_pb2  # noqa: E402
 
 from cilia.envoy.admin import AdminClient  # noqa: E402
-from cilia.envoy.loopback import LoopbackEnvoy, free_port  # noqa: E402
+from cilia.envoy.loopback import LoopbackEnvoy  # noqa: E402
+from cilia.netutil import free_port  # noqa: E402
 from cilia.envoy.supervisor import EnvoySupervisor  # noqa: E402
 from cilia.envoy.translate import (  # noqa: E402
     PortMapping,

@@ -45,7 +45,7 @@ REPO = HERE.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tests" / "l7parsers"))
 
-from cilia.envoy.loopback import free_port  # noqa: E402
+from cilia.netutil import free_port  # noqa: E402
 
 CLIENT, L7_SERVER, PLAIN_SERVER = "127.0.5.11", "127.0.5.10", "127.0.5.20"
 PORTS = {"memcache": 11211, "kafka": 9092, "cassandra": 9042}

@@ -35,7 +35,7 @@ from ads_load import AdsLoad  # noqa: E402
 from synthetic_cluster import make_cluster, make_policies, policies_text  # noqa: E402
 
 from cilia.envoy.bootstrap import build_bootstrap, to_json  # noqa: E402
-from cilia.envoy.loopback import free_port  # noqa: E402
+from cilia.netutil import free_port  # noqa: E402
 from cilia.envoy.supervisor import EnvoySupervisor  # noqa: E402
 from cilia.envoy.translate import PortMapping, prefixes_by_identity, translate_ingress  # noqa: E402
 from cilia.policy import Endpoint, PolicyEngine, parse_text  # noqa: E402
@@ -136,7 +136,7 @@ class Rig:
         up = self.publish(listeners, clusters)
         sock = f"unix:{self.workdir}/xds.sock"
         self.server.add_address(sock)
-        port = self.server.add_address("127.0.0.1:0")
+        port = self.server.add_address("127.0.0.1:0", insecure=True)  # loopback clients of this benchmark
         self.server.start()
         try:
             admin = f"127.0.0.1:{free_port()}"

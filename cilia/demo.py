@@ -37,7 +37,7 @@ from ruamel.yaml import YAML
 
 from .bpf.loader import bpf_available
 from .bpf.netns import Namespace, add_host_address, can_create_namespaces, del_host_address, ip, run_in_netns
-from .envoy.loopback import free_port
+from .netutil import free_port
 from .policy import (
     HTTPRequest,
     LabelSet,

@@ -24,7 +24,7 @@ fi
 python3 -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "cilia needs Python >= 3.11")'
 
 # bcc compiles BPF programs at run time against the running kernel's headers. This kernel ships
-# none; Debian's linux-headers-amd64 serve for tc programs (FACTS.md), linked where bcc looks.
+# none; Debian's linux-headers-amd64 serve for tc programs, linked where bcc looks.
 moddir="/lib/modules/$(uname -r)"
 hdr="$(ls -d /usr/src/linux-headers-*-amd64 2>/dev/null | sort -V | tail -n1 || true)"
 if [ -n "$hdr" ] && [ ! -e "$moddir/build" ] && [ "$(id -u)" -eq 0 ]; then

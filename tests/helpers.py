@@ -37,6 +37,22 @@ def require_bpf() -> None:
     pytest.skip(f"BPF datapath: {why}")
 
 
+CNI_PLUGINS = Path("/usr/lib/cni")  # Debian's containernetworking-plugins: host-local, static, ...
+
+
+def require_cni_plugins() -> Path:
+    """The directory of the standard CNI plugins; skip without them, but fail in CI (where
+    scripts/apt-packages.txt installs them)."""
+    import pytest
+
+    if (CNI_PLUGINS / "host-local").is_file() and (CNI_PLUGINS / "static").is_file():
+        return CNI_PLUGINS
+    why = f"no host-local and static in {CNI_PLUGINS} (Debian package containernetworking-plugins)"
+    if os.environ.get("CI"):
+        pytest.fail(f"CNI IPAM tests must run in CI: {why}")
+    pytest.skip(why)
+
+
 def cilium_examples_dir() -> Path:
     """Cilium's example policies, kept unchanged in examples/cilium (CILIA_CILIUM_EXAMPLES
     points elsewhere). Tests that need them fail, not skip, when the directory is missing."""

@@ -1,21 +1,20 @@
 """The agent's REST API: JSON over HTTP/1.1 on a UNIX socket (documented in openapi.yaml).
 
-Only local users who can open the socket (mode 0660, the agent's user and group) can change
-policy, as with Cilium's agent socket. Errors are ``{"error": TEXT, "problems": [...]}`` with
-the status the agent chose: 400 bad input, 404 unknown, 409 rejected (conflict or Envoy NACK),
-504 not realized in time.
+Only local users who can open the socket (mode 0600: the agent's user and root; 0660 with
+--socket-group: also that group) can change policy, as with Cilium's agent socket. Errors are
+``{"error": TEXT, "problems": [...]}`` with the status the agent chose: 400 bad input, 404
+unknown, 409 rejected (conflict or Envoy NACK), 504 not realized in time.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import os
 import re
 import socketserver
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler
 from importlib import resources
@@ -23,11 +22,13 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
+from ..xds.sockets import bind_unix
 from .daemon import Agent, AgentError
 from ..policy.selector_text import SelectorError
-from ..specs import EndpointSpec, StateError
+from ..specs import EndpointSpec, PolicyKey, StateError
 from .flowquery import parse_http_status, parse_labels
 from .flows import FlowFilter
+from .render import render
 
 _log = logging.getLogger(__name__)
 
@@ -79,7 +80,7 @@ def _post_policies(agent: Agent, _: dict[str, str], __: dict[str, list[str]], bo
     except AgentError:
         agent.metrics.policy_import_errors.inc()
         raise
-    threading.Thread(target=_time_implementation, args=(agent, result["revision"], started), daemon=True,
+    threading.Thread(target=_time_implementation, args=(agent, result.revision, started), daemon=True,
                      name="cilia-policy-delay").start()
     return 200, result
 
@@ -287,6 +288,7 @@ class _RequestHandler(BaseHTTPRequestHandler):
             raise AgentError(f"request body is not JSON: {e}") from None
 
     def _send(self, status: int, payload: Any) -> None:
+        payload = render(payload)
         if isinstance(payload, _Raw):
             data, ctype = payload.data, payload.content_type
         elif isinstance(payload, str):
@@ -314,9 +316,19 @@ class APIServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
     def __init__(self, path: Path, agent: Agent) -> None:
         self.agent = agent
         agent.metrics.watch_agent(agent)  # /metrics here shows the state gauges too
-        path.unlink(missing_ok=True)
-        super().__init__(str(path), _RequestHandler)
-        os.chmod(path, 0o660)
+        super().__init__(str(path), _RequestHandler, bind_and_activate=False)
+
+        def listen(staging: str) -> None:
+            self.server_address = staging
+            self.server_bind()
+            self.server_activate()
+
+        try:  # 0600 (0660 with the agent's socket group) from the first moment, whatever the umask
+            bind_unix(path, listen, agent.config.socket_group)
+        except BaseException:
+            self.server_close()
+            raise
+        self.server_address = str(path)
         self._thread: threading.Thread | None = None
 
     def start(self) -> None:
@@ -327,3 +339,32 @@ class APIServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
         self.shutdown()
         self.server_close()
         Path(str(self.server_address)).unlink(missing_ok=True)
+
+
+class InProcess:
+    """The agent's operations with the REST API's JSON answers, without the socket: what an
+    in-process caller written against the API's shapes (the Kubernetes watcher) uses."""
+
+    def __init__(self, agent: Agent) -> None:
+        self.agent = agent
+
+    def add_endpoint(self, spec: EndpointSpec) -> dict[str, Any]:
+        return render(self.agent.add_endpoint(spec))  # type: ignore[no-any-return]
+
+    def remove_endpoint(self, name: str) -> dict[str, Any]:
+        return render(self.agent.remove_endpoint(name))  # type: ignore[no-any-return]
+
+    def endpoints(self) -> dict[str, Any]:
+        return render(self.agent.endpoints())  # type: ignore[no-any-return]
+
+    def import_policies(self, files: Sequence[tuple[str, str]], audit: bool = False) -> dict[str, Any]:
+        return render(self.agent.import_policies(files, audit))  # type: ignore[no-any-return]
+
+    def delete_policies(self, name: str | None, namespace: str | None = None) -> dict[str, Any]:
+        return render(self.agent.delete_policies(name, namespace))  # type: ignore[no-any-return]
+
+    def delete_policy_keys(self, keys: Sequence[PolicyKey]) -> dict[str, Any]:
+        return render(self.agent.delete_policy_keys(keys))  # type: ignore[no-any-return]
+
+    def policies(self) -> dict[str, Any]:
+        return render(self.agent.policies())  # type: ignore[no-any-return]

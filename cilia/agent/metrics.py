@@ -177,24 +177,24 @@ class MeteredAckTracker(AckTracker):
         self._sent_at: dict[tuple[str, str, str], float] = {}
         self._lock = threading.Lock()
 
-    def on_sent(self, node_id: str, type_url: str, version: str) -> None:
+    def on_sent(self, node_id: str, type_url: str, version: str, *, stream: int) -> None:
         self._metrics.xds_pushes.labels(_kind(type_url)).inc()
         with self._lock:
             if len(self._sent_at) > 100_000:  # proxies that never answer must not grow this forever
                 self._sent_at.clear()
             self._sent_at[(node_id, type_url, version)] = self._clock()
-        super().on_sent(node_id, type_url, version)
+        super().on_sent(node_id, type_url, version, stream=stream)
 
-    def on_ack(self, node_id: str, type_url: str, version: str) -> None:
+    def on_ack(self, node_id: str, type_url: str, version: str, *, stream: int) -> None:
         with self._lock:
             sent = self._sent_at.pop((node_id, type_url, version), None)
         if sent is not None:
             self._metrics.xds_acks.labels(_kind(type_url)).inc()
             self._metrics.xds_latency.labels(_kind(type_url)).observe(self._clock() - sent)
-        super().on_ack(node_id, type_url, version)
+        super().on_ack(node_id, type_url, version, stream=stream)
 
-    def on_nack(self, node_id: str, type_url: str, version: str, message: str) -> None:
+    def on_nack(self, node_id: str, type_url: str, version: str, message: str, *, stream: int) -> None:
         with self._lock:
             self._sent_at.pop((node_id, type_url, version), None)
         self._metrics.xds_nacks.labels(_kind(type_url)).inc()
-        super().on_nack(node_id, type_url, version, message)
+        super().on_nack(node_id, type_url, version, message, stream=stream)

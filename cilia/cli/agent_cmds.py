@@ -51,6 +51,16 @@ from .common import call_agent, emit, output_option, state_dir_option, table
               "(the pod's service account) or a kubeconfig path ('default': $KUBECONFIG or ~/.kube/config).")
 @click.option("--node-name", envvar="NODE_NAME", help="With --kubernetes: only the pods on this node "
               "(default: $NODE_NAME, else the host name).")
+@click.option("--xds-tls-cert", type=click.Path(dir_okay=False), help="PEM certificate of the xDS server on "
+              "TCP --xds-address (with --xds-tls-key and --xds-tls-ca): mutual TLS, the client certificate's "
+              "subject CN is the node id it may speak for.")
+@click.option("--xds-tls-key", type=click.Path(dir_okay=False), help="PEM private key of --xds-tls-cert.")
+@click.option("--xds-tls-ca", type=click.Path(dir_okay=False), help="PEM CA bundle that signs the proxies' "
+              "client certificates.")
+@click.option("--xds-insecure", is_flag=True, help="Serve TCP --xds-address in plaintext without client "
+              "authentication (anyone reaching the port may claim any node id). Refused without this flag.")
+@click.option("--socket-group", metavar="GROUP", help="Make the agent's sockets (API, xDS, access log, L7) "
+              "mode 0660 with this group (name or gid) instead of 0600 (the agent's user and root only).")
 @click.option("--prometheus-serve-addr", metavar="HOST:PORT", help="Serve Prometheus metrics at /metrics on this "
               "TCP address (Cilium's flag; \":9962\": port 9962 on every address).")
 @click.option("--agent-health-port", type=click.IntRange(0, 65535), default=0, show_default=True,
@@ -59,7 +69,9 @@ from .common import call_agent, emit, output_option, state_dir_option, table
 def agent_cmd(state_dir: str, xds_addresses: Sequence[str], envoy_mode: str, node_id: str, datapath: str,
               bpf_pin_dir: str, router_ip: str | None, flow_file: str | None, flow_file_max_mb: int,
               flow_file_backups: int, l7_workers: int, kubernetes: str | None, node_name: str | None,
-              prometheus_serve_addr: str | None, agent_health_port: int, log_level: str) -> None:
+              xds_tls_cert: str | None, xds_tls_key: str | None, xds_tls_ca: str | None, xds_insecure: bool,
+              socket_group: str | None, prometheus_serve_addr: str | None, agent_health_port: int,
+              log_level: str) -> None:
     """Run the agent until SIGTERM or Ctrl-C: load state, serve the REST API on
     <state-dir>/cilia.sock, serve xDS, supervise Envoy, receive its access logs; with
     --datapath bpf also load the BPF datapath. Stopping leaves the BPF programs enforcing the
@@ -85,7 +97,9 @@ def agent_cmd(state_dir: str, xds_addresses: Sequence[str], envoy_mode: str, nod
                          datapath=datapath, bpf_pin_dir=bpf_pin_dir, router_ip=router_ip,  # type: ignore[arg-type]
                          flow_file=Path(flow_file).resolve() if flow_file else None,
                          flow_file_max_bytes=flow_file_max_mb << 20, flow_file_backups=flow_file_backups,
-                         l7_workers=l7_workers)
+                         l7_workers=l7_workers,
+                         xds_tls=_xds_tls(xds_addresses, xds_tls_cert, xds_tls_key, xds_tls_ca, xds_insecure),
+                         xds_insecure=xds_insecure, socket_group=_group_id(socket_group))
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
@@ -135,6 +149,52 @@ def agent_cmd(state_dir: str, xds_addresses: Sequence[str], envoy_mode: str, nod
         agent.stop()
 
 
+def _xds_tls(addresses: Sequence[str], cert: str | None, key: str | None, ca: str | None,
+             insecure: bool) -> Any:
+    """The ServerTls for TCP xDS addresses (None without); exits 2 on an incomplete or unreadable set
+    of files, or a TCP address with neither TLS nor --xds-insecure."""
+    from ..xds import ServerTls
+
+    given = {"--xds-tls-cert": cert, "--xds-tls-key": key, "--xds-tls-ca": ca}
+    if any(given.values()) and not all(given.values()):
+        missing = ", ".join(flag for flag, v in given.items() if not v)
+        click.echo(f"error: mutual TLS for xDS needs --xds-tls-cert, --xds-tls-key and --xds-tls-ca ({missing} "
+                   "missing)", err=True)
+        sys.exit(2)
+    if cert and insecure:
+        click.echo("error: --xds-insecure and --xds-tls-* contradict each other: choose one", err=True)
+        sys.exit(2)
+    tcp = [a for a in addresses if not a.startswith("unix:")]
+    if tcp and not cert and not insecure:
+        click.echo(f"error: --xds-address {tcp[0]} is TCP: give --xds-tls-cert, --xds-tls-key and --xds-tls-ca "
+                   "(mutual TLS; the client certificate's CN is the node id), or --xds-insecure to serve it in "
+                   "plaintext to anyone who can reach it", err=True)
+        sys.exit(2)
+    if not cert:
+        return None
+    assert key is not None and ca is not None
+    tls = ServerTls(Path(cert).resolve(), Path(key).resolve(), Path(ca).resolve())
+    try:
+        tls.credentials()  # read now: a bad file is an error at start, not when the first proxy connects
+    except ValueError as e:
+        click.echo(f"error: {e}", err=True)
+        sys.exit(2)
+    return tls
+
+
+def _group_id(group: str | None) -> int | None:
+    """--socket-group as a gid (a name or a number); exits 2 for an unknown group."""
+    import grp
+
+    if group is None:
+        return None
+    try:
+        return int(group) if group.isdigit() else grp.getgrnam(group).gr_gid
+    except KeyError:
+        click.echo(f"error: --socket-group {group}: no such group", err=True)
+        sys.exit(2)
+
+
 def _kubernetes_watcher(agent: Any, kubernetes: str, node_name: str | None, datapath: str, envoy_mode: str) -> Any:
     """The watcher feeding ``agent`` from the cluster; exits 2 if its config cannot be read."""
     import socket
@@ -148,8 +208,10 @@ def _kubernetes_watcher(agent: Any, kubernetes: str, node_name: str | None, data
         click.echo(f"error: --kubernetes: {e}", err=True)
         sys.exit(2)
     # Named container ports give endpoints ports; without BPF an agent would put Envoy on them.
-    watcher = Watcher(api, agent, WatchConfig(node_name=node_name or socket.gethostname(),
-                                              pod_ports=datapath == "bpf" or envoy_mode == "none"))
+    from ..agent.api import InProcess
+
+    watcher = Watcher(api, InProcess(agent), WatchConfig(node_name=node_name or socket.gethostname(),
+                                                         pod_ports=datapath == "bpf" or envoy_mode == "none"))
     agent.kubernetes = watcher
     return watcher
 

@@ -253,24 +253,35 @@ def envoy() -> None:
 @envoy.command("bootstrap")
 @click.option("--node-id", required=True, help="Envoy node id (the xDS server keys its views by it).")
 @click.option("--xds-address", required=True, help="xDS server: HOST:PORT or unix:PATH.")
-@click.option("--admin-address", default="127.0.0.1:9901", show_default=True,
-              help="Envoy admin listener: HOST:PORT or unix:PATH.")
+@click.option("--admin", "--admin-address", "admin_address", default="127.0.0.1:9901", show_default=True,
+              help="Envoy admin listener: unix:PATH (an owner-only socket, mode 0600) or HOST:PORT "
+                   "(reachable by every local user: the admin API can dump the policy, drain or stop Envoy).")
 @click.option("--delta", is_flag=True, help="Use incremental (delta) ADS.")
+@click.option("--xds-tls-cert", type=click.Path(dir_okay=False), help="Envoy's client certificate for a TCP xDS "
+              "address (its subject CN must be the node id), with --xds-tls-key and --xds-tls-ca.")
+@click.option("--xds-tls-key", type=click.Path(dir_okay=False), help="The key of --xds-tls-cert.")
+@click.option("--xds-tls-ca", type=click.Path(dir_okay=False), help="The CA that signed the agent's certificate.")
 @click.option("--output-file", type=click.Path(dir_okay=False), help="Write here instead of stdout.")
-def bootstrap_cmd(node_id: str, xds_address: str, admin_address: str, delta: bool, output_file: str | None) -> None:
+def bootstrap_cmd(node_id: str, xds_address: str, admin_address: str, delta: bool, xds_tls_cert: str | None,
+                  xds_tls_key: str | None, xds_tls_ca: str | None, output_file: str | None) -> None:
     """Print an Envoy bootstrap (JSON, which Envoy reads as YAML too) that takes
-    its listeners and clusters from cilia over ADS."""
-    from ..envoy.bootstrap import build_bootstrap, to_json
+    its listeners and clusters from cilia over ADS (mutual TLS with --xds-tls-*)."""
+    from pathlib import Path
 
+    from ..envoy.bootstrap import XdsClientTls, build_bootstrap, to_json, write_bootstrap
+
+    files = (xds_tls_cert, xds_tls_key, xds_tls_ca)
+    if any(files) and not all(files):
+        raise UsageError("--xds-tls-cert, --xds-tls-key and --xds-tls-ca go together")
+    tls = XdsClientTls(*(Path(f).resolve() for f in files if f)) if all(files) else None
     try:
-        text = to_json(build_bootstrap(node_id, xds_address, admin_address, delta=delta))
+        bootstrap = build_bootstrap(node_id, xds_address, admin_address, delta=delta, xds_tls=tls)
     except ValueError as exc:
         raise UsageError(str(exc)) from exc
     if output_file:
-        with open(output_file, "w", encoding="utf-8") as fh:
-            fh.write(text)
+        write_bootstrap(output_file, bootstrap)  # owner-only: it names the admin and xDS addresses
     else:
-        click.echo(text)
+        click.echo(to_json(bootstrap))
 
 
 register(cli, policy)

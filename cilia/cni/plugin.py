@@ -8,13 +8,19 @@ environment variables and the network configuration as JSON on stdin::
      "ipam": {"type": "cilia", "subnet": "10.0.0.0/24", "gateway": "10.0.0.1"},
      "args": {"cni": {"labels": [{"key": "app", "value": "web"}]}}}
 
-ADD gives the container an address from ``ipam`` (this plugin's own IPAM; ``gateway`` is the
-agent's ``--router-ip``), joins it to the node by a veth pair (``CNI_IFNAME`` inside, ``lxc…`` on
-the node) and registers it with the agent as an endpoint that adopts that interface, named after
-the pod (``K8S_POD_NAME.K8S_POD_NAMESPACE`` from ``CNI_ARGS``, else the container id) and labelled
-from ``args.cni.labels`` and the pod's namespace. If any step fails, what the earlier steps made is
+ADD gives the container an address from ``ipam``. With ``type`` "cilia" (or no ``type``: the
+configurations written before delegation keep working) it is this plugin's own allocator
+(``ipam.py``); with any other ``type`` it is the IPAM plugin of that name in ``CNI_PATH``
+(``host-local``, ``static``, ``dhcp``...; ``delegate.py``), whose DEL runs on DEL and whenever a
+later step of ADD fails. Either way the address's gateway is the agent's ``--router-ip``. ADD joins
+the container to the node by a veth pair (``CNI_IFNAME`` inside, ``lxc…`` on the node) and
+registers it with the agent as an endpoint that adopts that interface, named after the pod
+(``K8S_POD_NAME.K8S_POD_NAMESPACE`` from ``CNI_ARGS``, else the container id) and labelled from
+``args.cni.labels`` and the pod's namespace. If any step fails, what the earlier steps made is
 removed. DEL removes the endpoint, the veth pair and the address, and succeeds when they are gone
-already. CHECK verifies all three. Errors are CNI error objects on stdout with a non-zero exit.
+already. CHECK verifies all three (and asks a delegated IPAM plugin's CHECK from 0.4.0 on). Errors
+are CNI error objects on stdout with a non-zero exit; a delegated plugin's errors keep its code and
+name it.
 """
 
 from __future__ import annotations
@@ -25,16 +31,19 @@ import os
 import sys
 import zlib
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, NoReturn
 
 from ..agent.client import AgentClient, APIError
 from ..bpf.netns import NetnsError, add_host_address, delete_link, in_netns, ip, wire_veth
+from .delegate import DelegatedIPAM, IPAMPluginError
 from .ipam import IPAMError, Pool
+from .result import Lease
 
 CNI_VERSION = "1.0.0"
 SUPPORTED_VERSIONS = ("0.3.0", "0.3.1", "0.4.0", "1.0.0")
 DEFAULT_SOCKET = "/var/run/cilia/cilia.sock"
+OWN_IPAM = "cilia"  # ipam.type of this plugin's own allocator (also when type is left out)
 
 # CNI's well-known error codes; 100 and up are the plugin's own
 ERR_INCOMPATIBLE_VERSION = 1
@@ -68,6 +77,7 @@ class Request:
     ifname: str
     args: Mapping[str, str]
     config: Mapping[str, Any]
+    env: Mapping[str, str] = field(default_factory=dict)  # handed on to a delegated IPAM plugin
 
     @property
     def network(self) -> str:
@@ -102,13 +112,25 @@ class Request:
     def client(self) -> AgentClient:
         return AgentClient(str(self.config.get("agentSocket") or DEFAULT_SOCKET), timeout=30)
 
+    def ipam(self) -> Pool | DelegatedIPAM:
+        """The allocator ``ipam.type`` names: this plugin's own, or an IPAM plugin to run."""
+        ipam = self.config.get("ipam")
+        if not isinstance(ipam, dict):
+            raise CNIError(ERR_INVALID_CONFIG, "ipam: required (an object with a type)")
+        kind = ipam.get("type", OWN_IPAM)
+        if kind == OWN_IPAM:
+            return self.pool()
+        if not isinstance(kind, str):
+            raise CNIError(ERR_INVALID_CONFIG, f"ipam.type {kind!r}: expected the name of an IPAM plugin")
+        try:
+            return DelegatedIPAM(kind, self.env, self.config)
+        except IPAMPluginError as e:
+            raise CNIError(e.code, e.msg, e.details) from None
+
     def pool(self) -> Pool:
         ipam = self.config.get("ipam")
         if not isinstance(ipam, dict):
             raise CNIError(ERR_INVALID_CONFIG, "ipam: required (an object with subnet and gateway)")
-        if ipam.get("type", "cilia") != "cilia":
-            raise CNIError(ERR_UNSUPPORTED_FIELD, f"ipam.type {ipam.get('type')!r}: only the built-in 'cilia' IPAM "
-                           "is supported")
         try:
             return Pool.from_config(ipam, self.network)
         except IPAMError as e:
@@ -135,41 +157,73 @@ def parse_request(env: Mapping[str, str], stdin: str) -> Request:
                 raise CNIError(ERR_INVALID_ENV, f"{name} is not set")
     args = dict(kv.split("=", 1) for kv in env.get("CNI_ARGS", "").split(";") if "=" in kv)
     return Request(command, env.get("CNI_CONTAINERID", ""), env.get("CNI_NETNS", ""), env.get("CNI_IFNAME", ""),
-                   args, config)
+                   args, config, env)
 
 
 def cmd_add(req: Request) -> dict[str, Any]:
     if not os.path.exists(req.netns):
         raise CNIError(ERR_UNKNOWN_CONTAINER, f"CNI_NETNS {req.netns}: no such network namespace")
-    pool = req.pool()
-    try:
-        address = pool.allocate(req.owner)
-    except IPAMError as e:
-        raise CNIError(ERR_TRY_AGAIN, str(e)) from None
+    ipam = req.ipam()
+    lease = _lease(req, ipam)
+    address, gateway = lease.address, lease.gateway
     wired = False
     try:
-        add_host_address(str(pool.gateway))  # the endpoints' gateway must be an address of the node
+        if gateway is None:  # only a delegated plugin can leave it out
+            name = ipam.name if isinstance(ipam, DelegatedIPAM) else OWN_IPAM
+            raise CNIError(ERR_INVALID_CONFIG, f"ipam plugin {name} gave {address} no gateway: configure one in "
+                           "ipam (the agent's --router-ip)")
+        add_host_address(str(gateway))  # the endpoints' gateway must be an address of the node
         if ip("link", "show", "dev", req.host_if, check=False).returncode != 0:
-            wire_veth(req.netns, req.host_if, str(address), str(pool.gateway), req.ifname)
+            wire_veth(req.netns, req.host_if, str(address), str(gateway), req.ifname)
         wired = True
         _register(req, str(address))
     except BaseException as e:
         if wired:
             delete_link(req.host_if)
-        pool.release(req.owner)
-        if isinstance(e, CNIError):
-            raise
+        leaked = ""
+        try:
+            _release(req, ipam)
+        except CNIError as failed:
+            leaked = f"releasing {address} failed too: {failed.msg} {failed.details}".strip()
         if isinstance(e, NetnsError | OSError | ValueError):
-            raise CNIError(ERR_IO, f"plumbing {req.ifname} of {req.container_id[:12]}: {e}") from None
+            e = CNIError(ERR_IO, f"plumbing {req.ifname} of {req.container_id[:12]}: {e}")
+        if isinstance(e, CNIError):
+            e.details = "; ".join(d for d in (e.details, leaked) if d)
+            raise e from None
         raise
     mac = _mac(req)
     return {
         "cniVersion": str(req.config.get("cniVersion", CNI_VERSION)),
         "interfaces": [{"name": req.host_if}, {"name": req.ifname, "mac": mac, "sandbox": req.netns}],
-        "ips": [{"address": f"{address}/32", "gateway": str(pool.gateway), "interface": 1}],
-        "routes": [{"dst": "0.0.0.0/0", "gw": str(pool.gateway)}],
-        "dns": req.config.get("dns", {}),
+        "ips": [{"address": f"{address}/32", "gateway": str(gateway), "interface": 1}],
+        "routes": [{"dst": "0.0.0.0/0", "gw": str(gateway)}],
+        "dns": req.config.get("dns") or lease.dns,  # the network's own DNS settings win over the IPAM's
     }
+
+
+def _lease(req: Request, ipam: Pool | DelegatedIPAM) -> Lease:
+    """An address for the container from the allocator ``ipam.type`` names."""
+    try:
+        if isinstance(ipam, Pool):
+            return Lease(ipam.allocate(req.owner), ipam.gateway)
+        return ipam.add()
+    except IPAMError as e:
+        raise CNIError(ERR_TRY_AGAIN, str(e)) from None
+    except IPAMPluginError as e:
+        raise CNIError(e.code, e.msg, e.details) from None
+
+
+def _release(req: Request, ipam: Pool | DelegatedIPAM) -> None:
+    """Give the container's address back (releasing twice is fine)."""
+    try:
+        if isinstance(ipam, Pool):
+            ipam.release(req.owner)
+        else:
+            ipam.delete()
+    except IPAMPluginError as e:
+        raise CNIError(e.code, e.msg, e.details) from None
+    except OSError as e:
+        raise CNIError(ERR_IO, f"releasing the address of {req.owner}: {e}") from None
 
 
 def _register(req: Request, address: str) -> None:
@@ -200,7 +254,7 @@ def cmd_del(req: Request) -> None:
         client.close()
     delete_link(req.host_if)
     if isinstance(req.config.get("ipam"), dict):
-        req.pool().release(req.owner)
+        _release(req, req.ipam())
 
 
 def cmd_check(req: Request) -> None:
@@ -223,6 +277,12 @@ def cmd_check(req: Request) -> None:
     ep = endpoints.get(req.endpoint_name)
     if ep is None or ep.get("interface") != req.host_if or want not in ep.get("ips", []):
         raise CNIError(ERR_CHECK, f"the agent has no endpoint {req.endpoint_name} on {req.host_if} with {want}")
+    ipam = req.ipam()
+    if isinstance(ipam, DelegatedIPAM) and req.config.get("cniVersion") not in ("0.3.0", "0.3.1"):  # CHECK is 0.4.0+
+        try:
+            ipam.check()
+        except IPAMPluginError as e:
+            raise CNIError(e.code, e.msg, e.details) from None
 
 
 def run(env: Mapping[str, str], stdin: str) -> tuple[int, dict[str, Any] | None]:

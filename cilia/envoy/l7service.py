@@ -9,11 +9,12 @@ protocol; each message's dynamic metadata (from two naming RBAC filters, see
 gets the parser for the protocol and the local endpoint's policy for that peer (``PolicySource``);
 policy changes reach open connections at their next chunk.
 
-Answers, per chunk (verified against Envoy 1.40, FACTS.md): a read chunk is answered with the
-bytes to pass on to the server (``read_data``, MODIFIED), preceded, when the parser answers the
-client itself (a denial), by a response carrying only those bytes (``write_data``); a write chunk
-with the bytes for the client. A ``ProtocolError`` closes the connection (``connection_status:
-CLOSE``); so does a stream whose metadata is incomplete or whose protocol has no parser.
+Answers, per chunk (as Envoy 1.40 needs them): a read chunk is answered with the bytes to pass
+on to the server (``read_data``, MODIFIED), preceded, when the parser answers the client itself
+(a denial), by a response carrying only those bytes (``write_data``; on its own it would leave
+the read pending until the message timeout); a write chunk with the bytes for the client. A
+``ProtocolError`` closes the connection (``connection_status: CLOSE``); so does a stream whose
+metadata is incomplete or whose protocol has no parser.
 
 ``StreamHandler`` is the plain per-stream object (request in, responses out); ``L7Server`` only
 moves messages. Every decided request reaches the ``RecordSink`` (flows and metrics).
@@ -33,6 +34,7 @@ from envoy.service.network_ext_proc.v3 import network_external_processor_pb2 as 
 
 from cilia.l7parsers.base import Check, Decision, L7Connection, Output, ProtocolError, Record
 from cilia.l7parsers.registry import ConnectionFactory, connection_factory
+from cilia.xds.sockets import bind_unix
 
 from . import metadata
 
@@ -194,11 +196,12 @@ class L7Server:
         self.sink = sink
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="cilia-l7", daemon=True)
-        self._addresses: list[str] = []
+        self._addresses: list[tuple[str, int | None]] = []  # with the group of a UNIX socket
         self._server: Any = None
 
-    def add_address(self, address: str) -> None:
-        self._addresses.append(address)
+    def add_address(self, address: str, group: int | None = None) -> None:
+        """Serve ``address`` once started; a UNIX socket gets mode 0600 (0660 with ``group``)."""
+        self._addresses.append((address, group))
 
     def start(self) -> None:
         self._thread.start()
@@ -214,8 +217,11 @@ class L7Server:
         })
         self._server = grpc.aio.server()
         self._server.add_generic_rpc_handlers([handler])
-        for address in self._addresses:
-            if not self._server.add_insecure_port(address) and not address.startswith("unix:"):
+        server = self._server
+        for address, group in self._addresses:
+            if address.startswith("unix:"):
+                bind_unix(address.removeprefix("unix:"), lambda path: server.add_insecure_port(f"unix:{path}"), group)
+            elif not server.add_insecure_port(address):
                 raise OSError(f"cannot listen on {address}")
         await self._server.start()
 

@@ -32,7 +32,7 @@ RecordCallback = Callable[[float, ConnectionInfo, Record], None]
 FLUSH_SECONDS = 0.05  # how often a worker sends its parsers' records
 
 
-def worker_main(address: str, conn: Connection) -> None:
+def worker_main(address: str, conn: Connection, group: int | None = None) -> None:
     """A worker process: serve ``address`` with the policy the agent sends on ``conn``."""
     source = ViewSource()
     pending: list[tuple[float, ConnectionInfo, Record]] = []
@@ -61,7 +61,7 @@ def worker_main(address: str, conn: Connection) -> None:
     if address.startswith("unix:"):  # a dead predecessor's socket file would refuse Envoy
         Path(address.removeprefix("unix:")).unlink(missing_ok=True)
     server = L7Server(source, sink)
-    server.add_address(address)
+    server.add_address(address, group)
     server.start()
     threading.Thread(target=flush, daemon=True).start()
     try:
@@ -78,8 +78,9 @@ def worker_main(address: str, conn: Connection) -> None:
 
 
 class WorkerPool:
-    def __init__(self, addresses: Sequence[str], on_record: RecordCallback) -> None:
+    def __init__(self, addresses: Sequence[str], on_record: RecordCallback, group: int | None = None) -> None:
         self.addresses = list(addresses)
+        self.group = group  # UNIX sockets: 0660 with this group, else 0600
         self.on_record = on_record
         self._ctx = multiprocessing.get_context("spawn")  # the agent runs grpc threads: never fork it
         self._procs: list[Any] = [None] * len(self.addresses)
@@ -98,7 +99,7 @@ class WorkerPool:
 
     def _spawn(self, i: int) -> None:
         mine, theirs = self._ctx.Pipe()
-        proc = self._ctx.Process(target=worker_main, args=(self.addresses[i], theirs), name=f"cilia-l7-{i}",
+        proc = self._ctx.Process(target=worker_main, args=(self.addresses[i], theirs, self.group), name=f"cilia-l7-{i}",
                                  daemon=True)
         proc.start()
         theirs.close()

@@ -8,25 +8,17 @@ acked the new listeners, so traffic sent afterwards meets the new policy.
 
 from __future__ import annotations
 
-import socket
 import tempfile
 from pathlib import Path
 from types import TracebackType
 
-from cilia.envoy.bootstrap import build_bootstrap, to_json
+from cilia.envoy.admin import AdminClient
+from cilia.envoy.bootstrap import build_bootstrap, write_bootstrap
 from cilia.envoy.supervisor import EnvoySupervisor
 from cilia.envoy.translate import ProxyResources
 from cilia.xds import CLUSTER, LISTENER, AckTracker, Cache, XdsServer
 
-__all__ = ["LoopbackEnvoy", "free_port"]
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port the OS considers free on ``host`` now (it may be taken before it is used)."""
-    with socket.socket() as s:
-        s.bind((host, 0))
-        port: int = s.getsockname()[1]
-        return port
+__all__ = ["LoopbackEnvoy"]
 
 
 class LoopbackEnvoy:
@@ -47,6 +39,11 @@ class LoopbackEnvoy:
         return self._envoy.status().pid if self._envoy is not None else None
 
     @property
+    def admin(self) -> AdminClient | None:
+        """Envoy's admin API (on a UNIX socket in the private directory) while it runs."""
+        return self._envoy.admin if self._envoy is not None else None
+
+    @property
     def log_path(self) -> Path | None:
         return self._envoy.log_path if self._envoy is not None else None
 
@@ -62,11 +59,11 @@ class LoopbackEnvoy:
             self._server.add_address(xds_address)
             self._server.start()
             self._set(initial)  # served on Envoy's first request, so it starts with the policy
-            admin = f"127.0.0.1:{free_port()}"
+            admin = f"unix:{base}/admin.sock"
             bootstrap = base / "bootstrap.json"
-            bootstrap.write_text(to_json(build_bootstrap(self.node_id, xds_address, admin)), encoding="utf-8")
+            write_bootstrap(bootstrap, build_bootstrap(self.node_id, xds_address, admin))
             self._envoy = EnvoySupervisor(bootstrap, admin, log_path=base / "envoy.log",
-                                          extra_args=["--drain-time-s", "0"])
+                                          extra_args=["--drain-time-s", "0"], pid_file=base / "envoy.pid")
             self._envoy.start()
             self.publish(initial)
         except BaseException:

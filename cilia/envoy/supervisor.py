@@ -11,22 +11,40 @@ Envoys run side by side without a base-id clash.
 
 The supervisor only ever signals the ``Popen`` it created, and only while that process has not
 been reaped, so it cannot hit an unrelated process that reused the PID.
+
+An Envoy never outlives its agent. Envoy runs in its own session (a Ctrl-C meant for the agent
+must not reach it), so nothing would end it when the agent dies, and an orphan keeps its listener
+ports with a frozen policy: the next agent's Envoy then fails to bind them. Two guards:
+
+* every Envoy gets the parent-death signal SIGKILL. It is set by ``setpriv --pdeathsig KILL``
+  (util-linux), which then execs Envoy, so Envoy keeps its PID. A ``preexec_fn`` calling prctl
+  would run Python between fork and exec in a threaded process, which ``subprocess`` documents
+  as unsafe (the child can deadlock on a lock another thread held at fork). prctl(2) documents
+  the signal as following the *thread* that forked (kernels differ here), so every Envoy is
+  launched from the supervising thread, which lives exactly as long as supervision;
+* with a ``pid_file`` each Envoy's PID and start time are recorded, and ``start()`` first stops
+  the Envoy recorded there if that very process still runs (``pidrecord``). This covers an
+  agent killed in the instant between fork and prctl, and Envoys started by older agents.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
 from types import TracebackType
+from typing import BinaryIO
 
 from cilia.envoy.admin import AdminClient, AdminError, AdminUnavailable
+from cilia.envoy.listener_health import listener_problems
+from cilia.envoy.pidrecord import RecordError, read_record, stop_recorded, write_record
 
 __all__ = [
     "Backoff",
@@ -40,6 +58,7 @@ __all__ = [
 _POLL_INTERVAL = 0.02  # between readiness probes: Envoy becomes ready in well under a second
 _LOG_TAIL_LINES = 12
 _LOG_LINE_CHARS = 300  # Envoy's startup lines listing its extensions run to thousands of characters
+_ENVOY_UMASK = 0o077  # Envoy creates the admin socket; owner-only even before it applies the 0600 mode
 
 
 def envoy_binary() -> Path:
@@ -70,6 +89,8 @@ class EnvoyStatus:
     restarts: int  # processes started after the first one died
     last_exit_code: int | None  # as Popen reports it: negative for a signal
     last_error: str | None
+    restart_delay: float = 0.0  # how long the next restart would wait if Envoy died now
+    last_restart_delay: float | None = None  # how long the last restart waited
 
     @property
     def running(self) -> bool:
@@ -79,12 +100,16 @@ class EnvoyStatus:
 @dataclass(frozen=True, slots=True)
 class Backoff:
     """Delay before restart n (0-based) is ``initial * multiplier**n``, capped at ``maximum``.
-    A process that served for ``reset_after`` seconds resets n to 0."""
+
+    Once a restarted Envoy has been ready for ``reset_after`` seconds, n is back at 0: its next
+    crash is a new incident and waits only ``initial``, so Envoys killed now and then never
+    give growing outages. An Envoy that dies sooner after becoming ready is crash-looping, and
+    the delays keep growing."""
 
     initial: float = 0.5
     maximum: float = 30.0
     multiplier: float = 2.0
-    reset_after: float = 60.0
+    reset_after: float = 5.0
 
     def delay(self, failures: int) -> float:
         if failures <= 0:
@@ -113,11 +138,20 @@ class _StopRequested(Exception):
     """stop() was called while a start was in progress."""
 
 
+class _FirstStart:
+    """How the supervising thread tells start() that the first Envoy is ready, or why not."""
+
+    def __init__(self) -> None:
+        self.done = threading.Event()
+        self.error: EnvoyStartError | None = None
+
+
 class EnvoySupervisor:
-    """Supervises one Envoy process; restarts happen in a background (daemon) thread.
+    """Supervises one Envoy process; launches and restarts happen in a background (daemon) thread.
 
     Envoy runs in its own session, so a Ctrl-C meant for the agent does not reach it; the agent
-    must call stop() (or use the supervisor as a context manager) to end it."""
+    must call stop() (or use the supervisor as a context manager) to end it. If the agent dies,
+    its Envoy is killed (parent-death signal)."""
 
     def __init__(
         self,
@@ -134,9 +168,11 @@ class EnvoySupervisor:
         ready_timeout: float = 30.0,  # above Envoy's default 15 s initial xDS fetch timeout
         stop_timeout: float = 10.0,
         envoy_path: str | Path | None = None,
+        pid_file: str | Path | None = None,
     ) -> None:
-        """``admin_address`` (``host:port``) must be the admin address in the bootstrap.
-        ``base_id``/``use_dynamic_base_id`` keep Envoy's hot-restart machinery on (off otherwise)."""
+        """``admin_address`` (``unix:PATH`` or ``host:port``) must be the admin address in the
+        bootstrap. ``base_id``/``use_dynamic_base_id`` keep Envoy's hot-restart machinery on (off
+        otherwise). ``pid_file`` records the running Envoy; start() stops the one recorded there."""
         if base_id is not None and use_dynamic_base_id:
             raise ValueError("give base_id or use_dynamic_base_id, not both")
         if concurrency < 1:
@@ -148,6 +184,7 @@ class EnvoySupervisor:
         self.ready_timeout = ready_timeout
         self.stop_timeout = stop_timeout
         self._envoy_path = Path(envoy_path) if envoy_path is not None else None
+        self.pid_file = Path(pid_file) if pid_file is not None else None
         self._base_id = base_id
         self._dynamic_base_id = use_dynamic_base_id
         self._concurrency = concurrency
@@ -163,6 +200,8 @@ class EnvoySupervisor:
         self._restarts = 0
         self._last_exit_code: int | None = None
         self._last_error: str | None = None
+        self._failures = 0  # restarts since Envoy last served for backoff.reset_after
+        self._last_restart_delay: float | None = None
 
     # -- public API ---------------------------------------------------------------------------
 
@@ -189,22 +228,19 @@ class EnvoySupervisor:
                 raise RuntimeError("EnvoySupervisor.start(): already started; stop() it first")
             self._stop_event.clear()
             self._restarts = 0
+            self._failures = 0
+            self._last_restart_delay = None
             self._set(EnvoyState.STARTING, error=None, exit_code=None)
-        try:
-            proc = self._launch_until_ready()
-        except _StopRequested:
-            with self._lock:
-                self._set(EnvoyState.STOPPED)
-            raise EnvoyStartError("Envoy start interrupted by stop()") from None
-        except EnvoyStartError as exc:
-            with self._lock:
-                self._set(EnvoyState.FAILED, error=str(exc), exit_code=exc.exit_code)
-            raise
-        thread = threading.Thread(target=self._supervise, args=(proc,), name="envoy-supervisor", daemon=True)
-        with self._lock:
+            first = _FirstStart()
+            thread = threading.Thread(target=self._run, args=(first,), name="envoy-supervisor", daemon=True)
             self._thread = thread
-            self._set(EnvoyState.RUNNING)
         thread.start()
+        first.done.wait()
+        if first.error is not None:
+            thread.join()
+            with self._lock:
+                self._thread = None
+            raise first.error
         return self.status()
 
     def stop(self, timeout: float | None = None) -> EnvoyStatus:
@@ -219,7 +255,9 @@ class EnvoySupervisor:
             thread.join()
         with self._lock:
             self._thread = None
-            self._proc = None
+            proc, self._proc = self._proc, None
+            if proc is not None and proc.returncode is not None:
+                self._forget_record(proc.pid)
             if self._state is not EnvoyState.FAILED:
                 self._set(EnvoyState.STOPPED)
             return self._snapshot()
@@ -227,6 +265,14 @@ class EnvoySupervisor:
     def status(self) -> EnvoyStatus:
         with self._lock:
             return self._snapshot()
+
+    def listener_problems(self, sent: Collection[str]) -> list[str]:
+        """What keeps Envoy from serving the listeners named in ``sent`` (see
+        ``listener_health.listener_problems``); "Envoy is <state>" while it is not running."""
+        status = self.status()
+        if not status.running:
+            return [f"Envoy is {status.state.value}" + (f": {status.last_error}" if status.last_error else "")]
+        return listener_problems(self.admin, sent)
 
     def wait_for(self, predicate: Callable[[EnvoyStatus], bool], timeout: float) -> EnvoyStatus:
         """Block until ``predicate(status)`` holds; TimeoutError (with the last status) if not."""
@@ -259,6 +305,8 @@ class EnvoySupervisor:
             restarts=self._restarts,
             last_exit_code=self._last_exit_code,
             last_error=self._last_error,
+            restart_delay=self.backoff.delay(self._failures),
+            last_restart_delay=self._last_restart_delay,
         )
 
     _KEEP = object()
@@ -272,8 +320,37 @@ class EnvoySupervisor:
             self._last_exit_code = exit_code if isinstance(exit_code, int) else None
         self._changed.notify_all()
 
+    def _run(self, first: _FirstStart) -> None:
+        """The supervising thread: launch the first Envoy (start() waits on ``first``), then keep
+        one running until stop(). Every Envoy is forked here, since its parent-death signal fires
+        when the forking thread ends."""
+        try:
+            proc = self._launch_until_ready()
+        except _StopRequested:
+            with self._lock:
+                self._set(EnvoyState.STOPPED)
+            first.error = EnvoyStartError("Envoy start interrupted by stop()")
+            first.done.set()
+            return
+        except Exception as exc:  # whatever it is, start() must not wait forever, nor Envoy linger
+            error = exc if isinstance(exc, EnvoyStartError) else EnvoyStartError(f"cannot start Envoy: {exc!r}")
+            with self._lock:
+                launched = self._proc
+            if launched is not None:
+                self._terminate(launched, self.stop_timeout)
+            with self._lock:
+                self._set(EnvoyState.FAILED, error=str(error), exit_code=error.exit_code)
+            first.error = error
+            first.done.set()
+            return
+        with self._lock:
+            self._set(EnvoyState.RUNNING)
+        first.done.set()
+        self._supervise(proc)
+
     def _launch_until_ready(self) -> subprocess.Popen[bytes]:
         """Launch one Envoy and wait for LIVE; on failure, reap it and raise EnvoyStartError."""
+        self._stop_leftover()
         try:
             self.admin.state()
         except AdminUnavailable:
@@ -283,20 +360,37 @@ class EnvoySupervisor:
         else:
             raise EnvoyStartError(f"something already answers on Envoy's admin address {self.admin.address}; "
                                   "is another Envoy running with this bootstrap?")
+        setpriv = shutil.which("setpriv") or shutil.which("setpriv", path="/usr/bin:/bin")
+        if setpriv is None:
+            raise EnvoyStartError("cannot run Envoy: setpriv (util-linux) not found; it gives Envoy the "
+                                  "parent-death signal so that Envoy never outlives the agent")
         with self._lock:
             if self._stop_event.is_set():
                 raise _StopRequested
-            with self.log_path.open("ab") as log:
-                log.write(f"--- cilia: starting {' '.join(self.command())}\n".encode())
-                log.flush()
-                offset = log.tell()
-                try:
-                    proc = subprocess.Popen(self.command(), stdin=subprocess.DEVNULL, stdout=log,
-                                            stderr=subprocess.STDOUT, start_new_session=True)
-                except OSError as exc:
-                    raise EnvoyStartError(f"cannot run Envoy: {exc}") from exc
+            try:
+                with self._open_log() as log:
+                    log.write(f"--- cilia: starting {' '.join(self.command())}\n".encode())
+                    log.flush()
+                    offset = log.tell()
+                    # setpriv sets the parent-death signal, then execs Envoy (same PID)
+                    proc = subprocess.Popen([setpriv, "--pdeathsig", "KILL", "--", *self.command()],
+                                            stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                                            start_new_session=True, umask=_ENVOY_UMASK)
+            except OSError as exc:
+                raise EnvoyStartError(f"cannot run Envoy: {exc}") from exc
             self._proc = proc
             self._changed.notify_all()
+            record_error = None
+            if self.pid_file is not None:
+                try:
+                    write_record(self.pid_file, proc.pid)
+                except OSError as exc:
+                    record_error = exc
+        if record_error is not None:
+            # fail closed: an unrecorded Envoy could not be found by the next agent
+            self._terminate(proc, self.stop_timeout)
+            raise EnvoyStartError(f"cannot record Envoy's PID in {self.pid_file}: {record_error}",
+                                  exit_code=proc.returncode)
         deadline = time.monotonic() + self.ready_timeout
         while True:
             code = proc.poll()
@@ -316,26 +410,72 @@ class EnvoySupervisor:
                                       f"(admin {self.admin.address})", log=self._read_log(offset))
             self._stop_event.wait(_POLL_INTERVAL)
 
-    def _supervise(self, proc: subprocess.Popen[bytes]) -> None:
-        """Background thread: wait for the process; if it died on its own, start a new one."""
-        failures = 0
+    def _stop_leftover(self) -> None:
+        """Stop the Envoy recorded in ``pid_file`` if that process still runs: an agent that died
+        without stopping its Envoy left it holding the listener ports and the admin socket."""
+        if self.pid_file is None:
+            return
+        try:
+            stopped = stop_recorded(self.pid_file, self.stop_timeout)
+        except RecordError as exc:
+            raise EnvoyStartError(f"cannot tell which Envoy ran before: {exc}; remove the file if no Envoy "
+                                  "of this state directory runs") from None
+        except OSError as exc:
+            raise EnvoyStartError(f"cannot stop the Envoy recorded in {self.pid_file}: {exc}") from exc
+        if stopped is not None:
+            try:
+                with self._open_log() as log:
+                    log.write(f"--- cilia: stopped leftover Envoy pid {stopped.pid} recorded in {self.pid_file}\n"
+                              .encode())
+            except OSError as exc:
+                raise EnvoyStartError(f"cannot write Envoy's log {self.log_path}: {exc}") from exc
+
+    def _forget_record(self, pid: int) -> None:
+        """Remove the record of ``pid`` (it exited and was reaped); a newer record stays."""
+        if self.pid_file is None:
+            return
+        try:
+            record = read_record(self.pid_file)
+        except RecordError:
+            return
+        if record is not None and record.pid == pid:
+            self.pid_file.unlink(missing_ok=True)
+
+    def _wait_exit(self, proc: subprocess.Popen[bytes]) -> int:
+        """Wait until ``proc`` exits. Once it has been ready for ``backoff.reset_after`` seconds,
+        the backoff is back at its minimum (status() shows it at once)."""
+        ready_at = time.monotonic()
         while True:
-            ready_at = time.monotonic()
-            code = proc.wait()
+            with self._lock:
+                failures = self._failures
+            if failures == 0:
+                return proc.wait()
+            try:
+                return proc.wait(max(0.0, ready_at + self.backoff.reset_after - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                with self._lock:
+                    self._failures = 0
+                    self._changed.notify_all()
+
+    def _supervise(self, proc: subprocess.Popen[bytes]) -> None:
+        """Wait for the process; if it died on its own, start a new one after the backoff delay."""
+        while True:
+            code = self._wait_exit(proc)
             with self._lock:
                 self._last_exit_code = code
                 if self._stop_event.is_set():
                     return
                 self._set(EnvoyState.BACKOFF,
                           error=f"Envoy (pid {proc.pid}) exited unexpectedly with {_describe_exit(code)}")
-            if time.monotonic() - ready_at >= self.backoff.reset_after:
-                failures = 0
             while True:
-                if self._stop_event.wait(self.backoff.delay(failures)):
-                    return
-                failures += 1
                 with self._lock:
+                    delay = self.backoff.delay(self._failures)
+                if self._stop_event.wait(delay):
+                    return
+                with self._lock:
+                    self._failures += 1
                     self._restarts += 1
+                    self._last_restart_delay = delay
                     self._set(EnvoyState.STARTING)
                 try:
                     proc = self._launch_until_ready()
@@ -362,6 +502,16 @@ class EnvoySupervisor:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+    def _open_log(self) -> BinaryIO:
+        """The log for appending, owner-only: Envoy's messages quote its config."""
+        fd = os.open(self.log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            os.fchmod(fd, 0o600)
+        except BaseException:
+            os.close(fd)
+            raise
+        return os.fdopen(fd, "ab")
 
     def _read_log(self, offset: int) -> str:
         """What Envoy wrote since ``offset`` (this launch only)."""

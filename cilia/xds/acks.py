@@ -1,14 +1,22 @@
-"""ACK/NACK bookkeeping per node and type URL, and completions that wait on it.
+"""ACK/NACK bookkeeping per stream, and completions that wait on it per node and type URL.
 
-Streams report what they sent and what Envoy answered; ``wait`` blocks until a node
-has acked a version (or a later one of the same epoch) or rejected it. This is what
-"policy realized" is built on.
+Streams report what they sent and what their node answered; ``wait`` blocks until a node has
+acked a version (or a later one of the same epoch) or rejected it. This is what "policy
+realized" is built on.
+
+Answers are kept per stream, never merged into one record per node id: a second stream naming
+the same node cannot overwrite what the first one answered. Only streams the server admitted
+for that node report here (its client certificate names the node, or it came through the
+owner-only local socket); a node whose streams are open has realized a version only when every
+one of them acked it, and any of them rejecting it is a NACK. With none open, the last answer of
+its last stream stands (an Envoy that acked and went away keeps counting as having acked).
 """
 
 from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, replace
 
 from cilia.xds.cache import version_key
@@ -42,32 +50,65 @@ def _at_least(have: str, want: str) -> bool:
     return h is not None and w is not None and h[0] == w[0] and h[1] >= w[1]
 
 
+def _nack_stands(st: AckState) -> bool:
+    return bool(st.nacked) and not _at_least(st.acked, st.nacked)
+
+
+def _order(version: str) -> tuple[str, int]:
+    key = version_key(version)
+    return key if key is not None else ("", -1)
+
+
+def _combined(states: Iterable[AckState]) -> AckState:
+    """One node's standing from its open streams: the newest version sent, the oldest acked (what
+    all of them hold), and the NACK that still stands on one of them, else the newest one."""
+    states = list(states)
+    sent = max((st.sent for st in states), key=_order)
+    acked = min((st.acked for st in states), key=_order)
+    nack = next((st for st in states if _nack_stands(st)), None) or max(states, key=lambda st: _order(st.nacked))
+    return AckState(sent, acked, nack.nacked, nack.nack_message)
+
+
 class AckTracker:
     """Implements the stream observer hooks; thread-safe."""
 
     def __init__(self) -> None:
         self._cond = threading.Condition()
-        self._state: dict[tuple[str, str], AckState] = {}
+        self._streams: dict[int, tuple[str, dict[str, AckState]]] = {}  # open stream -> (node, type -> state)
+        self._by_node: dict[str, set[int]] = {}  # node -> its open streams
+        self._last: dict[tuple[str, str], AckState] = {}  # (node, type) -> latest state of any of its streams
 
-    def on_sent(self, node_id: str, type_url: str, version: str) -> None:
-        self._set(node_id, type_url, sent=version)
+    def on_sent(self, node_id: str, type_url: str, version: str, *, stream: int) -> None:
+        self._set(stream, node_id, type_url, sent=version)
 
-    def on_ack(self, node_id: str, type_url: str, version: str) -> None:
-        self._set(node_id, type_url, acked=version)
+    def on_ack(self, node_id: str, type_url: str, version: str, *, stream: int) -> None:
+        self._set(stream, node_id, type_url, acked=version)
 
-    def on_nack(self, node_id: str, type_url: str, version: str, message: str) -> None:
-        self._set(node_id, type_url, nacked=version, nack_message=message)
+    def on_nack(self, node_id: str, type_url: str, version: str, message: str, *, stream: int) -> None:
+        self._set(stream, node_id, type_url, nacked=version, nack_message=message)
+
+    def on_closed(self, node_id: str, *, stream: int) -> None:
+        with self._cond:
+            entry = self._streams.pop(stream, None)
+            if entry is not None:
+                self._forget(stream, entry[0])
+            self._cond.notify_all()
 
     def state(self, node_id: str, type_url: str) -> AckState:
         with self._cond:
-            return self._state.get((node_id, type_url), AckState())
+            return self._state(node_id, type_url)
 
     def states(self) -> dict[tuple[str, str], AckState]:
         with self._cond:
-            return dict(self._state)
+            return {key: self._state(*key) for key in self._last}
+
+    def streams(self, node_id: str) -> int:
+        """How many open streams speak for ``node_id``."""
+        with self._cond:
+            return len(self._by_node.get(node_id, ()))
 
     def wait(self, node_id: str, type_url: str, version: str, timeout: float) -> None:
-        """Return once ``node_id`` acked ``version`` of ``type_url`` or later.
+        """Return once ``node_id`` acked ``version`` of ``type_url`` or later (on every open stream).
 
         Raises NackError if it rejected that version (or a later one) first, TimeoutError
         when ``timeout`` seconds pass.
@@ -75,18 +116,45 @@ class AckTracker:
         deadline = time.monotonic() + timeout
         with self._cond:
             while True:
-                st = self._state.get((node_id, type_url), AckState())
-                if _at_least(st.acked, version):
+                states = self._open_states(node_id, type_url) or [self._last.get((node_id, type_url), AckState())]
+                if all(_at_least(st.acked, version) for st in states):
                     return
-                if _at_least(st.nacked, version) and not _at_least(st.acked, st.nacked):
-                    raise NackError(node_id, type_url, st.nacked, st.nack_message)
+                for st in states:
+                    if _at_least(st.nacked, version) and _nack_stands(st):
+                        raise NackError(node_id, type_url, st.nacked, st.nack_message)
                 left = deadline - time.monotonic()
                 if left <= 0:
                     raise TimeoutError(f"{node_id} did not ack {type_url} version {version} in {timeout}s")
                 self._cond.wait(left)
 
-    def _set(self, node_id: str, type_url: str, **changes: str) -> None:
+    def _open_states(self, node_id: str, type_url: str) -> list[AckState]:
+        out = []
+        for stream in self._by_node.get(node_id, ()):
+            st = self._streams[stream][1].get(type_url)
+            if st is not None:
+                out.append(st)
+        return out
+
+    def _state(self, node_id: str, type_url: str) -> AckState:
+        states = self._open_states(node_id, type_url)
+        return _combined(states) if states else self._last.get((node_id, type_url), AckState())
+
+    def _forget(self, stream: int, node_id: str) -> None:
+        streams = self._by_node.get(node_id)
+        if streams is not None:
+            streams.discard(stream)
+            if not streams:
+                del self._by_node[node_id]
+
+    def _set(self, stream: int, node_id: str, type_url: str, **changes: str) -> None:
         with self._cond:
-            key = (node_id, type_url)
-            self._state[key] = replace(self._state.get(key, AckState()), **changes)
+            entry = self._streams.get(stream)
+            if entry is None or entry[0] != node_id:
+                if entry is not None:
+                    self._forget(stream, entry[0])
+                entry = self._streams[stream] = (node_id, {})
+                self._by_node.setdefault(node_id, set()).add(stream)
+            types = entry[1]
+            st = types[type_url] = replace(types.get(type_url, AckState()), **changes)
+            self._last[(node_id, type_url)] = st
             self._cond.notify_all()

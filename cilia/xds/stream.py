@@ -3,7 +3,7 @@
 No gRPC here: the server feeds requests and cache-change notices in and writes out
 what comes back, so the protocol rules can be tested with in-memory sequences.
 
-Rules both variants follow (see CILIUM-NOTES §2):
+Rules of the xDS protocol both variants follow (Envoy relies on each):
 - nonces increase along a stream; a request carrying a nonce other than the latest one
   sent for its type is stale and its ACK/NACK is ignored;
 - ``error_detail`` marks a NACK; the rejected content counts as sent, so it is not sent
@@ -14,11 +14,18 @@ Rules both variants follow (see CILIUM-NOTES §2):
   cluster is never left warming;
 - delta: a subscribed name that does not exist is named once in ``removed_resources``, so the
   node does not wait for its fetch timeout (SotW has no such signal).
+
+Identity: a stream speaks for one node. With ``identity`` (the node id its client certificate
+proves) every request must name that node or none; without it the first node id named is the
+stream's for good. A request breaking that raises IdentityError (the server answers
+PERMISSION_DENIED). With ``known_nodes``, a node it does not accept sees no resources at all and
+its answers are not reported: an unknown client can neither read policy nor hold up a wait.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import itertools
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -41,33 +48,47 @@ __all__ = [
     "DeltaStream",
     "DiscoveryRequest",
     "DiscoveryResponse",
+    "IdentityError",
     "Observer",
     "SotwStream",
 ]
 
 
+class IdentityError(Exception):
+    """A request named a node its stream may not speak for."""
+
+
 class Observer(Protocol):
     """Told what a stream sent and what the node answered (AckTracker implements it).
 
-    Called on the stream's thread; an exception raised here ends the stream.
+    ``stream`` numbers the stream (unique in the process), so answers on one stream are never
+    taken for another's. Called on the stream's thread; an exception raised here ends the stream.
     """
 
-    def on_sent(self, node_id: str, type_url: str, version: str) -> None: ...
+    def on_sent(self, node_id: str, type_url: str, version: str, *, stream: int) -> None: ...
 
-    def on_ack(self, node_id: str, type_url: str, version: str) -> None: ...
+    def on_ack(self, node_id: str, type_url: str, version: str, *, stream: int) -> None: ...
 
-    def on_nack(self, node_id: str, type_url: str, version: str, message: str) -> None: ...
+    def on_nack(self, node_id: str, type_url: str, version: str, message: str, *, stream: int) -> None: ...
+
+    def on_closed(self, node_id: str, *, stream: int) -> None: ...
 
 
 class _NoObserver:
-    def on_sent(self, node_id: str, type_url: str, version: str) -> None:
+    def on_sent(self, node_id: str, type_url: str, version: str, *, stream: int) -> None:
         pass
 
-    def on_ack(self, node_id: str, type_url: str, version: str) -> None:
+    def on_ack(self, node_id: str, type_url: str, version: str, *, stream: int) -> None:
         pass
 
-    def on_nack(self, node_id: str, type_url: str, version: str, message: str) -> None:
+    def on_nack(self, node_id: str, type_url: str, version: str, message: str, *, stream: int) -> None:
         pass
+
+    def on_closed(self, node_id: str, *, stream: int) -> None:
+        pass
+
+
+_stream_ids = itertools.count(1)
 
 
 @dataclass(slots=True)
@@ -87,13 +108,38 @@ class _TypeStream:
 
 
 class _StreamBase:
-    def __init__(self, cache: Cache, observer: Observer | None, type_url: str | None) -> None:
+    def __init__(self, cache: Cache, observer: Observer | None, type_url: str | None, *,
+                 identity: str | None = None, known_nodes: Callable[[str], bool] | None = None) -> None:
         self.cache = cache
         self.observer: Observer = observer or _NoObserver()
         self.type_url = type_url  # None: ADS, any type
-        self.node_id = ""
+        self.identity = identity  # the node id the transport proved (client certificate), if any
+        self.known_nodes = known_nodes
+        self.node_id = identity or ""
+        self.stream_id = next(_stream_ids)
         self._nonce = 0
         self._types: dict[str, _TypeStream] = {}
+
+    def _claim(self, node_id: str) -> None:
+        """Bind the stream to the node a request names (an empty id names the stream's own)."""
+        if not node_id or node_id == self.node_id:
+            return
+        if self.identity is not None:
+            raise IdentityError(f"node id {node_id!r} is not the client certificate's {self.identity!r}")
+        if self.node_id:
+            raise IdentityError(f"node id {node_id!r} on a stream of node {self.node_id!r}")
+        self.node_id = node_id
+
+    def _known(self) -> bool:
+        return self.known_nodes is None or self.known_nodes(self.node_id)
+
+    def close(self) -> None:
+        """The stream ended: its answers no longer count."""
+        self.observer.on_closed(self.node_id, stream=self.stream_id)
+
+    def _sent(self, type_url: str, version: str) -> None:
+        if self._known():
+            self.observer.on_sent(self.node_id, type_url, version, stream=self.stream_id)
 
     def _next_nonce(self) -> str:
         self._nonce += 1
@@ -101,24 +147,27 @@ class _StreamBase:
 
     def _visible(self, st: _TypeStream, type_url: str) -> tuple[str, dict[str, Resource]]:
         view = self.cache.view(type_url, self.node_id)
+        if not self._known():
+            return view.version, {}
         if st.wildcard:
             return view.version, dict(view.resources)
         return view.version, {n: r for n, r in view.resources.items() if n in st.names}
 
     def _ack(self, type_url: str, st: _TypeStream, error: str | None) -> None:
+        st.acked = error is None
+        if not self._known():
+            return
         if error is None:
-            st.acked = True
-            self.observer.on_ack(self.node_id, type_url, st.current)
+            self.observer.on_ack(self.node_id, type_url, st.current, stream=self.stream_id)
         else:
-            st.acked = False
-            self.observer.on_nack(self.node_id, type_url, st.version, error)
+            self.observer.on_nack(self.node_id, type_url, st.version, error, stream=self.stream_id)
 
     def _unchanged(self, type_url: str, st: _TypeStream, version: str) -> None:
         """Content for this node did not change though the type's version may have."""
         if version != st.current:
             st.current = version
-            if st.acked:
-                self.observer.on_ack(self.node_id, type_url, version)
+            if st.acked and self._known():
+                self.observer.on_ack(self.node_id, type_url, version, stream=self.stream_id)
 
     def _subscribed(self, type_urls: Iterable[str] | None) -> list[str]:
         wanted = self._types.keys() if type_urls is None else [t for t in type_urls if t in self._types]
@@ -146,8 +195,7 @@ class SotwStream(_StreamBase):
         type_url = req.type_url or self.type_url or ""
         if self.type_url is not None and type_url != self.type_url:
             return []
-        if req.node.id:
-            self.node_id = req.node.id
+        self._claim(req.node.id)
         names = set(req.resource_names)
         wildcard = "*" in names or (not names and type_url in WILDCARD_TYPES)
         names.discard("*")
@@ -189,7 +237,7 @@ class SotwStream(_StreamBase):
                     resources=[_any(res[n], type_url) for n in sorted(res)],
                 )
             )
-            self.observer.on_sent(self.node_id, type_url, version)
+            self._sent(type_url, version)
             if type_url == CLUSTER and self.type_url is None and ENDPOINT in self._types:
                 force.add(ENDPOINT)  # new clusters warm on EDS: always answer it
                 if ENDPOINT not in pending:
@@ -204,8 +252,7 @@ class DeltaStream(_StreamBase):
         type_url = req.type_url or self.type_url or ""
         if self.type_url is not None and type_url != self.type_url:
             return []
-        if req.node.id:
-            self.node_id = req.node.id
+        self._claim(req.node.id)
         st = self._types.get(type_url)
         first = st is None
         if st is None:
@@ -274,7 +321,7 @@ class DeltaStream(_StreamBase):
         st.absent = {n for n in st.names if n not in res}
         st.version, st.current = version, version
         st.nonce, st.acked, st.started = self._next_nonce(), False, True
-        self.observer.on_sent(self.node_id, type_url, version)
+        self._sent(type_url, version)
         resp = DeltaDiscoveryResponse(
             system_version_info=version,
             type_url=type_url,

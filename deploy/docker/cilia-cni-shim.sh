@@ -4,7 +4,8 @@
 # Container runtimes run CNI plugins on the node, but cilia-cni is Python that lives in the cilia image.
 # This shim runs the image's plugin in the agent container's mount namespace: the runtime's CNI_*
 # environment, the network configuration on stdin and the result on stdout pass through unchanged,
-# and the plugin finds there what it needs (ip, nsenter, the agent's socket, /run/netns, /var/lib/cni).
+# and the plugin finds there what it needs (ip, nsenter, the agent's socket, /run/netns, /var/lib/cni,
+# and the node's /opt/cni/bin for a delegated IPAM plugin).
 # The agent container writes its PID (a node PID: the pod has hostPID) to agent.pid as it starts.
 state_dir=${CILIA_STATE_DIR:-/var/run/cilia}
 plugin=/opt/cilia/venv/bin/cilia-cni

@@ -25,7 +25,7 @@ from cilia.agent.client import AgentClient
 from cilia.agent.daemon import Agent, AgentConfig
 from cilia.cli.main import cli
 from cilia.demo import Deathstar
-from cilia.envoy.loopback import free_port
+from cilia.netutil import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 STARWARS = REPO / "examples" / "starwars"

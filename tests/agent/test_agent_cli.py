@@ -165,18 +165,25 @@ def test_change_envoy_rejects_is_reverted_and_the_last_good_policy_stays_enforce
 
 
 def test_nack_from_an_external_envoy_shows_in_status_and_wait(tmp_path: Path) -> None:
-    """A proxy the agent does not manage (here over TCP, --xds-address): its NACK is reported
-    (not reverted) until fixed."""
-    from cilia.envoy.bootstrap import build_bootstrap, to_json
-    from cilia.envoy.loopback import free_port
+    """A proxy the agent does not manage (here over mutual TLS on TCP, --xds-address, its
+    certificate naming node edge-1): its NACK is reported (not reverted) until fixed."""
+    from pki import Pki
+
+    from cilia.envoy.bootstrap import XdsClientTls, build_bootstrap, to_json
+    from cilia.netutil import free_port
     from cilia.envoy.supervisor import EnvoySupervisor
+    from cilia.xds import ServerTls
 
     state = tmp_path / "state"
     admin = f"127.0.0.1:{free_port()}"
     bootstrap = tmp_path / "bootstrap.json"
     xds = f"127.0.0.1:{free_port()}"
-    bootstrap.write_text(to_json(build_bootstrap("edge-1", xds, admin)))
-    with agent_in_process(state, envoy="external", xds_addresses=(xds,)), EnvoySupervisor(
+    pki = Pki(tmp_path / "pki")
+    server_tls = ServerTls(*pki.issue("agent", "cilia-agent"), pki.ca)
+    bootstrap.write_text(to_json(build_bootstrap("edge-1", xds, admin,
+                                                 xds_tls=XdsClientTls(*pki.issue("edge-1", "edge-1"), pki.ca))))
+    with agent_in_process(state, envoy="external", xds_addresses=(xds,), node_id="edge-1",
+                          xds_tls=server_tls), EnvoySupervisor(
             bootstrap, admin, log_path=tmp_path / "envoy.log", extra_args=["--drain-time-s", "0"]):
         res = run_cli(state, "endpoint", "add", "--name", "ghost", "--labels", "app=ghost", "--ip", "192.0.2.1",
                       "--port", "80:8080", "-o", "json")
@@ -193,6 +200,23 @@ def test_nack_from_an_external_envoy_shows_in_status_and_wait(tmp_path: Path) ->
         fixed = run_cli(state, "endpoint", "delete", "ghost").out.split()[1]
         assert run_cli(state, "policy", "wait", fixed).code == 0
         assert run_cli(state, "status", "-o", "json").json()["healthy"] is True
+
+
+def test_agent_refuses_plaintext_tcp_xds_unless_chosen(tmp_path: Path) -> None:
+    """A TCP --xds-address needs mutual TLS or an explicit --xds-insecure: a clear error at start."""
+    state = tmp_path / "state"
+    res = run_cli(state, "agent", "--envoy", "none", "--xds-address", "127.0.0.1:1")
+    assert res.code == 2
+    assert "--xds-address 127.0.0.1:1 is TCP" in res.err and "--xds-insecure" in res.err
+    res = run_cli(state, "agent", "--envoy", "none", "--xds-address", "127.0.0.1:1", "--xds-tls-cert", "c.pem")
+    assert res.code == 2 and "--xds-tls-key, --xds-tls-ca missing" in res.err
+    (tmp_path / "c.pem").write_text("not pem")
+    res = run_cli(state, "agent", "--envoy", "none", "--xds-address", "127.0.0.1:1", "--xds-tls-cert",
+                  str(tmp_path / "c.pem"), "--xds-tls-key", str(tmp_path / "c.pem"), "--xds-tls-ca",
+                  str(tmp_path / "c.pem"))
+    assert res.code == 2 and "c.pem: not a PEM file" in res.err
+    res = run_cli(state, "agent", "--envoy", "none", "--socket-group", "no-such-group-e2")
+    assert res.code == 2 and "no such group" in res.err
 
 
 def test_openapi_document_lists_exactly_the_served_routes(agent: Agent) -> None:

@@ -19,7 +19,7 @@ from agent_support import agent_in_process, run_cli, simple
 
 from cilia.agent.client import AgentClient
 from cilia.agent.daemon import Agent
-from cilia.envoy.loopback import free_port
+from cilia.netutil import free_port
 
 DROID, C3PO, JAWA = "127.0.2.10", "127.0.2.11", "127.0.2.12"
 POLICY = Path(__file__).parents[2] / "examples" / "r2d2" / "droid.yaml"  # the example plugin's own policy
@@ -127,7 +127,7 @@ def test_audit_mode_reaches_the_parser(droid: tuple[Agent, Path]) -> None:
 @pytest.mark.parametrize("droid", [2], indirect=True, ids=["2-workers"])
 def test_a_dead_worker_is_started_again(droid: tuple[Agent, Path]) -> None:
     agent, state = droid
-    pool = agent._l7_pool
+    pool = agent.servers.l7_pool
     assert pool is not None
     victim = pool._procs[0]
     os.kill(victim.pid, signal.SIGKILL)

@@ -22,7 +22,7 @@ from agent_support import (
 )
 
 from cilia.envoy.bootstrap import build_bootstrap, to_json
-from cilia.envoy.loopback import free_port
+from cilia.netutil import free_port
 from cilia.envoy.supervisor import EnvoySupervisor
 
 
@@ -133,7 +133,9 @@ def test_external_envoy_keeps_enforcing_while_the_agent_restarts(tmp_path: Path)
     admin = f"127.0.0.1:{free_port()}"
     bootstrap = tmp_path / "bootstrap.json"
     bootstrap.write_text(to_json(build_bootstrap("external-envoy", f"unix:{state / 'xds.sock'}", admin)))
-    with deathstar_app() as app_port, agent_process(state, "--envoy", "external") as agent:
+    # the agent serves its own --node-id (and sidecars named after endpoints), nobody else
+    with deathstar_app() as app_port, agent_process(state, "--envoy", "external", "--node-id", "external-envoy") \
+            as agent:
         envoy = EnvoySupervisor(bootstrap, admin, log_path=tmp_path / "envoy.log",
                                 extra_args=["--drain-time-s", "0"])
         with envoy:  # starts it

@@ -11,7 +11,7 @@ from agent_support import (
 
 from cilia.envoy.admin import AdminClient
 from cilia.envoy.bootstrap import build_bootstrap, to_json
-from cilia.envoy.loopback import free_port
+from cilia.netutil import free_port
 from cilia.envoy.supervisor import EnvoySupervisor
 
 

@@ -210,6 +210,8 @@ def test_agent_mounts_what_it_needs_from_the_node() -> None:
         assert m[path][0] == path and m[path][1]["readOnly"] is True
     assert m["/run/netns"][0] == "/run/netns" and m["/run/netns"][1]["mountPropagation"] == "HostToContainer"
     assert m["/var/lib/cni"][0] == "/var/lib/cni"  # the CNI plugin's leases, as it runs in this mount namespace
+    # a delegated IPAM plugin (ipam.type host-local) is found in the runtime's CNI_PATH there too
+    assert m["/opt/cni/bin"][0] == "/opt/cni/bin" and m["/opt/cni/bin"][1]["readOnly"] is True
 
 
 def test_bpffs_is_mounted_like_cilium_does() -> None:

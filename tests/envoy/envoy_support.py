@@ -9,7 +9,8 @@ from __future__ import annotations
 import http.client
 import os
 import socket
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,12 +28,16 @@ def free_port() -> int:
         return port
 
 
-def bootstrap_yaml(admin_port: int, listener_port: int, *, extra_hcm_field: str = "") -> str:
-    """Admin on ``admin_port``; listener ``direct`` answers every request with GREETING."""
+def bootstrap_yaml(admin_port: int, listener_port: int, *, extra_hcm_field: str = "",
+                   admin_socket: Path | None = None) -> str:
+    """Admin on ``admin_port`` (on ``admin_socket`` if given, mode 0600); listener ``direct``
+    answers every request with GREETING."""
+    admin = (f"{{pipe: {{path: '{admin_socket}', mode: 384}}}}" if admin_socket is not None
+             else f"{{socket_address: {{address: 127.0.0.1, port_value: {admin_port}}}}}")
     return f"""\
 node: {{id: cilia-test, cluster: cilia-test}}
 admin:
-  address: {{socket_address: {{address: 127.0.0.1, port_value: {admin_port}}}}}
+  address: {admin}
 static_resources:
   listeners:
   - name: direct
@@ -92,23 +97,28 @@ static_resources:
 
 @dataclass(frozen=True)
 class StaticEnvoy:
-    """Where a test's Envoy lives: bootstrap file, log file, admin and listener ports."""
+    """Where a test's Envoy lives: bootstrap file, log file, admin (port or socket) and listener port."""
 
     bootstrap: Path
     log: Path
     admin_port: int
     listener_port: int
+    admin_socket: Path | None = None
 
     @property
     def admin_address(self) -> str:
+        if self.admin_socket is not None:
+            return f"unix:{self.admin_socket}"
         return f"127.0.0.1:{self.admin_port}"
 
 
-def static_envoy(tmp: Path) -> StaticEnvoy:
+def static_envoy(tmp: Path, *, unix_admin: bool = False) -> StaticEnvoy:
+    """A static Envoy's files in ``tmp``; its admin on TCP, or on ``tmp/admin.sock``."""
     admin_port, listener_port = free_port(), free_port()
+    admin_socket = tmp / "admin.sock" if unix_admin else None
     bootstrap = tmp / "bootstrap.yaml"
-    bootstrap.write_text(bootstrap_yaml(admin_port, listener_port))
-    return StaticEnvoy(bootstrap, tmp / "envoy.log", admin_port, listener_port)
+    bootstrap.write_text(bootstrap_yaml(admin_port, listener_port, admin_socket=admin_socket))
+    return StaticEnvoy(bootstrap, tmp / "envoy.log", admin_port, listener_port, admin_socket)
 
 
 FAST_BACKOFF = Backoff(initial=0.05, maximum=0.2, multiplier=2.0, reset_after=60.0)
@@ -139,3 +149,27 @@ def http_get(port: int, path: str = "/") -> tuple[int, str]:
 def process_exists(pid: int) -> bool:
     """True while ``pid`` names any process, zombies included (a reaped child is gone)."""
     return os.path.exists(f"/proc/{pid}")
+
+
+def process_running(pid: int) -> bool:
+    """True while ``pid`` runs; a zombie (exited, not reaped yet) does not count."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except FileNotFoundError:
+        return False
+    return stat[stat.rindex(b")") + 2:].split()[0] != b"Z"
+
+
+def start_time(pid: int) -> int:
+    """Field 22 of /proc/PID/stat, which the supervisor records next to an Envoy's PID."""
+    with open(f"/proc/{pid}/stat", "rb") as f:
+        stat = f.read()
+    return int(stat[stat.rindex(b")") + 2:].split()[19])
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"not reached within {timeout}s"
+        time.sleep(0.05)

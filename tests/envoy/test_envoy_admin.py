@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import socket
+import stat
 from pathlib import Path
 
 import pytest
@@ -86,3 +88,37 @@ def test_parse_address(text: str, expected: tuple[str, int]) -> None:
 def test_parse_address_rejects(text: str) -> None:
     with pytest.raises(ValueError):
         parse_address(text)
+
+
+def test_speaks_http_over_the_unix_admin_socket(tmp_path: Path) -> None:
+    env = static_envoy(tmp_path, unix_admin=True)
+    with supervised(env):
+        assert env.admin_socket is not None and stat.S_ISSOCK(env.admin_socket.stat().st_mode)
+        admin = AdminClient(f"unix:{env.admin_socket}")
+        assert admin.ready()
+        assert admin.server_info().version == "1.40.0"
+        assert admin.listeners() == [ListenerInfo("direct", f"127.0.0.1:{env.listener_port}")]
+        # a stats filter is an RE2 regex, sent URL-encoded
+        assert admin.stats(r"^server\.live$") == {"server.live": 1}
+        assert admin.listener_states() == {}  # only xDS listeners; "direct" is static
+
+
+def test_unix_socket_nobody_serves_is_unavailable(tmp_path: Path) -> None:
+    missing = AdminClient(f"unix:{tmp_path}/none.sock", timeout=1)
+    with pytest.raises(AdminUnavailable) as caught:
+        missing.ready()
+    assert isinstance(caught.value.__cause__, FileNotFoundError)
+    assert str(tmp_path) in str(caught.value)
+    with pytest.raises(AdminUnavailable):
+        missing.quit()
+    stale = tmp_path / "stale.sock"  # what a killed Envoy leaves behind: a socket file, no listener
+    with socket.socket(socket.AF_UNIX) as s:
+        s.bind(str(stale))
+    with pytest.raises(AdminUnavailable) as caught:
+        AdminClient(f"unix:{stale}", timeout=1).ready()
+    assert isinstance(caught.value.__cause__, ConnectionRefusedError)
+
+
+def test_unix_address_needs_a_path() -> None:
+    with pytest.raises(ValueError, match="needs a path"):
+        AdminClient("unix:")

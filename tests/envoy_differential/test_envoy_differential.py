@@ -24,7 +24,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from cilia.envoy.loopback import LoopbackEnvoy, free_port
+from cilia.envoy.loopback import LoopbackEnvoy
+from cilia.netutil import free_port
 from cilia.envoy.translate import (
     ACCESS_DENIED_BODY,
     PortMapping,

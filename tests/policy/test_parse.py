@@ -1,5 +1,5 @@
 """Valid policies parse into the model: every element of the rule schema
-(CILIUM-NOTES §1.1), with the file and line each part came from."""
+(CiliumNetworkPolicy's, as Cilium documents it), with the file and line each part came from."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Resolution semantics (CILIUM-NOTES §1.2), seen the way a user sees them:
+"""Cilium's resolution semantics, seen the way a user sees them:
 policies as YAML, endpoints as label sets, verdicts from ``trace``."""
 
 from __future__ import annotations

@@ -29,7 +29,7 @@ def test_every_simulated_envoy_acks_the_new_version() -> None:
     cache.update_many({CLUSTER: TypeChange({"c": cluster_pb2.Cluster(name="c")}),
                        LISTENER: TypeChange({"a": lst("a", 1)})})
     server = XdsServer(cache, tracker, max_streams=CLIENTS + 8)
-    port = server.add_address("127.0.0.1:0")
+    port = server.add_address("127.0.0.1:0", insecure=True)
     server.start()
     nodes = [f"sim-{i}" for i in range(CLIENTS)]
     try:

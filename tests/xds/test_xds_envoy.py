@@ -21,9 +21,9 @@ class Counting(AckTracker):
         super().__init__()
         self.sent_count: dict[str, int] = {}
 
-    def on_sent(self, node_id: str, type_url: str, version: str) -> None:
+    def on_sent(self, node_id: str, type_url: str, version: str, *, stream: int) -> None:
         self.sent_count[type_url] = self.sent_count.get(type_url, 0) + 1
-        super().on_sent(node_id, type_url, version)
+        super().on_sent(node_id, type_url, version, stream=stream)
 
 
 @pytest.fixture
@@ -121,7 +121,7 @@ def test_delta_removes_a_deleted_listener(xds: tuple[Cache, Counting, str], tmp_
 def test_each_node_sees_its_own_view_over_tcp(tmp_path: Path) -> None:
     cache, tracker = Cache(), AckTracker()
     server = XdsServer(cache, tracker)
-    port = server.add_address("127.0.0.1:0")
+    port = server.add_address("127.0.0.1:0", insecure=True)
     server.start()
     try:
         p1, p2 = free_port(), free_port()

@@ -23,7 +23,7 @@ from envoy.extensions.filters.network.http_connection_manager.v3 import http_con
 from envoy.type.matcher.v3 import regex_pb2
 from google.protobuf import any_pb2
 
-from cilia.envoy.bootstrap import build_bootstrap, to_json
+from cilia.envoy.bootstrap import XdsClientTls, build_bootstrap, to_json
 
 T = TypeVar("T")
 HCM = hcm_pb2.HttpConnectionManager
@@ -127,10 +127,12 @@ def http_get(port: int, path: str = "/") -> tuple[int, str]:
 class Envoy:
     """A real Envoy process with the cilia bootstrap; admin on a loopback port Envoy picks."""
 
-    def __init__(self, workdir: Path, node_id: str, xds_address: str, *, delta: bool = False) -> None:
+    def __init__(self, workdir: Path, node_id: str, xds_address: str, *, delta: bool = False,
+                 xds_tls: XdsClientTls | None = None) -> None:
         self.workdir = workdir
         self.config = workdir / f"{node_id}.json"
-        self.config.write_text(to_json(build_bootstrap(node_id, xds_address, "127.0.0.1:0", delta=delta)))
+        self.config.write_text(to_json(build_bootstrap(node_id, xds_address, "127.0.0.1:0", delta=delta,
+                                                       xds_tls=xds_tls)))
         self.admin_file = workdir / f"{node_id}.admin"
         self.log = workdir / f"{node_id}.log"
         self.proc: subprocess.Popen[bytes] | None = None
@@ -199,8 +201,9 @@ class Envoy:
 
 
 @contextmanager
-def running_envoy(workdir: Path, node_id: str, xds_address: str, *, delta: bool = False) -> Iterator[Envoy]:
-    env = Envoy(workdir, node_id, xds_address, delta=delta)
+def running_envoy(workdir: Path, node_id: str, xds_address: str, *, delta: bool = False,
+                  xds_tls: XdsClientTls | None = None) -> Iterator[Envoy]:
+    env = Envoy(workdir, node_id, xds_address, delta=delta, xds_tls=xds_tls)
     env.start()
     try:
         yield env

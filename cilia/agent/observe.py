@@ -1,0 +1,115 @@
+"""What the agent saw: flows (``cilia observe``) and the datapath's events (``cilia monitor``).
+
+Envoy's access-log records, the L7 parsers' records and the kernel's events each become a ``Flow``
+when they arrive, both sides named from a ``Who`` snapshot that the ``FlowNames`` sink replaces
+whole at each revision, so recording never waits for the agent's lock.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from datetime import UTC, datetime
+from typing import Any
+
+from ..bpf.datapath import DatapathEvent
+from ..envoy.accesslog import AccessRecord
+from ..envoy.l7service import ConnectionInfo
+from ..l7parsers.base import Record
+from ..realizer import Desired
+from ..ring import SeqRing
+from .flows import Flow, FlowFile, FlowFilter, Who, from_access, from_datapath, from_l7
+from .metrics import Metrics
+
+_log = logging.getLogger(__name__)
+
+
+class Observer:
+    def __init__(self, node_id: str, metrics: Metrics, ring_size: int, flow_file: FlowFile | None) -> None:
+        self.node_id = node_id
+        self.metrics = metrics
+        self.flow_log: SeqRing[Flow] = SeqRing(ring_size)
+        self.monitor_log: SeqRing[DatapathEvent] = SeqRing(ring_size)
+        self.flow_file = flow_file
+        self.who = Who.empty()  # replaced whole by FlowNames at each revision
+        self._lock = threading.Lock()  # numbers a flow and writes it to the file as one step
+        self.on_l7_error: Any = None  # callable(component, message), for status's last errors
+
+    def close(self) -> None:
+        if self.flow_file is not None:
+            self.flow_file.close()
+
+    def record(self, flow: Flow) -> None:
+        with self._lock:
+            seq = self.flow_log.append(flow)
+            if self.flow_file is not None:
+                try:
+                    self.flow_file.write(seq, flow)
+                except OSError:
+                    _log.exception("cannot write the flow file")
+        self.metrics.flow(flow)  # Hubble's flow metrics
+
+    # ------------------------------------------------------------------ arrivals
+
+    def on_access_record(self, record: AccessRecord) -> None:
+        self.record(from_access(record, self.who))
+        if record.kind == "http":
+            self.metrics.l7("http", not record.denied)
+
+    def on_datapath_event(self, event: DatapathEvent) -> None:
+        self.monitor_log.append(event)
+        self.metrics.datapath(event)
+        if event.type != "trace":  # flows are verdicts; packet traces would only crowd them out
+            self.record(from_datapath(event, self.who, self.node_id))
+
+    def on_worker_record(self, when: float, info: ConnectionInfo, record: Record) -> None:
+        self.on_l7_record(info, record, when)
+
+    def on_l7_record(self, info: ConnectionInfo, record: Record, when: float | None = None) -> None:
+        self.record(from_l7(when or time.time(), info, record, self.who, self.node_id))
+        if not record.handshake:  # a protocol step the parser answered itself was not a policy decision
+            self.metrics.l7(info.protocol, None if "error" in record.summary else record.decision.allowed)
+        if "error" in record.summary and self.on_l7_error is not None:
+            self.on_l7_error(f"l7/{info.protocol}", f"{info.listener}: {record.summary['error']}")
+
+    # ------------------------------------------------------------------ reading
+
+    def flows(self, since: int | None = None, limit: int | None = None,
+              flow_filter: FlowFilter | None = None) -> dict[str, Any]:
+        """Flows numbered above ``since`` that pass ``flow_filter``, oldest first; with ``limit``
+        the newest that many of them."""
+        items = self.flow_log.since(since)
+        if flow_filter is not None:
+            items = [(n, f) for n, f in items if flow_filter.matches(f)]
+        if limit is not None:
+            items = items[-limit:] if limit > 0 else []
+        return {"last": self.flow_log.last_seq(), "flows": [f.to_json(n) for n, f in items]}
+
+    def monitor(self, since: int | None, limit: int | None, wait: float) -> dict[str, Any]:
+        items = self.monitor_log.since(since, limit, wait)
+        who = self.who  # names both sides, as the flows do
+        events = [{"seq": n, **_event_json(ev, who)} for n, ev in items]
+        return {"last": self.monitor_log.last_seq(), "events": events}
+
+
+class FlowNames:
+    """The sink that gives the observer a new ``Who`` at each revision."""
+
+    name = "flow-names"
+
+    def __init__(self, observer: Observer) -> None:
+        self.observer = observer
+
+    def realize(self, desired: Desired) -> None:
+        eps = desired.endpoints
+        self.observer.who = Who({n: (ep.ips, ep.identity) for n, ep in eps.items()}, desired.labels,
+                                desired.ipcache,
+                                {ep.endpoint_id: n for n, ep in eps.items() if ep.endpoint_id is not None})
+
+
+def _event_json(ev: DatapathEvent, who: Who) -> dict[str, Any]:
+    return {**ev.to_json(), "time": datetime.fromtimestamp(ev.time, UTC).isoformat(),
+            "endpoint": who.endpoint_ids.get(ev.endpoint_id, ""),
+            "source": who.peer(ev.source, ev.source_port, ev.source_identity).to_json(),
+            "destination": who.peer(ev.destination, ev.destination_port, ev.destination_identity).to_json()}

@@ -1,0 +1,86 @@
+"""What the agent's operations return, as typed values; ``api.render`` makes the JSON the REST
+API and the CLI read (the shapes documented in openapi.yaml)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..specs import EndpointSpec, PolicyKey
+
+
+@dataclass(frozen=True)
+class PolicyInfo:
+    kind: str
+    namespace: str | None
+    name: str
+    rules: int
+    file: str
+    line: int
+    audit: bool
+
+
+@dataclass(frozen=True)
+class Policies:
+    """The policies in force (or just imported) at ``revision``."""
+
+    revision: int
+    policies: tuple[PolicyInfo, ...]
+
+
+@dataclass(frozen=True)
+class PoliciesDeleted:
+    revision: int
+    deleted: tuple[PolicyKey, ...]
+
+
+@dataclass(frozen=True)
+class EndpointInfo:
+    spec: EndpointSpec
+    identity: int
+    identity_labels: tuple[str, ...]
+    enforced_ingress: bool
+    enforced_egress: bool
+    audit_ingress: bool
+    audit_egress: bool
+
+
+@dataclass(frozen=True)
+class EndpointAdded:
+    revision: int
+    endpoint: EndpointInfo
+
+
+@dataclass(frozen=True)
+class Revision:
+    """A change that only moved the revision (an endpoint removed)."""
+
+    revision: int
+
+
+@dataclass(frozen=True)
+class Endpoints:
+    endpoints: tuple[EndpointInfo, ...]
+
+
+@dataclass(frozen=True)
+class IdentityInfo:
+    id: int
+    kind: str
+    labels: tuple[str, ...]
+    prefix: str | None
+
+
+@dataclass(frozen=True)
+class Identities:
+    identities: tuple[IdentityInfo, ...]
+
+
+@dataclass(frozen=True)
+class Realized:
+    """Every proxy in ``proxies`` has acked ``revision`` (or a later one)."""
+
+    revision: int
+    proxies: tuple[str, ...]
+
+
+Result = Policies | PoliciesDeleted | EndpointAdded | Revision | Endpoints | Identities | Realized

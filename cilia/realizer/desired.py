@@ -1,0 +1,59 @@
+"""What the sinks realize: the agent's state at one revision, as plain immutable values.
+
+The agent builds a ``Desired`` under its lock after every mutation, reusing the previous one's
+entries for endpoints the mutation did not touch; the sinks read it without the lock. ``changed``
+names the endpoints whose entry differs from the previous ``Desired`` (None: treat all as changed,
+as after a restart), so a sink re-does only those.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from ..policy.labels import LabelSet
+from ..policy.mapstate import MapState
+from ..policy.model import IPNetwork
+
+
+@dataclass(frozen=True, slots=True)
+class PortMap:
+    """A TCP port of the endpoint's policy and the application's own port behind it (sidecar mode)."""
+
+    port: int
+    app_port: int
+
+
+@dataclass(frozen=True, slots=True)
+class EndpointState:
+    """One endpoint as every sink needs it. ``map_state`` is the engine's immutable snapshot: the
+    same object until the endpoint's policy changes, so sinks may compare it by identity."""
+
+    name: str
+    ips: tuple[str, ...]
+    identity: int
+    map_state: MapState
+    ports: tuple[PortMap, ...] = ()
+    interface: str | None = None  # the host-side interface the BPF programs attach to
+    endpoint_id: int | None = None  # index of its policy map in the BPF datapath
+    audit_ingress: bool = False
+    audit_egress: bool = False
+
+    @property
+    def audit(self) -> tuple[bool, bool]:
+        return self.audit_ingress, self.audit_egress
+
+
+@dataclass(frozen=True)
+class Desired:
+    """Everything realized at ``revision``."""
+
+    revision: int
+    endpoints: Mapping[str, EndpointState]
+    ipcache: tuple[tuple[IPNetwork, int], ...]  # prefix -> identity, the engine's and other producers'
+    labels: Mapping[int, LabelSet]  # identity -> labels, for names in flows and status
+    proxy_ports: Mapping[str, int] = field(default_factory=dict)  # "ingress/80" -> Envoy's transparent listener port
+    changed: frozenset[str] | None = None  # endpoints that differ from the previous Desired; None: all
+
+    def is_changed(self, name: str) -> bool:
+        return self.changed is None or name in self.changed
