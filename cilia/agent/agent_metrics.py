@@ -9,7 +9,8 @@
 | ``cilia_k8s_client_{events,lists,errors}_total`` | resource | the Kubernetes watches' counts |
 | ``cilia_k8s_client_connected`` | resource | 1 while a Kubernetes watch is connected |
 
-Read through the agent's own API methods, so a scrape sees what ``cilia status`` sees.
+Read through the agent's own API methods (as the API renders them), so a scrape sees what
+``cilia endpoint list`` and ``cilia identity list`` see.
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ from typing import Any
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
+
+from .render import render
 
 _log = logging.getLogger(__name__)
 
@@ -39,8 +42,8 @@ class AgentStateCollector(Collector):
 
     def collect(self) -> Iterator[Metric]:
         try:
-            endpoints = self.agent.endpoints()["endpoints"]
-            identities = self.agent.identities()["identities"]
+            endpoints = render(self.agent.endpoints())["endpoints"]
+            identities = render(self.agent.identities())["identities"]
         except Exception:  # a scrape must never fail the agent; say so in the log
             _log.exception("cannot read the agent's state for metrics")
             return

@@ -21,7 +21,7 @@ import pytest
 from agent_support import EXHAUST, LAND, STARWARS, AgentProcess, deathstar_app, run_cli
 from prometheus_client.parser import text_string_to_metric_families
 
-from cilia.envoy.loopback import free_port
+from cilia.netutil import free_port
 
 # Addresses of this test's own, so it never meets other tests' listeners.
 DEATHSTAR, TIEFIGHTER = "127.0.18.10", "127.0.18.11"
@@ -135,12 +135,17 @@ def test_prometheus_sees_the_drop_counter_move(node: Node, tmp_path: Path) -> No
     prom = Prometheus(tmp_path, f"127.0.0.1:{node.metrics_port}")
     try:
         prom.wait_until("the agent up", lambda: prom.query('up{job="cilia"} == 1'))
+        # Cilium's L7 denial counter and Hubble's drop counter, as Prometheus stores them
         denied = 'sum(cilia_policy_l7_total{rule="denied",proxy_type="http"}) or vector(0)'
-        before = prom.wait_until("the L7 counters", lambda: prom.query(denied))
+        drops = 'sum(cilia_hubble_drop_total{reason="POLICY_DENIED",protocol="TCP"}) or vector(0)'
+        before = {q: prom.wait_until("the counters", lambda q=q: prom.query(q)) for q in (denied, drops)}
         assert shoot(*LAND) == "200 Ship landed"
         assert shoot(*EXHAUST) == "403 Access denied"
-        after = prom.wait_until("the drop counter move", lambda: v if (v := prom.query(denied)) > before else None)
-        assert after == before + 1
+        for q in (denied, drops):
+            after = prom.wait_until(f"{q} move", lambda q=q: v if (v := prom.query(q)) > before[q] else None)
+            assert after == before[q] + 1, q
+        http = 'sum(cilia_hubble_http_requests_total{method="PUT",status="403"})'
+        assert prom.wait_until("the HTTP request counter", lambda: prom.query(http)) == 1
         # the process collector and the state gauges come along
         assert prom.wait_until("process metrics", lambda: prom.query('process_resident_memory_bytes{job="cilia"}')) > 0
         assert prom.query('cilia_identity{type="endpoint"}') == 2
