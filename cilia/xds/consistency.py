@@ -47,8 +47,9 @@ class Inconsistencies:
         return sorted(out)
 
 
-def check(resources: Mapping[str, Mapping[str, Message]]) -> Inconsistencies:
+def check(resources: Mapping[str, Mapping[str, Message]], memo: _Refs | None = None) -> Inconsistencies:
     """Check resources given by type URL and name (as ``Cache.snapshot()`` returns them).
+    ``memo``: keeps each listener's references between calls (see ``Checker``).
 
     Reported: listeners naming an RDS route configuration that is not there; listeners whose
     HTTP routes (inline or via RDS), tcp_proxy or gRPC access logs name a cluster that is not
@@ -63,9 +64,8 @@ def check(resources: Mapping[str, Mapping[str, Message]]) -> Inconsistencies:
     for name, msg in listeners.items():
         if not isinstance(msg, listener_pb2.Listener):
             continue
-        rds: set[str] = set()
-        refs: set[str] = set()
-        _listener_refs(msg, rds, refs)
+        rds, direct = (memo or _Refs()).of(name, msg)
+        refs = set(direct)
         for r in rds:
             route = routes.get(r)
             if isinstance(route, route_pb2.RouteConfiguration):
@@ -81,6 +81,41 @@ def check(resources: Mapping[str, Mapping[str, Message]]) -> Inconsistencies:
             if service not in endpoints:
                 missing_endpoints[name] = service
     return Inconsistencies(missing_routes, missing_clusters, missing_endpoints)
+
+
+class _Refs:
+    """The names a listener refers to, kept while the same message object comes back."""
+
+    def __init__(self) -> None:
+        self._done: dict[str, tuple[Message, frozenset[str], frozenset[str]]] = {}
+
+    def of(self, name: str, msg: listener_pb2.Listener) -> tuple[frozenset[str], frozenset[str]]:
+        done = self._done.get(name)
+        if done is not None and done[0] is msg:
+            return done[1], done[2]
+        rds: set[str] = set()
+        refs: set[str] = set()
+        _listener_refs(msg, rds, refs)
+        self._done[name] = (msg, frozenset(rds), frozenset(refs))
+        return self._done[name][1], self._done[name][2]
+
+    def keep(self, names: Iterable[str]) -> None:
+        live = set(names)
+        self._done = {n: d for n, d in self._done.items() if n in live}
+
+
+class Checker:
+    """``check`` for a publisher whose snapshots mostly repeat: a listener that is the same
+    message object as last time is not parsed again (translation memos hand out the same
+    objects for what did not change)."""
+
+    def __init__(self) -> None:
+        self._refs = _Refs()
+
+    def check(self, resources: Mapping[str, Mapping[str, Message]]) -> Inconsistencies:
+        found = check(resources, self._refs)
+        self._refs.keep(resources.get(LISTENER, {}))
+        return found
 
 
 def _unpack(a: any_pb2.Any, cls: type[Message]) -> Message | None:
