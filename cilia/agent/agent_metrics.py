@@ -66,14 +66,14 @@ class AgentStateCollector(Collector):
         node = getattr(self.agent, "node", None)
         if node is None or not getattr(node, "started", False):
             return
+        from ..bpf.bpfmap import MAP_TYPE_HASH, MAP_TYPE_LPM_TRIE, MAP_TYPE_LRU_HASH
+
         pressure = GaugeMetricFamily("cilia_bpf_map_pressure", "Fill ratio of a BPF map", labels=["map_name"])
-        for name, table in sorted(node.loader.maps.items()):
-            kind = type(table).__name__
-            size = getattr(table, "max_entries", 0)
-            if not size or ("Hash" not in kind and "Lpm" not in kind):
-                continue  # arrays are always full; only hash and LPM maps fill up
+        for name, m in sorted(node.loader.maps.items()):
+            if not m.max_entries or m.map_type not in (MAP_TYPE_HASH, MAP_TYPE_LRU_HASH, MAP_TYPE_LPM_TRIE):
+                continue  # arrays are always full; hash, LRU and LPM maps fill up
             try:
-                pressure.add_metric([name], sum(1 for _ in table.keys()) / size)
+                pressure.add_metric([name], sum(1 for _ in m.keys()) / m.max_entries)
             except OSError:
                 continue
         yield pressure
