@@ -121,7 +121,8 @@ class AgentClient:
         return self.request("GET", "/v1/monitor", params=params, timeout=wait + 30)
 
     def flows(self, since: int | None = None, limit: int | None = None, **filters: Any) -> Any:
-        """``filters``: from_label, to_label, verdict, protocol (lists of strings), since_time."""
+        """``filters``: GET /v1/flows's filter parameters (openapi.yaml): lists of strings, or
+        since_time/until_time as UNIX times."""
         params: dict[str, Any] = {k: v for k, v in (("since", since), ("limit", limit)) if v is not None}
         params.update({k: v for k, v in filters.items() if v})
         return self.request("GET", "/v1/flows", params=params)

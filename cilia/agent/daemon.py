@@ -610,7 +610,6 @@ class Agent:
         m.policies.set(len(self.engine.policies()))
         m.max_revision.set(desired.revision)
         m.endpoints.set(len(desired.endpoints))
-        m.identities.set(len(self.engine.identities()))
         redirects: dict[str, set[tuple[str, str, int]]] = {}
         for name, ep in desired.endpoints.items():
             for r in self._redirects.of(name, ep.map_state):

@@ -65,22 +65,35 @@ from .common import call_agent, emit, output_option, state_dir_option, table
               "authentication (anyone reaching the port may claim any node id). Refused without this flag.")
 @click.option("--socket-group", metavar="GROUP", help="Make the agent's sockets (API, xDS, access log, L7) "
               "mode 0660 with this group (name or gid) instead of 0600 (the agent's user and root only).")
+@click.option("--prometheus-serve-addr", metavar="HOST:PORT", help="Serve Prometheus metrics at /metrics on this "
+              "TCP address (Cilium's flag; \":9962\": port 9962 on every address).")
+@click.option("--agent-health-port", type=click.IntRange(0, 65535), default=0, show_default=True,
+              help="Serve GET /healthz for probes on this TCP port, every address (Cilium's is 9879; 0: off).")
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning"]), default="info", show_default=True)
 def agent_cmd(state_dir: str, xds_addresses: Sequence[str], envoy_mode: str, node_id: str, datapath: str,
               bpf_pin_dir: str, router_ip: str | None, flow_file: str | None, flow_file_max_mb: int,
               flow_file_backups: int, l7_workers: int, l7_mode: str, kubernetes: str | None,
               node_name: str | None, xds_tls_cert: str | None, xds_tls_key: str | None, xds_tls_ca: str | None,
-              xds_insecure: bool, socket_group: str | None, log_level: str) -> None:
+              xds_insecure: bool, socket_group: str | None, prometheus_serve_addr: str | None,
+              agent_health_port: int, log_level: str) -> None:
     """Run the agent until SIGTERM or Ctrl-C: load state, serve the REST API on
     <state-dir>/cilia.sock, serve xDS, supervise Envoy, receive its access logs; with
     --datapath bpf also load the BPF datapath. Stopping leaves the BPF programs enforcing the
     last policy (`cilia cleanup` removes them)."""
     from ..agent.api import APIServer
     from ..agent.daemon import Agent, AgentConfig
+    from ..agent.metrics import LogCounter
+    from ..agent.metrics_server import PROMETHEUS_PORT, parse_address, start_servers
     from ..bpf.loader import DatapathError, bpf_available
     from ..envoy.supervisor import EnvoyStartError
 
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if prometheus_serve_addr:
+        try:
+            parse_address(prometheus_serve_addr, PROMETHEUS_PORT)
+        except ValueError as e:
+            click.echo(f"error: --prometheus-serve-addr: {e}", err=True)
+            sys.exit(2)
     if datapath == "bpf" and (why := bpf_available()) is not None:
         click.echo(f"error: --datapath bpf: {why}", err=True)
         sys.exit(2)
@@ -99,12 +112,15 @@ def agent_cmd(state_dir: str, xds_addresses: Sequence[str], envoy_mode: str, nod
     except (StateError, OSError, ValueError) as e:
         click.echo(f"error: {e}", err=True)
         sys.exit(2)
+    logging.getLogger("cilia").addHandler(LogCounter(agent.metrics))
     api: APIServer | None = None
     watcher: Any = None
+    tcp: list[Any] = []
     try:
         agent.start()
         api = APIServer(config.api_socket, agent)
         api.start()
+        tcp = start_servers(agent, prometheus_serve_addr, agent_health_port or None)
         if kubernetes:
             watcher = _kubernetes_watcher(agent, kubernetes, node_name, datapath, envoy_mode)
             watcher.start()
@@ -114,7 +130,8 @@ def agent_cmd(state_dir: str, xds_addresses: Sequence[str], envoy_mode: str, nod
                    f"{status['endpoints']} endpoints; API unix:{config.api_socket}; "
                    f"xDS {', '.join(status['xds']['addresses'])}; Envoy {envoy_mode}"
                    + (f" (pid {envoy.get('pid')})" if envoy.get("pid") else "")
-                   + (f"; BPF datapath, maps in {bpf_pin_dir}" if datapath == "bpf" else ""), err=True)
+                   + (f"; BPF datapath, maps in {bpf_pin_dir}" if datapath == "bpf" else "")
+                   + "".join(f"; {', '.join(s.pages)} on TCP port {s.port}" for s in tcp), err=True)
         while not stop.wait(1.0):
             pass
     except EnvoyStartError as e:
@@ -129,6 +146,8 @@ def agent_cmd(state_dir: str, xds_addresses: Sequence[str], envoy_mode: str, nod
     finally:
         if watcher is not None:
             watcher.stop()
+        for server in tcp:
+            server.stop()
         if api is not None:
             api.stop()
         agent.stop()
