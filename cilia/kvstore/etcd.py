@@ -300,8 +300,8 @@ class EtcdKVStore:
             start = unless_prefix.encode()
             # a range compare holds for an empty range (version 0) and fails if any key exists
             compare.append(t.version(start, aetcd.utils.prefix_range_end(start)) == 0)
-        ok, _ = self._run(lambda: self._client.transaction(compare=compare, success=[t.delete(k.encode()) for k, _ in keys],
-                                                   failure=[]))
+        deletes = [t.delete(k.encode()) for k, _ in keys]
+        ok, _ = self._run(lambda: self._client.transaction(compare=compare, success=deletes, failure=[]))
         return bool(ok)
 
     def revision(self) -> int:
