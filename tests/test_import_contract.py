@@ -40,6 +40,8 @@ CLI_INSIDE_COMMANDS = {
     "cilia.bpf.loader": "cilia agent checks that BPF is available for --datapath bpf",
     "cilia.k8s": "cilia agent --kubernetes runs the Kubernetes watcher",
     "cilia.agent.cleanup": "cilia bpf cleanup removes what an agent left on the node",
+    "cilia.agent.cluster": "cilia agent --kvstore etcd builds the kvstore config it checks at start",
+    "cilia.kvstore": "cilia agent reports a kvstore that cannot be reached (KVStoreError)",
 }
 
 

@@ -46,7 +46,8 @@ class Session:
     def stop(self, revoke: bool = False) -> None:
         """Stop refreshing; ``revoke``: delete everything the node owns now (a clean leave)."""
         self._stopped.set()
-        self._thread.join(5)
+        if self._thread.is_alive():
+            self._thread.join(5)
         if revoke and self._lease:
             try:
                 self.store.revoke_lease(self._lease)

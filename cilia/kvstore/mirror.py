@@ -29,6 +29,7 @@ class PrefixMirror:
         self.backoff = backoff
         self.data: dict[str, bytes] = {}
         self.revision = 0  # the last revision reflected in ``data``
+        self._listed = 0  # the revision of the last list
         self.synced = threading.Event()  # the first list has been delivered
         self.connected = False
         self.last_error: str | None = None
@@ -47,7 +48,8 @@ class PrefixMirror:
         self._wake.set()
         if self._watch is not None:
             self._watch.cancel()
-        self._thread.join(10)
+        if self._thread.is_alive():
+            self._thread.join(10)
 
     def _run(self) -> None:
         delay = self.backoff[0]
@@ -76,7 +78,7 @@ class PrefixMirror:
             upserts = {k: v for k, v in fresh.items() if self.data.get(k) != v}
             deletes = [k for k in self.data if k not in fresh]
             self.data = fresh
-            self.revision = revision
+            self.revision = self._listed = revision
             self.relists += 1
             self._deliver(upserts, deletes)
         self.synced.set()
@@ -86,8 +88,8 @@ class PrefixMirror:
             upserts: dict[str, bytes] = {}
             deletes: list[str] = []
             for e in events:
-                if e.revision <= self.revision:
-                    continue  # already in the list this watch started after
+                if e.revision <= self._listed:
+                    continue  # already in the list this watch started after (one revision may hold many events)
                 if e.kind is EventKind.PUT:
                     self.data[e.key] = e.value
                     upserts[e.key] = e.value
