@@ -69,7 +69,8 @@ class ClusterNode:
         self.config = config
         self.session = Session(store, node, config.lease_ttl)
         self.session.start()
-        self.allocator = ClusterAllocator(store, self.session, grace=config.identity_gc_grace)
+        self.allocator = ClusterAllocator(store, self.session, grace=config.identity_gc_grace,
+                                          gc_interval=min(config.identity_gc_grace / 2, 60.0))
         self.allocator.start()
         self.publisher = IPCachePublisher(store, self.session)
         self.nodes = NodeRegistry(store, self.session,

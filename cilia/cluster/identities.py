@@ -47,7 +47,8 @@ _log = logging.getLogger(__name__)
 
 
 class ClusterAllocator(MemoryAllocator):
-    def __init__(self, store: KVStore, session: Session, grace: float = 60.0, attempts: int = 32) -> None:
+    def __init__(self, store: KVStore, session: Session, grace: float = 60.0, attempts: int = 32,
+                 gc_interval: float | None = None) -> None:
         super().__init__()
         self.store = store
         self.session = session
@@ -63,16 +64,35 @@ class ClusterAllocator(MemoryAllocator):
         self.malformed = 0  # records skipped because they do not parse
         self.mirror = PrefixMirror(store, keys.IDENTITIES, self._on_change)
         session.on_renew.append(self._rereference)
+        # every node collects (the transaction makes concurrent collectors safe); None: only when called
+        self.gc_interval = gc_interval
+        self._stopped = threading.Event()
+        self._gc_thread = threading.Thread(target=self._collect, name="identity-gc", daemon=True)
 
     def start(self) -> None:
         self.mirror.start()
         self.mirror.synced.wait(self.store_timeout)
+        if self.gc_interval is not None:
+            self._gc_thread.start()
+
+    def _collect(self) -> None:
+        assert self.gc_interval is not None
+        while not self._stopped.wait(self.gc_interval):
+            try:
+                deleted = self.collect_garbage()
+                if deleted:
+                    _log.info("identities no node references any more, deleted: %s", deleted)
+            except KVStoreError as e:
+                _log.warning("identity garbage collection: %s", e)
 
     @property
     def store_timeout(self) -> float:
         return float(getattr(self.store, "timeout", 5.0))
 
     def stop(self) -> None:
+        self._stopped.set()
+        if self._gc_thread.is_alive():
+            self._gc_thread.join(10)
         self.mirror.stop()
 
     # ------------------------------------------------------------------ IdentityAllocator

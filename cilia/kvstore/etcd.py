@@ -241,6 +241,8 @@ class EtcdKVStore:
         retried (with a short backoff) until ``timeout``, then reported as ``KVStoreUnavailable``."""
         if self.closed:
             raise KVStoreError("kvstore client is closed")
+        if threading.current_thread() is self._thread:
+            raise RuntimeError("a blocking kvstore call on the client's own loop would wait for itself")
 
         async def guarded() -> T:
             deadline = asyncio.get_running_loop().time() + self.timeout

@@ -35,10 +35,11 @@ class Member:
     data_dir: Path
     log: Path
     proc: subprocess.Popen[bytes] | None = None
+    scheme: str = "http"
 
     @property
     def client_url(self) -> str:
-        return f"http://{HOST}:{self.client_port}"
+        return f"{self.scheme}://{HOST}:{self.client_port}"
 
     @property
     def peer_url(self) -> str:
@@ -46,16 +47,20 @@ class Member:
 
 
 class EtcdCluster:
-    def __init__(self, base: Path, members: int = 3) -> None:
+    def __init__(self, base: Path, members: int = 3, tls: tuple[Path, Path, Path] | None = None) -> None:
+        """``tls``: (CA, server certificate, key): clients must speak TLS and show a certificate
+        that CA signed (peers stay plaintext on loopback)."""
         if not os.path.exists(ETCD):
             pytest.skip("etcd-server is not installed (scripts/apt-packages.txt)")
         self.base = base
+        self.tls = tls
         self.members: list[Member] = []
         used: set[int] = set()
         for i in range(members):
             client, peer = _two_ports(used)
             data = base / f"cilia-etcd-{i}"
-            self.members.append(Member(f"m{i}", client, peer, data, base / f"cilia-etcd-{i}.log"))
+            self.members.append(Member(f"m{i}", client, peer, data, base / f"cilia-etcd-{i}.log",
+                                       scheme="https" if tls else "http"))
         self.initial_cluster = ",".join(f"{m.name}={m.peer_url}" for m in self.members)
         for m in self.members:
             self._spawn(m, "new")
@@ -77,6 +82,10 @@ class EtcdCluster:
                 "--initial-cluster-token", f"cilia-test-{os.getpid()}-{id(self)}",
                 "--heartbeat-interval", "50", "--election-timeout", "500",
                 "--enable-v2=false", "--logger", "zap", "--log-outputs", "stderr"]
+        if self.tls is not None:
+            ca, cert, key = self.tls
+            args += ["--cert-file", str(cert), "--key-file", str(key), "--client-cert-auth",
+                     "--trusted-ca-file", str(ca)]
         log = open(m.log, "ab")  # noqa: SIM115 - the child keeps it
         try:
             m.proc = subprocess.Popen(args, stdout=log, stderr=log, stdin=subprocess.DEVNULL,
@@ -90,12 +99,27 @@ class EtcdCluster:
         for m in self.members:
             if m.proc is None:
                 continue
-            while not _healthy(m):
+            while not self._healthy(m):
                 if m.proc.poll() is not None:
                     raise RuntimeError(f"etcd member {m.name} exited: {m.log.read_text()[-2000:]}")
                 if time.monotonic() > deadline:
                     raise RuntimeError(f"etcd member {m.name} not healthy: {m.log.read_text()[-2000:]}")
                 time.sleep(0.05)
+
+    def _healthy(self, m: Member) -> bool:
+        """/health answers with a leader; with TLS, a TCP connect is all we check (the agent under
+        test is what proves the handshake)."""
+        try:
+            with socket.create_connection((HOST, m.client_port), timeout=1) as s:
+                if self.tls is not None:
+                    return True
+                s.sendall(f"GET /health HTTP/1.0\r\nHost: {HOST}\r\n\r\n".encode())
+                data = b""
+                while chunk := s.recv(4096):
+                    data += chunk
+        except OSError:
+            return False
+        return b'"health":"true"' in data
 
     def stop_member(self, index: int) -> None:
         m = self.members[index]
@@ -138,18 +162,6 @@ def _two_ports(used: set[int]) -> tuple[int, int]:
             used.add(port)
             out.append(port)
     return out[0], out[1]
-
-
-def _healthy(m: Member) -> bool:
-    try:
-        with socket.create_connection((HOST, m.client_port), timeout=1) as s:
-            s.sendall(f"GET /health HTTP/1.0\r\nHost: {HOST}\r\n\r\n".encode())
-            data = b""
-            while chunk := s.recv(4096):
-                data += chunk
-    except OSError:
-        return False
-    return b'"health":"true"' in data
 
 
 @pytest.fixture
