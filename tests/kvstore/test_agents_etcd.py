@@ -159,3 +159,46 @@ def test_agents_as_processes_see_each_others_endpoints(etcd3: EtcdCluster, tmp_p
     finally:
         a.stop()
     assert "Traceback" not in a.log.read_text() + b.log.read_text()
+
+
+def test_etcd_lost_keeps_what_the_agent_knew_defers_new_endpoints_and_recovers(etcd3: EtcdCluster,
+                                                                               tmp_path: Path) -> None:
+    with agent_in_process(tmp_path / "a", envoy="none", node_id="node-a", kvstore=kv(etcd3, ttl=30)) as a, \
+            agent_in_process(tmp_path / "b", envoy="none", node_id="node-b", kvstore=kv(etcd3, ttl=30)) as b:
+        a.import_policies([(str(POLICY), POLICY.read_text())])
+        a.add_endpoint(EndpointSpec("deathstar", ("org=empire", "class=deathstar"), (DEATHSTAR,)))
+        tie_id = b.add_endpoint(EndpointSpec("tiefighter", ("org=empire", "class=tiefighter"),
+                                             (TIEFIGHTER,))).endpoint.identity
+        wait_until("deathstar admits tiefighter", lambda: tie_id in ingress_peers(a, "deathstar"))
+
+        etcd3.stop_member(1)  # one member gone: nothing changes
+        xwing_id = b.add_endpoint(EndpointSpec("xwing", ("org=alliance", "class=xwing"), (XWING,))).endpoint.identity
+        wait_until("a sees xwing", lambda: remote_identity(a, XWING) == xwing_id)
+        etcd3.start_member(1)
+
+        etcd3.stop_all()
+        wait_until("status says so", lambda: not a.status()["kvstore"]["connected"], timeout=20)
+        assert not a.status()["healthy"]
+        # everything known is still enforced: nothing flushed
+        assert remote_identity(a, TIEFIGHTER) == tie_id and tie_id in ingress_peers(a, "deathstar")
+        refused = run_cli(a.config.state_dir, "endpoint", "add", "--name", "new", "--labels", "app=new",
+                          "--ip", "10.213.1.20")
+        assert refused.code == 1 and "no cluster-wide identity" in refused.err
+        assert "new" not in {e.spec.name for e in a.endpoints().endpoints}
+        # the same labels as an endpoint it holds: the number it already has
+        same = a.add_endpoint(EndpointSpec("deathstar2", ("org=empire", "class=deathstar"), ("10.213.1.21",)))
+        assert same.endpoint.identity == a.engine.identity_of("deathstar").id
+
+        etcd3.start_all()
+        wait_until("connected again", lambda: a.status()["kvstore"]["connected"]
+                   and b.status()["kvstore"]["connected"], timeout=30)
+        new_a = a.add_endpoint(EndpointSpec("new", ("app=new",), ("10.213.1.20",))).endpoint.identity
+        new_b = b.add_endpoint(EndpointSpec("new", ("app=new",), ("10.213.2.20",))).endpoint.identity
+        assert new_a == new_b
+        wait_until("b sees deathstar2", lambda: remote_identity(b, "10.213.1.21") is not None)
+        store = EtcdKVStore(etcd3.endpoints)
+        try:
+            records = [kv.value for kv in store.get_prefix(keys.ID)[0]]
+        finally:
+            store.close()
+        assert len(records) == len(set(records)) == 4  # deathstar, tiefighter, xwing, new: no duplicates
