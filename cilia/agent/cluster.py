@@ -95,6 +95,20 @@ class ClusterNode:
         self.nodes.start()
         self.remote = RemoteIPCache(self.store, self.node, self._remote_changed)
         self.remote.start()
+        self._metrics(agent)
+
+    def _metrics(self, agent: Agent) -> None:
+        from prometheus_client import Gauge
+
+        r = agent.metrics.registry
+        Gauge("cilia_kvstore_connected", "1 while the kvstore answers (lease kept, watches running)",
+              registry=r).set_function(lambda: 1.0 if self.status()["connected"] else 0.0)
+        Gauge("cilia_kvstore_remote_endpoints", "Other nodes' endpoint addresses known from the kvstore",
+              registry=r).set_function(lambda: float(len(self.remote.entries) if self.remote else 0))
+        Gauge("cilia_kvstore_nodes", "Nodes announced in the kvstore", registry=r).set_function(
+            lambda: float(len(self.nodes.nodes)))
+        Gauge("cilia_kvstore_malformed_entries", "Entries in the kvstore skipped because they do not parse",
+              registry=r).set_function(lambda: float(self.status()["malformed"]))
 
     def _remote_changed(self, upserts: Mapping[IPNetwork, int], deletes: Sequence[IPNetwork]) -> None:
         agent = self._agent

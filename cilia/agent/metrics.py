@@ -15,6 +15,7 @@ keep their own counts. Served by the API at ``GET /metrics`` in the text exposit
 | ``cilia_xds_pushes_total`` / ``..._acks_total`` / ``..._nacks_total`` | type | xDS responses sent, acked, rejected |
 | ``cilia_xds_push_latency_seconds`` | type | from sending a version to its ACK |
 | ``cilia_envoy_up`` | | 1 while the managed Envoy runs (and is ready) |
+| ``cilia_kvstore_connected`` (``_remote_endpoints``, ``_nodes``, ``_malformed_entries``) | | with ``--kvstore`` |
 """
 
 from __future__ import annotations

@@ -283,6 +283,13 @@ def _status_text(s: dict[str, Any]) -> str:
         from ..k8s import format_status
 
         lines.append(format_status(s["kubernetes"]))
+    kv = s.get("kvstore")
+    if kv:
+        state = "connected" if kv["connected"] else "NOT connected: " + "; ".join(f"{k}: {v}" for k, v in
+                                                                           kv["errors"].items())
+        lines.append(f"KVStore:     {kv['backend']} {','.join(kv['endpoints'])} as node {kv['node']}, {state}, "
+                     f"{kv['nodes']} node(s), {kv['remote_endpoints']} remote endpoint address(es)"
+                     + (f", {kv['malformed']} malformed entries skipped" if kv["malformed"] else ""))
     lines += [f"Note:        {n}" for n in s["notes"]]
     lines += [f"Degraded:    {r}" for r in s.get("reasons", [])]
     return "\n".join(lines)

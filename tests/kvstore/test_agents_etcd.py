@@ -87,6 +87,10 @@ def test_two_agents_share_identities_and_endpoints_and_a_dead_ones_vanish(etcd3:
             assert refused.code == 2 and "only keys under cilia/" in refused.err
             status = a.status()
             assert status["kvstore"]["connected"] and status["kvstore"]["remote_endpoints"] == 2
+            text = run_cli(a.config.state_dir, "status").out
+            assert "KVStore:     etcd" in text and "as node node-a, connected, 2 node(s)" in text
+            metrics = a.metrics.exposition().decode()
+            assert "cilia_kvstore_connected 1.0" in metrics and "cilia_kvstore_remote_endpoints 2.0" in metrics
         # b stopped without revoking its lease (as if killed): its entries go when the lease expires
         wait_until("b's endpoints vanish", lambda: remote_identity(a, TIEFIGHTER) is None
                    and remote_identity(a, XWING) is None, timeout=20)
