@@ -1,8 +1,9 @@
 """``PrefixMirror``: a local copy of every key under a prefix, kept current by a watch.
 
 List, then watch from the revision after the list; when the watch ends (the store unreachable, a
-member gone, the revision compacted) list again after a backoff and report only the difference,
-so the consumer sees one consistent stream of upserts and deletes whatever happened in between.
+member gone) resume it from the last revision seen, after a backoff; when that revision has been
+compacted away, list again and report only the difference, so the consumer sees one consistent
+stream of upserts and deletes whatever happened in between.
 While the store is unreachable the mirror keeps what it has (nothing is flushed).
 """
 
@@ -30,6 +31,7 @@ class PrefixMirror:
         self.data: dict[str, bytes] = {}
         self.revision = 0  # the last revision reflected in ``data``
         self._listed = 0  # the revision of the last list
+        self._compacted = False  # the watch ended because its revision was compacted: list again
         self.synced = threading.Event()  # the first list has been delivered
         self.connected = False
         self.last_error: str | None = None
@@ -53,17 +55,24 @@ class PrefixMirror:
 
     def _run(self) -> None:
         delay = self.backoff[0]
+        need_list = True
         while not self._stopped.is_set():
             self._wake.clear()
+            self._compacted = False
             try:
-                self._relist()
-                self._watch = self.store.watch_prefix(self.prefix, self.revision + 1, self._on_events,
-                                                      self._on_error)
+                if need_list:
+                    self._relist()
+                    need_list = False
+                    start = self.revision + 1
+                else:  # resume; inclusive: the stream may have ended amid one revision's events
+                    start = self.revision
+                self._watch = self.store.watch_prefix(self.prefix, start, self._on_events, self._on_error)
                 self.connected = True
                 delay = self.backoff[0]
                 self._wake.wait()  # until the watch fails or we stop
             except KVStoreError as e:
                 self._failed(e)
+            need_list = need_list or self._compacted
             if self._watch is not None:
                 self._watch.cancel()
                 self._watch = None
@@ -91,6 +100,8 @@ class PrefixMirror:
                 if e.revision <= self._listed:
                     continue  # already in the list this watch started after (one revision may hold many events)
                 if e.kind is EventKind.PUT:
+                    if self.data.get(e.key) == e.value:
+                        continue  # seen already (a resumed watch repeats its first revision)
                     self.data[e.key] = e.value
                     upserts[e.key] = e.value
                     if e.key in deletes:
@@ -111,6 +122,7 @@ class PrefixMirror:
 
     def _on_error(self, error: Exception) -> None:
         if isinstance(error, WatchCompacted):
+            self._compacted = True
             _log.info("kvstore mirror %s: %s; relisting", self.prefix, error)
             self.last_error = str(error)
         else:
