@@ -206,3 +206,47 @@ def test_etcd_lost_keeps_what_the_agent_knew_defers_new_endpoints_and_recovers(e
         finally:
             store.close()
         assert len(records) == len(set(records)) == 4  # deathstar, tiefighter, xwing, new: no duplicates
+
+
+@pytest.mark.slow
+def test_a_killed_and_restarted_agent_republishes_before_deleting_its_stale_keys(etcd3: EtcdCluster,
+                                                                                 tmp_path: Path) -> None:
+    """kill -9, then start again on the same state: its endpoint's key is never deleted (the old
+    lease still holds it until the new run has written it again), a key its previous run left for
+    an endpoint it no longer has is deleted, and the identity keeps its number."""
+    import signal
+
+    state = tmp_path / "pa"
+    state.mkdir()
+    args = ("--envoy", "none", "--kvstore", "etcd", "--kvstore-endpoints", etcd3.endpoints_arg,
+            "--kvstore-lease-ttl", "20", "--node-id", "node-a")
+    a = AgentProcess(state, *args)
+    a.start()
+    store = EtcdKVStore(etcd3.endpoints)
+    events: list[tuple[str, str]] = []
+    try:
+        added = run_cli(state, "endpoint", "add", "--name", "tiefighter", "--labels", "org=empire,class=tiefighter",
+                        "--ip", TIEFIGHTER, "-o", "json")
+        assert added.code == 0, added.err
+        tie_id = added.json()["endpoint"]["identity"]
+        wait_until("published", lambda: store.get(keys.ip_key(TIEFIGHTER)) is not None)
+        first_lease = store.get(keys.ip_key(TIEFIGHTER)).lease  # type: ignore[union-attr]
+        stale = keys.ip_key("10.213.1.99")  # as if its previous run had an endpoint there
+        store.put(stale, b'{"identity": 300, "ip": "10.213.1.99", "node": "node-a"}', lease=first_lease)
+        watch = store.watch_prefix(keys.IPCACHE, store.revision() + 1,
+                                   lambda evs: events.extend((e.kind.value, e.key) for e in evs), lambda e: None)
+        assert a.proc is not None
+        a.proc.send_signal(signal.SIGKILL)
+        a.proc.wait()
+        a.start()
+        wait_until("stale key deleted", lambda: store.get(stale) is None)
+        now = store.get(keys.ip_key(TIEFIGHTER))
+        assert now is not None and now.lease != first_lease  # moved to the new run's lease
+        assert ("delete", keys.ip_key(TIEFIGHTER)) not in events
+        assert events.index(("put", keys.ip_key(TIEFIGHTER))) < events.index(("delete", stale))
+        listed = run_cli(state, "endpoint", "list", "-o", "json").json()["endpoints"]
+        assert [e["identity"] for e in listed] == [tie_id]
+        watch.cancel()
+    finally:
+        store.close()
+        a.stop()
