@@ -94,6 +94,7 @@ class ClusterNode:
         self.publisher.start()
         self.nodes.start()
         self.remote = RemoteIPCache(self.store, self.node, self._remote_changed)
+        self.allocator.on_learned.append(self._identities_learned)
         self.remote.start()
         self._metrics(agent)
 
@@ -143,6 +144,18 @@ class ClusterNode:
                 "entries": [{"key": kv.key, "value": kv.value.decode("utf-8", "replace"),
                              "mod_revision": kv.mod_revision, "lease": f"{kv.lease:x}" if kv.lease else None}
                             for kv in items]}
+
+    def _identities_learned(self, identities: list[int]) -> None:
+        """Labels that arrived after the addresses using them: those peers become selectable."""
+        agent = self._agent
+        if agent is None:
+            return
+        with agent.lock:
+            changed: set[str] = set()
+            for identity in identities:
+                changed |= agent.engine.refresh_remote(identity).endpoints
+            if changed:
+                agent._commit(changed)
 
     def stop(self) -> None:
         for part in (self.remote, self.nodes, self.publisher):

@@ -25,7 +25,7 @@ import logging
 import random
 import threading
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 
 from ..kvstore.base import KVStore, KVStoreError, Put
 from ..kvstore.mirror import PrefixMirror
@@ -62,6 +62,8 @@ class ClusterAllocator(MemoryAllocator):
         self._held: dict[LabelSet, Identity] = {}  # what this node references
         self._unreferenced: dict[tuple[int, int], float] = {}  # (ID, mod revision) -> since when
         self.malformed = 0  # records skipped because they do not parse
+        #: called (on the mirror's thread) with IDs whose labels just became known
+        self.on_learned: list[Callable[[list[int]], None]] = []
         self.mirror = PrefixMirror(store, keys.IDENTITIES, self._on_change)
         session.on_renew.append(self._rereference)
         # every node collects (the transaction makes concurrent collectors safe); None: only when called
@@ -229,10 +231,15 @@ class ClusterAllocator(MemoryAllocator):
 
     def _on_change(self, upserts: Mapping[str, bytes], deletes: Sequence[str]) -> None:
         with self._cluster_lock:
+            before = set(self._known)
             for key in deletes:
                 self._apply(key, None)
             for key, value in upserts.items():
                 self._apply(key, value)
+            learned = sorted(set(self._known) - before)
+        for callback in list(self.on_learned):  # outside the lock: callbacks take the agent's
+            if learned:
+                callback(learned)
 
     def _apply(self, key: str, value: bytes | None) -> None:
         try:

@@ -82,3 +82,20 @@ def test_two_nodes_on_the_store_double_share_numbers_and_the_engine_selects_the_
     assert a.allocate(pod("app=web")).id == web
     assert ANY_IDENTITY not in db_ingress(engine_a)
     store.close()
+
+
+def test_labels_that_arrive_after_the_address_make_the_peer_selectable() -> None:
+    store = MemoryKVStore()
+    a, b = ClusterAllocator(store, Session(store, "node-a")), ClusterAllocator(store, Session(store, "node-b"))
+    engine_a = PolicyEngine(a)
+    engine_a.apply(cnp(DB_FROM_WEB, "db"))
+    engine_a.upsert_endpoint(ep("db", "app=db", "10.0.1.2"))
+    web = b.allocate(pod("app=web")).id
+    store.down = True  # a cannot read the identity's record when the address arrives
+    assert engine_a.update_remote({NET("10.0.2.5/32"): web}).endpoints == set()
+    assert db_ingress(engine_a) == set()
+    store.down = False
+    assert engine_a.refresh_remote(web).endpoints == {"db"}
+    assert db_ingress(engine_a) == {web}
+    assert engine_a.refresh_remote(web).endpoints == set()
+    store.close()
