@@ -3,6 +3,7 @@ revisions, create-if-absent, compare-and-delete, leases, watches from a revision
 
 from __future__ import annotations
 
+import json
 import queue
 import time
 from collections.abc import Iterator
@@ -176,3 +177,20 @@ def test_an_unreachable_store_is_reported_within_the_timeout(tmp_path: Path) -> 
             store.revision()
     finally:
         store.close()
+
+
+def test_one_generated_etcd_client_in_the_agents_process() -> None:
+    """aetcd registers etcd's protos (rpc.proto, kv.proto, auth.proto) in the default descriptor
+    pool next to Envoy's; a second generated etcd client would register the same files and clash.
+    Import what an agent with --kvstore etcd imports, and check who registered them."""
+    import subprocess
+    import sys
+
+    code = ("import cilia.agent.daemon, cilia.kvstore.etcd, json, sys\n"
+            "from google.protobuf import descriptor_pool\n"
+            "f = descriptor_pool.Default().FindFileByName('rpc.proto')\n"
+            "print(json.dumps([f.package, sorted(m for m in sys.modules if 'etcd' in m.split('.')[0])]))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    package, modules = json.loads(out.stdout)
+    assert package == "etcdserverpb"
+    assert {m.split(".")[0] for m in modules} == {"aetcd"}
