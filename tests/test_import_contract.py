@@ -43,6 +43,8 @@ CLI_INSIDE_COMMANDS = {
     "cilia.agent.cleanup": "cilia bpf cleanup removes what an agent left on the node",
     "cilia.agent.metrics": "cilia agent counts the warnings and errors it logs",
     "cilia.agent.metrics_server": "cilia agent serves /metrics and the probes' pages on TCP",
+    "cilia.agent.cluster": "cilia agent --kvstore etcd builds the kvstore config it checks at start",
+    "cilia.kvstore": "cilia agent reports a kvstore that cannot be reached (KVStoreError)",
 }
 
 

@@ -139,6 +139,34 @@ def _get_identities(agent: Agent, _: dict[str, str], __: dict[str, list[str]], _
     return 200, agent.identities()
 
 
+def _cluster(agent: Agent) -> Any:
+    if agent.cluster is None:
+        raise AgentError("this agent has no kvstore (cilia agent --kvstore etcd --kvstore-endpoints ...)", 409)
+    return agent.cluster
+
+
+def _get_nodes(agent: Agent, _: dict[str, str], __: dict[str, list[str]], ___: Any) -> tuple[int, Any]:
+    return 200, _cluster(agent).node_list()
+
+
+def _get_cluster_identities(agent: Agent, _: dict[str, str], __: dict[str, list[str]], ___: Any) -> tuple[int, Any]:
+    return 200, _cluster(agent).identity_list()
+
+
+def _get_kvstore(agent: Agent, _: dict[str, str], query: dict[str, list[str]], __: Any) -> tuple[int, Any]:
+    from ..kvstore.base import KVStoreError
+
+    key, prefix = query.get("key", [None])[-1], query.get("prefix", [None])[-1]
+    if (key is None) == (prefix is None):
+        raise AgentError("give exactly one of the query parameters key and prefix")
+    try:
+        return 200, _cluster(agent).read(key, prefix)
+    except ValueError as e:
+        raise AgentError(str(e)) from None
+    except KVStoreError as e:
+        raise AgentError(str(e), 503) from None
+
+
 def _query_time(query: dict[str, list[str]], name: str) -> float | None:
     value = query.get(name, [None])[-1]
     try:
@@ -235,6 +263,9 @@ ROUTES: dict[tuple[str, str], Handler] = {
     ("GET", "/v1/monitor"): _get_monitor,
     ("GET", "/v1/identities"): _get_identities,
     ("GET", "/v1/flows"): _get_flows,
+    ("GET", "/v1/nodes"): _get_nodes,
+    ("GET", "/v1/cluster/identities"): _get_cluster_identities,
+    ("GET", "/v1/kvstore"): _get_kvstore,
     ("GET", "/v1/openapi.yaml"): _get_openapi,
     ("GET", "/metrics"): _get_metrics,
     ("GET", "/healthz"): _get_healthz,

@@ -110,6 +110,16 @@ class AgentClient:
     def identities(self) -> Any:
         return self.request("GET", "/v1/identities")
 
+    def nodes(self) -> Any:
+        return self.request("GET", "/v1/nodes")
+
+    def cluster_identities(self) -> Any:
+        return self.request("GET", "/v1/cluster/identities")
+
+    def kvstore(self, key: str | None = None, prefix: str | None = None) -> Any:
+        params = {"key": key} if key is not None else {"prefix": prefix}
+        return self.request("GET", "/v1/kvstore", params=params)
+
     def bpf_policy(self, name: str) -> Any:
         return self.request("GET", f"/v1/endpoints/{name}/bpf-policy")
 

@@ -25,6 +25,7 @@ read at scrape time by ``agent_metrics.AgentStateCollector``.
 | ``cilia_hubble_drop_total`` | reason, protocol | flows dropped (Hubble's) |
 | ``cilia_hubble_http_requests_total`` | method, protocol, status, reporter | HTTP requests (Hubble's) |
 | ``cilia_hubble_http_request_duration_seconds`` | method, reporter | HTTP request to response (Hubble's) |
+| ``cilia_kvstore_connected`` (``_remote_endpoints``, ``_nodes``, ``_malformed_entries``) | | with ``--kvstore`` |
 """
 
 from __future__ import annotations
