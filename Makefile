@@ -20,7 +20,7 @@ bench: setup
 	@$(PY) -m bench.xds_fanout
 	@$(PY) -m bench.http_enforcement
 	@$(PY) -m bench.bpf_datapath
-	@$(PY) bench/l7_protocols.py
+	@$(PY) -m bench.l7_protocols
 
 clean:
 	rm -rf .venv .pytest_cache .hypothesis
