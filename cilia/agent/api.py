@@ -96,7 +96,11 @@ def _wait_revision(agent: Agent, path: dict[str, str], query: dict[str, list[str
         seconds = min(float(timeout), MAX_WAIT)
     except ValueError:
         raise AgentError(f"query parameter timeout: {timeout!r} is not a number") from None
-    return 200, agent.wait(int(path["revision"]), seconds)
+    return 200, agent.wait_for(int(path["revision"]), seconds)
+
+
+def _trace_policies(agent: Agent, _: dict[str, str], __: dict[str, list[str]], body: Any) -> tuple[int, Any]:
+    return 200, agent.trace_flow(body)
 
 
 def _get_endpoints(agent: Agent, _: dict[str, str], __: dict[str, list[str]], ___: Any) -> tuple[int, Any]:
@@ -177,6 +181,7 @@ ROUTES: dict[tuple[str, str], Handler] = {
     ("POST", "/v1/policies"): _post_policies,
     ("DELETE", "/v1/policies"): _delete_policies,
     ("POST", "/v1/policies/diff"): _diff_policies,
+    ("POST", "/v1/policies/trace"): _trace_policies,
     ("GET", "/v1/revisions/{revision}/wait"): _wait_revision,
     ("GET", "/v1/endpoints"): _get_endpoints,
     ("POST", "/v1/endpoints"): _post_endpoints,

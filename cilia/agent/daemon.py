@@ -50,6 +50,7 @@ from ..policy import (
     PolicyError,
     Problem,
     Protocol,
+    compile_policy,
     parse_text,
 )
 from ..policy.parse import check_unique
@@ -209,6 +210,7 @@ class Agent:
         self.servers = Servers()
         self.envoy: EnvoySupervisor | None = None
         self.admin_address: str | None = None
+        self.reverted: dict[int, str] = {}  # revision -> why: the managed Envoy rejected it and it was reverted
         self._replay()
 
     @property
@@ -588,6 +590,7 @@ class Agent:
                                  f"{self.state.revision} was committed after it", 409)
             self._restore(before)
             restored = self._commit(None)
+            self.reverted[revision] = f"Envoy rejected it: {message}; revision {restored} restored the previous config"
         raise AgentError(f"Envoy rejected revision {revision}: {message}; the change was reverted "
                          f"(revision {restored} restores the previous config)", 409)
 
@@ -703,6 +706,40 @@ class Agent:
         ident = self.engine.allocator.get(identity) if identity else None
         return ident.labels.to_list() if ident else []
 
+    # ------------------------------------------------------------------ CLI habits (issue 18)
+
+    def wait_for(self, revision: int, timeout: float) -> Realized:
+        """``wait``, but a revision not committed yet is waited for too (until ``timeout``), and a
+        revision that was rejected and reverted fails (409) instead of counting as realized by the
+        revision that restored the previous config."""
+        deadline = time.monotonic() + timeout
+        while True:
+            with self.lock:
+                current = self.state.revision
+            if revision <= current:
+                break
+            if time.monotonic() >= deadline:
+                raise AgentError(f"revision {revision} does not exist after {timeout:g}s (current: {current})", 504)
+            time.sleep(0.05)
+        if revision in self.reverted:
+            raise AgentError(f"revision {revision} was reverted: {self.reverted[revision]}", 409)
+        return self.wait(revision, max(0.0, deadline - time.monotonic()))
+
+    def trace_flow(self, body: Any) -> dict[str, Any]:
+        """``cilia.policy.trace`` of the flow ``body`` describes (see livetrace) against the policies
+        and endpoints in force now."""
+        from .livetrace import TraceInputError, trace_live
+
+        with self.lock:
+            policies = list(self.engine.policies())
+            endpoints = dict(self.state.endpoints)
+        try:
+            return trace_live(policies, endpoints, body)
+        except TraceInputError as e:
+            raise AgentError(str(e), e.status) from None
+        except PolicyError as e:
+            raise AgentError(str(e)) from None
+
 
 def _endpoint(spec: EndpointSpec) -> Endpoint:
     named = tuple((p.name, p.port, p.protocol) for p in spec.ports if p.name)
@@ -711,8 +748,9 @@ def _endpoint(spec: EndpointSpec) -> Endpoint:
 
 
 def _policy_info(p: Policy, audited: set[PolicyKey] | frozenset[PolicyKey] = frozenset()) -> PolicyInfo:
+    notes = tuple(sorted({str(n) for r in compile_policy(p) for n in r.notes}))  # accepted, not enforced
     return PolicyInfo(p.kind.value, p.namespace, p.name, len(p.rules), p.source.file, p.source.line,
-                      p.key in audited)
+                      p.key in audited, notes)
 
 
 __all__ = ["Agent", "AgentConfig", "AgentError", "EnvoyMode", "PolicyKey", "Servers"]

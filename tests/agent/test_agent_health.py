@@ -88,7 +88,7 @@ def test_bugtool_archive(agent: Agent, tmp_path: Path) -> None:
     assert shoot(TIEFIGHTER, *EXHAUST) == "403 Access denied"
     wait_flows(state, 1)
     out = tmp_path / "bug.tar.gz"
-    res = run_cli(state, "bugtool", "-o", str(out))
+    res = run_cli(state, "bugtool", "--archive", str(out))
     assert res.code == 0 and "wrote" in res.out
     with tarfile.open(out) as tar:
         names = {n.split("/", 1)[1]: n for n in tar.getnames()}
