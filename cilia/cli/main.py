@@ -46,7 +46,7 @@ class _Cli(click.Group):
     """The root group: a usage error (unknown option or format, a bad value) is one line on stderr
     with exit 2, naming the command's --help, instead of click's usage block."""
 
-    def main(self, args: Sequence[str] | None = None, prog_name: str | None = None,  # type: ignore[override]
+    def main(self, args: Sequence[str] | None = None, prog_name: str | None = None,
              complete_var: str | None = None, standalone_mode: bool = True, **extra: Any) -> Any:
         if not standalone_mode:
             return super().main(args, prog_name, complete_var, standalone_mode, **extra)
