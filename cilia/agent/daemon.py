@@ -733,8 +733,9 @@ class Agent:
         with self.lock:
             policies = list(self.engine.policies())
             endpoints = dict(self.state.endpoints)
+            identities = list(self.engine.identities())
         try:
-            return trace_live(policies, endpoints, body)
+            return trace_live(policies, endpoints, identities, body)
         except TraceInputError as e:
             raise AgentError(str(e), e.status) from None
         except PolicyError as e:

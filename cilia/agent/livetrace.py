@@ -14,7 +14,7 @@ import ipaddress
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from ..policy import LabelSet, Peer, Policy, PolicyError, Protocol, TraceRequest, trace
+from ..policy import Identity, LabelSet, MemoryAllocator, Peer, Policy, PolicyError, Protocol, TraceRequest, trace
 from ..policy.trace import PROTOCOL_NAMES, l7_request_from_json
 from ..specs import EndpointSpec, PortSpec, StateError
 
@@ -89,7 +89,9 @@ def parse_request(body: Any, endpoints: Mapping[str, EndpointSpec]) -> TraceRequ
     return TraceRequest(src, dst, proto, dport, l7)
 
 
-def trace_live(policies: Sequence[Policy], endpoints: Mapping[str, EndpointSpec], body: Any) -> dict[str, Any]:
-    """The trace's JSON (``TraceResult.to_json``) plus ``text``, its explanation as the CLI prints it."""
-    result = trace(policies, parse_request(body, endpoints))
+def trace_live(policies: Sequence[Policy], endpoints: Mapping[str, EndpointSpec], identities: Sequence[Identity],
+               body: Any) -> dict[str, Any]:
+    """The trace's JSON (``TraceResult.to_json``) plus ``text``, its explanation as the CLI prints it;
+    identities are the agent's (labels it has no identity for get one private to the trace)."""
+    result = trace(policies, parse_request(body, endpoints), allocator=MemoryAllocator.copy_of(identities))
     return {**result.to_json(), "text": result.render()}

@@ -17,7 +17,7 @@ import os
 import tempfile
 import threading
 from contextlib import AbstractContextManager, contextmanager
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
@@ -131,6 +131,16 @@ class MemoryAllocator:
             self._by_labels.setdefault(LabelSet([Label(SOURCE_RESERVED, ident.labels.labels()[-1].key)]), ident)
         self._next = MIN_ALLOCATED
         self._next_cidr = LOCAL_CIDR_BASE + 1
+
+    @classmethod
+    def copy_of(cls, identities: Iterable[Identity]) -> MemoryAllocator:
+        """An allocator holding ``identities`` (an agent's), so a trace shows the numbers the agent
+        uses while what it allocates stays private to the trace."""
+        copy = cls()
+        for ident in identities:
+            if ident.id not in copy._by_id:
+                copy._add(ident)
+        return copy
 
     def allocate(self, labels: LabelSet) -> Identity:
         with self._lock:

@@ -122,9 +122,11 @@ class TraceResult:
         return render_text(self)
 
 
-def trace(policies: Sequence[Policy], request: TraceRequest, registry: L7Registry | None = None) -> TraceResult:
-    """Trace one flow against ``policies``."""
-    engine = PolicyEngine(MemoryAllocator())
+def trace(policies: Sequence[Policy], request: TraceRequest, registry: L7Registry | None = None,
+          allocator: MemoryAllocator | None = None) -> TraceResult:
+    """Trace one flow against ``policies`` (identities from ``allocator``: a fresh one by default,
+    a copy of the agent's for a live trace)."""
+    engine = PolicyEngine(allocator or MemoryAllocator())
     engine.apply(policies)
     total = sum(len(p.rules) for p in policies)
     # Both endpoints exist before either policy is read: each one's map state

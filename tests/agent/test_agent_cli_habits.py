@@ -53,6 +53,10 @@ def test_live_trace_gives_the_verdicts_envoy_enforces(starwars: Path) -> None:
     res = run_cli(state, "policy", "trace", "--from-endpoint", "tiefighter", "--to-endpoint", "deathstar",
                   "--dport", "80", "--http-method", "PUT", "--http-path", "/v1/exhaust-port", "-o", "json")
     assert res.code == 1 and res.json()["verdict"] == "denied"
+    listed = run_cli(state, "endpoint", "list", "-o", "json").json()["endpoints"]
+    identities = {e["name"]: e["identity"] for e in listed}
+    assert (res.json()["source"]["identity"], res.json()["destination"]["identity"]) == (
+        identities["tiefighter"], identities["deathstar"])  # the agent's identities, not a trace's own
     assert any((r.get("file") or "").endswith("sw_l3_l4_l7_policy.yaml") for r in res.json()["deciding_rules"])
     text = run_cli(state, "policy", "trace", "--from-endpoint", "xwing", "--to-endpoint", "deathstar", "--dport", "80")
     assert text.code == 1 and "Final verdict: DENIED" in text.out
