@@ -1,5 +1,6 @@
-"""`cilia connectivity test` against a real agent with its managed Envoy (sidecar mode): every
-check passes, a broken enforcement makes it fail, and it leaves nothing behind."""
+"""`cilia connectivity test` against a real agent with its managed Envoy, in sidecar mode and with
+the BPF datapath (endpoints in namespaces of their own): every check passes, a broken enforcement
+makes it fail, and it leaves nothing behind."""
 
 from __future__ import annotations
 
@@ -9,6 +10,9 @@ from pathlib import Path
 import pytest
 
 from agent_support import agent_in_process, run_cli
+from bpf_agent_support import bpf_agent
+
+from cilia.bpf.netns import ip
 
 from cilia.agent.daemon import Agent
 from cilia.connectivity import run as connectivity
@@ -50,3 +54,13 @@ def test_connectivity_test_fails_when_a_deny_path_is_open(agent: Agent, monkeypa
     failing = [line for line in res.out.splitlines() if line.rstrip().endswith("FAIL")]
     assert len(failing) == 1 and failing[0].startswith("L7 http deny (path)") and "403" in failing[0]
     assert run_cli(state, "endpoint", "list", "-o", "json").json() == {"endpoints": []}
+
+
+def test_connectivity_test_with_the_bpf_datapath(tmp_path: Path) -> None:
+    with bpf_agent(tmp_path) as node:
+        res = node.cilia("connectivity", "test", "--subnet", "10.212.0.0/24", "-o", "json")
+        assert res.code == 0, res.out + res.err
+        report = res.json()
+        assert report["mode"] == "bpf" and report["failed"] == 0 and len(report["checks"]) == 20
+        assert node.cilia("endpoint", "list", "-o", "json").json() == {"endpoints": []}
+        assert "cilia-conn-" not in ip("netns", "list").stdout  # the endpoints' namespaces went with them
