@@ -145,9 +145,9 @@ class Harness:
             if self.memcached:
                 cmd = [self.memcached, "-u", "root", "-U", "0", "-l", "0.0.0.0" if self.bpf else address,
                        "-p", str(own(MEMCACHE))]
-                if self.bpf:
-                    cmd = ["nsenter", f"--net=/run/netns/{self.netns('server')}", *cmd]
-                proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                # forked from a thread inside the server's namespace, memcached starts in it
+                proc = self._in("server", lambda: subprocess.Popen(cmd, stdout=subprocess.DEVNULL,
+                                                                   stderr=subprocess.DEVNULL))
                 stack.callback(_stop, proc)
                 self._wait_port(own(MEMCACHE))
             yield

@@ -11,8 +11,7 @@ import pytest
 
 from agent_support import agent_in_process, run_cli
 from bpf_agent_support import bpf_agent
-
-from cilia.bpf.netns import ip
+from helpers import ip
 
 from cilia.agent.daemon import Agent
 from cilia.connectivity import run as connectivity
