@@ -43,12 +43,14 @@ def register(cli: click.Group) -> None:
         finally:
             client.close()
         failed = [c for c in checks if not c.passed]
-        payload = {"mode": "bpf" if bpf else "sidecar", "checks": [c.to_json() for c in checks],
+        protocols = sorted({c.name.split()[1] for c in checks if c.name.startswith("L7 ")})
+        payload = {"mode": "bpf" if bpf else "sidecar", "l7_protocols": protocols,
+                   "checks": [c.to_json() for c in checks],
                    "passed": len(checks) - len(failed), "failed": len(failed), "cleanup_problems": problems}
         emit(output, payload, lambda p: table(
             ["CHECK", "FROM", "TO", "EXPECT", "RESULT", ""],
             [(c.name, c.source, c.destination, c.expect, c.result, "ok" if c.passed else "FAIL") for c in checks])
-            + f"\n{p['passed']}/{len(checks)} checks passed ({p['mode']} mode)"
+            + f"\n{p['passed']}/{len(checks)} checks passed ({p['mode']} mode; L7: {', '.join(protocols)})"
             + "".join(f"\ncleanup: {x}" for x in problems))
         if failed or problems:
             sys.exit(1)

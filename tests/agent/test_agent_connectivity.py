@@ -29,13 +29,14 @@ def test_connectivity_test_passes_and_cleans_up(agent: Agent) -> None:
     assert res.code == 0, res.out + res.err
     report = res.json()
     assert report["mode"] == "sidecar" and report["failed"] == 0 and report["cleanup_problems"] == []
+    assert report["l7_protocols"] == ["http", "memcache"]
     names = {c["check"] for c in report["checks"]}
     assert {"L7 http deny (path)", "L3 deny (identity)", "L4 deny (port)", "L4 allow (port)"} <= names
     assert "L7 memcache deny (key)" in names  # memcached is installed here (Debian's memcached)
     assert run_cli(state, "endpoint", "list", "-o", "json").json() == {"endpoints": []}
     assert run_cli(state, "policy", "get", "-o", "json").json()["policies"] == []
     text = run_cli(state, "connectivity", "test", "--subnet", "127.0.78.0/24")
-    assert text.code == 0 and text.out.splitlines()[-1].endswith("checks passed (sidecar mode)")
+    assert text.code == 0 and text.out.splitlines()[-1].endswith("checks passed (sidecar mode; L7: http, memcache)")
 
 
 def test_connectivity_test_fails_when_a_deny_path_is_open(agent: Agent, monkeypatch: pytest.MonkeyPatch) -> None:
