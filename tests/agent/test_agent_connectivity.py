@@ -29,14 +29,15 @@ def test_connectivity_test_passes_and_cleans_up(agent: Agent) -> None:
     assert res.code == 0, res.out + res.err
     report = res.json()
     assert report["mode"] == "sidecar" and report["failed"] == 0 and report["cleanup_problems"] == []
-    assert report["l7_protocols"] == ["http", "memcache"]
+    assert report["l7_protocols"] == ["http", "kafka", "memcache"]  # memcached and Tansu are installed here
     names = {c["check"] for c in report["checks"]}
     assert {"L7 http deny (path)", "L3 deny (identity)", "L4 deny (port)", "L4 allow (port)"} <= names
-    assert "L7 memcache deny (key)" in names  # memcached is installed here (Debian's memcached)
+    assert {"L7 memcache deny (key)", "L7 kafka deny (topic)"} <= names
     assert run_cli(state, "endpoint", "list", "-o", "json").json() == {"endpoints": []}
     assert run_cli(state, "policy", "get", "-o", "json").json()["policies"] == []
     text = run_cli(state, "connectivity", "test", "--subnet", "127.0.78.0/24")
-    assert text.code == 0 and text.out.splitlines()[-1].endswith("checks passed (sidecar mode; L7: http, memcache)")
+    assert text.code == 0
+    assert text.out.splitlines()[-1].endswith("checks passed (sidecar mode; L7: http, kafka, memcache)")
 
 
 def test_connectivity_test_fails_when_a_deny_path_is_open(agent: Agent, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -44,8 +45,8 @@ def test_connectivity_test_fails_when_a_deny_path_is_open(agent: Agent, monkeypa
     run with exit 1 and the failing row marked, and still cleans up."""
     wrong = connectivity.policy_text
 
-    def allow_private(memcached: bool) -> str:
-        return wrong(memcached).replace("path: /public}", "path: /p.*}")
+    def allow_private(memcached: bool, kafka: bool = False) -> str:
+        return wrong(memcached, kafka).replace("path: /public}", "path: /p.*}")
 
     monkeypatch.setattr(connectivity, "policy_text", allow_private)
     state = agent.config.state_dir
@@ -61,6 +62,6 @@ def test_connectivity_test_with_the_bpf_datapath(tmp_path: Path) -> None:
         res = node.cilia("connectivity", "test", "--subnet", "10.212.0.0/24", "-o", "json")
         assert res.code == 0, res.out + res.err
         report = res.json()
-        assert report["mode"] == "bpf" and report["failed"] == 0 and len(report["checks"]) == 20
+        assert report["mode"] == "bpf" and report["failed"] == 0 and len(report["checks"]) == 26
         assert node.cilia("endpoint", "list", "-o", "json").json() == {"endpoints": []}
         assert "cilia-conn-" not in ip("netns", "list").stdout  # the endpoints' namespaces went with them
