@@ -117,3 +117,35 @@ def kafka_metadata(src: str | None, dst: str, port: int, topic: str) -> str:
     if topic not in errors:
         return "no answer about the topic"
     return "topic authorization failed" if errors[topic] == 29 else "answered"
+
+
+def _cql_frame(opcode: int, body: bytes) -> bytes:
+    return struct.pack(">BBbBi", 0x01, 0, 1, opcode, len(body)) + body  # CQL v1: Cassandra 1.2's
+
+
+def _cql_reply(s: socket.socket) -> tuple[int, bytes]:
+    _, _, _, opcode, length = struct.unpack(">BBbBi", _read_exact(s, 8))
+    return opcode, _read_exact(s, length)
+
+
+def cassandra_query(src: str | None, dst: str, port: int, query: str) -> str:
+    """A CQL v1 STARTUP then QUERY: ``rows`` (a result), ``unauthorized`` (error 0x2100: the proxy
+    denied it), ``error 0xNNNN`` (another error), or blocked/refused."""
+    startup = struct.pack(">h", 1) + _str16("CQL_VERSION") + _str16("3.0.0")
+    text = query.encode()
+    try:
+        with _connect(src, dst, port) as s:
+            s.sendall(_cql_frame(0x01, startup))
+            opcode, _ = _cql_reply(s)
+            if opcode != 0x02:  # READY
+                return f"no READY (opcode {opcode:#x})"
+            s.sendall(_cql_frame(0x07, struct.pack(">i", len(text)) + text + struct.pack(">h", 1)))
+            opcode, body = _cql_reply(s)
+    except ConnectionRefusedError:
+        return "refused"
+    except OSError:
+        return "blocked"
+    if opcode == 0x08:  # RESULT
+        return "rows"
+    code = struct.unpack_from(">i", body)[0] if opcode == 0x00 and len(body) >= 4 else -1
+    return "unauthorized" if code == 0x2100 else f"error {code:#06x}"

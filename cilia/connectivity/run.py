@@ -25,14 +25,14 @@ from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from . import probes
+from . import cassandra, probes
 from .servers import serve
 
 T = TypeVar("T")
 
 LABEL = "cilia-connectivity"
 POLICY = "cilia-connectivity-test"
-HTTP, ECHO_DENIED, ECHO_ALLOWED, MEMCACHE, KAFKA = 80, 8081, 8082, 11211, 9092
+HTTP, ECHO_DENIED, ECHO_ALLOWED, MEMCACHE, KAFKA, CASSANDRA = 80, 8081, 8082, 11211, 9092, 9042
 
 
 def tansu_binary() -> str | None:
@@ -68,7 +68,14 @@ class ConnectivityError(Exception):
     """The test could not set itself up (the agent refused, a server did not start)."""
 
 
-def policy_text(memcached: bool, kafka: bool = False) -> str:
+def policy_text(memcached: bool, kafka: bool = False, cassandra: bool = False) -> str:
+    cassandra_rule = f"""
+  - fromEndpoints: [{{matchLabels: {{{LABEL}: client}}}}]
+    toPorts:
+    - ports: [{{port: "{CASSANDRA}", protocol: TCP}}]
+      rules:
+        l7proto: cassandra
+        l7: [{{query_action: select, query_table: "system\\\\.local"}}]""" if cassandra else ""
     kafka_rule = f"""
   - fromEndpoints: [{{matchLabels: {{{LABEL}: client}}}}]
     toPorts:
@@ -95,7 +102,7 @@ spec:
     - ports: [{{port: "{HTTP}", protocol: TCP}}]
       rules:
         http: [{{method: GET, path: /public}}]
-    - ports: [{{port: "{ECHO_ALLOWED}", protocol: TCP}}]{memcache_rule}{kafka_rule}
+    - ports: [{{port: "{ECHO_ALLOWED}", protocol: TCP}}]{memcache_rule}{kafka_rule}{cassandra_rule}
 """
 
 
@@ -117,6 +124,7 @@ class Harness:
         self.log = log
         self.memcached = shutil.which("memcached")
         self.tansu = tansu_binary()
+        self.cassandra = cassandra.jar()
         self.app_ports: dict[int, int] = {}  # sidecar: the port Envoy listens on -> the server's own
         self.added: list[str] = []
 
@@ -146,7 +154,7 @@ class Harness:
         """Sidecar mode: the servers' own ports behind the ports Envoy listens on."""
         if not self.bpf:
             ports = ([HTTP, ECHO_DENIED, ECHO_ALLOWED] + ([MEMCACHE] if self.memcached else [])
-                     + ([KAFKA] if self.tansu else []))
+                     + ([KAFKA] if self.tansu else []) + ([CASSANDRA] if self.cassandra else []))
             self.app_ports = {p: _free_port(self.ips["server"]) for p in ports}
 
     @contextmanager
@@ -178,11 +186,22 @@ class Harness:
                                                                    stderr=subprocess.DEVNULL))
                 stack.callback(_stop, proc)
                 self._wait_port(own(KAFKA), "the Tansu Kafka broker")
+            if self.cassandra:
+                # its storage, SSL storage and RPC ports: free ones here, fixed in its own namespace
+                extra = (7000, 7001, 9160) if self.bpf else tuple(_free_port(address) for _ in range(3))
+                server = cassandra.prepare(self.cassandra, address, own(CASSANDRA), extra)  # type: ignore[arg-type]
+                stack.callback(shutil.rmtree, server.root, True)
+                proc = self._in("server", lambda: subprocess.Popen(server.command, cwd=server.root,
+                                                                   stdout=subprocess.DEVNULL,
+                                                                   stderr=subprocess.DEVNULL))
+                stack.callback(_stop, proc)
+                self._wait_port(own(CASSANDRA), "Cassandra 1.2", 120, proc)
             yield
 
-    def _wait_port(self, port: int, what: str) -> None:
+    def _wait_port(self, port: int, what: str, timeout: float = 15,
+                   proc: subprocess.Popen[bytes] | None = None) -> None:
         address = self.ips["server"]
-        deadline = time.monotonic() + 15
+        deadline = time.monotonic() + timeout
 
         def probe() -> bool:
             try:
@@ -192,6 +211,8 @@ class Harness:
                 return False
 
         while not self._in("server", probe):
+            if proc is not None and proc.poll() is not None:
+                raise ConnectivityError(f"{what} exited with {proc.returncode}")
             if time.monotonic() > deadline:
                 raise ConnectivityError(f"{what} did not open {address}:{port}")
             time.sleep(0.1)
@@ -227,6 +248,8 @@ class Harness:
             return self._in(role, lambda: probes.http_get(src, dst, port, args[0]))
         if kind == "echo":
             return self._in(role, lambda: probes.tcp_echo(src, dst, port))
+        if kind == "cassandra":
+            return self._in(role, lambda: probes.cassandra_query(src, dst, port, args[0]))
         if kind == "kafka":
             return self._in(role, lambda: probes.kafka_metadata(src, dst, port, args[0]))
         return self._in(role, lambda: probes.memcache(src, dst, port, args[0], args[1]))
@@ -263,11 +286,19 @@ KAFKA_CASES: list[tuple[str, str, str, int, tuple[str, ...], str, str]] = [
     ("L3 deny on kafka", "other", "kafka", KAFKA, ("public",), "answered", "blocked"),
 ]
 
+CASSANDRA_CASES: list[tuple[str, str, str, int, tuple[str, ...], str, str]] = [
+    ("L7 cassandra allow (table)", "client", "cassandra", CASSANDRA, ("SELECT key FROM system.local",), "rows", "rows"),
+    ("L7 cassandra deny (table)", "client", "cassandra", CASSANDRA, ("SELECT peer FROM system.peers",), "rows",
+     "unauthorized"),
+    ("L3 deny on cassandra", "other", "cassandra", CASSANDRA, ("SELECT key FROM system.local",), "rows", "blocked"),
+]
+
 
 def run(client: Any, bpf: bool, subnet: str, log: Callable[[str], None]) -> tuple[list[Check], list[str]]:
     """Every check, without and then with the policy; and what cleanup could not remove."""
     h = Harness(client, bpf, subnet, log)
-    cases = CASES + (MEMCACHE_CASES if h.memcached else []) + (KAFKA_CASES if h.tansu else [])
+    cases = (CASES + (MEMCACHE_CASES if h.memcached else []) + (KAFKA_CASES if h.tansu else [])
+             + (CASSANDRA_CASES if h.cassandra else []))
     checks: list[Check] = []
     try:
         h.choose_ports()
@@ -279,7 +310,8 @@ def run(client: Any, bpf: bool, subnet: str, log: Callable[[str], None]) -> tupl
                                     before, h.probe(src, kind, port, *args)))
             log(f"importing policy {POLICY}")
             revision = client.import_policies([(f"<cilia connectivity test>/{POLICY}.yaml",
-                                                policy_text(bool(h.memcached), bool(h.tansu)))])["revision"]
+                                                policy_text(bool(h.memcached), bool(h.tansu),
+                                                            bool(h.cassandra)))])["revision"]
             client.wait(revision, 60)
             for name, src, kind, port, args, _, after in cases:
                 checks.append(Check(name, h.endpoint(src), f"{h.endpoint('server')}:{port}", after,
