@@ -37,6 +37,7 @@ from ..envoy.bootstrap import build_bootstrap, write_bootstrap
 from ..envoy.l7service import ConnectionInfo, L7Server
 from ..envoy.l7views import check_for
 from ..envoy.l7workers import WorkerPool
+from ..envoy.inproc.channel import InprocL7, L7Mode
 from ..envoy.supervisor import EnvoySupervisor
 from ..envoy.translate import AccessLogTarget, GrpcTarget
 from ..l7parsers.base import Check
@@ -53,6 +54,7 @@ from ..policy import (
     compile_policy,
     parse_text,
 )
+from ..policy.identity import IdentityUnavailable
 from ..policy.parse import check_unique
 from ..realizer import Desired, EndpointState, PortMap, Realizer
 from ..realizer.datapath import DatapathSink
@@ -63,6 +65,7 @@ from ..specs import EndpointSpec, PolicyKey, StateError
 from ..xds import LISTENER, AckTracker, Cache, NackError, ServerTls, XdsServer
 from ..xds.sockets import private_dir
 from . import status as status_view
+from .cluster import ClusterNode, KVStoreConfig  # kvstore (issue 13)
 from .diff import policy_diff
 from .flows import FlowFile, FlowFilter
 from .metrics import MeteredAckTracker, Metrics
@@ -117,9 +120,11 @@ class AgentConfig:
     router_ip: str | None = None  # the gateway of endpoints the agent creates (put on lo if missing)
     proxy_port_range: tuple[int, int] = (10000, 20000)  # Envoy's transparent listeners (Cilium's range)
     l7_workers: int = 0  # L7 parsers in this many worker processes (0: in the agent's own process)
+    l7_mode: L7Mode = "auto"  # L7 parsers inside Envoy (inproc) or on ext_proc; auto: inproc if its module is built
     xds_tls: ServerTls | None = None  # mutual TLS for the TCP xds_addresses (client certificate CN = node id)
     xds_insecure: bool = False  # serve TCP xds_addresses in plaintext: chosen explicitly, never by default
     socket_group: int | None = None  # the agent's sockets are 0660 with this gid, else 0600
+    kvstore: KVStoreConfig | None = None  # kvstore (issue 13): identities, endpoints and nodes shared cluster-wide
 
     @property
     def api_socket(self) -> Path:
@@ -180,7 +185,10 @@ class Agent:
         private_dir(config.state_dir, config.socket_group)  # nobody else may swap the sockets in it
         self.lock = threading.RLock()  # engine, state and revisions; never held while waiting for proxies
         self.state = load_state(config.state_dir)
-        self.engine = PolicyEngine(FileAllocator(config.state_dir))
+        # kvstore (issue 13): cluster-wide identities from etcd instead of this node's file
+        self.cluster = ClusterNode.connect(config.node_id, config.kvstore) if config.kvstore is not None else None
+        self.engine = PolicyEngine(self.cluster.allocator if self.cluster is not None
+                                   else FileAllocator(config.state_dir))
         self.cache = Cache()
         self.metrics = Metrics()
         self.tracker: AckTracker = MeteredAckTracker(self.metrics)
@@ -196,9 +204,16 @@ class Agent:
                                            else 0.0)
         first, *more = (f"unix:{p}" for p in config.l7_sockets)
         self.views = L7ViewSink()
+        extproc = GrpcTarget(L7_CLUSTER, first, more=tuple(more))
+        # --- the L7 parsers inside Envoy (cilia.envoy.inproc); None: they run on ext_proc
+        self.l7_inproc = InprocL7.choose(config.l7_mode, config.state_dir / "l7-inproc.sock",
+                                         self.observer.on_worker_record, managed=config.envoy == "managed",
+                                         workers=config.l7_workers, on_error=self._error)
+        if self.l7_inproc is not None:
+            self.views.attach(self.l7_inproc)  # every revision's views go to Envoy's interpreters
         self.proxy = ProxySink(self.cache, config.proxy_mode, config.node_id,
                                AccessLogTarget(ACCESS_LOG_CLUSTER, f"unix:{config.accesslog_socket}"),
-                               GrpcTarget(L7_CLUSTER, first, more=tuple(more)))
+                               self.l7_inproc.target(extproc) if self.l7_inproc is not None else extproc)
         sinks: list[Any] = [self.views, self.proxy]
         if self.node is not None:
             sinks.append(DatapathSink(self.node))
@@ -247,6 +262,8 @@ class Agent:
         try:
             if self.node is not None:
                 self._start_datapath()
+            if self.cluster is not None:  # kvstore (issue 13): publish this node's endpoints, receive the others'
+                self.cluster.attach(self)
             for sock in (self.config.xds_socket, self.config.accesslog_socket, *self.config.l7_sockets):
                 sock.unlink(missing_ok=True)
             s = self.servers
@@ -268,6 +285,8 @@ class Agent:
                 s.l7 = L7Server(self.views.source, self.observer.on_l7_record)
                 s.l7.add_address(f"unix:{self.config.l7_socket}", group=group)
                 s.l7.start()
+            if self.l7_inproc is not None:
+                self.l7_inproc.start()
             if self.config.envoy == "managed":
                 self._start_envoy()
         except BaseException:
@@ -301,7 +320,8 @@ class Agent:
                                                    self.admin_address))
         self.envoy = EnvoySupervisor(bootstrap, self.admin_address, log_path=self.config.state_dir / "envoy.log",
                                      extra_args=self.config.envoy_args,
-                                     pid_file=self.config.state_dir / "envoy.pid")
+                                     pid_file=self.config.state_dir / "envoy.pid",
+                                     env=self.l7_inproc.envoy_env() if self.l7_inproc is not None else None)
         self.envoy.start()
 
     def stop(self) -> None:
@@ -320,8 +340,12 @@ class Agent:
                 self.views.detach(s.l7_pool)
                 s.l7_pool.stop()
                 s.l7_pool = None
+            if self.l7_inproc is not None:
+                self.l7_inproc.stop()
             if self.node is not None:
                 self.node.stop()
+            if self.cluster is not None:  # kvstore (issue 13)
+                self.cluster.stop()
             self.observer.close()
 
     # ------------------------------------------------------------------ policies
@@ -449,6 +473,10 @@ class Agent:
                 if created is not None:
                     created.delete()
                 raise AgentError(f"endpoint {spec.name}: {e}", 409) from None
+            except IdentityUnavailable as e:  # kvstore (issue 13): no node-local number instead
+                if created is not None:
+                    created.delete()
+                raise AgentError(f"endpoint {spec.name}: {e}", 503) from None
             self.state.endpoints[spec.name] = spec
             if spec.interface is not None and spec.name not in self.state.endpoint_ids:
                 try:
@@ -599,7 +627,6 @@ class Agent:
         m.policies.set(len(self.engine.policies()))
         m.max_revision.set(desired.revision)
         m.endpoints.set(len(desired.endpoints))
-        m.identities.set(len(self.engine.identities()))
         redirects: dict[str, set[tuple[str, str, int]]] = {}
         for name, ep in desired.endpoints.items():
             for r in self._redirects.of(name, ep.map_state):

@@ -53,6 +53,10 @@ def status(agent: Agent) -> dict[str, Any]:
                             "last_error": "" if k8s["connected"] else "; ".join(
                                 f"{n}: {r['last_error'] or 'not connected'}" for n, r in k8s["resources"].items()
                                 if not r["connected"])})
+    kvstore = agent.cluster.status() if agent.cluster is not None else None
+    if kvstore is not None:
+        controllers.append({"name": "kvstore", "status": "ok" if kvstore["connected"] else "failing",
+                            "last_error": "; ".join(f"{k}: {v}" for k, v in kvstore["errors"].items())})
     reasons = [f"proxy {p['node']} rejected {p['type']} {p['nacked']}: {p['nack']}" for p in proxies if p["nack"]]
     reasons += [f"{c['name']}: {c['last_error'] or c['status']}" for c in controllers if c["status"] != "ok"]
     return {"healthy": not reasons, "reasons": reasons, "revision": revision, **counts, "envoy": envoy,
@@ -60,7 +64,9 @@ def status(agent: Agent) -> dict[str, Any]:
             "xds": {"addresses": [f"unix:{agent.config.xds_socket}", *agent.config.xds_addresses],
                     "proxies": proxies},
             "controllers": controllers, "errors": list(agent.errors),
+            "l7": agent.l7_inproc.status() if agent.l7_inproc is not None else {"mode": "extproc"},
             **({"kubernetes": k8s} if k8s is not None else {}),
+            **({"kvstore": kvstore} if kvstore is not None else {}),
             "uptime_s": round(time.time() - agent.started, 1), "notes": notes,
             "state_dir": str(agent.config.state_dir)}
 
@@ -122,6 +128,9 @@ def _controllers(agent: Agent, envoy: Mapping[str, Any], datapath: Mapping[str, 
     out = [ctl("xds-server", servers.xds is not None, "not serving"),
            ctl("accesslog-server", servers.als is not None, "not serving"),
            ctl("l7-server", servers.l7 is not None or servers.l7_pool is not None, "not serving")]
+    if agent.l7_inproc is not None:
+        problem = agent.l7_inproc.problem()
+        out.append(ctl("l7-inproc", not problem, problem))
     if servers.l7_pool is not None:
         alive = servers.l7_pool.alive()
         out.append(ctl("l7-workers", alive == len(servers.l7_pool.addresses),

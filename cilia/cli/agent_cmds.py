@@ -50,6 +50,10 @@ from .common import (
 @click.option("--l7-workers", type=click.IntRange(0, 64), default=0, show_default=True,
               help="Run the Kafka/Cassandra/Memcached/plugin parsers in this many worker processes (0: in the "
               "agent's own process); Envoy spreads connections over them.")
+@click.option("--l7-mode", type=click.Choice(["auto", "inproc", "extproc"]), default="auto", show_default=True,
+              help="Where the Kafka/Cassandra/Memcached/plugin parsers run: inproc: inside Envoy (the cilia_l7 "
+              "module, built by setup); extproc: in the agent behind network ext_proc; auto: inproc when the "
+              "module is built for this Envoy, Envoy is managed and no --l7-workers are asked for.")
 @click.option("--kubernetes", metavar="in-cluster|KUBECONFIG",
               help="Watch Pods, NetworkPolicy, CiliumNetworkPolicy and CiliumClusterwideNetworkPolicy: in-cluster "
               "(the pod's service account) or a kubeconfig path ('default': $KUBECONFIG or ~/.kube/config).")
@@ -65,22 +69,51 @@ from .common import (
               "authentication (anyone reaching the port may claim any node id). Refused without this flag.")
 @click.option("--socket-group", metavar="GROUP", help="Make the agent's sockets (API, xDS, access log, L7) "
               "mode 0660 with this group (name or gid) instead of 0600 (the agent's user and root only).")
+@click.option("--prometheus-serve-addr", metavar="HOST:PORT", help="Serve Prometheus metrics at /metrics on this "
+              "TCP address (Cilium's flag; \":9962\": port 9962 on every address).")
+@click.option("--agent-health-port", type=click.IntRange(0, 65535), default=0, show_default=True,
+              help="Serve GET /healthz for probes on this TCP port, every address (Cilium's is 9879; 0: off).")
+@click.option("--kvstore", type=click.Choice(["none", "etcd"]), default="none", show_default=True,
+              help="etcd: share identities, endpoint addresses and this node through etcd (v3 API) with the "
+              "other agents; --node-id names this node and must be unique in the cluster.")
+@click.option("--kvstore-endpoints", metavar="URL[,URL...]", help="The etcd members: http://HOST:PORT or "
+              "https://HOST:PORT (with --kvstore-ca).")
+@click.option("--kvstore-ca", type=click.Path(dir_okay=False), help="PEM CA bundle of the etcd members' "
+              "certificates (https:// endpoints).")
+@click.option("--kvstore-cert", type=click.Path(dir_okay=False), help="PEM client certificate for etcd.")
+@click.option("--kvstore-key", type=click.Path(dir_okay=False), help="PEM private key of --kvstore-cert.")
+@click.option("--kvstore-lease-ttl", type=click.IntRange(2, 3600), default=15, show_default=True,
+              help="Seconds this node's records outlive it if it dies.")
+@click.option("--node-ip", help="This node's address, announced to the cluster (--kvstore).")
+@click.option("--pod-cidr", help="The prefix this node's endpoints are numbered from, announced (--kvstore).")
+@click.option("--health-ip", help="This node's health endpoint address, announced (--kvstore).")
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning"]), default="info", show_default=True)
 def agent_cmd(state_dir: str, xds_addresses: Sequence[str], envoy_mode: str, node_id: str, datapath: str,
               bpf_pin_dir: str, router_ip: str | None, flow_file: str | None, flow_file_max_mb: int,
-              flow_file_backups: int, l7_workers: int, kubernetes: str | None, node_name: str | None,
-              xds_tls_cert: str | None, xds_tls_key: str | None, xds_tls_ca: str | None, xds_insecure: bool,
-              socket_group: str | None, log_level: str) -> None:
+              flow_file_backups: int, l7_workers: int, l7_mode: str, kubernetes: str | None,
+              node_name: str | None, xds_tls_cert: str | None, xds_tls_key: str | None, xds_tls_ca: str | None,
+              xds_insecure: bool, socket_group: str | None, prometheus_serve_addr: str | None,
+              agent_health_port: int, kvstore: str, kvstore_endpoints: str | None, kvstore_ca: str | None,
+              kvstore_cert: str | None, kvstore_key: str | None, kvstore_lease_ttl: int, node_ip: str | None,
+              pod_cidr: str | None, health_ip: str | None, log_level: str) -> None:
     """Run the agent until SIGTERM or Ctrl-C: load state, serve the REST API on
     <state-dir>/cilia.sock, serve xDS, supervise Envoy, receive its access logs; with
     --datapath bpf also load the BPF datapath. Stopping leaves the BPF programs enforcing the
     last policy (`cilia cleanup` removes them)."""
     from ..agent.api import APIServer
     from ..agent.daemon import Agent, AgentConfig
+    from ..agent.metrics import LogCounter
+    from ..agent.metrics_server import PROMETHEUS_PORT, parse_address, start_servers
     from ..bpf.loader import DatapathError, bpf_available
     from ..envoy.supervisor import EnvoyStartError
 
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if prometheus_serve_addr:
+        try:
+            parse_address(prometheus_serve_addr, PROMETHEUS_PORT)
+        except ValueError as e:
+            click.echo(f"error: --prometheus-serve-addr: {e}", err=True)
+            sys.exit(2)
     if datapath == "bpf" and (why := bpf_available()) is not None:
         click.echo(f"error: --datapath bpf: {why}", err=True)
         sys.exit(2)
@@ -88,23 +121,33 @@ def agent_cmd(state_dir: str, xds_addresses: Sequence[str], envoy_mode: str, nod
                          datapath=datapath, bpf_pin_dir=bpf_pin_dir, router_ip=router_ip,  # type: ignore[arg-type]
                          flow_file=Path(flow_file).resolve() if flow_file else None,
                          flow_file_max_bytes=flow_file_max_mb << 20, flow_file_backups=flow_file_backups,
-                         l7_workers=l7_workers,
+                         l7_workers=l7_workers, l7_mode=l7_mode,  # type: ignore[arg-type]
                          xds_tls=_xds_tls(xds_addresses, xds_tls_cert, xds_tls_key, xds_tls_ca, xds_insecure),
-                         xds_insecure=xds_insecure, socket_group=_group_id(socket_group))
+                         xds_insecure=xds_insecure, socket_group=_group_id(socket_group),
+                         kvstore=_kvstore(kvstore, kvstore_endpoints, kvstore_ca, kvstore_cert, kvstore_key,
+                                          kvstore_lease_ttl, node_ip, pod_cidr, health_ip))
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
+    from ..kvstore.base import KVStoreError
+
     try:
         agent = Agent(config)
-    except (StateError, OSError) as e:
+    except (StateError, OSError, ValueError) as e:
         click.echo(f"error: {e}", err=True)
         sys.exit(2)
+    except KVStoreError as e:  # wrong endpoints or certificates, or no member answers
+        click.echo(f"error: --kvstore etcd: {e}", err=True)
+        sys.exit(1)
+    logging.getLogger("cilia").addHandler(LogCounter(agent.metrics))
     api: APIServer | None = None
     watcher: Any = None
+    tcp: list[Any] = []
     try:
         agent.start()
         api = APIServer(config.api_socket, agent)
         api.start()
+        tcp = start_servers(agent, prometheus_serve_addr, agent_health_port or None)
         if kubernetes:
             watcher = _kubernetes_watcher(agent, kubernetes, node_name, datapath, envoy_mode)
             watcher.start()
@@ -114,7 +157,8 @@ def agent_cmd(state_dir: str, xds_addresses: Sequence[str], envoy_mode: str, nod
                    f"{status['endpoints']} endpoints; API unix:{config.api_socket}; "
                    f"xDS {', '.join(status['xds']['addresses'])}; Envoy {envoy_mode}"
                    + (f" (pid {envoy.get('pid')})" if envoy.get("pid") else "")
-                   + (f"; BPF datapath, maps in {bpf_pin_dir}" if datapath == "bpf" else ""), err=True)
+                   + (f"; BPF datapath, maps in {bpf_pin_dir}" if datapath == "bpf" else "")
+                   + "".join(f"; {', '.join(s.pages)} on TCP port {s.port}" for s in tcp), err=True)
         while not stop.wait(1.0):
             pass
     except EnvoyStartError as e:
@@ -129,6 +173,8 @@ def agent_cmd(state_dir: str, xds_addresses: Sequence[str], envoy_mode: str, nod
     finally:
         if watcher is not None:
             watcher.stop()
+        for server in tcp:
+            server.stop()
         if api is not None:
             api.stop()
         agent.stop()
@@ -167,6 +213,40 @@ def _xds_tls(addresses: Sequence[str], cert: str | None, key: str | None, ca: st
     return tls
 
 
+def _kvstore(backend: str, endpoints: str | None, ca: str | None, cert: str | None, key: str | None,
+             lease_ttl: int, node_ip: str | None, pod_cidr: str | None, health_ip: str | None) -> Any:
+    """The KVStoreConfig (None without --kvstore); exits 2 on options that do not fit together."""
+    import ipaddress
+
+    from ..agent.cluster import KVStoreConfig
+
+    if backend == "none":
+        given = [flag for flag, v in (("--kvstore-endpoints", endpoints), ("--kvstore-ca", ca),
+                                      ("--kvstore-cert", cert), ("--kvstore-key", key)) if v]
+        if given:
+            click.echo(f"error: {given[0]} needs --kvstore etcd", err=True)
+            sys.exit(2)
+        return None
+    if not endpoints:
+        click.echo("error: --kvstore etcd needs --kvstore-endpoints http://HOST:PORT[,...]", err=True)
+        sys.exit(2)
+    if (cert is None) != (key is None) or (cert and not ca):
+        click.echo("error: a kvstore client certificate needs --kvstore-cert, --kvstore-key and --kvstore-ca",
+                   err=True)
+        sys.exit(2)
+    for flag, text in (("--node-ip", node_ip), ("--health-ip", health_ip), ("--pod-cidr", pod_cidr)):
+        try:
+            if text is not None:
+                ipaddress.ip_network(text) if flag == "--pod-cidr" else ipaddress.ip_address(text)
+        except ValueError as e:
+            click.echo(f"error: {flag}: {e}", err=True)
+            sys.exit(2)
+    return KVStoreConfig("etcd", tuple(e.strip() for e in endpoints.split(",") if e.strip()),
+                         Path(ca).resolve() if ca else None, Path(cert).resolve() if cert else None,
+                         Path(key).resolve() if key else None, lease_ttl, node_ip=node_ip, pod_cidr=pod_cidr,
+                         health_ip=health_ip)
+
+
 def _group_id(group: str | None) -> int | None:
     """--socket-group as a gid (a name or a number); exits 2 for an unknown group."""
     import grp
@@ -203,6 +283,16 @@ def _kubernetes_watcher(agent: Any, kubernetes: str, node_name: str | None, data
 
 # --- status ---------------------------------------------------------------------------------------
 
+def _l7_line(l7: dict[str, Any]) -> str:
+    if l7.get("mode") != "inproc":
+        return "L7 parsers:  ext_proc (in the agent)"
+    its = l7.get("interpreters", [])
+    return (f"L7 parsers:  in Envoy ({l7.get('module')}), {len(its)} interpreter(s)"
+            + "".join(f"; pid {i['pid']}: {i.get('connections', 0)} connections, {i.get('errors', 0)} errors, "
+                      f"{i.get('slow', 0)} slow, last report {i['last_report_s']}s ago"
+                      + (" STALE" if i["stale"] else "") for i in its))
+
+
 def _status_text(s: dict[str, Any]) -> str:
     envoy = s["envoy"]
     lines = [f"Health:      {'Ok' if s['healthy'] else 'Degraded'}",
@@ -211,7 +301,8 @@ def _status_text(s: dict[str, Any]) -> str:
              f"Envoy:       {envoy['mode']}" + (f", {envoy['state']}, pid {envoy['pid']}, restarts {envoy['restarts']}"
                                                if "state" in envoy else "")
              + (f", last error: {envoy['last_error']}" if envoy.get("last_error") else ""),
-             f"xDS:         {', '.join(s['xds']['addresses'])}"]
+             f"xDS:         {', '.join(s['xds']['addresses'])}",
+             _l7_line(s.get("l7", {}))]
     for p in s["xds"]["proxies"]:
         state = f"NACK {p['nacked']}: {p['nack']}" if p["nack"] else f"acked {p['acked'] or '-'}"
         lines.append(f"  {p['node']:<16} {p['type']:<22} sent {p['sent'] or '-':<28} {state}")
@@ -230,6 +321,13 @@ def _status_text(s: dict[str, Any]) -> str:
         from ..k8s import format_status
 
         lines.append(format_status(s["kubernetes"]))
+    kv = s.get("kvstore")
+    if kv:
+        state = "connected" if kv["connected"] else "NOT connected: " + "; ".join(f"{k}: {v}" for k, v in
+                                                                           kv["errors"].items())
+        lines.append(f"KVStore:     {kv['backend']} {','.join(kv['endpoints'])} as node {kv['node']}, {state}, "
+                     f"{kv['nodes']} node(s), {kv['remote_endpoints']} remote endpoint address(es)"
+                     + (f", {kv['malformed']} malformed entries skipped" if kv["malformed"] else ""))
     lines += [f"Note:        {n}" for n in s["notes"]]
     lines += [f"Degraded:    {r}" for r in s.get("reasons", [])]
     return "\n".join(lines)
@@ -541,13 +639,22 @@ _IDENTITY_HEADER = ["ID", "KIND", "LABELS"]
 
 
 @click.command("list")
+@click.option("--cluster", is_flag=True, help="The cluster-wide identities in the kvstore, with the nodes "
+              "referencing each (agents with --kvstore).")
 @selector_option
 @state_dir_option
 @output_option
-def identity_list_cmd(selector: str | None, state_dir: str, output: str) -> None:
-    """List identities: reserved, endpoint and CIDR ones (-l: those whose labels match; -o wide
-    adds the CIDR prefix)."""
+def identity_list_cmd(cluster: bool, selector: str | None, state_dir: str, output: str) -> None:
+    """List identities: reserved, endpoint and CIDR ones this agent knows (--cluster: the kvstore's);
+    -l: those whose labels match; -o wide adds the CIDR prefix."""
     matches = label_filter(selector)
+    if cluster:
+        shared = call_agent(state_dir, lambda c: c.cluster_identities())
+        shared = {**shared, "identities": [i for i in shared["identities"] if matches(i["labels"])]}
+        emit(output, shared, lambda p: table(
+            ["ID", "NODES", "LABELS"],
+            [(i["id"], ",".join(i["nodes"]) or "-", ",".join(i["labels"])) for i in p["identities"]]))
+        return
     payload = call_agent(state_dir, lambda c: c.identities())
     payload = {**payload, "identities": [i for i in payload["identities"] if matches(i["labels"])]}
     emit(output, payload, lambda p: table(_IDENTITY_HEADER, [(i["id"], i["kind"], ",".join(i["labels"]))

@@ -22,6 +22,7 @@ from typing import Any, Literal
 from ..envoy.translate import (
     AccessLogTarget,
     GrpcTarget,
+    InprocTarget,
     NodeEndpoint,
     PortMapping,
     ProxyPort,
@@ -72,7 +73,7 @@ class ProxySink:
     name = "proxy"
 
     def __init__(self, cache: Cache, mode: ProxyMode, node_id: str, access_log: AccessLogTarget,
-                 l7_service: GrpcTarget, listen_address: str = "127.0.0.1") -> None:
+                 l7_service: GrpcTarget | InprocTarget, listen_address: str = "127.0.0.1") -> None:
         self.cache = cache
         self.mode = mode
         self.node_id = node_id

@@ -1,6 +1,7 @@
 """Kafka, Cassandra and Memcached policy the way Cilium's guides run them, with everything real:
-the agent with the BPF datapath, Envoy, the L7 parsers behind network ext_proc, real servers in
-one endpoint's namespace and real clients in others, and Cilium's example policies unchanged.
+the agent with the BPF datapath, Envoy, the L7 parsers (inside Envoy through the cilia_l7 module,
+and behind network ext_proc: every test runs in both modes), real servers in one endpoint's
+namespace and real clients in others, and Cilium's example policies unchanged.
 
 Each client runs as a Python process inside its endpoint's namespace (``nsenter --net``), so its
 connections really leave that endpoint, are redirected by the kernel to Envoy, and reach the
@@ -20,9 +21,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from agent_support import simple
 from bpf_agent_support import BpfAgentNode, bpf_agent
 from helpers import in_netns
 
+from cilia.envoy.inproc import build
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples" / "cilium"
 SERVER_IP = "10.212.0.20"
@@ -45,15 +48,29 @@ def l7_flows(node: BpfAgentNode, protocol: str, want: int) -> list[dict[str, Any
     deadline = time.monotonic() + 10
     while True:
         out = node.ok("observe", "--last", "1000", "--protocol", protocol, "-o", "json").out
-        flows = [json.loads(line) for line in out.splitlines()]
+        flows = [simple(json.loads(line)) for line in out.splitlines()]
         if len(flows) >= want or time.monotonic() > deadline:
             return flows
         time.sleep(0.2)
 
 
-@pytest.fixture
-def node(tmp_path: Path) -> Iterator[BpfAgentNode]:
-    with bpf_agent(tmp_path) as n:
+def assert_connection_addresses(flows: list[dict[str, Any]]) -> None:
+    """L7 flows carry the connection's addresses, as HTTP flows do (client address and port, the
+    server's address and port)."""
+    assert flows
+    for f in flows:
+        assert f["source"]["address"] and f["source"]["port"] > 0, f
+        assert f["destination"]["address"] == SERVER_IP and f["destination"]["port"] > 0, f
+
+
+@pytest.fixture(params=["inproc", "extproc"])
+def node(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[BpfAgentNode]:
+    """The agent with the parsers inside Envoy (the cilia_l7 module, built as setup builds it)
+    or behind network ext_proc; ``cilia status`` says which."""
+    if request.param == "inproc":
+        build.build()
+    with bpf_agent(tmp_path, "--l7-mode", request.param) as n:
+        assert n.ok("status", "-o", "json").json()["l7"]["mode"] == request.param
         yield n
 
 
@@ -129,6 +146,10 @@ def test_memcached_guide(node: BpfAgentNode) -> None:
                                                                              ("x-wing", "awing-coord")}
     assert all("memcd-sw-security-policy.yaml" in f["rule"] for f in flows)
     assert any(f["verdict"] == "FORWARDED" and f["l7"]["command"] == "set" for f in flows)
+    l7 = node.ok("status", "-o", "json").json()["l7"]
+    if l7["mode"] == "inproc":  # the requests were judged inside Envoy, and its interpreter reports
+        assert [i["connections"] >= 4 and not i["stale"] for i in l7["interpreters"]] == [True]
+    assert_connection_addresses(flows)
 
 
 # --- Cassandra: Cilium's Cassandra guide (examples/kubernetes-cassandra), on real Cassandra 1.2 ----
@@ -199,6 +220,10 @@ def test_cassandra_guide_on_real_cassandra(node: BpfAgentNode) -> None:
                       ("empire-outpost", "drop-table", "attendance.daily_records")}
     assert any(f["source"]["endpoint"] == "empire-hq" and f["l7"]["query_action"] == "create-keyspace"
                and f["verdict"] == "FORWARDED" for f in flows)
+    # the version fallback is a negotiation (TRACED), never a DROPPED flow without a rule
+    assert any(f["verdict"] == "TRACED" and "protocol version" in f["l7"]["negotiation"] for f in flows)
+    assert all(f["rule"] for f in flows if f["verdict"] == "DROPPED")
+    assert_connection_addresses(flows)
 
 
 # --- Kafka: Cilium's Kafka guide (examples/kubernetes-kafka), on the Tansu broker -------------------
@@ -308,3 +333,4 @@ def test_kafka_guide_on_tansu(node: BpfAgentNode) -> None:
     assert ("empire-outpost", "produce") in denied or ("empire-outpost", "metadata") in denied
     assert any(f["source"]["endpoint"] == "empire-hq" and f["l7"]["api_key"] == "produce"
                and f["verdict"] == "FORWARDED" and "kafka-sw-security-policy.yaml" in f["rule"] for f in flows)
+    assert_connection_addresses(flows)
