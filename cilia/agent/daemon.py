@@ -87,6 +87,7 @@ EnvoyMode = Literal["managed", "external", "none"]
 DatapathMode = Literal["none", "bpf"]
 ACCESS_LOG_CLUSTER = "cilia-accesslog"
 L7_CLUSTER = "cilia-l7"
+WORKERS_READY_SECONDS = 30.0  # how long start waits for the L7 workers to serve before going on degraded
 NODE_RECORD = "bpf-node.json"  # what the BPF datapath put on the node, for `cilia cleanup`
 
 
@@ -262,6 +263,9 @@ class Agent:
                                        group=group)
                 self.views.attach(s.l7_pool)
                 s.l7_pool.start()
+                if not s.l7_pool.wait_ready(WORKERS_READY_SECONDS):  # health stays degraded until they serve
+                    _log.warning("L7 workers: %d/%d serving after %gs", s.l7_pool.ready(), self.config.l7_workers,
+                                 WORKERS_READY_SECONDS)
             else:
                 s.l7 = L7Server(self.views.source, self.observer.on_l7_record)
                 s.l7.add_address(f"unix:{self.config.l7_socket}", group=group)
