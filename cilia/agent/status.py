@@ -123,9 +123,10 @@ def _controllers(agent: Agent, envoy: Mapping[str, Any], datapath: Mapping[str, 
            ctl("accesslog-server", servers.als is not None, "not serving"),
            ctl("l7-server", servers.l7 is not None or servers.l7_pool is not None, "not serving")]
     if servers.l7_pool is not None:
-        serving = servers.l7_pool.ready()  # listening, not merely running: Envoy's connections need the socket
-        out.append(ctl("l7-workers", serving == len(servers.l7_pool.addresses),
-                       f"{serving}/{len(servers.l7_pool.addresses)} workers serving", restarts=servers.l7_pool.restarts))
+        pool = servers.l7_pool
+        serving = pool.ready()  # listening, not merely running: Envoy's connections need the socket
+        out.append(ctl("l7-workers", serving == len(pool.addresses), f"{serving}/{len(pool.addresses)} workers serving",
+                       restarts=pool.restarts))
     if agent.envoy is not None:
         running = envoy.get("state") == "running" and envoy.get("ready", True) is not False
         out.append(ctl("envoy-supervisor", running, str(envoy.get("last_error") or envoy.get("admin_error")
