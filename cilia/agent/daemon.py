@@ -120,6 +120,7 @@ class AgentConfig:
     xds_tls: ServerTls | None = None  # mutual TLS for the TCP xds_addresses (client certificate CN = node id)
     xds_insecure: bool = False  # serve TCP xds_addresses in plaintext: chosen explicitly, never by default
     socket_group: int | None = None  # the agent's sockets are 0660 with this gid, else 0600
+    proxy_grace: float = 30.0  # a proxy with no xDS stream this long is gone: no more waits or health for it
 
     @property
     def api_socket(self) -> Path:
@@ -622,10 +623,18 @@ class Agent:
     def proxies(self) -> list[str]:
         """Node ids of the proxies a revision must reach: the managed Envoy and every node that
         ever asked for listeners."""
-        nodes = {node for (node, type_url) in self.tracker.states() if type_url == LISTENER}
+        departed = self.departed_proxies()
+        nodes = {node for (node, type_url) in self.tracker.states() if type_url == LISTENER and node not in departed}
         if self.config.envoy == "managed":
             nodes.add(self.config.node_id)
         return sorted(nodes)
+
+    def departed_proxies(self) -> set[str]:
+        """Proxies whose xDS streams closed more than ``proxy_grace`` seconds ago and never came back
+        (not the managed Envoy: it is restarted, and health says so while it is down)."""
+        return {node for node, seconds in self.tracker.gone().items()
+                if seconds >= self.config.proxy_grace and not (self.config.envoy == "managed"
+                                                               and node == self.config.node_id)}
 
     def wait(self, revision: int, timeout: float) -> Realized:
         """Block until every proxy acked the listeners of ``revision`` (or a later one).

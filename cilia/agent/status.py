@@ -26,10 +26,7 @@ def status(agent: Agent) -> dict[str, Any]:
         counts = {"policies": len(agent.engine.policies()), "endpoints": len(agent.state.endpoints),
                   "identities": len(agent.engine.identities())}
     notes = list(agent.notes)
-    proxies = []
-    for (node_id, type_url), st in sorted(agent.tracker.states().items()):
-        proxies.append({"node": node_id, "type": type_url.rsplit(".", 1)[-1], "sent": st.sent, "acked": st.acked,
-                        "nacked": st.nacked, "nack": st.nack_message if nack_stands(st) else ""})
+    proxies = _proxies(agent)
     envoy: dict[str, Any] = {"mode": agent.config.envoy}
     if agent.envoy is not None:
         es = agent.envoy.status()
@@ -53,7 +50,8 @@ def status(agent: Agent) -> dict[str, Any]:
                             "last_error": "" if k8s["connected"] else "; ".join(
                                 f"{n}: {r['last_error'] or 'not connected'}" for n, r in k8s["resources"].items()
                                 if not r["connected"])})
-    reasons = [f"proxy {p['node']} rejected {p['type']} {p['nacked']}: {p['nack']}" for p in proxies if p["nack"]]
+    reasons = [f"proxy {p['node']} rejected {p['type']} {p['nacked']}: {p['nack']}" for p in proxies
+               if p["nack"] and p["stream"] != "gone"]
     reasons += [f"{c['name']}: {c['last_error'] or c['status']}" for c in controllers if c["status"] != "ok"]
     return {"healthy": not reasons, "reasons": reasons, "revision": revision, **counts, "envoy": envoy,
             "datapath": datapath,
@@ -99,6 +97,18 @@ def debug_info(agent: Agent, flows: int = 1000) -> dict[str, Any]:
             out["envoy_log"] = f.read().decode("utf-8", "replace")  # the last MiB
     except OSError:
         out["envoy_log"] = ""
+    return out
+
+
+def _proxies(agent: Agent) -> list[dict[str, Any]]:
+    """Each proxy's standing per type, and its stream: "open", "closed" (within the grace period: its
+    last answer still counts) or "gone" (closed longer: no longer waited for, nor part of health)."""
+    closed, departed = agent.tracker.gone(), agent.departed_proxies()
+    out = []
+    for (node_id, type_url), st in sorted(agent.tracker.states().items()):
+        stream = "gone" if node_id in departed else "closed" if node_id in closed else "open"
+        out.append({"node": node_id, "type": type_url.rsplit(".", 1)[-1], "sent": st.sent, "acked": st.acked,
+                    "nacked": st.nacked, "nack": st.nack_message if nack_stands(st) else "", "stream": stream})
     return out
 
 

@@ -61,12 +61,15 @@ from .common import call_agent, emit, output_option, state_dir_option, table
               "authentication (anyone reaching the port may claim any node id). Refused without this flag.")
 @click.option("--socket-group", metavar="GROUP", help="Make the agent's sockets (API, xDS, access log, L7) "
               "mode 0660 with this group (name or gid) instead of 0600 (the agent's user and root only).")
+@click.option("--proxy-grace", type=click.FloatRange(0), default=30.0, show_default=True, metavar="SECONDS",
+              help="A proxy (sidecar) whose xDS streams stay closed this long is gone: `policy wait` and health "
+              "stop counting it; `cilia status` lists it as gone.")
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning"]), default="info", show_default=True)
 def agent_cmd(state_dir: str, xds_addresses: Sequence[str], envoy_mode: str, node_id: str, datapath: str,
               bpf_pin_dir: str, router_ip: str | None, flow_file: str | None, flow_file_max_mb: int,
               flow_file_backups: int, l7_workers: int, kubernetes: str | None, node_name: str | None,
               xds_tls_cert: str | None, xds_tls_key: str | None, xds_tls_ca: str | None, xds_insecure: bool,
-              socket_group: str | None, log_level: str) -> None:
+              socket_group: str | None, proxy_grace: float, log_level: str) -> None:
     """Run the agent until SIGTERM or Ctrl-C: load state, serve the REST API on
     <state-dir>/cilia.sock, serve xDS, supervise Envoy, receive its access logs; with
     --datapath bpf also load the BPF datapath. Stopping leaves the BPF programs enforcing the
@@ -86,7 +89,7 @@ def agent_cmd(state_dir: str, xds_addresses: Sequence[str], envoy_mode: str, nod
                          flow_file_max_bytes=flow_file_max_mb << 20, flow_file_backups=flow_file_backups,
                          l7_workers=l7_workers,
                          xds_tls=_xds_tls(xds_addresses, xds_tls_cert, xds_tls_key, xds_tls_ca, xds_insecure),
-                         xds_insecure=xds_insecure, socket_group=_group_id(socket_group))
+                         xds_insecure=xds_insecure, socket_group=_group_id(socket_group), proxy_grace=proxy_grace)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
@@ -210,6 +213,8 @@ def _status_text(s: dict[str, Any]) -> str:
              f"xDS:         {', '.join(s['xds']['addresses'])}"]
     for p in s["xds"]["proxies"]:
         state = f"NACK {p['nacked']}: {p['nack']}" if p["nack"] else f"acked {p['acked'] or '-'}"
+        if p.get("stream", "open") != "open":
+            state += f" (stream {p['stream']})"
         lines.append(f"  {p['node']:<16} {p['type']:<22} sent {p['sent'] or '-':<28} {state}")
     dp = s.get("datapath", {})
     if dp.get("mode") == "bpf":
