@@ -11,11 +11,11 @@ crash leaves either the old state or the new, never half of one.
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..envoy.private_file import write_private
 from ..specs import EndpointSpec, PolicyKey, StateError
 
 STATE_FILE = "state.json"
@@ -94,7 +94,6 @@ def load_state(state_dir: Path) -> AgentState:
 
 
 def save_state(state_dir: Path, state: AgentState) -> None:
-    path = state_dir / STATE_FILE
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(state.to_json(), indent=1, sort_keys=True), encoding="utf-8")
-    os.replace(tmp, path)
+    """Owner-only (it holds every policy's text) and on disk before it replaces the last one, so a
+    crash leaves the old state or the new one, never an empty file."""
+    write_private(state_dir / STATE_FILE, json.dumps(state.to_json(), indent=1, sort_keys=True))

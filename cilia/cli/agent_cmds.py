@@ -18,6 +18,7 @@ from typing import Any
 
 import click
 
+from ..policy import IdentityFileError
 from ..specs import PortSpec, StateError
 from ..bpf.paths import DEFAULT_PIN_DIR
 from .common import call_agent, emit, output_option, state_dir_option, table
@@ -95,7 +96,7 @@ def agent_cmd(state_dir: str, xds_addresses: Sequence[str], envoy_mode: str, nod
         signal.signal(sig, lambda *_: stop.set())
     try:
         agent = Agent(config)
-    except (StateError, OSError) as e:
+    except (StateError, IdentityFileError, OSError) as e:
         click.echo(f"error: {e}", err=True)
         sys.exit(2)
     api: APIServer | None = None
