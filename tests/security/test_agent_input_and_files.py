@@ -119,8 +119,9 @@ def _raw(sock_path: Path, request: bytes) -> tuple[int, dict[str, Any]]:
 
 
 def _post(path: str, body: bytes, length: str | None = None) -> bytes:
+    length = length if length is not None else str(len(body))
     return (f"POST {path} HTTP/1.1\r\nHost: cilia\r\nContent-Type: application/json\r\n"
-            f"Content-Length: {length if length is not None else len(body)}\r\nConnection: close\r\n\r\n").encode() + body
+            f"Content-Length: {length}\r\nConnection: close\r\n\r\n").encode() + body
 
 
 def test_deep_nesting_and_bad_lengths_are_400_with_a_clear_message(tmp_path: Path) -> None:
