@@ -78,6 +78,7 @@ from .results import (
     Realized,
     Revision,
 )
+from .sidecar_guard import SidecarGuard
 from .plumbing import PlumbingError, free_endpoint_id, plumb, unplumb
 from .state import PolicySource, load_state, save_state
 
@@ -203,6 +204,8 @@ class Agent:
         sinks: list[Any] = [self.views, self.proxy]
         if self.node is not None:
             sinks.append(DatapathSink(self.node))
+        elif config.proxy_mode == "sidecar":  # only Envoy may reach the applications' own ports
+            sinks.append(SidecarGuard(lambda name: spec.netns if (spec := self.state.endpoints.get(name)) else None))
         sinks.append(FlowNames(self.observer))
         self.realizer = Realizer(sinks)
         self._redirects = RedirectIndex()

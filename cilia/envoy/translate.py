@@ -120,8 +120,12 @@ def translate_ingress(
     access_log: AccessLogTarget | None = None,
     l7_service: GrpcTarget | None = None,
     audit: bool = False,
+    upstream_mark: int | None = None,
 ) -> ProxyResources:
     """Listeners on ``listen_address`` and a STATIC cluster to ``backend_address`` per port.
+
+    ``upstream_mark``: the SO_MARK of the backend clusters' sockets, by which the application's
+    port tells Envoy's connections from direct ones (cilia.agent.sidecar_guard).
 
     ``audit``: the endpoint is in audit mode: everything is let through, and what the policy
     would refuse is still decided (the RBAC filters' shadow) and logged.
@@ -169,7 +173,7 @@ def translate_ingress(
             filter_chains=[listener_components_pb2.FilterChain(filters=filters)],
             access_log=resources.connection_log(base, access_log),
         ))
-        clusters.append(resources.static_cluster(base, backend_address, mapping.backend_port))
+        clusters.append(resources.static_cluster(base, backend_address, mapping.backend_port, upstream_mark))
     if access_log is not None:
         clusters.append(resources.grpc_cluster(access_log))
     if l7_service is not None and any(_uses(li, "envoy.filters.network.ext_proc") for li in listeners):

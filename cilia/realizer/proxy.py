@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from ..envoy.translate import (
+    INGRESS_MARK,
     AccessLogTarget,
     GrpcTarget,
     NodeEndpoint,
@@ -72,13 +73,15 @@ class ProxySink:
     name = "proxy"
 
     def __init__(self, cache: Cache, mode: ProxyMode, node_id: str, access_log: AccessLogTarget,
-                 l7_service: GrpcTarget, listen_address: str = "127.0.0.1") -> None:
+                 l7_service: GrpcTarget, listen_address: str = "127.0.0.1",
+                 sidecar_mark: int | None = INGRESS_MARK) -> None:
         self.cache = cache
         self.mode = mode
         self.node_id = node_id
         self.access_log = access_log
         self.l7_service = l7_service
         self.listen_address = listen_address  # node mode: where the transparent listeners are
+        self.sidecar_mark = sidecar_mark  # sidecar mode: SO_MARK of the connections to the application
         self.notes: tuple[str, ...] = ()
         self.translations = 0  # endpoints (sidecar) or node configs translated, for tests and metrics
         self._revisions = _Revisions()
@@ -141,7 +144,8 @@ class ProxySink:
             else:
                 ports = [PortMapping(p.port, p.port, p.app_port) for p in ep.ports]
                 res = translate_ingress(name, ep.map_state.ingress, ports, ep.ips[0], ep.ips[0], prefixes,
-                                        self.access_log, self.l7_service, audit=ep.audit_ingress)
+                                        self.access_log, self.l7_service, audit=ep.audit_ingress,
+                                        upstream_mark=self.sidecar_mark)
                 self.translations += 1
             translated[name] = _Translated(ep, prefixes, res)
             listeners.update((li.name, li) for li in res.listeners)

@@ -1,0 +1,104 @@
+"""Sidecar mode's missing half: the application's own port answers only Envoy.
+
+In sidecar mode Envoy listens on the endpoint's address at the policy port and forwards what the
+policy allows to the application's port on the same address; without more, anyone who can reach
+the address can also reach that port directly, past the policy. This sink keeps, in the network
+namespace where each endpoint's address lives, an nftables table that resets every TCP connection
+to ``ADDRESS:APP_PORT`` whose packets do not carry Envoy's upstream mark (``SO_MARK`` INGRESS_MARK,
+set on the sidecar backend clusters; it needs CAP_NET_ADMIN, as Istio's sidecars do).
+
+The table is replaced whole in one transaction whenever what it must hold changes, and deleted
+when no endpoint needs it. A failure (no libnftables, no privilege, a namespace gone) raises: the
+realizer keeps it as this sink's error and health reports it, naming the cause.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+from collections.abc import Callable
+from functools import partial
+from typing import Any
+
+from ..bpf.netns import run_in_netns
+from ..envoy.translate import INGRESS_MARK
+from ..realizer import Desired
+from . import nftables
+
+_log = logging.getLogger(__name__)
+
+TABLE = "cilia_sidecar_guard"
+Guarded = frozenset[tuple[str, int]]  # (application address, application port)
+
+
+def guarded_ports(desired: Desired, netns_of: Callable[[str], str | None]) -> dict[str | None, Guarded]:
+    """Per network namespace (None: the agent's own), the application ports that only Envoy may reach."""
+    out: dict[str | None, set[tuple[str, int]]] = {}
+    for name, ep in desired.endpoints.items():
+        apps = {p.app_port for p in ep.ports if p.app_port != p.port}
+        if apps:
+            out.setdefault(netns_of(name), set()).update((ip, port) for ip in ep.ips for port in apps)
+    return {ns: frozenset(ports) for ns, ports in out.items()}
+
+
+def table_commands(guarded: Guarded, mark: int = INGRESS_MARK) -> list[dict[str, Any]]:
+    """The nftables batch that makes the table hold exactly ``guarded`` (none: no table)."""
+    table = {"family": "inet", "name": TABLE}
+    # add-then-delete empties it whether or not it was there, in the same transaction as the refill
+    commands: list[dict[str, Any]] = [{"add": {"table": table}}, {"delete": {"table": table}}]
+    if not guarded:
+        return commands
+    commands += [{"add": {"table": table}},
+                 {"add": {"chain": {"family": "inet", "table": TABLE, "name": "input", "type": "filter",
+                                    "hook": "input", "prio": 0, "policy": "accept"}}}]
+    for address, port in sorted(guarded):
+        family = "ip" if ipaddress.ip_address(address).version == 4 else "ip6"
+        commands.append({"add": {"rule": {"family": "inet", "table": TABLE, "chain": "input", "expr": [
+            {"match": {"op": "==", "left": {"payload": {"protocol": family, "field": "daddr"}}, "right": address}},
+            {"match": {"op": "==", "left": {"payload": {"protocol": "tcp", "field": "dport"}}, "right": port}},
+            {"match": {"op": "!=", "left": {"meta": {"key": "mark"}}, "right": mark}},
+            {"reject": {"type": "tcp reset"}}]}}})
+    return commands
+
+
+class SidecarGuard:
+    """The realizer sink; ``netns_of`` names an endpoint's network namespace (None: the agent's)."""
+
+    name = "sidecar-guard"
+
+    def __init__(self, netns_of: Callable[[str], str | None], mark: int = INGRESS_MARK) -> None:
+        self.netns_of = netns_of
+        self.mark = mark
+        self.applied: dict[str | None, Guarded] = {}  # what each namespace's table holds now
+
+    def realize(self, desired: Desired) -> None:
+        wanted = guarded_ports(desired, self.netns_of)
+        failures = []
+        for netns in sorted(wanted.keys() | self.applied.keys(), key=lambda ns: ns or ""):
+            guarded = wanted.get(netns, frozenset())
+            if self.applied.get(netns) == guarded and desired.changed is not None:
+                continue
+            commands = table_commands(guarded, self.mark)
+            try:
+                if netns is None:
+                    nftables.run(commands)
+                else:
+                    run_in_netns(netns, partial(nftables.run, commands))
+            except OSError as e:
+                if not guarded:  # nothing to keep closed any more (its namespace may be gone with it)
+                    _log.warning("sidecar guard: cannot remove the table in %s: %s", netns or "the agent namespace", e)
+                    self.applied.pop(netns, None)
+                    continue
+                failures.append(f"{netns or 'the agent namespace'}: cannot keep the application ports "
+                                f"{_ports(guarded)} closed to all but Envoy: {e}")
+                continue
+            if guarded:
+                self.applied[netns] = guarded
+            else:
+                self.applied.pop(netns, None)
+        if failures:
+            raise RuntimeError("; ".join(failures))
+
+
+def _ports(guarded: Guarded) -> str:
+    return ", ".join(f"{a}:{p}" for a, p in sorted(guarded)) or "(none)"
