@@ -41,8 +41,22 @@ def guarded_ports(desired: Desired, netns_of: Callable[[str], str | None]) -> di
     return {ns: frozenset(ports) for ns, ports in out.items()}
 
 
+def _element_sets(guarded: Guarded) -> dict[str, list[dict[str, Any]]]:
+    """The set elements (address . port) of ``guarded``, by set name (IPv4 and IPv6 apart)."""
+    out: dict[str, list[dict[str, Any]]] = {"app4": [], "app6": []}
+    for address, port in sorted(guarded):
+        out["app4" if ipaddress.ip_address(address).version == 4 else "app6"].append({"concat": [address, port]})
+    return out
+
+
+def _elements(verb: str, guarded: Guarded) -> list[dict[str, Any]]:
+    return [{verb: {"element": {"family": "inet", "table": TABLE, "name": name, "elem": elems}}}
+            for name, elems in _element_sets(guarded).items() if elems]
+
+
 def table_commands(guarded: Guarded, mark: int = INGRESS_MARK) -> list[dict[str, Any]]:
-    """The nftables batch that makes the table hold exactly ``guarded`` (none: no table)."""
+    """The nftables batch that makes the table hold exactly ``guarded`` (none: no table): two sets
+    of address . port, and a rule per set resetting what is sent to one of them without ``mark``."""
     table = {"family": "inet", "name": TABLE}
     # add-then-delete empties it whether or not it was there, in the same transaction as the refill
     commands: list[dict[str, Any]] = [{"add": {"table": table}}, {"delete": {"table": table}}]
@@ -51,14 +65,24 @@ def table_commands(guarded: Guarded, mark: int = INGRESS_MARK) -> list[dict[str,
     commands += [{"add": {"table": table}},
                  {"add": {"chain": {"family": "inet", "table": TABLE, "name": "input", "type": "filter",
                                     "hook": "input", "prio": 0, "policy": "accept"}}}]
-    for address, port in sorted(guarded):
-        family = "ip" if ipaddress.ip_address(address).version == 4 else "ip6"
+    for name, family, addr_type in (("app4", "ip", "ipv4_addr"), ("app6", "ip6", "ipv6_addr")):
+        commands.append({"add": {"set": {"family": "inet", "table": TABLE, "name": name,
+                                         "type": [addr_type, "inet_service"]}}})
         commands.append({"add": {"rule": {"family": "inet", "table": TABLE, "chain": "input", "expr": [
-            {"match": {"op": "==", "left": {"payload": {"protocol": family, "field": "daddr"}}, "right": address}},
-            {"match": {"op": "==", "left": {"payload": {"protocol": "tcp", "field": "dport"}}, "right": port}},
+            {"match": {"op": "==", "left": {"concat": [{"payload": {"protocol": family, "field": "daddr"}},
+                                                       {"payload": {"protocol": "tcp", "field": "dport"}}]},
+                       "right": f"@{name}"}},
             {"match": {"op": "!=", "left": {"meta": {"key": "mark"}}, "right": mark}},
             {"reject": {"type": "tcp reset"}}]}}})
-    return commands
+    return commands + _elements("add", guarded)
+
+
+def update_commands(before: Guarded, after: Guarded, mark: int = INGRESS_MARK) -> list[dict[str, Any]]:
+    """The batch from a table holding ``before`` to one holding ``after``: only the elements that
+    differ while both hold some (an endpoint add costs the same at any count), else the whole table."""
+    if not before or not after:
+        return table_commands(after, mark)
+    return _elements("delete", before - after) + _elements("add", after - before)
 
 
 class SidecarGuard:
@@ -76,14 +100,16 @@ class SidecarGuard:
         failures = []
         for netns in sorted(wanted.keys() | self.applied.keys(), key=lambda ns: ns or ""):
             guarded = wanted.get(netns, frozenset())
-            if self.applied.get(netns) == guarded and desired.changed is not None:
+            before = self.applied.get(netns, frozenset()) if desired.changed is not None else frozenset()
+            if before == guarded and desired.changed is not None:
                 continue
-            commands = table_commands(guarded, self.mark)
             try:
-                if netns is None:
-                    nftables.run(commands)
-                else:
-                    run_in_netns(netns, partial(nftables.run, commands))
+                try:
+                    self._apply(netns, update_commands(before, guarded, self.mark))
+                except OSError:
+                    if not before or not guarded:
+                        raise
+                    self._apply(netns, table_commands(guarded, self.mark))  # the table was not as left: anew
             except OSError as e:
                 if not guarded:  # nothing to keep closed any more (its namespace may be gone with it)
                     _log.warning("sidecar guard: cannot remove the table in %s: %s", netns or "the agent namespace", e)
@@ -98,6 +124,13 @@ class SidecarGuard:
                 self.applied.pop(netns, None)
         if failures:
             raise RuntimeError("; ".join(failures))
+
+    @staticmethod
+    def _apply(netns: str | None, commands: list[dict[str, Any]]) -> None:
+        if netns is None:
+            nftables.run(commands)
+        else:
+            run_in_netns(netns, partial(nftables.run, commands))
 
 
 def _ports(guarded: Guarded) -> str:

@@ -63,7 +63,7 @@ class AgentState:
             "revision": self.revision,
             "policies": [{"path": s.path, "text": s.text, "keys": sorted(list(k) for k in s.keys),
                           **({"audit": True} if s.audit else {})} for s in self.sources],
-            "endpoints": [e.to_json() for _, e in sorted(self.endpoints.items())],
+            "endpoints": [_endpoint_json(e) for _, e in sorted(self.endpoints.items())],
             "endpoint_ids": self.endpoint_ids,
             "proxy_ports": self.proxy_ports,
         }
@@ -78,6 +78,23 @@ class AgentState:
         return cls(int(d.get("revision", 0)), sources, endpoints,
                    {str(k): int(v) for k, v in d.get("endpoint_ids", {}).items()},
                    {str(k): int(v) for k, v in d.get("proxy_ports", {}).items()})
+
+
+def _endpoint_json(spec: EndpointSpec) -> dict[str, Any]:
+    """``spec.to_json()``, made once per spec object (specs are frozen; the state is written whole at
+    every change, so this keeps an endpoint add from re-rendering every endpoint)."""
+    hit = _SPEC_JSON.get(id(spec))
+    if hit is not None and hit[0] is spec:
+        return hit[1]
+    if len(_SPEC_JSON) >= 1 << 17:
+        _SPEC_JSON.clear()
+    out = spec.to_json()
+    _SPEC_JSON[id(spec)] = (spec, out)
+    return out
+
+
+#: id(spec) -> (the spec, kept alive so the id stays its own; its JSON form, never modified)
+_SPEC_JSON: dict[int, tuple[EndpointSpec, dict[str, Any]]] = {}
 
 
 def load_state(state_dir: Path) -> AgentState:
@@ -96,4 +113,5 @@ def load_state(state_dir: Path) -> AgentState:
 def save_state(state_dir: Path, state: AgentState) -> None:
     """Owner-only (it holds every policy's text) and on disk before it replaces the last one, so a
     crash leaves the old state or the new one, never an empty file."""
-    write_private(state_dir / STATE_FILE, json.dumps(state.to_json(), indent=1, sort_keys=True))
+    # compact: json's C encoder does not indent, and this runs at every change (a 5,000-endpoint state)
+    write_private(state_dir / STATE_FILE, json.dumps(state.to_json(), sort_keys=True, separators=(",", ":")))

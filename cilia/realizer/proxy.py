@@ -2,7 +2,8 @@
 
 Sidecar mode translates each endpoint's ingress into its own listeners (Envoy on the endpoint's
 address at the policy port, forwarding to the application's port); only the endpoints a change
-names are translated again, unless the identities' prefixes moved (every RBAC names them). Node
+names are translated again, and those whose RBACs list a prefix that moved (the prefixes of the
+identities their policy names, ``relevant_prefixes``: not every endpoint's, so an add is O(1)). Node
 mode (the BPF datapath) serves every endpoint from one transparent listener per proxy port, so
 its resources are made whole, kept while nothing they are made from changed.
 
@@ -28,6 +29,7 @@ from ..envoy.translate import (
     ProxyPort,
     ProxyResources,
     prefixes_by_identity,
+    relevant_prefixes,
     translate_ingress,
     translate_node,
 )
@@ -65,8 +67,9 @@ class _Translated:
     """An endpoint's last sidecar translation and what it was made from."""
 
     state: EndpointState
-    prefixes: Mapping[int, tuple[IPNetwork, ...]]
+    prefixes: Mapping[int, tuple[IPNetwork, ...]]  # the part of all prefixes its RBACs list
     resources: ProxyResources
+    named: frozenset[int] | None  # the identities ``prefixes`` is made from; None: it depends on all
 
 
 class ProxySink:
@@ -87,6 +90,7 @@ class ProxySink:
         self._revisions = _Revisions()
         self._prefixes: Mapping[int, tuple[IPNetwork, ...]] = {}
         self._translated: dict[str, _Translated] = {}
+        self._sidecar_prefixes: Mapping[int, tuple[IPNetwork, ...]] = {}  # those of the last sidecar translation
         self._sidecar_names: frozenset[str] = frozenset()  # endpoints whose sidecar view is set
         self._node: tuple[tuple[Any, ...], ProxyResources] | None = None
 
@@ -127,6 +131,8 @@ class ProxySink:
 
     def _translate_sidecars(self, desired: Desired, prefixes: Mapping[int, tuple[IPNetwork, ...]]
                             ) -> tuple[dict[str, Any], dict[str, Any], tuple[str, ...]]:
+        moved = _moved(self._sidecar_prefixes, prefixes)
+        self._sidecar_prefixes = prefixes
         listeners: dict[str, Any] = {}
         clusters: dict[str, Any] = {}
         notes: dict[str, None] = {}
@@ -138,16 +144,25 @@ class ProxySink:
             if not ep.ports or not ep.ips:
                 continue
             done = self._translated.get(name)
-            if done is not None and done.prefixes is prefixes and not desired.is_changed(name) \
-                    and _same_sidecar(done.state, ep):
+            same = done is not None and not desired.is_changed(name) and _same_sidecar(done.state, ep)
+            if same and done is not None and done.named is not None and not done.named & moved:
+                translated[name] = done  # none of the identities it names moved: nor did its prefixes
+                listeners.update((li.name, li) for li in done.resources.listeners)
+                clusters.update((c.name, c) for c in done.resources.clusters)
+                notes.update(dict.fromkeys(done.resources.notes))
+                continue
+            relevant = relevant_prefixes(ep.map_state.ingress, prefixes)  # what its RBACs list
+            if same and done is not None and (done.prefixes is relevant or done.prefixes == relevant):
                 res = done.resources
             else:
                 ports = [PortMapping(p.port, p.port, p.app_port) for p in ep.ports]
-                res = translate_ingress(name, ep.map_state.ingress, ports, ep.ips[0], ep.ips[0], prefixes,
+                res = translate_ingress(name, ep.map_state.ingress, ports, ep.ips[0], ep.ips[0], relevant,
                                         self.access_log, self.l7_service, audit=ep.audit_ingress,
                                         upstream_mark=self.sidecar_mark)
                 self.translations += 1
-            translated[name] = _Translated(ep, prefixes, res)
+            ingress = ep.map_state.ingress
+            wide = ingress.any_group or any(p.prefixlen < p.max_prefixlen for ps in relevant.values() for p in ps)
+            translated[name] = _Translated(ep, relevant, res, None if wide else frozenset(ingress.groups))
             listeners.update((li.name, li) for li in res.listeners)
             clusters.update((c.name, c) for c in res.clusters)
             notes.update(dict.fromkeys(res.notes))
@@ -200,6 +215,14 @@ class ProxySink:
             self._node = (key, res)
         notes.update(dict.fromkeys(res.notes))
         return ({li.name: li for li in res.listeners}, {c.name: c for c in res.clusters}, tuple(notes))
+
+
+def _moved(before: Mapping[int, tuple[IPNetwork, ...]], after: Mapping[int, tuple[IPNetwork, ...]]) -> frozenset[int]:
+    """The identities whose prefixes differ (the engine keeps its prefix objects, so equal tuples
+    compare by identity, fast)."""
+    if before is after:
+        return frozenset()
+    return frozenset(i for i in before.keys() | after.keys() if before.get(i) != after.get(i))
 
 
 def _same_sidecar(a: EndpointState, b: EndpointState) -> bool:

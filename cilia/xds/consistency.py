@@ -63,9 +63,8 @@ def check(resources: Mapping[str, Mapping[str, Message]]) -> Inconsistencies:
     for name, msg in listeners.items():
         if not isinstance(msg, listener_pb2.Listener):
             continue
-        rds: set[str] = set()
-        refs: set[str] = set()
-        _listener_refs(msg, rds, refs)
+        listener_rds, listener_refs = _refs_of(msg)
+        rds, refs = set(listener_rds), set(listener_refs)
         for r in rds:
             route = routes.get(r)
             if isinstance(route, route_pb2.RouteConfiguration):
@@ -94,6 +93,27 @@ def _chains(listener: listener_pb2.Listener) -> Iterator[listener_components_pb2
     yield from listener.filter_chains
     if listener.HasField("default_filter_chain"):
         yield listener.default_filter_chain
+
+
+def _refs_of(listener: listener_pb2.Listener) -> tuple[frozenset[str], frozenset[str]]:
+    """A listener's RDS names and cluster references, made once per listener object: a publish
+    checks every listener, and all but the few a change translated again are the same objects
+    (published messages are never modified)."""
+    hit = _REFS.get(id(listener))
+    if hit is not None and hit[0] is listener:
+        return hit[1], hit[2]
+    if len(_REFS) >= 1 << 16:
+        _REFS.clear()
+    rds: set[str] = set()
+    refs: set[str] = set()
+    _listener_refs(listener, rds, refs)
+    out = frozenset(rds), frozenset(refs)
+    _REFS[id(listener)] = (listener, *out)
+    return out
+
+
+#: id(listener) -> (the listener, kept alive so the id stays its own; its RDS names; its cluster references)
+_REFS: dict[int, tuple[listener_pb2.Listener, frozenset[str], frozenset[str]]] = {}
 
 
 def _listener_refs(listener: listener_pb2.Listener, rds: set[str], refs: set[str]) -> None:
