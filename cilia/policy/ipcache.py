@@ -63,5 +63,7 @@ class IPCache:
     def items(self) -> list[tuple[IPNetwork, int]]:
         """Every entry in address order (a copy; sorted once per change: every realize reads it)."""
         if self._sorted is None:
-            self._sorted = sorted(self._entries.items(), key=lambda kv: (kv[0].version, kv[0]))
+            # the order of (version, network) by plain integers: comparing ip_network objects is slow Python
+            self._sorted = sorted(self._entries.items(), key=lambda kv: (kv[0].version, int(kv[0].network_address),
+                                                                         kv[0].prefixlen))
         return list(self._sorted)
