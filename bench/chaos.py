@@ -189,10 +189,12 @@ class Agent:
 
 
 def _victim_pid(agent: Agent, kind: str) -> int | None:
+    if kind == "envoy":  # as the agent reports it
+        res = agent.cli("status", "-o", "json")
+        pid = json.loads(res.stdout)["envoy"].get("pid") if res.returncode == 0 else None
+        return int(pid) if pid else None
     for pid, cmdline in agent.children():
-        if kind == "envoy" and "envoy" in cmdline.split(" ")[0]:
-            return pid
-        if kind == "worker" and "spawn_main" in cmdline:
+        if "spawn_main" in cmdline:
             return pid
     return None
 
