@@ -30,7 +30,7 @@ sys.path.insert(0, str(HERE.parent))
 
 from cilia.bpf.datapath import Datapath  # noqa: E402
 from cilia.bpf.loader import Loader, bpf_available  # noqa: E402
-from cilia.bpf.netns import Namespace, ip, run_in_netns  # noqa: E402
+from cilia.bpf.netns import Namespace, run_in_netns  # noqa: E402
 from cilia.bpf.policykey import PolicyKey, PolicyValue  # noqa: E402
 
 RESULTS = HERE / "results" / "bpf_datapath.json"
@@ -42,6 +42,14 @@ CONN_PORT, STREAM_PORT = 5001, 5002
 SIZES = (10, 1_000, 100_000)
 CHANGE = 10_000
 TARGET = 0.05  # flat cost: within 5% from 10 to 100,000 entries
+
+
+def ip(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    """iproute2's ``ip`` for the benchmark's own setup (cilia itself uses pyroute2)."""
+    res = subprocess.run(["ip", *args], capture_output=True, text=True)
+    if check and res.returncode != 0:
+        raise OSError(f"ip {' '.join(args)}: {res.stderr.strip() or res.returncode}")
+    return res
 
 
 def log(msg: str) -> None:

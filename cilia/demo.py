@@ -36,7 +36,15 @@ from pathlib import Path
 from ruamel.yaml import YAML
 
 from .bpf.loader import bpf_available
-from .bpf.netns import Namespace, add_host_address, can_create_namespaces, del_host_address, ip, run_in_netns
+from .bpf.netns import (
+    Namespace,
+    add_host_address,
+    can_create_namespaces,
+    create_netns,
+    del_host_address,
+    delete_netns,
+    run_in_netns,
+)
 from .netutil import free_port
 from .policy import (
     HTTPRequest,
@@ -266,17 +274,21 @@ class AgentRun:
     """A real `cilia agent` process in a private state directory, driven by the `cilia` command
     exactly as a user would type it (each command is printed with its output)."""
 
-    def __init__(self, state_dir: Path, args: Sequence[str] = (), wrapper: Sequence[str] = ()) -> None:
+    def __init__(self, state_dir: Path, args: Sequence[str] = (), netns: str | None = None) -> None:
         self.state_dir = state_dir
         self.args = tuple(args)
-        self.wrapper = tuple(wrapper)  # nsenter --net=...: the agent runs in the demo's node namespace
+        self.netns = netns  # the network namespace the agent runs in (the demo's node); None: this one
         self.env = {**os.environ, "CILIA_STATE_DIR": str(state_dir)}
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
         with open(self.state_dir / "agent.log", "wb") as log:  # the child keeps its own copy
-            self.proc = subprocess.Popen([*self.wrapper, sys.executable, "-m", "cilia", "agent", *self.args],
-                                         env=self.env, stdout=subprocess.DEVNULL, stderr=log)
+            def launch() -> subprocess.Popen[bytes]:
+                return subprocess.Popen([sys.executable, "-m", "cilia", "agent", *self.args],
+                                        env=self.env, stdout=subprocess.DEVNULL, stderr=log)
+
+            # a child starts in the network namespace of the thread that forks it
+            self.proc = run_in_netns(self.netns, launch) if self.netns else launch()
         deadline = time.monotonic() + 60
         while subprocess.run([sys.executable, "-m", "cilia", "status"], env=self.env,
                              capture_output=True).returncode != 0:
@@ -352,8 +364,8 @@ def envoy_section(ships: Ships) -> int:
 # --- BPF mode: the kernel enforces L3/L4, Envoy's transparent listener L7 ---------------------
 
 class BpfNode:
-    """The demo's node: a network namespace holding the agent (entered with ``nsenter --net`` only,
-    so its maps are pinned in this bpffs), the host ends of the ships' veths and Envoy."""
+    """The demo's node: a network namespace holding the agent (only the network namespace is
+    entered, so its maps are pinned in this bpffs), the host ends of the ships' veths and Envoy."""
 
     ROUTER = "10.199.0.1"
     ADDRESSES = Ships.NETNS
@@ -362,7 +374,6 @@ class BpfNode:
         self.name = f"cilia-demo-node-{tag}"
         self.tag = tag
         self.pin_dir = f"/sys/fs/bpf/cilia-demo-{tag}"
-        self.wrapper = ("nsenter", f"--net=/run/netns/{self.name}")
         self.servers: list[ThreadingHTTPServer] = []
 
     def netns(self, ship: str) -> str:
@@ -372,8 +383,7 @@ class BpfNode:
         return ["--datapath", "bpf", "--bpf-pin-dir", self.pin_dir, "--router-ip", self.ROUTER]
 
     def setup(self) -> None:
-        ip("netns", "add", self.name)
-        ip("-n", self.name, "link", "set", "lo", "up")
+        create_netns(self.name)
 
     def serve_deathstar(self) -> int:
         server = run_in_netns(self.netns("deathstar"), lambda: ThreadingHTTPServer(("0.0.0.0", 80), Deathstar))
@@ -390,12 +400,15 @@ class BpfNode:
             server.shutdown()
             server.server_close()
         try:  # the agent is stopped: remove its programs, pins, route and the ships' namespaces
-            subprocess.run([*self.wrapper, sys.executable, "-m", "cilia", "cleanup", "--state-dir", str(state_dir)],
-                           capture_output=True, timeout=60, check=False)
+            run_in_netns(self.name, lambda: subprocess.run(
+                [sys.executable, "-m", "cilia", "cleanup", "--state-dir", str(state_dir)],
+                capture_output=True, timeout=60, check=False))
+        except OSError:
+            pass  # no node namespace to clean up in: setup did not get that far
         finally:
             for ship in self.ADDRESSES:
-                ip("netns", "del", self.netns(ship), check=False)
-            ip("netns", "del", self.name, check=False)
+                delete_netns(self.netns(ship))
+            delete_netns(self.name)
             subprocess.run(["rm", "-rf", self.pin_dir], check=False)
 
 
@@ -462,7 +475,7 @@ def bpf_section() -> int:
     labels = ship_labels(EXAMPLES / "http-sw-app.yaml")
     node = BpfNode(f"{os.getpid() % 100000}")
     with tempfile.TemporaryDirectory(prefix="cilia-demo-") as tmp:
-        agent = AgentRun(Path(tmp), node.agent_args(), node.wrapper)
+        agent = AgentRun(Path(tmp), node.agent_args(), node.name)
         try:
             node.setup()
             agent.start()

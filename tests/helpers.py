@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import subprocess
 import textwrap
 from collections.abc import Callable
 from pathlib import Path
@@ -90,3 +91,21 @@ def run(policies: list[Policy], src: str, dst: str, protocol: Protocol = Protoco
         l7: L7Request | None = None) -> TraceResult:
     """Trace one flow given as strings (labels or an address on each side)."""
     return trace(policies, TraceRequest(peer(src), peer(dst), protocol, dport, l7))
+
+
+def ip(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    """iproute2's ``ip``, for tests to set up and inspect namespaces independently of cilia
+    (which uses pyroute2); AssertionError with its message on failure unless ``check`` is off."""
+    res = subprocess.run(["ip", *args], capture_output=True, text=True)
+    if check and res.returncode != 0:
+        raise AssertionError(f"ip {' '.join(args)}: {res.stderr.strip() or res.returncode}")
+    return res
+
+
+def in_netns(path: str, *cmd: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    """Run ``cmd`` in the network namespace at ``path`` (``nsenter --net``: only the network
+    namespace is entered, so bpffs pins stay visible)."""
+    res = subprocess.run(["nsenter", f"--net={path}", *cmd], capture_output=True, text=True)
+    if check and res.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} in {path}: {res.stderr.strip() or res.returncode}")
+    return res

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..bpf.datapath import DROP_REASONS
 from ..envoy.admin import AdminClient, AdminError
-from ..xds import AckState, version_key
+from ..xds import LISTENER, AckState, version_key
 from .render import render
 
 if TYPE_CHECKING:
@@ -142,6 +142,9 @@ def _controllers(agent: Agent, envoy: Mapping[str, Any], datapath: Mapping[str, 
         out.append(ctl("envoy-supervisor", running, str(envoy.get("last_error") or envoy.get("admin_error")
                                                         or f"Envoy is {envoy.get('state')}"),
                        restarts=envoy.get("restarts", 0)))
+        if running:
+            problems = _listener_problems(agent)
+            out.append(ctl("envoy-listeners", not problems, "; ".join(problems)))
     if agent.node is not None:
         error = agent.realizer.errors.get("bpf-datapath", "")
         out.append(ctl("bpf-datapath", bool(datapath.get("loaded")) and not error, error or "not loaded"))
@@ -149,6 +152,21 @@ def _controllers(agent: Agent, envoy: Mapping[str, Any], datapath: Mapping[str, 
         if sink != "bpf-datapath":
             out.append(ctl(f"realize-{sink}", False, error))
     return out
+
+
+def _listener_problems(agent: Agent) -> list[str]:
+    """Does the managed Envoy serve exactly the listeners it acked? An ACK alone does not say: a
+    listener whose port another process holds, or an Envoy drained through its admin API, serve
+    nothing while the ACKs stand. Checked only when Envoy has acked the current version (an update
+    in flight would show its new listeners as missing; a rejected one is reported as a NACK)."""
+    assert agent.envoy is not None
+    current = agent.cache.version(LISTENER)
+    if agent.tracker.state(agent.config.node_id, LISTENER).acked != current:
+        return []
+    sent = set(agent.cache.snapshot(agent.config.node_id).get(LISTENER, {}))
+    if agent.cache.version(LISTENER) != current:
+        return []  # moved meanwhile: the next status tells
+    return agent.envoy.listener_problems(sent)
 
 
 def nack_stands(st: AckState) -> bool:

@@ -17,10 +17,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from . import syscall
+from . import bpfmap
+from .bpfmap import Map
 from .paths import BPFFS, DEFAULT_PIN_DIR
 from .policykey import KEY_SIZE, VALUE_SIZE
-from .syscall import Map
 
 SOURCE = Path(__file__).with_name("datapath.c")
 POLICY_MAX = 16384  # entries per endpoint policy trie (Cilium's default)
@@ -130,8 +130,8 @@ class Loader:
             if os.path.exists(path):
                 m = Map.open_pinned(path)
             else:
-                m = Map.create(syscall.MAP_TYPE_LPM_TRIE, KEY_SIZE, VALUE_SIZE, self.policy_max,
-                               flags=syscall.F_NO_PREALLOC, name=f"cilia_pol_{ep_id}")
+                m = Map.create(bpfmap.MAP_TYPE_LPM_TRIE, KEY_SIZE, VALUE_SIZE, self.policy_max,
+                               flags=bpfmap.F_NO_PREALLOC, name=f"cilia_pol_{ep_id}")
                 m.pin(path)
             self.policy_maps[ep_id] = m
             self._set_outer(ep_id, m.fd)

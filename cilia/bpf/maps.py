@@ -11,7 +11,7 @@ import struct
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
-from .syscall import Map
+from .bpfmap import Map
 
 IPCACHE_KEY = struct.Struct("<I4s")
 IPCACHE_VAL = struct.Struct("<I")

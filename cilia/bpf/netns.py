@@ -1,48 +1,162 @@
 """Endpoint plumbing: a network namespace joined to the host by a veth pair (needs root).
 
-``Namespace`` creates ``ip netns`` NAME with one address on its end of a veth pair and a host
-route to that address over the host end, so traffic between the endpoint and addresses local to
-the host keeps its real source address. ``delete`` removes everything it created (deleting the
-namespace deletes the veth pair). ``run_in`` runs a function on a thread that entered the
-namespace, so sockets it opens live there.
+``Namespace`` creates the named network namespace NAME (as ``ip netns add`` would) with one
+address on its end of a veth pair and a host route to that address over the host end, so traffic
+between the endpoint and addresses local to the host keeps its real source address. ``delete``
+removes everything it created (deleting the namespace deletes the veth pair). ``run_in`` runs a
+function on a thread that entered the namespace, so sockets it opens live there.
+
+Links, addresses, routes and namespaces are made through pyroute2 (netlink). Work inside another
+namespace runs on a thread that entered only its network namespace, never the mount namespace
+(``ip netns exec`` remounts /sys, which would hide the bpffs pins); sysctls are written under
+/proc/sys from such a thread, which the kernel resolves in that thread's network namespace.
 """
 
 from __future__ import annotations
 
 import ctypes
+import errno
 import ipaddress
 import os
-import subprocess
+import socket
 import threading
-from collections.abc import Callable
-from typing import TypeVar
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any, TypeVar
 
 T = TypeVar("T")
 
 CLONE_NEWNET = 0x40000000
 NETNS_DIR = "/run/netns"
+RTPROT_BOOT = 3  # the protocol iproute2 gives the routes it adds
 
 
 class NetnsError(OSError):
     pass
 
 
-def ip(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-    """Run iproute2's ``ip``; raise NetnsError with its message on failure."""
-    res = subprocess.run(["ip", *args], capture_output=True, text=True)
-    if check and res.returncode != 0:
-        raise NetnsError(f"ip {' '.join(args)}: {res.stderr.strip() or res.returncode}")
-    return res
+def _ns_path(netns: str) -> str:
+    """A namespace's bind-mount path: a name lives under NETNS_DIR, a path is kept as it is."""
+    return netns if "/" in netns else os.path.join(NETNS_DIR, netns)
+
+
+@contextmanager
+def netlink(what: str) -> Iterator[Any]:
+    """An rtnetlink socket (pyroute2 ``IPRoute``) of the calling thread's network namespace;
+    netlink failures come out as NetnsError naming ``what``."""
+    from pyroute2 import IPRoute
+    from pyroute2.netlink.exceptions import NetlinkError
+
+    try:
+        with IPRoute() as ipr:
+            yield ipr
+    except NetlinkError as e:
+        raise NetnsError(e.code, f"{what}: {os.strerror(e.code) if e.code > 0 else e}") from None
+
+
+def _index(ipr: Any, ifname: str, where: str = "") -> int:
+    found = ipr.link_lookup(ifname=ifname)
+    if not found:
+        raise NetnsError(errno.ENODEV, f"no interface {ifname}{' in ' + where if where else ''}")
+    return int(found[0])
+
+
+def _write_sysctl(parts: Sequence[str], value: str) -> bool:
+    """Set /proc/sys/PARTS (parts, not a dotted name: interface names may hold dots) in the
+    calling thread's network namespace; False if the kernel has no such setting or refused."""
+    try:
+        with open(os.path.join("/proc/sys", *parts), "w", encoding="ascii") as f:
+            f.write(f"{value}\n")
+        return True
+    except OSError:
+        return False
+
+
+def _open_netns(path: str) -> int:
+    try:
+        return os.open(path, os.O_RDONLY)
+    except OSError as e:
+        raise NetnsError(e.errno, f"network namespace {path}: {e.strerror}") from None
+
+
+def _in(netns: str | None, fn: Callable[[], T]) -> T:
+    return fn() if netns is None else run_in_netns(netns, fn)
+
+
+def run_in_netns(netns: str, fn: Callable[[], T]) -> T:
+    """``fn()`` on a thread that entered the network namespace ``netns`` (a name under NETNS_DIR
+    or a path); its result or exception is passed back."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    path = _ns_path(netns)
+    out: list[T] = []
+    err: list[BaseException] = []
+
+    def target() -> None:
+        try:
+            fd = _open_netns(path)
+            try:
+                if libc.setns(fd, CLONE_NEWNET) != 0:
+                    code = ctypes.get_errno()
+                    raise NetnsError(code, f"setns({netns}): {os.strerror(code)}")
+            finally:
+                os.close(fd)
+            out.append(fn())
+        except BaseException as e:  # handed to the caller's thread
+            err.append(e)
+
+    # the thread ends, so its namespace goes with it
+    thread = threading.Thread(target=target, name=f"netns-{os.path.basename(path)}")
+    thread.start()
+    thread.join()
+    if err:
+        raise err[0]
+    return out[0]
+
+
+# -- namespaces ------------------------------------------------------------------------------
+
+def create_netns(name: str) -> None:
+    """A new named network namespace with its loopback up; NetnsError if it exists."""
+    from pyroute2 import netns
+
+    try:
+        netns.create(name)
+    except OSError as e:
+        raise NetnsError(e.errno, f"create network namespace {name}: {e.strerror or e}") from None
+
+    def lo_up() -> None:
+        with netlink(f"loopback of {name}") as ipr:
+            ipr.link("set", index=_index(ipr, "lo", name), state="up")
+
+    try:
+        run_in_netns(name, lo_up)
+    except BaseException:
+        delete_netns(name)
+        raise
+
+
+def delete_netns(name: str) -> bool:
+    """Remove a named network namespace; False if there was none."""
+    from pyroute2 import netns
+
+    try:
+        netns.remove(name)
+    except OSError:
+        return False
+    return True
 
 
 def can_create_namespaces() -> bool:
-    """Root with a working ``ip netns`` (false in unprivileged containers)."""
+    """Root, and namespaces can be made (false in unprivileged containers)."""
     if os.geteuid() != 0:
         return False
     probe = f"cilia-probe-{os.getpid()}"
-    if ip("netns", "add", probe, check=False).returncode != 0:
+    try:
+        create_netns(probe)
+    except OSError:
+        delete_netns(probe)
         return False
-    ip("netns", "del", probe, check=False)
+    delete_netns(probe)
     return True
 
 
@@ -58,20 +172,17 @@ class Namespace:
         self.node = node  # the namespace holding the host end (None: this process's)
         self.created = False
 
-    def _host(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-        return ip(*(["-n", self.node] if self.node else []), *args, check=check)
-
     def create(self, gateway: str) -> None:
         """Create the namespace and wire it; ``gateway`` is a host address the endpoint routes to."""
-        ip("netns", "add", self.name)
+        create_netns(self.name)
         self.created = True
-        wire_veth(os.path.join(NETNS_DIR, self.name), self.host_if, str(self.address), gateway, node=self.node)
+        wire_veth(_ns_path(self.name), self.host_if, str(self.address), gateway, node=self.node)
 
     def delete(self) -> None:
         """Remove the namespace (and with it the veth pair and the host route). Safe to repeat."""
         if self.created:
-            ip("netns", "del", self.name, check=False)
-            self._host("link", "del", self.host_if, check=False)  # gone with the namespace; make sure
+            delete_netns(self.name)
+            delete_link(self.host_if, self.node)  # gone with the namespace; make sure
             self.created = False
 
     def run_in(self, fn: Callable[[], T]) -> T:
@@ -79,13 +190,7 @@ class Namespace:
         return run_in_netns(self.name, fn)
 
 
-def in_netns(path: str, *cmd: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-    """Run ``cmd`` in the network namespace at ``path`` (only the network namespace is entered)."""
-    res = subprocess.run(["nsenter", f"--net={path}", *cmd], capture_output=True, text=True)
-    if check and res.returncode != 0:
-        raise NetnsError(f"{' '.join(cmd)} in {path}: {res.stderr.strip() or res.returncode}")
-    return res
-
+# -- links and addresses -----------------------------------------------------------------------
 
 def wire_veth(netns_path: str, host_if: str, address: str, gateway: str, ifname: str = "eth0",
               node: str | None = None) -> None:
@@ -95,85 +200,134 @@ def wire_veth(netns_path: str, host_if: str, address: str, gateway: str, ifname:
     if len(host_if) > 15:
         raise ValueError(f"interface name {host_if!r} is longer than 15 characters")
     addr = ipaddress.ip_address(address)
+    gw = ipaddress.ip_address(gateway)
     bits = 32 if addr.version == 4 else 128
     peer = host_if[:13] + "-e"
+    quiet_ipv6 = addr.version == 4  # no IPv6 chatter on an IPv4 endpoint, nor on its host end: the datapath drops it
 
-    def host(*args: str) -> None:
-        ip(*(["-n", node] if node else []), *args)
+    def host_end() -> None:
+        with netlink(f"veth {host_if} for {netns_path}") as ipr:
+            ipr.link("add", ifname=host_if, kind="veth", peer=peer)
+            try:
+                _move_link(ipr, peer, netns_path)
+                if quiet_ipv6:
+                    _write_sysctl(("net", "ipv6", "conf", host_if, "disable_ipv6"), "1")
+                ipr.link("set", index=_index(ipr, host_if), state="up")
+            except BaseException:
+                ipr.link("del", index=_index(ipr, host_if))
+                raise
 
-    host("link", "add", host_if, "type", "veth", "peer", "name", peer)
-    _move_link(peer, netns_path, node)
-    if addr.version == 4:  # no IPv6 chatter on an IPv4 endpoint, nor on its host end: the datapath drops it
-        in_netns(netns_path, "sysctl", "-qw", "net.ipv6.conf.all.disable_ipv6=1",
-                 "net.ipv6.conf.default.disable_ipv6=1", check=False)
-        subprocess.run([*(["ip", "netns", "exec", node] if node else []), "sysctl", "-qw",
-                        f"net.ipv6.conf.{host_if}.disable_ipv6=1"], capture_output=True, check=False)
-    host("link", "set", host_if, "up")
-    in_netns(netns_path, "ip", "link", "set", "lo", "up")
-    in_netns(netns_path, "ip", "link", "set", peer, "name", ifname)
-    in_netns(netns_path, "ip", "addr", "add", f"{addr}/{bits}", "dev", ifname)
-    in_netns(netns_path, "ip", "link", "set", ifname, "up")
-    in_netns(netns_path, "ip", "route", "add", gateway, "dev", ifname, "scope", "link")
-    in_netns(netns_path, "ip", "route", "add", "default", "via", gateway, "dev", ifname, "onlink")
-    host("route", "replace", f"{addr}/{bits}", "dev", host_if)
+    def inside() -> None:
+        if quiet_ipv6:
+            for scope in ("all", "default"):
+                _write_sysctl(("net", "ipv6", "conf", scope, "disable_ipv6"), "1")
+        with netlink(f"{ifname} in {netns_path}") as ipr:
+            ipr.link("set", index=_index(ipr, "lo", netns_path), state="up")
+            idx = _index(ipr, peer, netns_path)
+            ipr.link("set", index=idx, ifname=ifname)
+            ipr.addr("add", index=idx, address=str(addr), prefixlen=bits)
+            ipr.link("set", index=idx, state="up")
+            ipr.route("add", dst=f"{gw}/{gw.max_prefixlen}", oif=idx, scope="link", proto=RTPROT_BOOT)
+            ipr.route("add", dst="0.0.0.0/0" if gw.version == 4 else "::/0", gateway=str(gw), oif=idx,
+                      flags=["onlink"], proto=RTPROT_BOOT)
 
+    def host_route() -> None:
+        with netlink(f"route to {addr} over {host_if}") as ipr:
+            ipr.route("replace", dst=f"{addr}/{bits}", oif=_index(ipr, host_if), proto=RTPROT_BOOT)
 
-def _move_link(ifname: str, netns_path: str, node: str | None) -> None:
-    from pyroute2 import IPRoute, NetNS
-
-    fd = os.open(netns_path, os.O_RDONLY)
+    _in(node, host_end)
     try:
-        with NetNS(node) if node else IPRoute() as ipr:
-            idx = ipr.link_lookup(ifname=ifname)
-            if not idx:
-                raise NetnsError(f"no interface {ifname} to move into {netns_path}")
-            ipr.link("set", index=idx[0], net_ns_fd=fd)
+        run_in_netns(netns_path, inside)
+        _in(node, host_route)
+    except BaseException:
+        delete_link(host_if, node)  # takes the peer along: nothing half-made is left
+        raise
+
+
+def _move_link(ipr: Any, ifname: str, netns_path: str) -> None:
+    fd = _open_netns(netns_path)
+    try:
+        ipr.link("set", index=_index(ipr, ifname), net_ns_fd=fd)
     finally:
         os.close(fd)
 
 
-def delete_link(ifname: str) -> bool:
-    """Delete an interface of this namespace (a veth takes its peer along); False if it was gone."""
-    return ip("link", "del", ifname, check=False).returncode == 0
+def delete_link(ifname: str, netns: str | None = None) -> bool:
+    """Delete an interface (of ``netns``; None: this namespace); a veth takes its peer along.
+    False if it was gone."""
+    def go() -> bool:
+        with netlink(f"delete {ifname}") as ipr:
+            found = ipr.link_lookup(ifname=ifname)
+            if not found:
+                return False
+            ipr.link("del", index=found[0])
+            return True
+
+    try:
+        return _in(netns, go)
+    except OSError:  # gone meanwhile, or its namespace is
+        return False
 
 
-def run_in_netns(name: str, fn: Callable[[], T]) -> T:
-    libc = ctypes.CDLL(None, use_errno=True)
-    out: list[T] = []
-    err: list[BaseException] = []
+def link_exists(ifname: str, netns: str | None = None) -> bool:
+    """Whether ``netns`` (None: this namespace) has an interface named ``ifname``."""
+    def go() -> bool:
+        with netlink(f"look up {ifname}") as ipr:
+            return bool(ipr.link_lookup(ifname=ifname))
 
-    def target() -> None:
-        try:
-            fd = os.open(os.path.join(NETNS_DIR, name), os.O_RDONLY)
-            try:
-                if libc.setns(fd, CLONE_NEWNET) != 0:
-                    errno = ctypes.get_errno()
-                    raise NetnsError(errno, f"setns({name}): {os.strerror(errno)}")
-            finally:
-                os.close(fd)
-            out.append(fn())
-        except BaseException as e:  # handed to the caller's thread
-            err.append(e)
+    return _in(netns, go)
 
-    thread = threading.Thread(target=target, name=f"netns-{name}")  # ends, so its namespace goes with it
-    thread.start()
-    thread.join()
-    if err:
-        raise err[0]
-    return out[0]
+
+def link_mac(ifname: str, netns: str | None = None) -> str:
+    """The hardware address of ``ifname`` ("" if it has none or is missing)."""
+    def go() -> str:
+        with netlink(f"look up {ifname}") as ipr:
+            found = ipr.link_lookup(ifname=ifname)
+            if not found:
+                return ""
+            return str(ipr.get_links(found[0])[0].get("address") or "")
+
+    return _in(netns, go)
+
+
+def addresses(ifname: str | None = None, netns: str | None = None,
+              family: socket.AddressFamily = socket.AF_INET) -> list[str]:
+    """The addresses of ``ifname`` (None: of every interface) in ``netns`` (None: this one),
+    without prefix lengths; [] if the interface is missing."""
+    def go() -> list[str]:
+        with netlink(f"addresses of {ifname or 'every interface'}") as ipr:
+            if ifname is None:
+                msgs = ipr.get_addr(family=family)
+            else:
+                found = ipr.link_lookup(ifname=ifname)
+                msgs = ipr.get_addr(family=family, index=found[0]) if found else []
+            return [str(m.get("local") or m.get("address")) for m in msgs]
+
+    return _in(netns, go)
 
 
 def add_host_address(address: str) -> bool:
     """Put ``address`` on the host's loopback (so the host owns it); False if it was already there."""
-    bits = 32 if ipaddress.ip_address(address).version == 4 else 128
-    if ip("-o", "addr", "show", "to", f"{address}/{bits}", check=False).stdout.strip():
+    from pyroute2.netlink.exceptions import NetlinkError
+
+    ip = ipaddress.ip_address(address)
+    family = socket.AF_INET if ip.version == 4 else socket.AF_INET6
+    if str(ip) in addresses(family=family):
         return False
-    res = ip("addr", "add", f"{address}/{bits}", "dev", "lo", check=False)
-    if res.returncode != 0 and "File exists" not in res.stderr:
-        raise NetnsError(f"ip addr add {address}/{bits} dev lo: {res.stderr.strip()}")
-    return res.returncode == 0
+    with netlink(f"add {ip}/{ip.max_prefixlen} to lo") as ipr:
+        try:
+            ipr.addr("add", index=_index(ipr, "lo"), address=str(ip), prefixlen=ip.max_prefixlen)
+        except NetlinkError as e:
+            if e.code == errno.EEXIST:
+                return False
+            raise
+    return True
 
 
 def del_host_address(address: str) -> None:
-    bits = 32 if ipaddress.ip_address(address).version == 4 else 128
-    ip("addr", "del", f"{address}/{bits}", "dev", "lo", check=False)
+    ip = ipaddress.ip_address(address)
+    try:
+        with netlink(f"delete {ip} from lo") as ipr:
+            ipr.addr("del", index=_index(ipr, "lo"), address=str(ip), prefixlen=ip.max_prefixlen)
+    except NetnsError:
+        pass  # not there

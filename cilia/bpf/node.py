@@ -20,7 +20,6 @@ from __future__ import annotations
 import ipaddress
 import logging
 import shutil
-import subprocess
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -30,6 +29,7 @@ from cilia.policy.model import Direction, IPNetwork, Protocol
 from . import maps, proxyroute
 from .datapath import Datapath, DatapathEvent
 from .loader import Loader
+from .netns import addresses
 from .paths import DEFAULT_PIN_DIR
 from .policykey import ProxyPortOf
 
@@ -66,15 +66,7 @@ class SyncResult:
 
 def node_addresses() -> list[str]:
     """The IPv4 addresses of this network namespace (loopback's 127/8 excluded)."""
-    out = subprocess.run(["ip", "-4", "-o", "addr", "show"], capture_output=True, text=True, check=False).stdout
-    found = []
-    for line in out.splitlines():
-        parts = line.split()
-        if "inet" in parts:
-            addr = parts[parts.index("inet") + 1].split("/")[0]
-            if not addr.startswith("127."):
-                found.append(addr)
-    return sorted(set(found))
+    return sorted({a for a in addresses() if not a.startswith("127.")})
 
 
 class NodeDatapath:

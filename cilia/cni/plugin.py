@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 from typing import Any, NoReturn
 
 from ..agent.client import AgentClient, APIError
-from ..bpf.netns import NetnsError, add_host_address, delete_link, in_netns, ip, wire_veth
+from ..bpf.netns import NetnsError, add_host_address, addresses, delete_link, link_exists, link_mac, wire_veth
 from .delegate import DelegatedIPAM, IPAMPluginError
 from .ipam import IPAMError, Pool
 from .result import Lease
@@ -173,7 +173,7 @@ def cmd_add(req: Request) -> dict[str, Any]:
             raise CNIError(ERR_INVALID_CONFIG, f"ipam plugin {name} gave {address} no gateway: configure one in "
                            "ipam (the agent's --router-ip)")
         add_host_address(str(gateway))  # the endpoints' gateway must be an address of the node
-        if ip("link", "show", "dev", req.host_if, check=False).returncode != 0:
+        if not link_exists(req.host_if):
             wire_veth(req.netns, req.host_if, str(address), str(gateway), req.ifname)
         wired = True
         _register(req, str(address))
@@ -239,8 +239,17 @@ def _register(req: Request, address: str) -> None:
 
 
 def _mac(req: Request) -> str:
-    parts = in_netns(req.netns, "ip", "-o", "link", "show", "dev", req.ifname, check=False).stdout.split()
-    return parts[parts.index("link/ether") + 1] if "link/ether" in parts else ""
+    try:
+        return link_mac(req.ifname, req.netns)
+    except OSError:  # the namespace cannot be entered: no MAC to report
+        return ""
+
+
+def _addresses_inside(req: Request) -> list[str]:
+    try:
+        return addresses(req.ifname, req.netns)
+    except OSError:  # the namespace is gone or cannot be entered: it has none
+        return []
 
 
 def cmd_del(req: Request) -> None:
@@ -262,10 +271,9 @@ def cmd_check(req: Request) -> None:
     if not isinstance(prev, dict) or not prev.get("ips"):
         raise CNIError(ERR_INVALID_CONFIG, "CHECK needs prevResult with the ips ADD returned")
     want = str(ipaddress.ip_interface(prev["ips"][0]["address"]).ip)
-    if ip("link", "show", "dev", req.host_if, check=False).returncode != 0:
+    if not link_exists(req.host_if):
         raise CNIError(ERR_CHECK, f"host interface {req.host_if} is missing")
-    inside = in_netns(req.netns, "ip", "-o", "-4", "addr", "show", "dev", req.ifname, check=False)
-    if inside.returncode != 0 or f"inet {want}/" not in inside.stdout:
+    if want not in _addresses_inside(req):
         raise CNIError(ERR_CHECK, f"{req.ifname} in {req.netns} does not have {want}")
     client = req.client()
     try:

@@ -36,7 +36,7 @@ from ..envoy.translate import (
 from ..policy import Direction, DirectionMapState
 from ..policy.model import IPNetwork
 from ..xds import CLUSTER, LISTENER, Cache, TypeChange
-from ..xds.consistency import check
+from ..xds.consistency import Checker
 from .desired import Desired, EndpointState
 
 ProxyMode = Literal["none", "sidecar", "node"]
@@ -88,6 +88,7 @@ class ProxySink:
         self.notes: tuple[str, ...] = ()
         self.translations = 0  # endpoints (sidecar) or node configs translated, for tests and metrics
         self._revisions = _Revisions()
+        self._checker = Checker()
         self._prefixes: Mapping[int, tuple[IPNetwork, ...]] = {}
         self._translated: dict[str, _Translated] = {}
         self._sidecar_prefixes: Mapping[int, tuple[IPNetwork, ...]] = {}  # those of the last sidecar translation
@@ -117,7 +118,7 @@ class ProxySink:
                 listeners, clusters, notes = self._translate_node(desired, prefixes)
             else:
                 listeners, clusters, notes = self._translate_sidecars(desired, prefixes)
-        problems = check({LISTENER: listeners, CLUSTER: clusters})
+        problems = self._checker.check({LISTENER: listeners, CLUSTER: clusters})
         if problems:
             raise InconsistentResources("; ".join(problems.describe()))
         if self.mode == "sidecar":

@@ -47,8 +47,9 @@ class Inconsistencies:
         return sorted(out)
 
 
-def check(resources: Mapping[str, Mapping[str, Message]]) -> Inconsistencies:
+def check(resources: Mapping[str, Mapping[str, Message]], memo: _Refs | None = None) -> Inconsistencies:
     """Check resources given by type URL and name (as ``Cache.snapshot()`` returns them).
+    ``memo``: keeps each listener's references between calls (see ``Checker``).
 
     Reported: listeners naming an RDS route configuration that is not there; listeners whose
     HTTP routes (inline or via RDS), tcp_proxy or gRPC access logs name a cluster that is not
@@ -63,8 +64,8 @@ def check(resources: Mapping[str, Mapping[str, Message]]) -> Inconsistencies:
     for name, msg in listeners.items():
         if not isinstance(msg, listener_pb2.Listener):
             continue
-        listener_rds, listener_refs = _refs_of(msg)
-        rds, refs = set(listener_rds), set(listener_refs)
+        rds, direct = (memo or _Refs()).of(name, msg)
+        refs = set(direct)
         for r in rds:
             route = routes.get(r)
             if isinstance(route, route_pb2.RouteConfiguration):
@@ -83,6 +84,41 @@ def check(resources: Mapping[str, Mapping[str, Message]]) -> Inconsistencies:
     return Inconsistencies(missing_routes, missing_clusters, missing_endpoints)
 
 
+class _Refs:
+    """The names a listener refers to, kept while the same message object comes back."""
+
+    def __init__(self) -> None:
+        self._done: dict[str, tuple[Message, frozenset[str], frozenset[str]]] = {}
+
+    def of(self, name: str, msg: listener_pb2.Listener) -> tuple[frozenset[str], frozenset[str]]:
+        done = self._done.get(name)
+        if done is not None and done[0] is msg:
+            return done[1], done[2]
+        rds: set[str] = set()
+        refs: set[str] = set()
+        _listener_refs(msg, rds, refs)
+        self._done[name] = (msg, frozenset(rds), frozenset(refs))
+        return self._done[name][1], self._done[name][2]
+
+    def keep(self, names: Iterable[str]) -> None:
+        live = set(names)
+        self._done = {n: d for n, d in self._done.items() if n in live}
+
+
+class Checker:
+    """``check`` for a publisher whose snapshots mostly repeat: a listener that is the same
+    message object as last time is not parsed again (translation memos hand out the same
+    objects for what did not change)."""
+
+    def __init__(self) -> None:
+        self._refs = _Refs()
+
+    def check(self, resources: Mapping[str, Mapping[str, Message]]) -> Inconsistencies:
+        found = check(resources, self._refs)
+        self._refs.keep(resources.get(LISTENER, {}))
+        return found
+
+
 def _unpack(a: any_pb2.Any, cls: type[Message]) -> Message | None:
     if not a.Is(cls.DESCRIPTOR):
         return None
@@ -94,27 +130,6 @@ def _chains(listener: listener_pb2.Listener) -> Iterator[listener_components_pb2
     yield from listener.filter_chains
     if listener.HasField("default_filter_chain"):
         yield listener.default_filter_chain
-
-
-def _refs_of(listener: listener_pb2.Listener) -> tuple[frozenset[str], frozenset[str]]:
-    """A listener's RDS names and cluster references, made once per listener object: a publish
-    checks every listener, and all but the few a change translated again are the same objects
-    (published messages are never modified)."""
-    hit = _REFS.get(id(listener))
-    if hit is not None and hit[0] is listener:
-        return hit[1], hit[2]
-    if len(_REFS) >= 1 << 16:
-        _REFS.clear()
-    rds: set[str] = set()
-    refs: set[str] = set()
-    _listener_refs(listener, rds, refs)
-    out = frozenset(rds), frozenset(refs)
-    _REFS[id(listener)] = (listener, *out)
-    return out
-
-
-#: id(listener) -> (the listener, kept alive so the id stays its own; its RDS names; its cluster references)
-_REFS: dict[int, tuple[listener_pb2.Listener, frozenset[str], frozenset[str]]] = {}
 
 
 def _listener_refs(listener: listener_pb2.Listener, rds: set[str], refs: set[str]) -> None:

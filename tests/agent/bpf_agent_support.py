@@ -24,9 +24,9 @@ from pathlib import Path
 from typing import Any
 
 from agent_support import AgentProcess, Result, run_cli
-from helpers import require_bpf
+from helpers import ip, require_bpf
 
-from cilia.bpf.netns import ip, run_in_netns
+from cilia.bpf.netns import run_in_netns
 from cilia.demo import Deathstar
 
 ROUTER_IP = "10.212.0.1"

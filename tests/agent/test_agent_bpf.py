@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 from bpf_agent_support import CLOSED, TIMEOUT, BpfAgentNode, bpf_agent, request
+from helpers import ip
 
-from cilia.bpf.netns import ip
 
 STARWARS = Path(__file__).resolve().parents[2] / "examples" / "starwars"
 L3L4 = STARWARS / "sw_l3_l4_policy.yaml"

@@ -14,9 +14,9 @@ from typing import Any
 
 import pytest
 from bpf_agent_support import ROUTER_IP, TIMEOUT, BpfAgentNode, bpf_agent
-from helpers import require_cni_plugins
+from helpers import ip, require_cni_plugins
 
-from cilia.bpf.netns import ip, run_in_netns
+from cilia.bpf.netns import run_in_netns
 from cilia.cni.plugin import Request
 
 PLUGIN = Path(__file__).resolve().parents[2] / ".venv" / "bin" / "cilia-cni"

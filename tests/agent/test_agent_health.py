@@ -60,7 +60,7 @@ def test_status_verbose_healthz_and_metrics(agent: Agent) -> None:
     text = run_cli(state, "status", "--verbose")
     assert text.code == 0, text.out
     out = text.out
-    assert "Controllers: 4/4 healthy" in out and "envoy-supervisor" in out
+    assert "Controllers: 5/5 healthy" in out and "envoy-supervisor" in out and "envoy-listeners" in out
     assert re.search(r"Envoy admin: unix:/\S+/envoy-admin\.sock, ready True, version 1\.40", out)
     assert re.search(r"deathstar\s+identity \d+\s+ingress Enabled", out)
     assert 'proxy_type="http",rule="denied"} 1.0' in out and "Last errors: none" in out
@@ -102,3 +102,21 @@ def test_bugtool_archive(agent: Agent, tmp_path: Path) -> None:
         policy_file = next(n for n in names if n.startswith("policies/") and n.endswith("sw_l3_l4_l7_policy.yaml"))
         assert read(policy_file) == (STARWARS / "sw_l3_l4_l7_policy.yaml").read_text()
         assert "envoy" in read("envoy.log").lower()
+
+
+def test_a_drained_envoy_makes_health_degraded(agent: Agent) -> None:
+    """POST /drain_listeners (through the admin socket) stops every listener while Envoy still says
+    LIVE and every ACK stands; health compares what Envoy serves with what was sent."""
+    from cilia.envoy.admin import AdminClient
+
+    client = AgentClient(agent.config.api_socket)
+    try:
+        assert client.healthz() == (200, {"status": "ok"})
+        assert shoot(TIEFIGHTER, *LAND) == "200 Ship landed"
+        assert agent.admin_address is not None
+        AdminClient(agent.admin_address).drain_listeners()
+        code, body = client.healthz()
+        assert code == 503 and any("envoy-listeners" in r and "stopped its listeners" in r for r in body["reasons"])
+        assert shoot(TIEFIGHTER, *LAND) != "200 Ship landed"  # and indeed nothing is served
+    finally:
+        client.close()

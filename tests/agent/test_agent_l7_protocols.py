@@ -21,8 +21,8 @@ from typing import Any
 
 import pytest
 from bpf_agent_support import BpfAgentNode, bpf_agent
+from helpers import in_netns
 
-from cilia.bpf.netns import in_netns
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples" / "cilium"
 SERVER_IP = "10.212.0.20"

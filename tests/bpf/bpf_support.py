@@ -21,12 +21,12 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
-from helpers import require_bpf
+from helpers import ip, require_bpf
 
 from cilia.bpf import maps
 from cilia.bpf.datapath import Datapath, DatapathEvent
 from cilia.bpf.loader import Loader
-from cilia.bpf.netns import Namespace, ip, run_in_netns
+from cilia.bpf.netns import Namespace, run_in_netns
 from cilia.policy import Endpoint, LabelSet, PolicyEngine, parse_text
 
 NODE_IP = "10.211.0.1"

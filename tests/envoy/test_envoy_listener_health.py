@@ -18,7 +18,8 @@ from envoy_support import static_envoy, supervised, wait_until
 
 from cilia.envoy.admin import AdminClient
 from cilia.envoy.listener_health import listener_problems
-from cilia.envoy.loopback import LoopbackEnvoy, free_port
+from cilia.envoy.loopback import LoopbackEnvoy
+from cilia.netutil import free_port
 from cilia.envoy.resources import network_filter, socket_address, static_cluster
 from cilia.envoy.translate import ProxyResources
 from cilia.xds import NackError

@@ -96,3 +96,16 @@ def test_snapshot_follows_node_views() -> None:
     assert not check(cache.snapshot("n1"))
     cache.set_node_view("n1", CLUSTER, [])
     assert dict(check(cache.snapshot("n1")).missing_clusters) == {"l": frozenset({"a"})}
+
+
+def test_checker_reparses_only_listeners_that_are_new_objects() -> None:
+    """The memo keys on the message object: a listener replaced under the same name is read anew."""
+    from cilia.xds.consistency import Checker
+
+    checker = Checker()
+    a = listener("a", tcp_proxy_pb2.TcpProxy(cluster="one"))
+    assert not checker.check({LISTENER: {"a": a}, CLUSTER: {"one": static("one")}})
+    assert checker.check({LISTENER: {"a": a}, CLUSTER: {}}).missing_clusters == {"a": frozenset({"one"})}
+    b = listener("a", tcp_proxy_pb2.TcpProxy(cluster="two"))  # same name, new object
+    found = checker.check({LISTENER: {"a": b}, CLUSTER: {"one": static("one")}})
+    assert found.missing_clusters == {"a": frozenset({"two"})} == check({LISTENER: {"a": b}}).missing_clusters
