@@ -231,8 +231,13 @@ def _setup(agent: Agent, app_port: int, droid_port: int) -> None:
         raise SystemExit(f"policy wait failed: {res.stderr}")
 
 
+class _QuietHTTPServer(ThreadingHTTPServer):
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        pass  # a connection reset by a killed Envoy is what this run does on purpose
+
+
 def _servers() -> tuple[ThreadingHTTPServer, socketserver.ThreadingTCPServer]:
-    app = ThreadingHTTPServer((DEATHSTAR, free_port(DEATHSTAR)), Deathstar)
+    app = _QuietHTTPServer((DEATHSTAR, free_port(DEATHSTAR)), Deathstar)
     droid = socketserver.ThreadingTCPServer((DROID, free_port(DROID)), _Droid)
     for server in (app, droid):
         server.daemon_threads = True
