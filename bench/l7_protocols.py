@@ -11,7 +11,14 @@ response, record the latency, again), from the client endpoint's address:
 - **direct**: to the server itself;
 - **tcp_proxy**: through Envoy, to an endpoint whose policy is L3/L4 only (network RBAC, tcp_proxy);
 - **parsed**: through Envoy to an endpoint with L7 rules: network RBAC, the naming RBACs, network
-  ext_proc to the agent's L7 service, where the protocol's parser decides every request.
+  ext_proc to the agent's L7 service, where the protocol's parser decides every request;
+- **inproc**: the same policy on another endpoint served by a second agent (``--l7-mode inproc``)
+  whose Envoy runs the same parsers inside its own process (the ``cilia_l7`` dynamic module).
+
+Both agents run side by side (their Envoys listen on different endpoint addresses), so every
+round measures all four paths. Per path the table also gives Envoy's CPU per request (from
+/proc, user+system of the Envoy serving it) and, for inproc, the share of it spent in the
+Python calls (the in-Envoy interpreter's own count).
 
 Requests: Memcached `get` of an allowed key (text protocol); Kafka ListOffsets v1 for an allowed
 topic; CQL v1 QUERY `SELECT key FROM system.local`. With 1 and 16 connections (16 in 4 processes
@@ -47,7 +54,8 @@ sys.path.insert(0, str(REPO / "tests" / "l7parsers"))
 
 from cilia.netutil import free_port  # noqa: E402
 
-CLIENT, L7_SERVER, PLAIN_SERVER = "127.0.5.11", "127.0.5.10", "127.0.5.20"
+CLIENT, L7_SERVER, PLAIN_SERVER, INPROC_SERVER = "127.0.5.11", "127.0.5.10", "127.0.5.20", "127.0.5.30"
+PATHS = ("direct", "tcp_proxy", "parsed", "inproc")
 PORTS = {"memcache": 11211, "kafka": 9092, "cassandra": 9042}
 KEY, TOPIC = "bench-key", "bench"
 
@@ -219,13 +227,18 @@ class Sample:
     p50_ms: float
     p99_ms: float
     errors: int
+    envoy_cpu_s: float = 0.0  # user+system seconds of the Envoy on the path during the run
+    python_s: float = 0.0  # of which in the in-Envoy parsers (inproc only)
 
     @property
     def ops_per_s(self) -> float:
         return self.ops / self.seconds
 
 
-def measure(protocol: str, path: str, target: tuple[str, int], connections: int, seconds: float) -> Sample:
+def measure(protocol: str, path: str, target: tuple[str, int], connections: int, seconds: float,
+            envoy: Callable[[], tuple[float, float]] | None = None) -> Sample:
+    """``envoy``: reads (Envoy CPU seconds, in-Envoy Python seconds) of the Envoy on the path."""
+    before = envoy() if envoy else (0.0, 0.0)
     ctx = multiprocessing.get_context("spawn")
     queue = ctx.Queue()
     procs = max(1, min(4, connections // 4))
@@ -243,12 +256,31 @@ def measure(protocol: str, path: str, target: tuple[str, int], connections: int,
     for w in workers:
         w.join(30)
     elapsed = time.perf_counter() - started
+    after = envoy() if envoy else (0.0, 0.0)
+    cpu, python = after[0] - before[0], after[1] - before[1]
     latencies.sort()
     if not latencies:
-        return Sample(protocol, path, connections, 0, elapsed, 0.0, 0.0, len(errors))
+        return Sample(protocol, path, connections, 0, elapsed, 0.0, 0.0, len(errors), cpu, python)
     p50 = latencies[len(latencies) // 2] * 1000
     p99 = latencies[min(len(latencies) - 1, int(len(latencies) * 0.99))] * 1000
-    return Sample(protocol, path, connections, len(latencies), seconds, p50, p99, len(errors))
+    return Sample(protocol, path, connections, len(latencies), seconds, p50, p99, len(errors), cpu, python)
+
+
+def envoy_usage(state: Path) -> Callable[[], tuple[float, float]]:
+    """A reader of (CPU seconds of the agent's Envoy, seconds its in-Envoy parsers reported)."""
+    status = json.loads(_cilia(state, "status", "-o", "json"))
+    pid = status["envoy"]["pid"]
+    tick = os.sysconf("SC_CLK_TCK")
+
+    def read() -> tuple[float, float]:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        cpu = (int(fields[11]) + int(fields[12])) / tick  # utime, stime
+        python = 0.0
+        if status.get("l7", {}).get("mode") == "inproc":
+            now = json.loads(_cilia(state, "status", "-o", "json"))
+            python = sum(i.get("python_us", 0) for i in now["l7"]["interpreters"]) / 1e6
+        return cpu, python
+    return read
 
 
 # --- the servers and the agent ---------------------------------------------------------------------
@@ -318,7 +350,8 @@ def _cilia(state: Path, *args: str) -> str:
 
 
 @contextmanager
-def agent(ports: dict[str, int], extra: list[str]) -> Iterator[Path]:
+def agent(ports: dict[str, int], extra: list[str], l7_server: str = L7_SERVER,
+          plain_server: str | None = PLAIN_SERVER) -> Iterator[Path]:
     with tempfile.TemporaryDirectory(prefix="cilia-bench-l7-") as tmp:
         state = Path(tmp) / "state"
         state.mkdir()
@@ -333,10 +366,11 @@ def agent(ports: dict[str, int], extra: list[str]) -> Iterator[Path]:
                     raise RuntimeError((Path(tmp) / "agent.log").read_text()[-3000:])
                 time.sleep(0.3)
             port_args = [a for p, real in ports.items() for a in ("--port", f"{PORTS[p]}:{real}")]
-            _cilia(state, "endpoint", "add", "--name", "l7-server", "--labels", "app=l7-server", "--ip", L7_SERVER,
+            _cilia(state, "endpoint", "add", "--name", "l7-server", "--labels", "app=l7-server", "--ip", l7_server,
                    *port_args)
-            _cilia(state, "endpoint", "add", "--name", "plain-server", "--labels", "app=plain-server", "--ip",
-                   PLAIN_SERVER, *port_args)
+            if plain_server:
+                _cilia(state, "endpoint", "add", "--name", "plain-server", "--labels", "app=plain-server", "--ip",
+                       plain_server, *port_args)
             _cilia(state, "endpoint", "add", "--name", "client", "--labels", "app=bench-client", "--ip", CLIENT)
             policy = Path(tmp) / "bench.yaml"
             policy.write_text(L7_POLICY)
@@ -353,12 +387,12 @@ def agent(ports: dict[str, int], extra: list[str]) -> Iterator[Path]:
 
 
 def _add_addresses() -> None:
-    for addr in (CLIENT, L7_SERVER, PLAIN_SERVER):
+    for addr in (CLIENT, L7_SERVER, PLAIN_SERVER, INPROC_SERVER):
         subprocess.run(["ip", "addr", "add", f"{addr}/32", "dev", "lo"], capture_output=True)
 
 
 def _del_addresses() -> None:
-    for addr in (CLIENT, L7_SERVER, PLAIN_SERVER):
+    for addr in (CLIENT, L7_SERVER, PLAIN_SERVER, INPROC_SERVER):
         subprocess.run(["ip", "addr", "del", f"{addr}/32", "dev", "lo"], capture_output=True)
 
 
@@ -370,25 +404,30 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--seconds", type=float, default=4.0)
     ap.add_argument("--agent-arg", action="append", default=[], help="extra `cilia agent` argument (repeatable)")
+    ap.add_argument("--protocol", action="append", choices=list(EXCHANGES), help="only these (repeatable)")
     ap.add_argument("--output", default=str(HERE / "results" / "l7_protocols.json"))
     args = ap.parse_args()
     rounds, seconds = (1, 1.5) if args.quick else (args.rounds, args.seconds)
     _add_addresses()
     samples: list[Sample] = []
     try:
-        with servers() as ports, agent(ports, args.agent_arg):
+        with servers() as ports, agent(ports, ["--l7-mode", "extproc", *args.agent_arg]) as ext_state, \
+                agent(ports, ["--l7-mode", "inproc", *args.agent_arg], INPROC_SERVER, None) as in_state:
             paths = {"direct": lambda p: (L7_SERVER, ports[p]), "tcp_proxy": lambda p: (PLAIN_SERVER, PORTS[p]),
-                     "parsed": lambda p: (L7_SERVER, PORTS[p])}
-            for protocol in EXCHANGES:  # warm-up: every path answers
+                     "parsed": lambda p: (L7_SERVER, PORTS[p]), "inproc": lambda p: (INPROC_SERVER, PORTS[p])}
+            usage = {"direct": None, "tcp_proxy": envoy_usage(ext_state), "parsed": envoy_usage(ext_state),
+                     "inproc": envoy_usage(in_state)}
+            protocols = args.protocol or list(EXCHANGES)
+            for protocol in protocols:  # warm-up: every path answers
                 for path, target in paths.items():
                     s = measure(protocol, path, target(protocol), 1, 0.3)
                     if not s.ops or s.errors:
                         raise RuntimeError(f"{protocol} {path}: no answers ({s.errors} errors)")
             for r in range(rounds):
-                for protocol in EXCHANGES:
+                for protocol in protocols:
                     for conns in (1, 16):
                         for path, target in paths.items():
-                            s = measure(protocol, path, target(protocol), conns, seconds)
+                            s = measure(protocol, path, target(protocol), conns, seconds, usage[path])
                             samples.append(s)
                             print(f"round {r + 1}/{rounds} {protocol:<9} {path:<9} {conns:>2} conns "
                                   f"{s.ops_per_s:>9.0f} ops/s  p50 {s.p50_ms:6.3f} ms  p99 {s.p99_ms:7.3f} ms"
@@ -403,28 +442,53 @@ def report(samples: list[Sample], output: str, agent_args: list[str]) -> int:
         values = [getattr(s, attr) for s in samples if (s.protocol, s.path, s.connections) == (protocol, path, conns)]
         return statistics.median(values) if values else 0.0
 
+    def cpu_us(protocol: str, path: str, conns: int, attr: str = "envoy_cpu_s") -> float:
+        """Envoy CPU (or in-Envoy Python) microseconds per request, over every run of the path."""
+        runs = [s for s in samples if (s.protocol, s.path, s.connections) == (protocol, path, conns)]
+        ops = sum(s.ops for s in runs)
+        return sum(getattr(s, attr) for s in runs) / ops * 1e6 if ops else 0.0
+
     rows = []
-    print(f"\n{'protocol':<10}{'conns':>6}{'direct ops/s':>14}{'tcp_proxy':>11}{'parsed':>9}{'parsed/tcp':>12}"
-          f"{'p50 direct':>12}{'p50 tcp':>9}{'p50 parsed':>12}{'+p50 ms':>9}{'p99 parsed':>12}")
+    protocols = list(dict.fromkeys(s.protocol for s in samples))
+    print(f"\n{'protocol':<10}{'conns':>6}" + "".join(f"{p + ' ops/s':>16}" for p in PATHS)
+          + f"{'parsed/tcp':>11}{'inproc/tcp':>11}" + "".join(f"{'p50 ' + p:>15}" for p in PATHS)
+          + f"{'+p50 parsed':>12}{'+p50 inproc':>12}")
     verdicts = {}
-    for protocol in EXCHANGES:
+    for protocol in protocols:
         for conns in (1, 16):
-            d, t, p = (med(protocol, path, conns, "ops_per_s") for path in ("direct", "tcp_proxy", "parsed"))
-            l_d, l_t, l_p = (med(protocol, path, conns, "p50_ms") for path in ("direct", "tcp_proxy", "parsed"))
-            p99 = med(protocol, "parsed", conns, "p99_ms")
-            ratio = p / t if t else 0.0
-            row = {"protocol": protocol, "connections": conns, "ops_per_s": {"direct": d, "tcp_proxy": t, "parsed": p},
-                   "p50_ms": {"direct": l_d, "tcp_proxy": l_t, "parsed": l_p}, "p99_ms_parsed": p99,
-                   "parsed_over_tcp_proxy": ratio, "added_p50_ms": l_p - l_t}
+            ops = {path: med(protocol, path, conns, "ops_per_s") for path in PATHS}
+            p50 = {path: med(protocol, path, conns, "p50_ms") for path in PATHS}
+            p99 = {path: med(protocol, path, conns, "p99_ms") for path in PATHS}
+            cpu = {path: cpu_us(protocol, path, conns) for path in PATHS if path != "direct"}
+            python = cpu_us(protocol, "inproc", conns, "python_s")
+            t = ops["tcp_proxy"]
+            ratios = {path: ops[path] / t if t else 0.0 for path in ("parsed", "inproc")}
+            row = {"protocol": protocol, "connections": conns, "ops_per_s": ops, "p50_ms": p50, "p99_ms": p99,
+                   "parsed_over_tcp_proxy": ratios["parsed"], "inproc_over_tcp_proxy": ratios["inproc"],
+                   "added_p50_ms": {path: p50[path] - p50["tcp_proxy"] for path in ("parsed", "inproc")},
+                   "envoy_cpu_us_per_request": cpu, "inproc_python_us_per_request": python,
+                   "inproc_python_share_of_envoy_cpu": python / cpu["inproc"] if cpu["inproc"] else 0.0}
             rows.append(row)
-            print(f"{protocol:<10}{conns:>6}{d:>14.0f}{t:>11.0f}{p:>9.0f}{ratio:>11.0%} {l_d:>11.3f}{l_t:>9.3f}"
-                  f"{l_p:>12.3f}{l_p - l_t:>9.3f}{p99:>12.3f}")
+            print(f"{protocol:<10}{conns:>6}" + "".join(f"{ops[p]:>16.0f}" for p in PATHS)
+                  + f"{ratios['parsed']:>10.0%} {ratios['inproc']:>10.0%} " + "".join(f"{p50[p]:>15.3f}" for p in PATHS)
+                  + f"{p50['parsed'] - p50['tcp_proxy']:>12.3f}{p50['inproc'] - p50['tcp_proxy']:>12.3f}")
+            v = verdicts.setdefault(protocol, {})
             if conns == 16:
-                verdicts[protocol] = {"throughput_met": ratio >= 0.5, "p50_met": (l_p - l_t) < 0.5}
-    print("\ntargets at 16 connections: parsed >= 50% of tcp_proxy ops/s, + < 0.5 ms p50")
+                v.update(throughput_met=ratios["inproc"] >= 0.5, shortfall=max(0.0, 0.5 - ratios["inproc"]))
+            else:
+                v["p50_met"] = (p50["inproc"] - p50["tcp_proxy"]) < 0.3
+    print("\nEnvoy CPU per request (us): tcp_proxy / parsed (ext_proc; the agent's own CPU not counted) / inproc"
+          " (of which in Python)")
+    for row in rows:
+        c = row["envoy_cpu_us_per_request"]
+        print(f"  {row['protocol']:<10}{row['connections']:>3} conns  {c['tcp_proxy']:7.1f} / {c['parsed']:7.1f} / "
+              f"{c['inproc']:7.1f} ({row['inproc_python_us_per_request']:.1f}, "
+              f"{row['inproc_python_share_of_envoy_cpu']:.0%})")
+    print("\ntargets (inproc): >= 0.5 of tcp_proxy ops/s at 16 connections, + < 0.3 ms p50 at 1 connection")
     for protocol, v in verdicts.items():
-        print(f"  {protocol:<10} throughput {'met' if v['throughput_met'] else 'NOT met'}, "
-              f"p50 {'met' if v['p50_met'] else 'NOT met'}")
+        print(f"  {protocol:<10} throughput {'met' if v.get('throughput_met') else 'NOT met'}"
+              + (f" (short by {v['shortfall']:.2f} of tcp_proxy)" if v.get("shortfall") else "")
+              + f", p50 {'met' if v.get('p50_met') else 'NOT met'}")
     result = {"benchmark": "l7_protocols", "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
               "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
               "agent_args": agent_args, "rows": rows, "targets": verdicts,

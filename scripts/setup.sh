@@ -60,3 +60,10 @@ if [ -d /usr/lib/python3/dist-packages/bcc ]; then
     ln -sfn /usr/lib/python3/dist-packages/bcc .venv/bcc-link/bcc
     echo "$PWD/.venv/bcc-link" > "$site/cilia-bcc.pth"
 fi
+
+# The L7 parsers inside Envoy: a dynamic module embedding this venv's Python, built for the pinned
+# Envoy (cilia.envoy.inproc.build checks its ABI), and Kafka's decoder compiled with mypyc for it.
+# Without the module the agent keeps the parsers on ext_proc.
+if ! .venv/bin/python -m cilia.envoy.inproc.build >/dev/null; then
+    echo "setup: the in-process L7 module was not built; the L7 parsers will run on network ext_proc" >&2
+fi

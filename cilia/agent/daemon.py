@@ -37,6 +37,7 @@ from ..envoy.bootstrap import build_bootstrap, write_bootstrap
 from ..envoy.l7service import ConnectionInfo, L7Server
 from ..envoy.l7views import check_for
 from ..envoy.l7workers import WorkerPool
+from ..envoy.inproc.channel import InprocL7, L7Mode
 from ..envoy.supervisor import EnvoySupervisor
 from ..envoy.translate import AccessLogTarget, GrpcTarget
 from ..l7parsers.base import Check
@@ -118,6 +119,7 @@ class AgentConfig:
     router_ip: str | None = None  # the gateway of endpoints the agent creates (put on lo if missing)
     proxy_port_range: tuple[int, int] = (10000, 20000)  # Envoy's transparent listeners (Cilium's range)
     l7_workers: int = 0  # L7 parsers in this many worker processes (0: in the agent's own process)
+    l7_mode: L7Mode = "auto"  # L7 parsers inside Envoy (inproc) or on ext_proc; auto: inproc if its module is built
     xds_tls: ServerTls | None = None  # mutual TLS for the TCP xds_addresses (client certificate CN = node id)
     xds_insecure: bool = False  # serve TCP xds_addresses in plaintext: chosen explicitly, never by default
     socket_group: int | None = None  # the agent's sockets are 0660 with this gid, else 0600
@@ -198,9 +200,16 @@ class Agent:
                                            else 0.0)
         first, *more = (f"unix:{p}" for p in config.l7_sockets)
         self.views = L7ViewSink()
+        extproc = GrpcTarget(L7_CLUSTER, first, more=tuple(more))
+        # --- the L7 parsers inside Envoy (cilia.envoy.inproc); None: they run on ext_proc
+        self.l7_inproc = InprocL7.choose(config.l7_mode, config.state_dir / "l7-inproc.sock",
+                                         self.observer.on_worker_record, managed=config.envoy == "managed",
+                                         workers=config.l7_workers, on_error=self._error)
+        if self.l7_inproc is not None:
+            self.views.attach(self.l7_inproc)  # every revision's views go to Envoy's interpreters
         self.proxy = ProxySink(self.cache, config.proxy_mode, config.node_id,
                                AccessLogTarget(ACCESS_LOG_CLUSTER, f"unix:{config.accesslog_socket}"),
-                               GrpcTarget(L7_CLUSTER, first, more=tuple(more)))
+                               self.l7_inproc.target(extproc) if self.l7_inproc is not None else extproc)
         sinks: list[Any] = [self.views, self.proxy]
         if self.node is not None:
             sinks.append(DatapathSink(self.node))
@@ -274,6 +283,8 @@ class Agent:
                 s.l7 = L7Server(self.views.source, self.observer.on_l7_record)
                 s.l7.add_address(f"unix:{self.config.l7_socket}", group=group)
                 s.l7.start()
+            if self.l7_inproc is not None:
+                self.l7_inproc.start()
             if self.config.envoy == "managed":
                 self._start_envoy()
         except BaseException:
@@ -307,7 +318,8 @@ class Agent:
                                                    self.admin_address))
         self.envoy = EnvoySupervisor(bootstrap, self.admin_address, log_path=self.config.state_dir / "envoy.log",
                                      extra_args=self.config.envoy_args,
-                                     pid_file=self.config.state_dir / "envoy.pid")
+                                     pid_file=self.config.state_dir / "envoy.pid",
+                                     env=self.l7_inproc.envoy_env() if self.l7_inproc is not None else None)
         self.envoy.start()
 
     def stop(self) -> None:
@@ -326,6 +338,8 @@ class Agent:
                 self.views.detach(s.l7_pool)
                 s.l7_pool.stop()
                 s.l7_pool = None
+            if self.l7_inproc is not None:
+                self.l7_inproc.stop()
             if self.node is not None:
                 self.node.stop()
             self.observer.close()

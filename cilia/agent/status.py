@@ -58,6 +58,7 @@ def status(agent: Agent) -> dict[str, Any]:
             "xds": {"addresses": [f"unix:{agent.config.xds_socket}", *agent.config.xds_addresses],
                     "proxies": proxies},
             "controllers": controllers, "errors": list(agent.errors),
+            "l7": agent.l7_inproc.status() if agent.l7_inproc is not None else {"mode": "extproc"},
             **({"kubernetes": k8s} if k8s is not None else {}),
             "uptime_s": round(time.time() - agent.started, 1), "notes": notes,
             "state_dir": str(agent.config.state_dir)}
@@ -132,6 +133,9 @@ def _controllers(agent: Agent, envoy: Mapping[str, Any], datapath: Mapping[str, 
     out = [ctl("xds-server", servers.xds is not None, "not serving"),
            ctl("accesslog-server", servers.als is not None, "not serving"),
            ctl("l7-server", servers.l7 is not None or servers.l7_pool is not None, "not serving")]
+    if agent.l7_inproc is not None:
+        problem = agent.l7_inproc.problem()
+        out.append(ctl("l7-inproc", not problem, problem))
     if servers.l7_pool is not None:
         pool = servers.l7_pool
         serving = pool.ready()  # listening, not merely running: Envoy's connections need the socket

@@ -47,6 +47,10 @@ from .common import call_agent, emit, output_option, state_dir_option, table
 @click.option("--l7-workers", type=click.IntRange(0, 64), default=0, show_default=True,
               help="Run the Kafka/Cassandra/Memcached/plugin parsers in this many worker processes (0: in the "
               "agent's own process); Envoy spreads connections over them.")
+@click.option("--l7-mode", type=click.Choice(["auto", "inproc", "extproc"]), default="auto", show_default=True,
+              help="Where the Kafka/Cassandra/Memcached/plugin parsers run: inproc: inside Envoy (the cilia_l7 "
+              "module, built by setup); extproc: in the agent behind network ext_proc; auto: inproc when the "
+              "module is built for this Envoy, Envoy is managed and no --l7-workers are asked for.")
 @click.option("--kubernetes", metavar="in-cluster|KUBECONFIG",
               help="Watch Pods, NetworkPolicy, CiliumNetworkPolicy and CiliumClusterwideNetworkPolicy: in-cluster "
               "(the pod's service account) or a kubeconfig path ('default': $KUBECONFIG or ~/.kube/config).")
@@ -68,9 +72,9 @@ from .common import call_agent, emit, output_option, state_dir_option, table
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning"]), default="info", show_default=True)
 def agent_cmd(state_dir: str, xds_addresses: Sequence[str], envoy_mode: str, node_id: str, datapath: str,
               bpf_pin_dir: str, router_ip: str | None, flow_file: str | None, flow_file_max_mb: int,
-              flow_file_backups: int, l7_workers: int, kubernetes: str | None, node_name: str | None,
-              xds_tls_cert: str | None, xds_tls_key: str | None, xds_tls_ca: str | None, xds_insecure: bool,
-              socket_group: str | None, proxy_grace: float, log_level: str) -> None:
+              flow_file_backups: int, l7_workers: int, l7_mode: str, kubernetes: str | None,
+              node_name: str | None, xds_tls_cert: str | None, xds_tls_key: str | None, xds_tls_ca: str | None,
+              xds_insecure: bool, socket_group: str | None, proxy_grace: float, log_level: str) -> None:
     """Run the agent until SIGTERM or Ctrl-C: load state, serve the REST API on
     <state-dir>/cilia.sock, serve xDS, supervise Envoy, receive its access logs; with
     --datapath bpf also load the BPF datapath. Stopping leaves the BPF programs enforcing the
@@ -88,7 +92,7 @@ def agent_cmd(state_dir: str, xds_addresses: Sequence[str], envoy_mode: str, nod
                          datapath=datapath, bpf_pin_dir=bpf_pin_dir, router_ip=router_ip,  # type: ignore[arg-type]
                          flow_file=Path(flow_file).resolve() if flow_file else None,
                          flow_file_max_bytes=flow_file_max_mb << 20, flow_file_backups=flow_file_backups,
-                         l7_workers=l7_workers,
+                         l7_workers=l7_workers, l7_mode=l7_mode,  # type: ignore[arg-type]
                          xds_tls=_xds_tls(xds_addresses, xds_tls_cert, xds_tls_key, xds_tls_ca, xds_insecure),
                          xds_insecure=xds_insecure, socket_group=_group_id(socket_group), proxy_grace=proxy_grace)
     stop = threading.Event()
@@ -96,7 +100,7 @@ def agent_cmd(state_dir: str, xds_addresses: Sequence[str], envoy_mode: str, nod
         signal.signal(sig, lambda *_: stop.set())
     try:
         agent = Agent(config)
-    except (StateError, IdentityFileError, OSError) as e:
+    except (StateError, IdentityFileError, OSError, ValueError) as e:
         click.echo(f"error: {e}", err=True)
         sys.exit(2)
     api: APIServer | None = None
@@ -203,6 +207,16 @@ def _kubernetes_watcher(agent: Any, kubernetes: str, node_name: str | None, data
 
 # --- status ---------------------------------------------------------------------------------------
 
+def _l7_line(l7: dict[str, Any]) -> str:
+    if l7.get("mode") != "inproc":
+        return "L7 parsers:  ext_proc (in the agent)"
+    its = l7.get("interpreters", [])
+    return (f"L7 parsers:  in Envoy ({l7.get('module')}), {len(its)} interpreter(s)"
+            + "".join(f"; pid {i['pid']}: {i.get('connections', 0)} connections, {i.get('errors', 0)} errors, "
+                      f"{i.get('slow', 0)} slow, last report {i['last_report_s']}s ago"
+                      + (" STALE" if i["stale"] else "") for i in its))
+
+
 def _status_text(s: dict[str, Any]) -> str:
     envoy = s["envoy"]
     lines = [f"Health:      {'Ok' if s['healthy'] else 'Degraded'}",
@@ -211,7 +225,8 @@ def _status_text(s: dict[str, Any]) -> str:
              f"Envoy:       {envoy['mode']}" + (f", {envoy['state']}, pid {envoy['pid']}, restarts {envoy['restarts']}"
                                                if "state" in envoy else "")
              + (f", last error: {envoy['last_error']}" if envoy.get("last_error") else ""),
-             f"xDS:         {', '.join(s['xds']['addresses'])}"]
+             f"xDS:         {', '.join(s['xds']['addresses'])}",
+             _l7_line(s.get("l7", {}))]
     for p in s["xds"]["proxies"]:
         state = f"NACK {p['nacked']}: {p['nack']}" if p["nack"] else f"acked {p['acked'] or '-'}"
         if p.get("stream", "open") != "open":

@@ -15,6 +15,7 @@ Messages are packed deterministically, so equal input gives byte-equal resources
 from __future__ import annotations
 
 import ipaddress
+import json
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -32,6 +33,7 @@ from envoy.config.endpoint.v3 import endpoint_components_pb2, endpoint_pb2
 from envoy.config.listener.v3 import listener_components_pb2
 from envoy.config.route.v3 import route_components_pb2, route_pb2
 from envoy.extensions.access_loggers.grpc.v3 import als_pb2
+from envoy.extensions.dynamic_modules.v3 import dynamic_modules_pb2
 from envoy.extensions.filters.http.rbac.v3 import rbac_pb2 as http_rbac_pb2
 from envoy.extensions.filters.http.router.v3 import router_pb2
 from envoy.extensions.filters.network.ext_proc.v3 import ext_proc_pb2
@@ -43,7 +45,7 @@ from google.protobuf import any_pb2, duration_pb2, message, wrappers_pb2
 from xds.core.v3 import extension_pb2
 from xds.type.matcher.v3 import matcher_pb2
 
-from . import metadata
+from . import dynamic_modules_proto, metadata
 
 ACCESS_DENIED_BODY = "Access denied\r\n"  # the body of a denied HTTP request's 403
 _HTTP_OPTIONS = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
@@ -63,6 +65,19 @@ class GrpcTarget:
 
 AccessLogTarget = GrpcTarget
 
+
+@dataclass(frozen=True, slots=True)
+class InprocTarget:
+    """The L7 parsers inside Envoy (``cilia.envoy.inproc``): the dynamic module's name and the
+    agent's channel its interpreter reaches (``unix:PATH``) for policy. Protocols in ``isolated``
+    (plugins whose parser says ``isolation = "process"``) stay on ``extproc`` (the agent's ext_proc
+    service); without it their ports deny."""
+
+    module: str
+    agent: str
+    extproc: GrpcTarget | None = None
+    isolated: frozenset[str] = frozenset()
+
 #: ext_proc message timeout: every chunk must be answered within it, else the connection is
 #: closed (fail closed); generous, since a parser may wait on the agent's lock.
 EXT_PROC_TIMEOUT = duration_pb2.Duration(seconds=5)
@@ -81,6 +96,20 @@ def ext_proc(base: str, target: GrpcTarget, info: Mapping[str, str]) -> ext_proc
         grpc_service=service, failure_mode_allow=False, message_timeout=EXT_PROC_TIMEOUT, stat_prefix=base,
         metadata_options=ext_proc_pb2.MetadataOptions(forwarding_namespaces=ext_proc_pb2.MetadataOptions.
                                                       MetadataNamespaces(untyped=[metadata.RBAC_NAMESPACE])))
+
+
+def dynamic_module_filter(target: InprocTarget, info: Mapping[str, str | int]) -> message.Message:
+    """The ``cilia_l7`` dynamic-module network filter; ``info`` (listener, direction, port,
+    protocol) and the agent's channel go in ``filter_config`` as JSON (a StringValue arrives raw).
+    The module is never unloaded (it holds an interpreter) and loaded globally (libpython's
+    symbols must be visible to the C extension modules Python imports)."""
+    config = dict(sorted(info.items())) | {"agent": target.agent}
+    packed = any_pb2.Any()
+    packed.Pack(wrappers_pb2.StringValue(value=json.dumps(config, sort_keys=True)), deterministic=True)
+    return dynamic_modules_proto.DynamicModuleNetworkFilter(
+        dynamic_module_config=dynamic_modules_pb2.DynamicModuleConfig(name=target.module, do_not_close=True,
+                                                                      load_globally=True),
+        filter_name="cilia_l7", filter_config=packed)
 
 
 def hcm(base: str, rbac: matcher_pb2.Matcher, access_log: AccessLogTarget | None,

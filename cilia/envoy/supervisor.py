@@ -35,7 +35,7 @@ import signal
 import subprocess
 import threading
 import time
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
@@ -169,10 +169,12 @@ class EnvoySupervisor:
         stop_timeout: float = 10.0,
         envoy_path: str | Path | None = None,
         pid_file: str | Path | None = None,
+        env: Mapping[str, str] | None = None,
     ) -> None:
         """``admin_address`` (``unix:PATH`` or ``host:port``) must be the admin address in the
         bootstrap. ``base_id``/``use_dynamic_base_id`` keep Envoy's hot-restart machinery on (off
-        otherwise). ``pid_file`` records the running Envoy; start() stops the one recorded there."""
+        otherwise). ``pid_file`` records the running Envoy; start() stops the one recorded there.
+        ``env``: variables added to Envoy's environment (e.g. ENVOY_DYNAMIC_MODULES_SEARCH_PATH)."""
         if base_id is not None and use_dynamic_base_id:
             raise ValueError("give base_id or use_dynamic_base_id, not both")
         if concurrency < 1:
@@ -190,6 +192,7 @@ class EnvoySupervisor:
         self._concurrency = concurrency
         self._log_level = log_level
         self._extra_args = tuple(extra_args)
+        self._env = {**os.environ, **env} if env else None
 
         self._lock = threading.Lock()
         self._changed = threading.Condition(self._lock)
@@ -375,7 +378,7 @@ class EnvoySupervisor:
                     # setpriv sets the parent-death signal, then execs Envoy (same PID)
                     proc = subprocess.Popen([setpriv, "--pdeathsig", "KILL", "--", *self.command()],
                                             stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                                            start_new_session=True, umask=_ENVOY_UMASK)
+                                            start_new_session=True, umask=_ENVOY_UMASK, env=self._env)
             except OSError as exc:
                 raise EnvoyStartError(f"cannot run Envoy: {exc}") from exc
             self._proc = proc

@@ -51,7 +51,7 @@ from google.protobuf import wrappers_pb2
 
 from cilia.envoy import metadata, rbac, resources
 from cilia.envoy.rbac import NO_DESTINATION_RULE, NO_ENDPOINT, NO_RULE
-from cilia.envoy.resources import ACCESS_DENIED_BODY, AccessLogTarget, GrpcTarget
+from cilia.envoy.resources import ACCESS_DENIED_BODY, AccessLogTarget, GrpcTarget, InprocTarget
 from cilia.policy.mapstate import DirectionMapState, PolicyEntry, Verdict, origins_name
 from cilia.policy.model import IPNetwork, Protocol
 
@@ -64,6 +64,8 @@ __all__ = [
     "NO_RULE",
     "AccessLogTarget",
     "GrpcTarget",
+    "InprocTarget",
+    "L7Target",
     "NodeEndpoint",
     "PortMapping",
     "ProxyPort",
@@ -73,6 +75,10 @@ __all__ = [
     "translate_ingress",
     "translate_node",
 ]
+
+#: where a port's L7 parser runs: the agent's ext_proc service, or inside Envoy
+L7Target = GrpcTarget | InprocTarget
+
 
 @dataclass(frozen=True, slots=True)
 class PortMapping:
@@ -140,7 +146,7 @@ def translate_ingress(
     backend_address: str,
     prefixes: Mapping[int, Sequence[IPNetwork]],
     access_log: AccessLogTarget | None = None,
-    l7_service: GrpcTarget | None = None,
+    l7_service: L7Target | None = None,
     audit: bool = False,
     upstream_mark: int | None = None,
 ) -> ProxyResources:
@@ -198,16 +204,16 @@ def translate_ingress(
         clusters.append(resources.static_cluster(base, backend_address, mapping.backend_port, upstream_mark))
     if access_log is not None:
         clusters.append(resources.grpc_cluster(access_log))
-    if l7_service is not None and any(_uses(li, "envoy.filters.network.ext_proc") for li in listeners):
-        clusters.append(resources.grpc_cluster(l7_service))
+    clusters += _extproc_cluster(l7_service, listeners)
     return ProxyResources(tuple(listeners), tuple(clusters), tuple(notes))
 
 
 def _parser_filters(base: str, direction: str, port: int, parser: str, universe: Mapping[int, Sequence[IPNetwork]],
                     peer: rbac.Input, local: rbac.Input, endpoints: Sequence[tuple[Sequence[IPNetwork], str]],
-                    l7_service: GrpcTarget) -> list[listener_components_pb2.Filter]:
+                    l7_service: L7Target) -> list[listener_components_pb2.Filter]:
     """The filters that send a port's traffic through an L7 parser: two RBAC filters that name
-    the connection's peer identity and local endpoint (into dynamic metadata), then ext_proc."""
+    the connection's peer identity and local endpoint (into dynamic metadata), then the parser
+    (network ext_proc, or the in-process dynamic module)."""
     peers = [(universe[ident], str(ident)) for ident in sorted(universe)]
     only = endpoints[0][1] if len(endpoints) == 1 else metadata.NO_LOCAL  # a sidecar listener serves one
     return [
@@ -215,9 +221,32 @@ def _parser_filters(base: str, direction: str, port: int, parser: str, universe:
                                  rbac.naming_rbac(base, metadata.PEER_PREFIX, peer, peers, "0")),
         resources.network_filter(metadata.NETWORK_RBAC,
                                  rbac.naming_rbac(base, metadata.LOCAL_PREFIX, local, endpoints, only)),
-        resources.network_filter("envoy.filters.network.ext_proc", resources.ext_proc(
-            base, l7_service, metadata.stream_metadata(base, direction, port, parser))),
+        _parser(base, direction, port, parser, l7_service),
     ]
+
+
+def _parser(base: str, direction: str, port: int, parser: str, l7_service: L7Target) -> listener_components_pb2.Filter:
+    """Network ext_proc to the agent's L7 service, or (``InprocTarget``) the same parsers inside
+    Envoy through the ``cilia_l7`` dynamic module."""
+    if isinstance(l7_service, InprocTarget):
+        if parser not in l7_service.isolated:
+            return resources.network_filter("envoy.filters.network.dynamic_modules", resources.dynamic_module_filter(
+                l7_service, {"listener": base, "direction": direction, "port": port, "protocol": parser}))
+        if l7_service.extproc is None:  # kept out of Envoy's process, and no service to run it: deny
+            return resources.network_filter(metadata.NETWORK_RBAC, rbac.network_rbac(
+                base, rbac.allow_matcher(frozenset(), {}, rbac.SOURCE, NO_RULE), False, None))
+        l7_service = l7_service.extproc
+    return resources.network_filter("envoy.filters.network.ext_proc", resources.ext_proc(
+        base, l7_service, metadata.stream_metadata(base, direction, port, parser)))
+
+
+def _extproc_cluster(l7_service: L7Target | None,
+                     listeners: Sequence[listener_pb2.Listener]) -> list[cluster_pb2.Cluster]:
+    """The ext_proc service's cluster, when a listener sends a port to it."""
+    target = l7_service.extproc if isinstance(l7_service, InprocTarget) else l7_service
+    if target is None or not any(_uses(li, "envoy.filters.network.ext_proc") for li in listeners):
+        return []
+    return [resources.grpc_cluster(target)]
 
 
 # --- transparent proxying (node mode, sidecar outbound) -------------------------------------
@@ -260,7 +289,7 @@ def translate_node(
     access_log: AccessLogTarget | None = None,
     ingress_mark: int = INGRESS_MARK,
     egress_mark: int = EGRESS_MARK,
-    l7_service: GrpcTarget | None = None,
+    l7_service: L7Target | None = None,
 ) -> ProxyResources:
     """Node mode: one transparent listener per proxy port serving every endpoint on the node.
 
@@ -306,8 +335,7 @@ def translate_node(
             clusters.extend(port_clusters)
     if access_log is not None:
         clusters.append(resources.grpc_cluster(access_log))
-    if l7_service is not None and any(_uses(li, "envoy.filters.network.ext_proc") for li in listeners):
-        clusters.append(resources.grpc_cluster(l7_service))
+    clusters += _extproc_cluster(l7_service, listeners)
     return ProxyResources(tuple(listeners), tuple(clusters), tuple(notes))
 
 
@@ -323,7 +351,7 @@ def translate_egress(
     prefixes: Mapping[int, Sequence[IPNetwork]],
     access_log: AccessLogTarget | None = None,
     socket_mark: int = EGRESS_MARK,
-    l7_service: GrpcTarget | None = None,
+    l7_service: L7Target | None = None,
 ) -> ProxyResources:
     """Sidecar outbound: a transparent listener per port for one endpoint's own outgoing traffic.
 
@@ -345,8 +373,7 @@ def translate_egress(
         clusters.extend(port_clusters)
     if access_log is not None:
         clusters.append(resources.grpc_cluster(access_log))
-    if l7_service is not None and any(_uses(li, "envoy.filters.network.ext_proc") for li in listeners):
-        clusters.append(resources.grpc_cluster(l7_service))
+    clusters += _extproc_cluster(l7_service, listeners)
     return ProxyResources(tuple(listeners), tuple(clusters), tuple(notes))
 
 
@@ -356,7 +383,7 @@ def _transparent(base: str, direction: str, proxy: ProxyPort, listen_address: st
                  access_log: AccessLogTarget | None, mark: int, notes: dict[str, None],
                  compiled: dict[int, tuple[PolicyEntry, rbac.HTTPPolicy]],
                  identities: Sequence[int] | None = None, names: Sequence[str] = (),
-                 l7_service: GrpcTarget | None = None, audits: Sequence[bool] = (),
+                 l7_service: L7Target | None = None, audits: Sequence[bool] = (),
                  ) -> tuple[listener_pb2.Listener, list[cluster_pb2.Cluster]]:
     """The listener and ORIGINAL_DST cluster(s) of one proxy port; with ``by_endpoint``, the
     matchers first choose among ``states`` by the endpoint's address, else ``states`` is the one

@@ -14,6 +14,7 @@ is a quote). ``BEGIN BATCH ... APPLY BATCH`` in one query string yields its stat
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 from enum import Enum
 
 
@@ -214,8 +215,20 @@ class _Cursor:
         return None
 
 
+CACHED_TEXT = 4096  # query strings up to this long are classified once (clients repeat them)
+
+
 def classify(text: str) -> tuple[Statement, ...]:
     """The statements of one query string: one, or those of a ``BEGIN BATCH`` (maybe none)."""
+    return _classify_cached(text) if len(text) <= CACHED_TEXT else _classify(text)
+
+
+@lru_cache(maxsize=1024)
+def _classify_cached(text: str) -> tuple[Statement, ...]:
+    return _classify(text)  # statements are frozen: sharing them is safe; errors are not cached
+
+
+def _classify(text: str) -> tuple[Statement, ...]:
     c = _Cursor(_lex(text))
     if c.peek() is None:
         raise StatementError("empty statement")

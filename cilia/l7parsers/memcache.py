@@ -110,6 +110,24 @@ class MemcacheConnection(L7Connection):
         self._inner: L7Connection | None = None
         self.dialect: str | None = None
 
+    @property
+    def check(self) -> Check:
+        return self._check
+
+    @check.setter
+    def check(self, check: Check) -> None:
+        # A policy change reaches the dialect's parser too, not only this dispatcher.
+        self._check = check
+        inner = getattr(self, "_inner", None)  # None while the base class's __init__ sets it
+        if inner is not None:
+            inner.check = check
+
+    def assume(self, first: int) -> None:
+        """Choose the dialect as if the client's first byte had been ``first``: a fast path that
+        read the first requests itself hands the connection over (``memcache_fast``)."""
+        if self._inner is None:
+            self._inner = self._start(first)
+
     def receive_client(self, data: bytes) -> Output:
         if self._inner is None:
             if not data:

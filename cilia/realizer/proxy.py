@@ -24,6 +24,7 @@ from ..envoy.translate import (
     INGRESS_MARK,
     AccessLogTarget,
     GrpcTarget,
+    InprocTarget,
     NodeEndpoint,
     PortMapping,
     ProxyPort,
@@ -76,7 +77,7 @@ class ProxySink:
     name = "proxy"
 
     def __init__(self, cache: Cache, mode: ProxyMode, node_id: str, access_log: AccessLogTarget,
-                 l7_service: GrpcTarget, listen_address: str = "127.0.0.1",
+                 l7_service: GrpcTarget | InprocTarget, listen_address: str = "127.0.0.1",
                  sidecar_mark: int | None = INGRESS_MARK) -> None:
         self.cache = cache
         self.mode = mode

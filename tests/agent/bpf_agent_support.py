@@ -38,14 +38,14 @@ CLOSED = "closed"  # reset or closed before any response
 
 
 class BpfAgentNode:
-    def __init__(self, tmp: Path) -> None:
+    def __init__(self, tmp: Path, *agent_args: str) -> None:
         self.suffix = uuid.uuid4().hex[:5]
         self.node = f"cba-node-{self.suffix}"
         self.state_dir = tmp / "state"
         self.pin_dir = f"/sys/fs/bpf/cilia-agent-test-{self.suffix}"
         self.wrapper = ("nsenter", f"--net=/run/netns/{self.node}")
         self.agent = AgentProcess(self.state_dir, "--datapath", "bpf", "--bpf-pin-dir", self.pin_dir,
-                                  "--router-ip", ROUTER_IP, wrapper=self.wrapper)
+                                  "--router-ip", ROUTER_IP, *agent_args, wrapper=self.wrapper)
         self.servers: list[ThreadingHTTPServer] = []
 
     def netns(self, ship: str) -> str:
@@ -182,9 +182,9 @@ class Monitor:
 
 
 @contextmanager
-def bpf_agent(tmp: Path) -> Iterator[BpfAgentNode]:
+def bpf_agent(tmp: Path, *agent_args: str) -> Iterator[BpfAgentNode]:
     require_bpf()
-    node = BpfAgentNode(tmp)
+    node = BpfAgentNode(tmp, *agent_args)
     try:
         node.setup()
         yield node

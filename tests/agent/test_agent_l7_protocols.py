@@ -1,6 +1,7 @@
 """Kafka, Cassandra and Memcached policy the way Cilium's guides run them, with everything real:
-the agent with the BPF datapath, Envoy, the L7 parsers behind network ext_proc, real servers in
-one endpoint's namespace and real clients in others, and Cilium's example policies unchanged.
+the agent with the BPF datapath, Envoy, the L7 parsers (inside Envoy through the cilia_l7 module,
+and behind network ext_proc: every test runs in both modes), real servers in one endpoint's
+namespace and real clients in others, and Cilium's example policies unchanged.
 
 Each client runs as a Python process inside its endpoint's namespace (``nsenter --net``), so its
 connections really leave that endpoint, are redirected by the kernel to Envoy, and reach the
@@ -23,6 +24,7 @@ import pytest
 from bpf_agent_support import BpfAgentNode, bpf_agent
 from helpers import in_netns
 
+from cilia.envoy.inproc import build
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples" / "cilium"
 SERVER_IP = "10.212.0.20"
@@ -51,9 +53,14 @@ def l7_flows(node: BpfAgentNode, protocol: str, want: int) -> list[dict[str, Any
         time.sleep(0.2)
 
 
-@pytest.fixture
-def node(tmp_path: Path) -> Iterator[BpfAgentNode]:
-    with bpf_agent(tmp_path) as n:
+@pytest.fixture(params=["inproc", "extproc"])
+def node(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[BpfAgentNode]:
+    """The agent with the parsers inside Envoy (the cilia_l7 module, built as setup builds it)
+    or behind network ext_proc; ``cilia status`` says which."""
+    if request.param == "inproc":
+        build.build()
+    with bpf_agent(tmp_path, "--l7-mode", request.param) as n:
+        assert n.ok("status", "-o", "json").json()["l7"]["mode"] == request.param
         yield n
 
 
@@ -129,6 +136,9 @@ def test_memcached_guide(node: BpfAgentNode) -> None:
                                                                              ("x-wing", "awing-coord")}
     assert all("memcd-sw-security-policy.yaml" in f["rule"] for f in flows)
     assert any(f["verdict"] == "FORWARDED" and f["l7"]["command"] == "set" for f in flows)
+    l7 = node.ok("status", "-o", "json").json()["l7"]
+    if l7["mode"] == "inproc":  # the requests were judged inside Envoy, and its interpreter reports
+        assert [i["connections"] >= 4 and not i["stale"] for i in l7["interpreters"]] == [True]
 
 
 # --- Cassandra: Cilium's Cassandra guide (examples/kubernetes-cassandra), on real Cassandra 1.2 ----

@@ -12,6 +12,7 @@ import subprocess
 import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
+from typing import Any
 
 from helpers import cilium_examples_dir
 from policy_support import check_from_policy
@@ -96,12 +97,13 @@ def _free_port() -> int:
 
 
 @contextmanager
-def memcached() -> Iterator[int]:
-    """A real memcached 1.6 (text and binary, ``-B auto``) on a free loopback port; stopped by PID."""
+def memcached(host: str = "127.0.0.1") -> Iterator[int]:
+    """A real memcached 1.6 (text and binary, ``-B auto``) on a free loopback port (on ``host``,
+    e.g. ``0.0.0.0`` behind a sidecar that forwards to the endpoint's own address); stopped by PID."""
     binary = MEMCACHED if os.path.exists(MEMCACHED) else shutil.which("memcached")
     assert binary, "memcached is not installed (scripts/setup.sh installs it)"
     port = _free_port()
-    args = [binary, "-l", "127.0.0.1", "-p", str(port), "-U", "0", "-B", "auto", "-t", "2", "-m", "64"]
+    args = [binary, "-l", host, "-p", str(port), "-U", "0", "-B", "auto", "-t", "2", "-m", "64"]
     if os.geteuid() == 0:
         args += ["-u", "root"]  # memcached refuses to run as root without it
     proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -123,3 +125,19 @@ def memcached() -> Iterator[int]:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+class BoundSockets:
+    """A ``socket_module`` for pymemcache whose sockets leave from ``source`` (where a client's
+    address is its identity)."""
+
+    def __init__(self, source: str) -> None:
+        self.source = source
+
+    def socket(self, *args: Any) -> socket.socket:
+        s = socket.socket(*args)
+        s.bind((self.source, 0))
+        return s
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(socket, name)
