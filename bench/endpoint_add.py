@@ -4,12 +4,13 @@
     .venv/bin/python bench/endpoint_add.py --sizes 10,1000 --adds 5
     .venv/bin/python bench/endpoint_add.py --profile 1000  # where one add's time goes, at that size
 
-An in-process agent in sidecar mode (xDS cache, L7 views, flow names, state on disk; no Envoy is
-started, so nothing waits for an ACK) is given N endpoints through its persisted state (one replay,
-not N adds), with policies selecting them; then ``--adds`` more endpoints are added one at a time
-through ``Agent.add_endpoint`` and timed, alternately one of an app some policy names (the
-listeners that name its identity must change: N/50 of them) and one of an app none names. The
-table shows each size's median against the smallest's. Prints a table and writes bench/results/endpoint_add.json.
+An in-process agent in sidecar mode (xDS cache, L7 views, flow names, sidecar guard, state on
+disk; no Envoy is started, so nothing waits for an ACK; the process enters a network namespace of
+its own) is given N endpoints through its persisted state (one replay, not N adds), with policies
+selecting them; then ``--adds`` more endpoints are added one at a time through
+``Agent.add_endpoint`` and timed, alternately one of an app some policy names (the listeners that
+name its identity must change: N/50 of them) and one of an app none names. The table shows each
+size's median against the smallest's. Prints a table and writes bench/results/endpoint_add.json.
 Numbers compare within one run only; nothing here asserts a timing.
 """
 
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import cProfile
+import ctypes
 import json
 import os
 import platform
@@ -101,7 +103,16 @@ def measure(n: int, adds: int, profile: bool = False) -> dict[str, Any]:
                for stat, f in (("median", statistics.median), ("min", min), ("max", max))}}
 
 
+def _own_network_namespace() -> None:
+    """Run in a network namespace of this process's own: the agent's sidecar guard writes nftables
+    rules for the benchmark's made-up addresses, which must not land on the machine's."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.unshare(0x40000000) != 0:  # CLONE_NEWNET
+        raise SystemExit(f"unshare(CLONE_NEWNET): {os.strerror(ctypes.get_errno())} (run as root)")
+
+
 def main() -> None:
+    _own_network_namespace()
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", default="10,100,1000,5000", help="endpoint counts, comma-separated")
     parser.add_argument("--adds", type=int, default=9, help="endpoint adds timed at each size")

@@ -213,8 +213,11 @@ class Agent:
         sinks: list[Any] = [self.views, self.proxy]
         if self.node is not None:
             sinks.append(DatapathSink(self.node))
-        elif config.proxy_mode == "sidecar":  # only Envoy may reach the applications' own ports
-            sinks.append(SidecarGuard(lambda name: spec.netns if (spec := self.state.endpoints.get(name)) else None))
+        self.guard: SidecarGuard | None = None  # sidecar mode: only Envoy may reach the applications' own ports
+        if self.node is None and config.proxy_mode == "sidecar":
+            self.guard = SidecarGuard(lambda n: spec.netns if (spec := self.state.endpoints.get(n)) else None,
+                                      owner=str(config.state_dir))
+            sinks.append(self.guard)
         sinks.append(FlowNames(self.observer))
         self.realizer = Realizer(sinks)
         self._redirects = RedirectIndex()
@@ -342,6 +345,8 @@ class Agent:
                 self.l7_inproc.stop()
             if self.node is not None:
                 self.node.stop()
+            if self.guard is not None and self.config.envoy == "managed":  # its Envoy is gone too; sidecars
+                self.guard.close()  # of their own (external) keep enforcing, so their app ports stay closed
             self.observer.close()
 
     # ------------------------------------------------------------------ policies

@@ -7,13 +7,16 @@ namespace where each endpoint's address lives, an nftables table that resets eve
 to ``ADDRESS:APP_PORT`` whose packets do not carry Envoy's upstream mark (``SO_MARK`` INGRESS_MARK,
 set on the sidecar backend clusters; it needs CAP_NET_ADMIN, as Istio's sidecars do).
 
-The table is replaced whole in one transaction whenever what it must hold changes, and deleted
-when no endpoint needs it. A failure (no libnftables, no privilege, a namespace gone) raises: the
-realizer keeps it as this sink's error and health reports it, naming the cause.
+Each agent has its own table (named after its state dir), built whole at start and then changed
+by set elements as endpoints come and go (an add costs the same at any count), deleted when no
+endpoint needs it and when the agent stops (its Envoy stops with it; a crashed agent's table stays
+until the next agent rebuilds it). A failure (no libnftables, no privilege, a namespace gone)
+raises: the realizer keeps it as this sink's error and health reports it, naming the cause.
 """
 
 from __future__ import annotations
 
+import hashlib
 import ipaddress
 import logging
 from collections.abc import Callable
@@ -27,7 +30,12 @@ from . import nftables
 
 _log = logging.getLogger(__name__)
 
-TABLE = "cilia_sidecar_guard"
+TABLE_PREFIX = "cilia_guard_"  # + a digest of the agent's state dir: agents sharing a namespace keep apart
+
+
+def table_name(owner: str) -> str:
+    """The table of the agent whose state dir is ``owner``."""
+    return TABLE_PREFIX + hashlib.sha256(owner.encode()).hexdigest()[:12]
 Guarded = frozenset[tuple[str, int]]  # (application address, application port)
 
 
@@ -49,40 +57,40 @@ def _element_sets(guarded: Guarded) -> dict[str, list[dict[str, Any]]]:
     return out
 
 
-def _elements(verb: str, guarded: Guarded) -> list[dict[str, Any]]:
-    return [{verb: {"element": {"family": "inet", "table": TABLE, "name": name, "elem": elems}}}
+def _elements(table: str, verb: str, guarded: Guarded) -> list[dict[str, Any]]:
+    return [{verb: {"element": {"family": "inet", "table": table, "name": name, "elem": elems}}}
             for name, elems in _element_sets(guarded).items() if elems]
 
 
-def table_commands(guarded: Guarded, mark: int = INGRESS_MARK) -> list[dict[str, Any]]:
+def table_commands(name: str, guarded: Guarded, mark: int = INGRESS_MARK) -> list[dict[str, Any]]:
     """The nftables batch that makes the table hold exactly ``guarded`` (none: no table): two sets
     of address . port, and a rule per set resetting what is sent to one of them without ``mark``."""
-    table = {"family": "inet", "name": TABLE}
+    table = {"family": "inet", "name": name}
     # add-then-delete empties it whether or not it was there, in the same transaction as the refill
     commands: list[dict[str, Any]] = [{"add": {"table": table}}, {"delete": {"table": table}}]
     if not guarded:
         return commands
     commands += [{"add": {"table": table}},
-                 {"add": {"chain": {"family": "inet", "table": TABLE, "name": "input", "type": "filter",
+                 {"add": {"chain": {"family": "inet", "table": name, "name": "input", "type": "filter",
                                     "hook": "input", "prio": 0, "policy": "accept"}}}]
-    for name, family, addr_type in (("app4", "ip", "ipv4_addr"), ("app6", "ip6", "ipv6_addr")):
-        commands.append({"add": {"set": {"family": "inet", "table": TABLE, "name": name,
+    for set_name, family, addr_type in (("app4", "ip", "ipv4_addr"), ("app6", "ip6", "ipv6_addr")):
+        commands.append({"add": {"set": {"family": "inet", "table": name, "name": set_name,
                                          "type": [addr_type, "inet_service"]}}})
-        commands.append({"add": {"rule": {"family": "inet", "table": TABLE, "chain": "input", "expr": [
+        commands.append({"add": {"rule": {"family": "inet", "table": name, "chain": "input", "expr": [
             {"match": {"op": "==", "left": {"concat": [{"payload": {"protocol": family, "field": "daddr"}},
                                                        {"payload": {"protocol": "tcp", "field": "dport"}}]},
-                       "right": f"@{name}"}},
+                       "right": f"@{set_name}"}},
             {"match": {"op": "!=", "left": {"meta": {"key": "mark"}}, "right": mark}},
             {"reject": {"type": "tcp reset"}}]}}})
-    return commands + _elements("add", guarded)
+    return commands + _elements(name, "add", guarded)
 
 
-def update_commands(before: Guarded, after: Guarded, mark: int = INGRESS_MARK) -> list[dict[str, Any]]:
+def update_commands(name: str, before: Guarded, after: Guarded, mark: int = INGRESS_MARK) -> list[dict[str, Any]]:
     """The batch from a table holding ``before`` to one holding ``after``: only the elements that
     differ while both hold some (an endpoint add costs the same at any count), else the whole table."""
     if not before or not after:
-        return table_commands(after, mark)
-    return _elements("delete", before - after) + _elements("add", after - before)
+        return table_commands(name, after, mark)
+    return _elements(name, "delete", before - after) + _elements(name, "add", after - before)
 
 
 class SidecarGuard:
@@ -90,8 +98,9 @@ class SidecarGuard:
 
     name = "sidecar-guard"
 
-    def __init__(self, netns_of: Callable[[str], str | None], mark: int = INGRESS_MARK) -> None:
+    def __init__(self, netns_of: Callable[[str], str | None], owner: str, mark: int = INGRESS_MARK) -> None:
         self.netns_of = netns_of
+        self.table = table_name(owner)
         self.mark = mark
         self.applied: dict[str | None, Guarded] = {}  # what each namespace's table holds now
 
@@ -105,11 +114,11 @@ class SidecarGuard:
                 continue
             try:
                 try:
-                    self._apply(netns, update_commands(before, guarded, self.mark))
+                    self._apply(netns, update_commands(self.table, before, guarded, self.mark))
                 except OSError:
                     if not before or not guarded:
                         raise
-                    self._apply(netns, table_commands(guarded, self.mark))  # the table was not as left: anew
+                    self._apply(netns, table_commands(self.table, guarded, self.mark))  # not as left: anew
             except OSError as e:
                 if not guarded:  # nothing to keep closed any more (its namespace may be gone with it)
                     _log.warning("sidecar guard: cannot remove the table in %s: %s", netns or "the agent namespace", e)
@@ -124,6 +133,16 @@ class SidecarGuard:
                 self.applied.pop(netns, None)
         if failures:
             raise RuntimeError("; ".join(failures))
+
+    def close(self) -> None:
+        """Remove the tables (the agent stops and its Envoy with it; a crashed agent's tables stay
+        until the next one replaces them). Errors are logged: the namespaces may be gone."""
+        for netns in list(self.applied):
+            try:
+                self._apply(netns, table_commands(self.table, frozenset()))
+            except OSError as e:
+                _log.warning("sidecar guard: cannot remove %s in %s: %s", self.table, netns or "the agent namespace", e)
+        self.applied.clear()
 
     @staticmethod
     def _apply(netns: str | None, commands: list[dict[str, Any]]) -> None:

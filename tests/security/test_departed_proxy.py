@@ -28,6 +28,7 @@ def test_a_sidecar_that_nacked_and_left_is_forgotten_after_the_grace_period(tmp_
     with deathstar_app() as app_port, agent_in_process(state, envoy="external", proxy_grace=GRACE), \
             socket.socket() as squatter:
         add_starwars_endpoints(state, app_port)
+        squatter.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # past earlier tests' TIME_WAIT
         squatter.bind((DEATHSTAR, 80))  # the sidecar's listener cannot bind: Envoy rejects it (NACK)
         squatter.listen()
         admin = f"127.0.0.1:{free_port()}"

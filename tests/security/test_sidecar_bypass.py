@@ -1,6 +1,7 @@
 """Sidecar mode cannot be bypassed: the application's own port (deathstar's backend behind port 80)
 answers Envoy only; a ship connecting to it directly is reset, while the same request through
-Envoy's listener is judged by the policy as usual. Removing the endpoint opens the port again."""
+Envoy's listener is judged by the policy as usual. Removing the endpoint opens the port again, and
+so does stopping the agent (its Envoy stops with it)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,8 @@ from agent_support import (
     run_cli, shoot,
 )
 
-from cilia.agent.sidecar_guard import TABLE
+
+PROBE = "127.0.1.99"
 
 
 def _tables() -> list[str]:
@@ -40,8 +42,13 @@ def test_the_application_port_answers_only_envoy(tmp_path: Path) -> None:
                 for request in (LAND, EXHAUST):
                     assert shoot(ship, *request, port=app_port) == "refused", (ship, request)
             assert agent.status()["healthy"], agent.status()["reasons"]
-            assert TABLE in _tables()
-            # the endpoint gone, the port is the application's own business again
+            assert agent.guard is not None and agent.guard.table in _tables()
+            # a second guarded endpoint, so that the table outlives the deathstar's delete
+            assert run_cli(state, "endpoint", "add", "--name", "probe", "--labels", "app=probe", "--ip", PROBE,
+                           "--port", f"81:{app_port}").code == 0
+            # the endpoint gone, its port is the application's own business again
             assert run_cli(state, "endpoint", "delete", "deathstar").code == 0
-            assert TABLE not in _tables()
             assert shoot(XWING, *EXHAUST, port=app_port).startswith("200 ")
+            table = agent.guard.table
+            assert table in _tables()
+        assert table not in _tables()  # the agent stopped, and its Envoy with it
