@@ -29,6 +29,7 @@ CLI_ANYWHERE = {
     "cilia.specs": "endpoint and port specs, checked before they are sent to the agent",
     "cilia.policy": "offline validate and trace",
     "cilia.bpf.paths": "the default --bpf-pin-dir shown in --help (constants only, no bcc)",
+    "cilia.agent.flowquery": "cilia observe checks selectors and HTTP statuses before asking (pure Python)",
 }
 # What a CLI module may import only inside a function, so that no other command pays for it.
 CLI_INSIDE_COMMANDS = {
@@ -40,6 +41,10 @@ CLI_INSIDE_COMMANDS = {
     "cilia.bpf.loader": "cilia agent checks that BPF is available for --datapath bpf",
     "cilia.k8s": "cilia agent --kubernetes runs the Kubernetes watcher",
     "cilia.agent.cleanup": "cilia bpf cleanup removes what an agent left on the node",
+    "cilia.agent.metrics": "cilia agent counts the warnings and errors it logs",
+    "cilia.agent.metrics_server": "cilia agent serves /metrics and the probes' pages on TCP",
+    "cilia.agent.cluster": "cilia agent --kvstore etcd builds the kvstore config it checks at start",
+    "cilia.kvstore": "cilia agent reports a kvstore that cannot be reached (KVStoreError)",
 }
 
 

@@ -13,6 +13,7 @@ import logging
 import re
 import socketserver
 import threading
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler
@@ -23,9 +24,11 @@ from urllib.parse import parse_qs, urlsplit
 
 from ..xds.sockets import bind_unix
 from .daemon import Agent, AgentError
-from .flows import FlowFilter, parse_labels
-from .render import render
+from ..policy.selector_text import SelectorError
 from ..specs import EndpointSpec, PolicyKey, StateError
+from .flowquery import parse_http_status, parse_labels
+from .flows import FlowFilter
+from .render import render
 
 _log = logging.getLogger(__name__)
 
@@ -67,11 +70,28 @@ def _policy_files(body: Any, expected: str) -> list[tuple[str, str]]:
 
 
 def _post_policies(agent: Agent, _: dict[str, str], __: dict[str, list[str]], body: Any) -> tuple[int, Any]:
-    files = _policy_files(body, "{" + _FILES + "}")
-    audit = body.get("audit", False)
-    if not isinstance(audit, bool):
-        raise AgentError("body: audit: expected true or false")
-    return 200, agent.import_policies(files, audit)
+    started = time.monotonic()
+    try:
+        files = _policy_files(body, "{" + _FILES + "}")
+        audit = body.get("audit", False)
+        if not isinstance(audit, bool):
+            raise AgentError("body: audit: expected true or false")
+        result = agent.import_policies(files, audit)
+    except AgentError:
+        agent.metrics.policy_import_errors.inc()
+        raise
+    threading.Thread(target=_time_implementation, args=(agent, result.revision, started), daemon=True,
+                     name="cilia-policy-delay").start()
+    return 200, result
+
+
+def _time_implementation(agent: Agent, revision: int, started: float) -> None:
+    """cilia_policy_implementation_delay: from the import to every proxy's ACK of its revision."""
+    try:
+        agent.wait(revision, MAX_WAIT)
+    except AgentError:
+        return  # rejected or never realized: no delay to report (the NACK is counted by xDS)
+    agent.metrics.policy_implementation_delay.labels("api").observe(time.monotonic() - started)
 
 
 def _diff_policies(agent: Agent, _: dict[str, str], __: dict[str, list[str]], body: Any) -> tuple[int, Any]:
@@ -119,18 +139,76 @@ def _get_identities(agent: Agent, _: dict[str, str], __: dict[str, list[str]], _
     return 200, agent.identities()
 
 
-def _get_flows(agent: Agent, _: dict[str, str], query: dict[str, list[str]], __: Any) -> tuple[int, Any]:
-    since_time = query.get("since_time", [None])[-1]
+def _cluster(agent: Agent) -> Any:
+    if agent.cluster is None:
+        raise AgentError("this agent has no kvstore (cilia agent --kvstore etcd --kvstore-endpoints ...)", 409)
+    return agent.cluster
+
+
+def _get_nodes(agent: Agent, _: dict[str, str], __: dict[str, list[str]], ___: Any) -> tuple[int, Any]:
+    return 200, _cluster(agent).node_list()
+
+
+def _get_cluster_identities(agent: Agent, _: dict[str, str], __: dict[str, list[str]], ___: Any) -> tuple[int, Any]:
+    return 200, _cluster(agent).identity_list()
+
+
+def _get_kvstore(agent: Agent, _: dict[str, str], query: dict[str, list[str]], __: Any) -> tuple[int, Any]:
+    from ..kvstore.base import KVStoreError
+
+    key, prefix = query.get("key", [None])[-1], query.get("prefix", [None])[-1]
+    if (key is None) == (prefix is None):
+        raise AgentError("give exactly one of the query parameters key and prefix")
     try:
-        since = float(since_time) if since_time is not None else None
+        return 200, _cluster(agent).read(key, prefix)
+    except ValueError as e:
+        raise AgentError(str(e)) from None
+    except KVStoreError as e:
+        raise AgentError(str(e), 503) from None
+
+
+def _query_time(query: dict[str, list[str]], name: str) -> float | None:
+    value = query.get(name, [None])[-1]
+    try:
+        return float(value) if value is not None else None
     except ValueError:
-        raise AgentError(f"query parameter since_time: {since_time!r} is not a UNIX time") from None
-    flow_filter = FlowFilter(
-        tuple(label for v in query.get("from_label", []) for label in parse_labels(v)),
-        tuple(label for v in query.get("to_label", []) for label in parse_labels(v)),
-        frozenset(v.upper() for v in query.get("verdict", [])),
-        frozenset(v.lower() for v in query.get("protocol", [])), since)
-    return 200, agent.flows(_query_int(query, "since"), _query_int(query, "limit"), flow_filter)
+        raise AgentError(f"query parameter {name}: {value!r} is not a UNIX time") from None
+
+
+def flow_filter(query: dict[str, list[str]]) -> FlowFilter:
+    """GET /v1/flows's filter parameters (Hubble's names; repeat a parameter for alternatives)."""
+    def strings(name: str) -> tuple[str, ...]:
+        return tuple(v for v in query.get(name, []) if v)
+
+    def numbers(name: str, upper: int) -> frozenset[int]:
+        out = set()
+        for v in strings(name):
+            if not v.isdigit() or int(v) > upper:
+                raise AgentError(f"query parameter {name}: {v!r} is not a number from 0 to {upper}")
+            out.add(int(v))
+        return frozenset(out)
+
+    try:
+        selectors = {name: tuple(parse_labels(v) for v in strings(name))
+                     for name in ("label", "from_label", "to_label")}
+        statuses = tuple(parse_http_status(v) for v in strings("http_status"))
+        paths = tuple(re.compile(v) for v in strings("http_path"))
+    except (SelectorError, ValueError, re.error) as e:
+        raise AgentError(f"flow filter: {e}") from None
+    return FlowFilter(
+        from_labels=selectors["from_label"], to_labels=selectors["to_label"], labels=selectors["label"],
+        verdicts=frozenset(v.upper() for v in strings("verdict")),
+        protocols=frozenset(v.lower() for v in strings("protocol")),
+        since=_query_time(query, "since_time"), until=_query_time(query, "until_time"),
+        pods=strings("pod"), from_pods=strings("from_pod"), to_pods=strings("to_pod"),
+        namespaces=frozenset(strings("namespace")), ips=frozenset(strings("ip")),
+        ports=numbers("port", 65535), identities=numbers("identity", 2**32 - 1),
+        types=frozenset(v.lower() for v in strings("type")), http_status=statuses,
+        http_methods=frozenset(v.upper() for v in strings("http_method")), http_paths=paths)
+
+
+def _get_flows(agent: Agent, _: dict[str, str], query: dict[str, list[str]], __: Any) -> tuple[int, Any]:
+    return 200, agent.flows(_query_int(query, "since"), _query_int(query, "limit"), flow_filter(query))
 
 
 def _get_bpf_policy(agent: Agent, path: dict[str, str], _: dict[str, list[str]], __: Any) -> tuple[int, Any]:
@@ -185,6 +263,9 @@ ROUTES: dict[tuple[str, str], Handler] = {
     ("GET", "/v1/monitor"): _get_monitor,
     ("GET", "/v1/identities"): _get_identities,
     ("GET", "/v1/flows"): _get_flows,
+    ("GET", "/v1/nodes"): _get_nodes,
+    ("GET", "/v1/cluster/identities"): _get_cluster_identities,
+    ("GET", "/v1/kvstore"): _get_kvstore,
     ("GET", "/v1/openapi.yaml"): _get_openapi,
     ("GET", "/metrics"): _get_metrics,
     ("GET", "/healthz"): _get_healthz,
@@ -272,6 +353,7 @@ class APIServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
 
     def __init__(self, path: Path, agent: Agent) -> None:
         self.agent = agent
+        agent.metrics.watch_agent(agent)  # /metrics here shows the state gauges too
         super().__init__(str(path), _RequestHandler, bind_and_activate=False)
 
         def listen(staging: str) -> None:

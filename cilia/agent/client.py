@@ -110,6 +110,16 @@ class AgentClient:
     def identities(self) -> Any:
         return self.request("GET", "/v1/identities")
 
+    def nodes(self) -> Any:
+        return self.request("GET", "/v1/nodes")
+
+    def cluster_identities(self) -> Any:
+        return self.request("GET", "/v1/cluster/identities")
+
+    def kvstore(self, key: str | None = None, prefix: str | None = None) -> Any:
+        params = {"key": key} if key is not None else {"prefix": prefix}
+        return self.request("GET", "/v1/kvstore", params=params)
+
     def bpf_policy(self, name: str) -> Any:
         return self.request("GET", f"/v1/endpoints/{name}/bpf-policy")
 
@@ -121,7 +131,8 @@ class AgentClient:
         return self.request("GET", "/v1/monitor", params=params, timeout=wait + 30)
 
     def flows(self, since: int | None = None, limit: int | None = None, **filters: Any) -> Any:
-        """``filters``: from_label, to_label, verdict, protocol (lists of strings), since_time."""
+        """``filters``: GET /v1/flows's filter parameters (openapi.yaml): lists of strings, or
+        since_time/until_time as UNIX times."""
         params: dict[str, Any] = {k: v for k, v in (("since", since), ("limit", limit)) if v is not None}
         params.update({k: v for k, v in filters.items() if v})
         return self.request("GET", "/v1/flows", params=params)

@@ -53,6 +53,7 @@ from ..policy import (
     Protocol,
     parse_text,
 )
+from ..policy.identity import IdentityUnavailable
 from ..policy.parse import check_unique
 from ..realizer import Desired, EndpointState, PortMap, Realizer
 from ..realizer.datapath import DatapathSink
@@ -63,6 +64,7 @@ from ..specs import EndpointSpec, PolicyKey, StateError
 from ..xds import LISTENER, AckTracker, Cache, NackError, ServerTls, XdsServer
 from ..xds.sockets import private_dir
 from . import status as status_view
+from .cluster import ClusterNode, KVStoreConfig  # kvstore (issue 13)
 from .diff import policy_diff
 from .flows import FlowFile, FlowFilter
 from .metrics import MeteredAckTracker, Metrics
@@ -124,6 +126,7 @@ class AgentConfig:
     xds_insecure: bool = False  # serve TCP xds_addresses in plaintext: chosen explicitly, never by default
     socket_group: int | None = None  # the agent's sockets are 0660 with this gid, else 0600
     proxy_grace: float = 30.0  # a proxy with no xDS stream this long is gone: no more waits or health for it
+    kvstore: KVStoreConfig | None = None  # kvstore (issue 13): identities, endpoints and nodes shared cluster-wide
 
     @property
     def api_socket(self) -> Path:
@@ -184,7 +187,10 @@ class Agent:
         private_dir(config.state_dir, config.socket_group)  # nobody else may swap the sockets in it
         self.lock = threading.RLock()  # engine, state and revisions; never held while waiting for proxies
         self.state = load_state(config.state_dir)
-        self.engine = PolicyEngine(FileAllocator(config.state_dir))
+        # kvstore (issue 13): cluster-wide identities from etcd instead of this node's file
+        self.cluster = ClusterNode.connect(config.node_id, config.kvstore) if config.kvstore is not None else None
+        self.engine = PolicyEngine(self.cluster.allocator if self.cluster is not None
+                                   else FileAllocator(config.state_dir))
         self.cache = Cache()
         self.metrics = Metrics()
         self.tracker: AckTracker = MeteredAckTracker(self.metrics)
@@ -262,6 +268,8 @@ class Agent:
         try:
             if self.node is not None:
                 self._start_datapath()
+            if self.cluster is not None:  # kvstore (issue 13): publish this node's endpoints, receive the others'
+                self.cluster.attach(self)
             for sock in (self.config.xds_socket, self.config.accesslog_socket, *self.config.l7_sockets):
                 sock.unlink(missing_ok=True)
             s = self.servers
@@ -347,6 +355,8 @@ class Agent:
                 self.node.stop()
             if self.guard is not None and self.config.envoy == "managed":  # its Envoy is gone too; sidecars
                 self.guard.close()  # of their own (external) keep enforcing, so their app ports stay closed
+            if self.cluster is not None:  # kvstore (issue 13)
+                self.cluster.stop()
             self.observer.close()
 
     # ------------------------------------------------------------------ policies
@@ -474,6 +484,10 @@ class Agent:
                 if created is not None:
                     created.delete()
                 raise AgentError(f"endpoint {spec.name}: {e}", 409) from None
+            except IdentityUnavailable as e:  # kvstore (issue 13): no node-local number instead
+                if created is not None:
+                    created.delete()
+                raise AgentError(f"endpoint {spec.name}: {e}", 503) from None
             self.state.endpoints[spec.name] = spec
             if spec.interface is not None and spec.name not in self.state.endpoint_ids:
                 try:
@@ -623,7 +637,6 @@ class Agent:
         m.policies.set(len(self.engine.policies()))
         m.max_revision.set(desired.revision)
         m.endpoints.set(len(desired.endpoints))
-        m.identities.set(len(self.engine.identities()))
         redirects: dict[str, set[tuple[str, str, int]]] = {}
         for name, ep in desired.endpoints.items():
             for r in self._redirects.of(name, ep.map_state):

@@ -6,10 +6,12 @@ logs (``http``, and ``tcp`` for connections the network RBAC refused) and the L7
 arrives, with both sides' identity, labels and endpoint read from a ``Who`` snapshot the agent
 replaces at every change (so recording never waits for the agent's lock), and the rule that
 decided it (policy, path, file:line). Verdicts are Hubble's: FORWARDED, DROPPED, REDIRECTED
-(handed to the proxy), AUDIT (would have been dropped; the endpoint or policy is in audit mode)
-and ERROR (the proxy could not parse the traffic).
+(handed to the proxy), AUDIT (would have been dropped; the endpoint or policy is in audit mode),
+ERROR (the proxy could not parse the traffic) and TRACED (seen, but no policy decided it: a
+protocol step the proxy answered itself, such as a Cassandra version the client falls back from).
 
-``FlowFilter`` is what ``cilia observe`` filters on; ``FlowFile`` appends flows as JSON lines to
+Flows leave the agent in Hubble's JSON form (``cilia.agent.hubble``). ``FlowFilter`` is what
+``cilia observe`` filters on (Hubble's filter names); ``FlowFile`` appends flows as JSON lines to
 a file that rotates by size.
 """
 
@@ -20,9 +22,9 @@ import json
 import logging
 import logging.handlers
 import os
+import re
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from dataclasses import dataclass, field, replace
 from enum import Enum
 from pathlib import Path
 from typing import Any
@@ -33,7 +35,10 @@ from ..l7parsers.base import Record
 from ..envoy.l7service import ConnectionInfo
 from ..policy.ipcache import IPCache
 from ..policy.labels import LabelSet
+from ..policy.selectors import LabelSelector
 from ..policy.model import IPNetwork
+from .flowquery import HttpStatus
+from .hubble import export_line, pod_name
 
 
 class Verdict(str, Enum):
@@ -42,6 +47,7 @@ class Verdict(str, Enum):
     REDIRECTED = "REDIRECTED"
     AUDIT = "AUDIT"
     ERROR = "ERROR"
+    TRACED = "TRACED"
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,17 +82,23 @@ class Flow:
     node: str = ""
     listener: str = ""
     proxy_port: int = 0
+    latency: float = 0.0  # HTTP: seconds from the request to the response sent
+    upstream_reply: float = 0.0  # HTTP: seconds until the upstream's reply arrived (0: none came)
 
     @property
     def type(self) -> str:
         return "L3_L4" if self.kind in ("l3/l4", "tcp") else "L7"
 
+    @property
+    def event_type(self) -> str:
+        """Hubble's event type name (``--type``): l7, drop or policy-verdict."""
+        if self.type == "L7":
+            return "l7"
+        return "drop" if self.verdict is Verdict.DROPPED else "policy-verdict"
+
     def to_json(self, seq: int) -> dict[str, Any]:
-        return {"seq": seq, "time": datetime.fromtimestamp(self.time, UTC).isoformat(), "verdict": self.verdict.value,
-                "type": self.type, "kind": self.kind, "l4_protocol": self.l4_protocol, "direction": self.direction,
-                "drop_reason": self.drop_reason, "source": self.source.to_json(),
-                "destination": self.destination.to_json(), "l7": dict(self.l7), "rule": self.rule,
-                "endpoint": self.endpoint, "node": self.node, "listener": self.listener, "proxy_port": self.proxy_port}
+        """Hubble's export line: ``{"flow": flow.Flow, "node_name", "time", "cilia": {ours}}``."""
+        return export_line(self, seq)
 
 
 # --- who is who ------------------------------------------------------------------------------
@@ -162,7 +174,8 @@ def from_access(r: AccessRecord, who: Who) -> Flow:
         reason = "Policy denied" if r.denied or r.audit else ""
     ingress = "egress" not in r.log_name
     return Flow(r.time.timestamp(), verdict, r.kind, source, destination, "TCP", "ingress" if ingress else "egress",
-                reason, l7, r.rule, (destination if ingress else source).endpoint, r.node_id, r.log_name)
+                reason, l7, r.rule, (destination if ingress else source).endpoint, r.node_id, r.log_name,
+                latency=r.duration, upstream_reply=r.upstream_reply)
 
 
 _VERDICTS = {"FORWARDED": Verdict.FORWARDED, "DROPPED": Verdict.DROPPED, "REDIRECTED": Verdict.REDIRECTED,
@@ -179,14 +192,32 @@ def from_datapath(ev: DatapathEvent, who: Who, node: str) -> Flow:
                 who.endpoint_ids.get(ev.endpoint_id, ""), node, "", ev.proxy_port)
 
 
+def _address(text: str) -> tuple[str, int]:
+    """Envoy's ``%DOWNSTREAM_*_ADDRESS%``: ``ip:port`` or ``[ipv6]:port`` ("" and 0 if absent)."""
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit():
+        return "", 0
+    return host.strip("[]"), int(port)
+
+
 def from_l7(time: float, info: ConnectionInfo, record: Record, who: Who, node: str) -> Flow:
-    """A request an L7 parser decided (or the bytes it could not parse: ERROR)."""
-    local = who.endpoint_peer(info.endpoint, info.port)
+    """A request an L7 parser decided (or the bytes it could not parse: ERROR; a protocol step
+    the parser answered without asking policy: TRACED). The connection's addresses are Envoy's
+    (the stream's metadata); the peer is named by its identity, the local side by endpoint."""
+    client, server = _address(info.source), _address(info.destination)
     peer_name = who.endpoint_with_identity(info.peer_identity)
-    peer = Peer("", 0, info.peer_identity, who.labels(info.peer_identity), peer_name)
-    source, destination = (peer, local) if info.direction == "ingress" else (local, peer)
+    if info.direction == "ingress":
+        peer = Peer(*client, info.peer_identity, who.labels(info.peer_identity), peer_name)
+        local = who.endpoint_peer(info.endpoint, server[1] or info.port)
+        source, destination = peer, replace(local, address=server[0] or local.address)
+    else:
+        peer = Peer(server[0], server[1] or info.port, info.peer_identity, who.labels(info.peer_identity), peer_name)
+        local = who.endpoint_peer(info.endpoint, client[1])
+        source, destination = replace(local, address=client[0] or local.address), peer
     d = record.decision
-    if "error" in record.summary:
+    if record.handshake:
+        verdict, reason = Verdict.TRACED, ""
+    elif "error" in record.summary:
         verdict, reason = Verdict.ERROR, d.reason
     elif d.audit:
         verdict, reason = Verdict.AUDIT, d.reason
@@ -194,42 +225,101 @@ def from_l7(time: float, info: ConnectionInfo, record: Record, who: Who, node: s
         verdict, reason = Verdict.FORWARDED, ""
     else:
         verdict, reason = Verdict.DROPPED, d.reason
+    l7 = {**record.summary, "negotiation": d.reason} if record.handshake else dict(record.summary)
     return Flow(time, verdict, info.protocol, source, destination, "TCP", info.direction, reason,
-                dict(record.summary), d.rule, info.endpoint, node, info.listener)
+                l7, d.rule, info.endpoint, node, info.listener)
 
 
 # --- filtering -----------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
 class FlowFilter:
-    """What ``cilia observe`` asks for; every given criterion must hold (labels: all of them)."""
+    """What ``cilia observe`` asks for, named as ``hubble observe`` names it. Every given
+    criterion must hold; the values of one criterion are alternatives (any may match), except
+    label selectors, each of which must hold. Pods are ``[namespace/]name`` (a name prefix, as
+    Hubble's); "either side" criteria (pods, labels, ips, ports, identities, namespaces) match
+    the source or the destination."""
 
-    from_labels: tuple[str, ...] = ()
-    to_labels: tuple[str, ...] = ()
+    from_labels: tuple[LabelSelector, ...] = ()
+    to_labels: tuple[LabelSelector, ...] = ()
     verdicts: frozenset[str] = frozenset()
     protocols: frozenset[str] = frozenset()  # a kind (http, kafka, l3/l4...) or an L4 protocol (tcp, udp...)
-    since: float | None = None  # a UNIX time
+    since: float | None = None  # UNIX times
+    until: float | None = None
+    labels: tuple[LabelSelector, ...] = ()  # either side
+    pods: tuple[str, ...] = ()
+    from_pods: tuple[str, ...] = ()
+    to_pods: tuple[str, ...] = ()
+    namespaces: frozenset[str] = frozenset()
+    ips: frozenset[str] = frozenset()
+    ports: frozenset[int] = frozenset()
+    identities: frozenset[int] = frozenset()
+    types: frozenset[str] = frozenset()  # Hubble's event types: l7, drop, policy-verdict
+    http_status: tuple[HttpStatus, ...] = ()
+    http_methods: frozenset[str] = frozenset()  # upper case
+    http_paths: tuple[re.Pattern[str], ...] = ()
 
     def matches(self, f: Flow) -> bool:
         if self.since is not None and f.time < self.since:
             return False
+        if self.until is not None and f.time > self.until:
+            return False
         if self.verdicts and f.verdict.value not in self.verdicts:
+            return False
+        if self.types and f.event_type not in self.types:
             return False
         if self.protocols and f.kind not in self.protocols and f.l4_protocol.lower() not in self.protocols:
             return False
-        return _has_labels(f.source, self.from_labels) and _has_labels(f.destination, self.to_labels)
+        sides = (f.source, f.destination)
+        if self.ips and not any(p.address in self.ips for p in sides):
+            return False
+        if self.ports and not any(p.port in self.ports for p in sides):
+            return False
+        if self.identities and not any(p.identity in self.identities for p in sides):
+            return False
+        if self.namespaces and not any(pod_name(p)[0] in self.namespaces for p in sides):
+            return False
+        if not (_pod_matches(sides, self.pods) and _pod_matches((f.source,), self.from_pods)
+                and _pod_matches((f.destination,), self.to_pods)):
+            return False
+        if not (_selects(f.source, self.from_labels) and _selects(f.destination, self.to_labels)):
+            return False
+        if self.labels and not (_selects(f.source, self.labels) or _selects(f.destination, self.labels)):
+            return False
+        return self._http_matches(f)
+
+    def _http_matches(self, f: Flow) -> bool:
+        if not (self.http_status or self.http_methods or self.http_paths):
+            return True
+        if f.kind != "http":
+            return False
+        if self.http_status and not any(s.matches(f.l7.get("status")) for s in self.http_status):
+            return False
+        if self.http_methods and str(f.l7.get("method", "")).upper() not in self.http_methods:
+            return False
+        path = str(f.l7.get("path", ""))
+        return not self.http_paths or any(p.search(path) for p in self.http_paths)
 
 
-def _has_labels(peer: Peer, wanted: tuple[str, ...]) -> bool:
-    if not wanted:
+def _pod_matches(sides: tuple[Peer, ...], pods: tuple[str, ...]) -> bool:
+    if not pods:
         return True
-    have = set(peer.labels) | {label.split(":", 1)[1] for label in peer.labels if ":" in label}
-    return all(w in have for w in wanted)
+    for peer in sides:
+        namespace, pod = pod_name(peer)
+        for want in pods:
+            ns, sep, name = want.rpartition("/")
+            if sep and ns != namespace:
+                continue
+            if (pod and pod.startswith(name)) or (peer.endpoint and peer.endpoint.startswith(name)):
+                return True
+    return False
 
 
-def parse_labels(text: str) -> tuple[str, ...]:
-    """``k=v,k2=v2`` (a source prefix like ``k8s:`` is optional) for --from-label/--to-label."""
-    return tuple(x.strip() for x in text.split(",") if x.strip())
+def _selects(peer: Peer, selectors: tuple[LabelSelector, ...]) -> bool:
+    if not selectors:
+        return True
+    labels = LabelSet.parse(list(peer.labels))
+    return all(s.matches(labels) for s in selectors)
 
 
 # --- the rotating JSON-lines file ------------------------------------------------------------------

@@ -1,33 +1,52 @@
-"""The agent's Prometheus metrics, named as Cilium's with a ``cilia_`` prefix.
+"""The agent's Prometheus metrics, named as Cilium's (and Hubble's) with a ``cilia_`` prefix.
 
 One registry per agent (not prometheus_client's global one), so agents in one process (tests)
-keep their own counts. Served by the API at ``GET /metrics`` in the text exposition format.
+keep their own counts; it holds the process collector too (``process_*``). Served by the API at
+``GET /metrics`` and, with ``--prometheus-serve-addr``, over TCP (``metrics_server``). Gauges of
+the agent's state (endpoints, identities, enforcement, BPF map pressure, Kubernetes watches) are
+read at scrape time by ``agent_metrics.AgentStateCollector``.
 
 | metric | labels | what |
 |---|---|---|
 | ``cilia_policy`` | | policies loaded |
 | ``cilia_policy_max_revision`` | | the newest policy revision |
+| ``cilia_policy_import_errors_total`` | | policy imports refused |
+| ``cilia_policy_implementation_delay`` | source | seconds from an import to every proxy's ACK |
 | ``cilia_policy_l7_total`` | rule (received, forwarded, denied, parse_errors), proxy_type | L7 requests decided |
 | ``cilia_proxy_redirects`` | protocol_l7 | ports redirected to a proxy, by L7 protocol |
-| ``cilia_drop_count_total`` | reason, direction | packets the kernel dropped |
-| ``cilia_forward_count_total`` | direction | new flows the kernel let through (or redirected) |
-| ``cilia_endpoint`` / ``cilia_identity`` | | endpoints and identities |
+| ``cilia_proxy_upstream_reply_seconds`` | error, protocol_l7, scope | until the upstream's reply arrived (HTTP) |
+| ``cilia_drop_count_total`` / ``cilia_drop_bytes_total`` | reason, direction | packets/bytes the kernel dropped |
+| ``cilia_forward_count_total`` / ``cilia_forward_bytes_total`` | direction | new flows let through (first packets) |
+| ``cilia_errors_warnings_total`` | level, subsystem | errors and warnings the agent logged |
 | ``cilia_xds_pushes_total`` / ``..._acks_total`` / ``..._nacks_total`` | type | xDS responses sent, acked, rejected |
 | ``cilia_xds_push_latency_seconds`` | type | from sending a version to its ACK |
 | ``cilia_envoy_up`` | | 1 while the managed Envoy runs (and is ready) |
+| ``cilia_hubble_flows_processed_total`` | type, subtype, verdict | every flow recorded (Hubble's) |
+| ``cilia_hubble_drop_total`` | reason, protocol | flows dropped (Hubble's) |
+| ``cilia_hubble_http_requests_total`` | method, protocol, status, reporter | HTTP requests (Hubble's) |
+| ``cilia_hubble_http_request_duration_seconds`` | method, reporter | HTTP request to response (Hubble's) |
+| ``cilia_kvstore_connected`` (``_remote_endpoints``, ``_nodes``, ``_malformed_entries``) | | with ``--kvstore`` |
 """
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector, generate_latest
 
 from ..xds import AckTracker
+from .hubble import DROP_REASONS
+
+if TYPE_CHECKING:
+    from ..bpf.datapath import DatapathEvent
+    from .flows import Flow
 
 L7_RULES = ("received", "forwarded", "denied", "parse_errors")
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 
 
 class Metrics:
@@ -47,9 +66,35 @@ class Metrics:
         self.policies = Gauge("cilia_policy", "Policies loaded", registry=r)
         self.max_revision = Gauge("cilia_policy_max_revision", "The newest policy revision", registry=r)
         self.endpoints = Gauge("cilia_endpoint", "Endpoints", registry=r)
-        self.identities = Gauge("cilia_identity", "Security identities", registry=r)
+        # identities by kind are read at scrape time (cilia_identity{type}, agent_metrics); this
+        # unregistered gauge only takes the count the agent still sets
+        self.identities = Gauge("cilia_identity_count", "Security identities", registry=None)
+        self._watching = False
         self.redirects = Gauge("cilia_proxy_redirects", "Ports redirected to a proxy", ["protocol_l7"], registry=r)
         self.envoy_up = Gauge("cilia_envoy_up", "1 while the managed Envoy runs", registry=r)
+        ProcessCollector(registry=r)
+        self.drop_bytes = Counter("cilia_drop_bytes", "Bytes dropped by the datapath", ["reason", "direction"],
+                                  registry=r)
+        self.forward_bytes = Counter("cilia_forward_bytes", "Bytes of the first packets of new flows the datapath "
+                                     "let through", ["direction"], registry=r)
+        self.policy_import_errors = Counter("cilia_policy_import_errors", "Policy imports refused", registry=r)
+        self.policy_implementation_delay = Histogram(
+            "cilia_policy_implementation_delay", "Seconds from a policy import to every proxy's ACK of it",
+            ["source"], registry=r, buckets=LATENCY_BUCKETS)
+        self.proxy_upstream_reply = Histogram(
+            "cilia_proxy_upstream_reply_seconds", "Seconds until the upstream's whole reply reached the proxy",
+            ["error", "protocol_l7", "scope"], registry=r, buckets=LATENCY_BUCKETS)
+        self.errors_warnings = Counter("cilia_errors_warnings", "Errors and warnings the agent logged",
+                                       ["level", "subsystem"], registry=r)
+        # Hubble's flow metrics
+        self.flows_processed = Counter("cilia_hubble_flows_processed", "Flows recorded",
+                                       ["type", "subtype", "verdict"], registry=r)
+        self.hubble_drops = Counter("cilia_hubble_drop", "Flows dropped", ["reason", "protocol"], registry=r)
+        self.http_requests = Counter("cilia_hubble_http_requests", "HTTP requests",
+                                     ["method", "protocol", "status", "reporter"], registry=r)
+        self.http_duration = Histogram("cilia_hubble_http_request_duration_seconds",
+                                       "Seconds from an HTTP request to its response", ["method", "reporter"],
+                                       registry=r, buckets=LATENCY_BUCKETS)
 
     def l7(self, proxy_type: str, allowed: bool | None) -> None:
         """One request the proxy decided (``None``: it could not be parsed)."""
@@ -59,6 +104,43 @@ class Metrics:
         self.policy_l7.labels("received", proxy_type).inc()
         self.policy_l7.labels("forwarded" if allowed else "denied", proxy_type).inc()
 
+    def flow(self, f: Flow) -> None:
+        """Hubble's flow metrics (and the proxy's upstream timing) for one recorded flow."""
+        subtype = f.kind if f.type == "L7" else f.event_type
+        self.flows_processed.labels(f.type, subtype, f.verdict.value).inc()
+        if f.verdict.value == "DROPPED":
+            reason = DROP_REASONS.get(f.drop_reason, (0, "POLICY_DENIED" if f.type == "L7" else "UNKNOWN"))[1]
+            self.hubble_drops.labels(reason, f.l4_protocol).inc()
+        if f.kind != "http":
+            return
+        reporter = "server" if f.direction == "ingress" else "client"
+        method = str(f.l7.get("method", ""))
+        self.http_requests.labels(method, str(f.l7.get("protocol", "")), str(f.l7.get("status") or ""),
+                                  reporter).inc()
+        if f.latency:
+            self.http_duration.labels(method, reporter).observe(f.latency)
+        if f.upstream_reply:
+            status = f.l7.get("status")
+            error = "true" if isinstance(status, int) and status >= 500 else "false"
+            self.proxy_upstream_reply.labels(error, "http", f.direction).observe(f.upstream_reply)
+
+    def datapath(self, ev: DatapathEvent) -> None:
+        """Cilium's drop and forward counters for one kernel event (trace events are not counted)."""
+        if ev.type == "drop":
+            reason = ev.reason_text or str(ev.reason)
+            self.drops.labels(reason, ev.direction).inc()
+            self.drop_bytes.labels(reason, ev.direction).inc(ev.length)
+        elif ev.type == "policy-verdict":
+            self.forwards.labels(ev.direction).inc()
+            self.forward_bytes.labels(ev.direction).inc(ev.length)
+
+    def watch_agent(self, agent: object) -> None:
+        """Also export the agent's state gauges (read at each scrape); once per registry."""
+        from .agent_metrics import AgentStateCollector
+        if not self._watching:
+            self.registry.register(AgentStateCollector(agent))
+            self._watching = True
+
     def set_redirects(self, by_protocol: dict[str, int]) -> None:
         self.redirects.clear()
         for protocol, n in by_protocol.items():
@@ -66,6 +148,20 @@ class Metrics:
 
     def exposition(self) -> bytes:
         return bytes(generate_latest(self.registry))
+
+
+class LogCounter(logging.Handler):
+    """Counts the warnings and errors logged under ``cilia`` (Cilium's errors_warnings_total),
+    the subsystem being the logger's second name part (``cilia.envoy.supervisor`` -> envoy)."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        super().__init__(logging.WARNING)
+        self._metrics = metrics
+
+    def emit(self, record: logging.LogRecord) -> None:
+        parts = record.name.split(".")
+        subsystem = parts[1] if len(parts) > 1 else parts[0]
+        self._metrics.errors_warnings.labels(record.levelname.lower(), subsystem).inc()
 
 
 def _kind(type_url: str) -> str:

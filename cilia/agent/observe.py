@@ -48,6 +48,7 @@ class Observer:
                     self.flow_file.write(seq, flow)
                 except OSError:
                     _log.exception("cannot write the flow file")
+        self.metrics.flow(flow)  # Hubble's flow metrics
 
     # ------------------------------------------------------------------ arrivals
 
@@ -58,10 +59,7 @@ class Observer:
 
     def on_datapath_event(self, event: DatapathEvent) -> None:
         self.monitor_log.append(event)
-        if event.type == "drop":
-            self.metrics.drops.labels(event.reason_text or str(event.reason), event.direction).inc()
-        elif event.type == "policy-verdict":
-            self.metrics.forwards.labels(event.direction).inc()
+        self.metrics.datapath(event)
         if event.type != "trace":  # flows are verdicts; packet traces would only crowd them out
             self.record(from_datapath(event, self.who, self.node_id))
 
@@ -70,7 +68,8 @@ class Observer:
 
     def on_l7_record(self, info: ConnectionInfo, record: Record, when: float | None = None) -> None:
         self.record(from_l7(when or time.time(), info, record, self.who, self.node_id))
-        self.metrics.l7(info.protocol, None if "error" in record.summary else record.decision.allowed)
+        if not record.handshake:  # a protocol step the parser answered itself was not a policy decision
+            self.metrics.l7(info.protocol, None if "error" in record.summary else record.decision.allowed)
         if "error" in record.summary and self.on_l7_error is not None:
             self.on_l7_error(f"l7/{info.protocol}", f"{info.listener}: {record.summary['error']}")
 

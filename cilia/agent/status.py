@@ -50,6 +50,10 @@ def status(agent: Agent) -> dict[str, Any]:
                             "last_error": "" if k8s["connected"] else "; ".join(
                                 f"{n}: {r['last_error'] or 'not connected'}" for n, r in k8s["resources"].items()
                                 if not r["connected"])})
+    kvstore = agent.cluster.status() if agent.cluster is not None else None
+    if kvstore is not None:
+        controllers.append({"name": "kvstore", "status": "ok" if kvstore["connected"] else "failing",
+                            "last_error": "; ".join(f"{k}: {v}" for k, v in kvstore["errors"].items())})
     reasons = [f"proxy {p['node']} rejected {p['type']} {p['nacked']}: {p['nack']}" for p in proxies
                if p["nack"] and p["stream"] != "gone"]
     reasons += [f"{c['name']}: {c['last_error'] or c['status']}" for c in controllers if c["status"] != "ok"]
@@ -60,6 +64,7 @@ def status(agent: Agent) -> dict[str, Any]:
             "controllers": controllers, "errors": list(agent.errors),
             "l7": agent.l7_inproc.status() if agent.l7_inproc is not None else {"mode": "extproc"},
             **({"kubernetes": k8s} if k8s is not None else {}),
+            **({"kvstore": kvstore} if kvstore is not None else {}),
             "uptime_s": round(time.time() - agent.started, 1), "notes": notes,
             "state_dir": str(agent.config.state_dir)}
 

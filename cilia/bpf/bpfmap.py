@@ -17,6 +17,8 @@ from dataclasses import dataclass
 from typing import Any
 
 # enum bpf_map_type and map flags (kernel ABI values, as bcc.table names them)
+MAP_TYPE_HASH = 1
+MAP_TYPE_LRU_HASH = 9
 MAP_TYPE_LPM_TRIE = 11
 F_NO_PREALLOC = 1
 ANY = 0  # update flag: create or replace
@@ -85,18 +87,21 @@ def _missing(ret: int) -> bool:
 class Map:
     """A BPF map held by fd. ``close()`` drops this process's reference; a pinned map lives on."""
 
-    def __init__(self, fd: int, key_size: int, value_size: int, name: str = "") -> None:
+    def __init__(self, fd: int, key_size: int, value_size: int, name: str = "", map_type: int = 0,
+                 max_entries: int = 0) -> None:
         self.fd = fd
         self.key_size = key_size
         self.value_size = value_size
         self.name = name
+        self.map_type = map_type  # 0 (unspec) when not known
+        self.max_entries = max_entries  # for the agent's bpf_map_pressure; 0 when not known
 
     @classmethod
     def create(cls, map_type: int, key_size: int, value_size: int, max_entries: int, *,
                flags: int = 0, name: str = "") -> Map:
         fd = _check(_lib().create_map(map_type, name.encode()[:15], key_size, value_size, max_entries, flags),
                     f"create map {name}")
-        return cls(fd, key_size, value_size, name)
+        return cls(fd, key_size, value_size, name, map_type, max_entries)
 
     @classmethod
     def open_pinned(cls, path: str) -> Map:
@@ -109,7 +114,8 @@ class Map:
         except BpfError:
             os.close(fd)
             raise
-        return cls(fd, info.key_size, info.value_size, info.name.decode(errors="replace"))
+        return cls(fd, info.key_size, info.value_size, info.name.decode(errors="replace"), info.type,
+                   info.max_entries)
 
     def pin(self, path: str) -> None:
         _check(_lib().obj_pin(self.fd, path.encode()), f"pin {path}")

@@ -69,22 +69,52 @@ from .common import call_agent, emit, output_option, state_dir_option, table
 @click.option("--proxy-grace", type=click.FloatRange(0), default=30.0, show_default=True, metavar="SECONDS",
               help="A proxy (sidecar) whose xDS streams stay closed this long is gone: `policy wait` and health "
               "stop counting it; `cilia status` lists it as gone.")
+@click.option("--prometheus-serve-addr", metavar="HOST:PORT", help="Serve Prometheus metrics at /metrics on this "
+              "TCP address (Cilium's flag; \":9962\": port 9962 on every address).")
+@click.option("--agent-health-port", type=click.IntRange(0, 65535), default=0, show_default=True,
+              help="Serve GET /healthz for probes on this TCP port, every address (Cilium's is 9879; 0: off).")
+@click.option("--kvstore", type=click.Choice(["none", "etcd"]), default="none", show_default=True,
+              help="etcd: share identities, endpoint addresses and this node through etcd (v3 API) with the "
+              "other agents; --node-id names this node and must be unique in the cluster.")
+@click.option("--kvstore-endpoints", metavar="URL[,URL...]", help="The etcd members: http://HOST:PORT or "
+              "https://HOST:PORT (with --kvstore-ca).")
+@click.option("--kvstore-ca", type=click.Path(dir_okay=False), help="PEM CA bundle of the etcd members' "
+              "certificates (https:// endpoints).")
+@click.option("--kvstore-cert", type=click.Path(dir_okay=False), help="PEM client certificate for etcd.")
+@click.option("--kvstore-key", type=click.Path(dir_okay=False), help="PEM private key of --kvstore-cert.")
+@click.option("--kvstore-lease-ttl", type=click.IntRange(2, 3600), default=15, show_default=True,
+              help="Seconds this node's records outlive it if it dies.")
+@click.option("--node-ip", help="This node's address, announced to the cluster (--kvstore).")
+@click.option("--pod-cidr", help="The prefix this node's endpoints are numbered from, announced (--kvstore).")
+@click.option("--health-ip", help="This node's health endpoint address, announced (--kvstore).")
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning"]), default="info", show_default=True)
 def agent_cmd(state_dir: str, xds_addresses: Sequence[str], envoy_mode: str, node_id: str, datapath: str,
               bpf_pin_dir: str, router_ip: str | None, flow_file: str | None, flow_file_max_mb: int,
               flow_file_backups: int, l7_workers: int, l7_mode: str, kubernetes: str | None,
               node_name: str | None, xds_tls_cert: str | None, xds_tls_key: str | None, xds_tls_ca: str | None,
-              xds_insecure: bool, socket_group: str | None, proxy_grace: float, log_level: str) -> None:
+              xds_insecure: bool, socket_group: str | None, prometheus_serve_addr: str | None,
+              agent_health_port: int, kvstore: str, kvstore_endpoints: str | None, kvstore_ca: str | None,
+              kvstore_cert: str | None, kvstore_key: str | None, kvstore_lease_ttl: int, node_ip: str | None,
+              pod_cidr: str | None, health_ip: str | None, proxy_grace: float,
+              log_level: str) -> None:
     """Run the agent until SIGTERM or Ctrl-C: load state, serve the REST API on
     <state-dir>/cilia.sock, serve xDS, supervise Envoy, receive its access logs; with
     --datapath bpf also load the BPF datapath. Stopping leaves the BPF programs enforcing the
     last policy (`cilia cleanup` removes them)."""
     from ..agent.api import APIServer
     from ..agent.daemon import Agent, AgentConfig
+    from ..agent.metrics import LogCounter
+    from ..agent.metrics_server import PROMETHEUS_PORT, parse_address, start_servers
     from ..bpf.loader import DatapathError, bpf_available
     from ..envoy.supervisor import EnvoyStartError
 
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if prometheus_serve_addr:
+        try:
+            parse_address(prometheus_serve_addr, PROMETHEUS_PORT)
+        except ValueError as e:
+            click.echo(f"error: --prometheus-serve-addr: {e}", err=True)
+            sys.exit(2)
     if datapath == "bpf" and (why := bpf_available()) is not None:
         click.echo(f"error: --datapath bpf: {why}", err=True)
         sys.exit(2)
@@ -94,21 +124,32 @@ def agent_cmd(state_dir: str, xds_addresses: Sequence[str], envoy_mode: str, nod
                          flow_file_max_bytes=flow_file_max_mb << 20, flow_file_backups=flow_file_backups,
                          l7_workers=l7_workers, l7_mode=l7_mode,  # type: ignore[arg-type]
                          xds_tls=_xds_tls(xds_addresses, xds_tls_cert, xds_tls_key, xds_tls_ca, xds_insecure),
-                         xds_insecure=xds_insecure, socket_group=_group_id(socket_group), proxy_grace=proxy_grace)
+                         xds_insecure=xds_insecure, socket_group=_group_id(socket_group),
+                         kvstore=_kvstore(kvstore, kvstore_endpoints, kvstore_ca, kvstore_cert, kvstore_key,
+                                          kvstore_lease_ttl, node_ip, pod_cidr, health_ip),
+                         proxy_grace=proxy_grace)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
+    from ..kvstore.base import KVStoreError
+
     try:
         agent = Agent(config)
     except (StateError, IdentityFileError, OSError, ValueError) as e:
         click.echo(f"error: {e}", err=True)
         sys.exit(2)
+    except KVStoreError as e:  # wrong endpoints or certificates, or no member answers
+        click.echo(f"error: --kvstore etcd: {e}", err=True)
+        sys.exit(1)
+    logging.getLogger("cilia").addHandler(LogCounter(agent.metrics))
     api: APIServer | None = None
     watcher: Any = None
+    tcp: list[Any] = []
     try:
         agent.start()
         api = APIServer(config.api_socket, agent)
         api.start()
+        tcp = start_servers(agent, prometheus_serve_addr, agent_health_port or None)
         if kubernetes:
             watcher = _kubernetes_watcher(agent, kubernetes, node_name, datapath, envoy_mode)
             watcher.start()
@@ -118,7 +159,8 @@ def agent_cmd(state_dir: str, xds_addresses: Sequence[str], envoy_mode: str, nod
                    f"{status['endpoints']} endpoints; API unix:{config.api_socket}; "
                    f"xDS {', '.join(status['xds']['addresses'])}; Envoy {envoy_mode}"
                    + (f" (pid {envoy.get('pid')})" if envoy.get("pid") else "")
-                   + (f"; BPF datapath, maps in {bpf_pin_dir}" if datapath == "bpf" else ""), err=True)
+                   + (f"; BPF datapath, maps in {bpf_pin_dir}" if datapath == "bpf" else "")
+                   + "".join(f"; {', '.join(s.pages)} on TCP port {s.port}" for s in tcp), err=True)
         while not stop.wait(1.0):
             pass
     except EnvoyStartError as e:
@@ -133,6 +175,8 @@ def agent_cmd(state_dir: str, xds_addresses: Sequence[str], envoy_mode: str, nod
     finally:
         if watcher is not None:
             watcher.stop()
+        for server in tcp:
+            server.stop()
         if api is not None:
             api.stop()
         agent.stop()
@@ -169,6 +213,40 @@ def _xds_tls(addresses: Sequence[str], cert: str | None, key: str | None, ca: st
         click.echo(f"error: {e}", err=True)
         sys.exit(2)
     return tls
+
+
+def _kvstore(backend: str, endpoints: str | None, ca: str | None, cert: str | None, key: str | None,
+             lease_ttl: int, node_ip: str | None, pod_cidr: str | None, health_ip: str | None) -> Any:
+    """The KVStoreConfig (None without --kvstore); exits 2 on options that do not fit together."""
+    import ipaddress
+
+    from ..agent.cluster import KVStoreConfig
+
+    if backend == "none":
+        given = [flag for flag, v in (("--kvstore-endpoints", endpoints), ("--kvstore-ca", ca),
+                                      ("--kvstore-cert", cert), ("--kvstore-key", key)) if v]
+        if given:
+            click.echo(f"error: {given[0]} needs --kvstore etcd", err=True)
+            sys.exit(2)
+        return None
+    if not endpoints:
+        click.echo("error: --kvstore etcd needs --kvstore-endpoints http://HOST:PORT[,...]", err=True)
+        sys.exit(2)
+    if (cert is None) != (key is None) or (cert and not ca):
+        click.echo("error: a kvstore client certificate needs --kvstore-cert, --kvstore-key and --kvstore-ca",
+                   err=True)
+        sys.exit(2)
+    for flag, text in (("--node-ip", node_ip), ("--health-ip", health_ip), ("--pod-cidr", pod_cidr)):
+        try:
+            if text is not None:
+                ipaddress.ip_network(text) if flag == "--pod-cidr" else ipaddress.ip_address(text)
+        except ValueError as e:
+            click.echo(f"error: {flag}: {e}", err=True)
+            sys.exit(2)
+    return KVStoreConfig("etcd", tuple(e.strip() for e in endpoints.split(",") if e.strip()),
+                         Path(ca).resolve() if ca else None, Path(cert).resolve() if cert else None,
+                         Path(key).resolve() if key else None, lease_ttl, node_ip=node_ip, pod_cidr=pod_cidr,
+                         health_ip=health_ip)
 
 
 def _group_id(group: str | None) -> int | None:
@@ -247,6 +325,13 @@ def _status_text(s: dict[str, Any]) -> str:
         from ..k8s import format_status
 
         lines.append(format_status(s["kubernetes"]))
+    kv = s.get("kvstore")
+    if kv:
+        state = "connected" if kv["connected"] else "NOT connected: " + "; ".join(f"{k}: {v}" for k, v in
+                                                                           kv["errors"].items())
+        lines.append(f"KVStore:     {kv['backend']} {','.join(kv['endpoints'])} as node {kv['node']}, {state}, "
+                     f"{kv['nodes']} node(s), {kv['remote_endpoints']} remote endpoint address(es)"
+                     + (f", {kv['malformed']} malformed entries skipped" if kv["malformed"] else ""))
     lines += [f"Note:        {n}" for n in s["notes"]]
     lines += [f"Degraded:    {r}" for r in s.get("reasons", [])]
     return "\n".join(lines)
@@ -441,10 +526,18 @@ def endpoint_delete_cmd(name: str, state_dir: str, output: str) -> None:
 
 
 @click.command("list")
+@click.option("--cluster", is_flag=True, help="The cluster-wide identities in the kvstore, with the nodes "
+              "referencing each (agents with --kvstore).")
 @state_dir_option
 @output_option
-def identity_list_cmd(state_dir: str, output: str) -> None:
-    """List identities: reserved, endpoint and CIDR ones."""
+def identity_list_cmd(cluster: bool, state_dir: str, output: str) -> None:
+    """List identities: reserved, endpoint and CIDR ones this agent knows (--cluster: the kvstore's)."""
+    if cluster:
+        shared = call_agent(state_dir, lambda c: c.cluster_identities())
+        emit(output, shared, lambda p: table(
+            ["ID", "NODES", "LABELS"],
+            [(i["id"], ",".join(i["nodes"]) or "-", ",".join(i["labels"])) for i in p["identities"]]))
+        return
     payload = call_agent(state_dir, lambda c: c.identities())
     emit(output, payload, lambda p: table(
         ["ID", "KIND", "LABELS"],

@@ -46,11 +46,12 @@ def event_line(e: dict[str, Any]) -> str:
               help="Only these event types (repeatable).")
 @click.option("--related-to", help="Only events decided by this endpoint's policy or to/from it (endpoint name).")
 @click.option("--last", type=click.IntRange(0), default=0, show_default=True,
-              help="First print the newest N events already recorded.")
-@click.option("--follow/--no-follow", default=True, show_default=True, help="Keep printing new events.")
+              help="Print the newest N events already recorded, then stop (a snapshot; add --follow to go on).")
+@click.option("--follow/--no-follow", "-f", default=None,
+              help="Keep printing new events (the default without --last).")
 @state_dir_option
 @output_option
-def monitor_cmd(types: Sequence[str], related_to: str | None, last: int, follow: bool, state_dir: str,
+def monitor_cmd(types: Sequence[str], related_to: str | None, last: int, follow: bool | None, state_dir: str,
                 output: str) -> None:
     """Stream the BPF datapath's drop, policy-verdict and trace events, decoded with identities,
     labels and the deciding rule, until Ctrl-C. Trace events (every packet passed) are emitted
@@ -63,6 +64,8 @@ def monitor_cmd(types: Sequence[str], related_to: str | None, last: int, follow:
             return related_to in names
         return True
 
+    if follow is None:  # like hubble observe: --last N is a snapshot unless --follow
+        follow = last == 0
     trace = not types or "trace" in types
     payload = call_agent(state_dir, lambda c: c.monitor(limit=last, trace=trace))
     seen = payload["last"]

@@ -35,7 +35,7 @@ from ..policy import (
 from ..policy.l7 import kafka as l7kafka
 from ..policy.parse import check_unique
 from ..policy.trace import PROTOCOL_NAMES
-from . import bpf_cmds, bugtool_cmds, observe_cmds
+from . import bpf_cmds, bugtool_cmds, cluster_cmds, observe_cmds
 from .agent_cmds import register
 from .common import output_option
 
@@ -286,6 +286,7 @@ def bootstrap_cmd(node_id: str, xds_address: str, admin_address: str, delta: boo
 
 register(cli, policy)
 bpf_cmds.register(cli)
+cluster_cmds.register(cli)
 cli.add_command(observe_cmds.observe_cmd)
 cli.add_command(bugtool_cmds.bugtool_cmd)
 

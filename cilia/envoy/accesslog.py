@@ -110,6 +110,8 @@ class AccessRecord:
     node_id: str = ""
     rule: str = ""  # the deciding rule, when Envoy's metadata names one
     audit: bool = False  # let through in audit mode although the policy (RBAC shadow) refused it
+    duration: float = 0.0  # HTTP: seconds from the request's first byte to the response's last one sent
+    upstream_reply: float = 0.0  # HTTP: seconds until the upstream's whole reply arrived (0: none came)
 
     @property
     def denied(self) -> bool:
@@ -209,7 +211,17 @@ def _http_record(entry: Any, log_name: str, node_id: str) -> AccessRecord:
         node_id=node_id,
         rule=_shadow_rule(common, _RBAC_METADATA_NAMESPACE) if audit else _rule(common, details),
         audit=audit,
+        duration=_seconds(common, "time_to_last_downstream_tx_byte"),
+        upstream_reply=_seconds(common, "time_to_last_upstream_rx_byte"),
     )
+
+
+def _seconds(common: Any, name: str) -> float:
+    """One of Envoy's request timings (a Duration from the request's start), 0 if unset."""
+    if not common.HasField(name):
+        return 0.0
+    d = getattr(common, name)
+    return float(d.seconds + d.nanos / 1e9)
 
 
 def _shadow_refused(common: Any, namespace: str) -> bool:

@@ -47,7 +47,8 @@ CLOSE = pb.ProcessingResponse.CLOSE
 @dataclass(frozen=True, slots=True)
 class ConnectionInfo:
     """What a stream is: the listener, whose policy (``endpoint``'s, in ``direction``) on which
-    ``port``, the ``protocol`` parsed, and the peer's identity."""
+    ``port``, the ``protocol`` parsed, the peer's identity, and the connection's client
+    (``source``) and server-side (``destination``) addresses as Envoy wrote them (``ip:port``)."""
 
     listener: str
     direction: str
@@ -55,6 +56,8 @@ class ConnectionInfo:
     protocol: str
     endpoint: str
     peer_identity: int
+    source: str = ""
+    destination: str = ""
 
 
 class PolicySource(Protocol):
@@ -117,7 +120,9 @@ class StreamHandler:
             info = ConnectionInfo(self._meta[metadata.STREAM_LISTENER], self._meta[metadata.STREAM_DIRECTION],
                                   int(self._meta[metadata.STREAM_PORT]), self._meta[metadata.STREAM_PROTOCOL],
                                   local.string_value if local is not None else "",
-                                  int(peer.string_value) if peer is not None else -1)
+                                  int(peer.string_value) if peer is not None else -1,
+                                  self._meta.get(metadata.STREAM_SOURCE, ""),
+                                  self._meta.get(metadata.STREAM_DESTINATION, ""))
         except (KeyError, ValueError) as e:
             raise _Refused(f"stream without complete cilia metadata ({e})") from None
         self.info = info

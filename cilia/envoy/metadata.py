@@ -33,6 +33,11 @@ STREAM_LISTENER = f"{STREAM_PREFIX}listener"
 STREAM_DIRECTION = f"{STREAM_PREFIX}direction"
 STREAM_PORT = f"{STREAM_PREFIX}port"
 STREAM_PROTOCOL = f"{STREAM_PREFIX}protocol"
+#: the connection's addresses: network ext_proc sends only data and dynamic metadata, but Envoy
+#: expands command operators in a gRPC service's initial metadata per stream (verified on 1.40),
+#: so each stream says which client connected to which address (ip:port, [ipv6]:port)
+STREAM_SOURCE = f"{STREAM_PREFIX}source"
+STREAM_DESTINATION = f"{STREAM_PREFIX}destination"
 
 
 def naming_key(prefix: str) -> str:
@@ -44,4 +49,5 @@ def naming_key(prefix: str) -> str:
 def stream_metadata(listener: str, direction: str, port: int, protocol: str) -> dict[str, str]:
     """The gRPC metadata of a listener's L7 streams (read back by the L7 service)."""
     return {STREAM_LISTENER: listener, STREAM_DIRECTION: direction, STREAM_PORT: str(port),
-            STREAM_PROTOCOL: protocol}
+            STREAM_PROTOCOL: protocol, STREAM_SOURCE: "%DOWNSTREAM_REMOTE_ADDRESS%",
+            STREAM_DESTINATION: "%DOWNSTREAM_LOCAL_ADDRESS%"}

@@ -82,10 +82,13 @@ def decide(check: Check, requests: Sequence[L7Request]) -> Decision:
 class Record:
     """One request as a flow record: its protocol fields (e.g. ``{"command": "get", "key": "a"}``,
     ``{"api_key": "produce", "topic": "t1,t2"}``, ``{"query_action": "select", "query_table":
-    "ks.t"}``) and what policy decided."""
+    "ks.t"}``) and what policy decided. ``handshake``: a protocol step the parser answered itself
+    without asking policy (a Cassandra version refused so the driver falls back): a flow, not a
+    policy drop."""
 
     summary: Mapping[str, str]
     decision: Decision
+    handshake: bool = False
 
 
 @dataclass(frozen=True, slots=True)

@@ -36,7 +36,7 @@ the parser reads (Set_keyspace, Prepared), which are held until whole.
 from __future__ import annotations
 
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from cilia.policy.flows import GenericL7Request
 
@@ -204,9 +204,10 @@ class CassandraConnection(L7Connection):
         """Decide one whole client frame: forward it, or answer it ourselves."""
         version, stream = header.version, header.stream
         if version in REFUSED_VERSIONS:
-            return self._answer(header, error_frame(REFUSAL_VERSION, stream, ERROR_PROTOCOL, _REFUSAL % version), [],
-                                Decision(False, "", f"protocol version {version} is refused so that the client "
-                                                    "falls back to v4 or lower"), to_client)
+            record = self._answer(header, error_frame(REFUSAL_VERSION, stream, ERROR_PROTOCOL, _REFUSAL % version),
+                                  [], Decision(False, "", f"protocol version {version} is refused so that the "
+                                                          "client falls back to v4 or lower"), to_client)
+            return replace(record, handshake=True)  # version negotiation, not policy
         if self._version is None:
             self._version = version
         elif version != self._version:

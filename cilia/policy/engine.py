@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import ipaddress
 import threading
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import cached_property
@@ -113,6 +113,10 @@ class PolicyEngine:
         self._subjects: dict[SubjectKey, _Subject] = {}
         self._subjects_by_identity: dict[int, set[SubjectKey]] = {}
         self._identity_refs: dict[int, int] = {}
+        # other nodes' endpoints (from the kvstore): address -> identity, and users per identity
+        self._remote: dict[IPNetwork, int] = {}
+        self._remote_refs: dict[int, int] = {}
+        self._local_ips: dict[IPNetwork, str] = {}  # local endpoints' addresses win over remote ones
         # universe of peer identities and the selector cache
         self._universe: dict[int, Identity] = {}
         self._label_index: dict[tuple[str, str], set[int]] = {}
@@ -357,7 +361,9 @@ class PolicyEngine:
             if refs == 0:
                 changed |= self._universe_add(ident)
             for ip in endpoint.ips:
-                self.ipcache.upsert(ipaddress.ip_network(ip), ident.id)
+                net = ipaddress.ip_network(ip)
+                self.ipcache.upsert(net, ident.id)
+                self._local_ips[net] = endpoint.name
             if self._count_ports(endpoint, +1):
                 changed |= self._refresh_cluster_ports()
             if not self._batch:
@@ -381,8 +387,12 @@ class PolicyEngine:
         self._endpoints.pop(ep.name, None)
         for ip in ep.ips:
             net = ipaddress.ip_network(ip)
+            if self._local_ips.get(net) == ep.name:
+                del self._local_ips[net]
             if self.ipcache.get(net) == key[0]:
                 self.ipcache.delete(net)
+                if net in self._remote:  # another node's endpoint had (or has) this address
+                    self.ipcache.upsert(net, self._remote[net])
         subject = self._subjects[key]
         subject.endpoints = subject.endpoints - {ep.name}
         changed: set[SubjectKey] = set()
@@ -398,9 +408,71 @@ class PolicyEngine:
             del self._identity_refs[key[0]]
             ident = self.allocator.get(key[0])
             if ident is not None:
-                changed |= self._universe_remove(ident)
+                if key[0] not in self._remote_refs:  # still a peer while another node's endpoint has it
+                    changed |= self._universe_remove(ident)
                 self.allocator.release(ident.id)
         return changed
+
+    # ------------------------------------------------------------ other nodes' endpoints
+
+    def update_remote(self, upserts: Mapping[IPNetwork, int], deletes: Iterable[IPNetwork] = ()) -> Change:
+        """Addresses of other nodes' endpoints (a producer of ipcache entries, e.g. the kvstore):
+        each prefix now holds that identity, or is gone. The identity's labels come from the
+        allocator: an identity it does not know is selected by no selector (its traffic is
+        denied), yet its addresses leave ``world``. A local endpoint's address wins."""
+        with self._lock:
+            changed: set[SubjectKey] = set()
+            for prefix in deletes:
+                old = self._remote.pop(prefix, None)
+                if old is None:
+                    continue
+                if prefix not in self._local_ips:
+                    self.ipcache.delete(prefix)
+                changed |= self._remote_unref(old)
+            for prefix, identity in upserts.items():
+                old = self._remote.get(prefix)
+                if old == identity:
+                    continue
+                self._remote[prefix] = identity
+                if prefix not in self._local_ips:
+                    self.ipcache.upsert(prefix, identity)
+                refs = self._remote_refs.get(identity, 0)
+                self._remote_refs[identity] = refs + 1
+                if refs == 0:
+                    changed |= self._remote_learn(identity)
+                if old is not None:
+                    changed |= self._remote_unref(old)
+            return Change.of(self.revision, *self._endpoints_of(changed))
+
+    def refresh_remote(self, identity: int) -> Change:
+        """The allocator may know ``identity``'s labels now (they arrived after its addresses)."""
+        with self._lock:
+            if identity not in self._remote_refs:
+                return Change.of(self.revision)
+            return Change.of(self.revision, *self._endpoints_of(self._remote_learn(identity)))
+
+    def remote(self) -> dict[IPNetwork, int]:
+        with self._lock:
+            return dict(self._remote)
+
+    def _remote_learn(self, identity: int) -> set[SubjectKey]:
+        if identity in self._universe:
+            return set()
+        ident = self.allocator.get(identity)
+        if ident is None or ident.kind is not IdentityKind.ENDPOINT:
+            return set()  # unknown (or claims to be reserved/CIDR): selected by nothing
+        return self._universe_add(ident)
+
+    def _remote_unref(self, identity: int) -> set[SubjectKey]:
+        refs = self._remote_refs[identity] - 1
+        if refs:
+            self._remote_refs[identity] = refs
+            return set()
+        del self._remote_refs[identity]
+        ident = self._universe.get(identity)
+        if ident is None or identity in self._identity_refs or ident.kind is not IdentityKind.ENDPOINT:
+            return set()
+        return self._universe_remove(ident)
 
     def _count_ports(self, ep: Endpoint, delta: int) -> bool:
         """Track every endpoint's named ports; True if the set of names changed."""

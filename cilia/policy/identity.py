@@ -100,6 +100,11 @@ def cidr_labels(prefix: IPNetwork) -> LabelSet:
     ])
 
 
+class IdentityUnavailable(RuntimeError):
+    """No identity can be allocated now (a cluster-wide allocator cannot reach its store); the
+    endpoint must wait: a node-local number would mean something else on other nodes."""
+
+
 class IdentityAllocator(Protocol):
     """Allocates numeric identities for label sets; the same labels always get
     the same number while allocated."""

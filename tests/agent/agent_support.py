@@ -29,8 +29,10 @@ from cilia.netutil import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 STARWARS = REPO / "examples" / "starwars"
-# Addresses of their own, so these tests never meet the demo's or other tests' listeners.
-DEATHSTAR, TIEFIGHTER, XWING = "127.0.1.10", "127.0.1.11", "127.0.1.12"
+# Addresses of their own, so these tests never meet the demo's or other tests' listeners;
+# CILIA_TEST_NET moves them (e.g. 127.0.19) when two checkouts run these tests at once.
+_NET = os.environ.get("CILIA_TEST_NET", "127.0.1")
+DEATHSTAR, TIEFIGHTER, XWING = f"{_NET}.10", f"{_NET}.11", f"{_NET}.12"
 LAND = ("POST", "/v1/request-landing")
 EXHAUST = ("PUT", "/v1/exhaust-port")
 
@@ -148,14 +150,38 @@ def add_starwars_endpoints(state_dir: Path, app_port: int) -> None:
     assert run_cli(state_dir, "policy", "wait", revision).code == 0
 
 
+def _side(flow: dict[str, Any], which: str) -> dict[str, Any]:
+    ep = flow.get(which, {})
+    l4 = next(iter(flow.get("l4", {}).values()), {})
+    return {"address": flow.get("IP", {}).get(which, ""), "port": l4.get(f"{which}_port", 0),
+            "identity": ep.get("identity"), "labels": ep.get("labels", []), "endpoint": ep.get("pod_name", "")}
+
+
+def simple(line: dict[str, Any]) -> dict[str, Any]:
+    """One `cilia observe -o json` line (Hubble's export form) as the few fields tests look at:
+    verdict, kind, rule, l7 (our protocol summary), drop_reason, endpoint (whose policy), both
+    sides (address, port, identity, labels, endpoint)."""
+    flow, ours = line["flow"], line["cilia"]
+    return {"verdict": flow["verdict"], "kind": ours["kind"], "rule": ours["rule"], "l7": ours.get("l7", {}),
+            "drop_reason": ours.get("drop_reason", ""), "endpoint": ours.get("endpoint", ""),
+            "proxy_port": flow.get("proxy_port", 0), "seq": ours["seq"], "type": flow["Type"],
+            "direction": flow.get("traffic_direction", "").lower(),
+            "source": _side(flow, "source"), "destination": _side(flow, "destination")}
+
+
+def observed(state_dir: Path, *args: str) -> list[dict[str, Any]]:
+    """`cilia observe --last 1000 -o json ARGS`, each flow through ``simple``."""
+    res = run_cli(state_dir, "observe", "--last", "1000", "-o", "json", *args)
+    assert res.code == 0, res.err
+    return [simple(json.loads(line)) for line in res.out.splitlines()]
+
+
 def wait_flows(state_dir: Path, count: int, timeout: float = 10.0) -> list[dict[str, Any]]:
-    """The flows `cilia observe -o json` shows once at least ``count`` HTTP ones arrived (Envoy
-    sends access logs in batches, a moment after the requests)."""
+    """The flows `cilia observe -o json` shows (through ``simple``) once at least ``count`` HTTP
+    ones arrived (Envoy sends access logs in batches, a moment after the requests)."""
     deadline = time.monotonic() + timeout
     while True:
-        res = run_cli(state_dir, "observe", "--last", "1000", "-o", "json")
-        assert res.code == 0, res.err
-        flows = [json.loads(line) for line in res.out.splitlines()]
+        flows = observed(state_dir)
         if sum(f["kind"] == "http" for f in flows) >= count or time.monotonic() > deadline:
             return flows
         time.sleep(0.2)

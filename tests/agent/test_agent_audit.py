@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from agent_support import (
     EXHAUST, LAND, STARWARS, TIEFIGHTER, XWING, add_starwars_endpoints, agent_in_process, deathstar_app, run_cli,
-    shoot,
+    shoot, simple,
 )
 
 from cilia.agent.daemon import Agent
@@ -37,7 +37,7 @@ def _flows(state: Path, want: int, *args: str) -> list[dict[str, object]]:
     deadline = time.monotonic() + 10
     while True:
         out = run_cli(state, "observe", "--last", "1000", "-o", "json", *args).out
-        flows = [json.loads(line) for line in out.splitlines()]
+        flows = [simple(json.loads(line)) for line in out.splitlines()]
         if len(flows) >= want or time.monotonic() > deadline:
             return flows
         time.sleep(0.2)

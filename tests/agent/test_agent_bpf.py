@@ -12,8 +12,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from agent_support import simple
+from prometheus_client.parser import text_string_to_metric_families
 from bpf_agent_support import CLOSED, TIMEOUT, BpfAgentNode, bpf_agent, request
 from helpers import ip
+
+from cilia.agent.client import AgentClient
 
 
 STARWARS = Path(__file__).resolve().parents[2] / "examples" / "starwars"
@@ -92,6 +96,16 @@ def test_starwars_in_the_kernel_and_envoy(node: BpfAgentNode) -> None:
     assert any(f["verdict"] == "REDIRECTED" and f["proxy_port"] == proxy_port for f in kernel)
     text = node.ok("observe", "--last", "50").out
     assert "DROPPED" in text and "REDIRECTED" in text and "Access denied" not in text
+    # the kernel's drops in Cilium's counters, and how full the datapath's hash and LPM maps are
+    client = AgentClient(node.state_dir / "cilia.sock")
+    try:
+        families = {f.name: f for f in text_string_to_metric_families(client._client.get("/metrics").text)}
+    finally:
+        client.close()
+    drops = {s.labels["reason"]: s.value for s in families["cilia_drop_count"].samples if s.name.endswith("_total")}
+    assert drops["Policy denied"] >= 2 and any(s.value > 0 for s in families["cilia_drop_bytes"].samples)
+    pressure = {s.labels["map_name"]: s.value for s in families["cilia_bpf_map_pressure"].samples}
+    assert set(pressure) == {"ipcache", "endpoints", "conntrack"} and 0 < pressure["endpoints"] < 1
     assert "REDIRECT" in node.ok("bpf", "policy", "get", "deathstar").out.upper()
 
 
@@ -101,7 +115,7 @@ def _wait_flows(node: BpfAgentNode, enough: object, timeout: float = 10.0) -> li
     deadline = time.monotonic() + timeout
     while True:
         out = node.ok("observe", "--last", "1000", "-o", "json").out
-        flows = [json.loads(line) for line in out.splitlines()]
+        flows = [simple(json.loads(line)) for line in out.splitlines()]
         if enough(flows) or time.monotonic() > deadline:  # type: ignore[operator]
             return flows
         time.sleep(0.3)

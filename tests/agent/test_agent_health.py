@@ -96,7 +96,7 @@ def test_bugtool_archive(agent: Agent, tmp_path: Path) -> None:
                 "monitor.jsonl", "envoy-config-dump.json", "envoy.log", "policy-sources.json"} <= set(names)
         read = lambda n: tar.extractfile(names[n]).read().decode()  # type: ignore[union-attr]  # noqa: E731
         assert json.loads(read("status.json"))["revision"] >= 4
-        assert any(f["verdict"] == "DROPPED" for f in map(json.loads, read("flows.jsonl").splitlines()))
+        assert any(f["flow"]["verdict"] == "DROPPED" for f in map(json.loads, read("flows.jsonl").splitlines()))
         dump = json.loads(read("envoy-config-dump.json"))
         assert "deathstar-ingress-80" in json.dumps(dump)
         policy_file = next(n for n in names if n.startswith("policies/") and n.endswith("sw_l3_l4_l7_policy.yaml"))

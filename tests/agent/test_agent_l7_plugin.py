@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from agent_support import agent_in_process, run_cli
+from agent_support import agent_in_process, run_cli, simple
 
 from cilia.agent.client import AgentClient
 from cilia.agent.daemon import Agent
@@ -77,7 +77,7 @@ def test_plugin_parser_enforces_in_envoy(droid: tuple[Agent, Path]) -> None:
     deadline = time.monotonic() + 10
     while True:
         out = run_cli(state, "observe", "--last", "100", "-o", "json").out
-        flows = [json.loads(line) for line in out.splitlines() if '"r2d2"' in line]
+        flows = [simple(json.loads(line)) for line in out.splitlines() if '"r2d2"' in line]
         if len(flows) >= 4 or time.monotonic() > deadline:
             break
         time.sleep(0.2)
@@ -116,7 +116,7 @@ def test_audit_mode_reaches_the_parser(droid: tuple[Agent, Path]) -> None:
     deadline = time.monotonic() + 10
     while True:
         out = run_cli(state, "observe", "--protocol", "r2d2", "-o", "json").out
-        flows = [json.loads(line) for line in out.splitlines()]
+        flows = [simple(json.loads(line)) for line in out.splitlines()]
         if len(flows) >= 2 or time.monotonic() > deadline:
             break
         time.sleep(0.2)

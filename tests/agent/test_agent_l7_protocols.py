@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from agent_support import simple
 from bpf_agent_support import BpfAgentNode, bpf_agent
 from helpers import in_netns
 
@@ -47,10 +48,19 @@ def l7_flows(node: BpfAgentNode, protocol: str, want: int) -> list[dict[str, Any
     deadline = time.monotonic() + 10
     while True:
         out = node.ok("observe", "--last", "1000", "--protocol", protocol, "-o", "json").out
-        flows = [json.loads(line) for line in out.splitlines()]
+        flows = [simple(json.loads(line)) for line in out.splitlines()]
         if len(flows) >= want or time.monotonic() > deadline:
             return flows
         time.sleep(0.2)
+
+
+def assert_connection_addresses(flows: list[dict[str, Any]]) -> None:
+    """L7 flows carry the connection's addresses, as HTTP flows do (client address and port, the
+    server's address and port)."""
+    assert flows
+    for f in flows:
+        assert f["source"]["address"] and f["source"]["port"] > 0, f
+        assert f["destination"]["address"] == SERVER_IP and f["destination"]["port"] > 0, f
 
 
 @pytest.fixture(params=["inproc", "extproc"])
@@ -139,6 +149,7 @@ def test_memcached_guide(node: BpfAgentNode) -> None:
     l7 = node.ok("status", "-o", "json").json()["l7"]
     if l7["mode"] == "inproc":  # the requests were judged inside Envoy, and its interpreter reports
         assert [i["connections"] >= 4 and not i["stale"] for i in l7["interpreters"]] == [True]
+    assert_connection_addresses(flows)
 
 
 # --- Cassandra: Cilium's Cassandra guide (examples/kubernetes-cassandra), on real Cassandra 1.2 ----
@@ -209,6 +220,10 @@ def test_cassandra_guide_on_real_cassandra(node: BpfAgentNode) -> None:
                       ("empire-outpost", "drop-table", "attendance.daily_records")}
     assert any(f["source"]["endpoint"] == "empire-hq" and f["l7"]["query_action"] == "create-keyspace"
                and f["verdict"] == "FORWARDED" for f in flows)
+    # the version fallback is a negotiation (TRACED), never a DROPPED flow without a rule
+    assert any(f["verdict"] == "TRACED" and "protocol version" in f["l7"]["negotiation"] for f in flows)
+    assert all(f["rule"] for f in flows if f["verdict"] == "DROPPED")
+    assert_connection_addresses(flows)
 
 
 # --- Kafka: Cilium's Kafka guide (examples/kubernetes-kafka), on the Tansu broker -------------------
@@ -318,3 +333,4 @@ def test_kafka_guide_on_tansu(node: BpfAgentNode) -> None:
     assert ("empire-outpost", "produce") in denied or ("empire-outpost", "metadata") in denied
     assert any(f["source"]["endpoint"] == "empire-hq" and f["l7"]["api_key"] == "produce"
                and f["verdict"] == "FORWARDED" and "kafka-sw-security-policy.yaml" in f["rule"] for f in flows)
+    assert_connection_addresses(flows)

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from agent_support import (
     EXHAUST, LAND, STARWARS, TIEFIGHTER, XWING, add_starwars_endpoints, agent_in_process, deathstar_app, run_cli,
-    shoot, wait_flows,
+    shoot, simple, wait_flows,
 )
 
 from cilia.agent.daemon import Agent
@@ -30,8 +30,9 @@ def _import(state: Path, path: Path) -> None:
 def _changed(state: Path, candidate: Path) -> dict[tuple[str, str], dict[str, str]]:
     res = run_cli(state, "policy", "diff", str(candidate), "-o", "json")
     assert res.code == 0, res.err
+    changed = [{**c, "flow": simple(c["flow"])} for c in res.json()["changed"]]
     return {(c["flow"]["source"].get("endpoint", ""), c["flow"]["l7"].get("method", c["flow"]["kind"])): c
-            for c in res.json()["changed"]}
+            for c in changed}
 
 
 def test_diff_lists_the_flows_a_candidate_would_change_and_applies_nothing(agent: Agent, tmp_path: Path) -> None:

@@ -47,8 +47,8 @@ def test_demo_runs_the_starwars_guide_on_a_real_envoy(capsys: pytest.CaptureFixt
     ], out
     assert "UNEXPECTED" not in out
     # the agent's flow log names the ships, their identities and the rule that denied the PUT
-    assert re.search(r"DROPPED .*\(tiefighter, id \d+\) -> .*\(deathstar, id \d+\) http PUT "
-                     r".*/v1/exhaust-port -> 403 \(Policy denied \(L7\)\)  rule: default deny: "
+    assert re.search(r"\S*tiefighter:\d+ \(ID:\d+\) -> \S*deathstar:80 \(ID:\d+\) http-request DROPPED \(HTTP/1.1 PUT "
+                     r"\S*/v1/exhaust-port => 403\)  rule: default deny: "
                      r"default/rule1 ingress\[0\]\.toPorts\[0\] \(.*sw_l3_l4_l7_policy\.yaml:16\)",
                      observed), observed
     match = re.search(r"cilia agent \(pid (\d+)\) runs Envoy \(pid (\d+)\)", out)
@@ -93,7 +93,8 @@ def test_demo_in_bpf_mode_is_what_make_demo_runs_here(capsys: pytest.CaptureFixt
     assert re.search(r"xx drop \(Policy denied\) by ingress policy of deathstar, identity \d+ \(xwing\) -> "
                      r"\d+ \(deathstar\): 10\.199\.0\.12:\d+ -> 10\.199\.0\.10:80 tcp", bpf_part), bpf_part
     assert re.search(r"Redirect\s+Ingress\s+\d+\s+\S*class=tiefighter\S*\s+80/TCP\s+1\d{4}", bpf_part), bpf_part
-    assert re.search(r"DROPPED .*\(tiefighter, id \d+\) .* http PUT .*exhaust-port -> 403", bpf_part)
+    assert re.search(r"tiefighter:\d+ \(ID:\d+\) .* http-request DROPPED \(HTTP/1.1 PUT \S*exhaust-port => 403\)",
+                     bpf_part)
     assert "UNEXPECTED" not in out
     match = re.search(r"cilia agent \(pid (\d+)\) runs Envoy \(pid (\d+)\)", out)
     assert match and _gone(int(match.group(1))) and _gone(int(match.group(2)))

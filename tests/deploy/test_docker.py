@@ -28,7 +28,7 @@ VENV = "/opt/cilia/venv"
 # ip (iproute2) and sysctl (procps), which cilia/bpf/netns.py runs to plumb endpoints.
 BASE_PACKAGES = {"python3", "python3-venv", "iproute2", "procps"}
 # scripts/apt-packages.txt names these for the test suite and benchmarks only, not for running cilia.
-TEST_ONLY = {"wrk", "nghttp2-client", "memcached", "openjdk-17-jre-headless",
+TEST_ONLY = {"wrk", "nghttp2-client", "memcached", "openjdk-17-jre-headless", "prometheus",
              "linux-headers-amd64",  # (the node's headers are mounted instead)
              "containernetworking-plugins"}  # (the node's /opt/cni/bin IPAM plugins are mounted instead)
 

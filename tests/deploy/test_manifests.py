@@ -304,23 +304,31 @@ def test_wrapper_records_the_agents_pid_and_execs_it(tmp_path: Path) -> None:
     assert args == argv[4:]
 
 
-@pytest.mark.parametrize("status,alive,ready", [(0, True, True), (1, True, False), (2, False, False)])
-def test_probes_follow_cilia_status(tmp_path: Path, status: int, alive: bool, ready: bool) -> None:
-    """Exit 0 healthy, 1 degraded, 2 unreachable: restart only an agent that does not answer."""
+def test_probes_use_the_agents_health_port() -> None:
+    """httpGet probes on the port `--agent-health-port` opens, at paths its health server serves:
+    liveness on /livez (restart only an agent that does not answer), readiness on /healthz (a
+    degraded agent leaves readiness). tests/agent/test_agent_prometheus.py runs those pages."""
+    from cilia.agent.metrics_server import HEALTH_PORT
+
     container = agent_container()
-    env = fake_cilia(tmp_path, f'[ "$1 $2 $3" = "status --state-dir {STATE_DIR}" ] || exit 99; exit {status}')
-    for probe, expected in (("startupProbe", alive), ("livenessProbe", alive), ("readinessProbe", ready)):
-        returncode = subprocess.run(container[probe]["exec"]["command"], env=env).returncode
-        assert (returncode == 0) is expected, f"{probe}: exit {returncode}"
+    params = parse_cilia(cilia_argv())
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert params["agent_health_port"] == ports["health"] == HEALTH_PORT
+    paths = {probe: container[probe]["httpGet"] for probe in ("startupProbe", "livenessProbe", "readinessProbe")}
+    assert {p["port"] for p in paths.values()} == {"health"}
+    assert [p["path"] for p in paths.values()] == ["/livez", "/livez", "/healthz"]
 
 
-def test_probe_commands_are_valid_cilia_status() -> None:
-    container = agent_container()
-    for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
-        command = container[probe]["exec"]["command"]
-        argv = command if command[0] == "cilia" else command[2].split(">")[0].split()
-        assert parse_cilia(argv)["state_dir"] == STATE_DIR
-        assert all(f in help_text("status") for f in flags(argv))
+def test_prometheus_scrapes_the_metrics_port() -> None:
+    """The scrape annotation names the port `--prometheus-serve-addr` serves /metrics on."""
+    from cilia.agent.metrics_server import PROMETHEUS_PORT, parse_address
+
+    pod = daemonset()["spec"]["template"]
+    params = parse_cilia(cilia_argv())
+    host, port = parse_address(params["prometheus_serve_addr"], PROMETHEUS_PORT)
+    ports = {p["name"]: p["containerPort"] for p in pod["spec"]["containers"][0]["ports"]}
+    assert (host, port) == ("", PROMETHEUS_PORT) == ("", ports["prometheus"])
+    assert pod["metadata"]["annotations"] == {"prometheus.io/scrape": "true", "prometheus.io/port": str(port)}
 
 
 # --- the CNI plugin and its config ---------------------------------------------------------------------

@@ -115,6 +115,7 @@ def test_newer_versions_are_refused_so_the_driver_falls_back(version: int) -> No
         assert isinstance(message, ProtocolException)
         assert "unsupported protocol version" in message.message
     assert [r.decision.allowed for r in out.records] == [False, False]
+    assert [r.handshake for r in out.records] == [True, True]  # negotiation: a flow, not a policy drop
     assert out.records[0].summary["opcode"] == "OPTIONS"
 
 

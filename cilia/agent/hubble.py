@@ -1,0 +1,192 @@
+"""Flows in Hubble's JSON form, so tools that read Hubble's exports read ours.
+
+Each line is what ``hubble observe -o json`` prints and Hubble's exporter writes: ``{"flow":
+FLOW, "node_name": ..., "time": ...}``, FLOW being the JSON mapping of Hubble's ``flow.Flow`` with
+its proto field names (``drop_reason_desc``, ``IP``, ``l4``, ``Type``, ``Summary``...) and, as
+proto JSON does, fields without a value left out. What Hubble has no field for (the deciding rule
+with file:line, our protocol summaries for Cassandra or Memcached, the listener) is in a sibling
+object ``cilia``, outside the flow, so the flow itself holds only Hubble's fields.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .flows import Flow, Peer
+
+# Our drop reasons (the datapath's texts, Envoy's refusals) as Hubble's DropReason: (code, name).
+DROP_REASONS = {
+    "Policy denied": (133, "POLICY_DENIED"),
+    "Policy denied by denylist": (181, "POLICY_DENY"),
+    "Invalid source ip": (132, "INVALID_SOURCE_IP"),
+}
+# Hubble's event types (Cilium's monitor message types) and L7 record type.
+EVENT_DROP, EVENT_POLICY_VERDICT, EVENT_L7 = 1, 5, 129
+NAMESPACE_LABEL = "k8s:io.kubernetes.pod.namespace="
+_L4 = {"TCP": "TCP", "UDP": "UDP", "SCTP": "SCTP", "ICMP": "ICMPv4", "ICMPV4": "ICMPv4", "ICMPV6": "ICMPv6"}
+
+
+def timestamp(t: float) -> str:
+    """RFC 3339 in UTC with a Z, as proto JSON writes a Timestamp."""
+    return datetime.fromtimestamp(t, UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def endpoint(peer: Peer) -> dict[str, Any]:
+    """Hubble's ``Endpoint``: identity, namespace and pod name (from the endpoint's name;
+    Kubernetes pods are named ``POD.NAMESPACE`` here), labels as ``source:key=value``."""
+    out: dict[str, Any] = {}
+    if peer.identity is not None:
+        out["identity"] = peer.identity
+    namespace = next((label[len(NAMESPACE_LABEL):] for label in peer.labels if label.startswith(NAMESPACE_LABEL)), "")
+    if namespace:
+        out["namespace"] = namespace
+    if peer.labels:
+        out["labels"] = list(peer.labels)
+    if peer.endpoint:
+        suffix = f".{namespace}"
+        out["pod_name"] = peer.endpoint[:-len(suffix)] if namespace and peer.endpoint.endswith(suffix) \
+            else peer.endpoint
+    return out
+
+
+def pod_name(peer: Peer) -> tuple[str, str]:
+    """(namespace, pod) as Hubble names the side, for filters."""
+    ep = endpoint(peer)
+    return ep.get("namespace", ""), ep.get("pod_name", "")
+
+
+def _ip(f: Flow) -> dict[str, Any] | None:
+    src, dst = f.source.address, f.destination.address
+    if not src and not dst:
+        return None
+    version = 4
+    for a in (src, dst):
+        try:
+            version = ipaddress.ip_address(a).version if a else version
+        except ValueError:
+            pass
+    out: dict[str, Any] = {"ipVersion": f"IPv{version}"}
+    if src:
+        out["source"] = src
+    if dst:
+        out["destination"] = dst
+    return out
+
+
+def _l4(f: Flow) -> dict[str, Any]:
+    name = _L4.get(f.l4_protocol.upper())
+    if name is None:
+        return {}
+    if name.startswith("ICMP"):  # the datapath gives an ICMP message's type as its destination port
+        return {name: {"type": f.destination.port}} if f.destination.port else {name: {}}
+    ports = {k: v for k, v in (("source_port", f.source.port), ("destination_port", f.destination.port)) if v}
+    return {name: ports}
+
+
+def _kafka(l7: dict[str, Any], denied: bool) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key in ("api_version", "correlation_id"):
+        if str(l7.get(key, "")).lstrip("-").isdigit():
+            out[key] = int(l7[key])
+    if l7.get("api_key"):
+        out["api_key"] = l7["api_key"]
+    if l7.get("topic"):
+        out["topic"] = l7["topic"]
+    if denied:
+        out["error_code"] = 29  # TOPIC_AUTHORIZATION_FAILED, what the proxy answers a denial with
+    return out
+
+
+def _layer7(f: Flow) -> dict[str, Any] | None:
+    if f.type != "L7":
+        return None
+    l7 = dict(f.l7)
+    denied = f.verdict.value == "DROPPED"
+    if f.kind == "http":
+        status = l7.get("status")
+        url = f"http://{l7.get('host', '')}{l7.get('path', '')}"
+        http: dict[str, Any] = {"method": l7.get("method", ""), "url": url, "protocol": l7.get("protocol", "")}
+        if isinstance(status, int) and status:
+            http["code"] = status
+        http = {k: v for k, v in http.items() if v not in ("", None)}
+        out = {"type": "RESPONSE" if isinstance(status, int) and status and not denied else "REQUEST", "http": http}
+        if f.latency:
+            out["latency_ns"] = str(int(f.latency * 1e9))  # uint64: a string in proto JSON
+        return out
+    if f.kind == "kafka":
+        return {"type": "REQUEST", "kafka": _kafka(l7, denied)}
+    return {"type": "REQUEST"}  # Hubble has no record for this protocol: our summary is in "cilia"
+
+
+def summary(f: Flow) -> str:
+    """Hubble's one-line ``Summary``."""
+    l7 = f.l7
+    if f.kind == "http":
+        what = f"{l7.get('protocol') or 'HTTP'} {l7.get('method')} http://{l7.get('host', '')}{l7.get('path', '')}"
+        status = l7.get("status")
+        return what + (f" => {status}" if status else "")
+    if f.type == "L7":
+        fields = " ".join(f"{k}={v}" for k, v in l7.items() if v)
+        return f"{f.kind} {fields}".strip() + (f" ({f.drop_reason})" if f.drop_reason else "")
+    what = f.l4_protocol
+    if f.proxy_port:
+        what += f" to proxy port {f.proxy_port}"
+    return what + (f" ({f.drop_reason})" if f.drop_reason else "")
+
+
+def hubble_flow(f: Flow) -> dict[str, Any]:
+    """The JSON mapping of Hubble's ``flow.Flow`` for ``f`` (fields without a value omitted)."""
+    out: dict[str, Any] = {"time": timestamp(f.time), "verdict": f.verdict.value}
+    reason = DROP_REASONS.get(f.drop_reason) if f.type == "L3_L4" else None
+    if reason is not None and f.verdict.value in ("DROPPED", "AUDIT"):
+        out["drop_reason"], out["drop_reason_desc"] = reason
+    if (ip := _ip(f)) is not None:
+        out["IP"] = ip
+    if l4 := _l4(f):
+        out["l4"] = l4
+    for side, peer in (("source", f.source), ("destination", f.destination)):
+        if ep := endpoint(peer):
+            out[side] = ep
+    out["Type"] = f.type
+    if f.node:
+        out["node_name"] = f.node
+    if (l7 := _layer7(f)) is not None:
+        out["l7"] = l7
+    if f.type == "L7":
+        event = {"type": EVENT_L7}
+    elif reason is not None and f.verdict.value == "DROPPED":
+        event = {"type": EVENT_DROP, "sub_type": reason[0]}
+    else:
+        event = {"type": EVENT_POLICY_VERDICT}
+    out["event_type"] = event
+    if f.direction in ("ingress", "egress"):
+        out["traffic_direction"] = f.direction.upper()
+    out["is_reply"] = False  # every flow here is a request or a connection's first packet
+    if f.proxy_port:
+        out["proxy_port"] = f.proxy_port
+    out["Summary"] = summary(f)
+    return out
+
+
+def extra(f: Flow, seq: int) -> dict[str, Any]:
+    """What Hubble has no field for."""
+    out: dict[str, Any] = {"seq": seq, "kind": f.kind, "rule": f.rule}
+    for key, value in (("endpoint", f.endpoint), ("listener", f.listener), ("drop_reason", f.drop_reason)):
+        if value:
+            out[key] = value
+    if f.l7:
+        out["l7"] = dict(f.l7)
+    return out
+
+
+def export_line(f: Flow, seq: int) -> dict[str, Any]:
+    """One flow as Hubble's exporter writes it, plus our ``cilia`` object."""
+    out: dict[str, Any] = {"flow": hubble_flow(f)}
+    if f.node:
+        out["node_name"] = f.node
+    out["time"] = out["flow"]["time"]
+    out["cilia"] = extra(f, seq)
+    return out

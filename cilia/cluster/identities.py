@@ -1,0 +1,346 @@
+"""``ClusterAllocator``: identities numbered cluster-wide through the kvstore.
+
+An implementation of ``cilia.policy.IdentityAllocator``, so the engine uses it unchanged:
+
+- ``allocate(labels)``: if the labels key exists, reference its ID (``refs/<ID>/<node>`` under the
+  node's lease) and read the labels key again: if it still names that ID, no collector can delete
+  it any more (the collector's transaction requires no reference). Otherwise create the labels key,
+  the ID key and this node's reference in one transaction that requires that neither the labels
+  nor the ID exist: of several nodes allocating the same labels at once exactly one wins and the
+  others read its ID. Candidate IDs are drawn at random from the free ones (256-65535).
+- CIDR identities stay node-local (bit 24 set, as Cilium's), as do the reserved ones.
+- ``release``: drop this node's reference; ``collect_garbage`` deletes an ID (and its labels key)
+  that no node has referenced for ``grace`` seconds, in a transaction that fails if either key
+  changed or a reference appeared meanwhile.
+- Every identity of the cluster is mirrored (``PrefixMirror``), so a remote endpoint's ID maps to
+  its labels; an ID record whose labels do not parse is logged and left unknown, and an unknown
+  identity is selected by nothing (its traffic is denied).
+- If the store cannot be reached, ``allocate`` raises ``IdentityUnavailable``: never a local number.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+
+from ..kvstore.base import KVStore, KVStoreError, Put
+from ..kvstore.mirror import PrefixMirror
+from ..policy.identity import (
+    LOCAL_CIDR_BASE,
+    MAX_ALLOCATED,
+    MIN_ALLOCATED,
+    RESERVED_IDENTITIES,
+    Identity,
+    IdentityKind,
+    IdentityUnavailable,
+    MemoryAllocator,
+)
+from ..policy.labels import SOURCE_RESERVED, LabelSet
+from . import keys
+from .session import Session
+
+_log = logging.getLogger(__name__)
+
+
+class ClusterAllocator(MemoryAllocator):
+    def __init__(self, store: KVStore, session: Session, grace: float = 60.0, attempts: int = 32,
+                 gc_interval: float | None = None) -> None:
+        super().__init__()
+        self.store = store
+        self.session = session
+        self.node = session.node
+        self.grace = grace
+        self.attempts = attempts
+        self._cluster_lock = threading.RLock()
+        self._known: dict[int, Identity] = {}  # every cluster identity whose labels parse
+        self._known_labels: dict[LabelSet, Identity] = {}
+        self._refs: dict[int, set[str]] = {}  # ID -> nodes referencing it (from the mirror)
+        self._held: dict[LabelSet, Identity] = {}  # what this node references
+        self._unreferenced: dict[tuple[int, int], float] = {}  # (ID, mod revision) -> since when
+        self.malformed = 0  # records skipped because they do not parse
+        #: called (on the mirror's thread) with IDs whose labels just became known
+        self.on_learned: list[Callable[[list[int]], None]] = []
+        self.mirror = PrefixMirror(store, keys.IDENTITIES, self._on_change)
+        session.on_renew.append(self._rereference)
+        # every node collects (the transaction makes concurrent collectors safe); None: only when called
+        self.gc_interval = gc_interval
+        self._stopped = threading.Event()
+        self._gc_thread = threading.Thread(target=self._collect, name="identity-gc", daemon=True)
+
+    def start(self) -> None:
+        self.mirror.start()
+        self.mirror.synced.wait(self.store_timeout)
+        if self.gc_interval is not None:
+            self._gc_thread.start()
+
+    def _collect(self) -> None:
+        assert self.gc_interval is not None
+        while not self._stopped.wait(self.gc_interval):
+            try:
+                deleted = self.collect_garbage()
+                if deleted:
+                    _log.info("identities no node references any more, deleted: %s", deleted)
+            except KVStoreError as e:
+                _log.warning("identity garbage collection: %s", e)
+
+    @property
+    def store_timeout(self) -> float:
+        return float(getattr(self.store, "timeout", 5.0))
+
+    def stop(self) -> None:
+        self._stopped.set()
+        if self._gc_thread.is_alive():
+            self._gc_thread.join(10)
+        self.mirror.stop()
+
+    # ------------------------------------------------------------------ IdentityAllocator
+
+    def allocate(self, labels: LabelSet) -> Identity:
+        with self._cluster_lock:
+            held = self._held.get(labels)
+            if held is not None:
+                return held
+            if labels.has_source(SOURCE_RESERVED):
+                found = self._by_labels.get(labels)
+                if found is not None:
+                    return found
+                raise ValueError(f"labels {labels} name a reserved identity that does not exist")
+            try:
+                number = self._allocate(labels)
+            except KVStoreError as e:
+                raise IdentityUnavailable(f"no cluster-wide identity for {labels}: {e}") from None
+            ident = Identity(number, labels, IdentityKind.ENDPOINT)
+            self._held[labels] = ident
+            self._learn(ident)
+            return ident
+
+    def release(self, identity_id: int) -> None:
+        if not MIN_ALLOCATED <= identity_id < LOCAL_CIDR_BASE:
+            super().release(identity_id)  # CIDR identities are node-local
+            return
+        with self._cluster_lock:
+            ident = next((i for i in self._held.values() if i.id == identity_id), None)
+            if ident is None:
+                return
+            del self._held[ident.labels]
+            try:
+                self.store.delete(keys.ref_key(identity_id, self.node))
+            except KVStoreError as e:  # the lease drops it in the end
+                _log.warning("releasing identity %d: %s", identity_id, e)
+
+    def get(self, identity_id: int) -> Identity | None:
+        found = self._by_id.get(identity_id) or self._known.get(identity_id)
+        if found is not None or not MIN_ALLOCATED <= identity_id <= MAX_ALLOCATED:
+            return found
+        try:  # a remote endpoint's identity the mirror has not delivered yet
+            kv = self.store.get(keys.id_key(identity_id))
+        except KVStoreError:
+            return None
+        if kv is None:
+            return None
+        ident = self._parse(identity_id, kv.value)
+        if ident is not None:
+            with self._cluster_lock:
+                self._learn(ident)
+        return ident
+
+    def lookup(self, labels: LabelSet) -> Identity | None:
+        return self._held.get(labels) or self._by_labels.get(labels) or self._known_labels.get(labels)
+
+    def __iter__(self) -> Iterator[Identity]:
+        with self._cluster_lock:
+            every = {**self._known, **self._by_id}
+            return iter(sorted(every.values(), key=lambda i: i.id))
+
+    # ------------------------------------------------------------------ cluster view
+
+    def references(self) -> dict[int, tuple[str, ...]]:
+        """ID -> the nodes referencing it (as last mirrored)."""
+        with self._cluster_lock:
+            return {i: tuple(sorted(n)) for i, n in self._refs.items() if n}
+
+    def held(self) -> list[Identity]:
+        return sorted(self._held.values(), key=lambda i: i.id)
+
+    # ------------------------------------------------------------------ allocation
+
+    def _allocate(self, labels: LabelSet) -> int:
+        strings = sorted(labels.to_list())
+        labels_key = keys.labels_key(strings)
+        record = json.dumps(strings).encode()
+        tried: set[int] = set()
+        for _ in range(self.attempts):
+            kv = self.store.get(labels_key)
+            if kv is not None:
+                number = self._checked_id(labels_key, kv.value, strings)
+                ref = keys.ref_key(number, self.node)
+                self.store.put(ref, b"", lease=self.session.lease)
+                again = self.store.get(labels_key)
+                if again is not None and again.value == kv.value:
+                    return number
+                self.store.delete(ref)  # collected between our read and our reference: start over
+                continue
+            candidate = self._candidate(tried)
+            tried.add(candidate)
+            lease = self.session.lease
+            if self.store.create([Put(labels_key, str(candidate).encode()),
+                                  Put(keys.id_key(candidate), record),
+                                  Put(keys.ref_key(candidate, self.node), b"", lease)]):
+                return candidate
+            # lost: either the labels appeared (read them next) or the ID was taken (draw another)
+        raise KVStoreError(f"no free identity for {labels} after {self.attempts} attempts")
+
+    def _checked_id(self, labels_key: str, value: bytes, strings: list[str]) -> int:
+        try:
+            number = int(value.decode())
+        except (UnicodeDecodeError, ValueError):
+            raise KVStoreError(f"{labels_key}: value {value[:40]!r} is not an identity number") from None
+        record = self.store.get(keys.id_key(number))
+        if record is None or _labels_of(record.value) != strings:
+            # never take an ID whose record says something else: that would merge two label sets
+            raise KVStoreError(f"{labels_key} names identity {number}, whose record "
+                               f"{'is missing' if record is None else 'holds other labels'}")
+        return number
+
+    def _candidate(self, tried: set[int]) -> int:
+        with self._cluster_lock:
+            taken = self._known.keys() | self._refs.keys() | tried
+        for _ in range(1000):
+            n = random.randint(MIN_ALLOCATED, MAX_ALLOCATED)
+            if n not in taken:
+                return n
+        free = [n for n in range(MIN_ALLOCATED, MAX_ALLOCATED + 1) if n not in taken]
+        if not free:
+            raise KVStoreError("identity space 256-65535 is exhausted")
+        return random.choice(free)
+
+    def _rereference(self, lease: int) -> None:
+        """A new lease: put back this node's references (they went with the old one)."""
+        with self._cluster_lock:
+            for ident in list(self._held.values()):
+                try:
+                    self.store.put(keys.ref_key(ident.id, self.node), b"", lease=lease)
+                except KVStoreError as e:
+                    _log.warning("re-referencing identity %d: %s", ident.id, e)
+
+    # ------------------------------------------------------------------ the mirror
+
+    def _on_change(self, upserts: Mapping[str, bytes], deletes: Sequence[str]) -> None:
+        with self._cluster_lock:
+            before = set(self._known)
+            for key in deletes:
+                self._apply(key, None)
+            for key, value in upserts.items():
+                self._apply(key, value)
+            learned = sorted(set(self._known) - before)
+        for callback in list(self.on_learned):  # outside the lock: callbacks take the agent's
+            if learned:
+                callback(learned)
+
+    def _apply(self, key: str, value: bytes | None) -> None:
+        try:
+            if key.startswith(keys.ID):
+                number = keys.parse_id_key(key)
+                if not MIN_ALLOCATED <= number <= MAX_ALLOCATED:
+                    raise ValueError(f"{key}: identity {number} is outside 256-65535")
+                old = self._known.pop(number, None)
+                if old is not None and self._known_labels.get(old.labels) is old:
+                    del self._known_labels[old.labels]
+                if value is not None:
+                    ident = self._parse(number, value)
+                    if ident is not None:
+                        self._learn(ident)
+            elif key.startswith(keys.REFS):
+                number, node = keys.parse_ref_key(key)
+                nodes = self._refs.setdefault(number, set())
+                if value is None:
+                    nodes.discard(node)
+                    if not nodes:
+                        del self._refs[number]
+                else:
+                    nodes.add(node)
+            elif not key.startswith(keys.LABELS):
+                raise ValueError(f"unexpected key {key!r}")
+        except ValueError as e:
+            self.malformed += 1
+            _log.warning("kvstore: skipping %s", e)
+
+    def _parse(self, number: int, value: bytes) -> Identity | None:
+        strings = _labels_of(value)
+        if strings is None:
+            self.malformed += 1
+            _log.warning("kvstore: identity %d: labels %r do not parse; its traffic is denied", number, value[:80])
+            return None
+        try:
+            labels = LabelSet.parse(strings)
+        except ValueError as e:
+            self.malformed += 1
+            _log.warning("kvstore: identity %d: %s; its traffic is denied", number, e)
+            return None
+        if labels.has_source(SOURCE_RESERVED):
+            self.malformed += 1
+            _log.warning("kvstore: identity %d claims reserved labels %s; ignored", number, labels)
+            return None
+        return Identity(number, labels, IdentityKind.ENDPOINT)
+
+    def _learn(self, ident: Identity) -> None:
+        self._known[ident.id] = ident
+        self._known_labels[ident.labels] = ident
+
+    # ------------------------------------------------------------------ garbage collection
+
+    def collect_garbage(self, now: float | None = None) -> list[int]:
+        """Delete identities no node has referenced for ``grace`` seconds; returns their IDs."""
+        now = time.monotonic() if now is None else now
+        items, _ = self.store.get_prefix(keys.IDENTITIES)
+        records = {kv.key: kv for kv in items}
+        referenced = set()
+        for kv in items:
+            if kv.key.startswith(keys.REFS):
+                try:
+                    referenced.add(keys.parse_ref_key(kv.key)[0])
+                except ValueError:
+                    continue
+        seen: set[tuple[int, int]] = set()
+        deleted = []
+        for kv in items:
+            if not kv.key.startswith(keys.ID):
+                continue
+            try:
+                number = keys.parse_id_key(kv.key)
+            except ValueError:
+                continue
+            if number in referenced:
+                continue
+            mark = (number, kv.mod_revision)
+            seen.add(mark)
+            since = self._unreferenced.setdefault(mark, now)
+            if now - since < self.grace:
+                continue
+            doomed = [(kv.key, kv.mod_revision)]
+            strings = _labels_of(kv.value)
+            if strings is not None:
+                label_kv = records.get(keys.labels_key(strings))
+                if label_kv is not None and label_kv.value == str(number).encode():
+                    doomed.append((label_kv.key, label_kv.mod_revision))
+            if self.store.delete_unchanged(doomed, unless_prefix=keys.refs_prefix(number)):
+                deleted.append(number)
+        self._unreferenced = {m: t for m, t in self._unreferenced.items() if m in seen}
+        return deleted
+
+
+def _labels_of(value: bytes) -> list[str] | None:
+    try:
+        data = json.loads(value)
+    except (UnicodeDecodeError, ValueError):
+        return None
+    if not isinstance(data, list) or not data or not all(isinstance(s, str) for s in data):
+        return None
+    return sorted(data)
+
+
+__all__ = ["ClusterAllocator", "RESERVED_IDENTITIES"]
