@@ -313,7 +313,11 @@ class _RequestHandler(BaseHTTPRequestHandler):
             self._send(404, {"error": f"no such API path: {url.path}", "problems": []})
 
     def _body(self) -> Any:
-        length = int(self.headers.get("Content-Length") or 0)
+        header = (self.headers.get("Content-Length") or "0").strip()
+        if not (header.isascii() and header.isdigit()):  # a negative length would read to the stream's end
+            self.close_connection = True  # where this request's body ends is unknown
+            raise AgentError(f"Content-Length: {header[:40]!r} is not a number of bytes")
+        length = int(header)
         if length > MAX_BODY:
             raise AgentError(f"request body over {MAX_BODY} bytes", 413)
         if not length:
@@ -322,6 +326,8 @@ class _RequestHandler(BaseHTTPRequestHandler):
             return json.loads(self.rfile.read(length))
         except ValueError as e:
             raise AgentError(f"request body is not JSON: {e}") from None
+        except RecursionError:
+            raise AgentError("request body is not JSON this agent reads: it nests too deeply") from None
 
     def _send(self, status: int, payload: Any) -> None:
         payload = render(payload)
@@ -348,6 +354,7 @@ class _RequestHandler(BaseHTTPRequestHandler):
 
 class APIServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
     daemon_threads = True
+    request_queue_size = 1024  # listen backlog: a burst of clients (probes, CNI at node start) waits, none refused
 
     def __init__(self, path: Path, agent: Agent) -> None:
         self.agent = agent

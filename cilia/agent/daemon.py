@@ -82,6 +82,7 @@ from .results import (
     Realized,
     Revision,
 )
+from .sidecar_guard import SidecarGuard
 from .plumbing import PlumbingError, free_endpoint_id, plumb, unplumb
 from .state import PolicySource, load_state, save_state
 
@@ -91,6 +92,7 @@ EnvoyMode = Literal["managed", "external", "none"]
 DatapathMode = Literal["none", "bpf"]
 ACCESS_LOG_CLUSTER = "cilia-accesslog"
 L7_CLUSTER = "cilia-l7"
+WORKERS_READY_SECONDS = 30.0  # how long start waits for the L7 workers to serve before going on degraded
 NODE_RECORD = "bpf-node.json"  # what the BPF datapath put on the node, for `cilia cleanup`
 
 
@@ -124,6 +126,7 @@ class AgentConfig:
     xds_tls: ServerTls | None = None  # mutual TLS for the TCP xds_addresses (client certificate CN = node id)
     xds_insecure: bool = False  # serve TCP xds_addresses in plaintext: chosen explicitly, never by default
     socket_group: int | None = None  # the agent's sockets are 0660 with this gid, else 0600
+    proxy_grace: float = 30.0  # a proxy with no xDS stream this long is gone: no more waits or health for it
     kvstore: KVStoreConfig | None = None  # kvstore (issue 13): identities, endpoints and nodes shared cluster-wide
 
     @property
@@ -217,6 +220,11 @@ class Agent:
         sinks: list[Any] = [self.views, self.proxy]
         if self.node is not None:
             sinks.append(DatapathSink(self.node))
+        self.guard: SidecarGuard | None = None  # sidecar mode: only Envoy may reach the applications' own ports
+        if self.node is None and config.proxy_mode == "sidecar":
+            self.guard = SidecarGuard(lambda n: spec.netns if (spec := self.state.endpoints.get(n)) else None,
+                                      owner=str(config.state_dir))
+            sinks.append(self.guard)
         sinks.append(FlowNames(self.observer))
         self.realizer = Realizer(sinks)
         self._redirects = RedirectIndex()
@@ -281,6 +289,9 @@ class Agent:
                                        group=group)
                 self.views.attach(s.l7_pool)
                 s.l7_pool.start()
+                if not s.l7_pool.wait_ready(WORKERS_READY_SECONDS):  # health stays degraded until they serve
+                    _log.warning("L7 workers: %d/%d serving after %gs", s.l7_pool.ready(), self.config.l7_workers,
+                                 WORKERS_READY_SECONDS)
             else:
                 s.l7 = L7Server(self.views.source, self.observer.on_l7_record)
                 s.l7.add_address(f"unix:{self.config.l7_socket}", group=group)
@@ -344,6 +355,8 @@ class Agent:
                 self.l7_inproc.stop()
             if self.node is not None:
                 self.node.stop()
+            if self.guard is not None and self.config.envoy == "managed":  # its Envoy is gone too; sidecars
+                self.guard.close()  # of their own (external) keep enforcing, so their app ports stay closed
             if self.cluster is not None:  # kvstore (issue 13)
                 self.cluster.stop()
             self.observer.close()
@@ -648,10 +661,18 @@ class Agent:
     def proxies(self) -> list[str]:
         """Node ids of the proxies a revision must reach: the managed Envoy and every node that
         ever asked for listeners."""
-        nodes = {node for (node, type_url) in self.tracker.states() if type_url == LISTENER}
+        departed = self.departed_proxies()
+        nodes = {node for (node, type_url) in self.tracker.states() if type_url == LISTENER and node not in departed}
         if self.config.envoy == "managed":
             nodes.add(self.config.node_id)
         return sorted(nodes)
+
+    def departed_proxies(self) -> set[str]:
+        """Proxies whose xDS streams closed more than ``proxy_grace`` seconds ago and never came back
+        (not the managed Envoy: it is restarted, and health says so while it is down)."""
+        return {node for node, seconds in self.tracker.gone().items()
+                if seconds >= self.config.proxy_grace and not (self.config.envoy == "managed"
+                                                               and node == self.config.node_id)}
 
     def wait(self, revision: int, timeout: float) -> Realized:
         """Block until every proxy acked the listeners of ``revision`` (or a later one).

@@ -19,6 +19,7 @@ from typing import Any
 
 import click
 
+from ..policy import IdentityFileError
 from ..specs import PortSpec, StateError
 from ..bpf.paths import DEFAULT_PIN_DIR
 from ..agent.client import AgentClient, APIError
@@ -69,6 +70,9 @@ from .common import (
               "authentication (anyone reaching the port may claim any node id). Refused without this flag.")
 @click.option("--socket-group", metavar="GROUP", help="Make the agent's sockets (API, xDS, access log, L7) "
               "mode 0660 with this group (name or gid) instead of 0600 (the agent's user and root only).")
+@click.option("--proxy-grace", type=click.FloatRange(0), default=30.0, show_default=True, metavar="SECONDS",
+              help="A proxy (sidecar) whose xDS streams stay closed this long is gone: `policy wait` and health "
+              "stop counting it; `cilia status` lists it as gone.")
 @click.option("--prometheus-serve-addr", metavar="HOST:PORT", help="Serve Prometheus metrics at /metrics on this "
               "TCP address (Cilium's flag; \":9962\": port 9962 on every address).")
 @click.option("--agent-health-port", type=click.IntRange(0, 65535), default=0, show_default=True,
@@ -95,7 +99,8 @@ def agent_cmd(state_dir: str, xds_addresses: Sequence[str], envoy_mode: str, nod
               xds_insecure: bool, socket_group: str | None, prometheus_serve_addr: str | None,
               agent_health_port: int, kvstore: str, kvstore_endpoints: str | None, kvstore_ca: str | None,
               kvstore_cert: str | None, kvstore_key: str | None, kvstore_lease_ttl: int, node_ip: str | None,
-              pod_cidr: str | None, health_ip: str | None, log_level: str) -> None:
+              pod_cidr: str | None, health_ip: str | None, proxy_grace: float,
+              log_level: str) -> None:
     """Run the agent until SIGTERM or Ctrl-C: load state, serve the REST API on
     <state-dir>/cilia.sock, serve xDS, supervise Envoy, receive its access logs; with
     --datapath bpf also load the BPF datapath. Stopping leaves the BPF programs enforcing the
@@ -125,7 +130,8 @@ def agent_cmd(state_dir: str, xds_addresses: Sequence[str], envoy_mode: str, nod
                          xds_tls=_xds_tls(xds_addresses, xds_tls_cert, xds_tls_key, xds_tls_ca, xds_insecure),
                          xds_insecure=xds_insecure, socket_group=_group_id(socket_group),
                          kvstore=_kvstore(kvstore, kvstore_endpoints, kvstore_ca, kvstore_cert, kvstore_key,
-                                          kvstore_lease_ttl, node_ip, pod_cidr, health_ip))
+                                          kvstore_lease_ttl, node_ip, pod_cidr, health_ip),
+                         proxy_grace=proxy_grace)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
@@ -133,7 +139,7 @@ def agent_cmd(state_dir: str, xds_addresses: Sequence[str], envoy_mode: str, nod
 
     try:
         agent = Agent(config)
-    except (StateError, OSError, ValueError) as e:
+    except (StateError, IdentityFileError, OSError, ValueError) as e:
         click.echo(f"error: {e}", err=True)
         sys.exit(2)
     except KVStoreError as e:  # wrong endpoints or certificates, or no member answers
@@ -305,6 +311,8 @@ def _status_text(s: dict[str, Any]) -> str:
              _l7_line(s.get("l7", {}))]
     for p in s["xds"]["proxies"]:
         state = f"NACK {p['nacked']}: {p['nack']}" if p["nack"] else f"acked {p['acked'] or '-'}"
+        if p.get("stream", "open") != "open":
+            state += f" (stream {p['stream']})"
         lines.append(f"  {p['node']:<16} {p['type']:<22} sent {p['sent'] or '-':<28} {state}")
     dp = s.get("datapath", {})
     if dp.get("mode") == "bpf":
