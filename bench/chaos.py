@@ -1,6 +1,6 @@
 """Chaos run: mixed load through a real agent while its parts are killed at random.
 
-    /work/brief/isolated .venv/bin/python bench/chaos.py --minutes 3     # in a network namespace of its own
+    unshare --net sh -c "ip link set lo up; exec .venv/bin/python bench/chaos.py --minutes 3"  # own netns
     .venv/bin/python bench/chaos.py                                       # 10 minutes
 
 A real `cilia agent --l7-workers 2` process (sidecar mode, managed Envoy) enforces the Star Wars
