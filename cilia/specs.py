@@ -78,8 +78,10 @@ class PortSpec:
         return text + (f":{self.backend}" if self.backend is not None else "")
 
 
-_IFNAME = re.compile(r"^[A-Za-z0-9_.-]{1,15}$")
-_NETNS = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+MAX_NAME = 320  # a pod name (253) "." its namespace (63), as the Kubernetes watcher and CNI name them
+_NAME = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9_.-]{0,318}[A-Za-z0-9])?")  # 1-MAX_NAME characters
+_IFNAME = re.compile(r"^[A-Za-z0-9_.-]{1,15}\Z")  # \Z: "$" would let a trailing newline through
+_NETNS = re.compile(r"^[A-Za-z0-9_.-]{1,64}\Z")
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,6 +106,10 @@ class EndpointSpec:
     def __post_init__(self) -> None:
         if not self.name:
             raise StateError("endpoint name: must not be empty")
+        if not _NAME.fullmatch(self.name) or ".." in self.name:
+            raise StateError(f"endpoint name {self.name[:80]!r}: use 1-{MAX_NAME} letters, digits, '-', '_' and "
+                             "'.', starting and ending with a letter or digit, without '..' (it names files, "
+                             "listeners and xDS nodes)")
         for ip in self.ips:
             try:
                 ipaddress.ip_address(ip)
@@ -117,7 +123,7 @@ class EndpointSpec:
         if self.interface is not None and not _IFNAME.match(self.interface):
             raise StateError(f"endpoint {self.name}: interface {self.interface!r} is not an interface name "
                              "(1-15 letters, digits, '_', '.', '-')")
-        if self.netns is not None and not _NETNS.match(self.netns):
+        if self.netns is not None and (not _NETNS.match(self.netns) or self.netns in (".", "..")):
             raise StateError(f"endpoint {self.name}: netns {self.netns!r} is not a namespace name")
         if self.create and len(self.ips) != 1:
             raise StateError(f"endpoint {self.name}: create: needs exactly one ip for the new namespace")

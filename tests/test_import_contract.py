@@ -41,6 +41,7 @@ CLI_INSIDE_COMMANDS = {
     "cilia.bpf.loader": "cilia agent checks that BPF is available for --datapath bpf",
     "cilia.k8s": "cilia agent --kubernetes runs the Kubernetes watcher",
     "cilia.agent.cleanup": "cilia bpf cleanup removes what an agent left on the node",
+    "cilia.connectivity": "cilia connectivity test runs its servers and probes (in namespaces with BPF)",
     "cilia.agent.metrics": "cilia agent counts the warnings and errors it logs",
     "cilia.agent.metrics_server": "cilia agent serves /metrics and the probes' pages on TCP",
     "cilia.agent.cluster": "cilia agent --kvstore etcd builds the kvstore config it checks at start",

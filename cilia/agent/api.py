@@ -116,7 +116,11 @@ def _wait_revision(agent: Agent, path: dict[str, str], query: dict[str, list[str
         seconds = min(float(timeout), MAX_WAIT)
     except ValueError:
         raise AgentError(f"query parameter timeout: {timeout!r} is not a number") from None
-    return 200, agent.wait(int(path["revision"]), seconds)
+    return 200, agent.wait_for(int(path["revision"]), seconds)
+
+
+def _trace_policies(agent: Agent, _: dict[str, str], __: dict[str, list[str]], body: Any) -> tuple[int, Any]:
+    return 200, agent.trace_flow(body)
 
 
 def _get_endpoints(agent: Agent, _: dict[str, str], __: dict[str, list[str]], ___: Any) -> tuple[int, Any]:
@@ -255,6 +259,7 @@ ROUTES: dict[tuple[str, str], Handler] = {
     ("POST", "/v1/policies"): _post_policies,
     ("DELETE", "/v1/policies"): _delete_policies,
     ("POST", "/v1/policies/diff"): _diff_policies,
+    ("POST", "/v1/policies/trace"): _trace_policies,
     ("GET", "/v1/revisions/{revision}/wait"): _wait_revision,
     ("GET", "/v1/endpoints"): _get_endpoints,
     ("POST", "/v1/endpoints"): _post_endpoints,
@@ -308,7 +313,11 @@ class _RequestHandler(BaseHTTPRequestHandler):
             self._send(404, {"error": f"no such API path: {url.path}", "problems": []})
 
     def _body(self) -> Any:
-        length = int(self.headers.get("Content-Length") or 0)
+        header = (self.headers.get("Content-Length") or "0").strip()
+        if not (header.isascii() and header.isdigit()):  # a negative length would read to the stream's end
+            self.close_connection = True  # where this request's body ends is unknown
+            raise AgentError(f"Content-Length: {header[:40]!r} is not a number of bytes")
+        length = int(header)
         if length > MAX_BODY:
             raise AgentError(f"request body over {MAX_BODY} bytes", 413)
         if not length:
@@ -317,6 +326,8 @@ class _RequestHandler(BaseHTTPRequestHandler):
             return json.loads(self.rfile.read(length))
         except ValueError as e:
             raise AgentError(f"request body is not JSON: {e}") from None
+        except RecursionError:
+            raise AgentError("request body is not JSON this agent reads: it nests too deeply") from None
 
     def _send(self, status: int, payload: Any) -> None:
         payload = render(payload)
@@ -343,6 +354,7 @@ class _RequestHandler(BaseHTTPRequestHandler):
 
 class APIServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
     daemon_threads = True
+    request_queue_size = 1024  # listen backlog: a burst of clients (probes, CNI at node start) waits, none refused
 
     def __init__(self, path: Path, agent: Agent) -> None:
         self.agent = agent

@@ -85,6 +85,9 @@ class AgentClient:
             body["last"] = last
         return self.request("POST", "/v1/policies/diff", json=body)
 
+    def trace(self, body: dict[str, Any]) -> Any:
+        return self.request("POST", "/v1/policies/trace", json=body)
+
     def policies(self) -> Any:
         return self.request("GET", "/v1/policies")
 

@@ -51,6 +51,7 @@ from ..policy import (
     PolicyError,
     Problem,
     Protocol,
+    compile_policy,
     parse_text,
 )
 from ..policy.identity import IdentityUnavailable
@@ -81,6 +82,7 @@ from .results import (
     Realized,
     Revision,
 )
+from .sidecar_guard import SidecarGuard
 from .plumbing import PlumbingError, free_endpoint_id, plumb, unplumb
 from .state import PolicySource, load_state, save_state
 
@@ -90,6 +92,7 @@ EnvoyMode = Literal["managed", "external", "none"]
 DatapathMode = Literal["none", "bpf"]
 ACCESS_LOG_CLUSTER = "cilia-accesslog"
 L7_CLUSTER = "cilia-l7"
+WORKERS_READY_SECONDS = 30.0  # how long start waits for the L7 workers to serve before going on degraded
 NODE_RECORD = "bpf-node.json"  # what the BPF datapath put on the node, for `cilia cleanup`
 
 
@@ -123,6 +126,7 @@ class AgentConfig:
     xds_tls: ServerTls | None = None  # mutual TLS for the TCP xds_addresses (client certificate CN = node id)
     xds_insecure: bool = False  # serve TCP xds_addresses in plaintext: chosen explicitly, never by default
     socket_group: int | None = None  # the agent's sockets are 0660 with this gid, else 0600
+    proxy_grace: float = 30.0  # a proxy with no xDS stream this long is gone: no more waits or health for it
     kvstore: KVStoreConfig | None = None  # kvstore (issue 13): identities, endpoints and nodes shared cluster-wide
 
     @property
@@ -216,6 +220,11 @@ class Agent:
         sinks: list[Any] = [self.views, self.proxy]
         if self.node is not None:
             sinks.append(DatapathSink(self.node))
+        self.guard: SidecarGuard | None = None  # sidecar mode: only Envoy may reach the applications' own ports
+        if self.node is None and config.proxy_mode == "sidecar":
+            self.guard = SidecarGuard(lambda n: spec.netns if (spec := self.state.endpoints.get(n)) else None,
+                                      owner=str(config.state_dir))
+            sinks.append(self.guard)
         sinks.append(FlowNames(self.observer))
         self.realizer = Realizer(sinks)
         self._redirects = RedirectIndex()
@@ -224,6 +233,7 @@ class Agent:
         self.servers = Servers()
         self.envoy: EnvoySupervisor | None = None
         self.admin_address: str | None = None
+        self.reverted: dict[int, str] = {}  # revision -> why: the managed Envoy rejected it and it was reverted
         self._replay()
 
     @property
@@ -279,6 +289,9 @@ class Agent:
                                        group=group)
                 self.views.attach(s.l7_pool)
                 s.l7_pool.start()
+                if not s.l7_pool.wait_ready(WORKERS_READY_SECONDS):  # health stays degraded until they serve
+                    _log.warning("L7 workers: %d/%d serving after %gs", s.l7_pool.ready(), self.config.l7_workers,
+                                 WORKERS_READY_SECONDS)
             else:
                 s.l7 = L7Server(self.views.source, self.observer.on_l7_record)
                 s.l7.add_address(f"unix:{self.config.l7_socket}", group=group)
@@ -342,6 +355,8 @@ class Agent:
                 self.l7_inproc.stop()
             if self.node is not None:
                 self.node.stop()
+            if self.guard is not None and self.config.envoy == "managed":  # its Envoy is gone too; sidecars
+                self.guard.close()  # of their own (external) keep enforcing, so their app ports stay closed
             if self.cluster is not None:  # kvstore (issue 13)
                 self.cluster.stop()
             self.observer.close()
@@ -616,6 +631,7 @@ class Agent:
                                  f"{self.state.revision} was committed after it", 409)
             self._restore(before)
             restored = self._commit(None)
+            self.reverted[revision] = f"Envoy rejected it: {message}; revision {restored} restored the previous config"
         raise AgentError(f"Envoy rejected revision {revision}: {message}; the change was reverted "
                          f"(revision {restored} restores the previous config)", 409)
 
@@ -645,10 +661,18 @@ class Agent:
     def proxies(self) -> list[str]:
         """Node ids of the proxies a revision must reach: the managed Envoy and every node that
         ever asked for listeners."""
-        nodes = {node for (node, type_url) in self.tracker.states() if type_url == LISTENER}
+        departed = self.departed_proxies()
+        nodes = {node for (node, type_url) in self.tracker.states() if type_url == LISTENER and node not in departed}
         if self.config.envoy == "managed":
             nodes.add(self.config.node_id)
         return sorted(nodes)
+
+    def departed_proxies(self) -> set[str]:
+        """Proxies whose xDS streams closed more than ``proxy_grace`` seconds ago and never came back
+        (not the managed Envoy: it is restarted, and health says so while it is down)."""
+        return {node for node, seconds in self.tracker.gone().items()
+                if seconds >= self.config.proxy_grace and not (self.config.envoy == "managed"
+                                                               and node == self.config.node_id)}
 
     def wait(self, revision: int, timeout: float) -> Realized:
         """Block until every proxy acked the listeners of ``revision`` (or a later one).
@@ -730,6 +754,41 @@ class Agent:
         ident = self.engine.allocator.get(identity) if identity else None
         return ident.labels.to_list() if ident else []
 
+    # ------------------------------------------------------------------ CLI habits (issue 18)
+
+    def wait_for(self, revision: int, timeout: float) -> Realized:
+        """``wait``, but a revision not committed yet is waited for too (until ``timeout``), and a
+        revision that was rejected and reverted fails (409) instead of counting as realized by the
+        revision that restored the previous config."""
+        deadline = time.monotonic() + timeout
+        while True:
+            with self.lock:
+                current = self.state.revision
+            if revision <= current:
+                break
+            if time.monotonic() >= deadline:
+                raise AgentError(f"revision {revision} does not exist after {timeout:g}s (current: {current})", 504)
+            time.sleep(0.05)
+        if revision in self.reverted:
+            raise AgentError(f"revision {revision} was reverted: {self.reverted[revision]}", 409)
+        return self.wait(revision, max(0.0, deadline - time.monotonic()))
+
+    def trace_flow(self, body: Any) -> dict[str, Any]:
+        """``cilia.policy.trace`` of the flow ``body`` describes (see livetrace) against the policies
+        and endpoints in force now."""
+        from .livetrace import TraceInputError, trace_live
+
+        with self.lock:
+            policies = list(self.engine.policies())
+            endpoints = dict(self.state.endpoints)
+            identities = list(self.engine.identities())
+        try:
+            return trace_live(policies, endpoints, identities, body)
+        except TraceInputError as e:
+            raise AgentError(str(e), e.status) from None
+        except PolicyError as e:
+            raise AgentError(str(e)) from None
+
 
 def _endpoint(spec: EndpointSpec) -> Endpoint:
     named = tuple((p.name, p.port, p.protocol) for p in spec.ports if p.name)
@@ -738,8 +797,9 @@ def _endpoint(spec: EndpointSpec) -> Endpoint:
 
 
 def _policy_info(p: Policy, audited: set[PolicyKey] | frozenset[PolicyKey] = frozenset()) -> PolicyInfo:
+    notes = tuple(sorted({str(n) for r in compile_policy(p) for n in r.notes}))  # accepted, not enforced
     return PolicyInfo(p.kind.value, p.namespace, p.name, len(p.rules), p.source.file, p.source.line,
-                      p.key in audited)
+                      p.key in audited, notes)
 
 
 __all__ = ["Agent", "AgentConfig", "AgentError", "EnvoyMode", "PolicyKey", "Servers"]

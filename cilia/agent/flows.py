@@ -17,9 +17,11 @@ a file that rotates by size.
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import logging.handlers
+import os
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
@@ -328,8 +330,7 @@ class FlowFile:
 
     def __init__(self, path: Path, max_bytes: int = 100 << 20, backups: int = 5) -> None:
         self.path = path
-        self._handler = logging.handlers.RotatingFileHandler(path, maxBytes=max_bytes, backupCount=backups,
-                                                             encoding="utf-8")
+        self._handler = _PrivateRotatingHandler(path, maxBytes=max_bytes, backupCount=backups, encoding="utf-8")
         self._handler.setFormatter(logging.Formatter("%(message)s"))
 
     def write(self, seq: int, flow: Flow) -> None:
@@ -338,3 +339,19 @@ class FlowFile:
 
     def close(self) -> None:
         self._handler.close()
+
+
+class _PrivateRotatingHandler(logging.handlers.RotatingFileHandler):
+    """Flow files are owner-only whatever the umask (they name every peer and request), and a file
+    is on disk before it is renamed into the backups."""
+
+    def _open(self) -> io.TextIOWrapper:
+        fd = os.open(self.baseFilename, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
+        os.fchmod(fd, 0o600)  # also narrows a file an older agent left wider
+        return open(fd, "a", encoding=self.encoding, errors=self.errors)
+
+    def doRollover(self) -> None:  # noqa: N802 (logging's naming)
+        if self.stream is not None:
+            self.stream.flush()
+            os.fsync(self.stream.fileno())
+        super().doRollover()

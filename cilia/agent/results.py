@@ -17,6 +17,7 @@ class PolicyInfo:
     file: str
     line: int
     audit: bool
+    notes: tuple[str, ...] = ()  # what the policy asks for that is accepted but not enforced (fails closed)
 
 
 @dataclass(frozen=True)

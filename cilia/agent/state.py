@@ -11,11 +11,11 @@ crash leaves either the old state or the new, never half of one.
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..envoy.private_file import write_private
 from ..specs import EndpointSpec, PolicyKey, StateError
 
 STATE_FILE = "state.json"
@@ -63,7 +63,7 @@ class AgentState:
             "revision": self.revision,
             "policies": [{"path": s.path, "text": s.text, "keys": sorted(list(k) for k in s.keys),
                           **({"audit": True} if s.audit else {})} for s in self.sources],
-            "endpoints": [e.to_json() for _, e in sorted(self.endpoints.items())],
+            "endpoints": [_endpoint_json(e) for _, e in sorted(self.endpoints.items())],
             "endpoint_ids": self.endpoint_ids,
             "proxy_ports": self.proxy_ports,
         }
@@ -80,6 +80,23 @@ class AgentState:
                    {str(k): int(v) for k, v in d.get("proxy_ports", {}).items()})
 
 
+def _endpoint_json(spec: EndpointSpec) -> dict[str, Any]:
+    """``spec.to_json()``, made once per spec object (specs are frozen; the state is written whole at
+    every change, so this keeps an endpoint add from re-rendering every endpoint)."""
+    hit = _SPEC_JSON.get(id(spec))
+    if hit is not None and hit[0] is spec:
+        return hit[1]
+    if len(_SPEC_JSON) >= 1 << 17:
+        _SPEC_JSON.clear()
+    out = spec.to_json()
+    _SPEC_JSON[id(spec)] = (spec, out)
+    return out
+
+
+#: id(spec) -> (the spec, kept alive so the id stays its own; its JSON form, never modified)
+_SPEC_JSON: dict[int, tuple[EndpointSpec, dict[str, Any]]] = {}
+
+
 def load_state(state_dir: Path) -> AgentState:
     """The persisted state, or an empty one for a new directory."""
     path = state_dir / STATE_FILE
@@ -94,7 +111,7 @@ def load_state(state_dir: Path) -> AgentState:
 
 
 def save_state(state_dir: Path, state: AgentState) -> None:
-    path = state_dir / STATE_FILE
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(state.to_json(), indent=1, sort_keys=True), encoding="utf-8")
-    os.replace(tmp, path)
+    """Owner-only (it holds every policy's text) and on disk before it replaces the last one, so a
+    crash leaves the old state or the new one, never an empty file."""
+    # compact: json's C encoder does not indent, and this runs at every change (a 5,000-endpoint state)
+    write_private(state_dir / STATE_FILE, json.dumps(state.to_json(), sort_keys=True, separators=(",", ":")))

@@ -26,10 +26,7 @@ def status(agent: Agent) -> dict[str, Any]:
         counts = {"policies": len(agent.engine.policies()), "endpoints": len(agent.state.endpoints),
                   "identities": len(agent.engine.identities())}
     notes = list(agent.notes)
-    proxies = []
-    for (node_id, type_url), st in sorted(agent.tracker.states().items()):
-        proxies.append({"node": node_id, "type": type_url.rsplit(".", 1)[-1], "sent": st.sent, "acked": st.acked,
-                        "nacked": st.nacked, "nack": st.nack_message if nack_stands(st) else ""})
+    proxies = _proxies(agent)
     envoy: dict[str, Any] = {"mode": agent.config.envoy}
     if agent.envoy is not None:
         es = agent.envoy.status()
@@ -57,7 +54,8 @@ def status(agent: Agent) -> dict[str, Any]:
     if kvstore is not None:
         controllers.append({"name": "kvstore", "status": "ok" if kvstore["connected"] else "failing",
                             "last_error": "; ".join(f"{k}: {v}" for k, v in kvstore["errors"].items())})
-    reasons = [f"proxy {p['node']} rejected {p['type']} {p['nacked']}: {p['nack']}" for p in proxies if p["nack"]]
+    reasons = [f"proxy {p['node']} rejected {p['type']} {p['nacked']}: {p['nack']}" for p in proxies
+               if p["nack"] and p["stream"] != "gone"]
     reasons += [f"{c['name']}: {c['last_error'] or c['status']}" for c in controllers if c["status"] != "ok"]
     return {"healthy": not reasons, "reasons": reasons, "revision": revision, **counts, "envoy": envoy,
             "datapath": datapath,
@@ -108,6 +106,18 @@ def debug_info(agent: Agent, flows: int = 1000) -> dict[str, Any]:
     return out
 
 
+def _proxies(agent: Agent) -> list[dict[str, Any]]:
+    """Each proxy's standing per type, and its stream: "open", "closed" (within the grace period: its
+    last answer still counts) or "gone" (closed longer: no longer waited for, nor part of health)."""
+    closed, departed = agent.tracker.gone(), agent.departed_proxies()
+    out = []
+    for (node_id, type_url), st in sorted(agent.tracker.states().items()):
+        stream = "gone" if node_id in departed else "closed" if node_id in closed else "open"
+        out.append({"node": node_id, "type": type_url.rsplit(".", 1)[-1], "sent": st.sent, "acked": st.acked,
+                    "nacked": st.nacked, "nack": st.nack_message if nack_stands(st) else "", "stream": stream})
+    return out
+
+
 def _envoy_admin(address: str) -> dict[str, Any]:
     """Envoy's own view, from its admin endpoint: ready or not, version, uptime."""
     try:
@@ -132,9 +142,10 @@ def _controllers(agent: Agent, envoy: Mapping[str, Any], datapath: Mapping[str, 
         problem = agent.l7_inproc.problem()
         out.append(ctl("l7-inproc", not problem, problem))
     if servers.l7_pool is not None:
-        alive = servers.l7_pool.alive()
-        out.append(ctl("l7-workers", alive == len(servers.l7_pool.addresses),
-                       f"{alive}/{len(servers.l7_pool.addresses)} workers alive", restarts=servers.l7_pool.restarts))
+        pool = servers.l7_pool
+        serving = pool.ready()  # listening, not merely running: Envoy's connections need the socket
+        out.append(ctl("l7-workers", serving == len(pool.addresses), f"{serving}/{len(pool.addresses)} workers serving",
+                       restarts=pool.restarts))
     if agent.envoy is not None:
         running = envoy.get("state") == "running" and envoy.get("ready", True) is not False
         out.append(ctl("envoy-supervisor", running, str(envoy.get("last_error") or envoy.get("admin_error")

@@ -12,15 +12,20 @@ import logging
 import signal
 import sys
 import threading
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import click
 
+from ..policy import IdentityFileError
 from ..specs import PortSpec, StateError
 from ..bpf.paths import DEFAULT_PIN_DIR
-from .common import call_agent, emit, output_option, state_dir_option, table
+from ..agent.client import AgentClient, APIError
+from .common import (
+    call_agent, emit, fail, label_filter, output_option, policy_notes, selector_option, state_dir_option, table,
+)
 
 # --- the agent itself ------------------------------------------------------------------------------
 
@@ -65,6 +70,9 @@ from .common import call_agent, emit, output_option, state_dir_option, table
               "authentication (anyone reaching the port may claim any node id). Refused without this flag.")
 @click.option("--socket-group", metavar="GROUP", help="Make the agent's sockets (API, xDS, access log, L7) "
               "mode 0660 with this group (name or gid) instead of 0600 (the agent's user and root only).")
+@click.option("--proxy-grace", type=click.FloatRange(0), default=30.0, show_default=True, metavar="SECONDS",
+              help="A proxy (sidecar) whose xDS streams stay closed this long is gone: `policy wait` and health "
+              "stop counting it; `cilia status` lists it as gone.")
 @click.option("--prometheus-serve-addr", metavar="HOST:PORT", help="Serve Prometheus metrics at /metrics on this "
               "TCP address (Cilium's flag; \":9962\": port 9962 on every address).")
 @click.option("--agent-health-port", type=click.IntRange(0, 65535), default=0, show_default=True,
@@ -91,7 +99,8 @@ def agent_cmd(state_dir: str, xds_addresses: Sequence[str], envoy_mode: str, nod
               xds_insecure: bool, socket_group: str | None, prometheus_serve_addr: str | None,
               agent_health_port: int, kvstore: str, kvstore_endpoints: str | None, kvstore_ca: str | None,
               kvstore_cert: str | None, kvstore_key: str | None, kvstore_lease_ttl: int, node_ip: str | None,
-              pod_cidr: str | None, health_ip: str | None, log_level: str) -> None:
+              pod_cidr: str | None, health_ip: str | None, proxy_grace: float,
+              log_level: str) -> None:
     """Run the agent until SIGTERM or Ctrl-C: load state, serve the REST API on
     <state-dir>/cilia.sock, serve xDS, supervise Envoy, receive its access logs; with
     --datapath bpf also load the BPF datapath. Stopping leaves the BPF programs enforcing the
@@ -121,7 +130,8 @@ def agent_cmd(state_dir: str, xds_addresses: Sequence[str], envoy_mode: str, nod
                          xds_tls=_xds_tls(xds_addresses, xds_tls_cert, xds_tls_key, xds_tls_ca, xds_insecure),
                          xds_insecure=xds_insecure, socket_group=_group_id(socket_group),
                          kvstore=_kvstore(kvstore, kvstore_endpoints, kvstore_ca, kvstore_cert, kvstore_key,
-                                          kvstore_lease_ttl, node_ip, pod_cidr, health_ip))
+                                          kvstore_lease_ttl, node_ip, pod_cidr, health_ip),
+                         proxy_grace=proxy_grace)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
@@ -129,7 +139,7 @@ def agent_cmd(state_dir: str, xds_addresses: Sequence[str], envoy_mode: str, nod
 
     try:
         agent = Agent(config)
-    except (StateError, OSError, ValueError) as e:
+    except (StateError, IdentityFileError, OSError, ValueError) as e:
         click.echo(f"error: {e}", err=True)
         sys.exit(2)
     except KVStoreError as e:  # wrong endpoints or certificates, or no member answers
@@ -301,6 +311,8 @@ def _status_text(s: dict[str, Any]) -> str:
              _l7_line(s.get("l7", {}))]
     for p in s["xds"]["proxies"]:
         state = f"NACK {p['nacked']}: {p['nack']}" if p["nack"] else f"acked {p['acked'] or '-'}"
+        if p.get("stream", "open") != "open":
+            state += f" (stream {p['stream']})"
         lines.append(f"  {p['node']:<16} {p['type']:<22} sent {p['sent'] or '-':<28} {state}")
     dp = s.get("datapath", {})
     if dp.get("mode") == "bpf":
@@ -356,20 +368,62 @@ def _status_verbose(s: dict[str, Any], endpoints: dict[str, Any], metrics: str) 
     return "\n".join(lines)
 
 
+def _policy_notes_text(policies: dict[str, Any]) -> str:
+    noted = [p for p in policies["policies"] if p.get("notes")]
+    if not noted:
+        return ""
+    lines = ["Policy notes (accepted, not enforced: traffic they would allow is dropped):"]
+    for p in noted:
+        lines.append(f"  {'/'.join(x for x in (p['namespace'], p['name']) if x)}:")
+        lines += [f"    {n}" for n in p["notes"]]
+    return "\n".join(lines)
+
+
+def _wait_healthy(state_dir: str, seconds: float) -> dict[str, Any]:
+    """The agent's status once it answers and is healthy, polling like ``cilium status --wait``;
+    exits 1 with the last reason when ``seconds`` pass first."""
+    deadline = time.monotonic() + seconds
+    last = "the agent did not answer"
+    while True:
+        client = AgentClient(Path(state_dir) / "cilia.sock", timeout=max(1.0, min(10.0, seconds)))
+        try:
+            status: dict[str, Any] = client.status()
+            if status["healthy"]:
+                return status
+            last = "degraded: " + "; ".join(status.get("reasons", [])) if status.get("reasons") else "degraded"
+        except APIError as e:
+            last = str(e)
+        finally:
+            client.close()
+        if time.monotonic() >= deadline:
+            click.echo(f"error: the agent is not healthy after {seconds:g}s: {last}", err=True)
+            sys.exit(1)
+        time.sleep(0.5)
+
+
 @click.command("status")
 @click.option("--verbose", "-v", is_flag=True, help="Also controllers, Envoy's admin view, endpoints, L7 counts and "
               "the last errors.")
+@click.option("--wait", "wait", is_flag=True, help="Wait until the agent answers and is healthy (as `cilium status "
+              "--wait`); exit 1 if it is not within --wait-duration.")
+@click.option("--wait-duration", type=click.FloatRange(0), default=300.0, show_default=True,
+              help="Seconds --wait waits.")
 @state_dir_option
 @output_option
-def status_cmd(verbose: bool, state_dir: str, output: str) -> None:
-    """The agent's health, revision, Envoy, the datapath and each proxy's ACK/NACK state."""
-    payload = call_agent(state_dir, lambda c: c.status())
-    if verbose and output == "text":
+def status_cmd(verbose: bool, wait: bool, wait_duration: float, state_dir: str, output: str) -> None:
+    """The agent's health, revision, Envoy, the datapath, each proxy's ACK/NACK state and the
+    policy features accepted but not enforced."""
+    payload = _wait_healthy(state_dir, wait_duration) if wait else call_agent(state_dir, lambda c: c.status())
+    policies = call_agent(state_dir, lambda c: c.policies()) if output not in ("json", "yaml") else None
+    if verbose and output not in ("json", "yaml"):
         endpoints = call_agent(state_dir, lambda c: c.endpoints())
         metrics = call_agent(state_dir, lambda c: c.metrics())
-        click.echo(_status_verbose(payload, endpoints, metrics))
+        text = _status_verbose(payload, endpoints, metrics)
     else:
-        emit(output, payload, _status_text)
+        text = _status_text(payload)
+    if policies is not None and (notes := _policy_notes_text(policies)):
+        text += "\n" + notes
+    emit(output, payload, lambda _: text)
     if not payload["healthy"]:
         sys.exit(1)
 
@@ -383,10 +437,20 @@ def status_cmd(verbose: bool, state_dir: str, output: str) -> None:
 @state_dir_option
 @output_option
 def policy_import_cmd(files: Sequence[str], audit: bool, state_dir: str, output: str) -> None:
-    """Add or replace the policies in FILES (all or none); prints the new revision."""
+    """Add or replace the policies in FILES (all or none; CiliumNetworkPolicy,
+    CiliumClusterwideNetworkPolicy or Kubernetes NetworkPolicy); prints the new revision, and on
+    stderr the same notes as `cilia policy validate` for what is accepted but not enforced."""
+    from ..policy import load_paths
+
     texts = [(f, Path(f).read_text(encoding="utf-8")) for f in files]
     payload = call_agent(state_dir, lambda c: c.import_policies(texts, audit))
-    emit(output, payload, lambda p: f"Revision: {p['revision']}")
+    notes = policy_notes(load_paths(files))
+    if output in ("json", "yaml"):
+        emit(output, {**payload, "notes": notes}, str)
+        return
+    click.echo(f"Revision: {payload['revision']}")
+    for n in notes:
+        click.echo(f"note: {n}", err=True)
 
 
 @click.command("diff")
@@ -414,16 +478,33 @@ def policy_diff_cmd(files: Sequence[str], last: int | None, state_dir: str, outp
     emit(output, payload, text)
 
 
+def _policy_rows(p: dict[str, Any]) -> list[tuple[object, ...]]:
+    return [(x["kind"], x["namespace"] or "-", x["name"], x["rules"], "audit" if x.get("audit") else "enforce",
+             f"{x['file']}:{x['line']}") for x in p["policies"]]
+
+
+_POLICY_HEADER = ["KIND", "NAMESPACE", "NAME", "RULES", "MODE", "SOURCE"]
+
+
 @click.command("get")
+@click.argument("name", required=False)
+@click.option("--namespace", "-n", help="Only policies of this namespace.")
 @state_dir_option
 @output_option
-def policy_get_cmd(state_dir: str, output: str) -> None:
-    """List the policies the agent holds, with the file and line each came from."""
+def policy_get_cmd(name: str | None, namespace: str | None, state_dir: str, output: str) -> None:
+    """List the policies the agent holds (or the policy NAME), with the file and line each came
+    from; -o wide adds the notes (what is accepted but not enforced)."""
     payload = call_agent(state_dir, lambda c: c.policies())
-    emit(output, payload, lambda p: table(
-        ["KIND", "NAMESPACE", "NAME", "RULES", "MODE", "SOURCE"],
-        [(x["kind"], x["namespace"] or "-", x["name"], x["rules"], "audit" if x.get("audit") else "enforce",
-          f"{x['file']}:{x['line']}") for x in p["policies"]]) + f"\nRevision: {p['revision']}")
+    chosen = [x for x in payload["policies"] if (name is None or x["name"] == name)
+              and (namespace is None or x["namespace"] == namespace)]
+    if name is not None and not chosen:
+        fail(f"no policy named {name}" + (f" in namespace {namespace}" if namespace else ""))
+    payload = {**payload, "policies": chosen}
+    emit(output, payload,
+         lambda p: table(_POLICY_HEADER, _policy_rows(p)) + f"\nRevision: {p['revision']}",
+         lambda p: table([*_POLICY_HEADER, "NOTES"], [(*r, "; ".join(x.get("notes", [])) or "-")
+                                                      for r, x in zip(_policy_rows(p), p["policies"])])
+         + f"\nRevision: {p['revision']}")
 
 
 @click.command("delete")
@@ -446,7 +527,8 @@ def policy_delete_cmd(name: str | None, everything: bool, namespace: str | None,
 @state_dir_option
 @output_option
 def policy_wait_cmd(revision: int, timeout: float, state_dir: str, output: str) -> None:
-    """Block until every proxy realized REVISION; fails with Envoy's NACK text if one rejected it."""
+    """Block until every proxy realized REVISION (waiting for it to be committed if it is not yet);
+    fails with Envoy's NACK text if one rejected it, and when REVISION was rejected and reverted."""
     payload = call_agent(state_dir, lambda c: c.wait(revision, timeout))
     emit(output, payload, lambda p: f"Revision {p['revision']} realized by "
                                      f"{', '.join(p['proxies']) or 'no proxies (none connected)'}")
@@ -457,10 +539,13 @@ def policy_wait_cmd(revision: int, timeout: float, state_dir: str, output: str) 
 @click.command("add")
 @click.option("--name", required=True)
 @click.option("--labels", required=True, help="k=v,k2=v2 (source k8s unless given as source:k=v).")
-@click.option("--ip", "ips", multiple=True, help="Endpoint address (repeatable).")
+@click.option("--ip", "ips", multiple=True, help="Endpoint address (repeatable). Sidecar mode: an address of "
+              "this host (Envoy listens on it); BPF mode: the namespace's address.")
 @click.option("--port", "ports", multiple=True,
-              help="[NAME=]PORT[/PROTO][:APP_PORT] (repeatable): a port the endpoint serves; without BPF, "
-                   "Envoy listens on IP:PORT and forwards to the app on IP:APP_PORT.")
+              help="[NAME=]PORT[/PROTO][:APP_PORT] (repeatable): a port the endpoint serves. Needed in sidecar mode "
+                   "(--datapath none): Envoy listens on IP:PORT and forwards to the app on IP:APP_PORT. With "
+                   "--datapath bpf only to name ports for policies' named ports (the kernel enforces every port "
+                   "and redirects L7 ports itself).")
 @click.option("--create-netns", is_flag=True,
               help="BPF datapath: make a network namespace for the endpoint joined to the node by a veth pair "
                    "(removed with the endpoint).")
@@ -473,7 +558,8 @@ def policy_wait_cmd(revision: int, timeout: float, state_dir: str, output: str) 
 @output_option
 def endpoint_add_cmd(name: str, labels: str, ips: Sequence[str], ports: Sequence[str], create_netns: bool,
                      netns: str | None, interface: str | None, audit: bool, state_dir: str, output: str) -> None:
-    """Add (or replace) an endpoint; prints its identity and the new revision."""
+    """Add (or replace) an endpoint; prints its identity and the new revision (-o json: the
+    endpoint as the agent holds it, with identity and revision)."""
     try:
         specs = [PortSpec.parse(p).to_json() for p in ports]
     except StateError as e:
@@ -494,17 +580,57 @@ def _enforcement(e: dict[str, Any], direction: str) -> str:
     return "Enabled" if e["enforcement"][direction] else "Disabled"
 
 
+_ENDPOINT_HEADER = ["ENDPOINT", "IDENTITY", "INGRESS", "EGRESS", "IPS", "PORTS", "INTERFACE", "LABELS"]
+
+
+def _endpoint_row(e: dict[str, Any]) -> tuple[object, ...]:
+    return (e["name"], e["identity"], _enforcement(e, "ingress"), _enforcement(e, "egress"),
+            ",".join(e["ips"]) or "-", ",".join(str(PortSpec.from_json(x)) for x in e["ports"]) or "-",
+            e.get("interface") or "-", ",".join(e["identity_labels"]))
+
+
+def _endpoint_wide(e: dict[str, Any]) -> tuple[object, ...]:
+    return (*_endpoint_row(e), e.get("netns") or "-",
+            ",".join(x for x in e["labels"] if x not in e["identity_labels"]) or "-")
+
+
+def _endpoints_of(state_dir: str, selector: str | None) -> dict[str, Any]:
+    matches = label_filter(selector)
+    payload = call_agent(state_dir, lambda c: c.endpoints())
+    return {**payload, "endpoints": [e for e in payload["endpoints"] if matches(e["identity_labels"])]}
+
+
 @click.command("list")
+@selector_option
 @state_dir_option
 @output_option
-def endpoint_list_cmd(state_dir: str, output: str) -> None:
-    """List endpoints with identity, policy enforcement, addresses, ports and labels."""
-    payload = call_agent(state_dir, lambda c: c.endpoints())
-    emit(output, payload, lambda p: table(
-        ["ENDPOINT", "IDENTITY", "INGRESS", "EGRESS", "IPS", "PORTS", "INTERFACE", "LABELS"],
-        [(e["name"], e["identity"], _enforcement(e, "ingress"), _enforcement(e, "egress"),
-          ",".join(e["ips"]) or "-", ",".join(str(PortSpec.from_json(x)) for x in e["ports"]) or "-",
-          e.get("interface") or "-", ",".join(e["identity_labels"])) for e in p["endpoints"]]))
+def endpoint_list_cmd(selector: str | None, state_dir: str, output: str) -> None:
+    """List endpoints with identity, policy enforcement, addresses, ports and labels (-l: those
+    whose labels match; -o wide adds the namespace and the labels left out of the identity)."""
+    payload = _endpoints_of(state_dir, selector)
+    emit(output, payload, lambda p: table(_ENDPOINT_HEADER, [_endpoint_row(e) for e in p["endpoints"]]),
+         lambda p: table([*_ENDPOINT_HEADER, "NETNS", "OTHER LABELS"], [_endpoint_wide(e) for e in p["endpoints"]]))
+
+
+def _endpoint_detail(e: dict[str, Any]) -> str:
+    rows = [("Name", e["name"]), ("Identity", e["identity"]), ("Ingress", _enforcement(e, "ingress")),
+            ("Egress", _enforcement(e, "egress")), ("IPs", ", ".join(e["ips"]) or "-"),
+            ("Ports", ", ".join(str(PortSpec.from_json(x)) for x in e["ports"]) or "-"),
+            ("Interface", e.get("interface") or "-"), ("Netns", e.get("netns") or "-"),
+            ("Labels", ", ".join(e["labels"])), ("Identity labels", ", ".join(e["identity_labels"]))]
+    return "\n".join(f"{k + ':':<17}{v}" for k, v in rows)
+
+
+@click.command("get")
+@click.argument("name")
+@state_dir_option
+@output_option
+def endpoint_get_cmd(name: str, state_dir: str, output: str) -> None:
+    """One endpoint: identity, enforcement, addresses, ports, interface and labels."""
+    found = [e for e in call_agent(state_dir, lambda c: c.endpoints())["endpoints"] if e["name"] == name]
+    if not found:
+        fail(f"no endpoint named {name}")
+    emit(output, found[0], _endpoint_detail)
 
 
 @click.command("delete")
@@ -517,23 +643,46 @@ def endpoint_delete_cmd(name: str, state_dir: str, output: str) -> None:
     emit(output, payload, lambda p: f"Revision: {p['revision']}")
 
 
+_IDENTITY_HEADER = ["ID", "KIND", "LABELS"]
+
+
 @click.command("list")
 @click.option("--cluster", is_flag=True, help="The cluster-wide identities in the kvstore, with the nodes "
               "referencing each (agents with --kvstore).")
+@selector_option
 @state_dir_option
 @output_option
-def identity_list_cmd(cluster: bool, state_dir: str, output: str) -> None:
-    """List identities: reserved, endpoint and CIDR ones this agent knows (--cluster: the kvstore's)."""
+def identity_list_cmd(cluster: bool, selector: str | None, state_dir: str, output: str) -> None:
+    """List identities: reserved, endpoint and CIDR ones this agent knows (--cluster: the kvstore's);
+    -l: those whose labels match; -o wide adds the CIDR prefix."""
+    matches = label_filter(selector)
     if cluster:
         shared = call_agent(state_dir, lambda c: c.cluster_identities())
+        shared = {**shared, "identities": [i for i in shared["identities"] if matches(i["labels"])]}
         emit(output, shared, lambda p: table(
             ["ID", "NODES", "LABELS"],
             [(i["id"], ",".join(i["nodes"]) or "-", ",".join(i["labels"])) for i in p["identities"]]))
         return
     payload = call_agent(state_dir, lambda c: c.identities())
-    emit(output, payload, lambda p: table(
-        ["ID", "KIND", "LABELS"],
-        [(i["id"], i["kind"], ",".join(i["labels"])) for i in p["identities"]]))
+    payload = {**payload, "identities": [i for i in payload["identities"] if matches(i["labels"])]}
+    emit(output, payload, lambda p: table(_IDENTITY_HEADER, [(i["id"], i["kind"], ",".join(i["labels"]))
+                                                             for i in p["identities"]]),
+         lambda p: table([*_IDENTITY_HEADER, "PREFIX"], [(i["id"], i["kind"], ",".join(i["labels"]),
+                                                          i.get("prefix") or "-") for i in p["identities"]]))
+
+
+@click.command("get")
+@click.argument("identity", type=click.IntRange(0))
+@state_dir_option
+@output_option
+def identity_get_cmd(identity: int, state_dir: str, output: str) -> None:
+    """One identity: its kind, labels and (a CIDR identity) prefix."""
+    found = [i for i in call_agent(state_dir, lambda c: c.identities())["identities"] if i["id"] == identity]
+    if not found:
+        fail(f"no identity {identity}")
+    emit(output, found[0], lambda i: "\n".join(
+        f"{k + ':':<8}{v}" for k, v in (("ID", i["id"]), ("Kind", i["kind"]), ("Labels", ", ".join(i["labels"])),
+                                         ("Prefix", i.get("prefix") or "-"))))
 
 
 def register(cli: click.Group, policy: click.Group) -> None:
@@ -546,7 +695,7 @@ def register(cli: click.Group, policy: click.Group) -> None:
     def endpoint() -> None:
         """Endpoints the agent enforces policy for."""
 
-    for cmd in (endpoint_add_cmd, endpoint_list_cmd, endpoint_delete_cmd):
+    for cmd in (endpoint_add_cmd, endpoint_list_cmd, endpoint_get_cmd, endpoint_delete_cmd):
         endpoint.add_command(cmd)
 
     @cli.group("identity")
@@ -554,3 +703,4 @@ def register(cli: click.Group, policy: click.Group) -> None:
         """Security identities."""
 
     identity.add_command(identity_list_cmd)
+    identity.add_command(identity_get_cmd)

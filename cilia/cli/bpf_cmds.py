@@ -11,7 +11,7 @@ from typing import Any
 import click
 
 from ..agent.client import AgentClient
-from .common import call_agent, emit, output_option, state_dir_option, table
+from .common import call_agent, emit, fail, output_option, state_dir_option, table
 
 EVENT_TYPES = ("drop", "policy-verdict", "trace")
 
@@ -103,18 +103,20 @@ def bpf_policy_get_cmd(endpoint: str, state_dir: str, output: str) -> None:
 
 @click.command("cleanup")
 @state_dir_option
-def cleanup_cmd(state_dir: str) -> None:
+@output_option
+def cleanup_cmd(state_dir: str, output: str) -> None:
     """With the agent stopped: remove its BPF programs, pinned maps, proxy route and the
     namespaces it created for endpoints (policies stay)."""
     from ..agent.cleanup import CleanupError, cleanup
 
+    if not Path(state_dir).is_dir():
+        fail(f"--state-dir {state_dir}: no such directory (no agent ran there)")
     try:
         done = cleanup(Path(state_dir).resolve())
-    except CleanupError as e:
+    except (CleanupError, OSError) as e:
         click.echo(f"error: {e}", err=True)
         sys.exit(1)
-    for line in done or ["nothing to remove"]:
-        click.echo(line)
+    emit(output, {"removed": list(done or [])}, lambda p: "\n".join(p["removed"] or ["nothing to remove"]))
 
 
 def register(cli: click.Group) -> None:

@@ -12,7 +12,7 @@ from typing import Any
 
 import click
 
-from .common import call_agent, state_dir_option
+from .common import call_agent, emit, output_option, state_dir_option
 
 # file in the archive -> the part of the agent's debug info it holds
 _JSON_PARTS = {"status.json": "status", "config.json": "config", "policies.json": "policies",
@@ -49,18 +49,19 @@ def write_archive(info: dict[str, Any], path: Path, root: str) -> list[str]:
 
 
 @click.command("bugtool")
-@click.option("--output", "-o", "output", type=click.Path(dir_okay=False),
+@click.option("--archive", type=click.Path(dir_okay=False),
               help="Where to write the archive (default: cilia-bugtool-<time>.tar.gz here).")
 @click.option("--flows", type=click.IntRange(1), default=1000, show_default=True,
               help="How many recent flows and datapath events to include.")
 @state_dir_option
-def bugtool_cmd(output: str | None, flows: int, state_dir: str) -> None:
+@output_option
+def bugtool_cmd(archive: str | None, flows: int, state_dir: str, output: str) -> None:
     """Write one archive for a bug report: status, config, policies and their files, endpoints,
     identities, recent flows and datapath events, the kernel's policy maps, Envoy's config dump
-    and log."""
+    and log. -o json prints the archive's path and files."""
     info = call_agent(state_dir, lambda c: c.debug_info(flows))
     stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
     root = f"cilia-bugtool-{stamp}"
-    path = Path(output or f"{root}.tar.gz")
+    path = Path(archive or f"{root}.tar.gz")
     names = write_archive(info, path, root)
-    click.echo(f"wrote {path} ({len(names)} files)")
+    emit(output, {"archive": str(path), "files": names}, lambda p: f"wrote {p['archive']} ({len(p['files'])} files)")

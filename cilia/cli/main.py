@@ -7,7 +7,6 @@ Exit codes follow the policy contract: ``policy validate`` 0 valid / 2 invalid;
 from __future__ import annotations
 
 import ipaddress
-import json
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -27,7 +26,6 @@ from ..policy import (
     Protocol,
     TraceRequest,
     ValidationError,
-    compile_policy,
     default_registry,
     load_paths,
     trace,
@@ -35,20 +33,42 @@ from ..policy import (
 from ..policy.l7 import kafka as l7kafka
 from ..policy.parse import check_unique
 from ..policy.trace import PROTOCOL_NAMES
-from . import bpf_cmds, bugtool_cmds, cluster_cmds, observe_cmds
+from ..policy.trace import l7_request_json
+from ..specs import PortSpec, StateError
+from . import bpf_cmds, bugtool_cmds, cluster_cmds, completion_cmds, connectivity_cmds, observe_cmds
 from .agent_cmds import register
-from .common import output_option
+from .common import UsageError, call_agent, emit, output_option, policy_notes, state_dir_option
 
 EXIT_ERROR = 2
 
 
-class UsageError(click.UsageError):
-    """Bad command-line input: exit 2 like every other error."""
+class _Cli(click.Group):
+    """The root group: a usage error (unknown option or format, a bad value) is one line on stderr
+    with exit 2, naming the command's --help, instead of click's usage block."""
 
-    exit_code = EXIT_ERROR
+    def main(self, args: Sequence[str] | None = None, prog_name: str | None = None,
+             complete_var: str | None = None, standalone_mode: bool = True, **extra: Any) -> Any:
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode, **extra)
+        try:
+            code = super().main(args, prog_name, complete_var, False, **extra)
+        except click.exceptions.NoArgsIsHelpError as e:  # a group without its command: its help
+            e.show()
+            sys.exit(e.exit_code)
+        except click.UsageError as e:
+            hint = f" (see '{e.ctx.command_path} --help')" if e.ctx is not None else ""
+            click.echo(f"error: {e.format_message()}{hint}", err=True)
+            sys.exit(EXIT_ERROR)
+        except click.ClickException as e:
+            click.echo(f"error: {e.format_message()}", err=True)
+            sys.exit(e.exit_code)
+        except click.Abort:
+            click.echo("Aborted!", err=True)
+            sys.exit(1)
+        sys.exit(code if isinstance(code, int) else 0)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=_Cli, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="cilia")
 def cli() -> None:
     """cilia: identity-aware L3-L7 network policy, the way Cilium does it."""
@@ -69,7 +89,7 @@ def validate_cmd(files: Sequence[str], output: str) -> None:
     failed = False
     for path in files:
         res = load_paths([path])
-        notes = sorted({str(n) for p in res.policies for r in compile_policy(p) for n in r.notes})
+        notes = policy_notes(res)
         failed |= bool(res.problems)
         results.append({
             "file": path,
@@ -80,8 +100,8 @@ def validate_cmd(files: Sequence[str], output: str) -> None:
             "errors": [str(p) for p in res.problems],
             "notes": notes,
         })
-    if output == "json":
-        click.echo(json.dumps({"valid": not failed, "files": results}, indent=2))
+    if output in ("json", "yaml"):
+        emit(output, {"valid": not failed, "files": results}, str)
     else:
         for r in results:
             if r["valid"]:
@@ -113,15 +133,6 @@ def _parse_ip(text: str, opt: str) -> ipaddress.IPv4Address | ipaddress.IPv6Addr
         return ipaddress.ip_address(text)
     except ValueError as exc:
         raise UsageError(f"{opt}: {text!r} is not an IP address") from exc
-
-
-def _peer(labels: str | None, cidr: str | None, side: str) -> Peer:
-    if (labels is None) == (cidr is None):
-        raise UsageError(f"give exactly one of --{side} or --{side}-cidr")
-    if labels is not None:
-        return Peer(labels=_parse_labels(labels, f"--{side}"))
-    assert cidr is not None
-    return Peer(address=_parse_ip(cidr, f"--{side}-cidr"))
 
 
 def _l7_request(http_method: str | None, http_path: str | None, http_host: str | None,
@@ -180,13 +191,48 @@ def _l7_request(http_method: str | None, http_path: str | None, http_host: str |
     return None
 
 
+def _side(side: str, endpoint: str | None, labels: str | None, cidr: str | None, live: bool) -> dict[str, Any]:
+    """One side of a traced flow as the live trace API takes it: endpoint, labels or address."""
+    flag = {"src": "--from-endpoint", "dst": "--to-endpoint"}[side]
+    given = [x for x in (endpoint, labels, cidr) if x is not None]
+    if len(given) != 1:
+        raise UsageError(f"give exactly one of {flag}, --{side} or --{side}-cidr")
+    if endpoint is not None:
+        if not live:
+            raise UsageError(f"{flag} names an endpoint of the running agent: omit --policy to trace against it")
+        return {"endpoint": endpoint}
+    if labels is not None:
+        return {"labels": _parse_labels(labels, f"--{side}").to_list()}
+    assert cidr is not None
+    return {"address": str(_parse_ip(cidr, f"--{side}-cidr"))}
+
+
+def _named_ports(values: Sequence[str]) -> list[PortSpec]:
+    specs = []
+    for v in values:
+        try:
+            spec = PortSpec.parse(v)
+        except StateError as e:
+            raise UsageError(f"--dst-named-port: {e}") from None
+        if not spec.name or spec.backend is not None:
+            raise UsageError(f"--dst-named-port {v!r}: expected NAME=PORT[/PROTO], e.g. serve-80-tcp=80/TCP")
+        specs.append(spec)
+    return specs
+
+
 @policy.command("trace")
-@click.option("--policy", "policy_files", multiple=True, required=True, type=click.Path(dir_okay=False),
-              help="Policy file (repeatable).")
+@click.option("--policy", "policy_files", multiple=True, type=click.Path(dir_okay=False),
+              help="Policy file (repeatable; CiliumNetworkPolicy, CiliumClusterwideNetworkPolicy or Kubernetes "
+                   "NetworkPolicy). Without it: the running agent's policies and endpoints.")
+@click.option("--from-endpoint", help="Source: an endpoint of the running agent (its labels).")
+@click.option("--to-endpoint", help="Destination: an endpoint of the running agent (its labels and named ports).")
 @click.option("--src", help="Source endpoint labels, k=v,k2=v2.")
 @click.option("--src-cidr", help="Source address outside the cluster.")
 @click.option("--dst", help="Destination endpoint labels, k=v,k2=v2.")
 @click.option("--dst-cidr", help="Destination address outside the cluster.")
+@click.option("--dst-named-port", "dst_named_ports", multiple=True, metavar="NAME=PORT[/PROTO]",
+              help="A named port the destination serves, what a policy's named port resolves to (repeatable; "
+                   "added to a --to-endpoint's own).")
 @click.option("--protocol", type=click.Choice(sorted(PROTOCOL_NAMES), case_sensitive=False),
               default="tcp", show_default=True)
 @click.option("--dport", type=click.IntRange(0, 65535), help="Destination port (omit: every port).")
@@ -201,21 +247,28 @@ def _l7_request(http_method: str | None, http_path: str | None, http_host: str |
 @click.option("--kafka-topic", "kafka_topics", multiple=True, help="Topic (repeatable).")
 @click.option("--l7", help="L7 protocol of an l7proto parser (cassandra, memcache, ...) or dns.")
 @click.option("--l7-field", "l7_fields", multiple=True, help="key=value request field (repeatable).")
+@state_dir_option
 @output_option
-def trace_cmd(policy_files: Sequence[str], src: str | None, src_cidr: str | None, dst: str | None,
-              dst_cidr: str | None, protocol: str, dport: int | None, icmp_type: int | None,
+def trace_cmd(policy_files: Sequence[str], from_endpoint: str | None, to_endpoint: str | None, src: str | None,
+              src_cidr: str | None, dst: str | None, dst_cidr: str | None, dst_named_ports: Sequence[str],
+              protocol: str, dport: int | None, icmp_type: int | None,
               http_method: str | None, http_path: str | None, http_host: str | None,
               http_headers: Sequence[str], kafka_api_key: str | None, kafka_api_version: int | None,
               kafka_client_id: str | None, kafka_topics: Sequence[str], l7: str | None,
-              l7_fields: Sequence[str], output: str) -> None:
-    """Trace a flow against policy files and explain the verdict.
+              l7_fields: Sequence[str], state_dir: str, output: str) -> None:
+    """Trace a flow and explain the verdict: against policy files (--policy), or against the
+    running agent's policies and endpoints (--from-endpoint/--to-endpoint, no --policy).
 
     The verdict combines the source's egress and the destination's ingress
     policy (a CIDR side is outside the cluster and has no policy of its own).
     Exit 0 when allowed, 1 when denied, 2 on error.
     """
-    src_peer = _peer(src, src_cidr, "src")
-    dst_peer = _peer(dst, dst_cidr, "dst")
+    live = not policy_files
+    src_side = _side("src", from_endpoint, src, src_cidr, live)
+    dst_side = _side("dst", to_endpoint, dst, dst_cidr, live)
+    named = _named_ports(dst_named_ports)
+    if named and "address" in dst_side:
+        raise UsageError("--dst-named-port: the destination is an address (--dst-cidr), not an endpoint")
     proto = PROTOCOL_NAMES[protocol.lower()]
     if proto in (Protocol.ICMP, Protocol.ICMPV6):
         if dport is not None:
@@ -229,6 +282,15 @@ def trace_cmd(policy_files: Sequence[str], src: str | None, src_cidr: str | None
                           kafka_api_version, kafka_client_id, kafka_topics, l7, l7_fields)
     if request is not None and proto not in (Protocol.TCP, Protocol.UDP, Protocol.ANY):
         raise UsageError(f"an L7 request needs --protocol tcp (or udp for dns), not {protocol}")
+    if live:
+        body = {"source": src_side, "destination": dst_side, "protocol": protocol.lower(), "dport": port,
+                "l7": l7_request_json(request), "destination_named_ports": [str(p) for p in named]}
+        payload = call_agent(state_dir, lambda c: c.trace(body))
+        text = payload.pop("text", "")
+        emit(output, payload, lambda _: str(text))
+        sys.exit(0 if payload.get("verdict") == "allowed" else 1)
+    src_peer = _offline_peer(src_side, ())
+    dst_peer = _offline_peer(dst_side, tuple((p.name or "", p.port, p.protocol) for p in named))
     res = load_paths(policy_files)
     try:
         if res.problems:
@@ -238,11 +300,14 @@ def trace_cmd(policy_files: Sequence[str], src: str | None, src_cidr: str | None
     except PolicyError as exc:
         click.echo(str(exc), err=True)
         sys.exit(EXIT_ERROR)
-    if output == "json":
-        click.echo(json.dumps(result.to_json(), indent=2))
-    else:
-        click.echo(result.render())
+    emit(output, result.to_json(), lambda _: result.render())
     sys.exit(0 if result.allowed else 1)
+
+
+def _offline_peer(side: dict[str, Any], named: tuple[tuple[str, int, Protocol], ...]) -> Peer:
+    if "labels" in side:
+        return Peer(labels=LabelSet.parse(side["labels"]), named_ports=named)
+    return Peer(address=ipaddress.ip_address(side["address"]))
 
 
 @cli.group()
@@ -289,6 +354,8 @@ bpf_cmds.register(cli)
 cluster_cmds.register(cli)
 cli.add_command(observe_cmds.observe_cmd)
 cli.add_command(bugtool_cmds.bugtool_cmd)
+completion_cmds.register(cli)
+connectivity_cmds.register(cli)
 
 
 def main(argv: Sequence[str] | None = None) -> None:

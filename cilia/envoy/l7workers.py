@@ -6,8 +6,10 @@ each serving on a socket of its own, and Envoy's L7 cluster spreads connections 
 TCP connection is one stream, so it stays with one worker and one parser).
 
 The agent sends every worker the whole ``PolicyViews`` at each publish (pickled over a pipe);
-workers send back what their parsers decided, in batches, for flows and metrics. A worker that
-dies takes its connections with it (Envoy closes them: fail closed) and is started again.
+workers send back what their parsers decided, in batches, for flows and metrics. A worker says
+``READY`` once its gRPC server listens; until every worker has, the pool is not ready (health says
+so). A worker that dies takes its connections with it (Envoy closes them: fail closed), is not
+ready, and is started again.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ _log = logging.getLogger(__name__)
 
 RecordCallback = Callable[[float, ConnectionInfo, Record], None]
 FLUSH_SECONDS = 0.05  # how often a worker sends its parsers' records
+READY = "ready"  # a worker's first message: its server listens on its socket
 
 
 def worker_main(address: str, conn: Connection, group: int | None = None) -> None:
@@ -63,6 +66,11 @@ def worker_main(address: str, conn: Connection, group: int | None = None) -> Non
     server = L7Server(source, sink)
     server.add_address(address, group)
     server.start()
+    try:
+        conn.send(READY)
+    except OSError:
+        server.stop(0)
+        return
     threading.Thread(target=flush, daemon=True).start()
     try:
         while True:
@@ -85,8 +93,10 @@ class WorkerPool:
         self._ctx = multiprocessing.get_context("spawn")  # the agent runs grpc threads: never fork it
         self._procs: list[Any] = [None] * len(self.addresses)
         self._conns: list[Connection | None] = [None] * len(self.addresses)
+        self._ready = [False] * len(self.addresses)  # said READY since it was (re)started
         self._views = PolicyViews()
         self._lock = threading.Lock()
+        self._ready_changed = threading.Condition(self._lock)
         self._stop = threading.Event()
         self._reader: threading.Thread | None = None
         self.restarts = 0
@@ -104,7 +114,7 @@ class WorkerPool:
         proc.start()
         theirs.close()
         mine.send(self._views)  # its policy before any stream reaches it
-        self._procs[i], self._conns[i] = proc, mine
+        self._procs[i], self._conns[i], self._ready[i] = proc, mine, False
 
     def publish(self, views: PolicyViews) -> None:
         with self._lock:
@@ -119,21 +129,47 @@ class WorkerPool:
     def alive(self) -> int:
         return sum(1 for p in self._procs if p is not None and p.is_alive())
 
+    def ready(self) -> int:
+        """How many workers serve now: said READY and still running."""
+        with self._lock:
+            return sum(1 for p, r in zip(self._procs, self._ready, strict=True) if r and p is not None and p.is_alive())
+
+    def wait_ready(self, timeout: float) -> bool:
+        """Block until every worker serves (True) or ``timeout`` seconds pass (False)."""
+        deadline = time.monotonic() + timeout
+        with self._ready_changed:
+            while not all(self._ready):
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self._ready_changed.wait(left)
+        return True
+
     def _read(self) -> None:
         while not self._stop.is_set():
             conns = [c for c in self._conns if c is not None]
             for ready in wait(conns, timeout=0.5):
                 assert isinstance(ready, Connection)
                 try:
-                    batch: list[tuple[float, ConnectionInfo, Record]] = ready.recv()
+                    batch: list[tuple[float, ConnectionInfo, Record]] | str = ready.recv()
                 except (EOFError, OSError):
                     self._restart(ready)
                     continue
+                if batch == READY:
+                    self._mark_ready(ready)
+                    continue
+                assert not isinstance(batch, str)
                 for when, info, record in batch:
                     try:
                         self.on_record(when, info, record)
                     except Exception:
                         _log.exception("L7 record callback failed")
+
+    def _mark_ready(self, conn: Connection) -> None:
+        with self._ready_changed:
+            if conn in self._conns:
+                self._ready[self._conns.index(conn)] = True
+                self._ready_changed.notify_all()
 
     def _restart(self, conn: Connection) -> None:
         with self._lock:

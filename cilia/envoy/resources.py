@@ -169,8 +169,9 @@ def connection_log(base: str, target: AccessLogTarget | None) -> list[accesslog_
         typed_config=pack(als_pb2.TcpGrpcAccessLogConfig(common_config=_grpc_log(base, target))))]
 
 
-def static_cluster(name: str, address: str, port: int) -> cluster_pb2.Cluster:
-    """A STATIC cluster speaking to the backend in the client's HTTP version (h2 stays h2 for gRPC)."""
+def static_cluster(name: str, address: str, port: int, mark: int | None = None) -> cluster_pb2.Cluster:
+    """A STATIC cluster speaking to the backend in the client's HTTP version (h2 stays h2 for gRPC);
+    with ``mark``, its sockets carry that SO_MARK (set before connect)."""
     cluster = cluster_pb2.Cluster(
         name=name,
         type=cluster_pb2.Cluster.STATIC,
@@ -180,8 +181,16 @@ def static_cluster(name: str, address: str, port: int) -> cluster_pb2.Cluster:
                 endpoint_components_pb2.LbEndpoint(endpoint=endpoint_components_pb2.Endpoint(
                     address=socket_address(address, port)))])]),
     )
+    if mark is not None:
+        cluster.upstream_bind_config.CopyFrom(_mark_bind_config(mark))
     cluster.typed_extension_protocol_options[_HTTP_OPTIONS].Pack(_downstream_protocol())
     return cluster
+
+
+def _mark_bind_config(mark: int) -> address_pb2.BindConfig:
+    return address_pb2.BindConfig(socket_options=[socket_option_pb2.SocketOption(
+        description="cilia proxy mark", level=_SOL_SOCKET, name=_SO_MARK, int_value=mark,
+        state=socket_option_pb2.SocketOption.STATE_PREBIND)])
 
 
 def original_dst_cluster(name: str, mark: int) -> cluster_pb2.Cluster:
@@ -192,9 +201,7 @@ def original_dst_cluster(name: str, mark: int) -> cluster_pb2.Cluster:
         type=cluster_pb2.Cluster.ORIGINAL_DST,
         lb_policy=cluster_pb2.Cluster.CLUSTER_PROVIDED,
         connect_timeout=duration_pb2.Duration(seconds=2),
-        upstream_bind_config=address_pb2.BindConfig(socket_options=[socket_option_pb2.SocketOption(
-            description="cilia proxy mark", level=_SOL_SOCKET, name=_SO_MARK, int_value=mark,
-            state=socket_option_pb2.SocketOption.STATE_PREBIND)]),
+        upstream_bind_config=_mark_bind_config(mark),
     )
     cluster.typed_extension_protocol_options[_HTTP_OPTIONS].Pack(_downstream_protocol())
     return cluster

@@ -116,6 +116,28 @@ def prefixes_by_identity(items: Iterable[tuple[IPNetwork, int]]) -> dict[int, tu
     return {ident: tuple(sorted(ps, key=rbac.prefix_key)) for ident, ps in out.items()}
 
 
+def relevant_prefixes(state: DirectionMapState, prefixes: Mapping[int, tuple[IPNetwork, ...]]
+                      ) -> Mapping[int, tuple[IPNetwork, ...]]:
+    """The part of ``prefixes`` that can change a verdict of ``state``'s RBACs: the identities it has
+    entries for, and every other identity with a prefix inside one of theirs wider than a host (the
+    longest prefix decides, so such a prefix must be there to deny its addresses). An address in
+    neither matches nothing of the identities with entries, so it is denied without its prefix being
+    listed. With a wildcard (any identity) entry every identity counts: ``prefixes`` itself.
+
+    This keeps an endpoint's listeners independent of endpoints its policy never names, so adding one
+    translates only the listeners that name its identity."""
+    if state.any_group:
+        return prefixes
+    named = {ident: prefixes[ident] for ident in state.groups if ident in prefixes}
+    wide = [p for ps in named.values() for p in ps if p.prefixlen < p.max_prefixlen]
+    if wide:
+        for ident, ps in prefixes.items():
+            if ident not in named and any(p.version == w.version and p.subnet_of(w)  # type: ignore[arg-type]
+                                          for p in ps for w in wide):
+                named[ident] = ps
+    return named
+
+
 def translate_ingress(
     name: str,
     ingress: DirectionMapState,
@@ -126,8 +148,12 @@ def translate_ingress(
     access_log: AccessLogTarget | None = None,
     l7_service: L7Target | None = None,
     audit: bool = False,
+    upstream_mark: int | None = None,
 ) -> ProxyResources:
     """Listeners on ``listen_address`` and a STATIC cluster to ``backend_address`` per port.
+
+    ``upstream_mark``: the SO_MARK of the backend clusters' sockets, by which the application's
+    port tells Envoy's connections from direct ones (cilia.agent.sidecar_guard).
 
     ``audit``: the endpoint is in audit mode: everything is let through, and what the policy
     would refuse is still decided (the RBAC filters' shadow) and logged.
@@ -175,7 +201,7 @@ def translate_ingress(
             filter_chains=[listener_components_pb2.FilterChain(filters=filters)],
             access_log=resources.connection_log(base, access_log),
         ))
-        clusters.append(resources.static_cluster(base, backend_address, mapping.backend_port))
+        clusters.append(resources.static_cluster(base, backend_address, mapping.backend_port, upstream_mark))
     if access_log is not None:
         clusters.append(resources.grpc_cluster(access_log))
     clusters += _extproc_cluster(l7_service, listeners)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import ipaddress
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from typing import Any
@@ -290,9 +291,9 @@ def _np_rule(rule: Mapping[str, Any], namespace: str, peers_field: str, directio
             item[f"{side}Endpoints"] = [selector]
         block = _map(peer.get("ipBlock"))
         if block:
-            cidr: dict[str, Any] = {"cidr": block.get("cidr")}
+            cidr: dict[str, Any] = {"cidr": _masked(block.get("cidr"))}
             if _list(block.get("except")):
-                cidr["except"] = list(_list(block.get("except")))
+                cidr["except"] = [_masked(c) for c in _list(block.get("except"))]
             item[f"{side}CIDRSet"] = [cidr]
         if not item:
             # A peer naming nothing (the API server rejects it) selects no peer: fail closed.
@@ -303,6 +304,34 @@ def _np_rule(rule: Mapping[str, Any], namespace: str, peers_field: str, directio
         for item in out:
             item["toPorts"] = ports
     return out
+
+
+def _masked(cidr: Any) -> Any:
+    """A CIDR with its host bits cleared (10.0.1.1/4 -> 0.0.0.0/4), as Kubernetes' and Cilium's
+    parsers read it; anything that is not a CIDR is left for the policy parser to reject."""
+    if not isinstance(cidr, str) or "/" not in cidr:
+        return cidr
+    try:
+        return str(ipaddress.ip_network(cidr, strict=False))
+    except ValueError:
+        return cidr
+
+
+def network_policy_notes(np: Mapping[str, Any]) -> list[str]:
+    """What the translation changed to accept ``np``: each ipBlock CIDR with host bits set."""
+    notes = []
+    spec = _map(np.get("spec"))
+    for direction, peers_field in (("ingress", "from"), ("egress", "to")):
+        for i, rule in enumerate(_list(spec.get(direction))):
+            for j, peer in enumerate(_list(_map(rule).get(peers_field))):
+                block = _map(_map(peer).get("ipBlock"))
+                for field, value in (("cidr", block.get("cidr")),
+                                     *(("except", c) for c in _list(block.get("except")))):
+                    masked = _masked(value)
+                    if masked != value:
+                        notes.append(f"spec.{direction}[{i}].{peers_field}[{j}].ipBlock.{field}: {value} has host "
+                                     f"bits set; read as {masked}, as Kubernetes and Cilium do")
+    return notes
 
 
 def _np_ports(ports: Sequence[Any]) -> list[dict[str, Any]]:

@@ -19,6 +19,7 @@ from .identity import (
     FileAllocator,
     Identity,
     IdentityAllocator,
+    IdentityFileError,
     IdentityKind,
     MemoryAllocator,
     RESERVED,
@@ -44,7 +45,7 @@ from .trace import Peer, TraceRequest, TraceResult, trace
 
 __all__ = [
     "ANY_IDENTITY", "ANY_L4", "Change", "CompiledRule", "DNSRequest", "Direction",
-    "DirectionMapState", "Endpoint", "EndpointPolicy", "FileAllocator", "GenericL7Request",
+    "DirectionMapState", "Endpoint", "EndpointPolicy", "FileAllocator", "IdentityFileError", "GenericL7Request",
     "HTTPRequest", "IPCache", "Identity", "IdentityAllocator", "IdentityKind", "KafkaRequest",
     "L4Key", "L7ConflictError", "L7Policy", "L7Registry", "L7Request", "L7Verdict", "Label",
     "LabelError", "LabelSelector", "LabelSet", "LoadResult", "MapState", "MemoryAllocator", "Note",

@@ -92,6 +92,24 @@ class Node:
 
 
 _DUPLICATE_KEY = re.compile(r'found duplicate key "(.*?)" with value')
+MAX_DEPTH = 64  # far deeper than any policy; ruamel builds nested values by recursion
+
+
+def _check_depth(yaml: YAML, text: str, filename: str) -> Problem | None:
+    """A Problem if collections nest deeper than MAX_DEPTH. The event parser is iterative, so this
+    costs no recursion; building the values (which recurses) happens only after it passed."""
+    depth = 0
+    for event in yaml.parse(text):
+        kind = type(event).__name__
+        if kind in ("MappingStartEvent", "SequenceStartEvent"):
+            depth += 1
+            if depth > MAX_DEPTH:
+                mark = event.start_mark
+                line = mark.line + 1 if mark is not None else 1
+                return Problem(SourceRef(filename, line), "", f"YAML nests deeper than {MAX_DEPTH} levels")
+        elif kind in ("MappingEndEvent", "SequenceEndEvent"):
+            depth -= 1
+    return None
 
 
 def load_documents(text: str, filename: str) -> tuple[list[Node], list[Problem]]:
@@ -103,6 +121,9 @@ def load_documents(text: str, filename: str) -> tuple[list[Node], list[Problem]]
         with warnings.catch_warnings():
             # YAML lets an anchor be defined again; the later definition wins.
             warnings.simplefilter("ignore", ReusedAnchorWarning)
+            too_deep = _check_depth(YAML(typ="rt"), text, filename)
+            if too_deep is not None:
+                return [], [too_deep]
             loaded = list(yaml.load_all(text))
         for doc in loaded:
             if doc is None:

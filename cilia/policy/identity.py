@@ -17,7 +17,7 @@ import os
 import tempfile
 import threading
 from contextlib import AbstractContextManager, contextmanager
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
@@ -137,6 +137,16 @@ class MemoryAllocator:
         self._next = MIN_ALLOCATED
         self._next_cidr = LOCAL_CIDR_BASE + 1
 
+    @classmethod
+    def copy_of(cls, identities: Iterable[Identity]) -> MemoryAllocator:
+        """An allocator holding ``identities`` (an agent's), so a trace shows the numbers the agent
+        uses while what it allocates stays private to the trace."""
+        copy = cls()
+        for ident in identities:
+            if ident.id not in copy._by_id:
+                copy._add(ident)
+        return copy
+
     def allocate(self, labels: LabelSet) -> Identity:
         with self._lock:
             found = self._by_labels.get(labels)
@@ -207,6 +217,10 @@ class MemoryAllocator:
         yield
 
 
+class IdentityFileError(Exception):
+    """identities.json cannot be read back; the message names the file and what is wrong."""
+
+
 class FileAllocator(MemoryAllocator):
     """Persists allocations to ``<state_dir>/identities.json`` (atomic rename).
 
@@ -237,16 +251,34 @@ class FileAllocator(MemoryAllocator):
                     self._write()
 
     def _load(self) -> None:
-        if not self._path.exists():
+        """Read the file back; anything unreadable in it is an error naming it, never a fresh start
+        (new numbers for the same labels would change every peer's identity under live policy)."""
+        try:
+            text = self._path.read_text(encoding="utf-8")
+        except FileNotFoundError:
             return
-        data = json.loads(self._path.read_text(encoding="utf-8"))
-        for item in data.get("identities", []):
-            labels = LabelSet.parse(item["labels"], default_source="unspec")
-            kind = IdentityKind(item["kind"])
-            prefix = ipaddress.ip_network(item["prefix"]) if item.get("prefix") else None
-            self._add(Identity(int(item["id"]), labels, kind, prefix))
-        self._next = max(MIN_ALLOCATED, int(data.get("next", MIN_ALLOCATED)))
-        self._next_cidr = max(LOCAL_CIDR_BASE + 1, int(data.get("next_cidr", LOCAL_CIDR_BASE + 1)))
+        except (OSError, UnicodeDecodeError) as e:
+            raise IdentityFileError(f"{self._path}: cannot read the identities: {e}") from None
+        try:
+            data = json.loads(text)
+        except ValueError as e:
+            raise IdentityFileError(f"{self._path}: not JSON ({e}); restore it from a backup or remove it "
+                                    "to allocate every identity anew") from None
+        if not isinstance(data, dict) or not isinstance(data.get("identities"), list):
+            raise IdentityFileError(f"{self._path}: expected an object with an \"identities\" list")
+        for n, item in enumerate(data["identities"]):
+            try:
+                labels = LabelSet.parse(item["labels"], default_source="unspec")
+                kind = IdentityKind(item["kind"])
+                prefix = ipaddress.ip_network(item["prefix"]) if item.get("prefix") else None
+                self._add(Identity(int(item["id"]), labels, kind, prefix))
+            except (KeyError, TypeError, ValueError, AttributeError) as e:
+                raise IdentityFileError(f"{self._path}: identities[{n}]: {type(e).__name__}: {e}") from None
+        try:
+            self._next = max(MIN_ALLOCATED, int(data.get("next", MIN_ALLOCATED)))
+            self._next_cidr = max(LOCAL_CIDR_BASE + 1, int(data.get("next_cidr", LOCAL_CIDR_BASE + 1)))
+        except (TypeError, ValueError) as e:
+            raise IdentityFileError(f"{self._path}: next/next_cidr: {e}") from None
 
     def _changed(self) -> None:
         if self._loading:
@@ -269,4 +301,6 @@ class FileAllocator(MemoryAllocator):
         fd, tmp = tempfile.mkstemp(dir=self._path.parent, prefix=".identities.")
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
             fh.write(payload)
+            fh.flush()
+            os.fsync(fh.fileno())  # on disk before it replaces the last one
         os.replace(tmp, self._path)

@@ -16,6 +16,7 @@ class IPCache:
         self._tables: dict[int, dict[int, dict[int, int]]] = {4: {}, 6: {}}
         self._entries: dict[IPNetwork, int] = {}
         self._defaults: dict[IPNetwork, int] = {}
+        self._sorted: list[tuple[IPNetwork, int]] | None = None  # items(), until the next change
 
     def set_world_defaults(self) -> None:
         """Addresses nothing else claims belong to the world identities (also
@@ -26,6 +27,8 @@ class IPCache:
             self.upsert(net, RESERVED[name][0])
 
     def upsert(self, prefix: IPNetwork, identity: int) -> None:
+        if self._entries.get(prefix) != identity:
+            self._sorted = None
         self._entries[prefix] = identity
         table = self._tables[prefix.version].setdefault(prefix.prefixlen, {})
         table[int(prefix.network_address)] = identity
@@ -36,6 +39,7 @@ class IPCache:
             return
         if self._entries.pop(prefix, None) is None:
             return
+        self._sorted = None
         table = self._tables[prefix.version].get(prefix.prefixlen, {})
         table.pop(int(prefix.network_address), None)
 
@@ -57,4 +61,9 @@ class IPCache:
         raise KeyError(str(addr))
 
     def items(self) -> list[tuple[IPNetwork, int]]:
-        return sorted(self._entries.items(), key=lambda kv: (kv[0].version, kv[0]))
+        """Every entry in address order (a copy; sorted once per change: every realize reads it)."""
+        if self._sorted is None:
+            # the order of (version, network) by plain integers: comparing ip_network objects is slow Python
+            self._sorted = sorted(self._entries.items(), key=lambda kv: (kv[0].version, int(kv[0].network_address),
+                                                                         kv[0].prefixlen))
+        return list(self._sorted)

@@ -10,12 +10,14 @@ and validated here; the resolver reports them as "not enforced yet".
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import json
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from . import _fields as F
 from ._yaml import Node, load_documents
@@ -91,6 +93,8 @@ class LoadResult:
     policies: list[Policy] = field(default_factory=list)
     problems: list[Problem] = field(default_factory=list)
     skipped: list[tuple[SourceRef, str]] = field(default_factory=list)  # (where, kind)
+    # what a translation changed to accept a document (a NetworkPolicy's masked ipBlock), as "file:line: text"
+    notes: list[str] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -119,6 +123,7 @@ def load_paths(paths: Iterable[str | Path], registry: L7Registry | None = None) 
         total.policies.extend(one.policies)
         total.problems.extend(one.problems)
         total.skipped.extend(one.skipped)
+        total.notes.extend(one.notes)
     return total
 
 
@@ -129,6 +134,9 @@ def parse_text(text: str, filename: str, registry: L7Registry | None = None) -> 
     result.problems.extend(problems)
     parser = _Parser(registry or default_registry())
     for doc in docs:
+        if _is_network_policy(doc):
+            _network_policy(doc, registry, result)
+            continue
         policy, skipped = parser.document(doc)
         if skipped is not None:
             result.skipped.append((doc.source, skipped))
@@ -138,6 +146,57 @@ def parse_text(text: str, filename: str, registry: L7Registry | None = None) -> 
     if result.problems:
         result.policies = []
     return result
+
+
+NETWORK_POLICY_API = "networking.k8s.io/v1"
+
+
+def _is_network_policy(doc: Node) -> bool:
+    return (doc.is_mapping() and doc.value.get("kind") == "NetworkPolicy"
+            and doc.value.get("apiVersion") == NETWORK_POLICY_API)
+
+
+def _network_policy(doc: Node, registry: L7Registry | None, result: LoadResult) -> None:
+    """A Kubernetes NetworkPolicy, translated exactly as the Kubernetes watcher translates it (to the
+    CiliumNetworkPolicy ``networkpolicy.NAME`` of its namespace) and parsed as that; every
+    problem and source names the NetworkPolicy document's line."""
+    from ..k8s.convert import derived_policy_name, network_policy_notes, network_policy_text
+
+    where = doc.source
+    meta = doc.value.get("metadata")
+    name = meta.get("name") if isinstance(meta, dict) else None
+    if not isinstance(name, str) or not name:
+        result.problems.append(Problem(where, "metadata.name", "a NetworkPolicy needs a name"))
+        return
+    spec = doc.value.get("spec")
+    if spec is not None and not isinstance(spec, dict):
+        result.problems.append(Problem(where, "spec", "expected a mapping"))
+        return
+    try:
+        text = network_policy_text(doc.value, derived_policy_name(name))
+        notes = network_policy_notes(doc.value)
+    except (ValueError, TypeError, KeyError, AttributeError) as exc:
+        result.problems.append(Problem(where, "spec", f"NetworkPolicy cannot be translated: {exc}"))
+        return
+    one = parse_text(text, where.file, registry)
+    suffix = " (in the CiliumNetworkPolicy this NetworkPolicy translates to)"
+    result.problems.extend(Problem(where, p.path, p.message + suffix) for p in one.problems)
+    result.policies.extend(_relocate(p, where) for p in one.policies)
+    result.notes.extend(f"{where}: NetworkPolicy {name}: {n}" for n in notes)
+
+
+def _relocate(value: Any, where: SourceRef) -> Any:
+    """``value`` with every SourceRef in it replaced by ``where``."""
+    if isinstance(value, SourceRef):
+        return where
+    if isinstance(value, tuple):
+        items = tuple(_relocate(v, where) for v in value)
+        return items if any(a is not b for a, b in zip(items, value)) else value
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        changes = {f.name: new for f in dataclasses.fields(value) if f.init
+                   for old in (getattr(value, f.name),) for new in (_relocate(old, where),) if new is not old}
+        return dataclasses.replace(value, **changes) if changes else value
+    return value
 
 
 def check_unique(policies: Sequence[Policy]) -> None:

@@ -37,6 +37,8 @@ class Peer:
 
     labels: LabelSet | None = None
     address: IPAddress | None = None
+    # (name, port, protocol) the endpoint serves: what a policy's named ports resolve to
+    named_ports: tuple[tuple[str, int, Protocol], ...] = ()
 
     def describe(self) -> str:
         if self.labels is not None:
@@ -97,7 +99,7 @@ class TraceResult:
             "destination": _peer_json(self.request.dst, self.dst_identity),
             "protocol": self.request.protocol.label,
             "dport": self.request.dport,
-            "l7": _l7_request_json(self.request.l7),
+            "l7": l7_request_json(self.request.l7),
             "egress": _direction_json(main.egress),
             "ingress": _direction_json(main.ingress),
             "deciding_rules": main.egress.deciding + main.ingress.deciding,
@@ -120,16 +122,18 @@ class TraceResult:
         return render_text(self)
 
 
-def trace(policies: Sequence[Policy], request: TraceRequest, registry: L7Registry | None = None) -> TraceResult:
-    """Trace one flow against ``policies``."""
-    engine = PolicyEngine(MemoryAllocator())
+def trace(policies: Sequence[Policy], request: TraceRequest, registry: L7Registry | None = None,
+          allocator: MemoryAllocator | None = None) -> TraceResult:
+    """Trace one flow against ``policies`` (identities from ``allocator``: a fresh one by default,
+    a copy of the agent's for a live trace)."""
+    engine = PolicyEngine(allocator or MemoryAllocator())
     engine.apply(policies)
     total = sum(len(p.rules) for p in policies)
     # Both endpoints exist before either policy is read: each one's map state
     # must already hold the other's identity.
     for name, peer in (("source", request.src), ("destination", request.dst)):
         if peer.labels is not None:
-            engine.upsert_endpoint(Endpoint(name, peer.labels))
+            engine.upsert_endpoint(Endpoint(name, peer.labels, named_ports=peer.named_ports))
     src_ep = _endpoint(engine, "source", request.src)
     dst_ep = _endpoint(engine, "destination", request.dst)
     src_id = _identity(engine, request.src, src_ep)
@@ -299,7 +303,7 @@ def _peer_json(peer: Peer, ident: Identity) -> dict[str, Any]:
     return out
 
 
-def _l7_request_json(req: L7Request | None) -> dict[str, Any] | None:
+def l7_request_json(req: L7Request | None) -> dict[str, Any] | None:
     if req is None:
         return None
     if isinstance(req, HTTPRequest):
@@ -312,6 +316,36 @@ def _l7_request_json(req: L7Request | None) -> dict[str, Any] | None:
         return {"protocol": "dns", "name": req.name}
     assert isinstance(req, GenericL7Request)
     return {"protocol": req.protocol, "fields": req.as_dict()}
+
+
+def l7_request_from_json(d: Any) -> L7Request | None:
+    """The inverse of ``l7_request_json`` (how a live trace request travels to the agent);
+    raises ValueError naming the bad field."""
+    if d is None:
+        return None
+    if not isinstance(d, dict) or not isinstance(d.get("protocol"), str):
+        raise ValueError("l7: expected an object with a protocol")
+    proto = d["protocol"]
+    try:
+        if proto == "http":
+            headers = []
+            for h in d.get("headers", []):
+                name, sep, value = str(h).partition(":")
+                if not sep:
+                    raise ValueError(f"l7.headers: {h!r}: expected 'Name: value'")
+                headers.append((name.strip(), value.strip()))
+            return HTTPRequest(str(d["method"]), str(d["path"]), str(d.get("host", "")), tuple(headers))
+        if proto == "kafka":
+            return KafkaRequest(l7kafka.parse_api_key(str(d["api_key"])), int(d.get("api_version", 0)),
+                                str(d.get("client_id", "")), tuple(str(t) for t in d.get("topics", [])))
+        if proto == "dns":
+            return DNSRequest(str(d["name"]))
+        fields = d.get("fields", {})
+        if not isinstance(fields, dict):
+            raise ValueError("l7.fields: expected an object")
+        return GenericL7Request.of(proto, {str(k): str(v) for k, v in fields.items()})
+    except KeyError as e:
+        raise ValueError(f"l7: {proto} request without {e.args[0]}") from None
 
 
 def _direction_json(d: DirectionTrace) -> dict[str, Any]:
@@ -349,7 +383,7 @@ def render_text(result: TraceResult) -> str:
         ports = f"ANY/{req.protocol.label}" if req.protocol is not Protocol.ANY else "ANY"
     lines.append(f"Tracing From: {req.src.describe()} (identity {result.src_identity.id}) => "
                  f"To: {req.dst.describe()} (identity {result.dst_identity.id}) Ports: [{ports}]")
-    l7 = _l7_request_json(req.l7)
+    l7 = l7_request_json(req.l7)
     if l7 is not None:
         desc = {k: v for k, v in l7.items() if k != "protocol" and v not in ("", [], None)}
         lines.append(f"L7 request: {l7['protocol']} " + " ".join(f"{k}={v}" for k, v in desc.items()))

@@ -2,7 +2,8 @@
 
 Sidecar mode translates each endpoint's ingress into its own listeners (Envoy on the endpoint's
 address at the policy port, forwarding to the application's port); only the endpoints a change
-names are translated again, unless the identities' prefixes moved (every RBAC names them). Node
+names are translated again, and those whose RBACs list a prefix that moved (the prefixes of the
+identities their policy names, ``relevant_prefixes``: not every endpoint's, so an add is O(1)). Node
 mode (the BPF datapath) serves every endpoint from one transparent listener per proxy port, so
 its resources are made whole, kept while nothing they are made from changed.
 
@@ -20,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from ..envoy.translate import (
+    INGRESS_MARK,
     AccessLogTarget,
     GrpcTarget,
     InprocTarget,
@@ -28,6 +30,7 @@ from ..envoy.translate import (
     ProxyPort,
     ProxyResources,
     prefixes_by_identity,
+    relevant_prefixes,
     translate_ingress,
     translate_node,
 )
@@ -65,27 +68,31 @@ class _Translated:
     """An endpoint's last sidecar translation and what it was made from."""
 
     state: EndpointState
-    prefixes: Mapping[int, tuple[IPNetwork, ...]]
+    prefixes: Mapping[int, tuple[IPNetwork, ...]]  # the part of all prefixes its RBACs list
     resources: ProxyResources
+    named: frozenset[int] | None  # the identities ``prefixes`` is made from; None: it depends on all
 
 
 class ProxySink:
     name = "proxy"
 
     def __init__(self, cache: Cache, mode: ProxyMode, node_id: str, access_log: AccessLogTarget,
-                 l7_service: GrpcTarget | InprocTarget, listen_address: str = "127.0.0.1") -> None:
+                 l7_service: GrpcTarget | InprocTarget, listen_address: str = "127.0.0.1",
+                 sidecar_mark: int | None = INGRESS_MARK) -> None:
         self.cache = cache
         self.mode = mode
         self.node_id = node_id
         self.access_log = access_log
         self.l7_service = l7_service
         self.listen_address = listen_address  # node mode: where the transparent listeners are
+        self.sidecar_mark = sidecar_mark  # sidecar mode: SO_MARK of the connections to the application
         self.notes: tuple[str, ...] = ()
         self.translations = 0  # endpoints (sidecar) or node configs translated, for tests and metrics
         self._revisions = _Revisions()
         self._checker = Checker()
         self._prefixes: Mapping[int, tuple[IPNetwork, ...]] = {}
         self._translated: dict[str, _Translated] = {}
+        self._sidecar_prefixes: Mapping[int, tuple[IPNetwork, ...]] = {}  # those of the last sidecar translation
         self._sidecar_names: frozenset[str] = frozenset()  # endpoints whose sidecar view is set
         self._node: tuple[tuple[Any, ...], ProxyResources] | None = None
 
@@ -126,6 +133,8 @@ class ProxySink:
 
     def _translate_sidecars(self, desired: Desired, prefixes: Mapping[int, tuple[IPNetwork, ...]]
                             ) -> tuple[dict[str, Any], dict[str, Any], tuple[str, ...]]:
+        moved = _moved(self._sidecar_prefixes, prefixes)
+        self._sidecar_prefixes = prefixes
         listeners: dict[str, Any] = {}
         clusters: dict[str, Any] = {}
         notes: dict[str, None] = {}
@@ -137,15 +146,25 @@ class ProxySink:
             if not ep.ports or not ep.ips:
                 continue
             done = self._translated.get(name)
-            if done is not None and done.prefixes is prefixes and not desired.is_changed(name) \
-                    and _same_sidecar(done.state, ep):
+            same = done is not None and not desired.is_changed(name) and _same_sidecar(done.state, ep)
+            if same and done is not None and done.named is not None and not done.named & moved:
+                translated[name] = done  # none of the identities it names moved: nor did its prefixes
+                listeners.update((li.name, li) for li in done.resources.listeners)
+                clusters.update((c.name, c) for c in done.resources.clusters)
+                notes.update(dict.fromkeys(done.resources.notes))
+                continue
+            relevant = relevant_prefixes(ep.map_state.ingress, prefixes)  # what its RBACs list
+            if same and done is not None and (done.prefixes is relevant or done.prefixes == relevant):
                 res = done.resources
             else:
                 ports = [PortMapping(p.port, p.port, p.app_port) for p in ep.ports]
-                res = translate_ingress(name, ep.map_state.ingress, ports, ep.ips[0], ep.ips[0], prefixes,
-                                        self.access_log, self.l7_service, audit=ep.audit_ingress)
+                res = translate_ingress(name, ep.map_state.ingress, ports, ep.ips[0], ep.ips[0], relevant,
+                                        self.access_log, self.l7_service, audit=ep.audit_ingress,
+                                        upstream_mark=self.sidecar_mark)
                 self.translations += 1
-            translated[name] = _Translated(ep, prefixes, res)
+            ingress = ep.map_state.ingress
+            wide = ingress.any_group or any(p.prefixlen < p.max_prefixlen for ps in relevant.values() for p in ps)
+            translated[name] = _Translated(ep, relevant, res, None if wide else frozenset(ingress.groups))
             listeners.update((li.name, li) for li in res.listeners)
             clusters.update((c.name, c) for c in res.clusters)
             notes.update(dict.fromkeys(res.notes))
@@ -198,6 +217,14 @@ class ProxySink:
             self._node = (key, res)
         notes.update(dict.fromkeys(res.notes))
         return ({li.name: li for li in res.listeners}, {c.name: c for c in res.clusters}, tuple(notes))
+
+
+def _moved(before: Mapping[int, tuple[IPNetwork, ...]], after: Mapping[int, tuple[IPNetwork, ...]]) -> frozenset[int]:
+    """The identities whose prefixes differ (the engine keeps its prefix objects, so equal tuples
+    compare by identity, fast)."""
+    if before is after:
+        return frozenset()
+    return frozenset(i for i in before.keys() | after.keys() if before.get(i) != after.get(i))
 
 
 def _same_sidecar(a: EndpointState, b: EndpointState) -> bool:

@@ -9,7 +9,9 @@ the same node cannot overwrite what the first one answered. Only streams the ser
 for that node report here (its client certificate names the node, or it came through the
 owner-only local socket); a node whose streams are open has realized a version only when every
 one of them acked it, and any of them rejecting it is a NACK. With none open, the last answer of
-its last stream stands (an Envoy that acked and went away keeps counting as having acked).
+its last stream stands (an Envoy that acked and went away keeps counting as having acked), and
+``gone`` says since when the node has had no stream, so the agent can stop waiting for a proxy
+that went away for good.
 """
 
 from __future__ import annotations
@@ -77,6 +79,7 @@ class AckTracker:
         self._streams: dict[int, tuple[str, dict[str, AckState]]] = {}  # open stream -> (node, type -> state)
         self._by_node: dict[str, set[int]] = {}  # node -> its open streams
         self._last: dict[tuple[str, str], AckState] = {}  # (node, type) -> latest state of any of its streams
+        self._gone: dict[str, float] = {}  # node with no open stream left -> monotonic time its last one closed
 
     def on_sent(self, node_id: str, type_url: str, version: str, *, stream: int) -> None:
         self._set(stream, node_id, type_url, sent=version)
@@ -92,6 +95,8 @@ class AckTracker:
             entry = self._streams.pop(stream, None)
             if entry is not None:
                 self._forget(stream, entry[0])
+                if entry[0] not in self._by_node:
+                    self._gone[entry[0]] = time.monotonic()
             self._cond.notify_all()
 
     def state(self, node_id: str, type_url: str) -> AckState:
@@ -106,6 +111,12 @@ class AckTracker:
         """How many open streams speak for ``node_id``."""
         with self._cond:
             return len(self._by_node.get(node_id, ()))
+
+    def gone(self) -> dict[str, float]:
+        """Nodes whose streams all closed (and none opened since): seconds since the last one closed."""
+        now = time.monotonic()
+        with self._cond:
+            return {node: now - since for node, since in self._gone.items()}
 
     def wait(self, node_id: str, type_url: str, version: str, timeout: float) -> None:
         """Return once ``node_id`` acked ``version`` of ``type_url`` or later (on every open stream).
@@ -154,6 +165,7 @@ class AckTracker:
                     self._forget(stream, entry[0])
                 entry = self._streams[stream] = (node_id, {})
                 self._by_node.setdefault(node_id, set()).add(stream)
+                self._gone.pop(node_id, None)
             types = entry[1]
             st = types[type_url] = replace(types.get(type_url, AckState()), **changes)
             self._last[(node_id, type_url)] = st

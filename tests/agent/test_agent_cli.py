@@ -153,9 +153,11 @@ def test_change_envoy_rejects_is_reverted_and_the_last_good_policy_stays_enforce
     assert f"the change was reverted (revision {revision + 2} restores the previous config)" in res.err
     assert [e["name"] for e in run_cli(state, "endpoint", "list", "-o", "json").json()["endpoints"]] == [
         "deathstar", "tiefighter", "xwing"]
-    # The NACK is on record until the revert is acked; then the agent is healthy again.
+    # The NACK is on record until the revert is acked; then the agent is healthy again. Waiting for the
+    # rejected revision fails (the later one that restored the previous config does not realize it).
     waited = run_cli(state, "policy", "wait", str(revision + 1))
-    assert waited.code == 0 and f"Revision {revision + 1} realized" in waited.out  # by the later revision
+    assert waited.code == 1 and f"revision {revision + 1} was reverted" in waited.err and "192.0.2.1" in waited.err
+    assert run_cli(state, "policy", "wait", str(revision + 2)).code == 0
     status = run_cli(state, "status", "-o", "json")
     assert status.code == 0 and status.json()["healthy"] is True and status.json()["revision"] == revision + 2
     listener = [p for p in status.json()["xds"]["proxies"] if p["type"] == "Listener"][0]

@@ -60,7 +60,8 @@ def test_status_verbose_healthz_and_metrics(agent: Agent) -> None:
     text = run_cli(state, "status", "--verbose")
     assert text.code == 0, text.out
     out = text.out
-    assert "Controllers: 5/5 healthy" in out and "envoy-supervisor" in out and "envoy-listeners" in out
+    assert re.search(r"Controllers: (\d+)/\1 healthy", out)
+    assert "envoy-supervisor" in out and "envoy-listeners" in out
     assert re.search(r"Envoy admin: unix:/\S+/envoy-admin\.sock, ready True, version 1\.40", out)
     assert re.search(r"deathstar\s+identity \d+\s+ingress Enabled", out)
     assert 'proxy_type="http",rule="denied"} 1.0' in out and "Last errors: none" in out
@@ -88,7 +89,7 @@ def test_bugtool_archive(agent: Agent, tmp_path: Path) -> None:
     assert shoot(TIEFIGHTER, *EXHAUST) == "403 Access denied"
     wait_flows(state, 1)
     out = tmp_path / "bug.tar.gz"
-    res = run_cli(state, "bugtool", "-o", str(out))
+    res = run_cli(state, "bugtool", "--archive", str(out))
     assert res.code == 0 and "wrote" in res.out
     with tarfile.open(out) as tar:
         names = {n.split("/", 1)[1]: n for n in tar.getnames()}

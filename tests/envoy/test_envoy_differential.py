@@ -33,6 +33,7 @@ from cilia.envoy.translate import (
     PortMapping,
     ProxyResources,
     prefixes_by_identity,
+    relevant_prefixes,
     translate_ingress,
 )
 from cilia.policy import (
@@ -284,9 +285,10 @@ def _parse(name: str) -> list[Policy]:
 
 
 def _resources(engine: PolicyEngine, listen_port: int, backend_port: int) -> ProxyResources:
-    return translate_ingress("web", engine.endpoint_policy("web").map_state.ingress,
-                             [PortMapping(80, listen_port, backend_port)], WEB, WEB,
-                             prefixes_by_identity(engine.ipcache.items()))
+    # the prefixes the agent's proxy sink hands it: only those that can change a verdict of this policy
+    ingress = engine.endpoint_policy("web").map_state.ingress
+    return translate_ingress("web", ingress, [PortMapping(80, listen_port, backend_port)], WEB, WEB,
+                             relevant_prefixes(ingress, prefixes_by_identity(engine.ipcache.items())))
 
 
 def _send(source: str, port: int, req: Req) -> str:

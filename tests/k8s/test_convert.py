@@ -15,6 +15,7 @@ from cilia.k8s.convert import (
     ConvertError,
     derived_policy_name,
     is_pod_endpoint,
+    network_policy_notes,
     merge_endpoint,
     network_policy_text,
     parse_policy_path,
@@ -325,3 +326,18 @@ def test_default_deny_directions() -> None:
     # Policies add up: a second NetworkPolicy opens what the first denies.
     assert run(policies({"podSelector": {}}, {"podSelector": {"matchLabels": {"app": "web"}},
                                              "ingress": [{"from": [{"podSelector": {}}]}]}), PROD_FE, WEB_POD).allowed
+
+
+def test_ip_block_with_host_bits_is_masked_as_kubernetes_reads_it() -> None:
+    """The API server accepts 10.0.1.1/4 (its conformance suite uses it); the watcher masks it instead
+    of rejecting the whole NetworkPolicy, and says so."""
+    spec = {"podSelector": {"matchLabels": {"app": "web"}},
+            "ingress": [{"from": [{"ipBlock": {"cidr": "10.0.1.1/4", "except": ["10.0.1.5/24"]}}]}]}
+    assert translate(spec)["ingress"] == [{"fromCIDRSet": [{"cidr": "0.0.0.0/4", "except": ["10.0.1.0/24"]}]}]
+    assert network_policy_notes(netpol(spec)) == [
+        "spec.ingress[0].from[0].ipBlock.cidr: 10.0.1.1/4 has host bits set; read as 0.0.0.0/4, as Kubernetes "
+        "and Cilium do",
+        "spec.ingress[0].from[0].ipBlock.except: 10.0.1.5/24 has host bits set; read as 10.0.1.0/24, as "
+        "Kubernetes and Cilium do"]
+    ps = policies(spec)
+    assert run(ps, "9.1.1.1", WEB_POD).allowed and not run(ps, "10.0.1.1", WEB_POD).allowed

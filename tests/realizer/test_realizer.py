@@ -77,10 +77,15 @@ def test_only_the_endpoints_a_change_names_are_translated_again(tmp_path: Path) 
     moved = (PortSpec.parse("80:9090"), *PORTS[1:])  # the app moved: only its own listeners change
     agent.add_endpoint(EndpointSpec("bystander3", ("app=bystander",), ("10.8.0.13",), moved))
     assert agent.proxy.translations - before == 1
-    # An address leaving changes the ipcache, which every listener's peer table holds: all again.
+    # An address leaving changes the prefixes of its identity: the listeners whose peer tables can
+    # hold it are translated again (the other 19 bystanders: no policy, so every identity may reach
+    # them), not the deathstar's, whose policy names other identities only.
+    deathstar = {n: li for n, li in agent.cache.snapshot()[LISTENER].items() if n.startswith("deathstar-")}
     before = agent.proxy.translations
     agent.remove_endpoint("bystander3")
-    assert agent.proxy.translations - before == 20
+    assert agent.proxy.translations - before == 19
+    after = agent.cache.snapshot()[LISTENER]
+    assert deathstar and all(after[n] is li for n, li in deathstar.items())
     assert not any(n.startswith("bystander3-") for n in agent.cache.snapshot()[LISTENER])
 
 
