@@ -1,7 +1,7 @@
 """Chaos run: mixed load through a real agent while its parts are killed at random.
 
-    unshare --net sh -c "ip link set lo up; exec .venv/bin/python bench/chaos.py --minutes 3"  # own netns
-    .venv/bin/python bench/chaos.py                                       # 10 minutes
+    unshare --net sh -c "ip link set lo up; exec .venv/bin/python -m bench.chaos --minutes 3"  # own netns
+    .venv/bin/python -m bench.chaos                                       # 10 minutes
 
 A real `cilia agent --l7-workers 2` process (sidecar mode, managed Envoy) enforces the Star Wars
 HTTP policy (examples/starwars) and the r2d2 plugin's policy (examples/r2d2, parsed in the L7
@@ -46,12 +46,11 @@ from http.server import ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
+from cilia.demo import Deathstar
+from cilia.netutil import free_port
+
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
-sys.path.insert(0, str(REPO))
-
-from cilia.demo import Deathstar  # noqa: E402
-from cilia.netutil import free_port  # noqa: E402
 
 RESULTS = HERE / "results" / "chaos.json"
 DEATHSTAR, TIEFIGHTER, XWING = "127.0.7.10", "127.0.7.11", "127.0.7.12"

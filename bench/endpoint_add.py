@@ -1,8 +1,8 @@
 """Endpoint add benchmark: the time of one ``endpoint add`` as the agent holds more endpoints.
 
-    .venv/bin/python bench/endpoint_add.py                 # 10, 100, 1,000, 5,000 endpoints
-    .venv/bin/python bench/endpoint_add.py --sizes 10,1000 --adds 5
-    .venv/bin/python bench/endpoint_add.py --profile 1000  # where one add's time goes, at that size
+    .venv/bin/python -m bench.endpoint_add                 # 10, 100, 1,000, 5,000 endpoints
+    .venv/bin/python -m bench.endpoint_add --sizes 10,1000 --adds 5
+    .venv/bin/python -m bench.endpoint_add --profile 1000  # where one add's time goes, at that size
 
 An in-process agent in sidecar mode (xDS cache, L7 views, flow names, sidecar guard, state on
 disk; no Envoy is started, so nothing waits for an ACK; the process enters a network namespace of
@@ -24,19 +24,17 @@ import os
 import platform
 import pstats
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent))
+from cilia.agent.daemon import Agent, AgentConfig
+from cilia.agent.state import AgentState, PolicySource, save_state
+from cilia.policy import parse_text
+from cilia.specs import EndpointSpec, PortSpec
 
-from cilia.agent.daemon import Agent, AgentConfig  # noqa: E402
-from cilia.agent.state import AgentState, PolicySource, save_state  # noqa: E402
-from cilia.policy import parse_text  # noqa: E402
-from cilia.specs import EndpointSpec, PortSpec  # noqa: E402
+HERE = Path(__file__).resolve().parent
 
 RESULTS = HERE / "results" / "endpoint_add.json"
 APPS = 50  # endpoints are spread over this many apps (label app=svcN)

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from agent_support import agent_in_process, run_cli
-from bpf_agent_support import bpf_agent
-from helpers import ip
+from tests.agent.agent_support import agent_in_process, run_cli
+from tests.agent.bpf_agent_support import bpf_agent
+from tests.helpers import ip
 
 from cilia.agent.daemon import Agent
 from cilia.connectivity import run as connectivity

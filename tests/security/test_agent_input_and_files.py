@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from agent_support import agent_in_process, run_cli
+from tests.agent.agent_support import agent_in_process, run_cli
 
 from cilia.agent import flows as flows_module
 from cilia.agent.client import AgentClient

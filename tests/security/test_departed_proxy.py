@@ -8,7 +8,9 @@ import socket
 import time
 from pathlib import Path
 
-from agent_support import DEATHSTAR, STARWARS, add_starwars_endpoints, agent_in_process, deathstar_app, run_cli
+from tests.agent.agent_support import (
+    DEATHSTAR, STARWARS, add_starwars_endpoints, agent_in_process, deathstar_app, run_cli,
+)
 
 from cilia.envoy.bootstrap import build_bootstrap, to_json
 from cilia.envoy.supervisor import EnvoySupervisor

@@ -17,7 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-from agent_support import agent_in_process, run_cli
+from tests.agent.agent_support import agent_in_process, run_cli
 
 from cilia.netutil import free_port
 

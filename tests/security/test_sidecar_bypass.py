@@ -9,7 +9,7 @@ import json
 import subprocess
 from pathlib import Path
 
-from agent_support import (
+from tests.agent.agent_support import (
     EXHAUST, LAND, STARWARS, TIEFIGHTER, XWING, add_starwars_endpoints, agent_in_process, deathstar_app,
     run_cli, shoot,
 )
