@@ -55,6 +55,8 @@ def parse_selector(text: str) -> LabelSelector:
     for term in _terms(text):
         if m := _SET.match(term):
             values = tuple(v.strip() for v in m[3].split(","))
+            if not all(values):
+                raise SelectorError(f"{text!r}: {term!r}: 'key {m[2]} (v1,v2,...)' needs values")
             reqs.append(_requirement(m[1], Operator.IN if m[2] == "in" else Operator.NOT_IN, values))
         elif m := _EQUALS.match(term):
             if m[2] == "!=":
