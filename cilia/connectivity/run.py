@@ -204,11 +204,9 @@ class Harness:
         deadline = time.monotonic() + timeout
 
         def probe() -> bool:
-            try:
-                socket.create_connection((address, port), timeout=1).close()
-                return True
-            except OSError:
-                return False
+            # Look for the listening socket rather than connect: in sidecar mode the agent's guard
+            # resets every connection to an app port that does not come through Envoy.
+            return _listening(address, port)
 
         while not self._in("server", probe):
             if proc is not None and proc.poll() is not None:
@@ -320,3 +318,29 @@ def run(client: Any, bpf: bool, subnet: str, log: Callable[[str], None]) -> tupl
         log("cleaning up")
         problems = h.cleanup()
     return checks, problems
+
+
+def _listening(address: str, port: int) -> bool:
+    """A TCP socket listens on ``address:port`` (or every address) in the calling thread's network
+    namespace (``/proc/thread-self/net``: ``_in`` runs probes on a thread inside the namespace).
+    Java servers listen on IPv6 sockets that take IPv4 too, so tcp6 counts (v4-mapped or ``::``)."""
+    for table in ("tcp", "tcp6"):
+        try:
+            with open(f"/proc/thread-self/net/{table}", encoding="ascii") as f:
+                rows = f.read().splitlines()[1:]
+        except OSError:
+            continue
+        for row in rows:
+            fields = row.split()
+            host, _, hex_port = fields[1].partition(":")
+            if fields[3] != "0A" or int(hex_port, 16) != port:  # 0A: TCP_LISTEN
+                continue
+            raw = bytes.fromhex(host)
+            # /proc prints each 32-bit word in host (little-endian) order
+            raw = b"".join(raw[i:i + 4][::-1] for i in range(0, len(raw), 4))
+            ip = ipaddress.ip_address(raw)
+            if isinstance(ip, ipaddress.IPv6Address):
+                ip = ip.ipv4_mapped or ip
+            if ip.is_unspecified or str(ip) == address:
+                return True
+    return False
