@@ -82,32 +82,52 @@ MEMCACHED = "/usr/bin/memcached"
 @contextmanager
 def memcached(host: str = "127.0.0.1") -> Iterator[int]:
     """A real memcached 1.6 (text and binary, ``-B auto``) on a free loopback port (on ``host``,
-    e.g. ``0.0.0.0`` behind a sidecar that forwards to the endpoint's own address); stopped by PID."""
+    e.g. ``0.0.0.0`` behind a sidecar that forwards to the endpoint's own address); stopped by PID.
+    A port found free can be taken before memcached binds it (it then exits 71, EX_OSERR): that
+    start is retried on another port."""
     binary = MEMCACHED if os.path.exists(MEMCACHED) else shutil.which("memcached")
     assert binary, "memcached is not installed (scripts/setup.sh installs it)"
-    port = free_port()
-    args = [binary, "-l", host, "-p", str(port), "-U", "0", "-B", "auto", "-t", "2", "-m", "64"]
-    if os.geteuid() == 0:
-        args += ["-u", "root"]  # memcached refuses to run as root without it
-    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 10
-        while True:
-            assert proc.poll() is None, f"memcached exited with {proc.returncode}"
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+    for attempt in range(5):
+        port = free_port(host)
+        args = [binary, "-l", host, "-p", str(port), "-U", "0", "-B", "auto", "-t", "2", "-m", "64"]
+        if os.geteuid() == 0:
+            args += ["-u", "root"]  # memcached refuses to run as root without it
+        proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            if _listening(proc, port):
                 break
-            except OSError:
-                assert time.monotonic() < deadline, "memcached did not start listening"
-                time.sleep(0.02)
+        except BaseException:
+            _stop(proc)
+            raise
+        _stop(proc)
+        assert proc.returncode == 71 and attempt < 4, f"memcached exited with {proc.returncode}"
+    try:
         yield port
     finally:
-        proc.terminate()
+        _stop(proc)
+
+
+def _listening(proc: subprocess.Popen[bytes], port: int) -> bool:
+    """Wait until memcached answers on ``port``; False if it exited first (its port was taken)."""
+    deadline = time.monotonic() + 10
+    while proc.poll() is None:
         try:
-            proc.wait(5)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return True
+        except OSError:
+            assert time.monotonic() < deadline, "memcached did not start listening"
+            time.sleep(0.02)
+    return False
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        proc.terminate()
+    try:
+        proc.wait(5)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
 
 
 class BoundSockets:
