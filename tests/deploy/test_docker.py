@@ -79,7 +79,7 @@ def test_dockerfile_is_one_debian_bookworm_slim_stage() -> None:
 def test_apt_packages_are_the_projects() -> None:
     packages = installed_packages()
     needed = apt_packages_txt() - TEST_ONLY
-    assert needed == {"python3-bpfcc", "iptables"}, "apt-packages.txt changed: decide what the image needs"
+    assert needed == {"python3-bpfcc", "iptables", "nftables"}, "apt-packages.txt changed: decide what the image needs"
     assert packages == needed | BASE_PACKAGES
     (run,) = [r for r in of("RUN") if "apt-get install" in r]
     assert "--no-install-recommends" in run and "rm -rf /var/lib/apt/lists/*" in run
