@@ -21,6 +21,7 @@ from ..cluster.ipcache import IPCachePublisher, RemoteIPCache
 from ..cluster.nodes import NodeRecord, NodeRegistry
 from ..cluster.session import Session
 from ..kvstore.base import KVStore, KVStoreError
+from ..policy.engine import PolicyEngine
 from ..policy.identity import IdentityKind
 from ..policy.model import IPNetwork
 
@@ -115,9 +116,8 @@ class ClusterNode:
         agent = self._agent
         if agent is None:
             return
-        with agent.lock:
-            change = agent.engine.update_remote(upserts, deletes)
-            agent._commit(change.endpoints)  # a new revision: the ipcache moved
+        # a new revision even when no endpoint's policy moved: the ipcache did
+        agent.change_engine(lambda engine: engine.update_remote(upserts, deletes).endpoints)
 
     # ------------------------------------------------------------------ reading (API)
 
@@ -150,12 +150,13 @@ class ClusterNode:
         agent = self._agent
         if agent is None:
             return
-        with agent.lock:
+        def refresh(engine: PolicyEngine) -> set[str] | None:
             changed: set[str] = set()
             for identity in identities:
-                changed |= agent.engine.refresh_remote(identity).endpoints
-            if changed:
-                agent._commit(changed)
+                changed |= engine.refresh_remote(identity).endpoints
+            return changed or None
+
+        agent.change_engine(refresh)
 
     def stop(self) -> None:
         for part in (self.remote, self.nodes, self.publisher):

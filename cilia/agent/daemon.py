@@ -23,7 +23,7 @@ import os
 import threading
 import time
 from collections import deque
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -530,6 +530,14 @@ class Agent:
                                     for i in sorted(self.engine.identities(), key=lambda i: i.id)))
 
     # ------------------------------------------------------------------ revisions
+
+    def change_engine(self, change: Callable[[PolicyEngine], Iterable[str] | None]) -> int | None:
+        """For producers of engine state other than the API (the kvstore's remote endpoints and
+        identities): run ``change`` on the engine under the agent's lock and commit the endpoints it
+        names (None: nothing moved, nothing committed). Returns the new revision, if any."""
+        with self.lock:
+            changed = change(self.engine)
+            return None if changed is None else self._commit(changed)
 
     def _commit(self, changed: Iterable[str] | None) -> int:
         """Number, persist and realize the engine's new state; called with the lock held after a
