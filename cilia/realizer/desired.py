@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from ..policy.labels import LabelSet
 from ..policy.mapstate import MapState
 from ..policy.model import IPNetwork
+from ..services.model import Service
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,6 +55,7 @@ class Desired:
     labels: Mapping[int, LabelSet]  # identity -> labels, for names in flows and status
     proxy_ports: Mapping[str, int] = field(default_factory=dict)  # "ingress/80" -> Envoy's transparent listener port
     changed: frozenset[str] | None = None  # endpoints that differ from the previous Desired; None: all
+    services: tuple[Service, ...] = ()  # by id; the load balancer sink writes what differs
 
     def is_changed(self, name: str) -> bool:
         return self.changed is None or name in self.changed
