@@ -9,12 +9,15 @@ and the node record. ``status()`` is the ``kvstore`` part of ``cilia status``.
 
 from __future__ import annotations
 
+import ipaddress
 import logging
+import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
+from ..bpf.crossnode import PeerNode
 from ..cluster import keys
 from ..cluster.identities import ClusterAllocator
 from ..cluster.ipcache import IPCachePublisher, RemoteIPCache
@@ -29,6 +32,8 @@ if TYPE_CHECKING:
     from .daemon import Agent
 
 _log = logging.getLogger(__name__)
+
+REMOTE_NODE = 6  # reserved:remote-node
 
 
 @dataclass(frozen=True)
@@ -78,6 +83,8 @@ class ClusterNode:
                                   NodeRecord(node, config.node_ip, config.pod_cidr, config.health_ip))
         self.remote: RemoteIPCache | None = None
         self._agent: Agent | None = None
+        self._node_prefixes: dict[IPNetwork, int] = {}  # other nodes' addresses -> remote-node
+        self._nodes_lock = threading.Lock()
 
     @classmethod
     def connect(cls, node: str, config: KVStoreConfig) -> ClusterNode:
@@ -93,6 +100,7 @@ class ClusterNode:
         self._agent = agent
         agent.realizer.add(self.publisher)
         self.publisher.start()
+        self.nodes.on_change.append(self._nodes_changed)
         self.nodes.start()
         self.remote = RemoteIPCache(self.store, self.node, self._remote_changed)
         self.allocator.on_learned.append(self._identities_learned)
@@ -118,6 +126,28 @@ class ClusterNode:
             return
         # a new revision even when no endpoint's policy moved: the ipcache did
         agent.change_engine(lambda engine: engine.update_remote(upserts, deletes).endpoints)
+
+    def _nodes_changed(self, records: list[NodeRecord]) -> None:
+        """Other nodes' addresses are remote-node in the ipcache (this node's own are host, from the
+        datapath); the datapath routes (or tunnels) to their pod prefixes."""
+        agent = self._agent
+        if agent is None:
+            return
+        others = [r for r in records if r.name != self.node]
+        want: dict[IPNetwork, int] = {}
+        for r in others:
+            for address in (r.ip, r.health_ip):
+                if address:
+                    want[ipaddress.ip_network(address)] = REMOTE_NODE
+        with self._nodes_lock:
+            gone = [p for p in self._node_prefixes if p not in want]
+            fresh = {p: i for p, i in want.items() if self._node_prefixes.get(p) != i}
+            self._node_prefixes = want
+            if gone or fresh:
+                agent.change_engine(lambda engine: engine.update_remote(fresh, gone).endpoints)
+            cross = agent.node.cross if agent.node is not None else None
+            if cross is not None:
+                cross.sync(PeerNode(r.name, r.ip, r.pod_cidr) for r in others if r.ip and r.pod_cidr)
 
     # ------------------------------------------------------------------ reading (API)
 

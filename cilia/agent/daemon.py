@@ -31,6 +31,7 @@ from typing import Any, Literal
 
 from ..bpf.paths import DEFAULT_PIN_DIR
 from ..bpf.netns import Namespace, add_host_address
+from ..bpf.crossnode import CrossNode, TunnelMode
 from ..bpf.node import NodeDatapath
 from ..envoy.accesslog import AccessLogReceiver, AccessLogServer
 from ..envoy.bootstrap import build_bootstrap, write_bootstrap
@@ -90,6 +91,7 @@ _log = logging.getLogger(__name__)
 
 EnvoyMode = Literal["managed", "external", "none"]
 DatapathMode = Literal["none", "bpf"]
+AllowLocalhost = Literal["auto", "always", "policy"]  # Cilium's --allow-localhost
 ACCESS_LOG_CLUSTER = "cilia-accesslog"
 L7_CLUSTER = "cilia-l7"
 WORKERS_READY_SECONDS = 30.0  # how long start waits for the L7 workers to serve before going on degraded
@@ -128,6 +130,8 @@ class AgentConfig:
     socket_group: int | None = None  # the agent's sockets are 0660 with this gid, else 0600
     proxy_grace: float = 30.0  # a proxy with no xDS stream this long is gone: no more waits or health for it
     kvstore: KVStoreConfig | None = None  # kvstore (issue 13): identities, endpoints and nodes shared cluster-wide
+    tunnel: TunnelMode = "disabled"  # cross-node: direct routing, or the sender's identity in a VXLAN VNI
+    allow_localhost: AllowLocalhost = "auto"  # always: the node reaches every endpoint; auto: always under Kubernetes
 
     @property
     def api_socket(self) -> Path:
@@ -202,7 +206,11 @@ class Agent:
         self.observer = Observer(config.node_id, self.metrics, config.ring_size, flow_file)
         self.observer.on_l7_error = self._error
         self.receiver = AccessLogReceiver(1, subscriber=self.observer.on_access_record)
-        self.node = NodeDatapath(config.bpf_pin_dir) if config.datapath == "bpf" else None
+        self.node = (NodeDatapath(config.bpf_pin_dir, allow_localhost=config.allow_localhost == "always")
+                     if config.datapath == "bpf" else None)
+        if self.node is not None and config.kvstore is not None and config.kvstore.node_ip:
+            # issue 13: routes (or the tunnel) to the other nodes the kvstore announces
+            self.node.cross = CrossNode(self.node.loader, config.kvstore.node_ip, config.tunnel)
         self.metrics.envoy_up.set_function(lambda: 1.0 if self.envoy is not None and self.envoy.status().running
                                            else 0.0)
         first, *more = (f"unix:{p}" for p in config.l7_sockets)
@@ -316,7 +324,8 @@ class Agent:
         router = self.config.router_ip
         added = bool(router) and (add_host_address(router) if router else False)
         record = {"pin_dir": self.config.bpf_pin_dir, "netns": os.readlink("/proc/self/ns/net"),
-                  "router_ip": router if added or (router and record.get("router_ip") == router) else None}
+                  "router_ip": router if added or (router and record.get("router_ip") == router) else None,
+                  "node_ip": self.node.cross.node_ip if self.node.cross is not None else None}
         record_path.write_text(json.dumps(record), encoding="utf-8")  # before loading: cleanup finds it
         self.node.subscribe(self.observer.on_datapath_event)
         self.node.start()

@@ -29,6 +29,7 @@ FILTER_PRIO = 1
 FILTER_HANDLE = 0xC111A
 INGRESS_PARENT = 0xFFFFFFF2
 EGRESS_PARENT = 0xFFFFFFF3
+NETWORK_PROGRAMS = ("from_network", "from_overlay", "to_overlay")  # cross-node (issue 13)
 
 
 class DatapathError(RuntimeError):
@@ -88,9 +89,9 @@ class Loader:
             self.bpf = BPF(text=text, cflags=cflags)
         except Exception as e:  # bcc raises plain Exception on compile/verifier errors
             raise DatapathError(f"loading {SOURCE.name}: {str(e)[:2000]}") from e
-        for name in ("from_endpoint", "to_endpoint"):
+        for name in ("from_endpoint", "to_endpoint", *NETWORK_PROGRAMS):
             self._fns[name] = self.bpf.load_func(name.encode(), BPF.SCHED_CLS)
-        for name in ("ipcache", "endpoints", "conntrack", "drop_counts"):
+        for name in ("ipcache", "endpoints", "conntrack", "drop_counts", "tunnels"):
             self.maps[name] = Map.open_pinned(f"{self.pin_dir}/{name}")
         # Endpoint policy tries that survived a restart go back into the new program's array.
         for entry in sorted(os.listdir(self.pin_dir)):
@@ -161,6 +162,16 @@ class Loader:
 
     def attach(self, ifname: str) -> int:
         """Attach both programs to ``ifname`` (replacing ours if present); returns its ifindex."""
+        return self._attach(ifname, (("from_endpoint", INGRESS_PARENT), ("to_endpoint", EGRESS_PARENT)))
+
+    def attach_network(self, ifname: str, overlay: bool) -> int:
+        """Attach the cross-node programs: ``from_network`` at ingress of an underlay device, or
+        ``from_overlay``/``to_overlay`` on the VXLAN device (``overlay``)."""
+        progs = ((("from_overlay", INGRESS_PARENT), ("to_overlay", EGRESS_PARENT)) if overlay
+                 else (("from_network", INGRESS_PARENT),))
+        return self._attach(ifname, progs)
+
+    def _attach(self, ifname: str, progs: tuple[tuple[str, int], ...]) -> int:
         with self._lock, self._ipr() as ipr:
             idx = ipr.link_lookup(ifname=ifname)
             if not idx:
@@ -171,7 +182,7 @@ class Loader:
             except Exception as e:  # NetlinkError: EEXIST when it is already there
                 if getattr(e, "code", None) != 17:
                     raise
-            for name, parent in (("from_endpoint", INGRESS_PARENT), ("to_endpoint", EGRESS_PARENT)):
+            for name, parent in progs:
                 fn = self._fns[name]
                 ipr.tc("replace-filter", "bpf", ifindex, FILTER_HANDLE, fd=fn.fd,
                        name=f"cilia_{name}", parent=parent, prio=FILTER_PRIO, classid=1, direct_action=True,

@@ -91,6 +91,12 @@ from .common import (
 @click.option("--node-ip", help="This node's address, announced to the cluster (--kvstore).")
 @click.option("--pod-cidr", help="The prefix this node's endpoints are numbered from, announced (--kvstore).")
 @click.option("--health-ip", help="This node's health endpoint address, announced (--kvstore).")
+@click.option("--tunnel", type=click.Choice(["disabled", "vxlan"]), default="disabled", show_default=True,
+              help="With --datapath bpf and --kvstore --node-ip: reach other nodes' pods by direct routing "
+              "(disabled) or through a VXLAN device whose VNI carries the sender's identity (vxlan).")
+@click.option("--allow-localhost", type=click.Choice(["auto", "always", "policy"]), default="auto",
+              show_default=True, help="always: the node itself (e.g. kubelet probes) reaches every endpoint "
+              "whatever its policy; policy: the host is judged like any peer; auto: always with --kubernetes.")
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning"]), default="info", show_default=True)
 def agent_cmd(state_dir: str, xds_addresses: Sequence[str], envoy_mode: str, node_id: str, datapath: str,
               bpf_pin_dir: str, router_ip: str | None, flow_file: str | None, flow_file_max_mb: int,
@@ -99,8 +105,8 @@ def agent_cmd(state_dir: str, xds_addresses: Sequence[str], envoy_mode: str, nod
               xds_insecure: bool, socket_group: str | None, prometheus_serve_addr: str | None,
               agent_health_port: int, kvstore: str, kvstore_endpoints: str | None, kvstore_ca: str | None,
               kvstore_cert: str | None, kvstore_key: str | None, kvstore_lease_ttl: int, node_ip: str | None,
-              pod_cidr: str | None, health_ip: str | None, proxy_grace: float,
-              log_level: str) -> None:
+              pod_cidr: str | None, health_ip: str | None, proxy_grace: float, tunnel: str,
+              allow_localhost: str, log_level: str) -> None:
     """Run the agent until SIGTERM or Ctrl-C: load state, serve the REST API on
     <state-dir>/cilia.sock, serve xDS, supervise Envoy, receive its access logs; with
     --datapath bpf also load the BPF datapath. Stopping leaves the BPF programs enforcing the
@@ -119,6 +125,9 @@ def agent_cmd(state_dir: str, xds_addresses: Sequence[str], envoy_mode: str, nod
         except ValueError as e:
             click.echo(f"error: --prometheus-serve-addr: {e}", err=True)
             sys.exit(2)
+    if tunnel == "vxlan" and (datapath != "bpf" or kvstore == "none" or not node_ip):
+        click.echo("error: --tunnel vxlan needs --datapath bpf, --kvstore etcd and --node-ip", err=True)
+        sys.exit(2)
     if datapath == "bpf" and (why := bpf_available()) is not None:
         click.echo(f"error: --datapath bpf: {why}", err=True)
         sys.exit(2)
@@ -131,7 +140,9 @@ def agent_cmd(state_dir: str, xds_addresses: Sequence[str], envoy_mode: str, nod
                          xds_insecure=xds_insecure, socket_group=_group_id(socket_group),
                          kvstore=_kvstore(kvstore, kvstore_endpoints, kvstore_ca, kvstore_cert, kvstore_key,
                                           kvstore_lease_ttl, node_ip, pod_cidr, health_ip),
-                         proxy_grace=proxy_grace)
+                         proxy_grace=proxy_grace, tunnel=tunnel,  # type: ignore[arg-type]
+                         allow_localhost="always" if allow_localhost == "always" or (
+                             allow_localhost == "auto" and kubernetes) else "policy")
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())

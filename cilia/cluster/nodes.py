@@ -9,7 +9,7 @@ import ipaddress
 import json
 import logging
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 
 from ..kvstore.base import KVStore, KVStoreError
@@ -65,6 +65,8 @@ class NodeRegistry:
         self.last_error: str | None = None
         self._lock = threading.Lock()
         self.mirror = PrefixMirror(store, keys.NODES, self._on_change)
+        # called with every node's record after each change (cross-node routes, node identities)
+        self.on_change: list[Callable[[list[NodeRecord]], None]] = []
         session.on_renew.append(lambda lease: self.publish())
 
     def start(self) -> None:
@@ -98,3 +100,5 @@ class NodeRegistry:
                     _log.warning("kvstore: skipping %s", e)
                     continue
                 self.nodes[record.name] = record
+        for listener in list(self.on_change):
+            listener(self.list())
