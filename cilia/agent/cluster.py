@@ -51,6 +51,7 @@ class KVStoreConfig:
     node_ip: str | None = None
     pod_cidr: str | None = None
     health_ip: str | None = None
+    router_ip: str | None = None  # the agent's --router-ip, announced with the node
 
     def open(self) -> KVStore:
         from ..kvstore.etcd import ClientTls, EndpointError, EtcdKVStore
@@ -80,7 +81,8 @@ class ClusterNode:
         self.allocator.start()
         self.publisher = IPCachePublisher(store, self.session)
         self.nodes = NodeRegistry(store, self.session,
-                                  NodeRecord(node, config.node_ip, config.pod_cidr, config.health_ip))
+                                  NodeRecord(node, config.node_ip, config.pod_cidr, config.health_ip,
+                                             config.router_ip))
         self.remote: RemoteIPCache | None = None
         self._agent: Agent | None = None
         self._node_prefixes: dict[IPNetwork, int] = {}  # other nodes' addresses -> remote-node
@@ -136,7 +138,7 @@ class ClusterNode:
         others = [r for r in records if r.name != self.node]
         want: dict[IPNetwork, int] = {}
         for r in others:
-            for address in (r.ip, r.health_ip):
+            for address in (r.ip, r.health_ip, r.router_ip):
                 if address:
                     want[ipaddress.ip_network(address)] = REMOTE_NODE
         with self._nodes_lock:

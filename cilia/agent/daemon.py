@@ -193,7 +193,10 @@ class Agent:
         self.lock = threading.RLock()  # engine, state and revisions; never held while waiting for proxies
         self.state = load_state(config.state_dir)
         # kvstore (issue 13): cluster-wide identities from etcd instead of this node's file
-        self.cluster = ClusterNode.connect(config.node_id, config.kvstore) if config.kvstore is not None else None
+        kv = config.kvstore
+        if kv is not None and kv.router_ip is None and config.router_ip:
+            kv = replace(kv, router_ip=config.router_ip)  # other nodes see it as remote-node
+        self.cluster = ClusterNode.connect(config.node_id, kv) if kv is not None else None
         self.engine = PolicyEngine(self.cluster.allocator if self.cluster is not None
                                    else FileAllocator(config.state_dir))
         self.cache = Cache()

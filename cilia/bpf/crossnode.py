@@ -108,7 +108,8 @@ class CrossNode:
                 if self._routes.get(cidr) == gw and cidr in have:
                     continue
                 if vx:
-                    ipr.route("replace", dst=cidr, oif=vx[0], scope="link", proto=ROUTE_PROTO)
+                    # the node IP as source: the receiver knows it (remote-node), not every address here
+                    ipr.route("replace", dst=cidr, oif=vx[0], scope="link", prefsrc=self.node_ip, proto=ROUTE_PROTO)
                 else:
                     ipr.route("replace", dst=cidr, gateway=gw, proto=ROUTE_PROTO)
                 self._routes[cidr] = gw

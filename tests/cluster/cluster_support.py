@@ -128,6 +128,7 @@ class SimCluster:
         self.nodes: list[Node] = []
         self.etcd: EtcdCluster | None = None
         self._made: list[str] = []
+        self._listeners: list[socket.socket] = []
 
     # ------------------------------------------------------------------ setup
 
@@ -231,6 +232,25 @@ class SimCluster:
             node.servers.append(server)
         return int(res.json()["endpoint"]["identity"])
 
+    def listen(self, name: str, port: int) -> None:
+        """A TCP listener on ``port`` in the ship's pod (closed at close)."""
+        def bind() -> socket.socket:
+            sock = socket.create_server(("0.0.0.0", port))
+            return sock
+
+        sock = run_in_netns(self.pod_netns(name), bind)
+        self._listeners.append(sock)
+
+        def accept() -> None:
+            while True:
+                try:
+                    conn, _ = sock.accept()
+                except OSError:
+                    return
+                conn.close()
+
+        threading.Thread(target=accept, name=f"listen-{name}-{port}", daemon=True).start()
+
     def pod_netns(self, name: str) -> str:
         return f"cdp-{name[:4]}-{self.tag}"
 
@@ -240,10 +260,12 @@ class SimCluster:
             self.node(i).cilia("policy", "wait", rev)
 
     def shoot_from(self, netns: str, method: str, path: str, target: str = SHIPS["deathstar"][1],
-                   timeout: float = 2.0) -> str:
-        """One HTTP request from ``netns``: "<status> <body>" or BLOCKED (no answer / closed)."""
+                   timeout: float = 2.0, source: str | None = None) -> str:
+        """One HTTP request from ``netns`` (from address ``source``, else the route's): "<status>
+        <body>" or BLOCKED (no answer / closed)."""
         def go() -> str:
-            conn = http.client.HTTPConnection(target, 80, timeout=timeout)
+            conn = http.client.HTTPConnection(target, 80, timeout=timeout,
+                                              source_address=(source, 0) if source else None)
             try:
                 conn.request(method, path, body=b"", headers={"Host": DEATHSTAR_HOST})
                 resp = conn.getresponse()
@@ -261,6 +283,8 @@ class SimCluster:
     # ------------------------------------------------------------------ teardown
 
     def close(self) -> None:
+        for sock in self._listeners:
+            sock.close()
         for node in self.nodes:
             for server in node.servers:
                 server.shutdown()
@@ -290,12 +314,23 @@ def sim_cluster(base: Path, tunnel: str) -> Iterator[SimCluster]:
         cluster.close()
 
 
-def tcp_open(netns: str, address: str, port: int, timeout: float = 1.0) -> bool:
+def tcp_open(netns: str, address: str, port: int, timeout: float = 1.0, source: str | None = None) -> bool:
+    """Whether a TCP connection from ``netns`` (from ``source``) to ``address:port`` is accepted."""
     def go() -> bool:
         try:
-            with socket.create_connection((address, port), timeout=timeout):
+            with socket.create_connection((address, port), timeout=timeout,
+                                          source_address=(source, 0) if source else None):
                 return True
         except OSError:
             return False
 
     return run_in_netns(netns, go)
+
+
+def add_local_address(netns: str, address: str) -> None:
+    """Put ``address``/32 on the loopback of ``netns`` (gone with the namespace)."""
+    def go() -> None:
+        with netlink(f"{address} on lo of {netns}") as ipr:
+            ipr.addr("add", index=ipr.link_lookup(ifname="lo")[0], address=address, prefixlen=32)
+
+    run_in_netns(netns, go)
