@@ -32,7 +32,7 @@ from typing import Any, Literal
 from ..bpf.paths import DEFAULT_PIN_DIR
 from ..bpf.netns import Namespace, add_host_address
 from ..bpf.crossnode import CrossNode, TunnelMode
-from ..bpf.node import NodeDatapath
+from ..bpf.node import HOST_IDENTITY, NodeDatapath
 from ..envoy.accesslog import AccessLogReceiver, AccessLogServer
 from ..envoy.bootstrap import build_bootstrap, write_bootstrap
 from ..envoy.l7service import ConnectionInfo, L7Server
@@ -332,7 +332,11 @@ class Agent:
         record_path.write_text(json.dumps(record), encoding="utf-8")  # before loading: cleanup finds it
         self.node.subscribe(self.observer.on_datapath_event)
         self.node.start()
+        # the node's own addresses are host for Envoy too (the kernel's ipcache has them already),
+        # so its requests to L7 ports are judged as host there as well
+        host = {ipaddress.ip_network(a): HOST_IDENTITY for a in self.node.host_addresses}
         with self.lock:
+            self.engine.update_remote(host)  # no new revision: the realized state names no endpoint differently
             self._realize(None)
 
     def _start_envoy(self) -> None:

@@ -30,6 +30,7 @@
 #define MARK_PROXY_INGRESS 0x0A00 // Envoy's upstream connections (SO_MARK), already judged by Envoy
 #define MARK_PROXY_EGRESS 0x0B00
 #define MARK_MAGIC_IDENTITY 0x0F00 // from the tunnel: the sender's identity (from the VNI) in bits 16-31
+#define MARK_BOUNCE_TO_PROXY 0x0E00 // sent back in at the veth's ingress to reach Envoy (port in bits 16-31)
 
 #define EVENT_DROP 1
 #define EVENT_TRACE 4
@@ -325,6 +326,16 @@ assign:;
     return 0;
 }
 
+// to_endpoint runs at tc egress, where bpf_sk_assign cannot deliver to a local socket: a flow
+// from the node itself (or any other way than the devices that redirect on arrival) to an L7
+// port is sent back in at the ingress of the same veth, marked with the proxy port, and
+// from_endpoint assigns it to Envoy there. The mark never crosses into a pod: veth scrubs it
+// between namespaces, so no endpoint can forge it.
+static __always_inline int bounce_to_proxy(struct __sk_buff *skb, u16 proxy_port) {
+    skb->mark = MARK_BOUNCE_TO_PROXY | ((u32)proxy_port << 16);
+    return bpf_redirect(skb->ifindex, BPF_F_INGRESS);
+}
+
 static __always_inline int established(struct __sk_buff *skb, struct flow *f, int at_source) {
     struct ct_key fwd, rev;
     ct_keys(f, &fwd, &rev);
@@ -344,7 +355,9 @@ static __always_inline int established(struct __sk_buff *skb, struct flow *f, in
             // The flow goes through Envoy. Where it enters from an endpoint, hand it over; where
             // it arrives from elsewhere it cannot be redirected (an established flow that became
             // subject to L7 policy after it began): drop, as a new one would be.
-            if (!at_source || f->protocol != IPPROTO_TCP || to_proxy(skb, f, ct->proxy_port) < 0)
+            if (!at_source && f->protocol == IPPROTO_TCP)
+                return bounce_to_proxy(skb, ct->proxy_port);
+            if (f->protocol != IPPROTO_TCP || to_proxy(skb, f, ct->proxy_port) < 0)
                 return drop(skb, f, at_source, REASON_NO_PROXY, 0, ct->src_identity, 0, NULL);
             trace(skb, f, OBS_TO_PROXY, VERDICT_REDIRECTED, ct->src_identity, 0, ct->proxy_port);
             return TC_ACT_OK;
@@ -393,6 +406,16 @@ int from_endpoint(struct __sk_buff *skb) {
     if (p < 0) {
         struct flow none = {.len = skb->len};
         return drop(skb, &none, 1, REASON_UNKNOWN_L3, 0, 0, 0, NULL);
+    }
+    if ((skb->mark & MARK_MAGIC_MASK) == MARK_BOUNCE_TO_PROXY) {
+        // Judged at to_endpoint (see bounce_to_proxy). The frame is addressed to the endpoint:
+        // take it as this node's, so the proxy route delivers it to Envoy.
+        u16 port = skb->mark >> 16;
+        bpf_skb_change_type(skb, 0 /* PACKET_HOST */);
+        if (to_proxy(skb, &f, port) < 0)
+            return drop(skb, &f, 0, REASON_NO_PROXY, 0, 0, 0, NULL);
+        trace(skb, &f, OBS_TO_PROXY, VERDICT_REDIRECTED, 0, 0, port);
+        return TC_ACT_OK;
     }
     struct endpoint_val *src = endpoints.lookup(&f.saddr);
     if (!src || src->ifindex != skb->ifindex)
@@ -505,9 +528,16 @@ int to_endpoint(struct __sk_buff *skb) {
         emit(skb, &f, EVENT_VERDICT, VERDICT_AUDIT, 0, reason, dst->ep_id, src_id, dst->identity, iv);
         return TC_ACT_OK;
     }
-    if (iv->proxy_port)
-        // Needs L7 but did not enter through an endpoint's veth, where it could be redirected.
-        return drop(skb, &f, 0, REASON_NO_PROXY, dst->ep_id, src_id, dst->identity, iv);
+    if (iv->proxy_port) {
+        // Needs L7 and did not come through a device that redirects on arrival (the node itself,
+        // mostly): bounced to the veth's ingress, where from_endpoint hands it to Envoy.
+        if (f.protocol != IPPROTO_TCP)
+            return drop(skb, &f, 0, REASON_NO_PROXY, dst->ep_id, src_id, dst->identity, iv);
+        count(iv, &f);
+        ct_create(&f, src_id, iv->proxy_port);
+        emit(skb, &f, EVENT_VERDICT, VERDICT_REDIRECTED, 0, 0, dst->ep_id, src_id, dst->identity, iv);
+        return bounce_to_proxy(skb, iv->proxy_port);
+    }
     count(iv, &f);
     ct_create(&f, src_id, 0);
     emit(skb, &f, EVENT_VERDICT, VERDICT_FORWARDED, 0, 0, dst->ep_id, src_id, dst->identity, iv);
@@ -534,8 +564,9 @@ int to_endpoint(struct __sk_buff *skb) {
 // proxy route delivers it locally (Cilium does the same in bpf_host/bpf_overlay). Its conntrack
 // entry names the proxy port, so the rest of the flow follows; everything else passes on to
 // to_endpoint, which judges L3/L4 as for any flow that did not start at a local endpoint.
-// Traffic from the node itself to an L7 port has no ingress device to be redirected at: it is
-// let in by --allow-localhost always, else dropped at to_endpoint ("No proxy to redirect to").
+// Traffic from the node itself to an L7 port has no ingress device to be redirected at: with
+// --allow-localhost always it is let in at L3 (so L7 is allow-all for it, as in Cilium), else
+// to_endpoint judges it and bounces it to the veth's ingress for Envoy (bounce_to_proxy).
 
 // Other nodes' pod prefixes -> their node IP (network order): where to_overlay tunnels to.
 struct tunnel_val {

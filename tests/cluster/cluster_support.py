@@ -9,7 +9,8 @@ Layout (every name carries the prefix ``cdp`` and the test run's tag, and is rem
                        by the agent (router 10.224.I.1), bpffs pins /sys/fs/bpf/cdp-TAG-nI
     netns cdp-out-TAG  an outside host: 10.223.0.100, routes the pod prefixes via their nodes
 
-The underlay's MTU is 9000, so the tunnel device (50 bytes less) still carries 1500-byte frames.
+The underlay (cilia.demo_cluster.Underlay, shared with `make demo-cluster`) has an MTU of 9000, so
+the tunnel device (50 bytes less) still carries 1500-byte frames.
 """
 
 from __future__ import annotations
@@ -31,15 +32,14 @@ from typing import Any, TypeVar
 
 from cilia.bpf.netns import create_netns, delete_netns, netlink, run_in_netns
 from cilia.demo import Deathstar
+from cilia.demo_cluster import UNDERLAY_IP, Underlay, node_ip, pod_cidr
 from tests.agent.agent_support import AgentProcess
 from tests.kvstore.etcd_support import EtcdCluster
 
 T = TypeVar("T")
 REPO = Path(__file__).resolve().parents[2]
 STARWARS = REPO / "examples" / "starwars"
-UNDERLAY_IP = "10.223.0.254"
 OUTSIDE_IP = "10.223.0.100"
-MTU = 9000
 DEATHSTAR_HOST = "deathstar.default.svc.cluster.local"
 SHIPS = {  # name: (node, address, labels)
     "xwing": (1, "10.224.1.12", "org=alliance,class=xwing"),
@@ -47,14 +47,6 @@ SHIPS = {  # name: (node, address, labels)
     "deathstar": (3, "10.224.3.10", "org=empire,class=deathstar"),
 }
 BLOCKED = "blocked"
-
-
-def node_ip(i: int) -> str:
-    return f"10.223.0.{i}"
-
-
-def pod_cidr(i: int) -> str:
-    return f"10.224.{i}.0/24"
 
 
 def wait_until(what: str, predicate: Callable[[], T], timeout: float = 30.0, every: float = 0.2) -> T:
@@ -104,17 +96,6 @@ class Node:
         return out
 
 
-def _link_up(ipr: Any, ifname: str, **extra: Any) -> int:
-    idx = int(ipr.link_lookup(ifname=ifname)[0])
-    ipr.link("set", index=idx, mtu=MTU, state="up", **extra)
-    return idx
-
-
-def _sysctl(path: str, value: str) -> None:
-    with open(f"/proc/sys/{path}", "w", encoding="ascii") as f:
-        f.write(f"{value}\n")
-
-
 class SimCluster:
     """``SimCluster(base, tunnel)``: etcd, underlay, outside host and three nodes with agents;
     ``close()`` stops the agents and removes everything."""
@@ -152,45 +133,14 @@ class SimCluster:
         self._made.append(name)
 
     def _underlay(self) -> None:
-        self._netns(self.underlay)
-
-        def bridge() -> None:
-            with netlink("underlay bridge") as ipr:
-                ipr.link("add", ifname="cdpbr0", kind="bridge")
-                idx = _link_up(ipr, "cdpbr0")
-                ipr.addr("add", index=idx, address=UNDERLAY_IP, prefixlen=24)
-
-        run_in_netns(self.underlay, bridge)
-
-    def _plug(self, netns: str, port: str, address: str) -> None:
-        """A veth from the bridge (``port``) to ``eth0`` with ``address`` in ``netns``."""
-        fd = os.open(f"/run/netns/{netns}", os.O_RDONLY)
-
-        def bridge_end() -> None:
-            with netlink(f"underlay port {port}") as ipr:
-                ipr.link("add", ifname=port, kind="veth", peer=f"{port}p")
-                ipr.link("set", index=ipr.link_lookup(ifname=f"{port}p")[0], net_ns_fd=fd)
-                _link_up(ipr, port, master=ipr.link_lookup(ifname="cdpbr0")[0])
-
-        def node_end() -> None:
-            with netlink(f"eth0 of {netns}") as ipr:
-                idx = ipr.link_lookup(ifname=f"{port}p")[0]
-                ipr.link("set", index=idx, ifname="eth0")
-                _link_up(ipr, "eth0")
-                ipr.addr("add", index=idx, address=address, prefixlen=24)
-            for conf in ("all", "default", "eth0"):
-                _sysctl(f"net/ipv4/conf/{conf}/rp_filter", "0")
-
-        try:
-            run_in_netns(self.underlay, bridge_end)
-        finally:
-            os.close(fd)
-        run_in_netns(netns, node_end)
+        delete_netns(self.underlay)  # a leftover of a killed run with the same tag
+        self._made.append(self.underlay)
+        Underlay(self.underlay).create()
 
     def _node(self, i: int) -> None:
         netns = f"cdp-n{i}-{self.tag}"
         self._netns(netns)
-        self._plug(netns, f"cdpn{i}", node_ip(i))
+        Underlay(self.underlay).plug(netns, f"cdpn{i}", node_ip(i))
         state = self.base / f"node{i}"
         state.mkdir(parents=True, exist_ok=True)
         pin_dir = f"/sys/fs/bpf/cdp-{self.tag}-n{i}"
@@ -204,7 +154,7 @@ class SimCluster:
 
     def _outside_host(self) -> None:
         self._netns(self.outside)
-        self._plug(self.outside, "cdpout", OUTSIDE_IP)
+        Underlay(self.underlay).plug(self.outside, "cdpout", OUTSIDE_IP)
 
         def routes() -> None:
             with netlink("outside host's routes") as ipr:

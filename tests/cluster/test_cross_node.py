@@ -124,6 +124,38 @@ def test_other_nodes_are_remote_node(cluster: SimCluster, tmp_path: Path) -> Non
         c.node(3).cilia("policy", "delete", "remote-node-landing")
 
 
+def test_the_node_itself_reaches_an_l7_port_through_the_proxy(cluster: SimCluster, tmp_path: Path) -> None:
+    """--allow-localhost policy (the default without Kubernetes): node 3's own request to its pod
+    is judged as host; allowed with L7 rules, it is bounced to Envoy (no "No proxy" drop)."""
+    c = cluster
+    node3 = c.node(3).netns
+    assert c.shoot_from(node3, *LAND, timeout=1.0) == BLOCKED
+    seen = wait_until("node 3 drops its own request as host", lambda: [
+        e for e in drops(c, 3) if e.get("source_identity") == 1 and e.get("destination_port") == 80])
+    assert seen[-1]["reason_text"] == "Policy denied"
+    policy = tmp_path / "host.yaml"
+    policy.write_text(WORLD_POLICY.replace("world-landing", "host-landing").replace("[world]", "[host]"))
+    c.import_policy(policy, nodes=(3,))
+    try:
+        assert c.shoot_from(node3, *LAND) == "200 Ship landed"
+        assert c.shoot_from(node3, *EXHAUST) == "403 Access denied"
+    finally:
+        c.node(3).cilia("policy", "delete", "host-landing")
+
+
+def test_allow_localhost_always_lets_the_node_in_whatever_the_policy(cluster: SimCluster) -> None:
+    c = cluster
+    node3 = c.node(3)
+    node3.agent.stop()  # the kernel keeps enforcing meanwhile; the restarted agent takes over
+    node3.agent.args = (*node3.agent.args, "--allow-localhost", "always")
+    node3.agent.start(timeout=90)
+    # allowed at L3, so L7 is allow-all for the host, as in Cilium (kubelet probes reach any path)
+    assert c.shoot_from(node3.netns, *EXHAUST) == "200 Panic: deathstar exploded"
+    # and nothing else changed: other nodes' pods are judged as before
+    assert c.shoot("tiefighter", *EXHAUST) == "403 Access denied"
+    assert c.shoot("xwing", *LAND, timeout=1.0) == BLOCKED
+
+
 def test_a_lost_etcd_member_changes_nothing(cluster: SimCluster) -> None:
     c = cluster
     assert c.etcd is not None
