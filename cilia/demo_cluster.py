@@ -258,7 +258,7 @@ def run(demo: ClusterDemo) -> int:
     if not any("10.224.1.12" in line and "Policy denied" in line for line in lines):
         print("   UNEXPECTED: node 3's monitor did not show xwing's drop")
         failures += 1
-    print("\n-- what node 3's kernel and Envoy decided, with the other nodes' ships named by their labels")
+    print("\n-- what node 3's kernel and Envoy decided, with identities and the deciding rule")
     time.sleep(1.2)  # Envoy flushes access logs about once a second
     node3.cilia("observe", "--last", "6")
     return failures
