@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -19,10 +20,12 @@ from ..cluster import keys
 from ..cluster.identities import ClusterAllocator
 from ..cluster.ipcache import IPCachePublisher, RemoteIPCache
 from ..cluster.nodes import NodeRecord, NodeRegistry
+from ..cluster.remotefeed import RemoteBatch, RemoteFeed
 from ..cluster.session import Session
 from ..kvstore.base import KVStore, KVStoreError
-from ..policy.engine import PolicyEngine
-from ..policy.identity import IdentityKind
+from ..policy.engine import Endpoint, PolicyEngine
+from ..policy.identity import Identity, IdentityKind
+from ..policy.labels import endpoint_labels
 from ..policy.model import IPNetwork
 
 if TYPE_CHECKING:
@@ -77,6 +80,7 @@ class ClusterNode:
         self.nodes = NodeRegistry(store, self.session,
                                   NodeRecord(node, config.node_ip, config.pod_cidr, config.health_ip))
         self.remote: RemoteIPCache | None = None
+        self.feed = RemoteFeed(self._apply_remote)
         self._agent: Agent | None = None
 
     @classmethod
@@ -96,6 +100,7 @@ class ClusterNode:
         self.nodes.start()
         self.remote = RemoteIPCache(self.store, self.node, self._remote_changed)
         self.allocator.on_learned.append(self._identities_learned)
+        self.feed.start()
         self.remote.start()
         self._metrics(agent)
 
@@ -112,12 +117,29 @@ class ClusterNode:
         Gauge("cilia_kvstore_malformed_entries", "Entries in the kvstore skipped because they do not parse",
               registry=r).set_function(lambda: float(self.status()["malformed"]))
 
+    def prepare_identity(self, endpoint: Endpoint) -> AbstractContextManager[Identity]:
+        """The endpoint's cluster-wide identity, allocated now (before the agent's lock is taken)
+        and held until the engine has it; raises ``IdentityUnavailable`` if the store is down."""
+        return self.allocator.prepare(endpoint_labels(endpoint.labels))
+
     def _remote_changed(self, upserts: Mapping[IPNetwork, int], deletes: Sequence[IPNetwork]) -> None:
+        self.feed.add(upserts, deletes)
+
+    def _apply_remote(self, batch: RemoteBatch) -> None:
+        """One engine change (one revision, no state.json write) for everything that arrived
+        while the previous one was applied."""
         agent = self._agent
         if agent is None:
             return
-        # a new revision even when no endpoint's policy moved: the ipcache did
-        agent.change_engine(lambda engine: engine.update_remote(upserts, deletes).endpoints)
+
+        def change(engine: PolicyEngine) -> set[str] | None:
+            changed = set(engine.update_remote(batch.upserts, batch.deletes).endpoints)
+            for identity in sorted(batch.learned):
+                changed |= engine.refresh_remote(identity).endpoints
+            # a new revision even when no endpoint's policy moved, if the ipcache did
+            return changed if changed or batch.upserts or batch.deletes else None
+
+        agent.change_engine(change, persist=False)
 
     # ------------------------------------------------------------------ reading (API)
 
@@ -147,18 +169,10 @@ class ClusterNode:
 
     def _identities_learned(self, identities: list[int]) -> None:
         """Labels that arrived after the addresses using them: those peers become selectable."""
-        agent = self._agent
-        if agent is None:
-            return
-        def refresh(engine: PolicyEngine) -> set[str] | None:
-            changed: set[str] = set()
-            for identity in identities:
-                changed |= engine.refresh_remote(identity).endpoints
-            return changed or None
-
-        agent.change_engine(refresh)
+        self.feed.learned(identities)
 
     def stop(self) -> None:
+        self.feed.stop()
         for part in (self.remote, self.nodes, self.publisher):
             if part is not None:
                 part.stop()

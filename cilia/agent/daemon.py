@@ -24,6 +24,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -472,7 +473,9 @@ class Agent:
             endpoint = _endpoint(spec)
         except (ValueError, PolicyError) as e:
             raise AgentError(f"endpoint {spec.name}: {e}") from None
-        with self.lock:
+        # kvstore (issue 13): the cluster-wide identity is allocated before the lock is taken (the
+        # store's I/O never blocks other API calls); unreachable: 503, never a node-local number
+        with self._identity_prepared(spec.name, endpoint), self.lock:
             before = self._before(endpoints={spec.name})
             try:
                 spec, created = plumb(spec, self.state.endpoints.get(spec.name), self.config.router_ip)
@@ -501,6 +504,16 @@ class Agent:
             result = EndpointAdded(revision, self._endpoint_info(spec))
         self._await_managed(revision, before)
         return result
+
+    def _identity_prepared(self, name: str, endpoint: Endpoint) -> AbstractContextManager[object]:
+        if self.cluster is None:
+            return nullcontext()
+        try:
+            return self.cluster.prepare_identity(endpoint)
+        except IdentityUnavailable as e:
+            raise AgentError(f"endpoint {name}: {e}", 503) from None
+        except ValueError as e:
+            raise AgentError(f"endpoint {name}: {e}") from None
 
     def remove_endpoint(self, name: str) -> Revision:
         with self.lock:
@@ -531,21 +544,24 @@ class Agent:
 
     # ------------------------------------------------------------------ revisions
 
-    def change_engine(self, change: Callable[[PolicyEngine], Iterable[str] | None]) -> int | None:
+    def change_engine(self, change: Callable[[PolicyEngine], Iterable[str] | None],
+                      persist: bool = True) -> int | None:
         """For producers of engine state other than the API (the kvstore's remote endpoints and
         identities): run ``change`` on the engine under the agent's lock and commit the endpoints it
-        names (None: nothing moved, nothing committed). Returns the new revision, if any."""
+        names (None: nothing moved, nothing committed). Returns the new revision, if any.
+        ``persist=False``: what changed is not in state.json (other nodes' addresses), so it is not
+        rewritten; the next persisted revision carries the number on."""
         with self.lock:
             changed = change(self.engine)
-            return None if changed is None else self._commit(changed)
+            return None if changed is None else self._commit(changed, persist)
 
-    def _commit(self, changed: Iterable[str] | None) -> int:
+    def _commit(self, changed: Iterable[str] | None, persist: bool = True) -> int:
         """Number, persist and realize the engine's new state; called with the lock held after a
         change. ``changed``: the endpoints whose policy or spec moved (None: all)."""
         if self.engine.revision <= self.state.revision:
             self.engine.revision = self.state.revision + 1  # a change the engine does not see (ports, ids)
         self.state.revision = self.engine.revision
-        desired = self._realize(changed, persist=True)
+        desired = self._realize(changed, persist=persist)
         return desired.revision
 
     def _realize(self, changed: Iterable[str] | None, persist: bool = False) -> Desired:
