@@ -91,6 +91,9 @@ from .common import (
 @click.option("--node-ip", help="This node's address, announced to the cluster (--kvstore).")
 @click.option("--pod-cidr", help="The prefix this node's endpoints are numbered from, announced (--kvstore).")
 @click.option("--health-ip", help="This node's health endpoint address, announced (--kvstore).")
+@click.option("--cluster-health-port", type=click.IntRange(0, 65535), default=4240, show_default=True,
+              help="Cluster health (--kvstore): serve GET /hello on --health-ip (else --node-ip) at this port "
+              "and probe every other node's (ICMP and HTTP) every second; `cilia health status` (0: off).")
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning"]), default="info", show_default=True)
 def agent_cmd(state_dir: str, xds_addresses: Sequence[str], envoy_mode: str, node_id: str, datapath: str,
               bpf_pin_dir: str, router_ip: str | None, flow_file: str | None, flow_file_max_mb: int,
@@ -99,7 +102,7 @@ def agent_cmd(state_dir: str, xds_addresses: Sequence[str], envoy_mode: str, nod
               xds_insecure: bool, socket_group: str | None, prometheus_serve_addr: str | None,
               agent_health_port: int, kvstore: str, kvstore_endpoints: str | None, kvstore_ca: str | None,
               kvstore_cert: str | None, kvstore_key: str | None, kvstore_lease_ttl: int, node_ip: str | None,
-              pod_cidr: str | None, health_ip: str | None, proxy_grace: float,
+              pod_cidr: str | None, health_ip: str | None, cluster_health_port: int, proxy_grace: float,
               log_level: str) -> None:
     """Run the agent until SIGTERM or Ctrl-C: load state, serve the REST API on
     <state-dir>/cilia.sock, serve xDS, supervise Envoy, receive its access logs; with
@@ -130,7 +133,7 @@ def agent_cmd(state_dir: str, xds_addresses: Sequence[str], envoy_mode: str, nod
                          xds_tls=_xds_tls(xds_addresses, xds_tls_cert, xds_tls_key, xds_tls_ca, xds_insecure),
                          xds_insecure=xds_insecure, socket_group=_group_id(socket_group),
                          kvstore=_kvstore(kvstore, kvstore_endpoints, kvstore_ca, kvstore_cert, kvstore_key,
-                                          kvstore_lease_ttl, node_ip, pod_cidr, health_ip),
+                                          kvstore_lease_ttl, node_ip, pod_cidr, health_ip, cluster_health_port),
                          proxy_grace=proxy_grace)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -220,7 +223,8 @@ def _xds_tls(addresses: Sequence[str], cert: str | None, key: str | None, ca: st
 
 
 def _kvstore(backend: str, endpoints: str | None, ca: str | None, cert: str | None, key: str | None,
-             lease_ttl: int, node_ip: str | None, pod_cidr: str | None, health_ip: str | None) -> Any:
+             lease_ttl: int, node_ip: str | None, pod_cidr: str | None, health_ip: str | None,
+             health_port: int = 4240) -> Any:
     """The KVStoreConfig (None without --kvstore); exits 2 on options that do not fit together."""
     import ipaddress
 
@@ -250,7 +254,7 @@ def _kvstore(backend: str, endpoints: str | None, ca: str | None, cert: str | No
     return KVStoreConfig("etcd", tuple(e.strip() for e in endpoints.split(",") if e.strip()),
                          Path(ca).resolve() if ca else None, Path(cert).resolve() if cert else None,
                          Path(key).resolve() if key else None, lease_ttl, node_ip=node_ip, pod_cidr=pod_cidr,
-                         health_ip=health_ip)
+                         health_ip=health_ip, health_port=health_port)
 
 
 def _group_id(group: str | None) -> int | None:
@@ -336,6 +340,11 @@ def _status_text(s: dict[str, Any]) -> str:
         lines.append(f"KVStore:     {kv['backend']} {','.join(kv['endpoints'])} as node {kv['node']}, {state}, "
                      f"{kv['nodes']} node(s), {kv['remote_endpoints']} remote endpoint address(es)"
                      + (f", {kv['malformed']} malformed entries skipped" if kv["malformed"] else ""))
+        if "health" in kv:
+            h = kv["health"]
+            lines.append(f"Cluster health: {h['reachable']}/{h['nodes']} other node(s) reachable"
+                         + (f" (unreachable: {', '.join(h['unreachable'])})" if h["unreachable"] else "")
+                         + (f"; {h['error']}" if h.get("error") else ""))
     lines += [f"Note:        {n}" for n in s["notes"]]
     lines += [f"Degraded:    {r}" for r in s.get("reasons", [])]
     return "\n".join(lines)
