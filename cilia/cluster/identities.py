@@ -63,6 +63,7 @@ class ClusterAllocator(MemoryAllocator):
         self._io_lock = threading.Lock()  # one allocation or reference deletion at a time
         self._known: dict[int, Identity] = {}  # every cluster identity whose labels parse
         self._known_labels: dict[LabelSet, Identity] = {}
+        self._rewritten: set[int] = set()  # IDs whose labels another writer changed: unknown until deleted
         self._refs: dict[int, set[str]] = {}  # ID -> nodes referencing it (from the mirror)
         self._held: dict[LabelSet, Identity] = {}  # what this node references
         self._engine_uses: set[LabelSet] = set()  # allocated by the engine and not released since
@@ -329,8 +330,18 @@ class ClusterAllocator(MemoryAllocator):
                 old = self._known.pop(number, None)
                 if old is not None and self._known_labels.get(old.labels) is old:
                     del self._known_labels[old.labels]
-                if value is not None:
+                if value is None:
+                    self._rewritten.discard(number)  # deleted: the number may be allocated afresh
+                elif number in self._rewritten:
+                    raise ValueError(f"{key}: identity {number} was rewritten before; still denied")
+                else:
                     ident = self._parse(number, value)
+                    if ident is not None and old is not None and ident.labels != old.labels:
+                        # an ID is created once with its labels; another writer changed them: taking
+                        # the new labels could widen access, so the number is known to no one now
+                        self._rewritten.add(number)
+                        raise ValueError(f"{key}: identity {number}'s labels changed from {old.labels} to "
+                                         f"{ident.labels}; its traffic is denied")
                     if ident is not None:
                         self._learn(ident)
             elif key.startswith(keys.REFS):
