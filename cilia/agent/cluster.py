@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator, Mapping, Sequence
-from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -23,12 +22,10 @@ from ..cluster.health import HEALTH_PORT, HealthProber, HealthServer
 from ..cluster.identities import ClusterAllocator
 from ..cluster.ipcache import IPCachePublisher, RemoteIPCache
 from ..cluster.nodes import NodeRecord, NodeRegistry
-from ..cluster.remotefeed import RemoteBatch, RemoteFeed
+from ..cluster.remotefeed import RemoteBatch, RemoteFeed, engine_change
 from ..cluster.session import Session
 from ..kvstore.base import KVStore, KVStoreError
-from ..policy.engine import Endpoint, PolicyEngine
-from ..policy.identity import Identity, IdentityKind
-from ..policy.labels import endpoint_labels
+from ..policy.identity import IdentityKind
 from ..policy.model import IPNetwork
 
 if TYPE_CHECKING:
@@ -145,29 +142,14 @@ class ClusterNode:
         Gauge("cilia_kvstore_malformed_entries", "Entries in the kvstore skipped because they do not parse",
               registry=r).set_function(lambda: float(self.status()["malformed"]))
 
-    def prepare_identity(self, endpoint: Endpoint) -> AbstractContextManager[Identity]:
-        """The endpoint's cluster-wide identity, allocated now (before the agent's lock is taken)
-        and held until the engine has it; raises ``IdentityUnavailable`` if the store is down."""
-        return self.allocator.prepare(endpoint_labels(endpoint.labels))
-
     def _remote_changed(self, upserts: Mapping[IPNetwork, int], deletes: Sequence[IPNetwork]) -> None:
         self.feed.add(upserts, deletes)
 
     def _apply_remote(self, batch: RemoteBatch) -> None:
         """One engine change (one revision, no state.json write) for everything that arrived
         while the previous one was applied."""
-        agent = self._agent
-        if agent is None:
-            return
-
-        def change(engine: PolicyEngine) -> set[str] | None:
-            changed = set(engine.update_remote(batch.upserts, batch.deletes).endpoints)
-            for identity in sorted(batch.learned):
-                changed |= engine.refresh_remote(identity).endpoints
-            # a new revision even when no endpoint's policy moved, if the ipcache did
-            return changed if changed or batch.upserts or batch.deletes else None
-
-        agent.change_engine(change, persist=False)
+        if self._agent is not None:
+            self._agent.change_engine(engine_change(batch), persist=False)
 
     # ------------------------------------------------------------------ reading (API)
 

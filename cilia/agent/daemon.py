@@ -55,7 +55,8 @@ from ..policy import (
     compile_policy,
     parse_text,
 )
-from ..policy.identity import IdentityUnavailable
+from ..policy.identity import IdentityAllocator, IdentityUnavailable
+from ..policy.labels import endpoint_labels
 from ..policy.parse import check_unique
 from ..realizer import Desired, EndpointState, PortMap, Realizer
 from ..realizer.datapath import DatapathSink
@@ -129,6 +130,7 @@ class AgentConfig:
     socket_group: int | None = None  # the agent's sockets are 0660 with this gid, else 0600
     proxy_grace: float = 30.0  # a proxy with no xDS stream this long is gone: no more waits or health for it
     kvstore: KVStoreConfig | None = None  # kvstore (issue 13): identities, endpoints and nodes shared cluster-wide
+    allocator: IdentityAllocator | None = None  # identities from elsewhere (CRD mode: cilia.k8s.crdmode)
 
     @property
     def api_socket(self) -> Path:
@@ -192,7 +194,7 @@ class Agent:
         # kvstore (issue 13): cluster-wide identities from etcd instead of this node's file
         self.cluster = ClusterNode.connect(config.node_id, config.kvstore) if config.kvstore is not None else None
         self.engine = PolicyEngine(self.cluster.allocator if self.cluster is not None
-                                   else FileAllocator(config.state_dir))
+                                   else config.allocator or FileAllocator(config.state_dir))
         self.cache = Cache()
         self.metrics = Metrics()
         self.tracker: AckTracker = MeteredAckTracker(self.metrics)
@@ -506,10 +508,12 @@ class Agent:
         return result
 
     def _identity_prepared(self, name: str, endpoint: Endpoint) -> AbstractContextManager[object]:
-        if self.cluster is None:
+        """A cluster-wide allocator's ``prepare`` (kvstore, CRD mode): the identity allocated now."""
+        prepare = getattr(self.engine.allocator, "prepare", None)
+        if prepare is None:
             return nullcontext()
         try:
-            return self.cluster.prepare_identity(endpoint)
+            return prepare(endpoint_labels(endpoint.labels))  # type: ignore[no-any-return]
         except IdentityUnavailable as e:
             raise AgentError(f"endpoint {name}: {e}", 503) from None
         except ValueError as e:

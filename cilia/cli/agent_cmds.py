@@ -14,6 +14,7 @@ import sys
 import threading
 import time
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -135,6 +136,16 @@ def agent_cmd(state_dir: str, xds_addresses: Sequence[str], envoy_mode: str, nod
                          kvstore=_kvstore(kvstore, kvstore_endpoints, kvstore_ca, kvstore_cert, kvstore_key,
                                           kvstore_lease_ttl, node_ip, pod_cidr, health_ip, cluster_health_port),
                          proxy_grace=proxy_grace)
+    # Kubernetes without a kvstore (issue 13): CiliumIdentity/CiliumEndpoint objects are the shared store
+    kube_api = _kubernetes_api(kubernetes) if kubernetes else None
+    crd: Any = None
+    if kube_api is not None and config.kvstore is None:
+        import socket
+
+        from ..k8s.crdmode import CRDMode
+
+        crd = CRDMode(kube_api, node_name or socket.gethostname())
+        config = replace(config, allocator=crd.allocator)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
@@ -157,8 +168,10 @@ def agent_cmd(state_dir: str, xds_addresses: Sequence[str], envoy_mode: str, nod
         api = APIServer(config.api_socket, agent)
         api.start()
         tcp = start_servers(agent, prometheus_serve_addr, agent_health_port or None)
-        if kubernetes:
-            watcher = _kubernetes_watcher(agent, kubernetes, node_name, datapath, envoy_mode)
+        if kube_api is not None:
+            if crd is not None:
+                crd.attach(agent)
+            watcher = _kubernetes_watcher(agent, kube_api, node_name, datapath, envoy_mode, crd)
             watcher.start()
         status = agent.status()
         envoy = status["envoy"]
@@ -182,6 +195,8 @@ def agent_cmd(state_dir: str, xds_addresses: Sequence[str], envoy_mode: str, nod
     finally:
         if watcher is not None:
             watcher.stop()
+        if crd is not None:
+            crd.stop()
         for server in tcp:
             server.stop()
         if api is not None:
@@ -270,23 +285,33 @@ def _group_id(group: str | None) -> int | None:
         sys.exit(2)
 
 
-def _kubernetes_watcher(agent: Any, kubernetes: str, node_name: str | None, datapath: str, envoy_mode: str) -> Any:
-    """The watcher feeding ``agent`` from the cluster; exits 2 if its config cannot be read."""
-    import socket
-
-    from ..k8s import WatchConfig, Watcher, connect
+def _kubernetes_api(kubernetes: str) -> Any:
+    """The API client for --kubernetes; exits 2 if its config cannot be read."""
+    from ..k8s import connect
     from ..k8s.watch import WatchError
 
     try:
-        api = connect(None if kubernetes in ("in-cluster", "default") else kubernetes, kubernetes == "in-cluster")
+        return connect(None if kubernetes in ("in-cluster", "default") else kubernetes, kubernetes == "in-cluster")
     except WatchError as e:
         click.echo(f"error: --kubernetes: {e}", err=True)
         sys.exit(2)
+
+
+def _kubernetes_watcher(agent: Any, api: Any, node_name: str | None, datapath: str, envoy_mode: str,
+                        crd: Any = None) -> Any:
+    """The watcher feeding ``agent`` from the cluster (with CRD mode's watches when ``crd``)."""
+    import socket
+
+    from ..k8s import WatchConfig, Watcher
+
     # Named container ports give endpoints ports; without BPF an agent would put Envoy on them.
     from ..agent.api import InProcess
 
-    watcher = Watcher(api, InProcess(agent), WatchConfig(node_name=node_name or socket.gethostname(),
-                                                         pod_ports=datapath == "bpf" or envoy_mode == "none"))
+    config = WatchConfig(node_name=node_name or socket.gethostname(),
+                         pod_ports=datapath == "bpf" or envoy_mode == "none")
+    if crd is not None:
+        return crd.watcher(agent, config)
+    watcher = Watcher(api, InProcess(agent), config)
     agent.kubernetes = watcher
     return watcher
 

@@ -14,6 +14,7 @@ import threading
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
+from ..policy.engine import PolicyEngine
 from ..policy.model import IPNetwork
 
 _log = logging.getLogger(__name__)
@@ -89,3 +90,16 @@ class RemoteFeed:
             with self._lock:
                 if not (self._upserts or self._deleted or self._learned):
                     self.idle.set()
+
+
+def engine_change(batch: RemoteBatch) -> Callable[[PolicyEngine], set[str] | None]:
+    """``batch`` as one change for ``Agent.change_engine``: the addresses, then the identities
+    whose labels arrived late; a revision even when no endpoint's policy moved, if the ipcache did."""
+
+    def change(engine: PolicyEngine) -> set[str] | None:
+        changed = set(engine.update_remote(batch.upserts, batch.deletes).endpoints)
+        for identity in sorted(batch.learned):
+            changed |= engine.refresh_remote(identity).endpoints
+        return changed if changed or batch.upserts or batch.deletes else None
+
+    return change

@@ -55,6 +55,9 @@ NETWORK_POLICIES = "networkpolicies"
 CNPS = "ciliumnetworkpolicies"
 CCNPS = "ciliumclusterwidenetworkpolicies"
 RESOURCES = (NAMESPACES, PODS, NETWORK_POLICIES, CNPS, CCNPS)
+# CRD mode (cilia.k8s.crdmode) adds these, with their handlers
+CILIUM_IDENTITIES = "ciliumidentities"
+CILIUM_ENDPOINTS = "ciliumendpoints"
 _GONE = 410
 
 
@@ -151,9 +154,11 @@ def _interrupt(resp: Any) -> None:
 class Watcher:
     """Watches the API server through ``api`` and keeps ``sink`` (the agent) in step with it."""
 
-    def __init__(self, api: ApiClient, sink: Sink, config: WatchConfig | None = None) -> None:
+    def __init__(self, api: ApiClient, sink: Sink, config: WatchConfig | None = None,
+                 extra: Mapping[str, _Handler] | None = None) -> None:
+        """``extra``: handlers of more resources (CRD mode's), each also named in ``config.resources``."""
         self.config = config or WatchConfig()
-        unknown = set(self.config.resources) - set(RESOURCES)
+        unknown = set(self.config.resources) - set(RESOURCES) - set(extra or {})
         if unknown:
             raise WatchError(f"unknown resources {sorted(unknown)} (known: {', '.join(RESOURCES)})")
         self._api = api
@@ -172,7 +177,7 @@ class Watcher:
         self.ccnps = _CiliumPolicies(self, CCNP)
         self.netpols = _NetworkPolicies(self)
         self._handlers: dict[str, _Handler] = {NAMESPACES: self.namespaces, PODS: self.pods, CNPS: self.cnps,
-                                               CCNPS: self.ccnps, NETWORK_POLICIES: self.netpols}
+                                               CCNPS: self.ccnps, NETWORK_POLICIES: self.netpols, **(extra or {})}
         self._calls = self._list_functions()
 
     # ------------------------------------------------------------------ lifecycle
@@ -228,6 +233,10 @@ class Watcher:
             NETWORK_POLICIES: net.list_network_policy_for_all_namespaces,
             CNPS: functools.partial(custom.list_cluster_custom_object, "cilium.io", "v2", CNPS),
             CCNPS: functools.partial(custom.list_cluster_custom_object, "cilium.io", "v2", CCNPS),
+            CILIUM_IDENTITIES: functools.partial(custom.list_cluster_custom_object, "cilium.io", "v2",
+                                                 CILIUM_IDENTITIES),
+            CILIUM_ENDPOINTS: functools.partial(custom.list_cluster_custom_object, "cilium.io", "v2",
+                                                CILIUM_ENDPOINTS),
         }
 
     def _call(self, resource: str, **kwargs: Any) -> Any:
