@@ -12,9 +12,8 @@ an agent does. Stages add simulated nodes until ``--nodes``; the endpoints grow 
 ``--endpoints`` at the last stage. At each stage ``--adds`` endpoints are added on node-a, one at a
 time, and the time until node-b's ipcache holds the address is taken (p50/p99). The etcd requests
 node-a's store client makes per endpoint add are counted (writes: put, transaction, delete). Last,
-``--remote`` endpoint addresses are published (by simulated nodes) and a fresh `cilia agent`
-process is started against them: its RSS once it holds them all, against the same agent's RSS
-with none.
+``--remote`` endpoint addresses are published (by simulated nodes that only publish) while a
+`cilia agent` process watches: its RSS once it holds them all, against its RSS with none.
 
 Prints a table and writes bench/results/cluster_scale.json. The machine is shared and loaded:
 numbers compare within one run; nothing here asserts a timing.
@@ -53,9 +52,10 @@ def address(i: int, base: int = 11) -> str:
 # ---------------------------------------------------------------------- simulated nodes (worker)
 
 
-def simulate(endpoints: list[str], first_node: int, nodes: int, first_ep: int, count: int, base: int) -> None:
-    """A worker process: ``nodes`` simulated nodes, each with its lease and a watch of the ipcache,
-    publishing ``count`` endpoints between them. Prints "ready ..." when all are written and every
+def simulate(endpoints: list[str], first_node: int, nodes: int, first_ep: int, count: int, base: int,
+             watch: bool) -> None:
+    """A worker process: ``nodes`` simulated nodes, each with its lease and (``watch``) a watch of
+    the ipcache, publishing ``count`` endpoints between them. Prints "ready ..." when all are written and every
     watch has listed; exits when stdin closes."""
     from cilia.cluster import keys
     from cilia.cluster.ipcache import IPEntry
@@ -69,9 +69,10 @@ def simulate(endpoints: list[str], first_node: int, nodes: int, first_ep: int, c
         session = Session(store, f"sim-{first_node + n}", ttl=60)
         session.start()
         sessions.append(session)
-        mirror = PrefixMirror(store, keys.IPCACHE, lambda upserts, deletes: None)
-        mirror.start()
-        mirrors.append(mirror)
+        if watch:
+            mirror = PrefixMirror(store, keys.IPCACHE, lambda upserts, deletes: None)
+            mirror.start()
+            mirrors.append(mirror)
 
     def put(i: int) -> None:
         node = i % nodes
@@ -101,7 +102,7 @@ class Workers:
         self.nodes = 0
         self.published = 0
 
-    def add(self, nodes: int, count: int, base: int = 11) -> None:
+    def add(self, nodes: int, count: int, base: int = 11, watch: bool = True) -> None:
         """``nodes`` more simulated nodes publishing ``count`` more endpoints, in workers of
         ``NODES_PER_WORKER`` nodes; returns when they are all written and watched."""
         started = []
@@ -109,7 +110,7 @@ class Workers:
         while left_nodes > 0:
             n = min(NODES_PER_WORKER, left_nodes)
             c = left_eps * n // left_nodes
-            args = json.dumps([self.endpoints, self.nodes, n, self.published, c, base])
+            args = json.dumps([self.endpoints, self.nodes, n, self.published, c, base, watch])
             proc = subprocess.Popen([sys.executable, "-m", "bench.cluster_scale", "--simulate", args], cwd=REPO,
                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
                                     env=dict(os.environ, PYTHONPATH=str(REPO)))
@@ -209,7 +210,7 @@ def agent_rss(endpoints: list[str], workdir: Path, remote: int) -> dict[str, Any
         time.sleep(2)
         before = rss_kib(proc.pid)
         started = time.monotonic()
-        workers.add(max(1, remote // 1000), remote, base=13)
+        workers.add(max(1, remote // 1000), remote, base=13, watch=False)  # publishers only: the agent is measured
         published = time.monotonic() - started
         wait_for(lambda: (_status(client) or {}).get("remote_endpoints", 0) >= remote, 900, interval=0.5)
         held = time.monotonic() - started
