@@ -442,9 +442,11 @@ def _wait_healthy(state_dir: str, seconds: float) -> dict[str, Any]:
               "--wait`); exit 1 if it is not within --wait-duration.")
 @click.option("--wait-duration", type=click.FloatRange(0), default=300.0, show_default=True,
               help="Seconds --wait waits.")
+@click.option("--cluster", is_flag=True, help="Also each other node's answers to this node's health probes "
+              "(as `cilia health status`; agents with --kvstore).")
 @state_dir_option
 @output_option
-def status_cmd(verbose: bool, wait: bool, wait_duration: float, state_dir: str, output: str) -> None:
+def status_cmd(verbose: bool, wait: bool, wait_duration: float, cluster: bool, state_dir: str, output: str) -> None:
     """The agent's health, revision, Envoy, the datapath, each proxy's ACK/NACK state and the
     policy features accepted but not enforced."""
     payload = _wait_healthy(state_dir, wait_duration) if wait else call_agent(state_dir, lambda c: c.status())
@@ -457,6 +459,12 @@ def status_cmd(verbose: bool, wait: bool, wait_duration: float, state_dir: str, 
         text = _status_text(payload)
     if policies is not None and (notes := _policy_notes_text(policies)):
         text += "\n" + notes
+    if cluster:
+        from .cluster_cmds import health_text
+
+        health = call_agent(state_dir, lambda c: c.cluster_health())
+        payload = {**payload, "cluster_health": health}
+        text += "\n" + health_text(health)
     emit(output, payload, lambda _: text)
     if not payload["healthy"]:
         sys.exit(1)

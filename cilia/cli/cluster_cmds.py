@@ -28,7 +28,7 @@ def _ms(result: dict[str, object]) -> str:
     return "FAIL"
 
 
-def _health_text(p: dict[str, object]) -> str:
+def health_text(p: dict[str, object]) -> str:
     serving = p["serving"] or f"not served ({p['error']})"
     nodes = p["nodes"]
     assert isinstance(nodes, list)
@@ -47,7 +47,7 @@ def health_status_cmd(state_dir: str, output: str) -> None:
     """Whether every other node answered this node's last ICMP echo and HTTP probe, and how fast.
     Exits 1 if one did not."""
     payload = call_agent(state_dir, lambda c: c.cluster_health())
-    emit(output, payload, _health_text)
+    emit(output, payload, health_text)
     if not all(n["reachable"] for n in payload["nodes"]):
         raise SystemExit(1)
 

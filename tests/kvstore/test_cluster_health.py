@@ -111,6 +111,10 @@ def test_nodes_probe_each_other_and_a_node_that_stops_answering_shows(tmp_path: 
                        for line in metric_lines(a))
             text = run_cli(a, "health", "status")
             assert text.code == 0 and "node-b" in text.out and "yes" in text.out
+            both = run_cli(a, "status", "--cluster")
+            assert both.code == 0 and "Cluster health: 1/1 other node(s) reachable" in both.out
+            assert "node-b" in both.out and f"{NODE_IPS['b']}" in both.out
+            assert run_cli(a, "status", "--cluster", "-o", "json").json()["cluster_health"]["nodes"][0]["reachable"]
 
             proc = agents["b"].proc  # b's agent dies: its node still answers ICMP, not HTTP
             assert proc is not None
