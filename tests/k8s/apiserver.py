@@ -132,6 +132,7 @@ class KubeTestServer:
         self._snapshots: dict[str, tuple[int, list[Obj]]] = {}
         self.requests: list[tuple[str, str, dict[str, str]]] = []  # (resource, "list"|"watch", query)
         self.writes: dict[tuple[str, str], int] = {}  # (resource, verb) -> requests (CRD mode's writes)
+        self._write_failures: dict[str, int] = {}  # resource -> writes still to fail with 503
         self.open_watches: dict[str, int] = {name: 0 for name in RESOURCES}
         self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
         self._httpd.daemon_threads = True
@@ -283,6 +284,12 @@ class KubeTestServer:
         """Answer the next ``times`` requests for ``resource`` with ``status``."""
         with self._cond:
             self._failures.setdefault(resource, []).extend([status] * times)
+
+    def fail_writes(self, resource: str, times: int) -> None:
+        """The next ``times`` writes (POST/PUT/DELETE) of ``resource`` answer 503, as an API server
+        that cannot reach its etcd."""
+        with self._cond:
+            self._write_failures[resource] = times
 
     def count(self, resource: str, what: str) -> int:
         """How many list or watch requests ``resource`` had."""
@@ -457,6 +464,12 @@ class _Handler(BaseHTTPRequestHandler):
         r, namespace, name = where
         with kube._cond:
             kube.writes[(r.name, verb)] = kube.writes.get((r.name, verb), 0) + 1
+            failing = verb != "get" and kube._write_failures.get(r.name, 0) > 0
+            if failing:
+                kube._write_failures[r.name] -= 1
+        if failing:
+            self.send_json(503, _status(503, "ServiceUnavailable", "injected failure"))
+            return
         try:
             if verb == "create":
                 meta = body.setdefault("metadata", {})

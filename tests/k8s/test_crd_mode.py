@@ -173,3 +173,23 @@ def test_the_agent_command_runs_crd_mode(tmp_path: Path) -> None:
         assert "Traceback" not in agent.log.read_text()
     finally:
         server.stop()
+
+
+def test_a_pod_whose_identity_cannot_be_written_waits_and_is_taken_later(tmp_path: Path) -> None:
+    """The API server refuses the CiliumIdentity's creation (503): the pod gets no endpoint (never a
+    node-local number), and the watcher applies it again until its identity is written."""
+    server = KubeTestServer().start()
+    try:
+        server.add("namespaces", {"metadata": {"name": "default"}})
+        with crd_agent(server, tmp_path, "node-1") as (a, _):
+            server.fail_writes("ciliumidentities", 3)
+            server.add("pods", pod("late", "node-1", "10.214.1.20", app="late"))
+            wait_until("refused", lambda: any(r["name"] == "late" for r in a.kubernetes.status()["rejected"]))
+            assert "late.default" not in {e.spec.name for e in a.endpoints().endpoints}
+            assert "no cluster-wide identity" in a.kubernetes.status()["rejected"][0]["error"]
+            wait_until("taken", lambda: identity_of(a, "late.default") is not None, timeout=60)
+            number = identity_of(a, "late.default")
+            assert server.get("ciliumidentities", str(number))["security-labels"]["k8s:app"] == "late"
+            assert a.kubernetes.status()["rejected"] == []
+    finally:
+        server.stop()
