@@ -253,7 +253,16 @@ class ClusterNode:
                 + (self.remote.malformed if self.remote is not None else 0),
                 "watches": {name: {"connected": m.connected, "revision": m.revision, "relists": m.relists}
                             for name, m in mirrors.items()},
-                **({"health": self._health_summary()} if self.prober is not None else {})}
+                **({"health": self._health_summary()} if self.prober is not None else {}),
+                **({"routing": self._routing()} if self._routing() else {})}
+
+    def _routing(self) -> dict[str, Any] | None:
+        """How this node reaches the others' pods (the BPF datapath with --node-ip), if it does."""
+        agent = self._agent
+        cross = agent.node.cross if agent is not None and agent.node is not None else None
+        if cross is None:
+            return None
+        return {"mode": cross.mode, "underlay": cross.underlay, "routes": cross.routes(), "error": cross.last_error}
 
     def _health_summary(self) -> dict[str, Any]:
         report = self.prober.report() if self.prober is not None else []

@@ -65,6 +65,9 @@ def test_starwars_across_nodes(cluster: SimCluster) -> None:
     # tiefighter (node 2) lands on deathstar (node 3) once node 3 knows its identity from etcd
     wait_until("tiefighter lands", lambda: c.shoot("tiefighter", *LAND) == "200 Ship landed", timeout=60)
     assert c.node(2).cilia("node", "list", "-o", "json").json()["nodes"][2]["pod_cidr"] == "10.224.3.0/24"
+    routing = c.node(1).cilia("status", "-o", "json").json()["kvstore"]["routing"]
+    assert routing["mode"] == ("vxlan" if c.tunnel == "vxlan" else "direct") and routing["error"] is None
+    assert routing["routes"] == {"10.224.2.0/24": "10.223.0.2", "10.224.3.0/24": "10.223.0.3"}
     # the exhaust port is refused by node 3's Envoy
     assert c.shoot("tiefighter", *EXHAUST) == "403 Access denied"
     # xwing (node 1) is dropped in node 3's kernel (the sender's egress policy allows it)
