@@ -51,7 +51,7 @@ class Member:
 
 class EtcdCluster:
     def __init__(self, base: Path, members: int = 3, tls: tuple[Path, Path, Path] | None = None,
-                 host: str = HOST, netns: str | None = None) -> None:
+                 host: str | None = None, netns: str | None = None) -> None:
         """``tls``: (CA, server certificate, key): clients must speak TLS and show a certificate
         that CA signed (peers stay plaintext on loopback). ``netns``: run the members in that named
         network namespace, listening on ``host`` (an address it has; tests/cluster's underlay)."""
@@ -59,6 +59,7 @@ class EtcdCluster:
             pytest.skip("etcd-server is not installed (scripts/apt-packages.txt)")
         self.base = base
         self.tls = tls
+        host = host or HOST  # read at call time: a test may point HOST elsewhere
         self.host = host
         self.netns = netns
         self.members: list[Member] = []
