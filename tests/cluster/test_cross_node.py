@@ -10,12 +10,18 @@ the next expects it; the faults come last)."""
 from __future__ import annotations
 
 import json
+import socket
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from cilia.bpf.crossnode import ROUTE_PROTO, VXLAN_DEVICE
+from cilia.bpf.loader import EGRESS_PARENT, INGRESS_PARENT
+from cilia.bpf.netns import netlink, run_in_netns
 from cilia.cluster import keys
 from tests.cluster.cluster_support import (
     BLOCKED,
@@ -211,3 +217,30 @@ REMOTE_NODE_POLICY = WORLD_POLICY.replace("world-landing", "remote-node-landing"
     toPorts:
     - ports: [{port: "8080", protocol: TCP}]
 """
+
+
+def test_cleanup_removes_routes_tunnel_and_the_underlay_program(cluster: SimCluster) -> None:
+    """After the previous test node 2's agent is dead: `cilia cleanup` there removes what the
+    cross-node datapath put on the node."""
+    c = cluster
+    node2 = c.node(2)
+    assert node2.agent.proc is None
+    assert underlay_state(node2.netns) != (0, False, 0)  # routes (and the tunnel) are there before
+    done = subprocess.run(["nsenter", f"--net=/run/netns/{node2.netns}", sys.executable, "-m", "cilia", "cleanup",
+                           "--state-dir", str(node2.state_dir)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "route(s) to other nodes' pods" in done.stdout
+    assert underlay_state(node2.netns) == (0, False, 0)
+
+
+def underlay_state(netns: str) -> tuple[int, bool, int]:
+    """(routes of ours, tunnel device present, tc filters on eth0) in ``netns``."""
+    def go() -> tuple[int, bool, int]:
+        with netlink("cross-node state") as ipr:
+            routes = [r for r in ipr.get_routes(family=socket.AF_INET, table=254) if r.get("proto") == ROUTE_PROTO]
+            eth0 = ipr.link_lookup(ifname="eth0")[0]
+            filters = [m for parent in (INGRESS_PARENT, EGRESS_PARENT)
+                       for m in ipr.get_filters(index=eth0, parent=parent) if m.get_attr("TCA_OPTIONS") is not None]
+            return len(routes), bool(ipr.link_lookup(ifname=VXLAN_DEVICE)), len(filters)
+
+    return run_in_netns(netns, go)
