@@ -108,6 +108,20 @@ def test_outside_host_reaches_an_l7_port_through_the_proxy(cluster: SimCluster, 
         c.node(3).cilia("policy", "delete", "world-landing")
 
 
+def test_cluster_entity_takes_in_other_nodes_pods_not_the_world(cluster: SimCluster, tmp_path: Path) -> None:
+    c = cluster
+    policy = tmp_path / "cluster.yaml"
+    policy.write_text(WORLD_POLICY.replace("world-landing", "cluster-landing").replace("[world]", "[cluster]"))
+    c.import_policy(policy, nodes=(3,))
+    try:
+        assert c.shoot("xwing", *LAND) == "200 Ship landed"  # a pod of node 1 is in the cluster
+        assert c.shoot("xwing", *EXHAUST) == "403 Access denied"
+        assert c.shoot_from(c.outside, *LAND, timeout=1.0) == BLOCKED  # an outside host is not
+    finally:
+        c.node(3).cilia("policy", "delete", "cluster-landing")
+    assert c.shoot("xwing", *LAND, timeout=1.0) == BLOCKED
+
+
 def test_other_nodes_are_remote_node(cluster: SimCluster, tmp_path: Path) -> None:
     c = cluster
     node1 = c.node(1).netns
