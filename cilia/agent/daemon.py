@@ -763,6 +763,14 @@ class Agent:
                 row["labels"] = self._labels_of(int(row["identity"]))  # type: ignore[call-overload]
             return {"endpoint": name, "id": ep_id, "interface": spec.interface, "entries": rows}
 
+    def bpf_lb(self) -> dict[str, Any]:
+        """The load balancer's maps as the kernel holds them, with counters (``cilia bpf lb list``)."""
+        with self.lock:
+            lb = self.node.lb if self.node is not None else None
+            if lb is None:
+                raise AgentError("the BPF datapath is not running (cilia agent --datapath bpf)", 409)
+            return {"services": lb.rows()}
+
     def _labels_of(self, identity: int) -> list[str]:
         ident = self.engine.allocator.get(identity) if identity else None
         return ident.labels.to_list() if ident else []
