@@ -11,6 +11,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/socket.h>
+#include <sys/time.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -68,8 +69,10 @@ int main(int argc, char **argv) {
         double secs = atof(argv[4]), end = now() + secs;
         long n = 0;
         struct linger reset = {1, 0}; /* close with a reset: no TIME_WAIT, the client never runs out of ports */
+        struct timeval limit = {2, 0};     /* a lost connection fails the run instead of hanging it */
         while (now() < end) {
             int c = socket(AF_INET, SOCK_STREAM, 0);
+            setsockopt(c, SOL_SOCKET, SO_SNDTIMEO, &limit, sizeof(limit));
             if (connect(c, (struct sockaddr *)&a, sizeof(a))) {
                 perror("connect");
                 return 1;

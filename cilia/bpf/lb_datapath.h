@@ -292,6 +292,16 @@ static __always_inline void lb_rev_nat(struct __sk_buff *skb, struct flow *f) {
     lb_rewrite(skb, f, 0, f->saddr, r->addr, f->sport, r->port);
 }
 
+// A new flow that is not a service's: a reverse NAT entry left by an earlier service connection
+// on the same 4-tuple (the client reused its port) must not rewrite this flow's replies.
+static __always_inline void lb_forget(struct flow *f) {
+    if (f->svc_id || (f->protocol != IPPROTO_TCP && f->protocol != IPPROTO_UDP))
+        return;
+    struct ct_key rk = {.saddr = f->daddr, .daddr = f->saddr, .sport = f->dport, .dport = f->sport,
+                        .protocol = f->protocol};
+    lb_revnat.delete(&rk);
+}
+
 // tc ingress of a node-facing device (--nodeport-device): NodePort traffic from outside. Anything
 // else passes untouched: the host's own traffic is not this program's to judge.
 int from_netdev(struct __sk_buff *skb) {

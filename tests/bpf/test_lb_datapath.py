@@ -159,3 +159,22 @@ def test_nodeport_from_outside(node: LbNode) -> None:
     # a ClusterIP frontend is not reachable from outside through the node device
     node.lb.sync([node.service(BACKENDS, frontend=Frontend(NODE_IP, 30080))])
     assert node.ask_tcp("outside", 2, addr=NODE_IP, port=30080, timeout=0.5)[""] == 2
+
+
+def test_a_direct_connection_reusing_a_service_connections_port_is_not_rewritten(node: LbNode) -> None:
+    assert node.lb is not None
+    node.lb.sync([node.service(["b1"])])
+    client = node.endpoints["client"]
+    b1 = node.endpoints["b1"].address
+
+    def name_from_port(addr: str, port: int) -> str:
+        with socket.socket() as c:
+            c.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            c.bind((client.address, 42000))
+            c.settimeout(2.0)
+            c.connect((addr, port))
+            return c.recv(64).decode().strip()
+
+    assert run_in_netns(client.ns.name, lambda: name_from_port(VIP, VIP_PORT)) == "b1"
+    # same client port, now to the backend itself: its replies must keep the backend's address
+    assert run_in_netns(client.ns.name, lambda: name_from_port(b1, BACKEND_PORT)) == "b1"
