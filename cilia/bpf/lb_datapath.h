@@ -246,6 +246,15 @@ static __always_inline int lb_nat(struct __sk_buff *skb, struct flow *f, int nod
     // A known flow keeps its backend; a SYN on a reused tuple too, unless that backend is gone.
     if (ct && (!f->syn || lb_active(ct->backend_id, svc_id))) {
         chosen = *ct;
+        // Its reverse entry may since have been taken by another frontend's flow on the same
+        // backend tuple (the client reused its port), or forgotten: make it ours again.
+        struct ct_key rk = {.saddr = chosen.backend_addr, .daddr = f->saddr, .sport = chosen.backend_port,
+                            .dport = f->sport, .protocol = f->protocol};
+        struct lb_rev_val *rv = lb_revnat.lookup(&rk);
+        if (!rv || rv->addr != f->daddr || rv->port != f->dport) {
+            struct lb_rev_val fresh = {.addr = f->daddr, .port = f->dport, .svc_id = svc_id};
+            lb_revnat.update(&rk, &fresh);
+        }
     } else {
         u32 backend_id = 0;
         struct lb_backend *b = lb_choose(f, svc, &backend_id);
