@@ -167,6 +167,10 @@ class Rig:
         subprocess.run(["ip", "netns", "exec", self.node, "iptables-restore", "--noflush"], input=text, text=True,
                        check=True, capture_output=True)
 
+    def client_ports(self, span: str) -> None:
+        subprocess.run(["ip", "netns", "exec", self.client.name, "sysctl", "-qw",
+                        f"net.ipv4.ip_local_port_range={span}"], check=True)
+
     def conn_rate(self, addr: str, port: int, seconds: float) -> float:
         return float(self._client("connect", addr, str(port), str(seconds)))
 
@@ -226,6 +230,9 @@ def main() -> None:
         for r in range(rounds):
             for case in cases:
                 kind, _, size = case.partition("-")
+                # kube-proxy's cases get client ports of their own: netfilter's conntrack keeps their
+                # NATed tuples a while, and a BPF case's new flow on one of them would clash there
+                rig.client_ports("20000 39999" if kind == "iptables" else "40000 60999")
                 if kind == "direct":
                     rig.lb.sync([])
                     conn, echo = (SERVER, CONN_PORT), (SERVER, ECHO_PORT)
