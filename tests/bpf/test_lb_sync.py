@@ -151,3 +151,28 @@ def test_a_frontend_passes_from_one_service_to_another(node: LbNode) -> None:
     assert {r["id"]: r["frontend"] for r in node.lb.rows()} == {1: f"{VIP}:82", 2: f"{VIP}:{VIP_PORT}"}
     assert node.ask_tcp("client", 3) == {"b2": 3}
     assert node.ask_tcp("client", 3, port=82) == {"b1": 3}
+
+
+def test_per_service_metrics_from_the_kernel_counters(node: LbNode) -> None:
+    from cilia.agent.agent_metrics import AgentStateCollector
+
+    lb = node.lb
+    assert lb is not None
+    lb.sync([node.service(BACKENDS, states={"b3": "terminating"})])
+    assert node.ask_tcp("client", 10)[""] == 0
+
+    class AgentView:  # what the collector reads of an agent with the BPF datapath: its rows
+        class node:  # noqa: N801 (the agent's attribute)
+            started = True
+
+        def bpf_lb(self) -> dict[str, object]:
+            return {"services": lb.rows()}
+
+    AgentView.node.lb = lb  # type: ignore[attr-defined]
+    families = {f.name: f for f in AgentStateCollector(AgentView())._services()}
+    labels = {"service_id": "1", "frontend": f"{VIP}:{VIP_PORT}/TCP", "name": ""}
+    (conns,) = families["cilia_lb_service_connections"].samples
+    assert conns.labels == labels and conns.value == 10
+    assert families["cilia_lb_service_packets"].samples[0].value >= 30  # SYN, ACK, FIN at least
+    by_state = {s.labels["state"]: s.value for s in families["cilia_lb_service_backends"].samples}
+    assert by_state == {"active": 2, "terminating": 1}
