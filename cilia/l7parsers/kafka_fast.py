@@ -22,7 +22,7 @@ import struct
 from cilia.policy.flows import KafkaRequest
 
 from . import kafka_replies as replies
-from .base import Output, Record, decide
+from .base import DEFAULT_MAX_BUFFER, Check, Decision, Output, Record, decide
 from .kafka import MIN_REQUEST, KafkaConnection, _Pending, _summary
 
 _HEAD = struct.Struct(">hhih")  # api_key, api_version, correlation_id, client_id length
@@ -31,6 +31,7 @@ _I32 = struct.Struct(">i")
 _SIZE_AND_CID = struct.Struct(">ii")
 
 PRODUCE, FETCH, LIST_OFFSETS = 0, 1, 2
+MEMO_SIZE = 4096  # decisions kept before starting over
 
 
 class _Odd(Exception):
@@ -163,7 +164,22 @@ def read_request(frame: bytes) -> tuple[int, int, int, str, tuple[str, ...], boo
 
 
 class FastKafkaConnection(KafkaConnection):
-    """``KafkaConnection`` with the fast path in front of both directions."""
+    """``KafkaConnection`` with the fast path in front of both directions; each (API, version,
+    client id, topics) decision is kept for as long as the policy (its ``check``) is the same."""
+
+    def __init__(self, check: Check, max_buffer: int = DEFAULT_MAX_BUFFER,
+                 topic_ids: dict[bytes, str] | None = None) -> None:
+        self._decided: dict[tuple[int, int, str, tuple[str, ...]], tuple[Decision, dict[str, str]]] = {}
+        super().__init__(check, max_buffer, topic_ids)
+
+    @property
+    def check(self) -> Check:
+        return self._check
+
+    @check.setter
+    def check(self, check: Check) -> None:
+        self._check = check
+        self._decided.clear()  # decisions hold for one policy only
 
     def receive_client(self, data: bytes) -> Output:
         if not self._requests and self._failed is None and len(data) >= 4:
@@ -172,13 +188,20 @@ class FastKafkaConnection(KafkaConnection):
                 read = read_request(data)
                 if read is not None:
                     api_key, version, cid, client_id, topics, answered, named = read
-                    decision = decide(self.check, [KafkaRequest(api_key, version, client_id, topics)])
+                    key = (api_key, version, client_id, topics)
+                    memo = self._decided.get(key)
+                    if memo is None:
+                        if len(self._decided) >= MEMO_SIZE:
+                            self._decided.clear()
+                        memo = self._decided[key] = (
+                            decide(self.check, [KafkaRequest(api_key, version, client_id, topics)]),
+                            _summary(api_key, version, client_id, topics, 0))
+                    decision, summary = memo
                     if decision.allowed:
                         if answered:
                             self._queue.forwarded()
                             self._pending.append(_Pending(cid, api_key, version, client_id, named))
-                        return Output(data, b"", (Record(_summary(api_key, version, client_id, topics, cid),
-                                                         decision),))
+                        return Output(data, b"", (Record({**summary, "correlation_id": str(cid)}, decision),))
         return super().receive_client(data)
 
     def receive_server(self, data: bytes) -> Output:

@@ -176,5 +176,16 @@ def test_the_common_shape_takes_the_fast_path() -> None:
     assert not conn._requests and not conn._responses and not conn._pending  # no buffering was needed
 
 
+def test_a_policy_change_meets_remembered_decisions() -> None:
+    conn = FastKafkaConnection(ALLOW_T1)
+    request = kp_request("FetchRequest", 4, 1, "c", replica_id=-1, max_wait_ms=1, min_bytes=1, max_bytes=1,
+                         isolation_level=0, topics=[{"topic": "t1", "partitions": []}])
+    assert conn.receive_client(request).to_server == request
+    conn.receive_server(frame(b"\x00\x00\x00\x01"))
+    conn.check = kafka_policy('- topic: "t2"\n')  # as the host does when the policy changes
+    out = conn.receive_client(request)
+    assert not out.to_server and out.to_client and not out.records[0].decision.allowed
+
+
 def test_the_general_tests_here_run_on_the_fast_path() -> None:
     assert general.KafkaConnection is FastKafkaConnection

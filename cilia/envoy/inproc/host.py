@@ -37,6 +37,7 @@ from typing import Protocol
 
 from cilia.envoy.metadata import LOCAL_PREFIX, NO_LOCAL, PEER_PREFIX, RBAC_NAMESPACE, naming_key
 from cilia.l7parsers.base import Check, Decision, L7Connection, Output, ProtocolError, Record
+from cilia.l7parsers.cassandra_fast import FastCassandraConnection
 from cilia.l7parsers.kafka_fast import FastKafkaConnection
 from cilia.l7parsers.memcache_fast import FastMemcacheConnection
 from cilia.l7parsers.registry import ConnectionFactory, connection_factory
@@ -60,7 +61,8 @@ _LOCAL_KEY = naming_key(LOCAL_PREFIX)
 _EMPTY = Output()
 MEMO_SIZE = 4096  # decisions kept per (policy revision, endpoint, peer) before starting over
 #: parsers with a fast path in front (same decisions and bytes: tests/l7parsers/test_*_fast.py)
-FAST: dict[str, ConnectionFactory] = {"memcache": FastMemcacheConnection, "kafka": FastKafkaConnection}
+FAST: dict[str, ConnectionFactory] = {"memcache": FastMemcacheConnection, "kafka": FastKafkaConnection,
+                                      "cassandra": FastCassandraConnection}
 _CONFIG_FIELDS = {"listener": str, "direction": str, "port": int, "protocol": str, "agent": str}
 
 
