@@ -4,14 +4,15 @@ Nearly all of a Kafka client's traffic is Produce, Fetch and ListOffsets, one re
 read, each answered before the next (or a few in flight). Policy needs only the request's API
 key, version, client id and topic names, not the decoded body that the schema-driven parser
 (``KafkaConnection``) builds. ``FastKafkaConnection`` reads exactly those from a chunk that is one
-whole frame of a classic (non-flexible) Produce v3-8, Fetch v4-11 or ListOffsets v1-5 request
-with a hand-written reader that checks every length as strictly as the parser's decoder, forwards
-it when policy allows, and passes a whole response frame to such a request straight through.
+whole frame of a Produce v3-12, Fetch v4-12 or ListOffsets v1-9 request (the classic encoding and
+the flexible one, without tagged fields) with a hand-written reader that checks every length as
+strictly as the parser's decoder, forwards it when policy allows, and passes a whole response
+frame to such a request straight through.
 
 Anything else goes to the general parser's own code, unchanged, on the same connection state:
 another API or version, a chunk holding part of a frame or several, a denied request (its reply
 is built from the decoded body), bytes the reader finds odd (a null where the parser might
-accept or refuse one: the parser decides). Decisions, records and bytes are the parser's own:
+accept or refuse one, a tagged field: the parser decides). Decisions, records and bytes are the parser's own:
 tests/l7parsers/test_kafka_fast.py feeds both the same requests and streams.
 """
 
@@ -39,14 +40,17 @@ class _Odd(Exception):
 
 
 class _Cursor:
-    """Reads the classic encoding from one request frame (``data`` includes the size prefix)."""
+    """Reads one request frame (``data`` includes the size prefix) in the classic encoding, or
+    the flexible one (``flexible``: unsigned-varint lengths, a tagged-field section closing every
+    struct, which must be empty here: tags are the parser's to read)."""
 
-    __slots__ = ("data", "pos", "end")
+    __slots__ = ("data", "pos", "end", "flexible")
 
-    def __init__(self, data: bytes, pos: int) -> None:
+    def __init__(self, data: bytes, pos: int, flexible: bool) -> None:
         self.data = data
         self.pos = pos
         self.end = len(data)
+        self.flexible = flexible
 
     def skip(self, n: int) -> None:
         if n > self.end - self.pos:
@@ -67,55 +71,88 @@ class _Cursor:
         self.pos = pos + 4
         return int(_I32.unpack_from(self.data, pos)[0])
 
+    def uvarint(self) -> int:
+        result = 0
+        for shift in (0, 7, 14, 21, 28):
+            if self.pos >= self.end:
+                raise _Odd
+            b = self.data[self.pos]
+            self.pos += 1
+            result |= (b & 0x7F) << shift
+            if not b & 0x80:
+                if result > 0xFFFFFFFF:
+                    raise _Odd
+                return result
+        raise _Odd
+
+    def length(self, wide: bool) -> int:
+        """A length (-1: null) no longer than what is left."""
+        n = self.uvarint() - 1 if self.flexible else (self.i32() if wide else self.i16())
+        if n < -1 or n > self.end - self.pos:
+            raise _Odd
+        return n
+
     def count(self) -> int:
-        """An array's length (null or negative arrays are the parser's to judge)."""
-        n = self.i32()
-        if n < 0 or n > self.end - self.pos:
+        """An array's length (a null array is the parser's to judge)."""
+        n = self.length(wide=True)
+        if n < 0:
             raise _Odd
         return n
 
     def name(self) -> str:
-        """A non-nullable int16-length string."""
-        n = self.i16()
-        if n < 0 or n > self.end - self.pos:
+        """A non-nullable string."""
+        n = self.length(wide=False)
+        if n < 0:
             raise _Odd
         start = self.pos
         self.pos = start + n
-        try:
-            return self.data[start:self.pos].decode("utf-8")
-        except UnicodeDecodeError:
-            raise _Odd from None
+        return self.data[start:self.pos].decode("utf-8")  # UnicodeDecodeError: the parser's to refuse
 
     def skip_nullable_string(self) -> None:
         """A nullable string: skipped, but it must be UTF-8 as for the parser."""
-        n = self.i16()
-        if n < -1 or n > self.end - self.pos:
-            raise _Odd
+        n = self.length(wide=False)
         if n > 0:
             start = self.pos
             self.pos = start + n
             self.data[start:self.pos].decode("utf-8")
 
     def skip_nullable_bytes(self) -> None:
-        n = self.i32()
-        if n < -1 or n > self.end - self.pos:
-            raise _Odd
+        n = self.length(wide=True)
         if n > 0:
             self.pos += n
 
-    def topics(self, found: dict[str, None], fixed: int) -> int:
-        """An array of (topic name, array of ``fixed``-size partitions); the array's length."""
+    def end_struct(self) -> None:
+        """A flexible struct's tagged fields: none."""
+        if self.flexible:
+            if self.pos >= self.end or self.data[self.pos] != 0:
+                raise _Odd
+            self.pos += 1
+
+    def topics(self, found: dict[str, None], fixed: int, structs: bool = True) -> int:
+        """An array of (topic name, array of ``fixed``-size partitions, structs or plain
+        numbers); the array's length."""
         n = self.count()
         for _ in range(n):
             found[self.name()] = None
-            self.skip(self.count() * fixed)
+            partitions = self.count()
+            if self.flexible and structs:
+                for _ in range(partitions):
+                    self.skip(fixed)
+                    self.end_struct()
+            else:
+                self.skip(partitions * fixed)
+            self.end_struct()
         return n
 
 
+#: the requests read here: (api key, version) -> flexible encoding
+FAST_VERSIONS = {**{(PRODUCE, v): v >= 9 for v in range(3, 13)}, **{(FETCH, v): v >= 12 for v in range(4, 13)},
+                 **{(LIST_OFFSETS, v): v >= 6 for v in range(1, 10)}}
 # Per Fetch version: bytes before the topics, and of each partition.
-_FETCH_PREFIX = {v: 17 + (8 if v >= 7 else 0) for v in range(4, 12)}  # ReplicaId..IsolationLevel [+ session]
-_FETCH_PARTITION = {v: 16 + (8 if v >= 5 else 0) + (4 if v >= 9 else 0) for v in range(4, 12)}
-_LIST_OFFSETS_PARTITION = {v: 12 + (4 if v >= 4 else 0) for v in range(1, 6)}  # [+ CurrentLeaderEpoch]
+_FETCH_PREFIX = {v: 17 + (8 if v >= 7 else 0) for v in range(4, 13)}  # ReplicaId..IsolationLevel [+ session]
+_FETCH_PARTITION = {v: 16 + (8 if v >= 5 else 0) + (4 if v >= 9 else 0) + (4 if v >= 12 else 0)
+                    for v in range(4, 13)}  # [+ LogStartOffset] [+ CurrentLeaderEpoch] [+ LastFetchedEpoch]
+_LIST_OFFSETS_PARTITION = {v: 12 + (4 if v >= 4 else 0) for v in range(1, 10)}  # [+ CurrentLeaderEpoch]
 
 
 def read_request(frame: bytes) -> tuple[int, int, int, str, tuple[str, ...], bool, bool] | None:
@@ -126,17 +163,18 @@ def read_request(frame: bytes) -> tuple[int, int, int, str, tuple[str, ...], boo
     if len(frame) < 4 + MIN_REQUEST:
         return None
     api_key, version, cid, n = _HEAD.unpack_from(frame, 4)
-    if not ((api_key == PRODUCE and 3 <= version <= 8) or (api_key == FETCH and 4 <= version <= 11)
-            or (api_key == LIST_OFFSETS and 1 <= version <= 5)):
+    flexible = FAST_VERSIONS.get((api_key, version))
+    if flexible is None:
         return None
-    r = _Cursor(frame, 14)
+    r = _Cursor(frame, 14, flexible)
     found: dict[str, None] = {}
     answered, named = True, False
     try:
         if n < 0 or n > r.end - r.pos:  # a null client id, or an odd length: the parser's to read
             raise _Odd
-        client_id = frame[14:14 + n].decode("utf-8")
+        client_id = frame[14:14 + n].decode("utf-8")  # an int16 length in both header versions
         r.pos += n
+        r.end_struct()  # header v2's tagged fields
         if api_key == PRODUCE:
             r.skip_nullable_string()  # TransactionalId
             answered = r.i16() != 0  # Acks
@@ -146,16 +184,19 @@ def read_request(frame: bytes) -> tuple[int, int, int, str, tuple[str, ...], boo
                 for _ in range(r.count()):  # PartitionData: Index, Records
                     r.skip(4)
                     r.skip_nullable_bytes()
+                    r.end_struct()
+                r.end_struct()
         elif api_key == FETCH:
             r.skip(_FETCH_PREFIX[version])
             named = r.topics(found, _FETCH_PARTITION[version]) > 0
             if version >= 7:
-                r.topics(found, 4)  # ForgottenTopicsData: names and partition numbers
+                r.topics(found, 4, structs=False)  # ForgottenTopicsData: names and partition numbers
             if version >= 11:
                 r.name()  # RackId
         else:
             r.skip(4 if version < 2 else 5)  # ReplicaId [IsolationLevel]
             named = r.topics(found, _LIST_OFFSETS_PARTITION[version]) > 0
+        r.end_struct()
     except (_Odd, UnicodeDecodeError):
         return None
     if r.pos != r.end:
