@@ -37,9 +37,6 @@ from typing import Protocol
 
 from cilia.envoy.metadata import LOCAL_PREFIX, NO_LOCAL, PEER_PREFIX, RBAC_NAMESPACE, naming_key
 from cilia.l7parsers.base import Check, Decision, L7Connection, Output, ProtocolError, Record
-from cilia.l7parsers.cassandra_fast import FastCassandraConnection
-from cilia.l7parsers.kafka_fast import FastKafkaConnection
-from cilia.l7parsers.memcache_fast import FastMemcacheConnection
 from cilia.l7parsers.registry import ConnectionFactory, connection_factory
 from cilia.policy.flows import L7Request
 from cilia.envoy.l7service import ConnectionInfo
@@ -60,9 +57,11 @@ _PEER_KEY = naming_key(PEER_PREFIX)
 _LOCAL_KEY = naming_key(LOCAL_PREFIX)
 _EMPTY = Output()
 MEMO_SIZE = 4096  # decisions kept per (policy revision, endpoint, peer) before starting over
-#: parsers with a fast path in front (same decisions and bytes: tests/l7parsers/test_*_fast.py)
-FAST: dict[str, ConnectionFactory] = {"memcache": FastMemcacheConnection, "kafka": FastKafkaConnection,
-                                      "cassandra": FastCassandraConnection}
+#: parsers with a fast path in front (same decisions and bytes: tests/l7parsers/test_*_fast.py), as
+#: (module, class): imported at first use, after ``use_compiled`` put the compiled modules in front
+FAST = {"memcache": ("cilia.l7parsers.memcache_fast", "FastMemcacheConnection"),
+        "kafka": ("cilia.l7parsers.kafka_fast", "FastKafkaConnection"),
+        "cassandra": ("cilia.l7parsers.cassandra_fast", "FastCassandraConnection")}
 _CONFIG_FIELDS = {"listener": str, "direction": str, "port": int, "protocol": str, "agent": str}
 
 
@@ -182,6 +181,15 @@ _links: dict[str, AgentLink] = {}
 _links_lock = threading.Lock()
 
 
+def fast_factory(protocol: str) -> ConnectionFactory | None:
+    """The connection class with the fast path for ``protocol``, if it has one."""
+    where = FAST.get(protocol)
+    if where is None:
+        return None
+    factory: ConnectionFactory = getattr(importlib.import_module(where[0]), where[1])
+    return factory
+
+
 def link_for(address: str) -> AgentLink:
     with _links_lock:
         link = _links.get(address)
@@ -228,7 +236,7 @@ class FilterConfig:
         self.link = link
         self.metadata = metadata or _envoy_metadata()
         self.addresses = addresses or _envoy_addresses()
-        self.factory = FAST.get(protocol) or factory_of(protocol)  # once; None closes every connection
+        self.factory = fast_factory(protocol) or factory_of(protocol)  # once; None closes every connection
         self._checks: dict[tuple[int, str, int], Check] = {}  # this revision's, by (endpoint, peer)
 
     def check(self, views: PolicyViews, info: ConnectionInfo) -> Check:
