@@ -12,8 +12,8 @@ frame to such a request straight through.
 Anything else goes to the general parser's own code, unchanged, on the same connection state:
 another API or version, a chunk holding part of a frame or several, a denied request (its reply
 is built from the decoded body), bytes the reader finds odd (a null where the parser might
-accept or refuse one, a tagged field: the parser decides). Decisions, records and bytes are the parser's own:
-tests/l7parsers/test_kafka_fast.py feeds both the same requests and streams.
+accept or refuse one, a tagged field: the parser decides). Decisions, records and bytes are the
+parser's own: tests/l7parsers/test_kafka_fast.py feeds both the same requests and streams.
 """
 
 from __future__ import annotations
