@@ -37,6 +37,15 @@ def _library() -> ctypes.CDLL:
     return lib
 
 
+def available() -> bool:
+    """Whether libnftables can be loaded (without it, no table was ever made)."""
+    try:
+        _library()
+    except NftError:
+        return False
+    return True
+
+
 def run(commands: list[dict[str, Any]]) -> Any:
     """Apply ``commands`` (libnftables-json(5) objects: {"add": {...}}, {"delete": {...}}, ...) in
     one transaction, in the calling thread's network namespace; what nft printed, parsed."""

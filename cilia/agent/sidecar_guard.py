@@ -23,7 +23,7 @@ from collections.abc import Callable
 from functools import partial
 from typing import Any
 
-from ..bpf.netns import run_in_netns
+from ..bpf.netns import netns_exists, run_in_netns
 from ..envoy.translate import INGRESS_MARK
 from ..realizer import Desired
 from . import nftables
@@ -150,6 +150,27 @@ class SidecarGuard:
             nftables.run(commands)
         else:
             run_in_netns(netns, partial(nftables.run, commands))
+
+
+def remove_left(owner: str, namespaces: list[str | None]) -> list[str]:
+    """``cilia cleanup``: delete the table the agent whose state dir is ``owner`` left in each of
+    ``namespaces`` (None: the caller's own); where each one was removed, one line each. A namespace
+    that is gone took its table with it; any other failure raises (the ports would stay closed)."""
+    name = table_name(owner)
+    done: list[str] = []
+    if not nftables.available():
+        return done
+    for netns in namespaces:
+        if netns is not None and not netns_exists(netns):
+            continue
+        listing = partial(nftables.run, [{"list": {"tables": None}}])
+        tables = listing() if netns is None else run_in_netns(netns, listing)
+        if not any(t.get("table", {}).get("name") == name for t in (tables or {}).get("nftables", [])):
+            continue
+        SidecarGuard._apply(netns, table_commands(name, frozenset()))
+        done.append(f"removed the sidecar guard's nftables table inet {name} from "
+                    f"{f'namespace {netns}' if netns else 'this namespace'}")
+    return done
 
 
 def _ports(guarded: Guarded) -> str:

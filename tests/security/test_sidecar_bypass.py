@@ -1,7 +1,8 @@
 """Sidecar mode cannot be bypassed: the application's own port (deathstar's backend behind port 80)
 answers Envoy only; a ship connecting to it directly is reset, while the same request through
 Envoy's listener is judged by the policy as usual. Removing the endpoint opens the port again, and
-so does stopping the agent (its Envoy stops with it)."""
+so does stopping the agent (its Envoy stops with it). A crashed agent's table stays (the port stays
+closed) until ``cilia cleanup`` removes it."""
 
 from __future__ import annotations
 
@@ -9,9 +10,10 @@ import json
 import subprocess
 from pathlib import Path
 
+from cilia.agent.sidecar_guard import table_name
 from tests.agent.agent_support import (
-    EXHAUST, LAND, STARWARS, TIEFIGHTER, XWING, add_starwars_endpoints, agent_in_process, deathstar_app,
-    run_cli, shoot,
+    EXHAUST, LAND, STARWARS, TIEFIGHTER, XWING, AgentProcess, add_starwars_endpoints, agent_in_process,
+    deathstar_app, run_cli, shoot,
 )
 
 
@@ -52,3 +54,29 @@ def test_the_application_port_answers_only_envoy(tmp_path: Path) -> None:
             table = agent.guard.table
             assert table in _tables()
         assert table not in _tables()  # the agent stopped, and its Envoy with it
+
+
+def test_cleanup_removes_the_table_a_crashed_agent_left(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    state.mkdir()
+    with deathstar_app() as app_port:
+        agent = AgentProcess(state)
+        try:
+            agent.start()
+            add_starwars_endpoints(state, app_port)
+            assert shoot(XWING, *EXHAUST, port=app_port) == "refused"
+        finally:
+            assert agent.proc is not None
+            agent.proc.kill()  # kill -9: no chance to remove its table
+            agent.proc.wait()
+        table = table_name(str(state.resolve()))
+        assert table in _tables()
+        assert shoot(XWING, *EXHAUST, port=app_port) == "refused"  # still closed, Envoy gone with its agent
+        res = run_cli(state, "cleanup", "-o", "json")
+        assert res.code == 0, res.err
+        assert any(table in line for line in json.loads(res.out)["removed"]), res.out
+        assert table not in _tables()
+        assert shoot(XWING, *EXHAUST, port=app_port).startswith("200 ")
+        # once removed, there is nothing left to remove
+        res = run_cli(state, "cleanup", "-o", "json")
+        assert res.code == 0 and not any(table in line for line in json.loads(res.out)["removed"]), res.out
