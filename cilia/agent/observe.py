@@ -32,7 +32,7 @@ class Observer:
         self.flow_log: SeqRing[Flow] = SeqRing(ring_size)
         self.monitor_log: SeqRing[DatapathEvent] = SeqRing(ring_size)
         self.flow_file = flow_file
-        self.who = Who.empty()  # replaced whole by FlowNames at each revision
+        self.who = Who.empty()  # replaced by FlowNames at each revision (a new snapshot)
         self._lock = threading.Lock()  # numbers a flow and writes it to the file as one step
         self.on_l7_error: Any = None  # callable(component, message), for status's last errors
 
@@ -100,12 +100,19 @@ class FlowNames:
 
     def __init__(self, observer: Observer) -> None:
         self.observer = observer
+        self._empty = observer.who  # until the first revision: made whole then
 
     def realize(self, desired: Desired) -> None:
         eps = desired.endpoints
-        self.observer.who = Who({n: (ep.ips, ep.identity) for n, ep in eps.items()}, desired.labels,
-                                desired.ipcache,
-                                {ep.endpoint_id: n for n, ep in eps.items() if ep.endpoint_id is not None})
+        if desired.changed is None or self.observer.who is self._empty:
+            self.observer.who = Who({n: (ep.ips, ep.identity) for n, ep in eps.items()}, desired.labels,
+                                    desired.ipcache,
+                                    {ep.endpoint_id: n for n, ep in eps.items() if ep.endpoint_id is not None})
+            return
+        changed = {n: eps[n] if n in eps else None for n in desired.changed}
+        self.observer.who = self.observer.who.changed(
+            {n: (ep.ips, ep.identity) if ep is not None else None for n, ep in changed.items()}, desired.labels,
+            desired.ipcache, {n: ep.endpoint_id if ep is not None else None for n, ep in changed.items()})
 
 
 def _event_json(ev: DatapathEvent, who: Who) -> dict[str, Any]:

@@ -1,5 +1,6 @@
 """The realizer seam: sinks get each Desired, only what a change names is translated again, and
-the incremental result is byte-identical to translating everything anew."""
+the incremental result is byte-identical to translating everything anew (and flows are named as a
+snapshot made anew would name them)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,9 @@ from typing import Any
 import pytest
 
 from cilia.agent.daemon import Agent, AgentConfig
+from cilia.agent.flows import Who
+from cilia.agent.metrics import Metrics
+from cilia.agent.observe import FlowNames, Observer
 from cilia.envoy.translate import AccessLogTarget, GrpcTarget, ProxyResources
 from cilia.realizer import Desired, Realizer
 from cilia.realizer.proxy import InconsistentResources, ProxySink
@@ -39,6 +43,25 @@ def retranslated(agent: Agent) -> dict[str, dict[str, bytes]]:
     return serialized(cache.snapshot())
 
 
+def whole_who(agent: Agent) -> Who:
+    """What names flows, made anew from the agent's last Desired (the flow-names sink patches the
+    last one with each change)."""
+    observer = Observer("node", Metrics(), 16, None)
+    FlowNames(observer).realize(replace(agent._desired, changed=None))  # type: ignore[arg-type]
+    return observer.who
+
+
+def names_flows(who: Who, agent: Agent) -> list[Any]:
+    """How ``who`` names every address, endpoint and identity the agent has had (and one nobody has)."""
+    assert agent._desired is not None
+    addresses = [f"10.7.0.{i}" for i in range(10, 23)] + ["192.0.2.1"]
+    return ([who.peer(a).to_json() for a in addresses]
+            + [who.endpoint_peer(f"ep{i}", 80).to_json() for i in range(12)]
+            + [(who.endpoint_identity(f"ep{i}"), who.endpoint_with_identity(ep.identity))
+               for i in range(12) if (ep := agent._desired.endpoints.get(f"ep{i}")) is not None]
+            + [sorted(who.endpoint_ids.items())])
+
+
 @pytest.mark.parametrize("datapath", ["none", "bpf"])
 def test_incremental_realization_equals_a_full_translation(tmp_path: Path, datapath: str) -> None:
     """Random mutations; after each, the cache holds exactly what translating every endpoint
@@ -62,6 +85,7 @@ def test_incremental_realization_equals_a_full_translation(tmp_path: Path, datap
         else:
             agent.remove_endpoint(names.pop(rng.randrange(len(names))))
         assert serialized(agent.cache.snapshot()) == retranslated(agent), f"step {step}"
+        assert names_flows(agent.observer.who, agent) == names_flows(whole_who(agent), agent), f"step {step}"
 
 
 def test_only_the_endpoints_a_change_names_are_translated_again(tmp_path: Path) -> None:
