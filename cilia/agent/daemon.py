@@ -87,7 +87,7 @@ from .results import (
 )
 from .sidecar_guard import SidecarGuard
 from .plumbing import PlumbingError, free_endpoint_id, plumb, unplumb
-from .state import PolicySource, load_state, save_state
+from .state import PolicySource, StateWriter
 
 _log = logging.getLogger(__name__)
 
@@ -192,7 +192,8 @@ class Agent:
         self.started = time.time()
         private_dir(config.state_dir, config.socket_group)  # nobody else may swap the sockets in it
         self.lock = threading.RLock()  # engine, state and revisions; never held while waiting for proxies
-        self.state = load_state(config.state_dir)
+        self.persist = StateWriter(config.state_dir)  # state.json and its journal
+        self.state = self.persist.loaded
         # kvstore (issue 13): cluster-wide identities from etcd instead of this node's file
         self.cluster = ClusterNode.connect(config.node_id, config.kvstore) if config.kvstore is not None else None
         self.engine = PolicyEngine(self.cluster.allocator if self.cluster is not None
@@ -368,6 +369,7 @@ class Agent:
             if self.cluster is not None:  # kvstore (issue 13)
                 self.cluster.stop()
             self.observer.close()
+            self.persist.close()
 
     # ------------------------------------------------------------------ policies
 
@@ -583,7 +585,7 @@ class Agent:
             self.state.proxy_ports = allocate(redirects.values(), self.state.proxy_ports, self.config.proxy_port_range)
         desired = replace(desired, proxy_ports=dict(self.state.proxy_ports))
         if persist:
-            save_state(self.config.state_dir, self.state)
+            self.persist.write(self.state)
         errors = dict(self.realizer.errors)
         self.realizer.realize(desired)
         for sink, error in self.realizer.errors.items():
