@@ -210,6 +210,13 @@ def _by_peer(groups: Sequence[tuple[Iterable[int], matcher_pb2.Matcher.OnMatch]]
     deny = matcher_pb2.Matcher.OnMatch(action=_action(no_rule, rbac_pb2.RBAC.DENY))
     grouped = {i for idents, _ in groups for i in idents}
     others = {i for i in universe if i not in grouped}
+    if not others and len(groups) == 1:
+        # every identity alike (a port no policy restricts): when the world's 0.0.0.0/0 and ::/0 are
+        # among them every address falls in some prefix, so those two ranges decide the same, and the
+        # listener does not grow (and change) with every endpoint's address
+        everywhere = {p for i in groups[0][0] for p in universe.get(i, ()) if p.prefixlen == 0}
+        if {p.version for p in everywhere} == {4, 6}:
+            return _ip_tree(peer, [_range(everywhere, groups[0][1])], deny)
     ranges: list[ip_pb2.IPMatcher.IPRangeMatcher] = []
     for idents, on_match in [*groups, (others, deny)]:
         # An ipcache prefix belongs to one identity, so the groups' prefixes never repeat.

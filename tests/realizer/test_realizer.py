@@ -219,3 +219,17 @@ def test_after_a_failed_publish_the_next_one_is_whole(tmp_path: Path) -> None:
     assert "proxy" not in agent.realizer.errors
     assert "xwing-ingress-80" in agent.cache.snapshot()[LISTENER]
     assert serialized(agent.cache.snapshot()) == retranslated(agent)
+
+
+def test_a_port_no_policy_restricts_does_not_change_as_endpoints_come(tmp_path: Path) -> None:
+    """An endpoint no policy selects lets every address in (the world's 0.0.0.0/0 and ::/0 hold
+    them all): its listener lists those two ranges, not every endpoint's address, so adding or
+    removing another endpoint does not push it a new listener."""
+    agent = Agent(AgentConfig(tmp_path, envoy="external"))
+    agent.add_endpoint(EndpointSpec("open", ("app=open",), ("10.9.2.1",), PORTS[:1]))
+    before = agent.cache.get(LISTENER, "open-ingress-80")
+    for i in range(3):
+        agent.add_endpoint(EndpointSpec(f"ship{i}", (f"class=ship{i}",), (f"10.9.2.{i + 10}",), PORTS[:1]))
+    agent.remove_endpoint("ship1")
+    assert agent.cache.get(LISTENER, "open-ingress-80") == before
+    assert "10.9.2.10" not in str(before) and "0.0.0.0" in str(before)
