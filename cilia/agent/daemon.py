@@ -15,7 +15,6 @@ listens without its policy.
 
 from __future__ import annotations
 
-import copy
 import ipaddress
 import json
 import logging
@@ -236,6 +235,8 @@ class Agent:
         sinks.append(FlowNames(self.observer))
         self.realizer = Realizer(sinks)
         self._redirects = RedirectIndex()
+        self._redirected: dict[str, frozenset[tuple[str, str, int]]] = {}  # endpoint -> (L7 protocol, direction, port)
+        self._redirect_counts: dict[str, int] = {}  # L7 protocol -> redirected (endpoint, direction, port)s
         self._desired: Desired | None = None
         self._audit_keys: frozenset[PolicyKey] = frozenset()
         self.servers = Servers()
@@ -597,12 +598,18 @@ class Agent:
 
     def _build_desired(self, changed: frozenset[str] | None) -> Desired:
         previous = self._desired.endpoints if self._desired is not None and changed is not None else {}
-        endpoints: dict[str, EndpointState] = {}
-        for name, spec in self.state.endpoints.items():
-            done = previous.get(name)
-            if done is not None and name not in (changed or ()):
-                endpoints[name] = done
-                continue
+        # the previous entries, and anew only those the change names (or that came or went)
+        gone, added = previous.keys() - self.state.endpoints.keys(), self.state.endpoints.keys() - previous.keys()
+        endpoints: dict[str, EndpointState] = dict(previous)
+        for name in gone:
+            del endpoints[name]
+        if not previous:
+            names: Iterable[str] = self.state.endpoints
+        else:  # new ones last, in the state's order (as a whole rebuild would place them)
+            names = [n for n in (changed or ()) if n in previous and n not in gone]
+            names += list(added) if len(added) < 2 else [n for n in self.state.endpoints if n in added]
+        for name in names:
+            spec = self.state.endpoints[name]
             ingress, egress = self.audit_of(name)
             endpoints[name] = EndpointState(
                 name, tuple(spec.ips), self.engine.identity_of(name).id,
@@ -612,11 +619,13 @@ class Agent:
         moved = None if changed is None else frozenset(
             n for n in changed | (previous.keys() - endpoints.keys()) | (endpoints.keys() - previous.keys()))
         return Desired(self.state.revision, endpoints, tuple(self.engine.ipcache.items()),
-                       {i.id: i.labels for i in self.engine.identities()}, changed=moved)
+                       {i.id: i.labels for i in self.engine.identities()}, changed=moved,
+                       prefixes=self.engine.ipcache.by_identity())
 
     def _before(self, policies: Iterable[PolicyKey] = (), endpoints: Iterable[str] = ()) -> _Before:
         current = {p.key: p for p in self.engine.policies()}
-        return _Before({k: current.get(k) for k in policies}, copy.deepcopy(self.state.sources),
+        sources = [replace(s, keys=set(s.keys)) for s in self.state.sources]  # what _restore puts back
+        return _Before({k: current.get(k) for k in policies}, sources,
                        {n: self.state.endpoints.get(n) for n in endpoints}, dict(self.state.endpoint_ids))
 
     def _restore(self, before: _Before) -> None:
@@ -675,12 +684,24 @@ class Agent:
         m.policies.set(len(self.engine.policies()))
         m.max_revision.set(desired.revision)
         m.endpoints.set(len(desired.endpoints))
-        redirects: dict[str, set[tuple[str, str, int]]] = {}
-        for name, ep in desired.endpoints.items():
-            for r in self._redirects.of(name, ep.map_state):
-                if r.l7_protocol:
-                    redirects.setdefault(r.l7_protocol, set()).add((name, r.direction.value, r.port_lo))
-        m.set_redirects({proto: len(ports) for proto, ports in redirects.items()})
+        # per L7 protocol, the (endpoint, direction, port) redirected to it: recounted for the endpoints
+        # a change names only
+        if desired.changed is None:
+            self._redirected.clear()
+            self._redirect_counts.clear()
+        for name in desired.endpoints if desired.changed is None else desired.changed:
+            for protocol, _, _ in self._redirected.pop(name, ()):
+                self._redirect_counts[protocol] -= 1
+            ep = desired.endpoints.get(name)
+            if ep is None:
+                continue
+            mine = frozenset((r.l7_protocol, r.direction.value, r.port_lo)
+                             for r in self._redirects.of(name, ep.map_state) if r.l7_protocol)
+            if mine:
+                self._redirected[name] = mine
+            for protocol, _, _ in mine:
+                self._redirect_counts[protocol] = self._redirect_counts.get(protocol, 0) + 1
+        m.set_redirects({protocol: n for protocol, n in self._redirect_counts.items() if n})
 
     def _error(self, component: str, message: str) -> None:
         """Remember an error for ``cilia status`` (the last 50)."""

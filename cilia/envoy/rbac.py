@@ -214,7 +214,9 @@ def _by_peer(groups: Sequence[tuple[Iterable[int], matcher_pb2.Matcher.OnMatch]]
         # every identity alike (a port no policy restricts): when the world's 0.0.0.0/0 and ::/0 are
         # among them every address falls in some prefix, so those two ranges decide the same, and the
         # listener does not grow (and change) with every endpoint's address
-        everywhere = {p for i in groups[0][0] for p in universe.get(i, ()) if p.prefixlen == 0}
+        # (the world identities hold one or two prefixes: identities with more are not searched, at
+        # worst missing the shortcut, never changing a verdict)
+        everywhere = {p for i in groups[0][0] if len(ps := universe.get(i, ())) <= 2 for p in ps if p.prefixlen == 0}
         if {p.version for p in everywhere} == {4, 6}:
             return _ip_tree(peer, [_range(everywhere, groups[0][1])], deny)
     ranges: list[ip_pb2.IPMatcher.IPRangeMatcher] = []

@@ -101,6 +101,10 @@ class ProxySink:
         self._refs: dict[str, dict[str, int]] = {LISTENER: {}, CLUSTER: {}}
         self._clusters: dict[str, Any] = {}
         self._resync = True  # publish everything next (nothing yet, or a publish failed)
+        # which translated endpoints list each identity's prefixes, and those that list all: the ones
+        # a moved prefix makes translate again, found without a look at every endpoint
+        self._naming: dict[int, set[str]] = {}
+        self._wide: set[str] = set()
 
     @property
     def sidecar_names(self) -> frozenset[str]:
@@ -130,7 +134,8 @@ class ProxySink:
         self.notes = notes
 
     def _prefixes_of(self, desired: Desired) -> Mapping[int, tuple[IPNetwork, ...]]:
-        prefixes: Mapping[int, tuple[IPNetwork, ...]] = prefixes_by_identity(desired.ipcache)
+        prefixes: Mapping[int, tuple[IPNetwork, ...]] = (
+            desired.prefixes if desired.prefixes is not None else prefixes_by_identity(desired.ipcache))
         if prefixes == self._prefixes:
             prefixes = self._prefixes  # the same object: memos match by identity
         self._prefixes = prefixes
@@ -153,11 +158,13 @@ class ProxySink:
         upserts: dict[str, dict[str, Any]] = {LISTENER: {}, CLUSTER: {}}
         gone: dict[str, set[str]] = {LISTENER: set(), CLUSTER: set()}
         notes_moved = whole
+        replaced: list[tuple[str, _Translated | None, _Translated | None]] = []
         for name in visit:
             before = translated.pop(name, None)
             after = self._translate_sidecar(name, desired.endpoints.get(name), before, prefixes, moved)
             if after is not None:
                 translated[name] = after
+            replaced.append((name, before, after))
             notes_moved |= (before.notes if before else ()) != (after.notes if after else ())
             if whole or (before is not None and after is not None and before.resources is after.resources):
                 continue
@@ -185,6 +192,7 @@ class ProxySink:
         if problems:
             raise InconsistentResources("; ".join(problems.describe()))
         self._translated = translated
+        self._index(replaced, whole)
         self._set_sidecar_views(desired, visit if not whole else None)
         update = self.cache.update_many({
             CLUSTER: TypeChange(upserts[CLUSTER], tuple(sorted(gone[CLUSTER])), replace=whole),
@@ -211,10 +219,33 @@ class ProxySink:
             return sorted(desired.endpoints.keys() | self._translated.keys())
         names = set(desired.changed or ()) | (self._translated.keys() - desired.endpoints.keys())
         if moved:
-            for name, done in self._translated.items():  # only when prefixes moved
-                if done.named is None or done.named & moved:
-                    names.add(name)
+            names |= self._wide
+            for ident in moved:
+                names |= self._naming.get(ident, set())
         return sorted(names)
+
+    def _index(self, replaced: list[tuple[str, _Translated | None, _Translated | None]], whole: bool) -> None:
+        """Keep ``_naming`` and ``_wide`` (which endpoints a moved prefix touches) for the endpoints
+        translated now (all of them when ``whole``)."""
+        if whole:
+            self._naming.clear()
+            self._wide.clear()
+            replaced = [(n, None, t) for n, t in self._translated.items()]
+        for name, before, after in replaced:
+            if before is not None:
+                if before.named is None:
+                    self._wide.discard(name)
+                for ident in before.named or ():
+                    names = self._naming.get(ident)
+                    if names is not None:
+                        names.discard(name)
+                        if not names:
+                            del self._naming[ident]
+            if after is not None:
+                if after.named is None:
+                    self._wide.add(name)
+                for ident in after.named or ():
+                    self._naming.setdefault(ident, set()).add(name)
 
     def _translate_sidecar(self, name: str, ep: EndpointState | None, done: _Translated | None,
                            prefixes: Mapping[int, tuple[IPNetwork, ...]], moved: frozenset[int]
