@@ -35,10 +35,11 @@ from ..l7parsers.base import Record
 from ..envoy.l7service import ConnectionInfo
 from ..policy.ipcache import IPCache
 from ..policy.labels import LabelSet
+from ..policy.mapstate import MapState
 from ..policy.selectors import LabelSelector
 from ..policy.model import IPNetwork
 from .flowquery import HttpStatus
-from .hubble import export_line, pod_name
+from .hubble import export_line, pod_name, policy_match_type
 
 
 class Verdict(str, Enum):
@@ -84,6 +85,7 @@ class Flow:
     proxy_port: int = 0
     latency: float = 0.0  # HTTP: seconds from the request to the response sent
     upstream_reply: float = 0.0  # HTTP: seconds until the upstream's reply arrived (0: none came)
+    match_type: int = 0  # L3/L4: Hubble's policy_match_type of the deciding entry (hubble.policy_match_type)
 
     @property
     def type(self) -> str:
@@ -111,8 +113,10 @@ class Who:
     flow first needs them, not at each revision."""
 
     def __init__(self, endpoints: Mapping[str, tuple[tuple[str, ...], int]], labels: Mapping[int, LabelSet],
-                 ipcache: Iterable[tuple[IPNetwork, int]], endpoint_ids: Mapping[int, str] | None = None) -> None:
+                 ipcache: Iterable[tuple[IPNetwork, int]], endpoint_ids: Mapping[int, str] | None = None,
+                 map_states: Mapping[str, MapState] | None = None) -> None:
         self._endpoints: dict[str, tuple[tuple[str, ...], int]] = dict(endpoints)
+        self._map_states: dict[str, MapState] = dict(map_states or {})  # what decides, for the match type
         self._by_address = {ip: (name, ident) for name, (ips, ident) in endpoints.items() for ip in ips}
         # every endpoint of an identity; the first by name names the identity's side
         self._endpoints_of_identity: dict[int, tuple[str, ...]] = {}
@@ -126,12 +130,19 @@ class Who:
         self._id_of_endpoint = {name: i for i, name in self.endpoint_ids.items()}
 
     def changed(self, endpoints: Mapping[str, tuple[tuple[str, ...], int] | None], labels: Mapping[int, LabelSet],
-                ipcache: Iterable[tuple[IPNetwork, int]], endpoint_ids: Mapping[str, int | None]) -> Who:
+                ipcache: Iterable[tuple[IPNetwork, int]], endpoint_ids: Mapping[str, int | None],
+                map_states: Mapping[str, MapState | None] | None = None) -> Who:
         """A new snapshot: this one with ``endpoints`` replaced (None: gone) and their ids
-        (``endpoint_ids``, by name) set, and the revision's labels and ipcache. This one is kept as
-        it is (flows being named read it without a lock)."""
+        (``endpoint_ids``, by name) and map states set, and the revision's labels and ipcache. This
+        one is kept as it is (flows being named read it without a lock)."""
         new = Who.__new__(Who)
         new._endpoints = dict(self._endpoints)
+        new._map_states = dict(self._map_states)
+        for name, ms in (map_states or {}).items():
+            if ms is None:
+                new._map_states.pop(name, None)
+            else:
+                new._map_states[name] = ms
         new._by_address = dict(self._by_address)
         new._endpoints_of_identity = dict(self._endpoints_of_identity)
         for name, now in endpoints.items():
@@ -207,6 +218,14 @@ class Who:
             identity = self._lookup(address)
         return Peer(address, port, identity, self.labels(identity), name)
 
+    def match_type(self, endpoint: str, direction: str, identity: int | None, protocol: str, port: int) -> int:
+        """Hubble's policy_match_type of the entry of ``endpoint``'s policy deciding a connection
+        with ``identity`` (0: none decided, or an endpoint or peer not known)."""
+        ms = self._map_states.get(endpoint)
+        if ms is None or identity is None or direction not in ("ingress", "egress"):
+            return 0
+        return policy_match_type(ms.ingress if direction == "ingress" else ms.egress, identity, protocol, port)
+
     def endpoint_peer(self, name: str, port: int = 0) -> Peer:
         ips, ident = self._endpoints.get(name, ((), None))
         return Peer(ips[0] if ips else "", port, ident, self.labels(ident), name)
@@ -231,9 +250,13 @@ def from_access(r: AccessRecord, who: Who) -> Flow:
         verdict = Verdict.DROPPED if r.denied else Verdict.AUDIT if r.audit else Verdict.FORWARDED
         reason = "Policy denied" if r.denied or r.audit else ""
     ingress = "egress" not in r.log_name
+    endpoint = (destination if ingress else source).endpoint
+    match = 0 if r.kind == "http" else who.match_type(endpoint, "ingress" if ingress else "egress",
+                                                      (source if ingress else destination).identity, "TCP",
+                                                      destination.port)
     return Flow(r.time.timestamp(), verdict, r.kind, source, destination, "TCP", "ingress" if ingress else "egress",
-                reason, l7, r.rule, (destination if ingress else source).endpoint, r.node_id, r.log_name,
-                latency=r.duration, upstream_reply=r.upstream_reply)
+                reason, l7, r.rule, endpoint, r.node_id, r.log_name,
+                latency=r.duration, upstream_reply=r.upstream_reply, match_type=match)
 
 
 _VERDICTS = {"FORWARDED": Verdict.FORWARDED, "DROPPED": Verdict.DROPPED, "REDIRECTED": Verdict.REDIRECTED,
@@ -246,8 +269,11 @@ def from_datapath(ev: DatapathEvent, who: Who, node: str) -> Flow:
     destination = who.peer(ev.destination, ev.destination_port, ev.destination_identity or None)
     verdict = _VERDICTS.get(ev.verdict, Verdict.ERROR)
     reason = ev.reason_text if verdict in (Verdict.DROPPED, Verdict.AUDIT) else ""
+    endpoint = who.endpoint_ids.get(ev.endpoint_id, "")
+    match = who.match_type(endpoint, ev.direction, (source if ev.direction == "ingress" else destination).identity,
+                           ev.protocol, ev.destination_port)
     return Flow(ev.time, verdict, "l3/l4", source, destination, ev.protocol, ev.direction, reason, {}, ev.rule,
-                who.endpoint_ids.get(ev.endpoint_id, ""), node, "", ev.proxy_port)
+                endpoint, node, "", ev.proxy_port, match_type=match)
 
 
 def _address(text: str) -> tuple[str, int]:

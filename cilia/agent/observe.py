@@ -107,12 +107,14 @@ class FlowNames:
         if desired.changed is None or self.observer.who is self._empty:
             self.observer.who = Who({n: (ep.ips, ep.identity) for n, ep in eps.items()}, desired.labels,
                                     desired.ipcache,
-                                    {ep.endpoint_id: n for n, ep in eps.items() if ep.endpoint_id is not None})
+                                    {ep.endpoint_id: n for n, ep in eps.items() if ep.endpoint_id is not None},
+                                    {n: ep.map_state for n, ep in eps.items()})
             return
         changed = {n: eps[n] if n in eps else None for n in desired.changed}
         self.observer.who = self.observer.who.changed(
             {n: (ep.ips, ep.identity) if ep is not None else None for n, ep in changed.items()}, desired.labels,
-            desired.ipcache, {n: ep.endpoint_id if ep is not None else None for n, ep in changed.items()})
+            desired.ipcache, {n: ep.endpoint_id if ep is not None else None for n, ep in changed.items()},
+            {n: ep.map_state if ep is not None else None for n, ep in changed.items()})
 
 
 def _event_json(ev: DatapathEvent, who: Who) -> dict[str, Any]:
