@@ -25,6 +25,7 @@ from __future__ import annotations
 import ipaddress
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from envoy.config.rbac.v3 import rbac_pb2
 from envoy.extensions.filters.network.rbac.v3 import rbac_pb2 as net_rbac_pb2
@@ -106,17 +107,56 @@ def naming_rbac(base: str, prefix: str, side: Input, names: Sequence[tuple[Seque
                              shadow_rules_stat_prefix=prefix)
 
 
+class _Memo:
+    """Matchers made for one ``universe`` object: the endpoints of one app share their policy and
+    the prefixes it lists (the same objects), so their listeners' matchers are made once, not once
+    per endpoint. Callers copy a matcher into the message they build (protobuf copies on assign)."""
+
+    def __init__(self) -> None:
+        # (id of the universe, key) -> (the universe, kept so its id stays its own; the matcher)
+        self._made: dict[tuple[int, Any], tuple[Mapping[int, Sequence[IPNetwork]], matcher_pb2.Matcher]] = {}
+
+    def get(self, universe: Mapping[int, Sequence[IPNetwork]], key: Any) -> matcher_pb2.Matcher | None:
+        hit = self._made.get((id(universe), key))
+        return hit[1] if hit is not None and hit[0] is universe else None
+
+    def put(self, universe: Mapping[int, Sequence[IPNetwork]], key: Any,
+            matcher: matcher_pb2.Matcher) -> matcher_pb2.Matcher:
+        if len(self._made) >= 256:
+            self._made.clear()
+        self._made[(id(universe), key)] = (universe, matcher)
+        return matcher
+
+
+_MEMO = _Memo()
+
+
 def allow_matcher(allowed: frozenset[int], universe: Mapping[int, Sequence[IPNetwork]], peer: Input,
                   no_rule: str) -> matcher_pb2.Matcher:
     """The network RBAC's: only peers whose identity is in ``allowed`` get past the first byte."""
+    key = ("allow", allowed, peer.name, no_rule)
+    if (done := _MEMO.get(universe, key)) is not None:
+        return done
     allow = matcher_pb2.Matcher.OnMatch(action=_action(_ALLOWED, rbac_pb2.RBAC.ALLOW))
-    return _by_peer([(allowed, allow)] if allowed else [], universe, peer, no_rule)
+    return _MEMO.put(universe, key, _by_peer([(allowed, allow)] if allowed else [], universe, peer, no_rule))
 
 
 def http_matcher(http: Mapping[int, HTTPPolicy], universe: Mapping[int, Sequence[IPNetwork]],
                  peer: Input, no_rule: str) -> matcher_pb2.Matcher:
     """Per distinct HTTP policy, the identities sharing it; a request passes if any rule matches,
     and the action that decides is named after the rule (or the policy it failed)."""
+    key = ("http", tuple(sorted(http.items(), key=_first)), peer.name, no_rule)
+    if (done := _MEMO.get(universe, key)) is not None:
+        return done
+    return _MEMO.put(universe, key, _http_matcher(http, universe, peer, no_rule))
+
+
+def _first(item: tuple[int, HTTPPolicy]) -> int:
+    return item[0]
+
+
+def _http_matcher(http: Mapping[int, HTTPPolicy], universe: Mapping[int, Sequence[IPNetwork]],
+                  peer: Input, no_rule: str) -> matcher_pb2.Matcher:
     by_policy: dict[HTTPPolicy, set[int]] = {}
     for ident, policy in http.items():
         by_policy.setdefault(policy, set()).add(ident)

@@ -104,6 +104,8 @@ class ProxySink:
         # which translated endpoints list each identity's prefixes, and those that list all: the ones
         # a moved prefix makes translate again, found without a look at every endpoint
         self._naming: dict[int, set[str]] = {}
+        self._relevant_of: tuple[Mapping[int, tuple[IPNetwork, ...]] | None,
+                                 dict[int, tuple[DirectionMapState, Mapping[int, tuple[IPNetwork, ...]]]]] = (None, {})
         self._wide: set[str] = set()
 
     @property
@@ -247,6 +249,19 @@ class ProxySink:
                 for ident in after.named or ():
                     self._naming.setdefault(ident, set()).add(name)
 
+    def _relevant(self, ingress: DirectionMapState, prefixes: Mapping[int, tuple[IPNetwork, ...]]
+                  ) -> Mapping[int, tuple[IPNetwork, ...]]:
+        """``relevant_prefixes``, one object per ingress map state (shared by an app's endpoints) and
+        ``prefixes``: their translations then share the matchers made from it."""
+        if self._relevant_of[0] is not prefixes:
+            self._relevant_of = (prefixes, {})
+        hit = self._relevant_of[1].get(id(ingress))
+        if hit is not None and hit[0] is ingress:
+            return hit[1]
+        relevant = relevant_prefixes(ingress, prefixes)
+        self._relevant_of[1][id(ingress)] = (ingress, relevant)
+        return relevant
+
     def _translate_sidecar(self, name: str, ep: EndpointState | None, done: _Translated | None,
                            prefixes: Mapping[int, tuple[IPNetwork, ...]], moved: frozenset[int]
                            ) -> _Translated | None:
@@ -263,7 +278,7 @@ class ProxySink:
         same = done is not None and _same_sidecar(done.state, ep)
         if same and done is not None and done.named is not None and not done.named & moved:
             return done  # none of the identities it names moved: nor did its prefixes
-        relevant = relevant_prefixes(ep.map_state.ingress, prefixes)  # what its RBACs list
+        relevant = self._relevant(ep.map_state.ingress, prefixes)  # what its RBACs list
         if same and done is not None and (done.prefixes is relevant or done.prefixes == relevant):
             res = done.resources
         else:
