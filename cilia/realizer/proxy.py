@@ -104,8 +104,8 @@ class ProxySink:
         # which translated endpoints list each identity's prefixes, and those that list all: the ones
         # a moved prefix makes translate again, found without a look at every endpoint
         self._naming: dict[int, set[str]] = {}
-        self._relevant_of: tuple[Mapping[int, tuple[IPNetwork, ...]] | None,
-                                 dict[int, tuple[DirectionMapState, Mapping[int, tuple[IPNetwork, ...]]]]] = (None, {})
+        self._relevant_of: tuple[Mapping[int, tuple[IPNetwork, ...]] | None, dict[int, tuple[
+            DirectionMapState, Mapping[int, tuple[IPNetwork, ...]], frozenset[int] | None]]] = (None, {})
         self._wide: set[str] = set()
 
     @property
@@ -250,17 +250,20 @@ class ProxySink:
                     self._naming.setdefault(ident, set()).add(name)
 
     def _relevant(self, ingress: DirectionMapState, prefixes: Mapping[int, tuple[IPNetwork, ...]]
-                  ) -> Mapping[int, tuple[IPNetwork, ...]]:
-        """``relevant_prefixes``, one object per ingress map state (shared by an app's endpoints) and
+                  ) -> tuple[Mapping[int, tuple[IPNetwork, ...]], frozenset[int] | None]:
+        """``relevant_prefixes`` and the identities it is made from (None: it depends on every
+        identity's), one object per ingress map state (shared by an app's endpoints) and
         ``prefixes``: their translations then share the matchers made from it."""
         if self._relevant_of[0] is not prefixes:
             self._relevant_of = (prefixes, {})
         hit = self._relevant_of[1].get(id(ingress))
         if hit is not None and hit[0] is ingress:
-            return hit[1]
+            return hit[1], hit[2]
         relevant = relevant_prefixes(ingress, prefixes)
-        self._relevant_of[1][id(ingress)] = (ingress, relevant)
-        return relevant
+        wide = ingress.any_group or any(p.prefixlen < p.max_prefixlen for ps in relevant.values() for p in ps)
+        named = None if wide else frozenset(ingress.groups)
+        self._relevant_of[1][id(ingress)] = (ingress, relevant, named)
+        return relevant, named
 
     def _translate_sidecar(self, name: str, ep: EndpointState | None, done: _Translated | None,
                            prefixes: Mapping[int, tuple[IPNetwork, ...]], moved: frozenset[int]
@@ -278,7 +281,7 @@ class ProxySink:
         same = done is not None and _same_sidecar(done.state, ep)
         if same and done is not None and done.named is not None and not done.named & moved:
             return done  # none of the identities it names moved: nor did its prefixes
-        relevant = self._relevant(ep.map_state.ingress, prefixes)  # what its RBACs list
+        relevant, named = self._relevant(ep.map_state.ingress, prefixes)  # what its RBACs list
         if same and done is not None and (done.prefixes is relevant or done.prefixes == relevant):
             res = done.resources
         else:
@@ -287,9 +290,7 @@ class ProxySink:
                                     self.access_log, self.l7_service, audit=ep.audit_ingress,
                                     upstream_mark=self.sidecar_mark)
             self.translations += 1
-        ingress = ep.map_state.ingress
-        wide = ingress.any_group or any(p.prefixlen < p.max_prefixlen for ps in relevant.values() for p in ps)
-        return _Translated(ep, relevant, res, None if wide else frozenset(ingress.groups), notes + res.notes)
+        return _Translated(ep, relevant, res, named, notes + res.notes)
 
     def _set_sidecar_views(self, desired: Desired, visited: list[str] | None) -> None:
         """A sidecar Envoy whose node id is an endpoint's name sees only that endpoint's listeners
