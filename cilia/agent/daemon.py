@@ -69,7 +69,7 @@ from ..xds.sockets import private_dir
 from . import status as status_view
 from .cluster import ClusterNode, KVStoreConfig  # kvstore (issue 13)
 from .diff import policy_diff
-from .flows import FlowFile, FlowFilter
+from .flows import FlowFile, FlowFilter, UnknownPod
 from .metrics import MeteredAckTracker, Metrics
 from .observe import FlowNames, Observer
 from .results import (
@@ -777,7 +777,10 @@ class Agent:
 
     def flows(self, since: int | None = None, limit: int | None = None,
               flow_filter: FlowFilter | None = None) -> dict[str, Any]:
-        return self.observer.flows(since, limit, flow_filter)
+        try:
+            return self.observer.flows(since, limit, flow_filter)
+        except UnknownPod as e:
+            raise AgentError(str(e), 404) from None
 
     def monitor(self, since: int | None, limit: int | None, wait: float, trace: bool = False) -> dict[str, Any]:
         """Datapath events after ``since`` (waiting up to ``wait`` seconds for one). ``trace``:

@@ -226,6 +226,9 @@ class Who:
             return 0
         return policy_match_type(ms.ingress if direction == "ingress" else ms.egress, identity, protocol, port)
 
+    def endpoint_names(self) -> Iterable[str]:
+        return self._endpoints.keys()
+
     def endpoint_peer(self, name: str, port: int = 0) -> Peer:
         ips, ident = self._endpoints.get(name, ((), None))
         return Peer(ips[0] if ips else "", port, ident, self.labels(ident), name)
@@ -383,6 +386,25 @@ class FlowFilter:
             return False
         path = str(f.l7.get("path", ""))
         return not self.http_paths or any(p.search(path) for p in self.http_paths)
+
+
+class UnknownPod(LookupError):
+    """A flow filter names a pod nothing here has (no endpoint, no recorded flow)."""
+
+
+def unknown_pods(flow_filter: FlowFilter, who: Who, seen: Iterable[Peer]) -> None:
+    """Raise ``UnknownPod`` for the first pod ``flow_filter`` names that matches no endpoint of
+    ``who`` and no side in ``seen`` (a pod gone since keeps its recorded flows findable)."""
+    wanted = [(option, want) for option, pods in (("--pod", flow_filter.pods), ("--from-pod", flow_filter.from_pods),
+                                                  ("--to-pod", flow_filter.to_pods)) for want in pods]
+    if not wanted:
+        return
+    sides = [who.endpoint_peer(name) for name in who.endpoint_names()]
+    sides += seen
+    for option, want in wanted:
+        if not any(_pod_matches((side,), (want,)) for side in sides):
+            raise UnknownPod(f"{option} {want}: no such pod (no endpoint and no recorded flow has it; "
+                             "see cilia endpoint list)")
 
 
 def _pod_matches(sides: tuple[Peer, ...], pods: tuple[str, ...]) -> bool:

@@ -19,7 +19,7 @@ from ..envoy.l7service import ConnectionInfo
 from ..l7parsers.base import Record
 from ..realizer import Desired
 from ..ring import SeqRing
-from .flows import Flow, FlowFile, FlowFilter, Who, from_access, from_datapath, from_l7
+from .flows import Flow, FlowFile, FlowFilter, Who, from_access, from_datapath, from_l7, unknown_pods
 from .metrics import Metrics
 
 _log = logging.getLogger(__name__)
@@ -78,8 +78,11 @@ class Observer:
     def flows(self, since: int | None = None, limit: int | None = None,
               flow_filter: FlowFilter | None = None) -> dict[str, Any]:
         """Flows numbered above ``since`` that pass ``flow_filter``, oldest first; with ``limit``
-        the newest that many of them."""
+        the newest that many of them. A first query (no ``since``) naming a pod that neither an
+        endpoint nor a recorded flow has raises ``UnknownPod``."""
         items = self.flow_log.since(since)
+        if flow_filter is not None and since is None:
+            unknown_pods(flow_filter, self.who, [side for _, f in items for side in (f.source, f.destination)])
         if flow_filter is not None:
             items = [(n, f) for n, f in items if flow_filter.matches(f)]
         if limit is not None:
