@@ -865,8 +865,12 @@ def _endpoint(spec: EndpointSpec) -> Endpoint:
 
 def _policy_info(p: Policy, audited: set[PolicyKey] | frozenset[PolicyKey] = frozenset()) -> PolicyInfo:
     notes = tuple(sorted({str(n) for r in compile_policy(p) for n in r.notes}))  # accepted, not enforced
+    # as Cilium labels a policy's rules (k8s:io.cilium.k8s.policy.*), with its metadata and rule labels
+    derived = [f"k8s:io.cilium.k8s.policy.derived-from={p.kind.value}", f"k8s:io.cilium.k8s.policy.name={p.name}",
+               *([f"k8s:io.cilium.k8s.policy.namespace={p.namespace}"] if p.namespace else [])]
+    labels = tuple(sorted({*p.labels, *derived, *(label for r in p.rules for label in r.labels)}))
     return PolicyInfo(p.kind.value, p.namespace, p.name, len(p.rules), p.source.file, p.source.line,
-                      p.key in audited, notes)
+                      p.key in audited, notes, labels)
 
 
 __all__ = ["Agent", "AgentConfig", "AgentError", "EnvoyMode", "PolicyKey", "Servers"]

@@ -297,6 +297,7 @@ class Policy:
     namespace: str | None  # effective namespace for CNP ("default" if unset); None for CCNP
     rules: tuple[Rule, ...]
     source: SourceRef
+    labels: tuple[str, ...] = ()  # metadata.labels as k8s:key=value, sorted (what kubectl -l selects on)
 
     @property
     def key(self) -> tuple[str, str, str]:

@@ -256,8 +256,9 @@ class _Parser:
             p.append(top["apiVersion"].problem(
                 f"unsupported apiVersion {top['apiVersion'].value!r} (expected {API_VERSION!r})"))
         name, namespace, before = None, None, len(p)
+        labels: tuple[str, ...] = ()
         if "metadata" in top:
-            name, namespace = self.metadata(top["metadata"], kind)
+            name, namespace, labels = self.metadata(top["metadata"], kind)
         if kind is PolicyKind.CNP:
             namespace = namespace or DEFAULT_NAMESPACE
         rules: list[Rule] = []
@@ -280,13 +281,14 @@ class _Parser:
         if len(p) > before or name is None:
             return None, None
         return Policy(kind, name, namespace if kind is PolicyKind.CNP else None, tuple(rules),
-                      doc.source), None
+                      doc.source, labels), None
 
-    def metadata(self, node: Node, kind: PolicyKind) -> tuple[str | None, str | None]:
+    def metadata(self, node: Node, kind: PolicyKind) -> tuple[str | None, str | None, tuple[str, ...]]:
+        """The name, namespace and labels (``k8s:key=value``) of the metadata ``node``."""
         p = self.problems
         meta = F.fields(node, _METADATA_FIELDS, p, required=("name",))
         if meta is None:
-            return None, None
+            return None, None, ()
         name = namespace = None
         if "name" in meta:
             name = F.strict_string(meta["name"], p)
@@ -300,10 +302,13 @@ class _Parser:
                     "CiliumClusterwideNetworkPolicy is cluster-scoped and takes no namespace"))
             else:
                 namespace = F.strict_string(meta["namespace"], p)
+        labels: tuple[str, ...] = ()
         for key in ("labels", "annotations"):
             if key in meta:
-                F.string_map(meta[key], p)
-        return name, namespace
+                found = F.string_map(meta[key], p)
+                if key == "labels" and found:
+                    labels = tuple(sorted(f"k8s:{k}={v}" for k, v in found.items()))
+        return name, namespace, labels
 
     # --- rule ---------------------------------------------------------------
 
