@@ -864,11 +864,16 @@ def _endpoint(spec: EndpointSpec) -> Endpoint:
 
 
 def _policy_info(p: Policy, audited: set[PolicyKey] | frozenset[PolicyKey] = frozenset()) -> PolicyInfo:
-    notes = tuple(sorted({str(n) for r in compile_policy(p) for n in r.notes}))  # accepted, not enforced
-    # as Cilium labels a policy's rules (k8s:io.cilium.k8s.policy.*), with its metadata and rule labels
-    derived = [f"k8s:io.cilium.k8s.policy.derived-from={p.kind.value}", f"k8s:io.cilium.k8s.policy.name={p.name}",
-               *([f"k8s:io.cilium.k8s.policy.namespace={p.namespace}"] if p.namespace else [])]
-    labels = tuple(sorted({*p.labels, *derived, *(label for r in p.rules for label in r.labels)}))
+    # accepted, not enforced; and what a translation changed to accept it (a NetworkPolicy's masked ipBlock)
+    notes = tuple(sorted({str(n) for r in compile_policy(p) for n in r.notes}
+                         | {f"{p.source.file}:{p.source.line}: {n}" for n in p.notes}))
+    # as Cilium labels a policy's rules (k8s:io.cilium.k8s.policy.*: a translated NetworkPolicy's rules
+    # say so themselves), with its metadata and rule labels
+    rule_labels = {label for r in p.rules for label in r.labels}
+    derived = {f"k8s:io.cilium.k8s.policy.{key}={value}" for key, value in (
+        ("derived-from", p.kind.value), ("name", p.name), *((("namespace", p.namespace),) if p.namespace else ()))
+        if not any(label.startswith(f"k8s:io.cilium.k8s.policy.{key}=") for label in rule_labels)}
+    labels = tuple(sorted({*p.labels, *derived, *rule_labels}))
     return PolicyInfo(p.kind.value, p.namespace, p.name, len(p.rules), p.source.file, p.source.line,
                       p.key in audited, notes, labels)
 

@@ -206,6 +206,19 @@ spec:
     live = {src: run_cli(state, "policy", "trace", "--from-endpoint", src, "--to-endpoint", "deathstar",
                          "--dport", "80").code for src in ("tiefighter", "xwing")}
     assert live == offline
+    # an ipBlock with host bits: masked, noted at import and kept in status (the watcher's path too)
+    masked = tmp_path / "masked.yaml"
+    masked.write_text("""apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: masked, namespace: default}
+spec:
+  podSelector: {matchLabels: {class: probe}}
+  ingress: [{from: [{ipBlock: {cidr: 10.0.1.1/4}}]}]
+""")
+    res = run_cli(state, "policy", "import", str(masked))
+    note = "NetworkPolicy masked: spec.ingress[0].from[0].ipBlock.cidr: 10.0.1.1/4 has host bits set"
+    assert res.code == 0 and note in res.err, res.err
+    assert f"{masked}:1: {note}" in run_cli(state, "status").out
 
 
 def test_mutating_commands_print_json_for_scripts(starwars: Path) -> None:
