@@ -8,6 +8,7 @@ unknown, 409 rejected (conflict or Envoy NACK), 504 not realized in time.
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import logging
 import re
@@ -201,6 +202,8 @@ def flow_filter(query: dict[str, list[str]]) -> FlowFilter:
                      for name in ("label", "from_label", "to_label")}
         statuses = tuple(parse_http_status(v) for v in strings("http_status"))
         paths = tuple(re.compile(v) for v in strings("http_path"))
+        for address in strings("ip"):
+            ipaddress.ip_address(address)
     except (SelectorError, ValueError, re.error) as e:
         raise AgentError(f"flow filter: {e}") from None
     return FlowFilter(

@@ -15,7 +15,6 @@ listens without its policy.
 
 from __future__ import annotations
 
-import copy
 import ipaddress
 import json
 import logging
@@ -70,7 +69,7 @@ from ..xds.sockets import private_dir
 from . import status as status_view
 from .cluster import ClusterNode, KVStoreConfig  # kvstore (issue 13)
 from .diff import policy_diff
-from .flows import FlowFile, FlowFilter
+from .flows import FlowFile, FlowFilter, UnknownPod
 from .metrics import MeteredAckTracker, Metrics
 from .observe import FlowNames, Observer
 from .results import (
@@ -87,7 +86,7 @@ from .results import (
 )
 from .sidecar_guard import SidecarGuard
 from .plumbing import PlumbingError, free_endpoint_id, plumb, unplumb
-from .state import PolicySource, load_state, save_state
+from .state import PolicySource, StateWriter
 
 _log = logging.getLogger(__name__)
 
@@ -192,7 +191,8 @@ class Agent:
         self.started = time.time()
         private_dir(config.state_dir, config.socket_group)  # nobody else may swap the sockets in it
         self.lock = threading.RLock()  # engine, state and revisions; never held while waiting for proxies
-        self.state = load_state(config.state_dir)
+        self.persist = StateWriter(config.state_dir)  # state.json and its journal
+        self.state = self.persist.loaded
         # kvstore (issue 13): cluster-wide identities from etcd instead of this node's file
         self.cluster = ClusterNode.connect(config.node_id, config.kvstore) if config.kvstore is not None else None
         self.engine = PolicyEngine(self.cluster.allocator if self.cluster is not None
@@ -235,6 +235,8 @@ class Agent:
         sinks.append(FlowNames(self.observer))
         self.realizer = Realizer(sinks)
         self._redirects = RedirectIndex()
+        self._redirected: dict[str, frozenset[tuple[str, str, int]]] = {}  # endpoint -> (L7 protocol, direction, port)
+        self._redirect_counts: dict[str, int] = {}  # L7 protocol -> redirected (endpoint, direction, port)s
         self._desired: Desired | None = None
         self._audit_keys: frozenset[PolicyKey] = frozenset()
         self.servers = Servers()
@@ -368,6 +370,7 @@ class Agent:
             if self.cluster is not None:  # kvstore (issue 13)
                 self.cluster.stop()
             self.observer.close()
+            self.persist.close()
 
     # ------------------------------------------------------------------ policies
 
@@ -583,7 +586,7 @@ class Agent:
             self.state.proxy_ports = allocate(redirects.values(), self.state.proxy_ports, self.config.proxy_port_range)
         desired = replace(desired, proxy_ports=dict(self.state.proxy_ports))
         if persist:
-            save_state(self.config.state_dir, self.state)
+            self.persist.write(self.state)
         errors = dict(self.realizer.errors)
         self.realizer.realize(desired)
         for sink, error in self.realizer.errors.items():
@@ -595,12 +598,18 @@ class Agent:
 
     def _build_desired(self, changed: frozenset[str] | None) -> Desired:
         previous = self._desired.endpoints if self._desired is not None and changed is not None else {}
-        endpoints: dict[str, EndpointState] = {}
-        for name, spec in self.state.endpoints.items():
-            done = previous.get(name)
-            if done is not None and name not in (changed or ()):
-                endpoints[name] = done
-                continue
+        # the previous entries, and anew only those the change names (or that came or went)
+        gone, added = previous.keys() - self.state.endpoints.keys(), self.state.endpoints.keys() - previous.keys()
+        endpoints: dict[str, EndpointState] = dict(previous)
+        for name in gone:
+            del endpoints[name]
+        if not previous:
+            names: Iterable[str] = self.state.endpoints
+        else:  # new ones last, in the state's order (as a whole rebuild would place them)
+            names = [n for n in (changed or ()) if n in previous and n not in gone]
+            names += list(added) if len(added) < 2 else [n for n in self.state.endpoints if n in added]
+        for name in names:
+            spec = self.state.endpoints[name]
             ingress, egress = self.audit_of(name)
             endpoints[name] = EndpointState(
                 name, tuple(spec.ips), self.engine.identity_of(name).id,
@@ -610,11 +619,13 @@ class Agent:
         moved = None if changed is None else frozenset(
             n for n in changed | (previous.keys() - endpoints.keys()) | (endpoints.keys() - previous.keys()))
         return Desired(self.state.revision, endpoints, tuple(self.engine.ipcache.items()),
-                       {i.id: i.labels for i in self.engine.identities()}, changed=moved)
+                       {i.id: i.labels for i in self.engine.identities()}, changed=moved,
+                       prefixes=self.engine.ipcache.by_identity())
 
     def _before(self, policies: Iterable[PolicyKey] = (), endpoints: Iterable[str] = ()) -> _Before:
         current = {p.key: p for p in self.engine.policies()}
-        return _Before({k: current.get(k) for k in policies}, copy.deepcopy(self.state.sources),
+        sources = [replace(s, keys=set(s.keys)) for s in self.state.sources]  # what _restore puts back
+        return _Before({k: current.get(k) for k in policies}, sources,
                        {n: self.state.endpoints.get(n) for n in endpoints}, dict(self.state.endpoint_ids))
 
     def _restore(self, before: _Before) -> None:
@@ -673,12 +684,24 @@ class Agent:
         m.policies.set(len(self.engine.policies()))
         m.max_revision.set(desired.revision)
         m.endpoints.set(len(desired.endpoints))
-        redirects: dict[str, set[tuple[str, str, int]]] = {}
-        for name, ep in desired.endpoints.items():
-            for r in self._redirects.of(name, ep.map_state):
-                if r.l7_protocol:
-                    redirects.setdefault(r.l7_protocol, set()).add((name, r.direction.value, r.port_lo))
-        m.set_redirects({proto: len(ports) for proto, ports in redirects.items()})
+        # per L7 protocol, the (endpoint, direction, port) redirected to it: recounted for the endpoints
+        # a change names only
+        if desired.changed is None:
+            self._redirected.clear()
+            self._redirect_counts.clear()
+        for name in desired.endpoints if desired.changed is None else desired.changed:
+            for protocol, _, _ in self._redirected.pop(name, ()):
+                self._redirect_counts[protocol] -= 1
+            ep = desired.endpoints.get(name)
+            if ep is None:
+                continue
+            mine = frozenset((r.l7_protocol, r.direction.value, r.port_lo)
+                             for r in self._redirects.of(name, ep.map_state) if r.l7_protocol)
+            if mine:
+                self._redirected[name] = mine
+            for protocol, _, _ in mine:
+                self._redirect_counts[protocol] = self._redirect_counts.get(protocol, 0) + 1
+        m.set_redirects({protocol: n for protocol, n in self._redirect_counts.items() if n})
 
     def _error(self, component: str, message: str) -> None:
         """Remember an error for ``cilia status`` (the last 50)."""
@@ -754,7 +777,10 @@ class Agent:
 
     def flows(self, since: int | None = None, limit: int | None = None,
               flow_filter: FlowFilter | None = None) -> dict[str, Any]:
-        return self.observer.flows(since, limit, flow_filter)
+        try:
+            return self.observer.flows(since, limit, flow_filter)
+        except UnknownPod as e:
+            raise AgentError(str(e), 404) from None
 
     def monitor(self, since: int | None, limit: int | None, wait: float, trace: bool = False) -> dict[str, Any]:
         """Datapath events after ``since`` (waiting up to ``wait`` seconds for one). ``trace``:
@@ -838,9 +864,18 @@ def _endpoint(spec: EndpointSpec) -> Endpoint:
 
 
 def _policy_info(p: Policy, audited: set[PolicyKey] | frozenset[PolicyKey] = frozenset()) -> PolicyInfo:
-    notes = tuple(sorted({str(n) for r in compile_policy(p) for n in r.notes}))  # accepted, not enforced
+    # accepted, not enforced; and what a translation changed to accept it (a NetworkPolicy's masked ipBlock)
+    notes = tuple(sorted({str(n) for r in compile_policy(p) for n in r.notes}
+                         | {f"{p.source.file}:{p.source.line}: {n}" for n in p.notes}))
+    # as Cilium labels a policy's rules (k8s:io.cilium.k8s.policy.*: a translated NetworkPolicy's rules
+    # say so themselves), with its metadata and rule labels
+    rule_labels = {label for r in p.rules for label in r.labels}
+    derived = {f"k8s:io.cilium.k8s.policy.{key}={value}" for key, value in (
+        ("derived-from", p.kind.value), ("name", p.name), *((("namespace", p.namespace),) if p.namespace else ()))
+        if not any(label.startswith(f"k8s:io.cilium.k8s.policy.{key}=") for label in rule_labels)}
+    labels = tuple(sorted({*p.labels, *derived, *rule_labels}))
     return PolicyInfo(p.kind.value, p.namespace, p.name, len(p.rules), p.source.file, p.source.line,
-                      p.key in audited, notes)
+                      p.key in audited, notes, labels)
 
 
 __all__ = ["Agent", "AgentConfig", "AgentError", "EnvoyMode", "PolicyKey", "Servers"]

@@ -27,7 +27,7 @@ def render(result: Any) -> Any:
 @render.register
 def _policy(p: PolicyInfo) -> dict[str, Any]:
     return {"kind": p.kind, "namespace": p.namespace, "name": p.name, "rules": p.rules, "file": p.file,
-            "line": p.line, "audit": p.audit, "notes": list(p.notes)}
+            "line": p.line, "audit": p.audit, "notes": list(p.notes), "labels": list(p.labels)}
 
 
 @render.register

@@ -18,6 +18,7 @@ class PolicyInfo:
     line: int
     audit: bool
     notes: tuple[str, ...] = ()  # what the policy asks for that is accepted but not enforced (fails closed)
+    labels: tuple[str, ...] = ()  # its metadata labels, Cilium's derived ones and its rules' (for -l)
 
 
 @dataclass(frozen=True)

@@ -6,6 +6,11 @@ text under its original path, with the keys of the policies still live from it. 
 names the user's file and line. Identities live beside it in ``identities.json``
 (``cilia.policy.FileAllocator``). Writes go to a temporary file renamed over the old one, so a
 crash leaves either the old state or the new, never half of one.
+
+The running agent does not rewrite ``state.json`` at every change (that costs as much as the state
+is big): ``StateWriter`` appends what changed to ``state.journal`` (``cilia.agent.journal``) and
+now and then writes the whole state again (compaction; the journal then starts anew). Loading
+replays the journal over the snapshot.
 """
 
 from __future__ import annotations
@@ -17,9 +22,12 @@ from typing import Any
 
 from ..envoy.private_file import write_private
 from ..specs import EndpointSpec, PolicyKey, StateError
+from .journal import Journal, read
 
 STATE_FILE = "state.json"
+JOURNAL_FILE = "state.journal"
 FORMAT = 1
+COMPACT_MIN_BYTES = 1 << 20  # the journal is folded into state.json beyond this and twice the snapshot
 
 
 @dataclass
@@ -61,23 +69,30 @@ class AgentState:
         return {
             "format": FORMAT,
             "revision": self.revision,
-            "policies": [{"path": s.path, "text": s.text, "keys": sorted(list(k) for k in s.keys),
-                          **({"audit": True} if s.audit else {})} for s in self.sources],
+            "policies": self.policies_json(),
             "endpoints": [_endpoint_json(e) for _, e in sorted(self.endpoints.items())],
             "endpoint_ids": self.endpoint_ids,
             "proxy_ports": self.proxy_ports,
         }
 
+    def policies_json(self) -> list[dict[str, Any]]:
+        return [{"path": s.path, "text": s.text, "keys": sorted(list(k) for k in s.keys),
+                 **({"audit": True} if s.audit else {})} for s in self.sources]
+
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> AgentState:
         if d.get("format") != FORMAT:
             raise StateError(f"state format {d.get('format')!r} is not {FORMAT}")
-        sources = [PolicySource(str(s["path"]), str(s["text"]), {(k[0], k[1], k[2]) for k in s["keys"]},
-                                bool(s.get("audit", False))) for s in d.get("policies", [])]
+        sources = _sources(d.get("policies", []))
         endpoints = {e.name: e for e in (EndpointSpec.from_json(x) for x in d.get("endpoints", []))}
         return cls(int(d.get("revision", 0)), sources, endpoints,
                    {str(k): int(v) for k, v in d.get("endpoint_ids", {}).items()},
                    {str(k): int(v) for k, v in d.get("proxy_ports", {}).items()})
+
+
+def _sources(policies: list[dict[str, Any]]) -> list[PolicySource]:
+    return [PolicySource(str(s["path"]), str(s["text"]), {(k[0], k[1], k[2]) for k in s["keys"]},
+                         bool(s.get("audit", False))) for s in policies]
 
 
 def _endpoint_json(spec: EndpointSpec) -> dict[str, Any]:
@@ -97,21 +112,147 @@ def _endpoint_json(spec: EndpointSpec) -> dict[str, Any]:
 _SPEC_JSON: dict[int, tuple[EndpointSpec, dict[str, Any]]] = {}
 
 
-def load_state(state_dir: Path) -> AgentState:
-    """The persisted state, or an empty one for a new directory."""
+def _read_snapshot(state_dir: Path) -> tuple[AgentState, int]:
+    """``state.json`` (empty for a new directory) and the journal generation it starts."""
     path = state_dir / STATE_FILE
     try:
         raw = path.read_text(encoding="utf-8")
     except FileNotFoundError:
-        return AgentState()
+        return AgentState(), 0
     try:
-        return AgentState.from_json(json.loads(raw))
+        d = json.loads(raw)
+        return AgentState.from_json(d), int(d.get("journal", 0))
     except (ValueError, KeyError, TypeError) as e:
         raise StateError(f"{path}: unreadable state: {e}") from None
 
 
-def save_state(state_dir: Path, state: AgentState) -> None:
+def _replay(state: AgentState, record: dict[str, Any]) -> None:
+    """Apply one journal record (``StateWriter._delta``) to ``state``."""
+    state.revision = int(record["revision"])
+    for name, spec in record.get("endpoints", {}).items():
+        if spec is None:
+            state.endpoints.pop(name, None)
+        else:
+            state.endpoints[name] = EndpointSpec.from_json(spec)
+    for name, endpoint_id in record.get("endpoint_ids", {}).items():
+        if endpoint_id is None:
+            state.endpoint_ids.pop(name, None)
+        else:
+            state.endpoint_ids[name] = int(endpoint_id)
+    if "proxy_ports" in record:
+        state.proxy_ports = {str(k): int(v) for k, v in record["proxy_ports"].items()}
+    if "policies" in record:
+        state.sources = _sources(record["policies"])
+
+
+def _load(state_dir: Path) -> tuple[AgentState, int]:
+    state, generation = _read_snapshot(state_dir)
+    path = state_dir / JOURNAL_FILE
+    records, _ = read(path, generation)
+    for number, record in enumerate(records, 2):
+        try:
+            _replay(state, record)
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            raise StateError(f"{path}:{number}: unreadable journal record: {e}") from None
+    return state, generation
+
+
+def load_state(state_dir: Path) -> AgentState:
+    """The persisted state (the snapshot and the journal's changes over it), or an empty one for
+    a new directory."""
+    return _load(state_dir)[0]
+
+
+def _write_snapshot(state_dir: Path, state: AgentState, generation: int) -> int:
     """Owner-only (it holds every policy's text) and on disk before it replaces the last one, so a
-    crash leaves the old state or the new one, never an empty file."""
-    # compact: json's C encoder does not indent, and this runs at every change (a 5,000-endpoint state)
-    write_private(state_dir / STATE_FILE, json.dumps(state.to_json(), sort_keys=True, separators=(",", ":")))
+    crash leaves the old state or the new one, never an empty file. Returns its size."""
+    # compact: json's C encoder does not indent, and a 5,000-endpoint state is written now and then
+    text = json.dumps({**state.to_json(), "journal": generation}, sort_keys=True, separators=(",", ":"))
+    write_private(state_dir / STATE_FILE, text)
+    return len(text)
+
+
+def save_state(state_dir: Path, state: AgentState) -> None:
+    """Write the state whole (e.g. ``cilia cleanup``, with no agent running): a new snapshot, and
+    the journal emptied for it."""
+    _, generation = _read_snapshot(state_dir)
+    _write_snapshot(state_dir, state, generation + 1)
+    journal = Journal(state_dir / JOURNAL_FILE, generation + 1)
+    journal.restart(generation + 1)
+    journal.close()
+
+
+class StateWriter:
+    """The running agent's persistence: ``write`` appends what changed since the last write to the
+    journal (the endpoints whose spec object changed, by name), and writes the state whole when
+    the journal has grown past twice the snapshot (so each change costs O(1), amortized)."""
+
+    def __init__(self, state_dir: Path) -> None:
+        """Load the state (``loaded``) and fold the journal into a new snapshot: an agent starts
+        with a short journal, and a new state dir gets its ``state.json`` at once."""
+        self.state_dir = state_dir
+        self.compactions = 0  # snapshots written, for tests
+        self.loaded, generation = _load(state_dir)
+        self._journal = Journal(state_dir / JOURNAL_FILE, generation)
+        self._snapshot_size = 0
+        self.compact(self.loaded)
+
+    def _remember(self, state: AgentState) -> None:
+        """What is on disk now: compared with at the next write."""
+        self._endpoints = dict(state.endpoints)
+        self._endpoint_ids = dict(state.endpoint_ids)
+        self._proxy_ports = dict(state.proxy_ports)
+        self._sources = _sources_key(state)
+
+    def write(self, state: AgentState) -> None:
+        """Persist ``state``; on return it survives a crash."""
+        if self._journal.size > max(COMPACT_MIN_BYTES, 2 * self._snapshot_size):
+            self.compact(state)
+            return
+        self._journal.append(self._delta(state))
+        self._remember_delta(state)
+
+    def compact(self, state: AgentState) -> None:
+        generation = self._journal.generation + 1
+        self._snapshot_size = _write_snapshot(self.state_dir, state, generation)
+        self._journal.restart(generation)
+        self.compactions += 1
+        self._remember(state)
+
+    def _delta(self, state: AgentState) -> dict[str, Any]:
+        record: dict[str, Any] = {"revision": state.revision}
+        endpoints: dict[str, Any] = {n: _endpoint_json(s) for n, s in state.endpoints.items()
+                                     if self._endpoints.get(n) is not s}
+        endpoints.update(dict.fromkeys(self._endpoints.keys() - state.endpoints.keys()))
+        if endpoints:
+            record["endpoints"] = endpoints
+        if state.endpoint_ids != self._endpoint_ids:
+            ids: dict[str, int | None] = {n: i for n, i in state.endpoint_ids.items()
+                                          if self._endpoint_ids.get(n) != i}
+            ids.update(dict.fromkeys(self._endpoint_ids.keys() - state.endpoint_ids.keys()))
+            record["endpoint_ids"] = ids
+        if state.proxy_ports != self._proxy_ports:
+            record["proxy_ports"] = state.proxy_ports
+        sources = _sources_key(state)
+        if sources != self._sources:
+            record["policies"] = state.policies_json()
+        return record
+
+    def _remember_delta(self, state: AgentState) -> None:
+        """``_remember`` for a change just journaled, touching only what it names."""
+        for n in self._endpoints.keys() - state.endpoints.keys():
+            del self._endpoints[n]
+        self._endpoints.update((n, s) for n, s in state.endpoints.items() if self._endpoints.get(n) is not s)
+        if state.endpoint_ids != self._endpoint_ids:
+            self._endpoint_ids = dict(state.endpoint_ids)
+        if state.proxy_ports != self._proxy_ports:
+            self._proxy_ports = dict(state.proxy_ports)
+        self._sources = _sources_key(state)
+
+    def close(self) -> None:
+        self._journal.close()
+
+
+def _sources_key(state: AgentState) -> tuple[tuple[str, str, frozenset[PolicyKey], bool], ...]:
+    """What of the sources is persisted (the texts compare by identity first: fast)."""
+    return tuple((s.path, s.text, frozenset(s.keys), s.audit) for s in state.sources)
