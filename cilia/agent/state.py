@@ -1,6 +1,6 @@
 """What the agent persists in its state directory, and how it is written.
 
-``state.json`` holds the revision, the endpoints and the policy sources: every imported file's
+``state.json`` holds the revision, the endpoints, the services and the policy sources: every imported file's
 text under its original path, with the keys of the policies still live from it. Keeping the text
 (not a re-serialized model) means a restarted agent parses the same bytes, so every verdict still
 names the user's file and line. Identities live beside it in ``identities.json``
@@ -16,6 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from ..envoy.private_file import write_private
+from ..services.model import Service
+from ..services.validate import ServiceError, service_from_json, service_to_json
 from ..specs import EndpointSpec, PolicyKey, StateError
 
 STATE_FILE = "state.json"
@@ -41,6 +43,7 @@ class AgentState:
     # kept so a restarted agent finds its pinned maps and Envoy listeners where they were.
     endpoint_ids: dict[str, int] = field(default_factory=dict)
     proxy_ports: dict[str, int] = field(default_factory=dict)  # "ingress/80" -> 10000
+    services: dict[int, Service] = field(default_factory=dict)  # by id (issue 16)
 
     def add_source(self, path: str, text: str, keys: set[PolicyKey], audit: bool = False) -> None:
         """Record an import: its policies now come from this text, not from older sources."""
@@ -66,6 +69,7 @@ class AgentState:
             "endpoints": [_endpoint_json(e) for _, e in sorted(self.endpoints.items())],
             "endpoint_ids": self.endpoint_ids,
             "proxy_ports": self.proxy_ports,
+            "services": [service_to_json(s) for _, s in sorted(self.services.items())],
         }
 
     @classmethod
@@ -75,9 +79,16 @@ class AgentState:
         sources = [PolicySource(str(s["path"]), str(s["text"]), {(k[0], k[1], k[2]) for k in s["keys"]},
                                 bool(s.get("audit", False))) for s in d.get("policies", [])]
         endpoints = {e.name: e for e in (EndpointSpec.from_json(x) for x in d.get("endpoints", []))}
+        services: dict[int, Service] = {}
+        for i, raw in enumerate(d.get("services", [])):
+            try:
+                service = service_from_json(raw)
+            except ServiceError as e:
+                raise StateError(f"services[{i}].{e}") from None
+            services[service.id] = service
         return cls(int(d.get("revision", 0)), sources, endpoints,
                    {str(k): int(v) for k, v in d.get("endpoint_ids", {}).items()},
-                   {str(k): int(v) for k, v in d.get("proxy_ports", {}).items()})
+                   {str(k): int(v) for k, v in d.get("proxy_ports", {}).items()}, services)
 
 
 def _endpoint_json(spec: EndpointSpec) -> dict[str, Any]:

@@ -35,7 +35,7 @@ from ..policy.parse import check_unique
 from ..policy.trace import PROTOCOL_NAMES
 from ..policy.trace import l7_request_json
 from ..specs import PortSpec, StateError
-from . import bpf_cmds, bugtool_cmds, cluster_cmds, completion_cmds, connectivity_cmds, observe_cmds
+from . import bpf_cmds, bugtool_cmds, cluster_cmds, completion_cmds, connectivity_cmds, observe_cmds, service_cmds
 from .agent_cmds import register
 from .common import UsageError, call_agent, emit, output_option, policy_notes, state_dir_option
 
@@ -352,6 +352,7 @@ def bootstrap_cmd(node_id: str, xds_address: str, admin_address: str, delta: boo
 register(cli, policy)
 bpf_cmds.register(cli)
 cluster_cmds.register(cli)
+service_cmds.register(cli)
 cli.add_command(observe_cmds.observe_cmd)
 cli.add_command(bugtool_cmds.bugtool_cmd)
 completion_cmds.register(cli)

@@ -21,7 +21,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import cached_property
 
-from .compile import CompiledRule, Note, compile_policy
+from .compile import CompiledRule, Note, compile_policy, uses_services
 from .errors import PolicyError
 from .identity import Identity, IdentityAllocator, IdentityKind, MemoryAllocator
 from .ipcache import IPCache
@@ -30,6 +30,8 @@ from .mapstate import MapState
 from .model import IPNetwork, Policy, Protocol
 from .peers import PeerSelector
 from .selectors import LabelSelector
+from .toservices import ServiceView, view_of
+from ..services.model import Service
 from .resolve import (
     MapStateBuilder,
     NamedPortMap,
@@ -128,6 +130,10 @@ class PolicyEngine:
         self._port_refs: dict[tuple[str, int, int], int] = {}
         self._batch = 0
         self._dirty: set[SubjectKey] = set()
+        # toServices: the services, and the identities of the backend addresses endpoints hold
+        self._services: tuple[Service, ...] = ()
+        self._service_view = ServiceView()
+        self._backend_addresses: frozenset[str] = frozenset()
         for ident in self.allocator:
             if ident.kind is IdentityKind.RESERVED:
                 self._universe_add(ident, notify=False)
@@ -208,7 +214,7 @@ class PolicyEngine:
 
     def _replace(self, new: dict[tuple[str, str, str], Policy], removed: set[tuple[str, str, str]]) -> Change:
         old_rules = [r for k in (*new, *removed) for r in self._compiled.get(k, [])]
-        new_compiled = {k: compile_policy(p) for k, p in new.items()}
+        new_compiled = {k: compile_policy(p, self._service_view) for k, p in new.items()}
         new_rules = [r for rules in new_compiled.values() for r in rules]
         affected = self._subjects_matching(old_rules) | self._subjects_matching(new_rules)
         # Resolve every affected subject with the new rule set before changing anything.
@@ -301,7 +307,8 @@ class PolicyEngine:
                 self._prefix_refs[prefix] = self._prefix_refs.get(prefix, 0) + 1
                 if self._prefix_refs[prefix] == 1:
                     ident = self.allocator.allocate_cidr(prefix)
-                    self.ipcache.upsert(prefix, ident.id)
+                    if prefix not in self._local_ips:  # an endpoint's own address keeps its identity
+                        self.ipcache.upsert(prefix, ident.id)
                     changed |= self._universe_add(ident)
         for rule in old_rules:
             for prefix in rule.prefixes:
@@ -309,7 +316,8 @@ class PolicyEngine:
                 if self._prefix_refs[prefix] == 0:
                     del self._prefix_refs[prefix]
                     ident = self.allocator.allocate_cidr(prefix)
-                    self.ipcache.delete(prefix)
+                    if self.ipcache.get(prefix) == ident.id:
+                        self.ipcache.delete(prefix)
                     changed |= self._universe_remove(ident)
                     self.allocator.release(ident.id)
         return changed
@@ -368,9 +376,10 @@ class PolicyEngine:
                 changed |= self._refresh_cluster_ports()
             if not self._batch:
                 self._ensure_map_state(subject)
+            moved = self._backends_moved(endpoint.ips, old.ips if old is not None else ())
             if self._batch:  # bulk loads do not need the change set
-                return Change.of(self.revision, {endpoint.name})
-            return Change.of(self.revision, {endpoint.name}, *self._endpoints_of(changed))
+                return Change.of(self.revision, {endpoint.name}, *moved)
+            return Change.of(self.revision, {endpoint.name}, *self._endpoints_of(changed), *moved)
 
     def remove_endpoint(self, name: str) -> Change:
         with self._lock:
@@ -380,7 +389,8 @@ class PolicyEngine:
             changed = self._detach(old)
             if self._count_ports(old, -1):
                 changed |= self._refresh_cluster_ports()
-            return Change.of(self.revision, {name}, *self._endpoints_of(changed))
+            moved = self._backends_moved(old.ips)
+            return Change.of(self.revision, {name}, *self._endpoints_of(changed), *moved)
 
     def _detach(self, ep: Endpoint) -> set[SubjectKey]:
         key = self._endpoint_subject.pop(ep.name)
@@ -393,6 +403,8 @@ class PolicyEngine:
                 self.ipcache.delete(net)
                 if net in self._remote:  # another node's endpoint had (or has) this address
                     self.ipcache.upsert(net, self._remote[net])
+                elif net in self._prefix_refs:  # a policy names it (toCIDR, toServices): its CIDR identity
+                    self.ipcache.upsert(net, self.allocator.allocate_cidr(net).id)
         subject = self._subjects[key]
         subject.endpoints = subject.endpoints - {ep.name}
         changed: set[SubjectKey] = set()
@@ -413,6 +425,61 @@ class PolicyEngine:
                 self.allocator.release(ident.id)
         return changed
 
+    # ------------------------------------------------------------------ services (toServices)
+
+    def set_services(self, services: Iterable[Service]) -> Change:
+        """The services ``toServices`` selects from; the policies using it are recompiled (all or
+        nothing, like ``apply``) when what they resolve to changed."""
+        with self._lock:
+            before = self._services, self._backend_addresses
+            self._services = tuple(sorted(services, key=lambda s: s.id))
+            self._backend_addresses = frozenset(b.address for s in self._services for b in s.backends)
+            try:
+                return Change.of(self.revision, *self._refresh_services())
+            except BaseException:
+                self._services, self._backend_addresses = before
+                raise
+
+    @property
+    def service_view(self) -> ServiceView:
+        """What ``toServices`` resolves against now (for compiling a policy the way the engine does)."""
+        return self._service_view
+
+    def _backends_moved(self, *addresses: Iterable[IPAddress]) -> list[frozenset[str]]:
+        """After an endpoint (or remote address) change: re-resolve toServices if it touched a backend."""
+        if not self._backend_addresses or not any(
+                str(a) in self._backend_addresses for group in addresses for a in group):
+            return []
+        return self._refresh_services()
+
+    def _holders(self) -> dict[str, tuple[int, str]]:
+        """Backend address -> (identity, endpoint) for the addresses an endpoint holds (a local one first)."""
+        held: dict[str, tuple[int, str]] = {}
+        for net, identity in self._remote.items():
+            address = str(net.network_address)
+            if net.prefixlen == net.max_prefixlen and address in self._backend_addresses:
+                held[address] = (identity, f"identity {identity} on another node")
+        for net, name in self._local_ips.items():
+            address = str(net.network_address)
+            if address in self._backend_addresses:
+                held[address] = (self._endpoint_subject[name][0], name)
+        return held
+
+    def _refresh_services(self) -> list[frozenset[str]]:
+        view = view_of(self._services, self._holders())
+        if view == self._service_view:
+            return []
+        users = {k: p for k, p in self._policies.items() if uses_services(p)}
+        previous, self._service_view = self._service_view, view
+        if not users:
+            return []
+        try:
+            change = self._replace(users, set())
+        except BaseException:
+            self._service_view = previous
+            raise
+        return [change.endpoints]
+
     # ------------------------------------------------------------ other nodes' endpoints
 
     def update_remote(self, upserts: Mapping[IPNetwork, int], deletes: Iterable[IPNetwork] = ()) -> Change:
@@ -420,6 +487,7 @@ class PolicyEngine:
         each prefix now holds that identity, or is gone. The identity's labels come from the
         allocator: an identity it does not know is selected by no selector (its traffic is
         denied), yet its addresses leave ``world``. A local endpoint's address wins."""
+        deletes = tuple(deletes)  # read twice: here and for toServices below
         with self._lock:
             changed: set[SubjectKey] = set()
             for prefix in deletes:
@@ -442,7 +510,8 @@ class PolicyEngine:
                     changed |= self._remote_learn(identity)
                 if old is not None:
                     changed |= self._remote_unref(old)
-            return Change.of(self.revision, *self._endpoints_of(changed))
+            moved = self._backends_moved(p.network_address for p in (*upserts, *deletes))
+            return Change.of(self.revision, *self._endpoints_of(changed), *moved)
 
     def refresh_remote(self, identity: int) -> Change:
         """The allocator may know ``identity``'s labels now (they arrived after its addresses)."""

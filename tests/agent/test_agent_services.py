@@ -1,0 +1,212 @@
+"""Services through a real agent (its REST API and the `cilia service` commands): checked before
+anything is applied, one revision per change, persisted and restored, handed to the sinks in
+``Desired.services``, and feeding toServices."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.agent.agent_support import agent_in_process, run_cli
+
+from cilia.agent.client import AgentClient, APIError
+from cilia.agent.daemon import Agent
+from cilia.policy import Protocol, Verdict
+from cilia.services.model import Backend, Frontend, Service
+
+TO_DB = """apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {name: web-to-db, namespace: default}
+spec:
+  endpointSelector: {matchLabels: {app: web}}
+  egress:
+  - toServices:
+    - k8sService: {serviceName: db}
+"""
+
+
+@pytest.fixture
+def agent(tmp_path: Path) -> Iterator[Agent]:
+    with agent_in_process(tmp_path / "state", envoy="none") as a:
+        yield a
+
+
+def cli(agent: Agent, *args: str) -> tuple[int, str, str]:
+    res = run_cli(agent.config.state_dir, *args)
+    return res.code, res.out, res.err
+
+
+def update(agent: Agent, *args: str) -> int:
+    code, out, err = cli(agent, "service", "update", *args)
+    assert code == 0, err
+    return int(out.split("Revision: ")[1])
+
+
+def test_update_list_get_delete_through_the_cli(agent: Agent) -> None:
+    revision = update(agent, "--id", "7", "--frontend", "10.96.0.10:80", "--backends", "10.0.0.10:8080,10.0.0.11:8080",
+                      "--weights", "1,3", "--algorithm", "weighted-rr", "--session-affinity", "30",
+                      "--name", "prod/deathstar", "--labels", "app=deathstar")
+    assert revision == agent.revision
+    code, out, _ = cli(agent, "service", "list")
+    assert code == 0
+    header, row = out.splitlines()
+    assert header.split() == ["ID", "FRONTEND", "TYPE", "BACKENDS", "ALGORITHM", "NAME"]
+    assert row.split() == ["7", "10.96.0.10:80/TCP", "ClusterIP", "10.0.0.10:8080,", "10.0.0.11:8080", "weighted-rr",
+                           "prod/deathstar"]
+    _, wide, _ = cli(agent, "service", "list", "-o", "wide")
+    assert "10.0.0.11:8080 (weight 3)" in wide and "30s" in wide and "app=deathstar" in wide
+    _, raw, _ = cli(agent, "service", "get", "7", "-o", "json")
+    assert json.loads(raw) == {
+        "id": 7, "frontend": {"address": "10.96.0.10", "port": 80, "protocol": "TCP"},
+        "backends": [{"address": "10.0.0.10", "port": 8080, "weight": 1, "state": "active"},
+                     {"address": "10.0.0.11", "port": 8080, "weight": 3, "state": "active"}],
+        "algorithm": "weighted-rr", "affinity_seconds": 30, "type": "ClusterIP", "name": "deathstar",
+        "namespace": "prod", "labels": {"app": "deathstar"}}
+    _, yaml_out, _ = cli(agent, "service", "get", "7", "-o", "yaml")
+    assert "algorithm: weighted-rr" in yaml_out
+    _, text, _ = cli(agent, "service", "get", "7")
+    assert "Backends:\n  10.0.0.10:8080\n  10.0.0.11:8080 (weight 3)" in text
+    # the sinks get it: Desired.services, by id
+    update(agent, "--id", "2", "--frontend", "10.96.0.2:53/UDP", "--backends", "10.0.0.12:53")
+    assert agent._desired is not None
+    assert [s.id for s in agent._desired.services] == [2, 7]
+    assert agent._desired.services[0].frontend == Frontend("10.96.0.2", 53, "UDP")
+    code, out, _ = cli(agent, "service", "delete", "7")
+    assert code == 0 and out.strip() == f"Revision: {agent.revision}"
+    assert [s.id for s in agent._desired.services] == [2]
+    code, _, err = cli(agent, "service", "get", "7")
+    assert code == 2 and "no service with id 7" in err
+    code, _, err = cli(agent, "service", "delete", "7")
+    assert code == 2 and "no service with id 7" in err
+
+
+@pytest.mark.parametrize(("args", "says"), [
+    (("--frontend", "10.96.0.10:0", "--backends", "10.0.0.1:80"), "--frontend: frontend.port: 0 is outside 1-65535"),
+    (("--frontend", "10.96.0.10:80", "--backends", "10.0.0.1:80", "--weights", "0"),
+     "--weights: backends[0].weight: 0 is outside 1-65535"),
+    (("--frontend", "10.96.0.10:80", "--backends", "10.0.0.1:80", "--weights", "x"),
+     "--weights: backends[0].weight: 'x' is not a positive integer"),
+    (("--frontend", "10.96.0.10:80", "--backends", "10.0.0.1:70000"),
+     "--backends: backends[0].port: 70000 is outside 1-65535"),
+    (("--frontend", "10.96.0.10:80/SCTP",), "--frontend: frontend.protocol: 'SCTP' is not one of TCP, UDP"),
+    (("--frontend", "10.96.0.10:80", "--session-affinity", "-5"), "--session-affinity: affinity_seconds"),
+])
+def test_bad_flags_exit_2_naming_the_field_and_nothing_is_applied(agent: Agent, args: tuple[str, ...],
+                                                                   says: str) -> None:
+    revision = agent.revision
+    code, _, err = cli(agent, "service", "update", "--id", "1", *args)
+    assert code == 2
+    assert says in err
+    assert agent.revision == revision and not agent.services().services
+
+
+def test_the_api_refuses_bad_input_and_clashes_with_nothing_applied(agent: Agent) -> None:
+    client = AgentClient(agent.config.api_socket)
+    try:
+        client.add_endpoint({"name": "db", "labels": ["app=db"], "ips": ["10.0.0.10"]})
+        good = {"id": 1, "frontend": {"address": "10.96.0.10", "port": 80},
+                "backends": [{"address": "10.0.0.10", "port": 5432}]}
+        client.update_service(good)
+        revision = agent.revision
+        for body, says in [
+            ({**good, "id": 2, "backends": [{"address": "10.0.0.10", "port": 5432, "weight": -1}]},
+             "backends[0].weight: -1 is outside 1-65535"),
+            ({**good, "id": 2}, "frontend: 10.96.0.10:80/TCP is already service 1's frontend"),
+            ({**good, "id": 2, "frontend": {"address": "10.0.0.10", "port": 80}},
+             "frontend.address: 10.0.0.10 is endpoint db's address"),
+            ({**good, "algorithm": "least-conn"}, "algorithm: 'least-conn' is not one of maglev, random, weighted-rr"),
+            ({**good, "backends": [{"address": "10.0.0.1", "port": 1}] * 2}, "backends[1]: 10.0.0.1:1 is already"),
+            ({**good, "affinity_seconds": "long"}, "affinity_seconds: expected seconds of session affinity"),
+        ]:
+            with pytest.raises(APIError) as e:
+                client.update_service(body)
+            assert e.value.status == 400
+            assert says in str(e.value) and "nothing was applied" in str(e.value)
+        with pytest.raises(APIError, match="ips: 10.96.0.10 is service 1's frontend"):
+            client.add_endpoint({"name": "web", "labels": ["app=web"], "ips": ["10.96.0.10"]})
+        assert agent.revision == revision
+        assert [s.id for s in agent.services().services] == [1]
+    finally:
+        client.close()
+
+
+def test_services_are_persisted_and_restored(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    with agent_in_process(state, envoy="none") as first:
+        update(first, "--id", "3", "--frontend", "10.96.0.3:443", "--backends", "10.0.0.10:8443,10.0.0.11:8443",
+               "--algorithm", "random", "--name", "web")
+        update(first, "--id", "1", "--frontend", "0.0.0.0:30080", "--backends", "10.0.0.10:80", "--type", "NodePort")
+        services, revision = first.services().services, first.revision
+    saved = json.loads((state / "state.json").read_text())
+    assert [s["id"] for s in saved["services"]] == [1, 3]
+    with agent_in_process(state, envoy="none") as second:
+        assert second.services().services == services
+        assert second.revision == revision
+        assert second._desired is not None and second._desired.services == services
+        assert cli(second, "service", "get", "3", "-o", "json")[1].count("10.0.0.11") == 1
+
+
+def test_a_corrupt_persisted_service_names_the_field(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    with agent_in_process(state, envoy="none") as first:
+        update(first, "--id", "3", "--frontend", "10.96.0.3:443", "--backends", "10.0.0.10:8443")
+    saved = json.loads((state / "state.json").read_text())
+    saved["services"][0]["backends"][0]["weight"] = 0
+    (state / "state.json").write_text(json.dumps(saved))
+    from cilia.specs import StateError
+    with pytest.raises(StateError, match=r"services\[0\].backends\[0\].weight: 0 is outside"):
+        with agent_in_process(state, envoy="none"):
+            pass
+
+
+def test_to_services_follows_the_agents_services(agent: Agent) -> None:
+    client = AgentClient(agent.config.api_socket)
+    try:
+        for name, ip in (("web", "10.0.0.1"), ("db", "10.0.0.10"), ("other", "10.0.0.20")):
+            client.add_endpoint({"name": name, "labels": [f"app={name}"], "ips": [ip]})
+        imported = client.import_policies([("to-db.yaml", TO_DB)])
+        assert imported["policies"][0]["notes"] == []  # toServices is enforced now: no "not enforced" note
+
+        def egress(address: str) -> Verdict | None:
+            identity = agent.engine.ipcache.lookup(address)[1]
+            hit = agent.engine.endpoint_policy("web").map_state.egress.lookup(identity, Protocol.TCP, 5432)
+            return hit[2].verdict if hit is not None else None
+
+        assert egress("10.0.0.10") is None  # no service named db: fail closed
+        client.update_service({"id": 1, "frontend": {"address": "10.96.0.10", "port": 5432}, "name": "db",
+                               "backends": [{"address": "10.0.0.10", "port": 5432}]})
+        assert egress("10.0.0.10") is Verdict.ALLOW
+        assert egress("10.0.0.20") is None
+        web = agent._desired.endpoints["web"] if agent._desired else None
+        assert web is not None and web.map_state is agent.engine.endpoint_policy("web").map_state
+        client.update_service({"id": 1, "frontend": {"address": "10.96.0.10", "port": 5432}, "name": "db",
+                               "backends": [{"address": "10.0.0.20", "port": 5432}]})
+        assert egress("10.0.0.10") is None and egress("10.0.0.20") is Verdict.ALLOW
+        client.delete_service(1)
+        assert egress("10.0.0.20") is None
+    finally:
+        client.close()
+
+
+def test_a_kubernetes_service_keeps_its_ids_across_updates(agent: Agent) -> None:
+    def svc(address: str, port: int, *backends: str) -> Service:
+        return Service(0, Frontend(address, port), tuple(Backend(b, 8080) for b in backends))
+
+    update(agent, "--id", "1", "--frontend", "10.96.0.1:80", "--backends", "10.0.0.9:80")  # an API-made one
+    assert agent.replace_named_services("default", "web", [svc("10.96.0.5", 80, "10.0.0.10"),
+                                                           svc("10.96.0.5", 443, "10.0.0.10")]) is not None
+    ids = {s.frontend.port: s.id for s in agent.services().services if s.name == "web"}
+    assert ids == {80: 2, 443: 3}
+    revision = agent.revision
+    assert agent.replace_named_services("default", "web", [svc("10.96.0.5", 80, "10.0.0.10"),
+                                                           svc("10.96.0.5", 443, "10.0.0.10")]) is None
+    assert agent.revision == revision  # unchanged: no revision
+    agent.replace_named_services("default", "web", [svc("10.96.0.5", 443, "10.0.0.11")])
+    assert [(s.id, s.frontend.port, s.backends[0].address) for s in agent.services().services] == [
+        (1, 80, "10.0.0.9"), (3, 443, "10.0.0.11")]
+    assert agent.revision == revision + 1
+    agent.replace_named_services("default", "web", [])
+    assert [s.id for s in agent.services().services] == [1]
