@@ -262,8 +262,7 @@ class Agent:
                                  + "; ".join(str(p) for p in loaded.problems))
             policies += [p for p in loaded.policies if p.key in src.keys]
         with self.engine.batch():
-            if self.state.services:
-                self.engine.set_services(self.state.services.values())
+            self.engine.set_services(self.state.services.values())  # toServices resolves against them
             for spec in self.state.endpoints.values():
                 self.engine.upsert_endpoint(_endpoint(spec))
             if policies:
@@ -887,8 +886,9 @@ class Agent:
             policies = list(self.engine.policies())
             endpoints = dict(self.state.endpoints)
             identities = list(self.engine.identities())
+            services = tuple(self.state.services.values())
         try:
-            return trace_live(policies, endpoints, identities, body)
+            return trace_live(policies, endpoints, identities, body, services)
         except TraceInputError as e:
             raise AgentError(str(e), e.status) from None
         except PolicyError as e:

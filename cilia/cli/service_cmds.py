@@ -4,20 +4,24 @@ backends). The flags become the API's JSON form and are checked by the same code
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import click
 
+from ..services.model import Service
 from ..services.validate import (
     ALGORITHMS,
     MAX_BACKENDS,
     ServiceError,
     TYPES,
+    check_services,
     parse_backends,
     parse_frontend,
     service_from_json,
 )
-from .common import call_agent, emit, fail, output_option, state_dir_option, table
+from .common import UsageError, call_agent, emit, fail, output_option, state_dir_option, table
 
 _HEADER = ["ID", "FRONTEND", "TYPE", "BACKENDS", "ALGORITHM", "NAME"]
 
@@ -156,3 +160,37 @@ def register(cli: click.Group) -> None:
 
     for cmd in (service_update_cmd, service_list_cmd, service_get_cmd, service_delete_cmd):
         service.add_command(cmd)
+
+
+def load_service_files(paths: Sequence[str]) -> list[Service]:
+    """Services from files for an offline trace: each holds one service, a list of them, or
+    ``{"services": [...]}`` (what ``cilia service list -o json`` prints); JSON or YAML. Checked like
+    the agent checks them; a problem names the file and the field (exit 2)."""
+    from ruamel.yaml import YAML
+    from ruamel.yaml.error import YAMLError
+
+    services: list[Service] = []
+    for path in paths:
+        try:
+            doc = YAML(typ="safe", pure=True).load(Path(path).read_text(encoding="utf-8"))
+        except OSError as e:
+            raise UsageError(f"--service {path}: {e.strerror or e}") from None
+        except YAMLError as e:
+            raise UsageError(f"--service {path}: not JSON or YAML: {e}") from None
+        items = doc.get("services") if isinstance(doc, dict) and "services" in doc else doc
+        prefix: str | None = "services" if isinstance(doc, dict) and "services" in doc else ""
+        if isinstance(items, dict):
+            items, prefix = [items], None
+        if not isinstance(items, list):
+            raise UsageError(f"--service {path}: expected a service, a list of services or {{\"services\": [...]}}")
+        for i, item in enumerate(items):
+            where = f"{prefix}[{i}]." if prefix is not None else ""
+            try:
+                service = service_from_json(item)
+                check_services(service, services, {})
+            except ServiceError as e:
+                raise UsageError(f"--service {path}: {where}{e}") from None
+            if any(s.id == service.id for s in services):
+                raise UsageError(f"--service {path}: {where}id: service {service.id} is given twice")
+            services.append(service)
+    return services

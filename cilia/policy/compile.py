@@ -190,11 +190,14 @@ def _compile_peer_rule(policy: Policy, rule: Rule, pr: PeerRule, notes: list[Not
         unenforced.append("authentication")
     if unenforced:
         kinds = ", ".join(sorted(set(unenforced)))
+        why = "not enforced yet"
+        if kinds == "toServices":  # enforced by the agent, which knows its services
+            why = "is resolved against the agent's services, and none are given here (trace: --service)"
         if pr.deny:
-            notes.append(Note(origin, f"{kinds} not enforced yet: this deny applies to every peer on its ports"))
+            notes.append(Note(origin, f"{kinds} {why}: this deny applies to every peer on its ports"))
             peers = [WILDCARD]
         else:
-            notes.append(Note(origin, f"{kinds} not enforced yet: this rule allows nothing"))
+            notes.append(Note(origin, f"{kinds} {why}: this rule allows nothing"))
             return []
     elif not pr.has_l3():
         if not pr.has_l4():

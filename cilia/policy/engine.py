@@ -132,7 +132,7 @@ class PolicyEngine:
         self._dirty: set[SubjectKey] = set()
         # toServices: the services, and the identities of the backend addresses endpoints hold
         self._services: tuple[Service, ...] = ()
-        self._service_view = ServiceView()
+        self._service_view: ServiceView | None = None  # None until set_services: toServices is noted, allows nothing
         self._backend_addresses: frozenset[str] = frozenset()
         for ident in self.allocator:
             if ident.kind is IdentityKind.RESERVED:
@@ -441,13 +441,13 @@ class PolicyEngine:
                 raise
 
     @property
-    def service_view(self) -> ServiceView:
+    def service_view(self) -> ServiceView | None:
         """What ``toServices`` resolves against now (for compiling a policy the way the engine does)."""
         return self._service_view
 
     def _backends_moved(self, *addresses: Iterable[IPAddress]) -> list[frozenset[str]]:
         """After an endpoint (or remote address) change: re-resolve toServices if it touched a backend."""
-        if not self._backend_addresses or not any(
+        if self._service_view is None or not self._backend_addresses or not any(
                 str(a) in self._backend_addresses for group in addresses for a in group):
             return []
         return self._refresh_services()

@@ -210,3 +210,30 @@ def test_a_kubernetes_service_keeps_its_ids_across_updates(agent: Agent) -> None
     assert agent.revision == revision + 1
     agent.replace_named_services("default", "web", [])
     assert [s.id for s in agent.services().services] == [1]
+
+
+def test_live_trace_to_a_service_address_explains_the_backend(agent: Agent) -> None:
+    client = AgentClient(agent.config.api_socket)
+    try:
+        for name, ip in (("web", "10.0.0.1"), ("db", "10.0.0.10"), ("other", "10.0.0.20")):
+            client.add_endpoint({"name": name, "labels": [f"app={name}"], "ips": [ip]})
+        client.import_policies([("to-db.yaml", TO_DB)])
+        client.update_service({"id": 1, "frontend": {"address": "10.96.0.10", "port": 5432}, "name": "db",
+                               "backends": [{"address": "10.0.0.10", "port": 15432}]})
+        client.update_service({"id": 2, "frontend": {"address": "10.96.0.20", "port": 80}, "name": "other",
+                               "backends": [{"address": "10.0.0.20", "port": 8080}]})
+    finally:
+        client.close()
+    code, out, err = cli(agent, "policy", "trace", "--from-endpoint", "web", "--dst-cidr", "10.96.0.10",
+                         "--dport", "5432", "-o", "json")
+    assert code == 0, err
+    result = json.loads(out)
+    assert result["verdict"] == "allowed"
+    assert result["destination"]["labels"] == ["k8s:app=db"]  # the backend is the db endpoint: its identity
+    assert result["dport"] == 15432
+    assert result["service"]["chosen"] == "10.0.0.10:15432" and result["service"]["name"] == "default/db"
+    code, text, _ = cli(agent, "policy", "trace", "--from-endpoint", "web", "--dst-cidr", "10.96.0.20",
+                        "--dport", "80")
+    assert code == 1
+    assert "Service: service 2 (default/other) at 10.96.0.20:80/TCP: 1 active backend(s) of 1" in text
+    assert "To: [k8s:app=other]" in text

@@ -48,12 +48,12 @@ def populated() -> PolicyEngine:
 def test_without_services_to_services_allows_nothing_and_says_so() -> None:
     (policy,) = cnp(TO_DB_SERVICE, "p")
     notes = [str(n) for r in compile_policy(policy) for n in r.notes]
-    assert any("toServices not enforced yet" in n for n in notes)
+    assert any("toServices is resolved against the agent's services" in n for n in notes)
     engine = populated()
     engine.set_services([])
     engine.apply([policy])
     assert verdict(engine, "web", "10.0.0.10") is None
-    assert not [n for r in compile_policy(policy, engine._service_view) for n in r.notes]
+    assert not [n for r in compile_policy(policy, engine.service_view) for n in r.notes]
 
 
 def test_k8s_service_allows_its_backends_identity_and_only_that() -> None:
