@@ -125,7 +125,8 @@ def test_every_image_is_this_version_of_cilia() -> None:
 
 # (API group, resource) of what the agent's watcher lists and watches, and nothing else
 WATCHED = {("", "namespaces"), ("", "pods"), ("networking.k8s.io", "networkpolicies"),
-           ("cilium.io", "ciliumnetworkpolicies"), ("cilium.io", "ciliumclusterwidenetworkpolicies")}
+           ("cilium.io", "ciliumnetworkpolicies"), ("cilium.io", "ciliumclusterwidenetworkpolicies"),
+           ("", "services"), ("discovery.k8s.io", "endpointslices")}
 
 
 def granted() -> dict[tuple[str, str], set[str]]:
@@ -138,7 +139,7 @@ def granted() -> dict[tuple[str, str], set[str]]:
     return out
 
 
-def test_cluster_role_is_list_and_watch_on_the_five_watched_resources() -> None:
+def test_cluster_role_is_list_and_watch_on_the_watched_resources() -> None:
     assert set(granted()) == WATCHED
     crds = [d for path in sorted((DEPLOY / "kubernetes").glob("crd-*.yaml")) for d in load_docs(path)]
     assert {("cilium.io", crd["spec"]["names"]["plural"]) for crd in crds} <= WATCHED
