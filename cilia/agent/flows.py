@@ -37,6 +37,7 @@ from ..policy.ipcache import IPCache
 from ..policy.labels import LabelSet
 from ..policy.selectors import LabelSelector
 from ..policy.model import IPNetwork
+from ..services.model import Service
 from .flowquery import HttpStatus
 from .hubble import export_line, pod_name
 
@@ -84,6 +85,10 @@ class Flow:
     proxy_port: int = 0
     latency: float = 0.0  # HTTP: seconds from the request to the response sent
     upstream_reply: float = 0.0  # HTTP: seconds until the upstream's reply arrived (0: none came)
+    # through a service: the frontend the source addressed ("10.96.0.10:80"; destination is the
+    # backend) and the service's (namespace, name) if it has a name
+    service_frontend: str = ""
+    service: tuple[str, str] = ("", "")
 
     @property
     def type(self) -> str:
@@ -107,7 +112,8 @@ class Who:
     """A snapshot of endpoints, identities' labels and the ipcache, to name flows' sides."""
 
     def __init__(self, endpoints: Mapping[str, tuple[tuple[str, ...], int]], labels: Mapping[int, LabelSet],
-                 ipcache: Iterable[tuple[IPNetwork, int]], endpoint_ids: Mapping[int, str] | None = None) -> None:
+                 ipcache: Iterable[tuple[IPNetwork, int]], endpoint_ids: Mapping[int, str] | None = None,
+                 services: Iterable[Service] = ()) -> None:
         self._by_address = {ip: (name, ident) for name, (ips, ident) in endpoints.items() for ip in ips}
         self._identity_of_endpoint = {name: ident for name, (_, ident) in endpoints.items()}
         # Reverse lookups, built once: the L7 path names a side per request.
@@ -122,6 +128,10 @@ class Who:
         for prefix, ident in ipcache:
             self._ipcache.upsert(prefix, ident)
         self.endpoint_ids = dict(endpoint_ids or {})
+        # frontend "address:port" -> (namespace, name) of named services; a NodePort on every
+        # address is found by "0.0.0.0:port"
+        self._services = {f"{s.frontend.address}:{s.frontend.port}": (s.namespace or "default", s.name)
+                          for s in services if s.name}
 
     @classmethod
     def empty(cls) -> Who:
@@ -147,6 +157,13 @@ class Who:
             except (KeyError, ValueError):
                 identity = None
         return Peer(address, port, identity, self.labels(identity), name)
+
+    def service(self, frontend: str) -> tuple[str, str]:
+        """(namespace, name) of the service at ``frontend`` ("address:port"); ("", "") if none."""
+        found = self._services.get(frontend)
+        if found is None:
+            found = self._services.get("0.0.0.0:" + frontend.rpartition(":")[2], ("", ""))
+        return found
 
     def endpoint_peer(self, name: str, port: int = 0) -> Peer:
         ident = self._identity_of_endpoint.get(name)
@@ -188,8 +205,11 @@ def from_datapath(ev: DatapathEvent, who: Who, node: str) -> Flow:
     destination = who.peer(ev.destination, ev.destination_port, ev.destination_identity or None)
     verdict = _VERDICTS.get(ev.verdict, Verdict.ERROR)
     reason = ev.reason_text if verdict in (Verdict.DROPPED, Verdict.AUDIT) else ""
+    # the BPF load balancer's events name the frontend (svc-dp's DatapathEvent.service_frontend)
+    frontend = str(getattr(ev, "service_frontend", "") or "")
     return Flow(ev.time, verdict, "l3/l4", source, destination, ev.protocol, ev.direction, reason, {}, ev.rule,
-                who.endpoint_ids.get(ev.endpoint_id, ""), node, "", ev.proxy_port)
+                who.endpoint_ids.get(ev.endpoint_id, ""), node, "", ev.proxy_port,
+                service_frontend=frontend, service=who.service(frontend) if frontend else ("", ""))
 
 
 def _address(text: str) -> tuple[str, int]:

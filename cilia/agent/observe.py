@@ -105,7 +105,8 @@ class FlowNames:
         eps = desired.endpoints
         self.observer.who = Who({n: (ep.ips, ep.identity) for n, ep in eps.items()}, desired.labels,
                                 desired.ipcache,
-                                {ep.endpoint_id: n for n, ep in eps.items() if ep.endpoint_id is not None})
+                                {ep.endpoint_id: n for n, ep in eps.items() if ep.endpoint_id is not None},
+                                desired.services)
 
 
 def _event_json(ev: DatapathEvent, who: Who) -> dict[str, Any]:
