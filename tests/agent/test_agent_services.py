@@ -147,6 +147,8 @@ def test_services_are_persisted_and_restored(tmp_path: Path) -> None:
         assert second.revision == revision
         assert second._desired is not None and second._desired.services == services
         assert cli(second, "service", "get", "3", "-o", "json")[1].count("10.0.0.11") == 1
+        assert json.loads(cli(second, "status", "-o", "json")[1])["services"] == 2
+        assert "Services: 2" in cli(second, "status")[1]
 
 
 def test_a_corrupt_persisted_service_names_the_field(tmp_path: Path) -> None:
