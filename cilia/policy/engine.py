@@ -131,9 +131,11 @@ class PolicyEngine:
         self._batch = 0
         self._dirty: set[SubjectKey] = set()
         # toServices: the services, and the identities of the backend addresses endpoints hold
-        self._services: tuple[Service, ...] = ()
-        self._service_view: ServiceView | None = None  # None until set_services: toServices is noted, allows nothing
-        self._backend_addresses: frozenset[str] = frozenset()
+        self._services: tuple[Service, ...] | None = None  # None until set_services: toServices is noted
+        self._service_users: set[tuple[str, str, str]] = set()  # the policies using toServices
+        self._compiled_view: ServiceView | None = None  # what they were compiled against
+        self._view_cache: ServiceView | None = None  # built when needed, dropped when services or backends move
+        self._backend_addresses: frozenset[str] | None = None
         for ident in self.allocator:
             if ident.kind is IdentityKind.RESERVED:
                 self._universe_add(ident, notify=False)
@@ -214,7 +216,9 @@ class PolicyEngine:
 
     def _replace(self, new: dict[tuple[str, str, str], Policy], removed: set[tuple[str, str, str]]) -> Change:
         old_rules = [r for k in (*new, *removed) for r in self._compiled.get(k, [])]
-        new_compiled = {k: compile_policy(p, self._service_view) for k, p in new.items()}
+        users = {k for k, p in new.items() if uses_services(p)}
+        view = self._current_view() if users else None
+        new_compiled = {k: compile_policy(p, view if k in users else None) for k, p in new.items()}
         new_rules = [r for rules in new_compiled.values() for r in rules]
         affected = self._subjects_matching(old_rules) | self._subjects_matching(new_rules)
         # Resolve every affected subject with the new rule set before changing anything.
@@ -235,6 +239,9 @@ class PolicyEngine:
         for k, p in new.items():
             self._policies[k] = p
             self._compiled[k] = new_compiled[k]
+        self._service_users = (self._service_users - removed - new.keys()) | users
+        if users:
+            self._compiled_view = view
         for rule in new_rules:
             self._index_rule(rule)
         changed: set[SubjectKey] = self._update_prefixes(old_rules, new_rules)
@@ -429,56 +436,70 @@ class PolicyEngine:
 
     def set_services(self, services: Iterable[Service]) -> Change:
         """The services ``toServices`` selects from; the policies using it are recompiled (all or
-        nothing, like ``apply``) when what they resolve to changed."""
+        nothing, like ``apply``) when what they resolve to changed. Without such policies this
+        only stores them (the view is built when a policy first needs it): a service change
+        costs the engine nothing then."""
         with self._lock:
-            before = self._services, self._backend_addresses
-            self._services = tuple(sorted(services, key=lambda s: s.id))
-            self._backend_addresses = frozenset(b.address for s in self._services for b in s.backends)
+            before = self._services, self._backend_addresses, self._view_cache
+            self._services = tuple(services)
+            self._backend_addresses = self._view_cache = None
             try:
                 return Change.of(self.revision, *self._refresh_services())
             except BaseException:
-                self._services, self._backend_addresses = before
+                self._services, self._backend_addresses, self._view_cache = before
                 raise
 
     @property
     def service_view(self) -> ServiceView | None:
-        """What ``toServices`` resolves against now (for compiling a policy the way the engine does)."""
-        return self._service_view
+        """What ``toServices`` resolves against now (None: no services were ever given)."""
+        with self._lock:
+            return self._current_view()
+
+    def _current_view(self) -> ServiceView | None:
+        if self._services is None:
+            return None
+        if self._view_cache is None:
+            self._view_cache = view_of(self._services, self._holders())
+        return self._view_cache
+
+    def _backends(self) -> frozenset[str]:
+        if self._backend_addresses is None:
+            self._backend_addresses = frozenset(b.address for s in self._services or () for b in s.backends)
+        return self._backend_addresses
 
     def _backends_moved(self, *addresses: Iterable[IPAddress]) -> list[frozenset[str]]:
         """After an endpoint (or remote address) change: re-resolve toServices if it touched a backend."""
-        if self._service_view is None or not self._backend_addresses or not any(
-                str(a) in self._backend_addresses for group in addresses for a in group):
+        if self._services is None:
             return []
+        backends = self._backends()
+        if not backends or not any(str(a) in backends for group in addresses for a in group):
+            return []
+        self._view_cache = None
         return self._refresh_services()
 
     def _holders(self) -> dict[str, tuple[int, str]]:
         """Backend address -> (identity, endpoint) for the addresses an endpoint holds (a local one first)."""
+        backends = self._backends()
         held: dict[str, tuple[int, str]] = {}
         for net, identity in self._remote.items():
             address = str(net.network_address)
-            if net.prefixlen == net.max_prefixlen and address in self._backend_addresses:
+            if net.prefixlen == net.max_prefixlen and address in backends:
                 held[address] = (identity, f"identity {identity} on another node")
         for net, name in self._local_ips.items():
             address = str(net.network_address)
-            if address in self._backend_addresses:
+            if address in backends:
                 held[address] = (self._endpoint_subject[name][0], name)
         return held
 
     def _refresh_services(self) -> list[frozenset[str]]:
-        view = view_of(self._services, self._holders())
-        if view == self._service_view:
+        """Recompile the policies using toServices if what they resolve to changed."""
+        if not self._service_users:
             return []
-        users = {k: p for k, p in self._policies.items() if uses_services(p)}
-        previous, self._service_view = self._service_view, view
-        if not users:
+        view = self._current_view()
+        if view == self._compiled_view:
             return []
-        try:
-            change = self._replace(users, set())
-        except BaseException:
-            self._service_view = previous
-            raise
-        return [change.endpoints]
+        users = {k: self._policies[k] for k in self._service_users}
+        return [self._replace(users, set()).endpoints]
 
     # ------------------------------------------------------------ other nodes' endpoints
 

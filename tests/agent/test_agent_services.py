@@ -239,3 +239,18 @@ def test_live_trace_to_a_service_address_explains_the_backend(agent: Agent) -> N
     assert code == 1
     assert "Service: service 2 (default/other) at 10.96.0.20:80/TCP: 1 active backend(s) of 1" in text
     assert "To: [k8s:app=other]" in text
+
+
+def test_state_text_is_the_state_json_with_sorted_keys(tmp_path: Path) -> None:
+    from cilia.agent.state import AgentState, load_state, save_state
+    from cilia.specs import EndpointSpec
+
+    state = AgentState(7, endpoints={"db": EndpointSpec.from_json({"name": "db", "labels": ["app=db"],
+                                                                     "ips": ["10.0.0.10"]})},
+                       services={i: Service(i, Frontend(f"10.96.0.{i}", 80), (Backend("10.0.0.10", 8080, i),),
+                                            name=f"s{i}", labels=(("a", "1"), ("b", "2"))) for i in (3, 1, 2)})
+    assert state.to_text() == json.dumps(state.to_json(), sort_keys=True, separators=(",", ":"))
+    assert state.to_text() == state.to_text()  # the second time from the memo
+    assert json.loads(AgentState().to_text())["services"] == []
+    save_state(tmp_path, state)
+    assert load_state(tmp_path).services == state.services
