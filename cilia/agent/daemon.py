@@ -589,13 +589,12 @@ class Agent:
 
     def services(self) -> Services:
         with self.lock:
-            return Services(self.state.revision, tuple(s for _, s in sorted(self.state.services.items())))
+            return Services(self.state.revision, self.state.services.ordered())
 
     def _check_service(self, service: Service, replacing: set[int]) -> None:
-        others = [s for i, s in self.state.services.items() if i not in replacing]
         addresses = {ip: name for name, spec in self.state.endpoints.items() for ip in spec.ips}
         try:
-            check_services(service, others, addresses)
+            check_services(service, self.state.services.values(), addresses, replacing)
         except ServiceError as e:
             raise AgentError(f"service {service.id}: {e}; nothing was applied") from None
 
@@ -672,7 +671,7 @@ class Agent:
             n for n in changed | (previous.keys() - endpoints.keys()) | (endpoints.keys() - previous.keys()))
         return Desired(self.state.revision, endpoints, tuple(self.engine.ipcache.items()),
                        {i.id: i.labels for i in self.engine.identities()}, changed=moved,
-                       services=tuple(s for _, s in sorted(self.state.services.items())))
+                       services=self.state.services.ordered())
 
     def _before(self, policies: Iterable[PolicyKey] = (), endpoints: Iterable[str] = (),
                 services: Iterable[int] = ()) -> _Before:

@@ -113,7 +113,7 @@ class Who:
 
     def __init__(self, endpoints: Mapping[str, tuple[tuple[str, ...], int]], labels: Mapping[int, LabelSet],
                  ipcache: Iterable[tuple[IPNetwork, int]], endpoint_ids: Mapping[int, str] | None = None,
-                 services: Iterable[Service] = ()) -> None:
+                 services: Iterable[Service] = (), service_names: Mapping[str, tuple[str, str]] | None = None) -> None:
         self._by_address = {ip: (name, ident) for name, (ips, ident) in endpoints.items() for ip in ips}
         self._identity_of_endpoint = {name: ident for name, (_, ident) in endpoints.items()}
         # Reverse lookups, built once: the L7 path names a side per request.
@@ -128,10 +128,7 @@ class Who:
         for prefix, ident in ipcache:
             self._ipcache.upsert(prefix, ident)
         self.endpoint_ids = dict(endpoint_ids or {})
-        # frontend "address:port" -> (namespace, name) of named services; a NodePort on every
-        # address is found by "0.0.0.0:port"
-        self._services = {f"{s.frontend.address}:{s.frontend.port}": (s.namespace or "default", s.name)
-                          for s in services if s.name}
+        self._services = service_names if service_names is not None else names_of_services(services)
 
     @classmethod
     def empty(cls) -> Who:
@@ -169,6 +166,12 @@ class Who:
         ident = self._identity_of_endpoint.get(name)
         address = self._address_of_endpoint.get(name, "")
         return Peer(address, port, ident, self.labels(ident), name)
+
+
+def names_of_services(services: Iterable[Service]) -> dict[str, tuple[str, str]]:
+    """Frontend "address:port" -> (namespace, name) of the named services (a NodePort on every
+    node address is "0.0.0.0:port")."""
+    return {f"{s.frontend.address}:{s.frontend.port}": (s.namespace or "default", s.name) for s in services if s.name}
 
 
 # --- conversions -------------------------------------------------------------------------------

@@ -18,8 +18,9 @@ from ..envoy.accesslog import AccessRecord
 from ..envoy.l7service import ConnectionInfo
 from ..l7parsers.base import Record
 from ..realizer import Desired
+from ..services.model import Service
 from ..ring import SeqRing
-from .flows import Flow, FlowFile, FlowFilter, Who, from_access, from_datapath, from_l7
+from .flows import Flow, FlowFile, FlowFilter, Who, from_access, from_datapath, from_l7, names_of_services
 from .metrics import Metrics
 
 _log = logging.getLogger(__name__)
@@ -100,13 +101,17 @@ class FlowNames:
 
     def __init__(self, observer: Observer) -> None:
         self.observer = observer
+        self._services: tuple[Service, ...] = ()
+        self._service_names: dict[str, tuple[str, str]] = {}
 
     def realize(self, desired: Desired) -> None:
         eps = desired.endpoints
+        if desired.services is not self._services:  # the same tuple while the services stay
+            self._services, self._service_names = desired.services, names_of_services(desired.services)
         self.observer.who = Who({n: (ep.ips, ep.identity) for n, ep in eps.items()}, desired.labels,
                                 desired.ipcache,
                                 {ep.endpoint_id: n for n, ep in eps.items() if ep.endpoint_id is not None},
-                                desired.services)
+                                service_names=self._service_names)
 
 
 def _event_json(ev: DatapathEvent, who: Who) -> dict[str, Any]:

@@ -34,6 +34,51 @@ class PolicySource:
     audit: bool = False  # imported in audit mode: the endpoints it selects audit instead of dropping
 
 
+class ServiceTable(dict[int, Service]):
+    """The services by id, with what every change would otherwise rebuild for 10,000 of them kept
+    beside: each one's JSON text (for state.json) and the services in id order (for ``Desired``).
+    Only item assignment, ``del`` and ``pop`` change it (what the agent uses)."""
+
+    def __init__(self, items: dict[int, Service] | None = None) -> None:
+        super().__init__(items or {})
+        self._text: dict[int, str] = {}
+        self._ordered: tuple[Service, ...] | None = None
+
+    def __setitem__(self, key: int, value: Service) -> None:
+        super().__setitem__(key, value)
+        self._text.pop(key, None)
+        self._ordered = None
+
+    def __delitem__(self, key: int) -> None:
+        super().__delitem__(key)
+        self._text.pop(key, None)
+        self._ordered = None
+
+    def pop(self, key: int, *default: Any) -> Any:
+        self._text.pop(key, None)
+        self._ordered = None
+        return super().pop(key, *default)
+
+    def update(self, *_: Any, **__: Any) -> None:
+        raise TypeError("ServiceTable changes by item (the memos follow items)")
+
+    setdefault = popitem = clear = update  # type: ignore[assignment]
+
+    def ordered(self) -> tuple[Service, ...]:
+        """The services by id: the same tuple until the table changes."""
+        if self._ordered is None:
+            self._ordered = tuple(v for _, v in sorted(self.items()))
+        return self._ordered
+
+    def text(self) -> str:
+        """The services' JSON texts in id order, comma-separated."""
+        texts = self._text
+        for service_id, service in self.items():
+            if service_id not in texts:
+                texts[service_id] = json.dumps(service_to_json(service), sort_keys=True, separators=(",", ":"))
+        return ",".join([texts[i] for i in sorted(self)])
+
+
 @dataclass
 class AgentState:
     revision: int = 0
@@ -43,7 +88,11 @@ class AgentState:
     # kept so a restarted agent finds its pinned maps and Envoy listeners where they were.
     endpoint_ids: dict[str, int] = field(default_factory=dict)
     proxy_ports: dict[str, int] = field(default_factory=dict)  # "ingress/80" -> 10000
-    services: dict[int, Service] = field(default_factory=dict)  # by id (issue 16)
+    services: ServiceTable = field(default_factory=ServiceTable)  # by id (issue 16)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.services, ServiceTable):
+            self.services = ServiceTable(self.services)
 
     def add_source(self, path: str, text: str, keys: set[PolicyKey], audit: bool = False) -> None:
         """Record an import: its policies now come from this text, not from older sources."""
@@ -65,11 +114,10 @@ class AgentState:
                 "services": [service_to_json(s) for _, s in sorted(self.services.items())]}
 
     def to_text(self) -> str:
-        """``to_json`` as compact JSON with sorted keys; each service's text is made once per service
-        object and spliced in (10,000 services cost json.dumps a quarter second at every change)."""
+        """``to_json`` as compact JSON with sorted keys; each service's text is made once and spliced
+        in (10,000 services cost json.dumps a quarter second at every change)."""
         text = json.dumps(self._without_services(), sort_keys=True, separators=(",", ":"))
-        services = ",".join(_service_text(s) for _, s in sorted(self.services.items()))
-        return f'{text[:-1]},"services":[{services}]}}'  # "services" sorts after every other key
+        return f'{text[:-1]},"services":[{self.services.text()}]}}'  # "services" sorts after every other key
 
     def _without_services(self) -> dict[str, Any]:
         return {
@@ -89,7 +137,7 @@ class AgentState:
         sources = [PolicySource(str(s["path"]), str(s["text"]), {(k[0], k[1], k[2]) for k in s["keys"]},
                                 bool(s.get("audit", False))) for s in d.get("policies", [])]
         endpoints = {e.name: e for e in (EndpointSpec.from_json(x) for x in d.get("endpoints", []))}
-        services: dict[int, Service] = {}
+        services = ServiceTable()
         for i, raw in enumerate(d.get("services", [])):
             try:
                 service = service_from_json(raw)
@@ -116,22 +164,6 @@ def _endpoint_json(spec: EndpointSpec) -> dict[str, Any]:
 
 #: id(spec) -> (the spec, kept alive so the id stays its own; its JSON form, never modified)
 _SPEC_JSON: dict[int, tuple[EndpointSpec, dict[str, Any]]] = {}
-
-
-def _service_text(service: Service) -> str:
-    """A service's compact JSON, made once per service object (services are frozen)."""
-    hit = _SERVICE_TEXT.get(id(service))
-    if hit is not None and hit[0] is service:
-        return hit[1]
-    if len(_SERVICE_TEXT) >= 1 << 17:
-        _SERVICE_TEXT.clear()
-    out = json.dumps(service_to_json(service), sort_keys=True, separators=(",", ":"))
-    _SERVICE_TEXT[id(service)] = (service, out)
-    return out
-
-
-#: id(service) -> (the service, kept alive so the id stays its own; its JSON text)
-_SERVICE_TEXT: dict[int, tuple[Service, str]] = {}
 
 
 def load_state(state_dir: Path) -> AgentState:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from typing import Any, get_args
 
 from .model import Algorithm, Backend, BackendState, Frontend, Protocol, Service, ServiceType
@@ -211,15 +211,18 @@ def parse_backends(text: str, weights: str | None = None) -> list[dict[str, Any]
 # ------------------------------------------------------------------ against the others
 
 
-def check_services(service: Service, others: Iterable[Service], endpoint_ips: Mapping[str, str]) -> None:
-    """``service`` may join ``others`` (the services it does not replace): its frontend is no
-    endpoint's address (``endpoint_ips``: address -> endpoint name) and no other service's frontend."""
+def check_services(service: Service, others: Iterable[Service], endpoint_ips: Mapping[str, str],
+                   replacing: Collection[int] = ()) -> None:
+    """``service`` may join ``others`` (those with its id or in ``replacing`` are replaced): its
+    frontend is no endpoint's address (``endpoint_ips``: address -> endpoint name) and no other
+    service's frontend."""
     owner = endpoint_ips.get(service.frontend.address)
     if owner is not None:
         raise ServiceError("frontend.address", f"{service.frontend.address} is endpoint {owner}'s address")
+    port = service.frontend.port
     for other in others:
-        if other.id == service.id:
-            continue
+        if other.frontend.port != port or other.id == service.id or other.id in replacing:
+            continue  # the port first: 10,000 services are checked at every change
         if _clash(service.frontend, other.frontend):
             raise ServiceError("frontend", f"{service.frontend} is already service {other.id}'s frontend "
                                            f"({other.frontend})")
