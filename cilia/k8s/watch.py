@@ -28,18 +28,15 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
+from ..policy.netpol import CNP, NETWORK_POLICY, derived_policy_name, network_policy_text
 from ..specs import EndpointSpec, PolicyKey, StateError
 from .services import k8s_services, slice_service
 from .convert import (
     CCNP,
-    CNP,
-    NETWORK_POLICY,
     ConvertError,
-    derived_policy_name,
     endpoint_name,
     is_pod_endpoint,
     merge_endpoint,
-    network_policy_text,
     object_key,
     object_labels,
     parse_policy_path,
