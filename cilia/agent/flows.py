@@ -208,8 +208,7 @@ def from_datapath(ev: DatapathEvent, who: Who, node: str) -> Flow:
     destination = who.peer(ev.destination, ev.destination_port, ev.destination_identity or None)
     verdict = _VERDICTS.get(ev.verdict, Verdict.ERROR)
     reason = ev.reason_text if verdict in (Verdict.DROPPED, Verdict.AUDIT) else ""
-    # the BPF load balancer's events name the frontend (svc-dp's DatapathEvent.service_frontend)
-    frontend = str(getattr(ev, "service_frontend", "") or "")
+    frontend = ev.service_frontend  # the load balancer's events name the frontend the source addressed
     return Flow(ev.time, verdict, "l3/l4", source, destination, ev.protocol, ev.direction, reason, {}, ev.rule,
                 who.endpoint_ids.get(ev.endpoint_id, ""), node, "", ev.proxy_port,
                 service_frontend=frontend, service=who.service(frontend) if frontend else ("", ""))
