@@ -598,8 +598,10 @@ class Agent:
 
     def _check_service(self, service: Service, replacing: set[int]) -> None:
         addresses = {ip: name for name, spec in self.state.endpoints.items() for ip in spec.ips}
+        table = self.state.services
+        elsewhere = table.backends - sum(len(table[i].backends) for i in replacing if i in table)
         try:
-            check_services(service, self.state.services.values(), addresses, replacing)
+            check_services(service, table.values(), addresses, replacing, elsewhere)
         except ServiceError as e:
             raise AgentError(f"service {service.id}: {e}; nothing was applied") from None
 

@@ -43,18 +43,24 @@ class ServiceTable(dict[int, Service]):
         super().__init__(items or {})
         self._text: dict[int, str] = {}
         self._ordered: tuple[Service, ...] | None = None
+        self.backends = sum(len(s.backends) for s in self.values())  # in all services
 
     def __setitem__(self, key: int, value: Service) -> None:
+        old = self.get(key)
         super().__setitem__(key, value)
+        self.backends += len(value.backends) - (len(old.backends) if old is not None else 0)
         self._text.pop(key, None)
         self._ordered = None
 
     def __delitem__(self, key: int) -> None:
+        self.backends -= len(self[key].backends)
         super().__delitem__(key)
         self._text.pop(key, None)
         self._ordered = None
 
     def pop(self, key: int, *default: Any) -> Any:
+        if key in self:
+            self.backends -= len(self[key].backends)
         self._text.pop(key, None)
         self._ordered = None
         return super().pop(key, *default)

@@ -69,7 +69,7 @@ def _detail(s: dict[str, Any]) -> str:
 
 
 @click.command("update")
-@click.option("--id", "service_id", type=int, required=True, help="The service's id (1-65535): replaces the "
+@click.option("--id", "service_id", type=int, required=True, help="The service's id (1-16383): replaces the "
               "service with that id, if any.")
 @click.option("--frontend", required=True, help="IP:PORT[/PROTO] (TCP or UDP; TCP if not given).")
 @click.option("--backends", default="", help=f"IP:PORT[,IP:PORT...] (at most {MAX_BACKENDS}); none: new "

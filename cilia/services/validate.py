@@ -5,8 +5,9 @@ the JSON form is the one all of them go through: ``service_from_json`` reads it 
 field on its own, ``check_services`` checks a service against the rest (frontends that clash with
 an endpoint's address or another service's frontend). IPv4 only, as the datapath.
 
-Limits the BPF load balancer relies on (``cilia.bpf.lb`` sizes its maps from these):
-``MAX_SERVICE_ID`` (service ids fit 16 bits, as Cilium's) and ``MAX_BACKENDS`` per service.
+Limits of the BPF load balancer's maps (``cilia.bpf.loader``; tests/services checks they agree):
+service ids below its ``LB_SERVICES_MAX``, per service at most a quarter of a Maglev row
+(``LB_TABLE_SIZE // 4``: every backend gets a few slots), and ``LB_BACKENDS_MAX`` in all.
 """
 
 from __future__ import annotations
@@ -18,8 +19,9 @@ from typing import Any, get_args
 
 from .model import Algorithm, Backend, BackendState, Frontend, Protocol, Service, ServiceType
 
-MAX_SERVICE_ID = 65535
-MAX_BACKENDS = 1024  # per service; the load balancer's backend slots for one service
+MAX_SERVICE_ID = 16383
+MAX_BACKENDS = 255  # per service
+MAX_BACKENDS_TOTAL = 65536  # in all services
 MAX_WEIGHT = 65535
 MAX_AFFINITY_SECONDS = 86400  # Kubernetes' own limit for sessionAffinityConfig.clientIP.timeoutSeconds
 
@@ -212,10 +214,14 @@ def parse_backends(text: str, weights: str | None = None) -> list[dict[str, Any]
 
 
 def check_services(service: Service, others: Iterable[Service], endpoint_ips: Mapping[str, str],
-                   replacing: Collection[int] = ()) -> None:
+                   replacing: Collection[int] = (), backends_elsewhere: int = 0) -> None:
     """``service`` may join ``others`` (those with its id or in ``replacing`` are replaced): its
     frontend is no endpoint's address (``endpoint_ips``: address -> endpoint name) and no other
-    service's frontend."""
+    service's frontend, and the ``backends_elsewhere`` (in the services it does not replace) and
+    its own fit the backend map."""
+    if backends_elsewhere + len(service.backends) > MAX_BACKENDS_TOTAL:
+        raise ServiceError("backends", f"{len(service.backends)} more backends than the {MAX_BACKENDS_TOTAL} all "
+                                       f"services may have ({backends_elsewhere} are taken)")
     owner = endpoint_ips.get(service.frontend.address)
     if owner is not None:
         raise ServiceError("frontend.address", f"{service.frontend.address} is endpoint {owner}'s address")

@@ -254,3 +254,11 @@ def test_state_text_is_the_state_json_with_sorted_keys(tmp_path: Path) -> None:
     assert json.loads(AgentState().to_text())["services"] == []
     save_state(tmp_path, state)
     assert load_state(tmp_path).services == state.services
+    table = state.services  # counts the backends of all services (the map's limit is on the sum)
+    assert table.backends == 3
+    table[4] = Service(4, Frontend("10.96.0.4", 80), (Backend("10.0.0.1", 1), Backend("10.0.0.2", 1)))
+    table[1] = Service(1, Frontend("10.96.0.1", 80), ())
+    del table[2]
+    assert table.pop(3).id == 3 and table.pop(3, None) is None
+    assert table.backends == 2 == sum(len(s.backends) for s in table.values())
+    assert [s.id for s in table.ordered()] == [1, 4]

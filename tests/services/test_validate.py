@@ -36,7 +36,7 @@ def test_a_service_round_trips_through_its_json_form() -> None:
 
 
 @pytest.mark.parametrize(("over", "field", "says"), [
-    ({"id": 0}, "id", "outside 1-65535"),
+    ({"id": 0}, "id", "outside 1-16383"),
     ({"id": "7"}, "id", "expected a service id"),
     ({"frontend": {"address": "10.96.0.10", "port": 0}}, "frontend.port", "outside 1-65535"),
     ({"frontend": {"address": "10.96.0.10", "port": 65536}}, "frontend.port", "outside 1-65535"),
@@ -106,3 +106,21 @@ def test_the_cli_text_forms() -> None:
         parse_backends("10.0.0.1:80,10.0.0.2:81", "1,-2")
     with pytest.raises(ServiceError, match=r"backends\[0\]: '10.0.0.1': expected IP:PORT"):
         parse_backends("10.0.0.1")
+
+
+def test_the_limits_are_the_bpf_maps() -> None:
+    """What validation lets through, the load balancer's maps hold (cilia/bpf/loader.py, lb.py)."""
+    from cilia.bpf import loader
+    from cilia.services import validate
+
+    assert validate.MAX_SERVICE_ID == loader.LB_SERVICES_MAX - 1
+    assert validate.MAX_BACKENDS == min(256, loader.LB_TABLE_SIZE // 4)
+    assert validate.MAX_BACKENDS_TOTAL == loader.LB_BACKENDS_MAX
+
+
+def test_backends_in_all_services_are_limited() -> None:
+    s = service_from_json(body())
+    check_services(s, [], {}, backends_elsewhere=65534)
+    with pytest.raises(ServiceError, match="backends: 2 more backends than the 65536 all services may have "
+                                           r"\(65535 are taken\)"):
+        check_services(s, [], {}, backends_elsewhere=65535)
