@@ -24,6 +24,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -54,7 +55,8 @@ from ..policy import (
     compile_policy,
     parse_text,
 )
-from ..policy.identity import IdentityUnavailable
+from ..policy.identity import IdentityAllocator, IdentityUnavailable
+from ..policy.labels import endpoint_labels
 from ..policy.parse import check_unique
 from ..policy.toservices import ServiceView
 from ..realizer import Desired, EndpointState, PortMap, Realizer
@@ -135,6 +137,7 @@ class AgentConfig:
     socket_group: int | None = None  # the agent's sockets are 0660 with this gid, else 0600
     proxy_grace: float = 30.0  # a proxy with no xDS stream this long is gone: no more waits or health for it
     kvstore: KVStoreConfig | None = None  # kvstore (issue 13): identities, endpoints and nodes shared cluster-wide
+    allocator: IdentityAllocator | None = None  # identities from elsewhere (CRD mode: cilia.k8s.crdmode)
 
     @property
     def api_socket(self) -> Path:
@@ -199,7 +202,7 @@ class Agent:
         # kvstore (issue 13): cluster-wide identities from etcd instead of this node's file
         self.cluster = ClusterNode.connect(config.node_id, config.kvstore) if config.kvstore is not None else None
         self.engine = PolicyEngine(self.cluster.allocator if self.cluster is not None
-                                   else FileAllocator(config.state_dir))
+                                   else config.allocator or FileAllocator(config.state_dir))
         self.cache = Cache()
         self.metrics = Metrics()
         self.tracker: AckTracker = MeteredAckTracker(self.metrics)
@@ -485,7 +488,9 @@ class Agent:
             endpoint = _endpoint(spec)
         except (ValueError, PolicyError) as e:
             raise AgentError(f"endpoint {spec.name}: {e}") from None
-        with self.lock:
+        # kvstore (issue 13): the cluster-wide identity is allocated before the lock is taken (the
+        # store's I/O never blocks other API calls); unreachable: 503, never a node-local number
+        with self._identity_prepared(spec.name, endpoint), self.lock:
             frontends = {s.frontend.address: s for s in self.state.services.values()}
             for ip in spec.ips:
                 if ip in frontends:
@@ -519,6 +524,18 @@ class Agent:
             result = EndpointAdded(revision, self._endpoint_info(spec))
         self._await_managed(revision, before)
         return result
+
+    def _identity_prepared(self, name: str, endpoint: Endpoint) -> AbstractContextManager[object]:
+        """A cluster-wide allocator's ``prepare`` (kvstore, CRD mode): the identity allocated now."""
+        prepare = getattr(self.engine.allocator, "prepare", None)
+        if prepare is None:
+            return nullcontext()
+        try:
+            return prepare(endpoint_labels(endpoint.labels))  # type: ignore[no-any-return]
+        except IdentityUnavailable as e:
+            raise AgentError(f"endpoint {name}: {e}", 503) from None
+        except ValueError as e:
+            raise AgentError(f"endpoint {name}: {e}") from None
 
     def remove_endpoint(self, name: str) -> Revision:
         with self.lock:
@@ -623,21 +640,24 @@ class Agent:
 
     # ------------------------------------------------------------------ revisions
 
-    def change_engine(self, change: Callable[[PolicyEngine], Iterable[str] | None]) -> int | None:
+    def change_engine(self, change: Callable[[PolicyEngine], Iterable[str] | None],
+                      persist: bool = True) -> int | None:
         """For producers of engine state other than the API (the kvstore's remote endpoints and
         identities): run ``change`` on the engine under the agent's lock and commit the endpoints it
-        names (None: nothing moved, nothing committed). Returns the new revision, if any."""
+        names (None: nothing moved, nothing committed). Returns the new revision, if any.
+        ``persist=False``: what changed is not in state.json (other nodes' addresses), so it is not
+        rewritten; the next persisted revision carries the number on."""
         with self.lock:
             changed = change(self.engine)
-            return None if changed is None else self._commit(changed)
+            return None if changed is None else self._commit(changed, persist)
 
-    def _commit(self, changed: Iterable[str] | None) -> int:
+    def _commit(self, changed: Iterable[str] | None, persist: bool = True) -> int:
         """Number, persist and realize the engine's new state; called with the lock held after a
         change. ``changed``: the endpoints whose policy or spec moved (None: all)."""
         if self.engine.revision <= self.state.revision:
             self.engine.revision = self.state.revision + 1  # a change the engine does not see (ports, ids)
         self.state.revision = self.engine.revision
-        desired = self._realize(changed, persist=True)
+        desired = self._realize(changed, persist=persist)
         return desired.revision
 
     def _realize(self, changed: Iterable[str] | None, persist: bool = False) -> Desired:

@@ -124,11 +124,21 @@ class Who:
         for name, ident in self._identity_of_endpoint.items():
             self._endpoint_of_identity.setdefault(ident, name)
         self._labels = {ident: tuple(ls.to_list()) for ident, ls in labels.items()}
-        self._ipcache = IPCache()
-        for prefix, ident in ipcache:
-            self._ipcache.upsert(prefix, ident)
+        # built when a flow first needs it: a revision per change of other nodes' endpoints must not
+        # cost a rebuild of every entry when no flow asks
+        self._ipcache_entries = ipcache
+        self._ipcache_built: IPCache | None = None
         self.endpoint_ids = dict(endpoint_ids or {})
         self._services = service_names if service_names is not None else names_of_services(services)
+
+    @property
+    def _ipcache(self) -> IPCache:
+        if self._ipcache_built is None:
+            built = IPCache()
+            for prefix, ident in self._ipcache_entries:
+                built.upsert(prefix, ident)
+            self._ipcache_built = built
+        return self._ipcache_built
 
     @classmethod
     def empty(cls) -> Who:
