@@ -399,6 +399,7 @@ int from_endpoint(struct __sk_buff *skb) {
     int r = established(skb, &f, 1);
     if (r >= 0)
         return r;
+    lb_forget(&f);
     u32 src_id = src->identity;
     u32 dst_id = identity_of(f.daddr);
     u16 proxy_port = 0;

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from cilia.services.maglev import maglev_table, weighted_sequence
-from cilia.services.model import Service
+from cilia.services.model import Frontend, Service
 
 from .bpfmap import Map
 from .loader import Loader
@@ -70,7 +70,8 @@ class LoadBalancer:
         # u32 backend ids, row after row (stored in pairs by the kernel: see lb_datapath.h)
         self._slots = mmap.mmap(slots.fd, (self.services_max * self.table_size + 1) // 2 * 8, mmap.MAP_SHARED,
                                 mmap.PROT_READ | mmap.PROT_WRITE)
-        self._last: dict[int, Service] = {}
+        self._last: dict[int, Service] = {}  # what the last sync wrote, by id
+        self._frontends: dict[Frontend, int] = {}  # their frontends
         self._read_kernel()
 
     def close(self) -> None:
@@ -96,28 +97,25 @@ class LoadBalancer:
 
     # -- checks ---------------------------------------------------------------------------
 
-    def check(self, services: Iterable[Service]) -> None:
-        """Raise LbError for anything the maps cannot hold; nothing is written."""
-        frontends: dict[tuple[str, int, str], int] = {}
-        ids: set[int] = set()
-        total = 0
-        for s in services:
+    def check(self, changed: Iterable[Service], want: dict[int, Service]) -> None:
+        """Raise LbError for anything the maps cannot hold; nothing is written. ``changed``: the
+        services of ``want`` (all, by id) that differ from the last sync; the others were
+        checked when they changed, so a change costs the services it changes."""
+        frontends: dict[Frontend, int] = {}
+        for s in changed:
             where = f"service {s.id}"
             if not 1 <= s.id < self.services_max:
                 raise LbError(f"{where}: id must be 1..{self.services_max - 1}")
-            if s.id in ids:
-                raise LbError(f"{where}: id used twice")
-            ids.add(s.id)
             fe = s.frontend
             _address(fe.address, f"{where}: frontend.address")
             if not 1 <= fe.port <= 65535:
                 raise LbError(f"{where}: frontend.port {fe.port} out of range 1..65535")
             if fe.protocol not in PROTOCOLS:
                 raise LbError(f"{where}: frontend.protocol {fe.protocol!r} (TCP or UDP)")
-            key = (fe.address, fe.port, fe.protocol)
-            if key in frontends:
-                raise LbError(f"{where}: frontend {fe} is already service {frontends[key]}'s")
-            frontends[key] = s.id
+            other = frontends.get(fe, self._frontends.get(fe))
+            if other is not None and other != s.id and other in want and want[other].frontend == fe:
+                raise LbError(f"{where}: frontend {fe} is already service {other}'s")
+            frontends[fe] = s.id
             if s.algorithm not in ALGORITHMS:
                 raise LbError(f"{where}: algorithm {s.algorithm!r} ({', '.join(ALGORITHMS)})")
             if not 0 <= s.affinity_seconds <= 86400 * 365:
@@ -143,24 +141,40 @@ class LoadBalancer:
                 if seq > self.table_size:
                     raise LbError(f"{where}: weights: the reduced weights add up to {seq}, more than the "
                                   f"{self.table_size} slots of a service")
-            total += len(s.backends)
+        total = sum(len(s.backends) for s in want.values())
         if total > self.backends_max:
             raise LbError(f"backends: {total} in all exceed the backend map's {self.backends_max}")
 
     # -- sync -----------------------------------------------------------------------------
 
     def sync(self, services: Iterable[Service]) -> LbSyncResult:
-        want = {s.id: s for s in services}
-        self.check(want.values())
-        counts = [0, 0, 0, 0, 0]
+        want: dict[int, Service] = {}
+        for s in services:
+            if s.id in want:
+                raise LbError(f"service {s.id}: id used twice")
+            want[s.id] = s
+        changed = []
         for sid, svc in want.items():
             last = self._last.get(sid)
-            if last is svc or last == svc:
-                continue
-            self._write_service(svc, counts)
-            self._last[sid] = svc
+            if last is not svc and last != svc:
+                changed.append(svc)
+        self.check(changed, want)
+        counts = [0, 0, 0, 0, 0]
         for sid in [s for s in self._svc if s not in want]:
             self._remove_service(sid, counts)
+        # Frontends that move are let go before any is taken: one may pass to another service.
+        for svc in changed:
+            old = self._svc.get(svc.id)
+            if old is not None and old[0] != _key(svc.frontend):
+                self._map("lb_services").delete(old[0])
+                self._svc[svc.id] = (b"", old[1])
+        for svc in changed:
+            self._write_service(svc, counts)
+            last = self._last.get(svc.id)
+            if last is not None and self._frontends.get(last.frontend) == svc.id:
+                del self._frontends[last.frontend]
+            self._frontends[svc.frontend] = svc.id
+            self._last[svc.id] = svc
         return LbSyncResult(*counts)
 
     def _alloc_id(self) -> int:
@@ -195,8 +209,7 @@ class LoadBalancer:
                 self._slots[off:off + len(packed)] = packed
                 counts[4] += 1
 
-        fe = svc.frontend
-        key = SVC_KEY.pack(socket.inet_aton(fe.address), fe.port.to_bytes(2, "big"), PROTOCOLS[fe.protocol])
+        key = _key(svc.frontend)
         value = SVC_VAL.pack(sid, len(row), svc.affinity_seconds, ALGORITHMS[svc.algorithm],
                              F_NODEPORT if svc.type == "NodePort" else 0)
         old = self._svc.get(sid)
@@ -204,8 +217,6 @@ class LoadBalancer:
             self._map("lb_counters").update(U32.pack(sid), COUNT_VAL.pack(0, 0, 0, 0))
         if old != (key, value):
             self._map("lb_services").update(key, value)
-            if old is not None and old[0] != key:
-                self._map("lb_services").delete(old[0])
             self._svc[sid] = (key, value)
             counts[0] += 1
 
@@ -231,14 +242,17 @@ class LoadBalancer:
 
     def _remove_service(self, sid: int, counts: list[int]) -> None:
         key, _ = self._svc.pop(sid)
-        self._map("lb_services").delete(key)
+        if key:
+            self._map("lb_services").delete(key)
         counts[1] += 1
         for bid in self._backend_ids.pop(sid, {}).values():
             self._map("lb_backends").delete(BACKEND_KEY.pack(bid))
             self._backends.pop(bid, None)
             self._free_ids.append(bid)
             counts[3] += 1
-        self._last.pop(sid, None)
+        last = self._last.pop(sid, None)
+        if last is not None and self._frontends.get(last.frontend) == sid:
+            del self._frontends[last.frontend]
 
     # -- state out --------------------------------------------------------------------------
 
@@ -274,6 +288,10 @@ class LoadBalancer:
                 "backends": bs, **self.counters(sid)})
         out.sort(key=lambda r: r["id"])
         return out
+
+
+def _key(fe: Frontend) -> bytes:
+    return SVC_KEY.pack(socket.inet_aton(fe.address), fe.port.to_bytes(2, "big"), PROTOCOLS[fe.protocol])
 
 
 def _address(text: str, where: str) -> None:

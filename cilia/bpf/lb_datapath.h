@@ -246,6 +246,15 @@ static __always_inline int lb_nat(struct __sk_buff *skb, struct flow *f, int nod
     // A known flow keeps its backend; a SYN on a reused tuple too, unless that backend is gone.
     if (ct && (!f->syn || lb_active(ct->backend_id, svc_id))) {
         chosen = *ct;
+        // Its reverse entry may since have been taken by another frontend's flow on the same
+        // backend tuple (the client reused its port), or forgotten: make it ours again.
+        struct ct_key rk = {.saddr = chosen.backend_addr, .daddr = f->saddr, .sport = chosen.backend_port,
+                            .dport = f->sport, .protocol = f->protocol};
+        struct lb_rev_val *rv = lb_revnat.lookup(&rk);
+        if (!rv || rv->addr != f->daddr || rv->port != f->dport) {
+            struct lb_rev_val fresh = {.addr = f->daddr, .port = f->dport, .svc_id = svc_id};
+            lb_revnat.update(&rk, &fresh);
+        }
     } else {
         u32 backend_id = 0;
         struct lb_backend *b = lb_choose(f, svc, &backend_id);
@@ -290,6 +299,16 @@ static __always_inline void lb_rev_nat(struct __sk_buff *skb, struct flow *f) {
     if (!r)
         return;
     lb_rewrite(skb, f, 0, f->saddr, r->addr, f->sport, r->port);
+}
+
+// A new flow that is not a service's: a reverse NAT entry left by an earlier service connection
+// on the same 4-tuple (the client reused its port) must not rewrite this flow's replies.
+static __always_inline void lb_forget(struct flow *f) {
+    if (f->svc_id || (f->protocol != IPPROTO_TCP && f->protocol != IPPROTO_UDP))
+        return;
+    struct ct_key rk = {.saddr = f->daddr, .daddr = f->saddr, .sport = f->dport, .dport = f->sport,
+                        .protocol = f->protocol};
+    lb_revnat.delete(&rk);
 }
 
 // tc ingress of a node-facing device (--nodeport-device): NodePort traffic from outside. Anything

@@ -73,6 +73,8 @@ def maglev_table(backends: Sequence[tuple[str, int]], size: int) -> list[int]:
         return []
     if size < 2 or any(size % d == 0 for d in range(2, math.isqrt(size) + 1)):
         raise ValueError(f"Maglev table size {size} is not a prime")
+    if len(backends) == 1 and backends[0][1] >= 1:
+        return [0] * size  # one backend has every slot, whatever its permutation
     offsets: list[int] = []
     skips: list[int] = []
     for name, weight in backends:

@@ -7,6 +7,7 @@ Every test builds and removes its own namespaces and pins (lb_support.lb_node).
 from __future__ import annotations
 
 import socket
+import struct
 from collections.abc import Iterator
 
 import pytest
@@ -159,3 +160,41 @@ def test_nodeport_from_outside(node: LbNode) -> None:
     # a ClusterIP frontend is not reachable from outside through the node device
     node.lb.sync([node.service(BACKENDS, frontend=Frontend(NODE_IP, 30080))])
     assert node.ask_tcp("outside", 2, addr=NODE_IP, port=30080, timeout=0.5)[""] == 2
+
+
+def test_a_direct_connection_reusing_a_service_connections_port_is_not_rewritten(node: LbNode) -> None:
+    assert node.lb is not None
+    node.lb.sync([node.service(["b1"])])
+    client = node.endpoints["client"]
+    b1 = node.endpoints["b1"].address
+
+    def name_from_port(addr: str, port: int) -> str:
+        with socket.socket() as c:
+            c.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            c.bind((client.address, 42000))
+            c.settimeout(2.0)
+            c.connect((addr, port))
+            return c.recv(64).decode().strip()
+
+    assert run_in_netns(client.ns.name, lambda: name_from_port(VIP, VIP_PORT)) == "b1"
+    # same client port, now to the backend itself: its replies must keep the backend's address
+    assert run_in_netns(client.ns.name, lambda: name_from_port(b1, BACKEND_PORT)) == "b1"
+
+
+def test_a_client_port_reused_across_frontends_gets_replies_from_the_one_it_addressed(node: LbNode) -> None:
+    assert node.lb is not None
+    node.lb.sync([node.service(["b1"], sid=1), node.service(["b1"], sid=2, frontend=Frontend(VIP, 81))])
+    client = node.endpoints["client"]
+
+    def name_from_port(port: int) -> str:
+        with socket.socket() as c:
+            c.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            c.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # reset: no TIME_WAIT
+            c.bind((client.address, 42001))
+            c.settimeout(2.0)
+            c.connect((VIP, port))
+            return c.recv(64).decode().strip()
+
+    # both frontends lead to b1:8080, so the backend side of the three connections is one tuple
+    for port in (VIP_PORT, 81, VIP_PORT):
+        assert run_in_netns(client.ns.name, lambda p=port: name_from_port(p)) == "b1", port

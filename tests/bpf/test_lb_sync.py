@@ -139,3 +139,40 @@ def test_kernel_maglev_choice_is_the_flow_hash_prediction(node: LbNode) -> None:
         want = names[active[table[flow_hash(client, VIP, port, VIP_PORT, 6) % TABLE_SIZE]].address]
         assert run_in_netns(node.endpoints["client"].ns.name, lambda p=port: connect_from(p)) == want, port
     assert BACKEND_PORT == 8080
+
+
+def test_a_frontend_passes_from_one_service_to_another(node: LbNode) -> None:
+    assert node.lb is not None
+    a = node.service(["b1"], sid=1)
+    b = node.service(["b2"], sid=2, frontend=Frontend(VIP, 81))
+    node.lb.sync([a, b])
+    # in one sync: service 2 takes service 1's frontend, service 1 moves to port 82
+    node.lb.sync([dataclasses.replace(b, frontend=a.frontend), dataclasses.replace(a, frontend=Frontend(VIP, 82))])
+    assert {r["id"]: r["frontend"] for r in node.lb.rows()} == {1: f"{VIP}:82", 2: f"{VIP}:{VIP_PORT}"}
+    assert node.ask_tcp("client", 3) == {"b2": 3}
+    assert node.ask_tcp("client", 3, port=82) == {"b1": 3}
+
+
+def test_per_service_metrics_from_the_kernel_counters(node: LbNode) -> None:
+    from cilia.agent.agent_metrics import AgentStateCollector
+
+    lb = node.lb
+    assert lb is not None
+    lb.sync([node.service(BACKENDS, states={"b3": "terminating"})])
+    assert node.ask_tcp("client", 10)[""] == 0
+
+    class AgentView:  # what the collector reads of an agent with the BPF datapath: its rows
+        class node:  # noqa: N801 (the agent's attribute)
+            started = True
+
+        def bpf_lb(self) -> dict[str, object]:
+            return {"services": lb.rows()}
+
+    AgentView.node.lb = lb  # type: ignore[attr-defined]
+    families = {f.name: f for f in AgentStateCollector(AgentView())._services()}
+    labels = {"service_id": "1", "frontend": f"{VIP}:{VIP_PORT}/TCP", "name": ""}
+    (conns,) = families["cilia_lb_service_connections"].samples
+    assert conns.labels == labels and conns.value == 10
+    assert families["cilia_lb_service_packets"].samples[0].value >= 30  # SYN, ACK, FIN at least
+    by_state = {s.labels["state"]: s.value for s in families["cilia_lb_service_backends"].samples}
+    assert by_state == {"active": 2, "terminating": 1}
