@@ -57,6 +57,7 @@ from ..policy import (
 from ..policy.identity import IdentityAllocator, IdentityUnavailable
 from ..policy.labels import endpoint_labels
 from ..policy.parse import check_unique
+from ..policy.toservices import ServiceView
 from ..realizer import Desired, EndpointState, PortMap, Realizer
 from ..realizer.datapath import DatapathSink
 from ..realizer.services import ServiceSink
@@ -83,7 +84,11 @@ from .results import (
     PolicyInfo,
     Realized,
     Revision,
+    Services,
+    ServiceUpdated,
 )
+from ..services.model import Service
+from ..services.validate import MAX_SERVICE_ID, ServiceError, check_services
 from .sidecar_guard import SidecarGuard
 from .plumbing import PlumbingError, free_endpoint_id, plumb, unplumb
 from .state import PolicySource, StateWriter
@@ -183,6 +188,7 @@ class _Before:
     endpoints: dict[str, EndpointSpec | None] = field(default_factory=dict)
     endpoint_ids: dict[str, int] = field(default_factory=dict)
     created: list[Namespace] = field(default_factory=list)
+    services: dict[int, Service | None] = field(default_factory=dict)
 
 
 class Agent:
@@ -265,6 +271,7 @@ class Agent:
                                  + "; ".join(str(p) for p in loaded.problems))
             policies += [p for p in loaded.policies if p.key in src.keys]
         with self.engine.batch():
+            self.engine.set_services(self.state.services.values())  # toServices resolves against them
             for spec in self.state.endpoints.values():
                 self.engine.upsert_endpoint(_endpoint(spec))
             if policies:
@@ -405,7 +412,7 @@ class Agent:
             revision = self._commit(change.endpoints)
         self._await_managed(revision, before)
         audited = self.state.audit_keys()
-        return Policies(revision, tuple(_policy_info(p, audited) for p in policies))
+        return Policies(revision, tuple(_policy_info(p, audited, self.engine.service_view) for p in policies))
 
     def diff_policies(self, files: Sequence[tuple[str, str]], last: int | None = None) -> dict[str, Any]:
         """Which of the newest ``last`` recorded flows (all kept ones if None) the policies in
@@ -460,7 +467,8 @@ class Agent:
     def policies(self) -> Policies:
         with self.lock:
             audited = self.state.audit_keys()
-            return Policies(self.state.revision, tuple(_policy_info(p, audited) for p in self.engine.policies()))
+            view = self.engine.service_view
+            return Policies(self.state.revision, tuple(_policy_info(p, audited, view) for p in self.engine.policies()))
 
     # ------------------------------------------------------------------ endpoints
 
@@ -486,6 +494,11 @@ class Agent:
         # kvstore (issue 13): the cluster-wide identity is allocated before the lock is taken (the
         # store's I/O never blocks other API calls); unreachable: 503, never a node-local number
         with self._identity_prepared(spec.name, endpoint), self.lock:
+            frontends = {s.frontend.address: s for s in self.state.services.values()}
+            for ip in spec.ips:
+                if ip in frontends:
+                    raise AgentError(f"endpoint {spec.name}: ips: {ip} is service {frontends[ip].id}'s frontend "
+                                     f"({frontends[ip].frontend})")
             before = self._before(endpoints={spec.name})
             try:
                 spec, created = plumb(spec, self.state.endpoints.get(spec.name), self.config.router_ip)
@@ -554,6 +567,80 @@ class Agent:
                                                  str(i.prefix) if i.prefix is not None else None)
                                     for i in sorted(self.engine.identities(), key=lambda i: i.id)))
 
+    # ------------------------------------------------------------------ services (issue 16)
+
+    def update_service(self, service: Service) -> ServiceUpdated:
+        """Add or replace the service with ``service.id`` (fields already checked one by one, see
+        ``cilia.services.validate``); refused, with nothing applied, if its frontend clashes."""
+        with self.lock:
+            self._check_service(service, {service.id})
+            revision, before = self._set_services({service.id: service})
+        self._await_managed(revision, before)
+        return ServiceUpdated(revision, service)
+
+    def replace_named_services(self, namespace: str, name: str, services: Sequence[Service]) -> Revision | None:
+        """Make ``services`` (ids ignored) the ones named ``namespace/name``, in one revision: what
+        one Kubernetes Service (one cilia service per port and frontend) becomes. A frontend it
+        already had keeps its id; new ones get free ids. None: nothing changed."""
+        with self.lock:
+            mine = {(s.frontend, s.type): s.id for s in self.state.services.values()
+                    if (s.namespace, s.name) == (namespace, name)}
+            taken = set(self.state.services) - set(mine.values())
+            wanted: dict[int, Service | None] = {i: None for i in mine.values()}
+            fresh = (i for i in range(1, MAX_SERVICE_ID + 1) if i not in taken and i not in mine.values())
+            for s in services:
+                service_id = mine.get((s.frontend, s.type))
+                if service_id is None:
+                    service_id = next(fresh, None)
+                    if service_id is None:
+                        raise AgentError(f"service {namespace}/{name}: no free service id", 409)
+                wanted[service_id] = replace(s, id=service_id, namespace=namespace, name=name)
+            if all(self.state.services.get(i) == s for i, s in wanted.items()):
+                return None
+            for service in wanted.values():
+                if service is not None:
+                    self._check_service(service, set(wanted))
+            revision, before = self._set_services(wanted)
+        self._await_managed(revision, before)
+        return Revision(revision)
+
+    def delete_service(self, service_id: int) -> Revision:
+        with self.lock:
+            if service_id not in self.state.services:
+                raise AgentError(f"no service with id {service_id}", 404)
+            revision, before = self._set_services({service_id: None})
+        self._await_managed(revision, before)
+        return Revision(revision)
+
+    def services(self) -> Services:
+        with self.lock:
+            return Services(self.state.revision, self.state.services.ordered())
+
+    def _check_service(self, service: Service, replacing: set[int]) -> None:
+        addresses = {ip: name for name, spec in self.state.endpoints.items() for ip in spec.ips}
+        table = self.state.services
+        elsewhere = table.backends - sum(len(table[i].backends) for i in replacing if i in table)
+        try:
+            check_services(service, table.values(), addresses, replacing, elsewhere)
+        except ServiceError as e:
+            raise AgentError(f"service {service.id}: {e}; nothing was applied") from None
+
+    def _set_services(self, changes: dict[int, Service | None]) -> tuple[int, _Before]:
+        """Apply service changes (None: delete) with the lock held: the engine re-resolves the
+        policies using toServices, then one revision is committed."""
+        before = self._before(services=changes)
+        for service_id, service in changes.items():
+            if service is None:
+                self.state.services.pop(service_id, None)
+            else:
+                self.state.services[service_id] = service
+        try:
+            change = self.engine.set_services(self.state.services.values())
+        except L7ConflictError as e:
+            self._restore(before)
+            raise AgentError(f"{e}; nothing was applied", 409) from None
+        return self._commit(change.endpoints), before
+
     # ------------------------------------------------------------------ revisions
 
     def change_engine(self, change: Callable[[PolicyEngine], Iterable[str] | None],
@@ -620,13 +707,15 @@ class Agent:
             n for n in changed | (previous.keys() - endpoints.keys()) | (endpoints.keys() - previous.keys()))
         return Desired(self.state.revision, endpoints, tuple(self.engine.ipcache.items()),
                        {i.id: i.labels for i in self.engine.identities()}, changed=moved,
-                       prefixes=self.engine.ipcache.by_identity())
+                       prefixes=self.engine.ipcache.by_identity(), services=self.state.services.ordered())
 
-    def _before(self, policies: Iterable[PolicyKey] = (), endpoints: Iterable[str] = ()) -> _Before:
+    def _before(self, policies: Iterable[PolicyKey] = (), endpoints: Iterable[str] = (),
+                services: Iterable[int] = ()) -> _Before:
         current = {p.key: p for p in self.engine.policies()}
         sources = [replace(s, keys=set(s.keys)) for s in self.state.sources]  # what _restore puts back
         return _Before({k: current.get(k) for k in policies}, sources,
-                       {n: self.state.endpoints.get(n) for n in endpoints}, dict(self.state.endpoint_ids))
+                       {n: self.state.endpoints.get(n) for n in endpoints}, dict(self.state.endpoint_ids),
+                       services={i: self.state.services.get(i) for i in services})
 
     def _restore(self, before: _Before) -> None:
         """Put back what a mutation replaced (lock held); its namespaces are removed."""
@@ -648,6 +737,13 @@ class Agent:
                 self.state.endpoints[name] = spec
         if before.endpoints:
             self.state.endpoint_ids = before.endpoint_ids
+        if before.services:
+            for service_id, service in before.services.items():
+                if service is None:
+                    self.state.services.pop(service_id, None)
+                else:
+                    self.state.services[service_id] = service
+            self.engine.set_services(self.state.services.values())
         for ns in before.created:
             ns.delete()
 
@@ -849,8 +945,9 @@ class Agent:
             policies = list(self.engine.policies())
             endpoints = dict(self.state.endpoints)
             identities = list(self.engine.identities())
+            services = tuple(self.state.services.values())
         try:
-            return trace_live(policies, endpoints, identities, body)
+            return trace_live(policies, endpoints, identities, body, services)
         except TraceInputError as e:
             raise AgentError(str(e), e.status) from None
         except PolicyError as e:
@@ -863,9 +960,10 @@ def _endpoint(spec: EndpointSpec) -> Endpoint:
                     tuple(ipaddress.ip_address(ip) for ip in spec.ips), named)
 
 
-def _policy_info(p: Policy, audited: set[PolicyKey] | frozenset[PolicyKey] = frozenset()) -> PolicyInfo:
+def _policy_info(p: Policy, audited: set[PolicyKey] | frozenset[PolicyKey] = frozenset(),
+                 services: ServiceView | None = None) -> PolicyInfo:
     # accepted, not enforced; and what a translation changed to accept it (a NetworkPolicy's masked ipBlock)
-    notes = tuple(sorted({str(n) for r in compile_policy(p) for n in r.notes}
+    notes = tuple(sorted({str(n) for r in compile_policy(p, services) for n in r.notes}
                          | {f"{p.source.file}:{p.source.line}: {n}" for n in p.notes}))
     # as Cilium labels a policy's rules (k8s:io.cilium.k8s.policy.*: a translated NetworkPolicy's rules
     # say so themselves), with its metadata and rule labels

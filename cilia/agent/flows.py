@@ -38,6 +38,7 @@ from ..policy.labels import LabelSet
 from ..policy.mapstate import MapState
 from ..policy.selectors import LabelSelector
 from ..policy.model import IPNetwork
+from ..services.model import Service
 from .flowquery import HttpStatus
 from .hubble import export_line, pod_name, policy_match_type
 
@@ -86,6 +87,10 @@ class Flow:
     latency: float = 0.0  # HTTP: seconds from the request to the response sent
     upstream_reply: float = 0.0  # HTTP: seconds until the upstream's reply arrived (0: none came)
     match_type: int = 0  # L3/L4: Hubble's policy_match_type of the deciding entry (hubble.policy_match_type)
+    # through a service: the frontend the source addressed ("10.96.0.10:80"; destination is the
+    # backend) and the service's (namespace, name) if it has a name
+    service_frontend: str = ""
+    service: tuple[str, str] = ("", "")
 
     @property
     def type(self) -> str:
@@ -114,7 +119,8 @@ class Who:
 
     def __init__(self, endpoints: Mapping[str, tuple[tuple[str, ...], int]], labels: Mapping[int, LabelSet],
                  ipcache: Iterable[tuple[IPNetwork, int]], endpoint_ids: Mapping[int, str] | None = None,
-                 map_states: Mapping[str, MapState] | None = None) -> None:
+                 map_states: Mapping[str, MapState] | None = None,
+                 service_names: Mapping[str, tuple[str, str]] | None = None) -> None:
         self._endpoints: dict[str, tuple[tuple[str, ...], int]] = dict(endpoints)
         self._map_states: dict[str, MapState] = dict(map_states or {})  # what decides, for the match type
         self._by_address = {ip: (name, ident) for name, (ips, ident) in endpoints.items() for ip in ips}
@@ -128,10 +134,12 @@ class Who:
         self._ipcache: IPCache | None = None
         self.endpoint_ids = dict(endpoint_ids or {})  # BPF endpoint id -> name
         self._id_of_endpoint = {name: i for i, name in self.endpoint_ids.items()}
+        self._services: Mapping[str, tuple[str, str]] = service_names or {}  # frontend -> (namespace, name)
 
     def changed(self, endpoints: Mapping[str, tuple[tuple[str, ...], int] | None], labels: Mapping[int, LabelSet],
                 ipcache: Iterable[tuple[IPNetwork, int]], endpoint_ids: Mapping[str, int | None],
-                map_states: Mapping[str, MapState | None] | None = None) -> Who:
+                map_states: Mapping[str, MapState | None] | None = None,
+                service_names: Mapping[str, tuple[str, str]] | None = None) -> Who:
         """A new snapshot: this one with ``endpoints`` replaced (None: gone) and their ids
         (``endpoint_ids``, by name) and map states set, and the revision's labels and ipcache. This
         one is kept as it is (flows being named read it without a lock)."""
@@ -166,6 +174,7 @@ class Who:
         new._ipcache = None
         new.endpoint_ids = dict(self.endpoint_ids)
         new._id_of_endpoint = dict(self._id_of_endpoint)
+        new._services = self._services if service_names is None else service_names
         for name, endpoint_id in endpoint_ids.items():
             old = new._id_of_endpoint.pop(name, None)
             if old is not None and new.endpoint_ids.get(old) == name:
@@ -229,9 +238,22 @@ class Who:
     def endpoint_names(self) -> Iterable[str]:
         return self._endpoints.keys()
 
+    def service(self, frontend: str) -> tuple[str, str]:
+        """(namespace, name) of the service at ``frontend`` ("address:port"); ("", "") if none."""
+        found = self._services.get(frontend)
+        if found is None:
+            found = self._services.get("0.0.0.0:" + frontend.rpartition(":")[2], ("", ""))
+        return found
+
     def endpoint_peer(self, name: str, port: int = 0) -> Peer:
         ips, ident = self._endpoints.get(name, ((), None))
         return Peer(ips[0] if ips else "", port, ident, self.labels(ident), name)
+
+
+def names_of_services(services: Iterable[Service]) -> dict[str, tuple[str, str]]:
+    """Frontend "address:port" -> (namespace, name) of the named services (a NodePort on every
+    node address is "0.0.0.0:port")."""
+    return {f"{s.frontend.address}:{s.frontend.port}": (s.namespace or "default", s.name) for s in services if s.name}
 
 
 # --- conversions -------------------------------------------------------------------------------
@@ -275,8 +297,10 @@ def from_datapath(ev: DatapathEvent, who: Who, node: str) -> Flow:
     endpoint = who.endpoint_ids.get(ev.endpoint_id, "")
     match = who.match_type(endpoint, ev.direction, (source if ev.direction == "ingress" else destination).identity,
                            ev.protocol, ev.destination_port)
+    frontend = ev.service_frontend  # the load balancer's events name the frontend the source addressed
     return Flow(ev.time, verdict, "l3/l4", source, destination, ev.protocol, ev.direction, reason, {}, ev.rule,
-                endpoint, node, "", ev.proxy_port, match_type=match)
+                endpoint, node, "", ev.proxy_port, match_type=match,
+                service_frontend=frontend, service=who.service(frontend) if frontend else ("", ""))
 
 
 def _address(text: str) -> tuple[str, int]:

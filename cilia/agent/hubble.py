@@ -179,6 +179,9 @@ def hubble_flow(f: Flow) -> dict[str, Any]:
     for side, peer in (("source", f.source), ("destination", f.destination)):
         if ep := endpoint(peer):
             out[side] = ep
+    namespace, name = f.service
+    if f.service_frontend and name:
+        out["destination_service"] = {"name": name, **({"namespace": namespace} if namespace else {})}
     out["Type"] = f.type
     if f.node:
         out["node_name"] = f.node
@@ -205,7 +208,8 @@ def hubble_flow(f: Flow) -> dict[str, Any]:
 def extra(f: Flow, seq: int) -> dict[str, Any]:
     """What Hubble has no field for."""
     out: dict[str, Any] = {"seq": seq, "kind": f.kind, "rule": f.rule}
-    for key, value in (("endpoint", f.endpoint), ("listener", f.listener), ("drop_reason", f.drop_reason)):
+    for key, value in (("endpoint", f.endpoint), ("listener", f.listener), ("drop_reason", f.drop_reason),
+                       ("service_frontend", f.service_frontend)):
         if value:
             out[key] = value
     if f.l7:

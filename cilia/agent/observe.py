@@ -18,8 +18,9 @@ from ..envoy.accesslog import AccessRecord
 from ..envoy.l7service import ConnectionInfo
 from ..l7parsers.base import Record
 from ..realizer import Desired
+from ..services.model import Service
 from ..ring import SeqRing
-from .flows import Flow, FlowFile, FlowFilter, Who, from_access, from_datapath, from_l7, unknown_pods
+from .flows import Flow, FlowFile, FlowFilter, Who, from_access, from_datapath, from_l7, names_of_services, unknown_pods
 from .metrics import Metrics
 
 _log = logging.getLogger(__name__)
@@ -104,20 +105,26 @@ class FlowNames:
     def __init__(self, observer: Observer) -> None:
         self.observer = observer
         self._empty = observer.who  # until the first revision: made whole then
+        self._services: tuple[Service, ...] = ()
+        self._service_names: dict[str, tuple[str, str]] = {}
 
     def realize(self, desired: Desired) -> None:
         eps = desired.endpoints
+        services_moved = desired.services is not self._services  # the same tuple while the services stay
+        if services_moved:
+            self._services, self._service_names = desired.services, names_of_services(desired.services)
         if desired.changed is None or self.observer.who is self._empty:
             self.observer.who = Who({n: (ep.ips, ep.identity) for n, ep in eps.items()}, desired.labels,
                                     desired.ipcache,
                                     {ep.endpoint_id: n for n, ep in eps.items() if ep.endpoint_id is not None},
-                                    {n: ep.map_state for n, ep in eps.items()})
+                                    {n: ep.map_state for n, ep in eps.items()}, self._service_names)
             return
         changed = {n: eps[n] if n in eps else None for n in desired.changed}
         self.observer.who = self.observer.who.changed(
             {n: (ep.ips, ep.identity) if ep is not None else None for n, ep in changed.items()}, desired.labels,
             desired.ipcache, {n: ep.endpoint_id if ep is not None else None for n, ep in changed.items()},
-            {n: ep.map_state if ep is not None else None for n, ep in changed.items()})
+            {n: ep.map_state if ep is not None else None for n, ep in changed.items()},
+            self._service_names if services_moved else None)
 
 
 def _event_json(ev: DatapathEvent, who: Who) -> dict[str, Any]:

@@ -1,6 +1,6 @@
 """What the agent persists in its state directory, and how it is written.
 
-``state.json`` holds the revision, the endpoints and the policy sources: every imported file's
+``state.json`` holds the revision, the endpoints, the services and the policy sources: every imported file's
 text under its original path, with the keys of the policies still live from it. Keeping the text
 (not a re-serialized model) means a restarted agent parses the same bytes, so every verdict still
 names the user's file and line. Identities live beside it in ``identities.json``
@@ -21,6 +21,8 @@ from pathlib import Path
 from typing import Any
 
 from ..envoy.private_file import write_private
+from ..services.model import Service
+from ..services.validate import ServiceError, service_from_json, service_to_json
 from ..specs import EndpointSpec, PolicyKey, StateError
 from .journal import Journal, read
 
@@ -40,6 +42,45 @@ class PolicySource:
     audit: bool = False  # imported in audit mode: the endpoints it selects audit instead of dropping
 
 
+class ServiceTable(dict[int, Service]):
+    """The services by id, with what every change would otherwise rebuild for 10,000 of them kept
+    beside: the services in id order (for ``Desired``) and the count of backends.
+    Only item assignment, ``del`` and ``pop`` change it (what the agent uses)."""
+
+    def __init__(self, items: dict[int, Service] | None = None) -> None:
+        super().__init__(items or {})
+        self._ordered: tuple[Service, ...] | None = None
+        self.backends = sum(len(s.backends) for s in self.values())  # in all services
+
+    def __setitem__(self, key: int, value: Service) -> None:
+        old = self.get(key)
+        super().__setitem__(key, value)
+        self.backends += len(value.backends) - (len(old.backends) if old is not None else 0)
+        self._ordered = None
+
+    def __delitem__(self, key: int) -> None:
+        self.backends -= len(self[key].backends)
+        super().__delitem__(key)
+        self._ordered = None
+
+    def pop(self, key: int, *default: Any) -> Any:
+        if key in self:
+            self.backends -= len(self[key].backends)
+        self._ordered = None
+        return super().pop(key, *default)
+
+    def update(self, *_: Any, **__: Any) -> None:
+        raise TypeError("ServiceTable changes by item (the memos follow items)")
+
+    setdefault = popitem = clear = update  # type: ignore[assignment]
+
+    def ordered(self) -> tuple[Service, ...]:
+        """The services by id: the same tuple until the table changes."""
+        if self._ordered is None:
+            self._ordered = tuple(v for _, v in sorted(self.items()))
+        return self._ordered
+
+
 @dataclass
 class AgentState:
     revision: int = 0
@@ -49,6 +90,11 @@ class AgentState:
     # kept so a restarted agent finds its pinned maps and Envoy listeners where they were.
     endpoint_ids: dict[str, int] = field(default_factory=dict)
     proxy_ports: dict[str, int] = field(default_factory=dict)  # "ingress/80" -> 10000
+    services: ServiceTable = field(default_factory=ServiceTable)  # by id (issue 16)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.services, ServiceTable):
+            self.services = ServiceTable(self.services)
 
     def add_source(self, path: str, text: str, keys: set[PolicyKey], audit: bool = False) -> None:
         """Record an import: its policies now come from this text, not from older sources."""
@@ -73,6 +119,7 @@ class AgentState:
             "endpoints": [_endpoint_json(e) for _, e in sorted(self.endpoints.items())],
             "endpoint_ids": self.endpoint_ids,
             "proxy_ports": self.proxy_ports,
+            "services": [service_to_json(v) for v in self.services.ordered()],
         }
 
     def policies_json(self) -> list[dict[str, Any]]:
@@ -85,9 +132,20 @@ class AgentState:
             raise StateError(f"state format {d.get('format')!r} is not {FORMAT}")
         sources = _sources(d.get("policies", []))
         endpoints = {e.name: e for e in (EndpointSpec.from_json(x) for x in d.get("endpoints", []))}
+        services = ServiceTable()
+        for i, raw in enumerate(d.get("services", [])):
+            service = _service(raw, f"services[{i}]")
+            services[service.id] = service
         return cls(int(d.get("revision", 0)), sources, endpoints,
                    {str(k): int(v) for k, v in d.get("endpoint_ids", {}).items()},
-                   {str(k): int(v) for k, v in d.get("proxy_ports", {}).items()})
+                   {str(k): int(v) for k, v in d.get("proxy_ports", {}).items()}, services)
+
+
+def _service(raw: Any, where: str) -> Service:
+    try:
+        return service_from_json(raw)
+    except ServiceError as e:
+        raise StateError(f"{where}.{e}") from None
 
 
 def _sources(policies: list[dict[str, Any]]) -> list[PolicySource]:
@@ -143,6 +201,12 @@ def _replay(state: AgentState, record: dict[str, Any]) -> None:
         state.proxy_ports = {str(k): int(v) for k, v in record["proxy_ports"].items()}
     if "policies" in record:
         state.sources = _sources(record["policies"])
+    for key, raw in record.get("services", {}).items():
+        if raw is None:
+            state.services.pop(int(key), None)
+        else:
+            service = _service(raw, f"services.{key}")
+            state.services[service.id] = service
 
 
 def _load(state_dir: Path) -> tuple[AgentState, int]:
@@ -203,6 +267,7 @@ class StateWriter:
         self._endpoint_ids = dict(state.endpoint_ids)
         self._proxy_ports = dict(state.proxy_ports)
         self._sources = _sources_key(state)
+        self._services = dict(state.services)
 
     def write(self, state: AgentState) -> None:
         """Persist ``state``; on return it survives a crash."""
@@ -236,6 +301,11 @@ class StateWriter:
         sources = _sources_key(state)
         if sources != self._sources:
             record["policies"] = state.policies_json()
+        services: dict[str, Any] = {str(i): service_to_json(v) for i, v in state.services.items()
+                                    if self._services.get(i) is not v}
+        services.update((str(i), None) for i in self._services.keys() - state.services.keys())
+        if services:
+            record["services"] = services
         return record
 
     def _remember_delta(self, state: AgentState) -> None:
@@ -248,6 +318,9 @@ class StateWriter:
         if state.proxy_ports != self._proxy_ports:
             self._proxy_ports = dict(state.proxy_ports)
         self._sources = _sources_key(state)
+        for i in self._services.keys() - state.services.keys():
+            del self._services[i]
+        self._services.update((i, v) for i, v in state.services.items() if self._services.get(i) is not v)
 
     def close(self) -> None:
         self._journal.close()

@@ -75,11 +75,18 @@ def _ports(flow: dict[str, Any]) -> tuple[int, int]:
 
 
 def sides(line: dict[str, Any]) -> tuple[str, str]:
+    """Source and destination; through a service the destination is ``FRONTEND (svc NS/NAME) ->
+    BACKEND``, the address the source used and where the load balancer sent it."""
     flow = line["flow"]
     ip = flow.get("IP") or {}
     sport, dport = _ports(flow)
-    return (side(flow.get("source"), ip.get("source", ""), sport),
-            side(flow.get("destination"), ip.get("destination", ""), dport))
+    destination = side(flow.get("destination"), ip.get("destination", ""), dport)
+    frontend = line.get("cilia", {}).get("service_frontend")
+    if frontend:
+        svc = flow.get("destination_service") or {}
+        name = "/".join(x for x in (svc.get("namespace"), svc.get("name")) if x)
+        destination = f"{frontend} (svc {name}) -> {destination}" if name else f"{frontend} -> {destination}"
+    return side(flow.get("source"), ip.get("source", ""), sport), destination
 
 
 def event_type(line: dict[str, Any]) -> str:
