@@ -5,7 +5,8 @@ labels and outside addresses given in the request.
 The body: ``{"source": PEER, "destination": PEER, "protocol": "tcp", "dport": 80, "l7": {...},
 "destination_named_ports": ["NAME=PORT/PROTO", ...]}`` where PEER is ``{"endpoint": NAME}``,
 ``{"labels": ["k8s:app=x", ...]}`` or ``{"address": IP}``. Named ports given in the request
-override the destination endpoint's own.
+override the destination endpoint's own. A destination address that is a service's frontend is
+traced to the backend a new connection would get (the trace's ``service`` says which and why).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from typing import Any
 
 from ..policy import Identity, LabelSet, MemoryAllocator, Peer, Policy, PolicyError, Protocol, TraceRequest, trace
 from ..policy.trace import PROTOCOL_NAMES, l7_request_from_json
+from ..services.model import Service
 from ..specs import EndpointSpec, PortSpec, StateError
 
 
@@ -40,7 +42,7 @@ def _peer(side: str, d: Any, endpoints: Mapping[str, EndpointSpec]) -> Peer:
             spec = endpoints.get(str(d["endpoint"]))
             if spec is None:
                 raise TraceInputError(f"{side}: no endpoint named {d['endpoint']}", 404)
-            return Peer(labels=LabelSet.parse(list(spec.labels)), named_ports=_named_ports(spec.ports))
+            return _endpoint_peer(spec)
         if "labels" in d:
             labels = d["labels"]
             if not isinstance(labels, list) or not labels or not all(isinstance(x, str) for x in labels):
@@ -53,6 +55,11 @@ def _peer(side: str, d: Any, endpoints: Mapping[str, EndpointSpec]) -> Peer:
         if isinstance(e, TraceInputError):
             raise
         raise TraceInputError(f"{side}.address: {e}") from None
+
+
+def _endpoint_peer(spec: EndpointSpec) -> Peer:
+    return Peer(labels=LabelSet.parse(list(spec.labels)), named_ports=_named_ports(spec.ports),
+                ips=tuple(ipaddress.ip_address(ip) for ip in spec.ips))
 
 
 def parse_request(body: Any, endpoints: Mapping[str, EndpointSpec]) -> TraceRequest:
@@ -81,7 +88,7 @@ def parse_request(body: Any, endpoints: Mapping[str, EndpointSpec]) -> TraceRequ
             raise TraceInputError("destination_named_ports: each needs a NAME=")
         given = _named_ports(specs)
         kept = tuple(p for p in dst.named_ports if p[0] not in {g[0] for g in given})
-        dst = Peer(labels=dst.labels, named_ports=kept + given)
+        dst = Peer(labels=dst.labels, named_ports=kept + given, ips=dst.ips)
     try:
         l7 = l7_request_from_json(body.get("l7"))
     except ValueError as e:
@@ -90,8 +97,11 @@ def parse_request(body: Any, endpoints: Mapping[str, EndpointSpec]) -> TraceRequ
 
 
 def trace_live(policies: Sequence[Policy], endpoints: Mapping[str, EndpointSpec], identities: Sequence[Identity],
-               body: Any) -> dict[str, Any]:
+               body: Any, services: Sequence[Service] = ()) -> dict[str, Any]:
     """The trace's JSON (``TraceResult.to_json``) plus ``text``, its explanation as the CLI prints it;
-    identities are the agent's (labels it has no identity for get one private to the trace)."""
-    result = trace(policies, parse_request(body, endpoints), allocator=MemoryAllocator.copy_of(identities))
+    identities are the agent's (labels it has no identity for get one private to the trace). A
+    destination address that is one of ``services``' frontends is traced to its backend."""
+    backends = {ip: _endpoint_peer(spec) for spec in endpoints.values() for ip in spec.ips}
+    result = trace(policies, parse_request(body, endpoints), allocator=MemoryAllocator.copy_of(identities),
+                   services=services, backends=backends)
     return {**result.to_json(), "text": result.render()}
