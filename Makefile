@@ -2,13 +2,17 @@
 # Both install what is missing first (scripts/setup.sh is idempotent).
 PY := .venv/bin/python
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo demo-cluster test bench clean
 
 setup:
 	@scripts/setup.sh
 
 demo: setup
 	@$(PY) -m cilia.demo
+
+# three simulated nodes on a real etcd (root); CILIA_DEMO_TUNNEL=vxlan for the overlay
+demo-cluster: setup
+	@$(PY) -m cilia.demo_cluster
 
 test: setup
 	@.venv/bin/ruff check cilia tests bench examples/r2d2

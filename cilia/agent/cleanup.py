@@ -16,6 +16,7 @@ import socket
 from pathlib import Path
 
 from ..bpf import node as bpf_node
+from ..bpf.crossnode import underlay_devices
 from ..bpf.netns import Namespace, del_host_address
 from . import sidecar_guard
 from .daemon import NODE_RECORD
@@ -60,6 +61,8 @@ def cleanup(state_dir: Path) -> list[str]:
     interfaces = sorted({s.interface for s in state.endpoints.values() if s.interface}
                         | set(record.get("nodeport_devices") or ()))
     pin_dir = record.get("pin_dir")
+    if pin_dir and record.get("node_ip"):  # issue 13: routes and tunnel to other nodes, the underlay's program
+        done += bpf_node.cleanup_network(pin_dir, underlay_devices(record["node_ip"]))
     if pin_dir:
         bpf_node.cleanup(pin_dir, interfaces)
         done.append(f"detached the datapath from {len(interfaces)} interface(s), removed {pin_dir} and the "

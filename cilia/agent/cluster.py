@@ -9,7 +9,9 @@ and the node record. ``status()`` is the ``kvstore`` part of ``cilia status``.
 
 from __future__ import annotations
 
+import ipaddress
 import logging
+import threading
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +19,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from prometheus_client.metrics_core import Metric
 
+from ..bpf.crossnode import PeerNode
 from ..cluster import keys
 from ..cluster.health import HEALTH_PORT, HealthProber, HealthServer
 from ..cluster.identities import ClusterAllocator
@@ -32,6 +35,8 @@ if TYPE_CHECKING:
     from .daemon import Agent
 
 _log = logging.getLogger(__name__)
+
+REMOTE_NODE = 6  # reserved:remote-node
 
 
 @dataclass(frozen=True)
@@ -51,6 +56,7 @@ class KVStoreConfig:
     health_ip: str | None = None
     health_port: int = HEALTH_PORT  # cluster health: served on health_ip (else node_ip), probed on the others; 0: off
     health_interval: float = 1.0  # seconds between probe rounds (each probe gives up after this long too)
+    router_ip: str | None = None  # the agent's --router-ip, announced with the node
 
     def open(self) -> KVStore:
         from ..kvstore.etcd import ClientTls, EndpointError, EtcdKVStore
@@ -80,13 +86,16 @@ class ClusterNode:
         self.allocator.start()
         self.publisher = IPCachePublisher(store, self.session)
         self.nodes = NodeRegistry(store, self.session,
-                                  NodeRecord(node, config.node_ip, config.pod_cidr, config.health_ip))
+                                  NodeRecord(node, config.node_ip, config.pod_cidr, config.health_ip,
+                                             config.router_ip))
         self.remote: RemoteIPCache | None = None
         self.feed = RemoteFeed(self._apply_remote)
         self.health_server: HealthServer | None = None
         self.prober: HealthProber | None = None
         self.health_error: str | None = None  # why this node's health endpoint is not served
         self._agent: Agent | None = None
+        self._node_prefixes: dict[IPNetwork, int] = {}  # other nodes' addresses -> remote-node
+        self._nodes_lock = threading.Lock()
 
     @classmethod
     def connect(cls, node: str, config: KVStoreConfig) -> ClusterNode:
@@ -102,6 +111,7 @@ class ClusterNode:
         self._agent = agent
         agent.realizer.add(self.publisher)
         self.publisher.start()
+        self.nodes.on_change.append(self._nodes_changed)
         self.nodes.start()
         self.remote = RemoteIPCache(self.store, self.node, self._remote_changed)
         self.allocator.on_learned.append(self._identities_learned)
@@ -150,6 +160,28 @@ class ClusterNode:
         while the previous one was applied."""
         if self._agent is not None:
             self._agent.change_engine(engine_change(batch), persist=False)
+
+    def _nodes_changed(self, records: list[NodeRecord]) -> None:
+        """Other nodes' addresses are remote-node in the ipcache (this node's own are host, from the
+        datapath); the datapath routes (or tunnels) to their pod prefixes."""
+        agent = self._agent
+        if agent is None:
+            return
+        others = [r for r in records if r.name != self.node]
+        want: dict[IPNetwork, int] = {}
+        for r in others:
+            for address in (r.ip, r.health_ip, r.router_ip):
+                if address:
+                    want[ipaddress.ip_network(address)] = REMOTE_NODE
+        with self._nodes_lock:
+            gone = [p for p in self._node_prefixes if p not in want]
+            fresh = {p: i for p, i in want.items() if self._node_prefixes.get(p) != i}
+            self._node_prefixes = want
+            if gone or fresh:
+                agent.change_engine(lambda engine: engine.update_remote(fresh, gone).endpoints, persist=False)
+            cross = agent.node.cross if agent.node is not None else None
+            if cross is not None:
+                cross.sync(PeerNode(r.name, r.ip, r.pod_cidr) for r in others if r.ip and r.pod_cidr)
 
     # ------------------------------------------------------------------ reading (API)
 
@@ -221,7 +253,16 @@ class ClusterNode:
                 + (self.remote.malformed if self.remote is not None else 0),
                 "watches": {name: {"connected": m.connected, "revision": m.revision, "relists": m.relists}
                             for name, m in mirrors.items()},
-                **({"health": self._health_summary()} if self.prober is not None else {})}
+                **({"health": self._health_summary()} if self.prober is not None else {}),
+                **({"routing": self._routing()} if self._routing() else {})}
+
+    def _routing(self) -> dict[str, Any] | None:
+        """How this node reaches the others' pods (the BPF datapath with --node-ip), if it does."""
+        agent = self._agent
+        cross = agent.node.cross if agent is not None and agent.node is not None else None
+        if cross is None:
+            return None
+        return {"mode": cross.mode, "underlay": cross.underlay, "routes": cross.routes(), "error": cross.last_error}
 
     def _health_summary(self) -> dict[str, Any]:
         report = self.prober.report() if self.prober is not None else []

@@ -31,7 +31,8 @@ from typing import Any, Literal
 
 from ..bpf.paths import DEFAULT_PIN_DIR
 from ..bpf.netns import Namespace, add_host_address
-from ..bpf.node import NodeDatapath
+from ..bpf.crossnode import CrossNode, TunnelMode
+from ..bpf.node import HOST_IDENTITY, NodeDatapath
 from ..envoy.accesslog import AccessLogReceiver, AccessLogServer
 from ..envoy.bootstrap import build_bootstrap, write_bootstrap
 from ..envoy.l7service import ConnectionInfo, L7Server
@@ -97,6 +98,7 @@ _log = logging.getLogger(__name__)
 
 EnvoyMode = Literal["managed", "external", "none"]
 DatapathMode = Literal["none", "bpf"]
+AllowLocalhost = Literal["auto", "always", "policy"]  # Cilium's --allow-localhost
 ACCESS_LOG_CLUSTER = "cilia-accesslog"
 L7_CLUSTER = "cilia-l7"
 WORKERS_READY_SECONDS = 30.0  # how long start waits for the L7 workers to serve before going on degraded
@@ -137,6 +139,8 @@ class AgentConfig:
     proxy_grace: float = 30.0  # a proxy with no xDS stream this long is gone: no more waits or health for it
     kvstore: KVStoreConfig | None = None  # kvstore (issue 13): identities, endpoints and nodes shared cluster-wide
     allocator: IdentityAllocator | None = None  # identities from elsewhere (CRD mode: cilia.k8s.crdmode)
+    tunnel: TunnelMode = "disabled"  # cross-node: direct routing, or the sender's identity in a VXLAN VNI
+    allow_localhost: AllowLocalhost = "auto"  # always: the node reaches every endpoint; auto: always under Kubernetes
 
     @property
     def api_socket(self) -> Path:
@@ -200,7 +204,10 @@ class Agent:
         self.persist = StateWriter(config.state_dir)  # state.json and its journal
         self.state = self.persist.loaded
         # kvstore (issue 13): cluster-wide identities from etcd instead of this node's file
-        self.cluster = ClusterNode.connect(config.node_id, config.kvstore) if config.kvstore is not None else None
+        kv = config.kvstore
+        if kv is not None and kv.router_ip is None and config.router_ip:
+            kv = replace(kv, router_ip=config.router_ip)  # other nodes see it as remote-node
+        self.cluster = ClusterNode.connect(config.node_id, kv) if kv is not None else None
         self.engine = PolicyEngine(self.cluster.allocator if self.cluster is not None
                                    else config.allocator or FileAllocator(config.state_dir))
         self.cache = Cache()
@@ -213,8 +220,12 @@ class Agent:
         self.observer = Observer(config.node_id, self.metrics, config.ring_size, flow_file)
         self.observer.on_l7_error = self._error
         self.receiver = AccessLogReceiver(1, subscriber=self.observer.on_access_record)
-        self.node = (NodeDatapath(config.bpf_pin_dir, config.nodeport_devices) if config.datapath == "bpf"
-                     else None)
+        self.node = (NodeDatapath(config.bpf_pin_dir, config.nodeport_devices,
+                                  allow_localhost=config.allow_localhost == "always")
+                     if config.datapath == "bpf" else None)
+        if self.node is not None and config.kvstore is not None and config.kvstore.node_ip:
+            # issue 13: routes (or the tunnel) to the other nodes the kvstore announces
+            self.node.cross = CrossNode(self.node.loader, config.kvstore.node_ip, config.tunnel)
         self.metrics.envoy_up.set_function(lambda: 1.0 if self.envoy is not None and self.envoy.status().running
                                            else 0.0)
         first, *more = (f"unix:{p}" for p in config.l7_sockets)
@@ -333,11 +344,16 @@ class Agent:
         added = bool(router) and (add_host_address(router) if router else False)
         record = {"pin_dir": self.config.bpf_pin_dir, "netns": os.readlink("/proc/self/ns/net"),
                   "router_ip": router if added or (router and record.get("router_ip") == router) else None,
+                  "node_ip": self.node.cross.node_ip if self.node.cross is not None else None,
                   "nodeport_devices": list(self.config.nodeport_devices)}
         record_path.write_text(json.dumps(record), encoding="utf-8")  # before loading: cleanup finds it
         self.node.subscribe(self.observer.on_datapath_event)
         self.node.start()
+        # the node's own addresses are host for Envoy too (the kernel's ipcache has them already),
+        # so its requests to L7 ports are judged as host there as well
+        host = {ipaddress.ip_network(a): HOST_IDENTITY for a in self.node.host_addresses}
         with self.lock:
+            self.engine.update_remote(host)  # no new revision: the realized state names no endpoint differently
             self._realize(None)
 
     def _start_envoy(self) -> None:

@@ -6,7 +6,9 @@
 // A new flow between two local endpoints is judged once, where it enters the node (the
 // sender's egress policy, then the receiver's ingress policy); its conntrack entry lets the
 // rest of the flow and its replies through on both sides. Flows from the node itself or
-// elsewhere are judged against the receiver's ingress policy at to_endpoint.
+// elsewhere are judged against the receiver's ingress policy at to_endpoint. Other nodes and
+// outside hosts (direct routing or the VXLAN tunnel) come in through the programs at the end of
+// this file, which also hand their L7 flows to Envoy.
 //
 // Maps shared across programs and agent restarts are pinned under PIN_DIR (set by the loader).
 // Policy maps are per endpoint (LPM tries made and pinned by the agent, like Cilium's
@@ -31,6 +33,8 @@
 #define MARK_TO_PROXY 0x0200      // set on redirected packets; a routing rule delivers them locally
 #define MARK_PROXY_INGRESS 0x0A00 // Envoy's upstream connections (SO_MARK), already judged by Envoy
 #define MARK_PROXY_EGRESS 0x0B00
+#define MARK_MAGIC_IDENTITY 0x0F00 // from the tunnel: the sender's identity (from the VNI) in bits 16-31
+#define MARK_BOUNCE_TO_PROXY 0x0E00 // sent back in at the veth's ingress to reach Envoy (port in bits 16-31)
 
 #define EVENT_DROP 1
 #define EVENT_TRACE 4
@@ -57,6 +61,7 @@
 #define EP_AUDIT_EGRESS 2
 
 #define IDENTITY_HOST 1
+#define IDENTITY_REMOTE_NODE 6
 #define IDENTITY_WORLD_IPV4 9
 
 #define POLICY_DENY 1
@@ -146,8 +151,11 @@ BPF_F_TABLE("lpm_trie", struct policy_key, struct policy_val, policy_template, P
 BPF_ARRAY_OF_MAPS(policy_maps, "policy_template", 4096);
 BPF_PERF_OUTPUT(events);
 // config[0] != 0: emit a trace event for every packet passed (`cilia monitor -t trace` turns it
-// on for as long as someone watches). Not pinned: a reloaded program starts without tracing.
+// on for as long as someone watches). config[1] != 0: --allow-localhost always (the node itself
+// reaches every endpoint whatever its policy). Not pinned: the agent sets them at every load.
 BPF_ARRAY(config, u32, 4);
+#define CONFIG_TRACE 0
+#define CONFIG_ALLOW_LOCALHOST 1
 
 struct flow {
     u32 saddr, daddr;
@@ -276,7 +284,7 @@ static __always_inline void emit(struct __sk_buff *skb, struct flow *f, u8 type,
 static __always_inline void trace(struct __sk_buff *skb, struct flow *f, u16 obs, u8 verdict, u32 src_id,
                                   u32 dst_id, u16 proxy_port) {
     u32 idx = 0;
-    u32 *on = config.lookup(&idx);
+    u32 *on = config.lookup(&idx); // CONFIG_TRACE
     if (!on || !*on)
         return;
     // An identity of 0 is looked up here, so a packet pays for it only while tracing.
@@ -332,6 +340,16 @@ assign:;
     return 0;
 }
 
+// to_endpoint runs at tc egress, where bpf_sk_assign cannot deliver to a local socket: a flow
+// from the node itself (or any other way than the devices that redirect on arrival) to an L7
+// port is sent back in at the ingress of the same veth, marked with the proxy port, and
+// from_endpoint assigns it to Envoy there. The mark never crosses into a pod: veth scrubs it
+// between namespaces, so no endpoint can forge it.
+static __always_inline int bounce_to_proxy(struct __sk_buff *skb, u16 proxy_port) {
+    skb->mark = MARK_BOUNCE_TO_PROXY | ((u32)proxy_port << 16);
+    return bpf_redirect(skb->ifindex, BPF_F_INGRESS);
+}
+
 static __always_inline int established(struct __sk_buff *skb, struct flow *f, int at_source) {
     struct ct_key fwd, rev;
     ct_keys(f, &fwd, &rev);
@@ -351,7 +369,9 @@ static __always_inline int established(struct __sk_buff *skb, struct flow *f, in
             // The flow goes through Envoy. Where it enters from an endpoint, hand it over; where
             // it arrives from elsewhere it cannot be redirected (an established flow that became
             // subject to L7 policy after it began): drop, as a new one would be.
-            if (!at_source || f->protocol != IPPROTO_TCP || to_proxy(skb, f, ct->proxy_port) < 0)
+            if (!at_source && f->protocol == IPPROTO_TCP)
+                return bounce_to_proxy(skb, ct->proxy_port);
+            if (f->protocol != IPPROTO_TCP || to_proxy(skb, f, ct->proxy_port) < 0)
                 return drop(skb, f, at_source, REASON_NO_PROXY, 0, ct->src_identity, 0, NULL);
             trace(skb, f, OBS_TO_PROXY, VERDICT_REDIRECTED, ct->src_identity, 0, ct->proxy_port);
             return TC_ACT_OK;
@@ -380,6 +400,20 @@ static __always_inline void ct_create(struct flow *f, u32 src_id, u16 proxy_port
     conntrack.update(&fwd, &v);
 }
 
+// --allow-localhost always: the node itself (kubelet-style probes) is let in at L3, so an L7 port
+// is allow-all for it too (Cilium's meaning); with `policy` the host is judged like any peer.
+static __always_inline int allow_localhost(void) {
+    u32 idx = CONFIG_ALLOW_LOCALHOST;
+    u32 *on = config.lookup(&idx);
+    return on && *on;
+}
+
+static __always_inline int allow_host(struct __sk_buff *skb, struct flow *f, struct endpoint_val *dst) {
+    ct_create(f, IDENTITY_HOST, 0);
+    emit_raw(skb, f, EVENT_VERDICT, VERDICT_FORWARDED, 0, 0, dst->ep_id, IDENTITY_HOST, dst->identity, 0, 0);
+    return TC_ACT_OK;
+}
+
 int from_endpoint(struct __sk_buff *skb) {
     struct flow f = {};
     int p = parse(skb, &f);
@@ -388,6 +422,16 @@ int from_endpoint(struct __sk_buff *skb) {
     if (p < 0) {
         struct flow none = {.len = skb->len};
         return drop(skb, &none, 1, REASON_UNKNOWN_L3, 0, 0, 0, NULL);
+    }
+    if ((skb->mark & MARK_MAGIC_MASK) == MARK_BOUNCE_TO_PROXY) {
+        // Judged at to_endpoint (see bounce_to_proxy). The frame is addressed to the endpoint:
+        // take it as this node's, so the proxy route delivers it to Envoy.
+        u16 port = skb->mark >> 16;
+        bpf_skb_change_type(skb, 0 /* PACKET_HOST */);
+        if (to_proxy(skb, &f, port) < 0)
+            return drop(skb, &f, 0, REASON_NO_PROXY, 0, 0, 0, NULL);
+        trace(skb, &f, OBS_TO_PROXY, VERDICT_REDIRECTED, 0, 0, port);
+        return TC_ACT_OK;
     }
     struct endpoint_val *src = endpoints.lookup(&f.saddr);
     if (!src || src->ifindex != skb->ifindex)
@@ -493,6 +537,10 @@ static __always_inline int to_endpoint_policy(struct __sk_buff *skb, struct flow
         // (Cilium's scheme): the receiver's ingress policy judges that identity, not the node.
         // If the receiver's port needs L7 as well, it cannot be redirected here: dropped below.
         src_id = skb->mark >> 16;
+    if (mark == MARK_MAGIC_IDENTITY)
+        src_id = skb->mark >> 16; // arrived through the tunnel: the identity the sender put in the VNI
+    if (src_id == IDENTITY_HOST && allow_localhost())
+        return allow_host(skb, &f, dst);
     struct policy_val *iv = policy_lookup(dst->ep_id, src_id, 0, &f);
     if (!iv || (iv->flags & POLICY_DENY)) {
         u16 reason = iv ? REASON_POLICY_DENY : REASON_POLICY_DENIED;
@@ -502,9 +550,16 @@ static __always_inline int to_endpoint_policy(struct __sk_buff *skb, struct flow
         emit(skb, &f, EVENT_VERDICT, VERDICT_AUDIT, 0, reason, dst->ep_id, src_id, dst->identity, iv);
         return TC_ACT_OK;
     }
-    if (iv->proxy_port)
-        // Needs L7 but did not enter through an endpoint's veth, where it could be redirected.
-        return drop(skb, &f, 0, REASON_NO_PROXY, dst->ep_id, src_id, dst->identity, iv);
+    if (iv->proxy_port) {
+        // Needs L7 and did not come through a device that redirects on arrival (the node itself,
+        // mostly): bounced to the veth's ingress, where from_endpoint hands it to Envoy.
+        if (f.protocol != IPPROTO_TCP)
+            return drop(skb, &f, 0, REASON_NO_PROXY, dst->ep_id, src_id, dst->identity, iv);
+        count(iv, &f);
+        ct_create(&f, src_id, iv->proxy_port);
+        emit(skb, &f, EVENT_VERDICT, VERDICT_REDIRECTED, 0, 0, dst->ep_id, src_id, dst->identity, iv);
+        return bounce_to_proxy(skb, iv->proxy_port);
+    }
     count(iv, &f);
     ct_create(&f, src_id, 0);
     emit(skb, &f, EVENT_VERDICT, VERDICT_FORWARDED, 0, 0, dst->ep_id, src_id, dst->identity, iv);
@@ -517,4 +572,129 @@ int to_endpoint(struct __sk_buff *skb) {
     if (r == TC_ACT_OK)
         lb_rev_nat(skb, &f); // a service backend's reply: from the frontend the client addressed
     return r;
+}
+
+// ---- Cross-node traffic (issue 13) ---------------------------------------------------------
+//
+// Packets from other nodes, outside hosts and the tunnel are judged where they enter the node:
+//   from_network  tc ingress of the node's underlay device (direct routing, outside hosts)
+//   from_overlay  tc ingress of the VXLAN device (external/collect-metadata mode)
+//   to_overlay    tc egress of the VXLAN device
+// The sender's egress policy was judged by from_endpoint on its own node; the receiver's ingress
+// policy is judged here or at to_endpoint, with the peer's identity from the ipcache (direct
+// routing: the kvstore fills it with every node's endpoints; other nodes' addresses are
+// remote-node) or from the tunnel (the VNI carries the sender's identity, as in Cilium: the
+// receiver enforces on that, not on the source address).
+//
+// Why L7 redirection happens here and not at to_endpoint: to_endpoint runs at tc egress of the
+// endpoint's host-side veth, after routing, where bpf_sk_assign cannot hand a packet to a local
+// socket. At tc ingress of the device the packet arrived on, it can: a new TCP flow to a port
+// with L7 rules is assigned to Envoy's transparent listener and marked MARK_TO_PROXY, and the
+// proxy route delivers it locally (Cilium does the same in bpf_host/bpf_overlay). Its conntrack
+// entry names the proxy port, so the rest of the flow follows; everything else passes on to
+// to_endpoint, which judges L3/L4 as for any flow that did not start at a local endpoint.
+// Traffic from the node itself to an L7 port has no ingress device to be redirected at: with
+// --allow-localhost always it is let in at L3 (so L7 is allow-all for it, as in Cilium), else
+// to_endpoint judges it and bounces it to the veth's ingress for Envoy (bounce_to_proxy).
+
+// Other nodes' pod prefixes -> their node IP (network order): where to_overlay tunnels to.
+struct tunnel_val {
+    u32 node_ip;
+};
+BPF_TABLE_PINNED7("lpm_trie", struct ipcache_key, struct tunnel_val, tunnels, 4096,
+                  PIN_DIR "/tunnels", BPF_F_NO_PREALLOC);
+
+// A packet for a local endpoint from elsewhere: a new TCP flow to an L7 port goes to Envoy now,
+// an established one that goes through Envoy follows it; the rest is left to to_endpoint.
+static __always_inline int ingress_redirect(struct __sk_buff *skb, struct flow *f, u32 src_id) {
+    if (f->protocol != IPPROTO_TCP)
+        return TC_ACT_OK;
+    struct endpoint_val *dst = endpoints.lookup(&f->daddr);
+    if (!dst)
+        return TC_ACT_OK;
+    struct ct_key fwd, rev;
+    ct_keys(f, &fwd, &rev);
+    if (!f->syn) {
+        struct ct_val *ct = conntrack.lookup(&fwd);
+        if (ct && ct->proxy_port) {
+            __sync_fetch_and_add(&ct->packets, 1);
+            __sync_fetch_and_add(&ct->bytes, f->len);
+            ct->last_seen = bpf_ktime_get_ns();
+            if (to_proxy(skb, f, ct->proxy_port) < 0)
+                return drop(skb, f, 0, REASON_NO_PROXY, dst->ep_id, ct->src_identity, dst->identity, NULL);
+            trace(skb, f, OBS_TO_PROXY, VERDICT_REDIRECTED, ct->src_identity, dst->identity, ct->proxy_port);
+            return TC_ACT_OK;
+        }
+        return TC_ACT_OK; // established without L7, a reply, or not allowed: to_endpoint decides
+    }
+    if (src_id == IDENTITY_HOST && allow_localhost())
+        return TC_ACT_OK;
+    struct policy_val *iv = policy_lookup(dst->ep_id, src_id, 0, f);
+    if (!iv || (iv->flags & POLICY_DENY) || !iv->proxy_port)
+        return TC_ACT_OK; // dropped or forwarded at to_endpoint, which reports it
+    if (to_proxy(skb, f, iv->proxy_port) < 0)
+        return drop(skb, f, 0, REASON_NO_PROXY, dst->ep_id, src_id, dst->identity, iv);
+    count(iv, f);
+    ct_create(f, src_id, iv->proxy_port);
+    emit(skb, f, EVENT_VERDICT, VERDICT_REDIRECTED, 0, 0, dst->ep_id, src_id, dst->identity, iv);
+    return TC_ACT_OK;
+}
+
+// On the underlay it takes from_netdev's place (one ingress filter per device): NodePort first,
+// then the flow, now addressed to its backend, as any other from the network.
+int from_network(struct __sk_buff *skb) {
+    struct flow f = {};
+    if (parse(skb, &f) != 0)
+        return TC_ACT_OK; // the underlay carries more than endpoint traffic: not ours to judge
+    int reason = lb_nat(skb, &f, 1);
+    if (reason)
+        return drop(skb, &f, 0, reason, 0, identity_of(f.saddr), 0, NULL);
+    return ingress_redirect(skb, &f, identity_of(f.saddr));
+}
+
+int from_overlay(struct __sk_buff *skb) {
+    struct bpf_tunnel_key key = {};
+    if (bpf_skb_get_tunnel_key(skb, &key, sizeof(key), 0) < 0) {
+        struct flow none = {.len = skb->len};
+        return drop(skb, &none, 0, REASON_INVALID_SOURCE, 0, 0, 0, NULL);
+    }
+    u32 src_id = key.tunnel_id;
+    if (src_id == IDENTITY_HOST)
+        src_id = IDENTITY_REMOTE_NODE; // another node's own traffic
+    // The inner frame is addressed to the sender's device (the tunnel device does no ARP): it is
+    // for this node's stack, which routes it on to the endpoint.
+    bpf_skb_change_type(skb, 0 /* PACKET_HOST */);
+    skb->mark = MARK_MAGIC_IDENTITY | (src_id << 16);
+    struct flow f = {};
+    int p = parse(skb, &f);
+    if (p == 1)
+        return TC_ACT_OK;
+    if (p < 0) {
+        struct flow none = {.len = skb->len};
+        return drop(skb, &none, 0, REASON_UNKNOWN_L3, 0, src_id, 0, NULL);
+    }
+    return ingress_redirect(skb, &f, src_id);
+}
+
+int to_overlay(struct __sk_buff *skb) {
+    struct flow f = {};
+    if (parse(skb, &f) != 0)
+        return TC_ACT_SHOT; // only IPv4 is tunnelled
+    struct ipcache_key k = {.prefixlen = 32, .addr = f.daddr};
+    struct tunnel_val *node = tunnels.lookup(&k);
+    if (!node)
+        return drop(skb, &f, 1, REASON_INVALID_SOURCE, 0, 0, 0, NULL); // no node owns it: fail closed
+    u32 src_id = IDENTITY_HOST; // the node itself, or Envoy's ingress upstream
+    struct endpoint_val *src = endpoints.lookup(&f.saddr);
+    if (src)
+        src_id = src->identity;
+    else if ((skb->mark & MARK_MAGIC_MASK) == MARK_PROXY_EGRESS && (skb->mark >> 16))
+        src_id = skb->mark >> 16; // an egress proxy's upstream on an endpoint's behalf
+    struct bpf_tunnel_key key = {};
+    key.remote_ipv4 = bpf_ntohl(node->node_ip);
+    key.tunnel_id = src_id;
+    key.tunnel_ttl = 64;
+    if (bpf_skb_set_tunnel_key(skb, &key, sizeof(key), BPF_F_ZERO_CSUM_TX) < 0)
+        return TC_ACT_SHOT;
+    return TC_ACT_OK;
 }

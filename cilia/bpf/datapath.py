@@ -21,6 +21,7 @@ from cilia.policy.model import Direction, IPNetwork, Protocol
 
 from . import maps
 from .loader import Loader
+from .netns import accept_local
 from .policykey import PolicyKey, PolicyValue, ProxyPortOf, direction_entries
 
 NO_RULE = "no rule allows it"
@@ -92,6 +93,9 @@ class Datapath:
         mode per direction, maps.AUDIT_*); returns ifindex."""
         self.loader.policy_map(ep_id)  # exists (empty: everything dropped) before traffic is judged
         ifindex = self.loader.attach(ifname)
+        # the node's own flows to L7 ports come back in here with a local source (bounce_to_proxy
+        # in datapath.c): the kernel drops those as martians unless the device accepts them
+        accept_local(ifname, self.loader.netns)
         maps.set_endpoint(self.loader.maps["endpoints"], address, maps.EndpointEntry(ep_id, ifindex, identity, flags))
         return ifindex
 

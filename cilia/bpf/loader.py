@@ -42,6 +42,7 @@ FILTER_PRIO = 1
 FILTER_HANDLE = 0xC111A
 INGRESS_PARENT = 0xFFFFFFF2
 EGRESS_PARENT = 0xFFFFFFF3
+NETWORK_PROGRAMS = ("from_network", "from_overlay", "to_overlay")  # cross-node (issue 13)
 
 
 class DatapathError(RuntimeError):
@@ -114,9 +115,9 @@ class Loader:
             self.bpf = BPF(text=text, cflags=cflags)
         except Exception as e:  # bcc raises plain Exception on compile/verifier errors
             raise DatapathError(f"loading {SOURCE.name}: {str(e)[:2000]}") from e
-        for name in (*ENDPOINT_PROGRAMS, *NETDEV_PROGRAMS):
+        for name in (*ENDPOINT_PROGRAMS, *NETDEV_PROGRAMS, *NETWORK_PROGRAMS):
             self._fns[name] = self.bpf.load_func(name.encode(), BPF.SCHED_CLS)
-        for name in ("ipcache", "endpoints", "conntrack", "drop_counts", *LB_MAPS):
+        for name in ("ipcache", "endpoints", "conntrack", "drop_counts", "tunnels", *LB_MAPS):
             self.maps[name] = Map.open_pinned(f"{self.pin_dir}/{name}")
         # Endpoint policy tries that survived a restart go back into the new program's array.
         for entry in sorted(os.listdir(self.pin_dir)):
@@ -188,6 +189,17 @@ class Loader:
     def attach(self, ifname: str, programs: tuple[str, str] = ENDPOINT_PROGRAMS) -> int:
         """Attach a program pair (tc ingress, tc egress) to ``ifname``, replacing ours if present:
         the endpoint pair, or NETDEV_PROGRAMS on a node-facing device; returns its ifindex."""
+        return self._attach(ifname, tuple(zip(programs, (INGRESS_PARENT, EGRESS_PARENT), strict=True)))
+
+    def attach_network(self, ifname: str, overlay: bool) -> int:
+        """Attach the cross-node programs: ``from_network`` at ingress of an underlay device (in
+        from_netdev's place: it does NodePort too), or ``from_overlay``/``to_overlay`` on the
+        VXLAN device (``overlay``)."""
+        progs = ((("from_overlay", INGRESS_PARENT), ("to_overlay", EGRESS_PARENT)) if overlay
+                 else (("from_network", INGRESS_PARENT),))
+        return self._attach(ifname, progs)
+
+    def _attach(self, ifname: str, progs: tuple[tuple[str, int], ...]) -> int:
         with self._lock, self._ipr() as ipr:
             idx = ipr.link_lookup(ifname=ifname)
             if not idx:
@@ -198,7 +210,7 @@ class Loader:
             except Exception as e:  # NetlinkError: EEXIST when it is already there
                 if getattr(e, "code", None) != 17:
                     raise
-            for name, parent in zip(programs, (INGRESS_PARENT, EGRESS_PARENT), strict=True):
+            for name, parent in progs:
                 fn = self._fns[name]
                 ipr.tc("replace-filter", "bpf", ifindex, FILTER_HANDLE, fd=fn.fd,
                        name=f"cilia_{name}", parent=parent, prio=FILTER_PRIO, classid=1, direct_action=True,

@@ -49,6 +49,17 @@ def sync_ipcache(m: Map, want: Iterable[tuple[ipaddress.IPv4Network | ipaddress.
     return written + removed
 
 
+TUNNEL_VAL = struct.Struct("4s")
+
+
+def sync_tunnels(m: Map, want: Mapping[ipaddress.IPv4Network, str]) -> int:
+    """Make the tunnel trie hold exactly ``want`` (pod prefix -> node IP); returns entries changed."""
+    target = {IPCACHE_KEY.pack(p.prefixlen, p.network_address.packed): TUNNEL_VAL.pack(ip4(ip))
+              for p, ip in want.items()}
+    written, removed = _sync(m, target, None, None)
+    return written + removed
+
+
 def ipcache_items(m: Map) -> dict[ipaddress.IPv4Network, int]:
     out = {}
     for k, v in m.items():

@@ -76,6 +76,12 @@ def _write_sysctl(parts: Sequence[str], value: str) -> bool:
         return False
 
 
+def accept_local(ifname: str, netns: str | None = None) -> bool:
+    """Let ``ifname`` receive packets whose source is an address of this node (the datapath sends
+    the node's own L7 flows back in at an endpoint's veth); False if the kernel refused."""
+    return _in(netns, lambda: _write_sysctl(("net", "ipv4", "conf", ifname, "accept_local"), "1"))
+
+
 def _open_netns(path: str) -> int:
     try:
         return os.open(path, os.O_RDONLY)

@@ -28,7 +28,8 @@ from dataclasses import dataclass
 from cilia.policy.mapstate import L4Key, MapState, PolicyEntry, Verdict
 from cilia.policy.model import Direction, IPNetwork, Protocol
 
-from . import maps, proxyroute
+from . import crossnode, maps, proxyroute
+from .crossnode import CrossNode
 from .datapath import Datapath, DatapathEvent
 from .lb import LoadBalancer
 from .loader import NETDEV_PROGRAMS, Loader
@@ -39,6 +40,7 @@ from .policykey import ProxyPortOf
 _log = logging.getLogger(__name__)
 
 HOST_IDENTITY = 1  # reserved:host
+CONFIG_ALLOW_LOCALHOST = 1  # slot of datapath.c's config array
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,11 +75,14 @@ def node_addresses() -> list[str]:
 
 
 class NodeDatapath:
-    def __init__(self, pin_dir: str = DEFAULT_PIN_DIR, nodeport_devices: Sequence[str] = ()) -> None:
+    def __init__(self, pin_dir: str = DEFAULT_PIN_DIR, nodeport_devices: Sequence[str] = (),
+                 allow_localhost: bool = False) -> None:
         self.loader = Loader(pin_dir)
         self.datapath = Datapath(self.loader)
         self.nodeport_devices = tuple(nodeport_devices)
         self.lb: LoadBalancer | None = None
+        self.allow_localhost = allow_localhost  # the node itself reaches every endpoint, whatever its policy
+        self.cross: CrossNode | None = None  # other nodes' endpoints (issue 13): set before start
         self.host_addresses: list[str] = []
         self.started = False
         # name -> (ep_id, address, ifname, identity, flags)
@@ -90,10 +95,13 @@ class NodeDatapath:
 
     def start(self) -> None:
         self.loader.load()
+        self.loader.set_config(CONFIG_ALLOW_LOCALHOST, 1 if self.allow_localhost else 0)
         proxyroute.install()
         self.host_addresses = node_addresses()
         for dev in self.nodeport_devices:
             self.loader.attach(dev, NETDEV_PROGRAMS)
+        if self.cross is not None:  # after NodePort: on a shared underlay from_network does both
+            self.cross.start()
         self.lb = LoadBalancer(self.loader)
         self.datapath.start_events()
         self.started = True
@@ -230,3 +238,11 @@ def cleanup(pin_dir: str, interfaces: Iterable[str]) -> None:
     finally:
         shutil.rmtree(pin_dir, ignore_errors=True)
         proxyroute.remove()
+
+
+def cleanup_network(pin_dir: str, devices: Iterable[str]) -> list[str]:
+    """Detach the cross-node program from the underlay ``devices``, remove routes and tunnel."""
+    loader = Loader(pin_dir)
+    for ifname in devices:
+        loader.detach(ifname)
+    return crossnode.cleanup()

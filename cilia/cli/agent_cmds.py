@@ -98,6 +98,12 @@ from .common import (
 @click.option("--cluster-health-port", type=click.IntRange(0, 65535), default=4240, show_default=True,
               help="Cluster health (--kvstore): serve GET /hello on --health-ip (else --node-ip) at this port "
               "and probe every other node's (ICMP and HTTP) every second; `cilia health status` (0: off).")
+@click.option("--tunnel", type=click.Choice(["disabled", "vxlan"]), default="disabled", show_default=True,
+              help="With --datapath bpf and --kvstore --node-ip: reach other nodes' pods by direct routing "
+              "(disabled) or through a VXLAN device whose VNI carries the sender's identity (vxlan).")
+@click.option("--allow-localhost", type=click.Choice(["auto", "always", "policy"]), default="auto",
+              show_default=True, help="always: the node itself (e.g. kubelet probes) reaches every endpoint "
+              "whatever its policy; policy: the host is judged like any peer; auto: always with --kubernetes.")
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning"]), default="info", show_default=True)
 def agent_cmd(state_dir: str, xds_addresses: Sequence[str], envoy_mode: str, node_id: str, datapath: str,
               bpf_pin_dir: str, nodeport_devices: Sequence[str], router_ip: str | None, flow_file: str | None,
@@ -108,7 +114,7 @@ def agent_cmd(state_dir: str, xds_addresses: Sequence[str], envoy_mode: str, nod
               agent_health_port: int, kvstore: str, kvstore_endpoints: str | None, kvstore_ca: str | None,
               kvstore_cert: str | None, kvstore_key: str | None, kvstore_lease_ttl: int, node_ip: str | None,
               pod_cidr: str | None, health_ip: str | None, cluster_health_port: int, proxy_grace: float,
-              log_level: str) -> None:
+              tunnel: str, allow_localhost: str, log_level: str) -> None:
     """Run the agent until SIGTERM or Ctrl-C: load state, serve the REST API on
     <state-dir>/cilia.sock, serve xDS, supervise Envoy, receive its access logs; with
     --datapath bpf also load the BPF datapath. Stopping leaves the BPF programs enforcing the
@@ -127,6 +133,9 @@ def agent_cmd(state_dir: str, xds_addresses: Sequence[str], envoy_mode: str, nod
         except ValueError as e:
             click.echo(f"error: --prometheus-serve-addr: {e}", err=True)
             sys.exit(2)
+    if tunnel == "vxlan" and (datapath != "bpf" or kvstore == "none" or not node_ip):
+        click.echo("error: --tunnel vxlan needs --datapath bpf, --kvstore etcd and --node-ip", err=True)
+        sys.exit(2)
     if datapath == "bpf" and (why := bpf_available()) is not None:
         click.echo(f"error: --datapath bpf: {why}", err=True)
         sys.exit(2)
@@ -143,7 +152,9 @@ def agent_cmd(state_dir: str, xds_addresses: Sequence[str], envoy_mode: str, nod
                          xds_insecure=xds_insecure, socket_group=_group_id(socket_group),
                          kvstore=_kvstore(kvstore, kvstore_endpoints, kvstore_ca, kvstore_cert, kvstore_key,
                                           kvstore_lease_ttl, node_ip, pod_cidr, health_ip, cluster_health_port),
-                         proxy_grace=proxy_grace)
+                         proxy_grace=proxy_grace, tunnel=tunnel,  # type: ignore[arg-type]
+                         allow_localhost="always" if allow_localhost == "always" or (
+                             allow_localhost == "auto" and kubernetes) else "policy")
     # Kubernetes without a kvstore (issue 13): CiliumIdentity/CiliumEndpoint objects are the shared store
     kube_api = _kubernetes_api(kubernetes) if kubernetes else None
     crd: Any = None

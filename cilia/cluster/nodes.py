@@ -9,7 +9,7 @@ import ipaddress
 import json
 import logging
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 
 from ..kvstore.base import KVStore, KVStoreError
@@ -26,10 +26,11 @@ class NodeRecord:
     ip: str | None = None
     pod_cidr: str | None = None
     health_ip: str | None = None
+    router_ip: str | None = None  # the gateway of its pods (an address other nodes see as remote-node)
 
     def encode(self) -> bytes:
         return json.dumps({"name": self.name, "ip": self.ip, "podCIDR": self.pod_cidr,
-                           "healthIP": self.health_ip}, sort_keys=True).encode()
+                           "healthIP": self.health_ip, "routerIP": self.router_ip}, sort_keys=True).encode()
 
     @classmethod
     def decode(cls, key: str, value: bytes) -> NodeRecord:
@@ -41,15 +42,16 @@ class NodeRecord:
         if not isinstance(data, dict) or data.get("name") != name:
             raise ValueError(f"{key}: field name does not match the key")
         ip, cidr, health = data.get("ip"), data.get("podCIDR"), data.get("healthIP")
+        router = data.get("routerIP")
         try:
-            for text in (ip, health):
+            for text in (ip, health, router):
                 if text is not None:
                     ipaddress.ip_address(text)
             if cidr is not None:
                 ipaddress.ip_network(cidr)
         except (TypeError, ValueError) as e:
             raise ValueError(f"{key}: {e}") from None
-        return cls(name, ip, cidr, health)
+        return cls(name, ip, cidr, health, router)
 
     def to_json(self) -> dict[str, str | None]:
         return asdict(self)
@@ -65,6 +67,8 @@ class NodeRegistry:
         self.last_error: str | None = None
         self._lock = threading.Lock()
         self.mirror = PrefixMirror(store, keys.NODES, self._on_change)
+        # called with every node's record after each change (cross-node routes, node identities)
+        self.on_change: list[Callable[[list[NodeRecord]], None]] = []
         session.on_renew.append(lambda lease: self.publish())
 
     def start(self) -> None:
@@ -98,3 +102,5 @@ class NodeRegistry:
                     _log.warning("kvstore: skipping %s", e)
                     continue
                 self.nodes[record.name] = record
+        for listener in list(self.on_change):
+            listener(self.list())

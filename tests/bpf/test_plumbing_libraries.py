@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 from tests.helpers import REPO
 
-CHECKED = [REPO / "cilia" / "bpf", REPO / "cilia" / "cni", REPO / "cilia" / "agent", REPO / "cilia" / "demo.py"]
+CHECKED = [REPO / "cilia" / "bpf", REPO / "cilia" / "cni", REPO / "cilia" / "agent", REPO / "cilia" / "demo.py",
+           REPO / "cilia" / "demo_cluster.py"]
 TOOLS = {"ip", "nsenter", "sysctl"}
 SPAWNERS = {"run", "Popen", "call", "check_call", "check_output", "system", "popen", "create_subprocess_exec",
             "create_subprocess_shell", "execv", "execvp", "execvpe", "spawnv", "spawnvp"}

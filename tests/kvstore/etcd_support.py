@@ -15,14 +15,16 @@ import signal
 import socket
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import pytest
 
 from cilia.netutil import free_port
 
+T = TypeVar("T")
 ETCD = shutil.which("etcd") or "/usr/bin/etcd"
 HOST = "127.0.0.1"
 
@@ -36,31 +38,37 @@ class Member:
     log: Path
     proc: subprocess.Popen[bytes] | None = None
     scheme: str = "http"
+    host: str = HOST
 
     @property
     def client_url(self) -> str:
-        return f"{self.scheme}://{HOST}:{self.client_port}"
+        return f"{self.scheme}://{self.host}:{self.client_port}"
 
     @property
     def peer_url(self) -> str:
-        return f"http://{HOST}:{self.peer_port}"
+        return f"http://{self.host}:{self.peer_port}"
 
 
 class EtcdCluster:
-    def __init__(self, base: Path, members: int = 3, tls: tuple[Path, Path, Path] | None = None) -> None:
+    def __init__(self, base: Path, members: int = 3, tls: tuple[Path, Path, Path] | None = None,
+                 host: str | None = None, netns: str | None = None) -> None:
         """``tls``: (CA, server certificate, key): clients must speak TLS and show a certificate
-        that CA signed (peers stay plaintext on loopback)."""
+        that CA signed (peers stay plaintext on loopback). ``netns``: run the members in that named
+        network namespace, listening on ``host`` (an address it has; tests/cluster's underlay)."""
         if not os.path.exists(ETCD):
             pytest.skip("etcd-server is not installed (scripts/apt-packages.txt)")
         self.base = base
         self.tls = tls
+        host = host or HOST  # read at call time: a test may point HOST elsewhere
+        self.host = host
+        self.netns = netns
         self.members: list[Member] = []
         used: set[int] = set()
         for i in range(members):
-            client, peer = _two_ports(used)
+            client, peer = self._in_netns(lambda: _two_ports(used, host))
             data = base / f"cilia-etcd-{i}"
             self.members.append(Member(f"m{i}", client, peer, data, base / f"cilia-etcd-{i}.log",
-                                       scheme="https" if tls else "http"))
+                                       scheme="https" if tls else "http", host=host))
         self.initial_cluster = ",".join(f"{m.name}={m.peer_url}" for m in self.members)
         for m in self.members:
             self._spawn(m, "new")
@@ -88,8 +96,8 @@ class EtcdCluster:
                      "--trusted-ca-file", str(ca)]
         log = open(m.log, "ab")  # noqa: SIM115 - the child keeps it
         try:
-            m.proc = subprocess.Popen(args, stdout=log, stderr=log, stdin=subprocess.DEVNULL,
-                                      start_new_session=True)
+            m.proc = self._in_netns(lambda: subprocess.Popen(args, stdout=log, stderr=log, stdin=subprocess.DEVNULL,
+                                                             start_new_session=True))
         finally:
             log.close()
 
@@ -106,14 +114,25 @@ class EtcdCluster:
                     raise RuntimeError(f"etcd member {m.name} not healthy: {m.log.read_text()[-2000:]}")
                 time.sleep(0.05)
 
+    def _in_netns(self, fn: Callable[[], T]) -> T:
+        """``fn()`` in the members' network namespace (a child forked there stays there)."""
+        if self.netns is None:
+            return fn()
+        from cilia.bpf.netns import run_in_netns
+
+        return run_in_netns(self.netns, fn)
+
     def _healthy(self, m: Member) -> bool:
+        return self._in_netns(lambda: self._probe(m))
+
+    def _probe(self, m: Member) -> bool:
         """/health answers with a leader; with TLS, a TCP connect is all we check (the agent under
         test is what proves the handshake)."""
         try:
-            with socket.create_connection((HOST, m.client_port), timeout=1) as s:
+            with socket.create_connection((m.host, m.client_port), timeout=1) as s:
                 if self.tls is not None:
                     return True
-                s.sendall(f"GET /health HTTP/1.0\r\nHost: {HOST}\r\n\r\n".encode())
+                s.sendall(f"GET /health HTTP/1.0\r\nHost: {m.host}\r\n\r\n".encode())
                 data = b""
                 while chunk := s.recv(4096):
                     data += chunk
@@ -154,10 +173,10 @@ class EtcdCluster:
             shutil.rmtree(m.data_dir, ignore_errors=True)
 
 
-def _two_ports(used: set[int]) -> tuple[int, int]:
+def _two_ports(used: set[int], host: str = HOST) -> tuple[int, int]:
     out: list[int] = []
     while len(out) < 2:
-        port = free_port(HOST)
+        port = free_port(host)
         if port not in used:
             used.add(port)
             out.append(port)
