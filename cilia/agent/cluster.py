@@ -159,7 +159,7 @@ class ClusterNode:
         """One engine change (one revision, no state.json write) for everything that arrived
         while the previous one was applied."""
         if self._agent is not None:
-            self._agent.change_engine(engine_change(batch), persist=False)
+            self._agent.change_engine(engine_change(batch))
 
     def _nodes_changed(self, records: list[NodeRecord]) -> None:
         """Other nodes' addresses are remote-node in the ipcache (this node's own are host, from the
@@ -178,7 +178,7 @@ class ClusterNode:
             fresh = {p: i for p, i in want.items() if self._node_prefixes.get(p) != i}
             self._node_prefixes = want
             if gone or fresh:
-                agent.change_engine(lambda engine: engine.update_remote(fresh, gone).endpoints, persist=False)
+                agent.change_engine(lambda engine: engine.update_remote(fresh, gone).endpoints)
             cross = agent.node.cross if agent.node is not None else None
             if cross is not None:
                 cross.sync(PeerNode(r.name, r.ip, r.pod_cidr) for r in others if r.ip and r.pod_cidr)

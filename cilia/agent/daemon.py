@@ -659,24 +659,23 @@ class Agent:
 
     # ------------------------------------------------------------------ revisions
 
-    def change_engine(self, change: Callable[[PolicyEngine], Iterable[str] | None],
-                      persist: bool = True) -> int | None:
+    def change_engine(self, change: Callable[[PolicyEngine], Iterable[str] | None]) -> int | None:
         """For producers of engine state other than the API (the kvstore's remote endpoints and
         identities): run ``change`` on the engine under the agent's lock and commit the endpoints it
-        names (None: nothing moved, nothing committed). Returns the new revision, if any.
-        ``persist=False``: what changed is not in state.json (other nodes' addresses), so it is not
-        rewritten; the next persisted revision carries the number on."""
+        names (None: nothing moved, nothing committed). Returns the new revision, if any. What
+        such a change moves is not in the state files (other nodes' addresses), but its revision
+        is journaled (a short record) so a restarted agent never numbers a revision twice."""
         with self.lock:
             changed = change(self.engine)
-            return None if changed is None else self._commit(changed, persist)
+            return None if changed is None else self._commit(changed)
 
-    def _commit(self, changed: Iterable[str] | None, persist: bool = True) -> int:
+    def _commit(self, changed: Iterable[str] | None) -> int:
         """Number, persist and realize the engine's new state; called with the lock held after a
         change. ``changed``: the endpoints whose policy or spec moved (None: all)."""
         if self.engine.revision <= self.state.revision:
             self.engine.revision = self.state.revision + 1  # a change the engine does not see (ports, ids)
         self.state.revision = self.engine.revision
-        desired = self._realize(changed, persist=persist)
+        desired = self._realize(changed, persist=True)
         return desired.revision
 
     def _realize(self, changed: Iterable[str] | None, persist: bool = False) -> Desired:

@@ -57,7 +57,7 @@ class CRDMode:
 
     def _apply(self, batch: RemoteBatch) -> None:
         if self._agent is not None:
-            self._agent.change_engine(engine_change(batch), persist=False)
+            self._agent.change_engine(engine_change(batch))
 
     def stop(self) -> None:
         self.feed.stop()

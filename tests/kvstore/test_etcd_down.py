@@ -10,6 +10,7 @@ from pathlib import Path
 
 from cilia.agent.daemon import AgentError
 from cilia.cluster.remotefeed import RemoteBatch, RemoteFeed
+from cilia.agent.state import load_state
 from cilia.specs import EndpointSpec
 from tests.agent.agent_support import agent_in_process
 from tests.kvstore.etcd_support import EtcdCluster
@@ -55,6 +56,8 @@ def test_other_nodes_endpoints_do_not_rewrite_state_json(etcd1: EtcdCluster, tmp
         wait_until("a knows b's 40 endpoints", lambda: all(
             remote_identity(a, f"10.213.2.{i + 1}") is not None for i in range(40)))
         assert (tmp_path / "a" / "state.json").read_bytes() == state
+        # their revisions are journaled, so a restarted agent never numbers a revision twice
+        assert load_state(tmp_path / "a").revision == a.revision
 
 
 def test_the_feed_merges_what_arrives_while_a_batch_is_applied() -> None:
