@@ -9,7 +9,7 @@ answer names every rule that decided it, with file and line.
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -123,11 +123,15 @@ class TraceResult:
 
 
 def trace(policies: Sequence[Policy], request: TraceRequest, registry: L7Registry | None = None,
-          allocator: MemoryAllocator | None = None) -> TraceResult:
+          allocator: MemoryAllocator | None = None,
+          fqdn: Mapping[str, Sequence[str]] | None = None) -> TraceResult:
     """Trace one flow against ``policies`` (identities from ``allocator``: a fresh one by default,
-    a copy of the agent's for a live trace)."""
+    a copy of the agent's for a live trace); ``fqdn``: names the DNS proxy learned and their
+    addresses, what toFQDNs selectors select."""
     engine = PolicyEngine(allocator or MemoryAllocator())
     engine.apply(policies)
+    if fqdn:
+        engine.update_fqdn(fqdn)
     total = sum(len(p.rules) for p in policies)
     # Both endpoints exist before either policy is read: each one's map state
     # must already hold the other's identity.
