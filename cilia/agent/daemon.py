@@ -67,6 +67,7 @@ from ..xds.sockets import private_dir
 from . import status as status_view
 from .cluster import ClusterNode, KVStoreConfig  # kvstore (issue 13)
 from .diff import policy_diff
+from .fqdn import FqdnConfig, FqdnLearner
 from .flows import FlowFile, FlowFilter
 from .metrics import MeteredAckTracker, Metrics
 from .observe import FlowNames, Observer
@@ -128,6 +129,7 @@ class AgentConfig:
     socket_group: int | None = None  # the agent's sockets are 0660 with this gid, else 0600
     proxy_grace: float = 30.0  # a proxy with no xDS stream this long is gone: no more waits or health for it
     kvstore: KVStoreConfig | None = None  # kvstore (issue 13): identities, endpoints and nodes shared cluster-wide
+    fqdn: FqdnConfig = field(default_factory=FqdnConfig)  # toFQDNs (issue 17): the DNS cache's TTLs and collection
 
     @property
     def api_socket(self) -> Path:
@@ -234,6 +236,7 @@ class Agent:
         self.envoy: EnvoySupervisor | None = None
         self.admin_address: str | None = None
         self.reverted: dict[int, str] = {}  # revision -> why: the managed Envoy rejected it and it was reverted
+        self.fqdn = FqdnLearner(self, config.fqdn)  # toFQDNs (issue 17)
         self._replay()
 
     @property
@@ -260,6 +263,9 @@ class Agent:
                 self.engine.upsert_endpoint(_endpoint(spec))
             if policies:
                 self.engine.apply(policies)
+            learned = self.fqdn.load()  # toFQDNs (issue 17): addresses open flows may still use
+            if learned:
+                self.engine.update_fqdn(learned)
         # one revision: the persisted one numbers what a restarted agent realizes
         self.engine.revision = self.state.revision
         with self.lock:
@@ -272,6 +278,7 @@ class Agent:
                 self._start_datapath()
             if self.cluster is not None:  # kvstore (issue 13): publish this node's endpoints, receive the others'
                 self.cluster.attach(self)
+            self.fqdn.start()  # toFQDNs (issue 17): expire learned addresses
             for sock in (self.config.xds_socket, self.config.accesslog_socket, *self.config.l7_sockets):
                 sock.unlink(missing_ok=True)
             s = self.servers
@@ -359,6 +366,7 @@ class Agent:
                 self.guard.close()  # of their own (external) keep enforcing, so their app ports stay closed
             if self.cluster is not None:  # kvstore (issue 13)
                 self.cluster.stop()
+            self.fqdn.stop()
             self.observer.close()
 
     # ------------------------------------------------------------------ policies
@@ -528,6 +536,20 @@ class Agent:
             return Identities(tuple(IdentityInfo(i.id, i.kind.value, tuple(i.labels.to_list()),
                                                  str(i.prefix) if i.prefix is not None else None)
                                     for i in sorted(self.engine.identities(), key=lambda i: i.id)))
+
+    # ------------------------------------------------------------------ toFQDNs (issue 17)
+
+    def learn_fqdn(self, endpoint_name: str, qname: str, ips: Sequence[str], ttl: int) -> None:
+        """The DNS proxy's call for every allowed answer: returns once the BPF maps (and the managed
+        Envoy) hold the new addresses, so the answer may be released. Cheap when nothing is new."""
+        self.fqdn.learn(endpoint_name, qname, ips, ttl)
+
+    def fqdn_cache(self, name: str | None = None) -> dict[str, Any]:
+        return {"entries": self.fqdn.list(name)}
+
+    def fqdn_clean(self, name: str | None = None) -> dict[str, Any]:
+        removed, revision = self.fqdn.clean(name)
+        return {"removed": removed, "revision": revision if revision is not None else self.revision}
 
     # ------------------------------------------------------------------ revisions
 

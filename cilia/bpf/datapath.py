@@ -72,6 +72,7 @@ class Datapath:
         self.loader = loader
         self.rules: dict[int, str] = {}
         self._written: dict[int, dict[bytes, bytes]] = {}  # per endpoint: what its trie holds
+        self._ipcache_written: dict[bytes, bytes] | None = None  # what the ipcache trie holds
         self._events: list[Callable[[DatapathEvent], None]] = []
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -80,7 +81,14 @@ class Datapath:
     # -- state in ----------------------------------------------------------------------
 
     def sync_ipcache(self, items: Iterable[tuple[IPNetwork, int]]) -> int:
-        return maps.sync_ipcache(self.loader.maps["ipcache"], items)
+        # what the trie holds is kept (read from the kernel once): a sync costs what changed
+        if self._ipcache_written is None:
+            self._ipcache_written = {k: bytes(v) for k, v in self.loader.maps["ipcache"].items()}
+        return maps.sync_ipcache(self.loader.maps["ipcache"], items, self._ipcache_written)
+
+    def reread_ipcache(self) -> None:
+        """Read the ipcache trie from the kernel at the next sync (after the maps were reopened)."""
+        self._ipcache_written = None
 
     def upsert_endpoint(self, ep_id: int, address: str, ifname: str, identity: int, flags: int = 0) -> int:
         """Attach to the endpoint's host-side interface and register its address (``flags``: audit

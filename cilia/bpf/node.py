@@ -85,6 +85,7 @@ class NodeDatapath:
 
     def start(self) -> None:
         self.loader.load()
+        self.datapath.reread_ipcache()
         proxyroute.install()
         self.host_addresses = node_addresses()
         self.datapath.start_events()

@@ -21,9 +21,11 @@ def nothing_open() -> set[str]:
 
 def test_learn_reports_only_new_addresses() -> None:
     cache = FqdnCache(grace=0)
-    assert cache.learn("API.Example.com.", ["192.0.2.1", "192.0.2.2"], 30, T0, "ep1") == {"192.0.2.1", "192.0.2.2"}
+    first = cache.learn("API.Example.com.", ["192.0.2.1", "192.0.2.2"], 30, T0, "ep1")
+    assert first == frozenset({"192.0.2.1", "192.0.2.2"})
     assert cache.learn("api.example.com", ["192.0.2.2"], 30, T0 + 1) is None  # repeated: nothing new
-    assert cache.learn("api.example.com", ["192.0.2.3"], 30, T0 + 2) == {"192.0.2.1", "192.0.2.2", "192.0.2.3"}
+    third = cache.learn("api.example.com", ["192.0.2.3"], 30, T0 + 2)
+    assert third == frozenset({"192.0.2.1", "192.0.2.2", "192.0.2.3"})
     assert cache.get("api.EXAMPLE.com") == {"192.0.2.1", "192.0.2.2", "192.0.2.3"}
     assert cache.learned_total == 3 and len(cache) == 1
     assert cache.learn("other.org", [], 30, T0) is None and len(cache) == 1
