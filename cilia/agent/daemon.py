@@ -67,7 +67,8 @@ from ..xds.sockets import private_dir
 from . import status as status_view
 from .cluster import ClusterNode, KVStoreConfig  # kvstore (issue 13)
 from .diff import policy_diff
-from .fqdn import FqdnConfig, FqdnLearner
+from ..fqdn.config import FqdnConfig
+from .fqdn import FqdnLearner
 from .flows import FlowFile, FlowFilter
 from .metrics import MeteredAckTracker, Metrics
 from .observe import FlowNames, Observer
@@ -813,7 +814,7 @@ class Agent:
             endpoints = dict(self.state.endpoints)
             identities = list(self.engine.identities())
         try:
-            return trace_live(policies, endpoints, identities, body)
+            return trace_live(policies, endpoints, identities, body, self.fqdn.cache.names())
         except TraceInputError as e:
             raise AgentError(str(e), e.status) from None
         except PolicyError as e:

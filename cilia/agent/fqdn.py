@@ -17,10 +17,10 @@ import logging
 import threading
 import time
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from ..fqdn.cache import DEFAULT_GRACE, DEFAULT_MIN_TTL, FqdnCache
+from ..fqdn.cache import FqdnCache
+from ..fqdn.config import FqdnConfig
 from ..fqdn.store import CacheStore
 from ..policy.l7.dns import normalize
 from ..xds import LISTENER, NackError
@@ -32,14 +32,6 @@ _log = logging.getLogger(__name__)
 
 SNAPSHOT_EVERY = 30.0  # seconds between snapshots while something changed
 SNAPSHOT_LINES = 10_000  # or once the journal is this long
-
-
-@dataclass(frozen=True)
-class FqdnConfig:
-    min_ttl: int = DEFAULT_MIN_TTL  # --tofqdns-min-ttl
-    grace: float = DEFAULT_GRACE  # seconds an expired address stays before it may go
-    ct_idle: float = 60.0  # a conntrack flow that saw a packet this recently keeps its address
-    interval: float = 1.0  # seconds between collections
 
 
 class FqdnLearner:

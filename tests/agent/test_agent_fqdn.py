@@ -19,10 +19,14 @@ from pathlib import Path
 from typing import TypeVar
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
+from tests.agent.agent_support import run_cli
 from tests.helpers import ip, require_bpf
 
+from cilia.agent.api import APIServer
+from cilia.agent.client import AgentClient
 from cilia.agent.daemon import Agent, AgentConfig
-from cilia.agent.fqdn import FqdnConfig
+from cilia.fqdn.config import FqdnConfig
 from cilia.bpf import maps
 from cilia.bpf.netns import Namespace, run_in_netns
 from cilia.specs import EndpointSpec
@@ -55,6 +59,7 @@ class FqdnNode:
         self.outside: dict[str, Namespace] = {}
         self.listeners: list[socket.socket] = []
         self.agent: Agent | None = None
+        self.api: APIServer | None = None
 
     def call(self, fn: Callable[[], T]) -> T:
         """On a thread inside the node (threads it starts stay there)."""
@@ -84,8 +89,13 @@ class FqdnNode:
             return agent
 
         self.agent = self.call(start)
+        self.api = APIServer(config.api_socket, self.agent)
+        self.api.start()
 
     def stop_agent(self) -> None:
+        if self.api is not None:
+            self.api.stop()
+            self.api = None
         if self.agent is not None:
             self.call(self.agent.stop)
             self.agent = None
@@ -244,3 +254,48 @@ def test_restart_keeps_learned_addresses(node: FqdnNode) -> None:
         assert OUTSIDE["api"] in ipcache_of(node)
     finally:
         held.close()
+
+
+def test_cache_commands_trace_and_metrics(node: FqdnNode) -> None:
+    state = node.state_dir
+    node.learn("api.example.com", [OUTSIDE["api"]], 300)
+    node.learn("other.example.org", [OUTSIDE["other"]], 300)
+    listed = run_cli(state, "fqdn", "cache", "list", "-o", "json")
+    assert listed.code == 0, listed.err
+    rows = {e["name"]: e for e in listed.json()["entries"]}
+    assert rows["api.example.com"]["selected"] and not rows["other.example.org"]["selected"]
+    assert rows["api.example.com"]["endpoint"] == "client"
+    assert [i["ip"] for i in rows["api.example.com"]["ips"]] == [OUTSIDE["api"]]
+    assert 290 <= rows["api.example.com"]["ips"][0]["ttl"] <= 300
+    text = run_cli(state, "fqdn", "cache", "list", "--name", "API.example.com.").out
+    assert "api.example.com" in text and OUTSIDE["api"] in text and "other.example.org" not in text
+
+    # a destination given as a learned name, and a DNS query, traced live
+    allowed = run_cli(state, "policy", "trace", "--from-endpoint", "client", "--dst-fqdn", "api.example.com",
+                      "--dport", "8080")
+    assert allowed.code == 0, allowed.out + allowed.err
+    assert f"api.example.com ({OUTSIDE['api']})" in allowed.out and "fqdn.yaml:" in allowed.out
+    denied = run_cli(state, "policy", "trace", "--from-endpoint", "client", "--dst-fqdn", "other.example.org",
+                     "--dport", "8080")
+    assert denied.code == 1
+    unknown = run_cli(state, "policy", "trace", "--from-endpoint", "client", "--dst-fqdn", "never.example.com")
+    assert unknown.code != 0 and "has not been learned" in unknown.err
+    dns = run_cli(state, "policy", "trace", "--from-endpoint", "client", "--dst-cidr", "10.96.0.10",
+                  "--protocol", "udp", "--dport", "53", "--dns-query", "api.example.com", "-o", "json")
+    assert dns.json()["l7"] == {"protocol": "dns", "name": "api.example.com"}
+
+    client = AgentClient(state / "cilia.sock")
+    try:
+        families = {f.name: f for f in text_string_to_metric_families(client.metrics())}
+    finally:
+        client.close()
+    assert families["cilia_fqdn_active_names"].samples[0].value == 2
+    assert families["cilia_fqdn_active_ips"].samples[0].value == 2
+    assert families["cilia_fqdn_learned"].samples[0].value == 2
+
+    cleaned = run_cli(state, "fqdn", "cache", "clean", "--name", "api.example.com", "-o", "json")
+    assert cleaned.code == 0 and cleaned.json()["removed"] == 1
+    assert not node.reaches(OUTSIDE["api"])  # forgotten: no longer selected
+    assert [e["name"] for e in run_cli(state, "fqdn", "cache", "list", "-o", "json").json()["entries"]] == [
+        "other.example.org"]
+    assert run_cli(state, "fqdn", "cache", "clean", "-o", "json").json()["removed"] == 1
