@@ -75,7 +75,7 @@ spec:
         dns:
         - matchPattern: "*"
 """
-POLICY_RULE_LINE = 17  # the dns rules' lines: matchName allowed.example.com
+LINES = {"allowed.example.com": 19, "*.example.com": 20, "big.test": 21, "alias.test": 22}  # the dns rules
 
 
 class DnsNode:
@@ -91,7 +91,7 @@ class DnsNode:
         return self.namespaces[name]
 
     def add(self, name: str, address: str, labels: str) -> None:
-        netns = f"cdp-{name}-{self.node.suffix}"
+        netns = f"dnsp-{name}-{self.node.suffix}"
         self.namespaces[name] = netns
         self.node.ok("endpoint", "add", "--name", name, "--labels", labels, "--ip", address, "--create-netns",
                      "--netns", netns)
@@ -176,7 +176,7 @@ class DnsNode:
     def server_saw(self, name: str) -> bool:
         """Whether dnsmasq received a query for ``name`` (its query log)."""
         text = self.log.read_text(encoding="utf-8", errors="replace") if self.log.exists() else ""
-        return any(f"query[" in line and f" {name} from" in line for line in text.splitlines())
+        return any("query[" in line and f" {name} from" in line for line in text.splitlines())
 
 
 def ips(msg: dns.message.Message) -> list[str]:
