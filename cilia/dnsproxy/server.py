@@ -208,7 +208,7 @@ class DNSProxy:
             self._spawn(self._udp_query(data, client, server))
 
     async def _udp_query(self, data: bytes, client: Address, server: Address) -> None:
-        out = await self._handle(data, client, server, Protocol.UDP)
+        out = await self.handle(data, client, server, Protocol.UDP)
         if out is None:
             return
         try:
@@ -232,19 +232,19 @@ class DNSProxy:
         return sock
 
     async def _udp_upstream(self, query: bytes, server: Address, mark: int) -> bytes:
-        assert self._loop is not None
+        loop = asyncio.get_running_loop()
         sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         try:
             sock.setblocking(False)
             sock.setsockopt(socket.SOL_SOCKET, SO_MARK, mark)
             sock.connect(server)
             sock.send(query)
-            deadline = self._loop.time() + self.upstream_timeout
+            deadline = loop.time() + self.upstream_timeout
             while True:
-                remaining = deadline - self._loop.time()
+                remaining = deadline - loop.time()
                 if remaining <= 0:
                     raise TimeoutError
-                data = await asyncio.wait_for(self._loop.sock_recv(sock, wire.MAX_UDP), remaining)
+                data = await asyncio.wait_for(loop.sock_recv(sock, wire.MAX_UDP), remaining)
                 if data[:2] == query[:2]:  # the same id; anything else is not the answer
                     return data
         finally:
@@ -263,7 +263,7 @@ class DNSProxy:
                 if not data:
                     return
                 for message in framer.feed(data):
-                    out = await self._handle(message, client, server, Protocol.TCP, upstream)
+                    out = await self.handle(message, client, server, Protocol.TCP, upstream)
                     if out is not None:
                         writer.write(wire.frame(out))
                         await writer.drain()
@@ -275,14 +275,14 @@ class DNSProxy:
                     w.close()
 
     async def _tcp_upstream(self, query: bytes, server: Address, mark: int, up: _Upstream) -> bytes:
-        assert self._loop is not None
+        loop = asyncio.get_running_loop()
         for attempt in (0, 1):  # a kept connection the server closed meanwhile: open a new one once
             if up.writer is None or up.reader is None:
                 sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
                 sock.setblocking(False)
                 sock.setsockopt(socket.SOL_SOCKET, SO_MARK, mark)
                 try:
-                    await asyncio.wait_for(self._loop.sock_connect(sock, server), self.upstream_timeout)
+                    await asyncio.wait_for(loop.sock_connect(sock, server), self.upstream_timeout)
                 except BaseException:
                     sock.close()
                     raise
@@ -312,9 +312,10 @@ class DNSProxy:
 
     # ------------------------------------------------------------------ one query
 
-    async def _handle(self, data: bytes, client: Address, server: Address, protocol: Protocol,
+    async def handle(self, data: bytes, client: Address, server: Address, protocol: Protocol,
                       upstream: _Upstream | None = None) -> bytes | None:
-        """The bytes to answer the client with (None: nothing, the query is dropped)."""
+        """One query from ``client`` to ``server``: the bytes to answer the client with (None:
+        nothing, the query is dropped). Runs on whatever loop awaits it."""
         arrived, now = time.monotonic(), time.time()
         proto = protocol.name
         try:
@@ -357,10 +358,10 @@ class DNSProxy:
 
     async def _learned(self, judged: Judgement, query: wire.Query, answer: wire.Answer) -> bool:
         """Hand the answer to the learner and wait until it returns (the IPs are in the maps)."""
-        assert self._loop is not None
         name = judged.endpoint.name if judged.endpoint else ""
         try:
-            await self._loop.run_in_executor(self._learners, self.learn, name, query.name, answer.ips, answer.ttl)
+            await asyncio.get_running_loop().run_in_executor(self._learners, self.learn, name, query.name,
+                                                             answer.ips, answer.ttl)
         except Exception:
             _log.exception("DNS proxy: learning %s for %s", query.name, name)
             return False
