@@ -101,12 +101,12 @@ def main() -> None:
     rounds, seconds = (1, 2.0) if args.quick else (3, 4.0)
     runs: dict[str, list[dict[str, Any]]] = {f"{m}-{k}": [] for m in ("direct", "proxy") for k in ("lat", "tput")}
     with tempfile.TemporaryDirectory(prefix="dnsp-bench-") as tmp, dns_node(Path(tmp)) as node:
-        for mode, client in (("direct", "other"), ("proxy", "client")):  # warm up both paths
+        for client in ("other", "client"):  # warm up both paths
             run_in_netns(node.netns(client), lambda: load(KUBE_DNS, 0.5, 1))
         for r in range(rounds):
             for kind, in_flight in (("lat", 1), ("tput", IN_FLIGHT)):
                 for mode, client in (("direct", "other"), ("proxy", "client")):
-                    res = run_in_netns(node.netns(client), lambda: load(KUBE_DNS, seconds, in_flight))
+                    res = run_in_netns(node.netns(client), lambda n=in_flight: load(KUBE_DNS, seconds, n))
                     runs[f"{mode}-{kind}"].append(res)
                     log(f"round {r + 1} {mode:6} in flight {in_flight:2}: {res['qps']:8.0f} q/s "
                         f"p50 {res['p50_ms']:.3f} ms p99 {res['p99_ms']:.3f} ms lost {res['lost']}")
