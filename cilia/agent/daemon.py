@@ -31,7 +31,9 @@ from typing import Any, Literal
 
 from ..bpf.paths import DEFAULT_PIN_DIR
 from ..bpf.netns import Namespace, add_host_address
-from ..bpf.node import NodeDatapath
+from ..bpf.node import DNS_PROXY_KEY, NodeDatapath
+from ..dnsproxy.server import DNSProxy  # issue 17: the DNS proxy
+from ..dnsproxy.sink import DNSProxySink
 from ..envoy.accesslog import AccessLogReceiver, AccessLogServer
 from ..envoy.bootstrap import build_bootstrap, write_bootstrap
 from ..envoy.l7service import ConnectionInfo, L7Server
@@ -131,6 +133,8 @@ class AgentConfig:
     proxy_grace: float = 30.0  # a proxy with no xDS stream this long is gone: no more waits or health for it
     kvstore: KVStoreConfig | None = None  # kvstore (issue 13): identities, endpoints and nodes shared cluster-wide
     fqdn: FqdnConfig = field(default_factory=FqdnConfig)  # toFQDNs (issue 17): the DNS cache's TTLs and collection
+    dns_proxy_port: int = 0  # --datapath bpf: the DNS proxy's UDP+TCP port on 127.0.0.1 (0: any free one)
+    dns_upstream_timeout: float = 2.0  # an allowed query the server does not answer this long: SERVFAIL
 
     @property
     def api_socket(self) -> Path:
@@ -221,7 +225,14 @@ class Agent:
                                AccessLogTarget(ACCESS_LOG_CLUSTER, f"unix:{config.accesslog_socket}"),
                                self.l7_inproc.target(extproc) if self.l7_inproc is not None else extproc)
         sinks: list[Any] = [self.views, self.proxy]
+        # issue 17: endpoints' DNS queries (egress dns rules) are redirected to this proxy in BPF. The
+        # learner is toFQDNs' Agent.learn_fqdn: an answer is released once the maps select its addresses.
+        self.dns_proxy: DNSProxy | None = None
         if self.node is not None:
+            self.dns_proxy = DNSProxy(port=config.dns_proxy_port, learn=self.learn_fqdn,
+                                      record=self.observer.on_dns_record,
+                                      upstream_timeout=config.dns_upstream_timeout)
+            sinks.append(DNSProxySink(self.dns_proxy))  # before the datapath redirects to it
             sinks.append(DatapathSink(self.node))
         self.guard: SidecarGuard | None = None  # sidecar mode: only Envoy may reach the applications' own ports
         if self.node is None and config.proxy_mode == "sidecar":
@@ -327,6 +338,8 @@ class Agent:
                   "router_ip": router if added or (router and record.get("router_ip") == router) else None}
         record_path.write_text(json.dumps(record), encoding="utf-8")  # before loading: cleanup finds it
         self.node.subscribe(self.observer.on_datapath_event)
+        if self.dns_proxy is not None:
+            self.dns_proxy.start()  # before the datapath: its port goes into the redirects
         self.node.start()
         with self.lock:
             self._realize(None)
@@ -361,6 +374,8 @@ class Agent:
                 s.l7_pool = None
             if self.l7_inproc is not None:
                 self.l7_inproc.stop()
+            if self.dns_proxy is not None:
+                self.dns_proxy.stop()
             if self.node is not None:
                 self.node.stop()
             if self.guard is not None and self.config.envoy == "managed":  # its Envoy is gone too; sidecars
@@ -579,7 +594,10 @@ class Agent:
         if self.node is not None:
             redirects = self._redirects.update({n: e.map_state for n, e in desired.endpoints.items()})
             self.state.proxy_ports = allocate(redirects.values(), self.state.proxy_ports, self.config.proxy_port_range)
-        desired = replace(desired, proxy_ports=dict(self.state.proxy_ports))
+        ports = dict(self.state.proxy_ports)
+        if self.dns_proxy is not None and self.dns_proxy.running:
+            ports[DNS_PROXY_KEY] = self.dns_proxy.port  # issue 17: where egress dns rules redirect
+        desired = replace(desired, proxy_ports=ports)
         if persist:
             save_state(self.config.state_dir, self.state)
         errors = dict(self.realizer.errors)

@@ -25,6 +25,9 @@ read at scrape time by ``agent_metrics.AgentStateCollector``.
 | ``cilia_hubble_drop_total`` | reason, protocol | flows dropped (Hubble's) |
 | ``cilia_hubble_http_requests_total`` | method, protocol, status, reporter | HTTP requests (Hubble's) |
 | ``cilia_hubble_http_request_duration_seconds`` | method, reporter | HTTP request to response (Hubble's) |
+| ``cilia_dns_proxy_requests_total`` | verdict (forwarded, denied, audit, error) | queries the DNS proxy handled |
+| ``cilia_dns_proxy_latency_seconds`` | verdict | from a query's arrival to its answer leaving the proxy |
+| ``cilia_hubble_dns_queries_total`` / ``..._responses_total`` | rcode, qtypes, ips_returned | DNS (Hubble's) |
 | ``cilia_kvstore_connected`` (``_remote_endpoints``, ``_nodes``, ``_malformed_entries``) | | with ``--kvstore`` |
 """
 
@@ -43,6 +46,7 @@ from .hubble import DROP_REASONS
 
 if TYPE_CHECKING:
     from ..bpf.datapath import DatapathEvent
+    from ..dnsproxy.server import DNSRecord
     from .flows import Flow
 
 L7_RULES = ("received", "forwarded", "denied", "parse_errors")
@@ -86,6 +90,16 @@ class Metrics:
             ["error", "protocol_l7", "scope"], registry=r, buckets=LATENCY_BUCKETS)
         self.errors_warnings = Counter("cilia_errors_warnings", "Errors and warnings the agent logged",
                                        ["level", "subsystem"], registry=r)
+        # issue 17: the DNS proxy, and Hubble's DNS metrics
+        self.dns_requests = Counter("cilia_dns_proxy_requests", "DNS queries the DNS proxy handled, by verdict",
+                                    ["verdict"], registry=r)
+        self.dns_latency = Histogram("cilia_dns_proxy_latency_seconds", "From a DNS query's arrival at the proxy "
+                                     "to its answer leaving it", ["verdict"], registry=r,
+                                     buckets=(0.0001, 0.00025, 0.0005, *LATENCY_BUCKETS))
+        self.dns_queries = Counter("cilia_hubble_dns_queries", "DNS queries", ["rcode", "qtypes", "ips_returned"],
+                                   registry=r)
+        self.dns_responses = Counter("cilia_hubble_dns_responses", "DNS responses",
+                                     ["rcode", "qtypes", "ips_returned"], registry=r)
         # Hubble's flow metrics
         self.flows_processed = Counter("cilia_hubble_flows_processed", "Flows recorded",
                                        ["type", "subtype", "verdict"], registry=r)
@@ -95,6 +109,22 @@ class Metrics:
         self.http_duration = Histogram("cilia_hubble_http_request_duration_seconds",
                                        "Seconds from an HTTP request to its response", ["method", "reporter"],
                                        registry=r, buckets=LATENCY_BUCKETS)
+
+    def dns(self, r: DNSRecord) -> None:
+        """One query the DNS proxy handled (``parse_errors`` in ``cilia_policy_l7_total`` when malformed)."""
+        self.dns_requests.labels(r.verdict).inc()
+        self.dns_latency.labels(r.verdict).observe(r.latency)
+        if not r.query:
+            self.l7("dns", None)
+            return
+        self.l7("dns", r.verdict != "denied")
+        ips = str(len(r.ips))
+        self.dns_queries.labels("", r.qtype, "0").inc()
+        if r.rcode:
+            self.dns_responses.labels(r.rcode, r.qtype, ips).inc()
+        if r.upstream:
+            self.proxy_upstream_reply.labels("true" if r.rcode == "ServFail" else "false", "dns",
+                                             "egress").observe(r.upstream)
 
     def l7(self, proxy_type: str, allowed: bool | None) -> None:
         """One request the proxy decided (``None``: it could not be parsed)."""

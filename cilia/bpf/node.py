@@ -199,10 +199,21 @@ def proxy_key(direction: Direction, port: int) -> str:
     return f"{direction.value}/{port}"
 
 
+#: ``proxy_ports`` key of the DNS proxy's port (UDP and TCP), where egress ``dns`` rules redirect
+DNS_PROXY_KEY = "dns"
+
+
 def _proxy_port_of(proxy_ports: Mapping[str, int]) -> ProxyPortOf:
-    def port_of(direction: Direction, l4: L4Key, _entry: PolicyEntry) -> int:
-        if l4.protocol is not Protocol.TCP or l4.port_lo != l4.port_hi:
-            return 0  # L7 on UDP or on a port range: no proxy (written as a deny)
+    def port_of(direction: Direction, l4: L4Key, entry: PolicyEntry) -> int:
+        if l4.port_lo != l4.port_hi:
+            return 0  # L7 on a port range: no proxy (written as a deny)
+        if entry.l7 is not None and entry.l7.protocol == "dns":
+            # the DNS proxy, not Envoy; only for what endpoints send (Cilium's DNS proxy is egress)
+            if direction is Direction.EGRESS and l4.protocol in (Protocol.UDP, Protocol.TCP):
+                return proxy_ports.get(DNS_PROXY_KEY, 0)
+            return 0
+        if l4.protocol is not Protocol.TCP:
+            return 0  # L7 on UDP: no proxy (written as a deny)
         return proxy_ports.get(proxy_key(direction, l4.port_lo), 0)
 
     return port_of

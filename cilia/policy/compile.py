@@ -206,8 +206,8 @@ def _compile_peer_rule(policy: Policy, rule: Rule, pr: PeerRule, notes: list[Not
             rules = port_rule.rules
             if rules is not None:
                 if rules.protocol == "dns":
-                    notes.append(Note(origin, "DNS rules are evaluated by `cilia policy trace`; "
-                                              "no DNS proxy enforces them yet"))
+                    notes.append(Note(origin, "DNS rules are enforced by the agent's DNS proxy on egress "
+                                              "with --datapath bpf only; elsewhere they deny DNS on the port"))
                 if rules.protocol == "http":
                     for r in rules.rules:
                         for msg in l7http.unenforced(r):  # type: ignore[arg-type]

@@ -1,5 +1,6 @@
 """Proxy ports: one Envoy transparent listener port per (direction, TCP port) some endpoint
-redirects to L7 (BPF datapath only; Cilium's range 10000-20000). Ports are kept across changes
+redirects to L7 other than DNS (``dns`` rules go to the agent's DNS proxy, on its own port), BPF
+datapath only, in Cilium's range 10000-20000. Ports are kept across changes
 and restarts (the agent persists them) so a redirect in the kernel never points at a listener
 that moved; a port no longer needed is released.
 """
@@ -55,7 +56,8 @@ def allocate(redirects: Iterable[tuple[Redirect, ...]], current: Mapping[str, in
              port_range: tuple[int, int]) -> dict[str, int]:
     """Proxy ports for every single TCP port redirected, keeping the ports ``current`` gave."""
     needed = {proxy_key(r.direction, r.port_lo) for rs in redirects for r in rs
-              if r.protocol is Protocol.TCP and r.port_lo == r.port_hi}
+              if r.protocol is Protocol.TCP and r.port_lo == r.port_hi
+              and r.l7_protocol != "dns"}  # DNS goes to the DNS proxy's own port, never to Envoy
     ports = {k: v for k, v in current.items() if k in needed}
     lo, hi = port_range
     taken = set(ports.values())
