@@ -20,9 +20,9 @@ from ..model import DNSRule
 
 _RULE_FIELDS = ("matchName", "matchPattern")
 
-# Non-empty labels separated by single dots, optionally ending with the root dot.
-_NAME = re.compile(r"(?:[-a-zA-Z0-9_]+\.)*[-a-zA-Z0-9_]+\.?")
-_PATTERN = re.compile(r"(?:[-a-zA-Z0-9_*]+\.)*[-a-zA-Z0-9_*]+\.?")
+# Non-empty labels separated by single dots, optionally ending with the root dot (toFQDNs too).
+NAME_SYNTAX = re.compile(r"(?:[-a-zA-Z0-9_]+\.)*[-a-zA-Z0-9_]+\.?")
+PATTERN_SYNTAX = re.compile(r"(?:[-a-zA-Z0-9_*]+\.)*[-a-zA-Z0-9_*]+\.?")
 _LABEL_CHARS = "[-a-z0-9_]*"
 
 
@@ -32,8 +32,8 @@ def parse_rule(node: Node, problems: list[Problem]) -> DNSRule | None:
     kids = fields(node, _RULE_FIELDS, problems)
     if kids is None:
         return None
-    name = _value(kids.get("matchName"), _NAME, "DNS name", "'-', '_'", problems)
-    pattern = _value(kids.get("matchPattern"), _PATTERN, "DNS pattern", "'-', '_', '*'", problems)
+    name = _value(kids.get("matchName"), NAME_SYNTAX, "DNS name", "'-', '_'", problems)
+    pattern = _value(kids.get("matchPattern"), PATTERN_SYNTAX, "DNS pattern", "'-', '_', '*'", problems)
     if len(problems) > start:
         return None
     if name is not None and pattern is not None:
