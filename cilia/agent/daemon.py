@@ -88,7 +88,7 @@ from .results import (
 )
 from .sidecar_guard import SidecarGuard
 from .plumbing import PlumbingError, free_endpoint_id, plumb, unplumb
-from .state import PolicySource, load_state, save_state
+from .state import PolicySource, load_state, state_text, write_state_text
 
 _log = logging.getLogger(__name__)
 
@@ -249,6 +249,9 @@ class Agent:
         self.admin_address: str | None = None
         self.reverted: dict[int, str] = {}  # revision -> why: the managed Envoy rejected it and it was reverted
         self.fqdn = FqdnLearner(self, config.fqdn)  # toFQDNs (issue 17)
+        self._unsaved = False  # a commit's state.json write was deferred (flush_state)
+        self._state_seq = self._state_stored = 0  # state.json texts taken, and the newest written
+        self._state_io = threading.Lock()
         self._replay()
 
     @property
@@ -569,21 +572,46 @@ class Agent:
 
     # ------------------------------------------------------------------ revisions
 
-    def change_engine(self, change: Callable[[PolicyEngine], Iterable[str] | None]) -> int | None:
+    def change_engine(self, change: Callable[[PolicyEngine], Iterable[str] | None], persist: bool = True) -> int | None:
         """For producers of engine state other than the API (the kvstore's remote endpoints and
-        identities): run ``change`` on the engine under the agent's lock and commit the endpoints it
-        names (None: nothing moved, nothing committed). Returns the new revision, if any."""
+        identities, toFQDNs): run ``change`` on the engine under the agent's lock and commit the
+        endpoints it names (None: nothing moved, nothing committed). Returns the new revision, if
+        any. ``persist=False``: state.json is written by the next ``flush_state`` (the new state is
+        not in it: learned addresses are persisted by their own journal)."""
         with self.lock:
             changed = change(self.engine)
-            return None if changed is None else self._commit(changed)
+            return None if changed is None else self._commit(changed, persist)
 
-    def _commit(self, changed: Iterable[str] | None) -> int:
+    def flush_state(self) -> None:
+        """Write state.json if a commit left it behind (``change_engine(persist=False)``); the disk
+        write happens without the agent's lock, so learning does not wait for it."""
+        with self.lock:
+            if not self._unsaved:
+                return
+            self._unsaved = False
+            self._state_seq += 1
+            seq, text = self._state_seq, state_text(self.state)
+        self._store_state(seq, text)
+
+    def _save_state(self) -> None:
+        """state.json now (lock held)."""
+        self._state_seq += 1
+        self._store_state(self._state_seq, state_text(self.state))
+
+    def _store_state(self, seq: int, text: str) -> None:
+        with self._state_io:
+            if seq > self._state_stored:  # never an older text over a newer one
+                write_state_text(self.config.state_dir, text)
+                self._state_stored = seq
+
+    def _commit(self, changed: Iterable[str] | None, persist: bool = True) -> int:
         """Number, persist and realize the engine's new state; called with the lock held after a
         change. ``changed``: the endpoints whose policy or spec moved (None: all)."""
         if self.engine.revision <= self.state.revision:
             self.engine.revision = self.state.revision + 1  # a change the engine does not see (ports, ids)
         self.state.revision = self.engine.revision
-        desired = self._realize(changed, persist=True)
+        desired = self._realize(changed, persist=persist)
+        self._unsaved = not persist
         return desired.revision
 
     def _realize(self, changed: Iterable[str] | None, persist: bool = False) -> Desired:
@@ -599,7 +627,7 @@ class Agent:
             ports[DNS_PROXY_KEY] = self.dns_proxy.port  # issue 17: where egress dns rules redirect
         desired = replace(desired, proxy_ports=ports)
         if persist:
-            save_state(self.config.state_dir, self.state)
+            self._save_state()
         errors = dict(self.realizer.errors)
         self.realizer.realize(desired)
         for sink, error in self.realizer.errors.items():

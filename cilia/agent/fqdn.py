@@ -72,7 +72,14 @@ class FqdnLearner:
         last of two racing answers never hides the other's address); the new revision, if any."""
         names = list(names)
         return self._agent.change_engine(
-            lambda engine: engine.update_fqdn({n: self.cache.get(n) for n in names}).endpoints or None)
+            lambda engine: engine.update_fqdn({n: self.cache.get(n) for n in names}).endpoints or None, persist=False)
+
+    def flush(self) -> None:
+        """Write what learning deferred: the CIDR identities and state.json (the revision)."""
+        flush = getattr(self._agent.engine.allocator, "flush", None)
+        if flush is not None:
+            flush()
+        self._agent.flush_state()
 
     def _await_proxy(self, revision: int) -> None:
         """Wait until the managed Envoy took ``revision``'s listeners (an L7 egress listener must
@@ -137,6 +144,7 @@ class FqdnLearner:
             self._thread = None
         try:
             self.store.save(self.cache)
+            self.flush()
         except OSError as e:
             _log.warning("fqdn: cannot save the cache: %s", e)
         self.store.close()
@@ -146,6 +154,7 @@ class FqdnLearner:
             try:
                 self.collect()
                 self._maybe_snapshot()
+                self.flush()
             except Exception as e:  # the collector must outlive one bad round; status shows it
                 _log.exception("fqdn collection failed")
                 self._agent._error("fqdn", f"collection failed: {e}")

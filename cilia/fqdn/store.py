@@ -2,11 +2,13 @@
 
 Every answer that brings a new address appends one line to ``fqdn-journal.jsonl`` before the
 proxy releases it (O(1), whatever the cache's size); ``fqdn-cache.json`` is the whole cache,
-rewritten atomically now and then (and at stop), which empties the journal. Reading back is the
-snapshot, then the journal's lines in order. A restarted agent thus selects every address a
-client may still be using, so its open flows keep working. Both files are owner-only.
-A line cut short by a crash is the journal's last and is skipped; anything else unreadable is an
-error naming the file and line (guessing would drop addresses live flows use).
+rewritten atomically now and then (and at stop). A save first moves the journal aside
+(``fqdn-journal.old.jsonl``: answers learned meanwhile go to a new one, never waiting for the
+disk), writes the snapshot, then deletes the old journal. Reading back is the snapshot, then the
+old journal, then the journal, in order (a line read twice changes nothing). A restarted agent
+thus selects every address a client may still be using, so its open flows keep working. The
+files are owner-only. A line cut short by a crash is a journal's last and is skipped; anything
+else unreadable is an error naming the file and line (guessing would drop addresses in use).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from .cache import FqdnCache
 
 SNAPSHOT = "fqdn-cache.json"
 JOURNAL = "fqdn-journal.jsonl"
+OLD_JOURNAL = "fqdn-journal.old.jsonl"
 FORMAT = 1
 
 
@@ -33,7 +36,9 @@ class CacheStore:
     def __init__(self, state_dir: Path) -> None:
         self.snapshot_path = state_dir / SNAPSHOT
         self.journal_path = state_dir / JOURNAL
-        self._lock = threading.Lock()
+        self.old_journal_path = state_dir / OLD_JOURNAL
+        self._lock = threading.Lock()  # the journal
+        self._save_lock = threading.Lock()  # one save at a time
         self._journal: Any = None
         self.journal_lines = 0
 
@@ -54,12 +59,18 @@ class CacheStore:
                     cache.restore(name, item["ips"], item.get("endpoint", ""))
             except (ValueError, KeyError, TypeError, AttributeError) as e:
                 raise CacheFileError(f"{self.snapshot_path}: {type(e).__name__}: {e}") from None
+        for path in (self.old_journal_path, self.journal_path):
+            self.journal_lines = self._replay(path, cache)
+        return len(cache)
+
+    @staticmethod
+    def _replay(path: Path, cache: FqdnCache) -> int:
         try:
-            lines = self.journal_path.read_text(encoding="utf-8").splitlines()
+            lines = path.read_text(encoding="utf-8").splitlines()
         except FileNotFoundError:
-            lines = []
+            return 0
         except OSError as e:
-            raise CacheFileError(f"{self.journal_path}: {e}") from None
+            raise CacheFileError(f"{path}: {e}") from None
         for n, line in enumerate(lines, 1):
             try:
                 item = json.loads(line)
@@ -67,9 +78,8 @@ class CacheStore:
             except (ValueError, KeyError, TypeError, AttributeError) as e:
                 if n == len(lines):
                     break  # the write a crash cut short
-                raise CacheFileError(f"{self.journal_path}:{n}: {type(e).__name__}: {e}") from None
-        self.journal_lines = len(lines)
-        return len(cache)
+                raise CacheFileError(f"{path}:{n}: {type(e).__name__}: {e}") from None
+        return len(lines)
 
     def append(self, name: str, ips: dict[str, float], endpoint: str) -> None:
         """Journal one learned answer (flushed to the kernel: it survives the agent's crash)."""
@@ -83,15 +93,20 @@ class CacheStore:
             self.journal_lines += 1
 
     def save(self, cache: FqdnCache) -> None:
-        """Write the whole cache and start an empty journal."""
-        with self._lock:
-            data = cache.snapshot()
+        """Write the whole cache; the journal so far is then no longer needed."""
+        with self._save_lock:
+            with self._lock:  # what the snapshot holds is exactly what the moved journal recorded, or more
+                data = cache.snapshot()
+                if self._journal is not None:
+                    self._journal.close()
+                    self._journal = None
+                # a leftover old journal (a crash during the last save) is in the cache, so in this
+                # snapshot: keep the journal in place then, and let the next save move it
+                if self.journal_path.exists() and not self.old_journal_path.exists():
+                    os.replace(self.journal_path, self.old_journal_path)
+                self.journal_lines = 0
             write_private(self.snapshot_path, json.dumps({"format": FORMAT, **data}, separators=(",", ":")))
-            if self._journal is not None:
-                self._journal.close()
-                self._journal = None
-            self.journal_path.unlink(missing_ok=True)
-            self.journal_lines = 0
+            self.old_journal_path.unlink(missing_ok=True)
 
     def close(self) -> None:
         with self._lock:

@@ -17,7 +17,7 @@ from __future__ import annotations
 import ipaddress
 import threading
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from functools import cached_property
 
@@ -652,8 +652,10 @@ class PolicyEngine:
     def update_fqdn(self, names: Mapping[str, Iterable[IPAddress | str]]) -> Change:
         """What the DNS proxy learned: each name now holds exactly these addresses (none: the name
         is gone). Every toFQDNs selector matching a name selects its addresses' CIDR identities
-        (allocated, and put in the ipcache, while some selector wants them)."""
-        with self._lock:
+        (allocated, and put in the ipcache, while some selector wants them). An allocator that can
+        defer persisting them (``FileAllocator.deferred``) does: the caller flushes it."""
+        deferred = getattr(self.allocator, "deferred", None)
+        with self._lock, (deferred() if deferred is not None else nullcontext()):
             touched: set[IPNetwork] = set()
             gained: list[IPNetwork] = []
             lost: list[IPNetwork] = []

@@ -122,6 +122,19 @@ def test_store_round_trip_with_snapshot_and_journal(tmp_path: Path) -> None:
     assert back.collect(T0 + 15, nothing_open) == {"a.org": frozenset()}
 
 
+def test_store_reads_a_journal_a_crashed_save_left(tmp_path: Path) -> None:
+    store = CacheStore(tmp_path)
+    line = json.dumps({"name": "old.org", "ips": {"192.0.2.9": T0}, "endpoint": ""}) + "\n"
+    store.old_journal_path.write_text(line, encoding="utf-8")  # moved aside, snapshot never written
+    store.append("new.org", {"192.0.2.8": T0}, "")
+    cache = FqdnCache()
+    assert store.load(cache) == 2
+    store.save(cache)
+    assert not store.old_journal_path.exists()
+    back = FqdnCache()
+    assert CacheStore(tmp_path).load(back) == 2 and back.names() == cache.names()
+
+
 def test_store_skips_a_cut_last_line_and_names_a_bad_one(tmp_path: Path) -> None:
     store = CacheStore(tmp_path)
     good = json.dumps({"name": "a.org", "ips": {"192.0.2.1": T0}, "endpoint": ""})
