@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import bisect
 import ipaddress
 
 from .identity import RESERVED
@@ -16,7 +17,7 @@ class IPCache:
         self._tables: dict[int, dict[int, dict[int, int]]] = {4: {}, 6: {}}
         self._entries: dict[IPNetwork, int] = {}
         self._defaults: dict[IPNetwork, int] = {}
-        self._sorted: list[tuple[IPNetwork, int]] | None = None  # items(), until the next change
+        self._sorted: list[tuple[IPNetwork, int]] | None = None  # items(), kept in step with every change
 
     def set_world_defaults(self) -> None:
         """Addresses nothing else claims belong to the world identities (also
@@ -27,8 +28,13 @@ class IPCache:
             self.upsert(net, RESERVED[name][0])
 
     def upsert(self, prefix: IPNetwork, identity: int) -> None:
-        if self._entries.get(prefix) != identity:
-            self._sorted = None
+        old = self._entries.get(prefix)
+        if old != identity and self._sorted is not None:
+            # keep the sorted copy in step (a learned DNS answer adds one entry to many)
+            if old is None:
+                bisect.insort(self._sorted, (prefix, identity), key=_order)
+            else:
+                self._sorted[bisect.bisect_left(self._sorted, _order((prefix, old)), key=_order)] = (prefix, identity)
         self._entries[prefix] = identity
         table = self._tables[prefix.version].setdefault(prefix.prefixlen, {})
         table[int(prefix.network_address)] = identity
@@ -37,9 +43,11 @@ class IPCache:
         if prefix in self._defaults:
             self.upsert(prefix, self._defaults[prefix])
             return
-        if self._entries.pop(prefix, None) is None:
+        old = self._entries.pop(prefix, None)
+        if old is None:
             return
-        self._sorted = None
+        if self._sorted is not None:
+            del self._sorted[bisect.bisect_left(self._sorted, _order((prefix, old)), key=_order)]
         table = self._tables[prefix.version].get(prefix.prefixlen, {})
         table.pop(int(prefix.network_address), None)
 
@@ -63,7 +71,10 @@ class IPCache:
     def items(self) -> list[tuple[IPNetwork, int]]:
         """Every entry in address order (a copy; sorted once per change: every realize reads it)."""
         if self._sorted is None:
-            # the order of (version, network) by plain integers: comparing ip_network objects is slow Python
-            self._sorted = sorted(self._entries.items(), key=lambda kv: (kv[0].version, int(kv[0].network_address),
-                                                                         kv[0].prefixlen))
+            self._sorted = sorted(self._entries.items(), key=_order)
         return list(self._sorted)
+
+
+def _order(kv: tuple[IPNetwork, int]) -> tuple[int, int, int]:
+    """(version, network, length) as plain integers: comparing ip_network objects is slow Python."""
+    return kv[0].version, int(kv[0].network_address), kv[0].prefixlen
