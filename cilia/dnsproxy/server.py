@@ -43,6 +43,7 @@ IP_ORIGDSTADDR = 20
 SO_MARK = 36
 EGRESS_MARK = 0x0B00  # Cilium's MARK_MAGIC_PROXY_EGRESS; datapath.c MARK_PROXY_EGRESS
 REPLY_SOCKETS_MAX = 256
+IDLE_UPSTREAM_MAX = 64  # idle upstream UDP sockets kept per (server, mark)
 
 Learner = Callable[[str, str, Sequence[str], int], None]
 Address = tuple[str, int]
@@ -108,6 +109,7 @@ class DNSProxy:
         self._thread: threading.Thread | None = None
         self._server: asyncio.Server | None = None
         self._reply_socks: dict[Address, socket.socket] = {}
+        self._idle: dict[tuple[Address, int], list[socket.socket]] = {}  # upstream UDP sockets by (server, mark)
         self._learners = ThreadPoolExecutor(4, thread_name_prefix="dns-learn")
         self._tasks: set[asyncio.Task[None]] = set()
 
@@ -175,11 +177,12 @@ class DNSProxy:
             loop.call_soon_threadsafe(shut)
             self._thread.join(10)
         self._loop = self._thread = None
-        for s in (self._udp, self._tcp, *self._reply_socks.values()):
+        for s in (self._udp, self._tcp, *self._reply_socks.values(), *(x for xs in self._idle.values() for x in xs)):
             if s is not None:
                 s.close()
         self._udp = self._tcp = None
         self._reply_socks.clear()
+        self._idle.clear()
         self._learners.shutdown(wait=False, cancel_futures=True)
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
@@ -232,23 +235,54 @@ class DNSProxy:
         return sock
 
     async def _udp_upstream(self, query: bytes, server: Address, mark: int) -> bytes:
+        """Ask ``server`` on a connected socket of the pool for (server, mark), so a busy client
+        does not make a new flow (and conntrack entry) per query; a socket is used by one query at a
+        time and put back only after a good answer (after a timeout a late answer could follow)."""
         loop = asyncio.get_running_loop()
-        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        idle = self._idle.setdefault((server, mark), [])
+        if idle:
+            sock = idle.pop()  # connected to server
+        else:
+            sock = _upstream_socket(socket.SOCK_DGRAM, mark)
+            try:
+                sock.connect(server)
+            except OSError:
+                sock.close()
+                raise
+        answer: asyncio.Future[bytes] = loop.create_future()
+        qid = query[:2]
+
+        def readable() -> None:
+            while not answer.done():
+                try:
+                    data = sock.recv(wire.MAX_UDP)
+                except (BlockingIOError, InterruptedError):
+                    return
+                except OSError as e:  # e.g. ICMP port unreachable: nobody serves DNS there
+                    answer.set_exception(e)
+                    return
+                if data[:2] == qid:  # the same id; anything else is not the answer (a late one)
+                    answer.set_result(data)
+
+        def expire() -> None:
+            if not answer.done():
+                answer.set_exception(TimeoutError())
+
+        timer = loop.call_later(self.upstream_timeout, expire)
+        good = False
         try:
-            sock.setblocking(False)
-            sock.setsockopt(socket.SOL_SOCKET, SO_MARK, mark)
-            sock.connect(server)
+            loop.add_reader(sock.fileno(), readable)
             sock.send(query)
-            deadline = loop.time() + self.upstream_timeout
-            while True:
-                remaining = deadline - loop.time()
-                if remaining <= 0:
-                    raise TimeoutError
-                data = await asyncio.wait_for(loop.sock_recv(sock, wire.MAX_UDP), remaining)
-                if data[:2] == query[:2]:  # the same id; anything else is not the answer
-                    return data
+            data = await answer
+            good = True
+            return data
         finally:
-            sock.close()
+            timer.cancel()
+            loop.remove_reader(sock.fileno())
+            if good and len(idle) < IDLE_UPSTREAM_MAX:
+                idle.append(sock)
+            else:
+                sock.close()
 
     # ------------------------------------------------------------------ TCP
 
@@ -278,9 +312,7 @@ class DNSProxy:
         loop = asyncio.get_running_loop()
         for attempt in (0, 1):  # a kept connection the server closed meanwhile: open a new one once
             if up.writer is None or up.reader is None:
-                sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-                sock.setblocking(False)
-                sock.setsockopt(socket.SOL_SOCKET, SO_MARK, mark)
+                sock = _upstream_socket(socket.SOCK_STREAM, mark)
                 try:
                     await asyncio.wait_for(loop.sock_connect(sock, server), self.upstream_timeout)
                 except BaseException:
@@ -346,7 +378,7 @@ class DNSProxy:
                          upstream=time.monotonic() - asked)
             return wire.reply(query, wire.SERVFAIL)
         took = time.monotonic() - asked
-        if answer.ips and not await self._learned(judged, query, answer):
+        if answer.ips and self.learn is not no_learning and not await self._learned(judged, query, answer):
             self.stats["servfail"] += 1
             self._record(base, arrived, verdict="error", rcode="ServFail", reason="the answer could not be learned",
                          upstream=took)
@@ -379,6 +411,13 @@ class DNSProxy:
             self.record(rec)
         except Exception:
             _log.exception("DNS proxy: recording a flow")
+
+
+def _upstream_socket(kind: socket.SocketKind, mark: int) -> socket.socket:
+    sock = socket.socket(socket.AF_INET, kind)
+    sock.setblocking(False)
+    sock.setsockopt(socket.SOL_SOCKET, SO_MARK, mark)
+    return sock
 
 
 def _transparent(kind: socket.SocketKind) -> socket.socket:

@@ -94,6 +94,7 @@ def test_allowed_query_forwarded_learned_then_released(upstream: Recorder) -> No
     records: list[DNSRecord] = []
     proxy = make_proxy(learned, records)
     out = asyncio.run(proxy.handle(VALID[0], CLIENT, upstream.address, Protocol.UDP))
+    proxy.stop()
     assert out is not None and dns.message.from_wire(out).rcode() == dns.rcode.NOERROR
     assert upstream.received[-1] == VALID[0]
     assert learned == [("client", "api.example.com", ("192.0.2.7",), 30)]
@@ -107,6 +108,7 @@ def test_a_failing_learner_turns_the_answer_into_servfail(upstream: Recorder) ->
     proxy = DNSProxy(learn=refuse, egress_mark=0)
     proxy.policy = AllowAll()
     out = asyncio.run(proxy.handle(VALID[0], CLIENT, upstream.address, Protocol.UDP))
+    proxy.stop()
     assert out is not None and dns.message.from_wire(out).rcode() == dns.rcode.SERVFAIL
 
 
@@ -116,6 +118,7 @@ def test_silent_upstream_gives_servfail() -> None:
         records: list[DNSRecord] = []
         proxy = make_proxy([], records, timeout=0.3)
         out = asyncio.run(proxy.handle(VALID[0], CLIENT, silent.address, Protocol.UDP))
+        proxy.stop()
         assert out is not None and dns.message.from_wire(out).rcode() == dns.rcode.SERVFAIL
         assert silent.received == [VALID[0]] and records[-1].reason == "no answer from the server"
     finally:
@@ -133,6 +136,7 @@ def test_fuzz_nothing_that_failed_to_parse_is_forwarded(upstream: Recorder, pack
 
     before = len(upstream.received)
     answers = asyncio.run(feed())
+    proxy.stop()
     parsed = []
     for packet, answer in zip(packets, answers):
         try:
