@@ -28,7 +28,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Coroutine, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
 from ..policy.model import Protocol
@@ -357,11 +357,18 @@ class DNSProxy:
             return None
         judged = self.policy.judge(client[0], server[0], server[1], protocol, query.name)
         d = judged.decision
-        base = DNSRecord(now, proto, client, server, judged.endpoint.name if judged.endpoint else "",
-                         judged.peer_identity, query.name, query.qtype, rule=d.rule, reason=d.reason)
+        endpoint = judged.endpoint.name if judged.endpoint else ""
+
+        def record(verdict: str, rcode: str, reason: str = d.reason, answer: wire.Answer | None = None,
+                   upstream: float = 0.0) -> None:
+            self._record(DNSRecord(now, proto, client, server, endpoint, judged.peer_identity, query.name,
+                                   query.qtype, verdict, rcode, answer.ips if answer else (),
+                                   answer.ttl if answer else 0, answer.cnames if answer else (), d.rule, reason,
+                                   time.monotonic() - arrived, upstream))
+
         if not d.allowed:
             self.stats["refused"] += 1
-            self._record(base, arrived, verdict="denied", rcode="Refused")
+            record("denied", "Refused")
             return wire.reply(query, wire.REFUSED)
         mark = self.egress_mark | ((judged.endpoint.identity & 0xFFFF) << 16 if judged.endpoint else 0)
         asked = time.monotonic()
@@ -374,18 +381,15 @@ class DNSProxy:
         except (TimeoutError, OSError, EOFError, wire.Malformed) as e:
             why = "no answer from the server" if isinstance(e, TimeoutError) else f"upstream: {e}"
             self.stats["servfail"] += 1
-            self._record(base, arrived, verdict="error", rcode="ServFail", reason=why,
-                         upstream=time.monotonic() - asked)
+            record("error", "ServFail", why, upstream=time.monotonic() - asked)
             return wire.reply(query, wire.SERVFAIL)
         took = time.monotonic() - asked
         if answer.ips and self.learn is not no_learning and not await self._learned(judged, query, answer):
             self.stats["servfail"] += 1
-            self._record(base, arrived, verdict="error", rcode="ServFail", reason="the answer could not be learned",
-                         upstream=took)
+            record("error", "ServFail", "the answer could not be learned", upstream=took)
             return wire.reply(query, wire.SERVFAIL)
         self.stats["forwarded"] += 1
-        self._record(base, arrived, verdict="audit" if d.audit else "forwarded", rcode=answer.rcode_name,
-                     ips=answer.ips, ttl=answer.ttl, cnames=answer.cnames, upstream=took)
+        record("audit" if d.audit else "forwarded", answer.rcode_name, answer=answer, upstream=took)
         return answer.wire  # unchanged: TC, EDNS0 and all
 
     async def _learned(self, judged: Judgement, query: wire.Query, answer: wire.Answer) -> bool:
@@ -401,12 +405,10 @@ class DNSProxy:
 
     def _malformed(self, proto: str, client: Address, server: Address, why: str) -> None:
         self.stats["malformed"] += 1
-        self._record(DNSRecord(time.time(), proto, client, server, self.policy.endpoint_name(client[0]), 0),
-                     None, verdict="error", reason=f"malformed: {why}")
+        self._record(DNSRecord(time.time(), proto, client, server, self.policy.endpoint_name(client[0]), 0,
+                               verdict="error", reason=f"malformed: {why}"))
 
-    def _record(self, base: DNSRecord, arrived: float | None, **changes: Any) -> None:
-        latency = time.monotonic() - arrived if arrived is not None else 0.0
-        rec = replace(base, latency=latency, **changes)
+    def _record(self, rec: DNSRecord) -> None:
         try:
             self.record(rec)
         except Exception:

@@ -190,3 +190,46 @@ def test_metrics_count_verdicts(node: DnsNode) -> None:
         assert f'cilia_dns_proxy_requests_total{{verdict="{verdict}"}}' in text
     assert 'cilia_dns_proxy_latency_seconds_bucket{le="0.001",verdict="forwarded"}' in text
     assert 'cilia_hubble_dns_responses_total{ips_returned="1",qtypes="A",rcode="NOERROR"}' in text
+
+
+OTHER_DNS = """\
+apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata:
+  name: other-dns
+spec:
+  endpointSelector:
+    matchLabels:
+      app: other
+  egress:
+  - toEndpoints:
+    - matchLabels:
+        k8s-app: kube-dns
+    toPorts:
+    - ports:
+      - port: "53"
+        protocol: UDP
+      rules:
+        dns:
+        - matchName: allowed.example.com
+"""
+
+
+def test_an_established_udp_flow_moves_to_the_proxy_when_a_dns_rule_comes(node: DnsNode) -> None:
+    def ask(s: socket.socket, name: str) -> dns.message.Message:
+        s.send(dns.message.make_query(name, "A").to_wire())
+        return dns.message.from_wire(s.recv(65535))
+
+    sock = run_in_netns(node.netns("other"), lambda: socket.socket(socket.AF_INET, socket.SOCK_DGRAM))
+    try:
+        sock.settimeout(5)
+        sock.connect((KUBE_DNS, 53))  # one flow (one source port) for every query below
+        assert rcode(ask(sock, "denied.test")) == "NOERROR"  # no policy yet: straight to dnsmasq
+        path = node.tmp / "other-dns.yaml"
+        path.write_text(OTHER_DNS, encoding="utf-8")
+        node.node.import_policy(path)
+        assert rcode(ask(sock, "denied.test")) == "REFUSED"  # the same flow, now through the proxy
+        assert ips(ask(sock, "allowed.example.com")) == ["10.212.0.100"]
+    finally:
+        sock.close()
+        node.node.ok("policy", "delete", "other-dns")
