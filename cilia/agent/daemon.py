@@ -32,7 +32,7 @@ from typing import Any, Literal
 from ..bpf.paths import DEFAULT_PIN_DIR
 from ..bpf.netns import Namespace, add_host_address
 from ..bpf.node import DNS_PROXY_KEY, NodeDatapath
-from ..dnsproxy.server import DNSProxy, no_learning  # issue 17: the DNS proxy
+from ..dnsproxy.server import DNSProxy  # issue 17: the DNS proxy
 from ..dnsproxy.sink import DNSProxySink
 from ..envoy.accesslog import AccessLogReceiver, AccessLogServer
 from ..envoy.bootstrap import build_bootstrap, write_bootstrap
@@ -69,6 +69,8 @@ from ..xds.sockets import private_dir
 from . import status as status_view
 from .cluster import ClusterNode, KVStoreConfig  # kvstore (issue 13)
 from .diff import policy_diff
+from ..fqdn.config import FqdnConfig
+from .fqdn import FqdnLearner
 from .flows import FlowFile, FlowFilter
 from .metrics import MeteredAckTracker, Metrics
 from .observe import FlowNames, Observer
@@ -86,7 +88,7 @@ from .results import (
 )
 from .sidecar_guard import SidecarGuard
 from .plumbing import PlumbingError, free_endpoint_id, plumb, unplumb
-from .state import PolicySource, load_state, save_state
+from .state import PolicySource, load_state, state_text, write_state_text
 
 _log = logging.getLogger(__name__)
 
@@ -130,6 +132,7 @@ class AgentConfig:
     socket_group: int | None = None  # the agent's sockets are 0660 with this gid, else 0600
     proxy_grace: float = 30.0  # a proxy with no xDS stream this long is gone: no more waits or health for it
     kvstore: KVStoreConfig | None = None  # kvstore (issue 13): identities, endpoints and nodes shared cluster-wide
+    fqdn: FqdnConfig = field(default_factory=FqdnConfig)  # toFQDNs (issue 17): the DNS cache's TTLs and collection
     dns_proxy_port: int = 0  # --datapath bpf: the DNS proxy's UDP+TCP port on 127.0.0.1 (0: any free one)
     dns_upstream_timeout: float = 2.0  # an allowed query the server does not answer this long: SERVFAIL
 
@@ -223,10 +226,10 @@ class Agent:
                                self.l7_inproc.target(extproc) if self.l7_inproc is not None else extproc)
         sinks: list[Any] = [self.views, self.proxy]
         # issue 17: endpoints' DNS queries (egress dns rules) are redirected to this proxy in BPF. The
-        # learner is toFQDNs' (Agent.learn_fqdn) when the agent has one, else nothing is learned.
+        # learner is toFQDNs' Agent.learn_fqdn: an answer is released once the maps select its addresses.
         self.dns_proxy: DNSProxy | None = None
         if self.node is not None:
-            self.dns_proxy = DNSProxy(port=config.dns_proxy_port, learn=getattr(self, "learn_fqdn", no_learning),
+            self.dns_proxy = DNSProxy(port=config.dns_proxy_port, learn=self.learn_fqdn,
                                       record=self.observer.on_dns_record,
                                       upstream_timeout=config.dns_upstream_timeout)
             sinks.append(DNSProxySink(self.dns_proxy))  # before the datapath redirects to it
@@ -245,6 +248,10 @@ class Agent:
         self.envoy: EnvoySupervisor | None = None
         self.admin_address: str | None = None
         self.reverted: dict[int, str] = {}  # revision -> why: the managed Envoy rejected it and it was reverted
+        self.fqdn = FqdnLearner(self, config.fqdn)  # toFQDNs (issue 17)
+        self._unsaved = False  # a commit's state.json write was deferred (flush_state)
+        self._state_seq = self._state_stored = 0  # state.json texts taken, and the newest written
+        self._state_io = threading.Lock()
         self._replay()
 
     @property
@@ -271,6 +278,9 @@ class Agent:
                 self.engine.upsert_endpoint(_endpoint(spec))
             if policies:
                 self.engine.apply(policies)
+            learned = self.fqdn.load()  # toFQDNs (issue 17): addresses open flows may still use
+            if learned:
+                self.engine.update_fqdn(learned)
         # one revision: the persisted one numbers what a restarted agent realizes
         self.engine.revision = self.state.revision
         with self.lock:
@@ -283,6 +293,7 @@ class Agent:
                 self._start_datapath()
             if self.cluster is not None:  # kvstore (issue 13): publish this node's endpoints, receive the others'
                 self.cluster.attach(self)
+            self.fqdn.start()  # toFQDNs (issue 17): expire learned addresses
             for sock in (self.config.xds_socket, self.config.accesslog_socket, *self.config.l7_sockets):
                 sock.unlink(missing_ok=True)
             s = self.servers
@@ -374,6 +385,7 @@ class Agent:
                 self.guard.close()  # of their own (external) keep enforcing, so their app ports stay closed
             if self.cluster is not None:  # kvstore (issue 13)
                 self.cluster.stop()
+            self.fqdn.stop()
             self.observer.close()
 
     # ------------------------------------------------------------------ policies
@@ -544,23 +556,62 @@ class Agent:
                                                  str(i.prefix) if i.prefix is not None else None)
                                     for i in sorted(self.engine.identities(), key=lambda i: i.id)))
 
+    # ------------------------------------------------------------------ toFQDNs (issue 17)
+
+    def learn_fqdn(self, endpoint_name: str, qname: str, ips: Sequence[str], ttl: int) -> None:
+        """The DNS proxy's call for every allowed answer: returns once the BPF maps (and the managed
+        Envoy) hold the new addresses, so the answer may be released. Cheap when nothing is new."""
+        self.fqdn.learn(endpoint_name, qname, ips, ttl)
+
+    def fqdn_cache(self, name: str | None = None) -> dict[str, Any]:
+        return {"entries": self.fqdn.list(name)}
+
+    def fqdn_clean(self, name: str | None = None) -> dict[str, Any]:
+        removed, revision = self.fqdn.clean(name)
+        return {"removed": removed, "revision": revision if revision is not None else self.revision}
+
     # ------------------------------------------------------------------ revisions
 
-    def change_engine(self, change: Callable[[PolicyEngine], Iterable[str] | None]) -> int | None:
+    def change_engine(self, change: Callable[[PolicyEngine], Iterable[str] | None], persist: bool = True) -> int | None:
         """For producers of engine state other than the API (the kvstore's remote endpoints and
-        identities): run ``change`` on the engine under the agent's lock and commit the endpoints it
-        names (None: nothing moved, nothing committed). Returns the new revision, if any."""
+        identities, toFQDNs): run ``change`` on the engine under the agent's lock and commit the
+        endpoints it names (None: nothing moved, nothing committed). Returns the new revision, if
+        any. ``persist=False``: state.json is written by the next ``flush_state`` (the new state is
+        not in it: learned addresses are persisted by their own journal)."""
         with self.lock:
             changed = change(self.engine)
-            return None if changed is None else self._commit(changed)
+            return None if changed is None else self._commit(changed, persist)
 
-    def _commit(self, changed: Iterable[str] | None) -> int:
+    def flush_state(self) -> None:
+        """Write state.json if a commit left it behind (``change_engine(persist=False)``); the disk
+        write happens without the agent's lock, so learning does not wait for it."""
+        with self.lock:
+            if not self._unsaved:
+                return
+            self._unsaved = False
+            self._state_seq += 1
+            seq, text = self._state_seq, state_text(self.state)
+        self._store_state(seq, text)
+
+    def _save_state(self) -> None:
+        """state.json now (lock held)."""
+        self._state_seq += 1
+        self._store_state(self._state_seq, state_text(self.state))
+
+    def _store_state(self, seq: int, text: str) -> None:
+        with self._state_io:
+            if seq > self._state_stored:  # never an older text over a newer one
+                write_state_text(self.config.state_dir, text)
+                self._state_stored = seq
+
+    def _commit(self, changed: Iterable[str] | None, persist: bool = True) -> int:
         """Number, persist and realize the engine's new state; called with the lock held after a
         change. ``changed``: the endpoints whose policy or spec moved (None: all)."""
         if self.engine.revision <= self.state.revision:
             self.engine.revision = self.state.revision + 1  # a change the engine does not see (ports, ids)
         self.state.revision = self.engine.revision
-        desired = self._realize(changed, persist=True)
+        desired = self._realize(changed, persist=persist)
+        self._unsaved = not persist
         return desired.revision
 
     def _realize(self, changed: Iterable[str] | None, persist: bool = False) -> Desired:
@@ -576,7 +627,7 @@ class Agent:
             ports[DNS_PROXY_KEY] = self.dns_proxy.port  # issue 17: where egress dns rules redirect
         desired = replace(desired, proxy_ports=ports)
         if persist:
-            save_state(self.config.state_dir, self.state)
+            self._save_state()
         errors = dict(self.realizer.errors)
         self.realizer.realize(desired)
         for sink, error in self.realizer.errors.items():
@@ -809,7 +860,7 @@ class Agent:
             endpoints = dict(self.state.endpoints)
             identities = list(self.engine.identities())
         try:
-            return trace_live(policies, endpoints, identities, body)
+            return trace_live(policies, endpoints, identities, body, self.fqdn.cache.names())
         except TraceInputError as e:
             raise AgentError(str(e), e.status) from None
         except PolicyError as e:

@@ -118,18 +118,36 @@ class Who:
         self._endpoint_of_identity: dict[int, str] = {}
         for name, ident in self._identity_of_endpoint.items():
             self._endpoint_of_identity.setdefault(ident, name)
-        self._labels = {ident: tuple(ls.to_list()) for ident, ls in labels.items()}
-        self._ipcache = IPCache()
-        for prefix, ident in ipcache:
-            self._ipcache.upsert(prefix, ident)
+        # Labels and the ipcache are read when a flow needs them, not at every revision: a learned
+        # DNS answer (toFQDNs) waits for the realize that builds this, and there may be many.
+        self._label_sets = labels
+        self._labels: dict[int, tuple[str, ...]] = {}
+        self._ipcache_items = tuple(ipcache)  # the same object when given a tuple
+        self._ipcache_built: IPCache | None = None
         self.endpoint_ids = dict(endpoint_ids or {})
+
+    @property
+    def _ipcache(self) -> IPCache:
+        built = self._ipcache_built
+        if built is None:
+            built = IPCache()
+            for prefix, ident in self._ipcache_items:
+                built.upsert(prefix, ident)
+            self._ipcache_built = built  # two threads may both build it: the same content
+        return built
 
     @classmethod
     def empty(cls) -> Who:
         return cls({}, {}, ())
 
     def labels(self, identity: int | None) -> tuple[str, ...]:
-        return self._labels.get(identity, ()) if identity is not None else ()
+        if identity is None:
+            return ()
+        found = self._labels.get(identity)
+        if found is None:
+            ls = self._label_sets.get(identity)
+            found = self._labels[identity] = tuple(ls.to_list()) if ls is not None else ()
+        return found
 
     def endpoint_identity(self, name: str) -> int | None:
         return self._identity_of_endpoint.get(name)

@@ -113,5 +113,14 @@ def load_state(state_dir: Path) -> AgentState:
 def save_state(state_dir: Path, state: AgentState) -> None:
     """Owner-only (it holds every policy's text) and on disk before it replaces the last one, so a
     crash leaves the old state or the new one, never an empty file."""
+    write_state_text(state_dir, state_text(state))
+
+
+def state_text(state: AgentState) -> str:
     # compact: json's C encoder does not indent, and this runs at every change (a 5,000-endpoint state)
-    write_private(state_dir / STATE_FILE, json.dumps(state.to_json(), sort_keys=True, separators=(",", ":")))
+    return json.dumps(state.to_json(), sort_keys=True, separators=(",", ":"))
+
+
+def write_state_text(state_dir: Path, text: str) -> None:
+    """``save_state`` in two steps: the text (taken where the state may not change) and the write."""
+    write_private(state_dir / STATE_FILE, text)

@@ -21,7 +21,7 @@ from cilia.policy.model import Direction, IPNetwork, Protocol
 
 from . import maps
 from .loader import Loader
-from .policykey import PolicyKey, PolicyValue, ProxyPortOf, direction_entries
+from .policykey import PolicyKey, PolicyValue, ProxyPortOf, identity_entries
 
 NO_RULE = "no rule allows it"
 DROP_REASONS = {
@@ -72,6 +72,9 @@ class Datapath:
         self.loader = loader
         self.rules: dict[int, str] = {}
         self._written: dict[int, dict[bytes, bytes]] = {}  # per endpoint: what its trie holds
+        self._ipcache_written: dict[bytes, bytes] | None = None  # what the ipcache trie holds
+        # per endpoint: the proxy ports and each peer identity's map-state group and packed entries
+        self._packed: dict[int, tuple[object, dict[tuple[Direction, int], tuple[object, dict[bytes, bytes]]]]] = {}
         self._events: list[Callable[[DatapathEvent], None]] = []
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -80,7 +83,14 @@ class Datapath:
     # -- state in ----------------------------------------------------------------------
 
     def sync_ipcache(self, items: Iterable[tuple[IPNetwork, int]]) -> int:
-        return maps.sync_ipcache(self.loader.maps["ipcache"], items)
+        # what the trie holds is kept (read from the kernel once): a sync costs what changed
+        if self._ipcache_written is None:
+            self._ipcache_written = {k: bytes(v) for k, v in self.loader.maps["ipcache"].items()}
+        return maps.sync_ipcache(self.loader.maps["ipcache"], items, self._ipcache_written)
+
+    def reread_ipcache(self) -> None:
+        """Read the ipcache trie from the kernel at the next sync (after the maps were reopened)."""
+        self._ipcache_written = None
 
     def upsert_endpoint(self, ep_id: int, address: str, ifname: str, identity: int, flags: int = 0) -> int:
         """Attach to the endpoint's host-side interface and register its address (``flags``: audit
@@ -96,6 +106,7 @@ class Datapath:
             self.loader.detach(ifname)
         self.loader.drop_policy_map(ep_id)
         self._written.pop(ep_id, None)
+        self._packed.pop(ep_id, None)
 
     def rule_id(self, entry: PolicyEntry) -> int:
         text = origins_name(entry)
@@ -103,12 +114,30 @@ class Datapath:
         self.rules[rid] = text
         return rid
 
-    def sync_policy(self, ep_id: int, state: MapState, proxy_port_of: ProxyPortOf = no_proxy) -> tuple[int, int]:
-        """Make endpoint ``ep_id``'s policy trie express ``state``; returns (written, removed)."""
+    def sync_policy(self, ep_id: int, state: MapState, proxy_port_of: ProxyPortOf = no_proxy,
+                    ports: object = None) -> tuple[int, int]:
+        """Make endpoint ``ep_id``'s policy trie express ``state``; returns (written, removed).
+
+        ``ports`` names what ``proxy_port_of`` answers (e.g. the proxy port table); given, the packed
+        entries of a peer identity whose map-state group is the same object as at the last sync
+        are reused (identities selected by the same rules share a group, and a group is replaced,
+        never changed), so a new learned address costs its own entries, not the whole trie's."""
+        memo = self._packed.get(ep_id)
+        if ports is None or memo is None or memo[0] != ports:
+            memo = (ports, {})
+        reuse = memo[1]
+        packed: dict[tuple[Direction, int], tuple[object, dict[bytes, bytes]]] = {}
         target: dict[bytes, bytes] = {}
         for direction in (state.ingress, state.egress):
-            for key, (value, _l4) in direction_entries(direction, proxy_port_of, self.rule_id).items():
-                target[key] = value.pack()
+            for ident, group in ((0, direction.any_group), *direction.groups.items()):
+                key = (direction.direction, ident)
+                done = reuse.get(key)
+                if done is None or done[0] is not group:
+                    entries = identity_entries(direction.direction, ident, group, proxy_port_of, self.rule_id)
+                    done = (group, {k: value.pack() for k, (value, _l4) in entries.items()})
+                packed[key] = done
+                target.update(done[1])
+        self._packed[ep_id] = (ports, packed)
         return self.write_policy(ep_id, target)
 
     def write_policy(self, ep_id: int, target: dict[bytes, bytes]) -> tuple[int, int]:

@@ -38,14 +38,16 @@ class EndpointEntry:
     flags: int = 0  # AUDIT_INGRESS | AUDIT_EGRESS
 
 
-def sync_ipcache(m: Map, want: Iterable[tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, int]]) -> int:
-    """Make the ipcache trie hold exactly ``want`` (IPv4 prefixes); returns entries written or removed."""
+def sync_ipcache(m: Map, want: Iterable[tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, int]],
+                 current: dict[bytes, bytes] | None = None) -> int:
+    """Make the ipcache trie hold exactly ``want`` (IPv4 prefixes); returns entries written or removed.
+    ``current``: what it holds, kept by the caller (updated in place); None reads it from the kernel."""
     target: dict[bytes, bytes] = {}
     for prefix, identity in want:
         if prefix.version != 4:
             continue
         target[IPCACHE_KEY.pack(prefix.prefixlen, prefix.network_address.packed)] = IPCACHE_VAL.pack(identity)
-    written, removed = _sync(m, target, None, None)
+    written, removed = _sync(m, target, current, None)
     return written + removed
 
 
@@ -113,15 +115,16 @@ class CtEntry:
     src_identity: int
     packets: int
     nbytes: int
+    last_seen: int = 0  # bpf_ktime_get_ns() of its last packet: CLOCK_MONOTONIC, as time.monotonic_ns()
 
 
 def ct_items(m: Map) -> list[CtEntry]:
     out = []
     for k, v in m.items():
         sa, da, sp, dp, proto = CT_KEY.unpack(k)
-        proxy_port, _flags, src_id, packets, nbytes, _seen = CT_VAL.unpack(v)
+        proxy_port, _flags, src_id, packets, nbytes, seen = CT_VAL.unpack(v)
         out.append(CtEntry(socket.inet_ntoa(sa), socket.inet_ntoa(da), sp, dp, proto, proxy_port, src_id,
-                           packets, nbytes))
+                           packets, nbytes, seen))
     return out
 
 

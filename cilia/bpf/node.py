@@ -85,6 +85,7 @@ class NodeDatapath:
 
     def start(self) -> None:
         self.loader.load()
+        self.datapath.reread_ipcache()
         proxyroute.install()
         self.host_addresses = node_addresses()
         self.datapath.start_events()
@@ -121,7 +122,7 @@ class NodeDatapath:
             done = self._synced.get(plan.name)
             if done is not None and done[0] is plan.map_state and done[1] == ports_key:
                 continue
-            w, r = self.datapath.sync_policy(plan.ep_id, plan.map_state, port_of)
+            w, r = self.datapath.sync_policy(plan.ep_id, plan.map_state, port_of, ports_key)
             written, removed = written + w, removed + r
             changed = changed or bool(w or r)
             self._synced[plan.name] = (plan.map_state, ports_key)

@@ -22,6 +22,7 @@ import click
 from ..policy import IdentityFileError
 from ..specs import PortSpec, StateError
 from ..bpf.paths import DEFAULT_PIN_DIR
+from ..fqdn.config import DEFAULT_CT_IDLE, DEFAULT_GRACE, DEFAULT_MIN_TTL, FqdnConfig
 from ..agent.client import AgentClient, APIError
 from .common import (
     call_agent, emit, fail, label_filter, output_option, policy_notes, selector_option, state_dir_option, table,
@@ -91,6 +92,15 @@ from .common import (
 @click.option("--node-ip", help="This node's address, announced to the cluster (--kvstore).")
 @click.option("--pod-cidr", help="The prefix this node's endpoints are numbered from, announced (--kvstore).")
 @click.option("--health-ip", help="This node's health endpoint address, announced (--kvstore).")
+@click.option("--tofqdns-min-ttl", type=click.IntRange(0), default=DEFAULT_MIN_TTL, show_default=True,
+              metavar="SECONDS", help="toFQDNs: a learned address is selected at least this long, whatever the DNS "
+              "answer's TTL (Cilium's flag; 0 honours the server's TTL).")
+@click.option("--tofqdns-grace", type=click.FloatRange(0), default=DEFAULT_GRACE, show_default=True, metavar="SECONDS",
+              help="toFQDNs: an expired address stays selected this much longer, and after that while conntrack "
+              "has a flow to it that is not idle.")
+@click.option("--tofqdns-ct-idle", type=click.FloatRange(0), default=DEFAULT_CT_IDLE, show_default=True,
+              metavar="SECONDS", help="toFQDNs: a conntrack flow with no packet for this long no longer keeps its "
+              "expired address.")
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning"]), default="info", show_default=True)
 def agent_cmd(state_dir: str, xds_addresses: Sequence[str], envoy_mode: str, node_id: str, datapath: str,
               bpf_pin_dir: str, router_ip: str | None, flow_file: str | None, flow_file_max_mb: int,
@@ -100,7 +110,7 @@ def agent_cmd(state_dir: str, xds_addresses: Sequence[str], envoy_mode: str, nod
               agent_health_port: int, kvstore: str, kvstore_endpoints: str | None, kvstore_ca: str | None,
               kvstore_cert: str | None, kvstore_key: str | None, kvstore_lease_ttl: int, node_ip: str | None,
               pod_cidr: str | None, health_ip: str | None, proxy_grace: float,
-              log_level: str) -> None:
+              tofqdns_min_ttl: int, tofqdns_grace: float, tofqdns_ct_idle: float, log_level: str) -> None:
     """Run the agent until SIGTERM or Ctrl-C: load state, serve the REST API on
     <state-dir>/cilia.sock, serve xDS, supervise Envoy, receive its access logs; with
     --datapath bpf also load the BPF datapath. Stopping leaves the BPF programs enforcing the
@@ -131,7 +141,8 @@ def agent_cmd(state_dir: str, xds_addresses: Sequence[str], envoy_mode: str, nod
                          xds_insecure=xds_insecure, socket_group=_group_id(socket_group),
                          kvstore=_kvstore(kvstore, kvstore_endpoints, kvstore_ca, kvstore_cert, kvstore_key,
                                           kvstore_lease_ttl, node_ip, pod_cidr, health_ip),
-                         proxy_grace=proxy_grace)
+                         proxy_grace=proxy_grace,
+                         fqdn=FqdnConfig(tofqdns_min_ttl, tofqdns_grace, tofqdns_ct_idle))
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())

@@ -32,7 +32,7 @@ from .model import (
     Protocol,
     Rule,
 )
-from .peers import WILDCARD, CIDRPeer, EndpointPeer, EntityPeer, PeerSelector
+from .peers import WILDCARD, CIDRPeer, EndpointPeer, EntityPeer, FQDNPeer, PeerSelector
 from .selectors import LabelSelector, Operator, Requirement
 
 _ANY_EXPANSION = {
@@ -167,7 +167,8 @@ def _compile_peer_rule(policy: Policy, rule: Rule, pr: PeerRule, notes: list[Not
         for ent in pr.entities:
             peers.append(WILDCARD if ent == "all" else EntityPeer(ent))
     if pr.fqdns is not None:
-        unenforced.append("toFQDNs")
+        # the addresses the DNS proxy learns for matching names (the engine keeps the selections)
+        peers.extend(FQDNPeer(f.match_name, f.match_pattern) for f in pr.fqdns)
     if pr.services is not None:
         unenforced.append("toServices")
     if pr.authentication == "required":

@@ -9,7 +9,7 @@ answer names every rule that decided it, with file and line.
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -39,11 +39,12 @@ class Peer:
     address: IPAddress | None = None
     # (name, port, protocol) the endpoint serves: what a policy's named ports resolve to
     named_ports: tuple[tuple[str, int, Protocol], ...] = ()
+    fqdn: str | None = None  # the learned DNS name ``address`` was given as
 
     def describe(self) -> str:
         if self.labels is not None:
             return "[" + ", ".join(str(label) for label in self.labels.labels()) + "]"
-        return str(self.address)
+        return f"{self.fqdn} ({self.address})" if self.fqdn else str(self.address)
 
 
 @dataclass(frozen=True, slots=True)
@@ -123,11 +124,15 @@ class TraceResult:
 
 
 def trace(policies: Sequence[Policy], request: TraceRequest, registry: L7Registry | None = None,
-          allocator: MemoryAllocator | None = None) -> TraceResult:
+          allocator: MemoryAllocator | None = None,
+          fqdn: Mapping[str, Iterable[str]] | None = None) -> TraceResult:
     """Trace one flow against ``policies`` (identities from ``allocator``: a fresh one by default,
-    a copy of the agent's for a live trace)."""
+    a copy of the agent's for a live trace); ``fqdn``: names the DNS proxy learned and their
+    addresses, what toFQDNs selectors select."""
     engine = PolicyEngine(allocator or MemoryAllocator())
     engine.apply(policies)
+    if fqdn:
+        engine.update_fqdn(fqdn)
     total = sum(len(p.rules) for p in policies)
     # Both endpoints exist before either policy is read: each one's map state
     # must already hold the other's identity.
@@ -300,6 +305,8 @@ def _peer_json(peer: Peer, ident: Identity) -> dict[str, Any]:
         out["labels"] = peer.labels.to_list()
     else:
         out["cidr"] = str(peer.address)
+    if peer.fqdn is not None:
+        out["fqdn"] = peer.fqdn
     return out
 
 
