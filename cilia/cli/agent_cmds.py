@@ -101,6 +101,11 @@ from .common import (
 @click.option("--tofqdns-ct-idle", type=click.FloatRange(0), default=DEFAULT_CT_IDLE, show_default=True,
               metavar="SECONDS", help="toFQDNs: a conntrack flow with no packet for this long no longer keeps its "
               "expired address.")
+@click.option("--tofqdns-proxy-port", type=click.IntRange(0, 65535), default=0, show_default=True,
+              help="--datapath bpf: the DNS proxy's port (UDP and TCP) on 127.0.0.1, where endpoints' DNS to "
+              "egress dns rules is redirected (Cilium's flag; 0: any free port).")
+@click.option("--dns-proxy-upstream-timeout", type=click.FloatRange(0.1), default=2.0, show_default=True,
+              metavar="SECONDS", help="An allowed DNS query its server does not answer this long gets SERVFAIL.")
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning"]), default="info", show_default=True)
 def agent_cmd(state_dir: str, xds_addresses: Sequence[str], envoy_mode: str, node_id: str, datapath: str,
               bpf_pin_dir: str, router_ip: str | None, flow_file: str | None, flow_file_max_mb: int,
@@ -110,7 +115,8 @@ def agent_cmd(state_dir: str, xds_addresses: Sequence[str], envoy_mode: str, nod
               agent_health_port: int, kvstore: str, kvstore_endpoints: str | None, kvstore_ca: str | None,
               kvstore_cert: str | None, kvstore_key: str | None, kvstore_lease_ttl: int, node_ip: str | None,
               pod_cidr: str | None, health_ip: str | None, proxy_grace: float,
-              tofqdns_min_ttl: int, tofqdns_grace: float, tofqdns_ct_idle: float, log_level: str) -> None:
+              tofqdns_min_ttl: int, tofqdns_grace: float, tofqdns_ct_idle: float, tofqdns_proxy_port: int,
+              dns_proxy_upstream_timeout: float, log_level: str) -> None:
     """Run the agent until SIGTERM or Ctrl-C: load state, serve the REST API on
     <state-dir>/cilia.sock, serve xDS, supervise Envoy, receive its access logs; with
     --datapath bpf also load the BPF datapath. Stopping leaves the BPF programs enforcing the
@@ -142,7 +148,8 @@ def agent_cmd(state_dir: str, xds_addresses: Sequence[str], envoy_mode: str, nod
                          kvstore=_kvstore(kvstore, kvstore_endpoints, kvstore_ca, kvstore_cert, kvstore_key,
                                           kvstore_lease_ttl, node_ip, pod_cidr, health_ip),
                          proxy_grace=proxy_grace,
-                         fqdn=FqdnConfig(tofqdns_min_ttl, tofqdns_grace, tofqdns_ct_idle))
+                         fqdn=FqdnConfig(tofqdns_min_ttl, tofqdns_grace, tofqdns_ct_idle),
+                         dns_proxy_port=tofqdns_proxy_port, dns_upstream_timeout=dns_proxy_upstream_timeout)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())

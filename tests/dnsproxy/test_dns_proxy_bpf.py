@@ -27,9 +27,13 @@ from cilia.dnsproxy import wire
 from .dns_support import BIG, KUBE_DNS, LINES, SILENT_DNS, DnsNode, dns_node, ips, rcode
 
 
+PROXY_PORT = 10053  # the node is a namespace of its own: the port is free there
+
+
 @pytest.fixture(scope="module")
 def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DnsNode]:
-    with dns_node(tmp_path_factory.mktemp("dnsp")) as d:
+    with dns_node(tmp_path_factory.mktemp("dnsp"), "--tofqdns-proxy-port", str(PROXY_PORT),
+                  "--dns-proxy-upstream-timeout", "1") as d:
         yield d
 
 
@@ -69,6 +73,7 @@ def test_allowed_name_answered_denied_refused_never_forwarded(node: DnsNode) -> 
     # the kernel sends UDP and TCP 53 to the DNS proxy's port, not to an Envoy listener
     status = node.node.ok("status", "-o", "json").json()
     port = status["datapath"]["dns_proxy"]["port"]
+    assert port == PROXY_PORT  # --tofqdns-proxy-port
     assert status["datapath"]["proxy_ports"] == {}  # Envoy got no listener for port 53
     rows = node.node.ok("bpf", "policy", "get", "client", "-o", "json").json()["entries"]
     redirects = sorted(e["port"] for e in rows if e["verdict"] == "redirect")  # kube-dns and silent-dns
@@ -152,6 +157,7 @@ def test_silent_upstream_gives_servfail(node: DnsNode) -> None:
     assert rcode(answer) == "SERVFAIL"
     flow = dns_flows(node, "anything.test")[-1]
     assert flow["verdict"] == "ERROR" and flow["l7"]["rcode"] == "ServFail"
+    assert flow["drop_reason"] == "no answer from the server"
 
 
 def test_malformed_packets_dropped_and_counted(node: DnsNode) -> None:
