@@ -43,6 +43,8 @@ IP_ORIGDSTADDR = 20
 SO_MARK = 36
 EGRESS_MARK = 0x0B00  # Cilium's MARK_MAGIC_PROXY_EGRESS; datapath.c MARK_PROXY_EGRESS
 REPLY_SOCKETS_MAX = 256
+MAX_IN_FLIGHT = 4096
+TCP_IDLE = 10.0
 IDLE_UPSTREAM_MAX = 64  # idle upstream UDP sockets kept per (server, mark)
 
 Learner = Callable[[str, str, Sequence[str], int], None]
@@ -94,7 +96,10 @@ class _Upstream:
 
 class DNSProxy:
     def __init__(self, *, address: str = "127.0.0.1", port: int = 0, learn: Learner = no_learning,
-                 record: Recorder = _ignore, upstream_timeout: float = 2.0, egress_mark: int = EGRESS_MARK) -> None:
+                 record: Recorder = _ignore, upstream_timeout: float = 2.0, egress_mark: int = EGRESS_MARK,
+                 max_in_flight: int = MAX_IN_FLIGHT, tcp_idle: float = TCP_IDLE) -> None:
+        self.max_in_flight = max_in_flight  # UDP queries being answered; more are dropped (the client retries)
+        self.tcp_idle = tcp_idle  # a TCP client silent this long is closed (RFC 7766 asks servers to)
         self.address = address
         self.port = port
         self.learn = learn
@@ -208,7 +213,17 @@ class DNSProxy:
                 self._malformed("UDP", client, server or ("", 0), "no original destination" if server is None
                                 else "truncated datagram")
                 continue
+            if self._itself(server):
+                self._malformed("UDP", client, server, "addressed to the DNS proxy itself")
+                continue
+            if len(self._tasks) >= self.max_in_flight:
+                self.stats["overload"] += 1  # counted, not recorded: a flood must not cost a flow each
+                continue
             self._spawn(self._udp_query(data, client, server))
+
+    def _itself(self, server: Address) -> bool:
+        """A query sent straight to the proxy's own port: forwarding it would send it back here."""
+        return server[1] == self.port and (server[0] == self.address or server[0].startswith("127."))
 
     async def _udp_query(self, data: bytes, client: Address, server: Address) -> None:
         out = await self.handle(data, client, server, Protocol.UDP)
@@ -292,8 +307,15 @@ class DNSProxy:
         framer = wire.Framer()
         upstream = _Upstream()
         try:
+            if self._itself(server):
+                self._malformed("TCP", client, server, "addressed to the DNS proxy itself")
+                return
             while True:
-                data = await reader.read(65536)
+                try:
+                    data = await asyncio.wait_for(reader.read(65536), self.tcp_idle)
+                except TimeoutError:
+                    self.stats["tcp_idle_closed"] += 1
+                    return
                 if not data:
                     return
                 for message in framer.feed(data):

@@ -239,3 +239,17 @@ def test_an_established_udp_flow_moves_to_the_proxy_when_a_dns_rule_comes(node: 
     finally:
         sock.close()
         node.node.ok("policy", "delete", "other-dns")
+
+
+def test_an_idle_tcp_client_is_closed(node: DnsNode) -> None:
+    def idle() -> bytes:
+        with socket.create_connection((KUBE_DNS, 53), timeout=30) as s:
+            s.sendall(wire.frame(dns.message.make_query("allowed.example.com", "A").to_wire()))
+            framer, got = wire.Framer(), []
+            while not got:
+                got = framer.feed(s.recv(65536))
+            assert ips(dns.message.from_wire(got[0])) == ["10.212.0.100"]
+            return s.recv(100)  # then nothing more is sent: the proxy closes after its idle time
+
+    assert run_in_netns(node.netns("client"), idle) == b""
+    assert proxy_stats(node)["tcp_idle_closed"] >= 1

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import socket
 import threading
+import time
 from collections.abc import Iterator, Sequence
 
 import dns.message
@@ -148,3 +149,27 @@ def test_fuzz_nothing_that_failed_to_parse_is_forwarded(upstream: Recorder, pack
         assert answer is not None
     assert upstream.received[before:] == parsed  # exactly the packets that parsed, unchanged
     assert proxy.stats["malformed"] == len(packets) - len(parsed)
+
+
+def test_a_query_addressed_to_the_proxy_itself_is_dropped_not_looped() -> None:
+    """Without the kernel's redirect the original destination is the proxy's own port: forwarding
+    there would loop back into the proxy."""
+    records: list[DNSRecord] = []
+    proxy = make_proxy([], records)
+    proxy.start()
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
+            udp.sendto(VALID[0], ("127.0.0.1", proxy.port))
+        with socket.create_connection(("127.0.0.1", proxy.port), timeout=10) as tcp:
+            tcp.sendall(wire.frame(VALID[0]))
+            try:
+                assert tcp.recv(100) == b""  # closed without an answer
+            except ConnectionResetError:
+                pass  # closed with the query unread: a reset, also without an answer
+        deadline = time.monotonic() + 10
+        while proxy.stats["malformed"] < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert proxy.stats["malformed"] == 2 and proxy.stats["forwarded"] == 0
+        assert all(r.reason == "malformed: addressed to the DNS proxy itself" for r in records)
+    finally:
+        proxy.stop()
