@@ -3,7 +3,8 @@
 - ``cilia.xds`` is a generic xDS server: it imports nothing else of cilia.
 - ``cilia.l7parsers`` is sans-I/O parsers and their interface: no gRPC, no Envoy (protos or
   ``cilia.envoy``), no agent; the ext_proc host that feeds them lives in ``cilia.envoy``.
-- ``cilia.policy`` is the engine: no agent, xDS, Envoy, BPF, nor gRPC.
+- ``cilia.policy`` is the engine: no agent, xDS, Envoy, BPF, Kubernetes, kvstore nor gRPC (the
+  NetworkPolicy translation the watcher shares is ``cilia.policy.netpol``).
 - ``cilia.specs`` is a leaf shared by the agent, its CLI, CNI and k8s: at most ``cilia.policy``.
 - ``cilia.cli`` talks to the agent through its client and works offline with ``cilia.policy``;
   anything else is listed in CLI_ANYWHERE or CLI_INSIDE_COMMANDS with the reason.
@@ -122,8 +123,9 @@ def violation(imp: Import) -> str | None:
             return "cilia.l7parsers imports no gRPC, Envoy or agent (the host is in cilia.envoy)"
     if _within(m, ["cilia.policy"]):
         if top in ("grpc", "envoy", "xds", "bcc") or _within(
-                name, ["cilia.agent", "cilia.xds", "cilia.envoy", "cilia.bpf"]):
-            return "cilia.policy imports no agent, xDS, Envoy, BPF or gRPC"
+                name, ["cilia.agent", "cilia.xds", "cilia.envoy", "cilia.bpf", "cilia.k8s", "cilia.realizer",
+                       "cilia.kvstore", "cilia.cluster", "cilia.cli", "cilia.cni"]):
+            return "cilia.policy imports no agent, xDS, Envoy, BPF, Kubernetes, kvstore or gRPC"
     if m == "cilia.specs":
         if top == "cilia" and not _within(name, ["cilia.policy"]):
             return "cilia.specs is a leaf: it imports at most cilia.policy"
@@ -156,6 +158,7 @@ def test_the_packages_keep_their_layering() -> None:
     ("cilia/l7parsers/kafka.py", "import grpc\n", "cilia.l7parsers imports no gRPC"),
     ("cilia/l7parsers/kafka.py", "from ..envoy import metadata\n", "cilia.l7parsers imports no gRPC"),
     ("cilia/policy/engine.py", "from ..bpf import maps\n", "cilia.policy imports no agent"),
+    ("cilia/policy/parse.py", "def f():\n    from ..k8s.convert import policy_text\n", "cilia.policy imports no agent"),
     ("cilia/specs.py", "from .agent import state\n", "cilia.specs is a leaf"),
     ("cilia/cli/main.py", "from ..agent.daemon import Agent\n", "only inside the command"),
     ("cilia/cli/main.py", "def f():\n    from ..bpf.node import NodeDatapath\n", "the CLI imports only"),

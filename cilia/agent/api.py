@@ -165,6 +165,10 @@ def _get_cluster_identities(agent: Agent, _: dict[str, str], __: dict[str, list[
     return 200, _cluster(agent).identity_list()
 
 
+def _get_cluster_health(agent: Agent, _: dict[str, str], __: dict[str, list[str]], ___: Any) -> tuple[int, Any]:
+    return 200, _cluster(agent).health()
+
+
 def _get_kvstore(agent: Agent, _: dict[str, str], query: dict[str, list[str]], __: Any) -> tuple[int, Any]:
     from ..kvstore.base import KVStoreError
 
@@ -281,6 +285,7 @@ ROUTES: dict[tuple[str, str], Handler] = {
     ("GET", "/v1/nodes"): _get_nodes,
     ("GET", "/v1/cluster/identities"): _get_cluster_identities,
     ("GET", "/v1/kvstore"): _get_kvstore,
+    ("GET", "/v1/cluster/health"): _get_cluster_health,
     ("GET", "/v1/openapi.yaml"): _get_openapi,
     ("GET", "/metrics"): _get_metrics,
     ("GET", "/healthz"): _get_healthz,

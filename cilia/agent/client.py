@@ -125,6 +125,9 @@ class AgentClient:
     def cluster_identities(self) -> Any:
         return self.request("GET", "/v1/cluster/identities")
 
+    def cluster_health(self) -> Any:
+        return self.request("GET", "/v1/cluster/health")
+
     def kvstore(self, key: str | None = None, prefix: str | None = None) -> Any:
         params = {"key": key} if key is not None else {"prefix": prefix}
         return self.request("GET", "/v1/kvstore", params=params)

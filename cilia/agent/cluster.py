@@ -10,18 +10,21 @@ and the node record. ``status()`` is the ``kvstore`` part of ``cilia status``.
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
+from prometheus_client.metrics_core import Metric
+
 from ..cluster import keys
+from ..cluster.health import HEALTH_PORT, HealthProber, HealthServer
 from ..cluster.identities import ClusterAllocator
 from ..cluster.ipcache import IPCachePublisher, RemoteIPCache
 from ..cluster.nodes import NodeRecord, NodeRegistry
+from ..cluster.remotefeed import RemoteBatch, RemoteFeed, engine_change
 from ..cluster.session import Session
 from ..kvstore.base import KVStore, KVStoreError
-from ..policy.engine import PolicyEngine
 from ..policy.identity import IdentityKind
 from ..policy.model import IPNetwork
 
@@ -46,6 +49,8 @@ class KVStoreConfig:
     node_ip: str | None = None
     pod_cidr: str | None = None
     health_ip: str | None = None
+    health_port: int = HEALTH_PORT  # cluster health: served on health_ip (else node_ip), probed on the others; 0: off
+    health_interval: float = 1.0  # seconds between probe rounds (each probe gives up after this long too)
 
     def open(self) -> KVStore:
         from ..kvstore.etcd import ClientTls, EndpointError, EtcdKVStore
@@ -77,6 +82,10 @@ class ClusterNode:
         self.nodes = NodeRegistry(store, self.session,
                                   NodeRecord(node, config.node_ip, config.pod_cidr, config.health_ip))
         self.remote: RemoteIPCache | None = None
+        self.feed = RemoteFeed(self._apply_remote)
+        self.health_server: HealthServer | None = None
+        self.prober: HealthProber | None = None
+        self.health_error: str | None = None  # why this node's health endpoint is not served
         self._agent: Agent | None = None
 
     @classmethod
@@ -96,8 +105,28 @@ class ClusterNode:
         self.nodes.start()
         self.remote = RemoteIPCache(self.store, self.node, self._remote_changed)
         self.allocator.on_learned.append(self._identities_learned)
+        self.feed.start()
         self.remote.start()
+        self._start_health()
         self._metrics(agent)
+
+    def _start_health(self) -> None:
+        port = self.config.health_port
+        if not port:
+            return
+        address = self.config.health_ip or self.config.node_ip
+        if address is None:
+            self.health_error = "no --health-ip or --node-ip: other nodes cannot probe this one"
+        else:
+            try:
+                self.health_server = HealthServer(self.node, address, port)
+                self.health_server.start()
+            except OSError as e:  # probing the others is still worth doing; status says why
+                self.health_error = f"health endpoint {address}:{port}: {e.strerror or e}"
+                _log.warning("cluster health: %s", self.health_error)
+        self.prober = HealthProber(self.node, self.nodes.list, port, interval=self.config.health_interval,
+                                   timeout=self.config.health_interval)
+        self.prober.start()
 
     def _metrics(self, agent: Agent) -> None:
         from prometheus_client import Gauge
@@ -109,15 +138,18 @@ class ClusterNode:
               registry=r).set_function(lambda: float(len(self.remote.entries) if self.remote else 0))
         Gauge("cilia_kvstore_nodes", "Nodes announced in the kvstore", registry=r).set_function(
             lambda: float(len(self.nodes.nodes)))
+        r.register(NodeConnectivityCollector(self))
         Gauge("cilia_kvstore_malformed_entries", "Entries in the kvstore skipped because they do not parse",
               registry=r).set_function(lambda: float(self.status()["malformed"]))
 
     def _remote_changed(self, upserts: Mapping[IPNetwork, int], deletes: Sequence[IPNetwork]) -> None:
-        agent = self._agent
-        if agent is None:
-            return
-        # a new revision even when no endpoint's policy moved: the ipcache did
-        agent.change_engine(lambda engine: engine.update_remote(upserts, deletes).endpoints)
+        self.feed.add(upserts, deletes)
+
+    def _apply_remote(self, batch: RemoteBatch) -> None:
+        """One engine change (one revision, no state.json write) for everything that arrived
+        while the previous one was applied."""
+        if self._agent is not None:
+            self._agent.change_engine(engine_change(batch), persist=False)
 
     # ------------------------------------------------------------------ reading (API)
 
@@ -147,18 +179,24 @@ class ClusterNode:
 
     def _identities_learned(self, identities: list[int]) -> None:
         """Labels that arrived after the addresses using them: those peers become selectable."""
-        agent = self._agent
-        if agent is None:
-            return
-        def refresh(engine: PolicyEngine) -> set[str] | None:
-            changed: set[str] = set()
-            for identity in identities:
-                changed |= engine.refresh_remote(identity).endpoints
-            return changed or None
+        self.feed.learned(identities)
 
-        agent.change_engine(refresh)
+    def health(self) -> dict[str, Any]:
+        """``cilia health status``: this node's health endpoint and what every other node answered."""
+        report = self.prober.report() if self.prober is not None else []
+        server = self.health_server
+        return {"node": self.node, "port": self.config.health_port,
+                "serving": f"{server.address[0]}:{server.address[1]}" if server is not None else None,
+                "error": self.health_error, "probing": self.prober is not None,
+                "rounds": self.prober.rounds if self.prober is not None else 0,
+                "nodes": [h.to_json() for h in report]}
 
     def stop(self) -> None:
+        if self.prober is not None:
+            self.prober.stop()
+        if self.health_server is not None:
+            self.health_server.stop()
+        self.feed.stop()
         for part in (self.remote, self.nodes, self.publisher):
             if part is not None:
                 part.stop()
@@ -182,4 +220,40 @@ class ClusterNode:
                 "malformed": self.allocator.malformed + self.nodes.malformed
                 + (self.remote.malformed if self.remote is not None else 0),
                 "watches": {name: {"connected": m.connected, "revision": m.revision, "relists": m.relists}
-                            for name, m in mirrors.items()}}
+                            for name, m in mirrors.items()},
+                **({"health": self._health_summary()} if self.prober is not None else {})}
+
+    def _health_summary(self) -> dict[str, Any]:
+        report = self.prober.report() if self.prober is not None else []
+        return {"nodes": len(report), "reachable": sum(h.reachable for h in report),
+                "unreachable": [h.name for h in report if not h.reachable], "error": self.health_error}
+
+
+class NodeConnectivityCollector:
+    """``cilia_node_connectivity_status`` / ``_latency_seconds`` per probed node and probe type,
+    Cilium's names; a node that left the cluster leaves the metrics."""
+
+    def __init__(self, cluster: ClusterNode) -> None:
+        self.cluster = cluster
+
+    def collect(self) -> Iterator[Metric]:
+        from prometheus_client.core import GaugeMetricFamily
+
+        labels = ["source_node", "target_node", "target_address", "type"]
+        status = GaugeMetricFamily("cilia_node_connectivity_status",
+                                   "1 if the node answered the last probe of this type, else 0", labels=labels)
+        latency = GaugeMetricFamily("cilia_node_connectivity_latency_seconds",
+                                    "Round-trip time of the node's last answer to a probe of this type",
+                                    labels=labels)
+        prober = self.cluster.prober
+        for h in prober.report() if prober is not None else []:
+            for kind, result in (("icmp", h.icmp), ("http", h.http)):
+                values = [self.cluster.node, h.name, h.address, kind]
+                status.add_metric(values, 1.0 if result.ok else 0.0)
+                if result.latency is not None:
+                    latency.add_metric(values, result.latency)
+        yield status
+        yield latency
+
+    def describe(self) -> list[Metric]:
+        return []  # collected lazily: nothing to check at registration

@@ -24,6 +24,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -56,7 +57,8 @@ from ..policy import (
     compile_policy,
     parse_text,
 )
-from ..policy.identity import IdentityUnavailable
+from ..policy.identity import IdentityAllocator, IdentityUnavailable
+from ..policy.labels import endpoint_labels
 from ..policy.parse import check_unique
 from ..realizer import Desired, EndpointState, PortMap, Realizer
 from ..realizer.datapath import DatapathSink
@@ -135,6 +137,7 @@ class AgentConfig:
     fqdn: FqdnConfig = field(default_factory=FqdnConfig)  # toFQDNs (issue 17): the DNS cache's TTLs and collection
     dns_proxy_port: int = 0  # --datapath bpf: the DNS proxy's UDP+TCP port on 127.0.0.1 (0: any free one)
     dns_upstream_timeout: float = 2.0  # an allowed query the server does not answer this long: SERVFAIL
+    allocator: IdentityAllocator | None = None  # identities from elsewhere (CRD mode: cilia.k8s.crdmode)
 
     @property
     def api_socket(self) -> Path:
@@ -198,7 +201,7 @@ class Agent:
         # kvstore (issue 13): cluster-wide identities from etcd instead of this node's file
         self.cluster = ClusterNode.connect(config.node_id, config.kvstore) if config.kvstore is not None else None
         self.engine = PolicyEngine(self.cluster.allocator if self.cluster is not None
-                                   else FileAllocator(config.state_dir))
+                                   else config.allocator or FileAllocator(config.state_dir))
         self.cache = Cache()
         self.metrics = Metrics()
         self.tracker: AckTracker = MeteredAckTracker(self.metrics)
@@ -499,7 +502,9 @@ class Agent:
             endpoint = _endpoint(spec)
         except (ValueError, PolicyError) as e:
             raise AgentError(f"endpoint {spec.name}: {e}") from None
-        with self.lock:
+        # kvstore (issue 13): the cluster-wide identity is allocated before the lock is taken (the
+        # store's I/O never blocks other API calls); unreachable: 503, never a node-local number
+        with self._identity_prepared(spec.name, endpoint), self.lock:
             before = self._before(endpoints={spec.name})
             try:
                 spec, created = plumb(spec, self.state.endpoints.get(spec.name), self.config.router_ip)
@@ -528,6 +533,18 @@ class Agent:
             result = EndpointAdded(revision, self._endpoint_info(spec))
         self._await_managed(revision, before)
         return result
+
+    def _identity_prepared(self, name: str, endpoint: Endpoint) -> AbstractContextManager[object]:
+        """A cluster-wide allocator's ``prepare`` (kvstore, CRD mode): the identity allocated now."""
+        prepare = getattr(self.engine.allocator, "prepare", None)
+        if prepare is None:
+            return nullcontext()
+        try:
+            return prepare(endpoint_labels(endpoint.labels))  # type: ignore[no-any-return]
+        except IdentityUnavailable as e:
+            raise AgentError(f"endpoint {name}: {e}", 503) from None
+        except ValueError as e:
+            raise AgentError(f"endpoint {name}: {e}") from None
 
     def remove_endpoint(self, name: str) -> Revision:
         with self.lock:
@@ -572,12 +589,13 @@ class Agent:
 
     # ------------------------------------------------------------------ revisions
 
-    def change_engine(self, change: Callable[[PolicyEngine], Iterable[str] | None], persist: bool = True) -> int | None:
+    def change_engine(self, change: Callable[[PolicyEngine], Iterable[str] | None],
+                      persist: bool = True) -> int | None:
         """For producers of engine state other than the API (the kvstore's remote endpoints and
         identities, toFQDNs): run ``change`` on the engine under the agent's lock and commit the
         endpoints it names (None: nothing moved, nothing committed). Returns the new revision, if
-        any. ``persist=False``: state.json is written by the next ``flush_state`` (the new state is
-        not in it: learned addresses are persisted by their own journal)."""
+        any. ``persist=False``: state.json is not rewritten now (other nodes' addresses are not in
+        it; learned addresses are persisted by their own journal); ``flush_state`` writes it later."""
         with self.lock:
             changed = change(self.engine)
             return None if changed is None else self._commit(changed, persist)

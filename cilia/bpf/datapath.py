@@ -208,12 +208,13 @@ class Datapath:
         return maps.ct_items(self.loader.maps["conntrack"])
 
     def reset_flows_to_proxy(self, needs_proxy: Callable[[maps.CtEntry], int]) -> int:
-        """Point established flows that now need L7 at their proxy port; their next packet gets a
-        reset and the client reconnects through Envoy. Returns how many."""
+        """Point established flows that now need L7 at their proxy port; a TCP flow's next packet
+        gets a reset and the client reconnects through Envoy; a UDP flow's (DNS) next datagram goes to
+        the DNS proxy. Returns how many."""
         m = self.loader.maps["conntrack"]
         n = 0
         for entry in self.conntrack():
-            if entry.protocol == Protocol.TCP and not entry.proxy_port:
+            if entry.protocol in (Protocol.TCP, Protocol.UDP) and not entry.proxy_port:  # UDP: DNS
                 port = needs_proxy(entry)
                 if port:
                     maps.ct_set_proxy(m, entry, port)

@@ -163,20 +163,21 @@ class NodeDatapath:
 
     def _reset_flows(self, plans: Sequence[EndpointPlan], port_of: ProxyPortOf,
                      identity_of: Callable[[str], int]) -> int:
-        """Established TCP flows whose new verdict is a redirect: point them at the proxy."""
+        """Established TCP (and UDP: DNS) flows whose new verdict is a redirect: point them at the proxy."""
         by_address = {p.address: p for p in plans}
 
         def needs_proxy(ct: maps.CtEntry) -> int:
             if ct.src_identity == HOST_IDENTITY:
                 return 0  # the node's own (Envoy's upstream) connections are not redirected
             src, dst = by_address.get(ct.saddr), by_address.get(ct.daddr)
+            proto = Protocol(ct.protocol)
             if src is not None:
-                hit = src.map_state.egress.lookup(identity_of(ct.daddr), Protocol.TCP, ct.dport)
+                hit = src.map_state.egress.lookup(identity_of(ct.daddr), proto, ct.dport)
                 if hit is not None and hit[2].verdict is Verdict.REDIRECT:
                     return port_of(Direction.EGRESS, hit[1], hit[2])
             if dst is not None:
                 src_id = src.identity if src is not None else identity_of(ct.saddr)
-                hit = dst.map_state.ingress.lookup(src_id, Protocol.TCP, ct.dport)
+                hit = dst.map_state.ingress.lookup(src_id, proto, ct.dport)
                 if hit is not None and hit[2].verdict is Verdict.REDIRECT:
                     return port_of(Direction.INGRESS, hit[1], hit[2])
             return 0

@@ -14,6 +14,7 @@ import sys
 import threading
 import time
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -101,6 +102,14 @@ from .common import (
 @click.option("--tofqdns-ct-idle", type=click.FloatRange(0), default=DEFAULT_CT_IDLE, show_default=True,
               metavar="SECONDS", help="toFQDNs: a conntrack flow with no packet for this long no longer keeps its "
               "expired address.")
+@click.option("--tofqdns-proxy-port", type=click.IntRange(0, 65535), default=0, show_default=True,
+              help="--datapath bpf: the DNS proxy's port (UDP and TCP) on 127.0.0.1, where endpoints' DNS to "
+              "egress dns rules is redirected (Cilium's flag; 0: any free port).")
+@click.option("--dns-proxy-upstream-timeout", type=click.FloatRange(0.1), default=2.0, show_default=True,
+              metavar="SECONDS", help="An allowed DNS query its server does not answer this long gets SERVFAIL.")
+@click.option("--cluster-health-port", type=click.IntRange(0, 65535), default=4240, show_default=True,
+              help="Cluster health (--kvstore): serve GET /hello on --health-ip (else --node-ip) at this port "
+              "and probe every other node's (ICMP and HTTP) every second; `cilia health status` (0: off).")
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning"]), default="info", show_default=True)
 def agent_cmd(state_dir: str, xds_addresses: Sequence[str], envoy_mode: str, node_id: str, datapath: str,
               bpf_pin_dir: str, router_ip: str | None, flow_file: str | None, flow_file_max_mb: int,
@@ -109,8 +118,9 @@ def agent_cmd(state_dir: str, xds_addresses: Sequence[str], envoy_mode: str, nod
               xds_insecure: bool, socket_group: str | None, prometheus_serve_addr: str | None,
               agent_health_port: int, kvstore: str, kvstore_endpoints: str | None, kvstore_ca: str | None,
               kvstore_cert: str | None, kvstore_key: str | None, kvstore_lease_ttl: int, node_ip: str | None,
-              pod_cidr: str | None, health_ip: str | None, proxy_grace: float,
-              tofqdns_min_ttl: int, tofqdns_grace: float, tofqdns_ct_idle: float, log_level: str) -> None:
+              pod_cidr: str | None, health_ip: str | None, cluster_health_port: int, proxy_grace: float,
+              tofqdns_min_ttl: int, tofqdns_grace: float, tofqdns_ct_idle: float, tofqdns_proxy_port: int,
+              dns_proxy_upstream_timeout: float, log_level: str) -> None:
     """Run the agent until SIGTERM or Ctrl-C: load state, serve the REST API on
     <state-dir>/cilia.sock, serve xDS, supervise Envoy, receive its access logs; with
     --datapath bpf also load the BPF datapath. Stopping leaves the BPF programs enforcing the
@@ -140,9 +150,20 @@ def agent_cmd(state_dir: str, xds_addresses: Sequence[str], envoy_mode: str, nod
                          xds_tls=_xds_tls(xds_addresses, xds_tls_cert, xds_tls_key, xds_tls_ca, xds_insecure),
                          xds_insecure=xds_insecure, socket_group=_group_id(socket_group),
                          kvstore=_kvstore(kvstore, kvstore_endpoints, kvstore_ca, kvstore_cert, kvstore_key,
-                                          kvstore_lease_ttl, node_ip, pod_cidr, health_ip),
+                                          kvstore_lease_ttl, node_ip, pod_cidr, health_ip, cluster_health_port),
                          proxy_grace=proxy_grace,
-                         fqdn=FqdnConfig(tofqdns_min_ttl, tofqdns_grace, tofqdns_ct_idle))
+                         fqdn=FqdnConfig(tofqdns_min_ttl, tofqdns_grace, tofqdns_ct_idle),
+                         dns_proxy_port=tofqdns_proxy_port, dns_upstream_timeout=dns_proxy_upstream_timeout)
+    # Kubernetes without a kvstore (issue 13): CiliumIdentity/CiliumEndpoint objects are the shared store
+    kube_api = _kubernetes_api(kubernetes) if kubernetes else None
+    crd: Any = None
+    if kube_api is not None and config.kvstore is None:
+        import socket
+
+        from ..k8s.crdmode import CRDMode
+
+        crd = CRDMode(kube_api, node_name or socket.gethostname())
+        config = replace(config, allocator=crd.allocator)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
@@ -165,8 +186,10 @@ def agent_cmd(state_dir: str, xds_addresses: Sequence[str], envoy_mode: str, nod
         api = APIServer(config.api_socket, agent)
         api.start()
         tcp = start_servers(agent, prometheus_serve_addr, agent_health_port or None)
-        if kubernetes:
-            watcher = _kubernetes_watcher(agent, kubernetes, node_name, datapath, envoy_mode)
+        if kube_api is not None:
+            if crd is not None:
+                crd.attach(agent)
+            watcher = _kubernetes_watcher(agent, kube_api, node_name, datapath, envoy_mode, crd)
             watcher.start()
         status = agent.status()
         envoy = status["envoy"]
@@ -190,6 +213,8 @@ def agent_cmd(state_dir: str, xds_addresses: Sequence[str], envoy_mode: str, nod
     finally:
         if watcher is not None:
             watcher.stop()
+        if crd is not None:
+            crd.stop()
         for server in tcp:
             server.stop()
         if api is not None:
@@ -231,7 +256,8 @@ def _xds_tls(addresses: Sequence[str], cert: str | None, key: str | None, ca: st
 
 
 def _kvstore(backend: str, endpoints: str | None, ca: str | None, cert: str | None, key: str | None,
-             lease_ttl: int, node_ip: str | None, pod_cidr: str | None, health_ip: str | None) -> Any:
+             lease_ttl: int, node_ip: str | None, pod_cidr: str | None, health_ip: str | None,
+             health_port: int = 4240) -> Any:
     """The KVStoreConfig (None without --kvstore); exits 2 on options that do not fit together."""
     import ipaddress
 
@@ -261,7 +287,7 @@ def _kvstore(backend: str, endpoints: str | None, ca: str | None, cert: str | No
     return KVStoreConfig("etcd", tuple(e.strip() for e in endpoints.split(",") if e.strip()),
                          Path(ca).resolve() if ca else None, Path(cert).resolve() if cert else None,
                          Path(key).resolve() if key else None, lease_ttl, node_ip=node_ip, pod_cidr=pod_cidr,
-                         health_ip=health_ip)
+                         health_ip=health_ip, health_port=health_port)
 
 
 def _group_id(group: str | None) -> int | None:
@@ -277,23 +303,33 @@ def _group_id(group: str | None) -> int | None:
         sys.exit(2)
 
 
-def _kubernetes_watcher(agent: Any, kubernetes: str, node_name: str | None, datapath: str, envoy_mode: str) -> Any:
-    """The watcher feeding ``agent`` from the cluster; exits 2 if its config cannot be read."""
-    import socket
-
-    from ..k8s import WatchConfig, Watcher, connect
+def _kubernetes_api(kubernetes: str) -> Any:
+    """The API client for --kubernetes; exits 2 if its config cannot be read."""
+    from ..k8s import connect
     from ..k8s.watch import WatchError
 
     try:
-        api = connect(None if kubernetes in ("in-cluster", "default") else kubernetes, kubernetes == "in-cluster")
+        return connect(None if kubernetes in ("in-cluster", "default") else kubernetes, kubernetes == "in-cluster")
     except WatchError as e:
         click.echo(f"error: --kubernetes: {e}", err=True)
         sys.exit(2)
+
+
+def _kubernetes_watcher(agent: Any, api: Any, node_name: str | None, datapath: str, envoy_mode: str,
+                        crd: Any = None) -> Any:
+    """The watcher feeding ``agent`` from the cluster (with CRD mode's watches when ``crd``)."""
+    import socket
+
+    from ..k8s import WatchConfig, Watcher
+
     # Named container ports give endpoints ports; without BPF an agent would put Envoy on them.
     from ..agent.api import InProcess
 
-    watcher = Watcher(api, InProcess(agent), WatchConfig(node_name=node_name or socket.gethostname(),
-                                                         pod_ports=datapath == "bpf" or envoy_mode == "none"))
+    config = WatchConfig(node_name=node_name or socket.gethostname(),
+                         pod_ports=datapath == "bpf" or envoy_mode == "none")
+    if crd is not None:
+        return crd.watcher(agent, config)
+    watcher = Watcher(api, InProcess(agent), config)
     agent.kubernetes = watcher
     return watcher
 
@@ -347,6 +383,11 @@ def _status_text(s: dict[str, Any]) -> str:
         lines.append(f"KVStore:     {kv['backend']} {','.join(kv['endpoints'])} as node {kv['node']}, {state}, "
                      f"{kv['nodes']} node(s), {kv['remote_endpoints']} remote endpoint address(es)"
                      + (f", {kv['malformed']} malformed entries skipped" if kv["malformed"] else ""))
+        if "health" in kv:
+            h = kv["health"]
+            lines.append(f"Cluster health: {h['reachable']}/{h['nodes']} other node(s) reachable"
+                         + (f" (unreachable: {', '.join(h['unreachable'])})" if h["unreachable"] else "")
+                         + (f"; {h['error']}" if h.get("error") else ""))
     lines += [f"Note:        {n}" for n in s["notes"]]
     lines += [f"Degraded:    {r}" for r in s.get("reasons", [])]
     return "\n".join(lines)
@@ -419,9 +460,11 @@ def _wait_healthy(state_dir: str, seconds: float) -> dict[str, Any]:
               "--wait`); exit 1 if it is not within --wait-duration.")
 @click.option("--wait-duration", type=click.FloatRange(0), default=300.0, show_default=True,
               help="Seconds --wait waits.")
+@click.option("--cluster", is_flag=True, help="Also each other node's answers to this node's health probes "
+              "(as `cilia health status`; agents with --kvstore).")
 @state_dir_option
 @output_option
-def status_cmd(verbose: bool, wait: bool, wait_duration: float, state_dir: str, output: str) -> None:
+def status_cmd(verbose: bool, wait: bool, wait_duration: float, cluster: bool, state_dir: str, output: str) -> None:
     """The agent's health, revision, Envoy, the datapath, each proxy's ACK/NACK state and the
     policy features accepted but not enforced."""
     payload = _wait_healthy(state_dir, wait_duration) if wait else call_agent(state_dir, lambda c: c.status())
@@ -434,6 +477,12 @@ def status_cmd(verbose: bool, wait: bool, wait_duration: float, state_dir: str, 
         text = _status_text(payload)
     if policies is not None and (notes := _policy_notes_text(policies)):
         text += "\n" + notes
+    if cluster:
+        from .cluster_cmds import health_text
+
+        health = call_agent(state_dir, lambda c: c.cluster_health())
+        payload = {**payload, "cluster_health": health}
+        text += "\n" + health_text(health)
     emit(output, payload, lambda _: text)
     if not payload["healthy"]:
         sys.exit(1)

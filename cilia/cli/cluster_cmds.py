@@ -1,5 +1,6 @@
-"""Commands about the cluster an agent with ``--kvstore`` belongs to: ``cilia node list`` and
-``cilia kvstore get KEY`` / ``ls PREFIX`` (cilia's own keys, for debugging). All take ``-o json``."""
+"""Commands about the cluster an agent with ``--kvstore`` belongs to: ``cilia node list``,
+``cilia health status`` (each other node's answers to this node's probes) and ``cilia kvstore get
+KEY`` / ``ls PREFIX`` (cilia's own keys, for debugging). All take ``-o json``."""
 
 from __future__ import annotations
 
@@ -18,6 +19,37 @@ def node_list_cmd(state_dir: str, output: str) -> None:
         ["NAME", "NODE IP", "POD CIDR", "HEALTH IP", ""],
         [(n["name"], n["ip"] or "-", n["pod_cidr"] or "-", n["health_ip"] or "-", "(this node)" if n["local"] else "")
          for n in p["nodes"]]))
+
+
+def _ms(result: dict[str, object]) -> str:
+    latency = result["latency_seconds"]
+    if result["ok"] and isinstance(latency, (int, float)):
+        return f"ok {latency * 1000:.2f}ms"
+    return "FAIL"
+
+
+def health_text(p: dict[str, object]) -> str:
+    serving = p["serving"] or f"not served ({p['error']})"
+    nodes = p["nodes"]
+    assert isinstance(nodes, list)
+    lines = [f"Node {p['node']}: health endpoint {serving}, {p['rounds']} probe round(s)"]
+    lines.append(table(["NODE", "ADDRESS", "REACHABLE", "ICMP", "HTTP", "LAST ERROR"],
+                       [(n["name"], n["address"], "yes" if n["reachable"] else "NO", _ms(n["icmp"]), _ms(n["http"]),
+                         n["icmp"]["error"] or n["http"]["error"] or "-") for n in nodes])
+                 if nodes else "(no other node announced)")
+    return "\n".join(lines)
+
+
+@click.command("status")
+@state_dir_option
+@output_option
+def health_status_cmd(state_dir: str, output: str) -> None:
+    """Whether every other node answered this node's last ICMP echo and HTTP probe, and how fast.
+    Exits 1 if one did not."""
+    payload = call_agent(state_dir, lambda c: c.cluster_health())
+    emit(output, payload, health_text)
+    if not all(n["reachable"] for n in payload["nodes"]):
+        raise SystemExit(1)
 
 
 def _entries(payload: dict[str, object]) -> str:
@@ -56,6 +88,12 @@ def register(cli: click.Group) -> None:
         """Nodes of the cluster (agents with --kvstore)."""
 
     node.add_command(node_list_cmd)
+
+    @cli.group("health")
+    def health() -> None:
+        """Connectivity between the cluster's nodes (agents with --kvstore)."""
+
+    health.add_command(health_status_cmd)
 
     @cli.group("kvstore")
     def kvstore() -> None:

@@ -9,9 +9,12 @@ An implementation of ``cilia.policy.IdentityAllocator``, so the engine uses it u
   nor the ID exist: of several nodes allocating the same labels at once exactly one wins and the
   others read its ID. Candidate IDs are drawn at random from the free ones (256-65535).
 - CIDR identities stay node-local (bit 24 set, as Cilium's), as do the reserved ones.
-- ``release``: drop this node's reference; ``collect_garbage`` deletes an ID (and its labels key)
-  that no node has referenced for ``grace`` seconds, in a transaction that fails if either key
-  changed or a reference appeared meanwhile.
+- ``release``: drop this node's reference, on a thread of its own (the engine calls it under the
+  agent's lock, which must never wait for the store); ``collect_garbage`` deletes an ID (and its
+  labels key) that no node has referenced for ``grace`` seconds, in a transaction that fails if
+  either key changed or a reference appeared meanwhile.
+- ``prepare(labels)``: allocate before taking the agent's lock (the store's I/O happens there) and
+  keep the identity held until the engine has taken it (``allocate`` is then a lookup).
 - Every identity of the cluster is mirrored (``PrefixMirror``), so a remote endpoint's ID maps to
   its labels; an ID record whose labels do not parse is logged and left unknown, and an unknown
   identity is selected by nothing (its traffic is denied).
@@ -26,6 +29,7 @@ import random
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import AbstractContextManager, contextmanager
 
 from ..kvstore.base import KVStore, KVStoreError, Put
 from ..kvstore.mirror import PrefixMirror
@@ -55,11 +59,17 @@ class ClusterAllocator(MemoryAllocator):
         self.node = session.node
         self.grace = grace
         self.attempts = attempts
-        self._cluster_lock = threading.RLock()
+        self._cluster_lock = threading.RLock()  # the maps below; never held across a store call
+        self._io_lock = threading.Lock()  # one allocation or reference deletion at a time
         self._known: dict[int, Identity] = {}  # every cluster identity whose labels parse
         self._known_labels: dict[LabelSet, Identity] = {}
+        self._rewritten: set[int] = set()  # IDs whose labels another writer changed: unknown until deleted
         self._refs: dict[int, set[str]] = {}  # ID -> nodes referencing it (from the mirror)
         self._held: dict[LabelSet, Identity] = {}  # what this node references
+        self._engine_uses: set[LabelSet] = set()  # allocated by the engine and not released since
+        self._pins: dict[LabelSet, int] = {}  # prepared for an engine change still to come
+        self._dropping: dict[int, LabelSet] = {}  # released: this node's reference is to be deleted
+        self._drop_wake = threading.Event()
         self._unreferenced: dict[tuple[int, int], float] = {}  # (ID, mod revision) -> since when
         self.malformed = 0  # records skipped because they do not parse
         #: called (on the mirror's thread) with IDs whose labels just became known
@@ -70,10 +80,12 @@ class ClusterAllocator(MemoryAllocator):
         self.gc_interval = gc_interval
         self._stopped = threading.Event()
         self._gc_thread = threading.Thread(target=self._collect, name="identity-gc", daemon=True)
+        self._drop_thread = threading.Thread(target=self._drop_loop, name="identity-release", daemon=True)
 
     def start(self) -> None:
         self.mirror.start()
         self.mirror.synced.wait(self.store_timeout)
+        self._drop_thread.start()
         if self.gc_interval is not None:
             self._gc_thread.start()
 
@@ -93,32 +105,75 @@ class ClusterAllocator(MemoryAllocator):
 
     def stop(self) -> None:
         self._stopped.set()
-        if self._gc_thread.is_alive():
-            self._gc_thread.join(10)
+        self._drop_wake.set()
+        for thread in (self._gc_thread, self._drop_thread):
+            if thread.is_alive():
+                thread.join(10)
         self.mirror.stop()
 
     # ------------------------------------------------------------------ IdentityAllocator
 
     def allocate(self, labels: LabelSet) -> Identity:
+        ident = self._hold(labels)
         with self._cluster_lock:
-            held = self._held.get(labels)
-            if held is not None:
+            self._engine_uses.add(labels)
+        return ident
+
+    def prepare(self, labels: LabelSet) -> AbstractContextManager[Identity]:
+        """Allocate ``labels`` now (raises ``IdentityUnavailable``) and keep the identity held
+        while the returned context runs, so the engine's ``allocate`` inside it does no store I/O;
+        if the engine did not take it, it is released after the context."""
+        return self._pinned(labels, self._hold(labels, pin=True))
+
+    @contextmanager
+    def _pinned(self, labels: LabelSet, ident: Identity) -> Iterator[Identity]:
+        try:
+            yield ident
+        finally:
+            with self._cluster_lock:
+                left = self._pins.get(labels, 1) - 1
+                if left:
+                    self._pins[labels] = left
+                else:
+                    self._pins.pop(labels, None)
+                    if labels not in self._engine_uses and not labels.has_source(SOURCE_RESERVED):
+                        self._drop(labels)
+            self._drop_wake.set()
+
+    def _hold(self, labels: LabelSet, pin: bool = False) -> Identity:
+        if labels.has_source(SOURCE_RESERVED):
+            found = self._by_labels.get(labels)
+            if found is not None:
+                return found
+            raise ValueError(f"labels {labels} name a reserved identity that does not exist")
+        if (held := self._held_now(labels, pin)) is not None:
+            return held
+        with self._io_lock:
+            if (held := self._held_now(labels, pin)) is not None:
                 return held
-            if labels.has_source(SOURCE_RESERVED):
-                found = self._by_labels.get(labels)
-                if found is not None:
-                    return found
-                raise ValueError(f"labels {labels} name a reserved identity that does not exist")
             try:
                 number = self._allocate(labels)
             except KVStoreError as e:
                 raise IdentityUnavailable(f"no cluster-wide identity for {labels}: {e}") from None
             ident = Identity(number, labels, IdentityKind.ENDPOINT)
-            self._held[labels] = ident
-            self._learn(ident)
+            with self._cluster_lock:
+                self._held[labels] = ident
+                self._dropping.pop(number, None)  # referenced again: keep the reference
+                if pin:
+                    self._pins[labels] = self._pins.get(labels, 0) + 1
+                self._learn(ident)
             return ident
 
+    def _held_now(self, labels: LabelSet, pin: bool) -> Identity | None:
+        with self._cluster_lock:
+            held = self._held.get(labels)
+            if held is not None and pin:
+                self._pins[labels] = self._pins.get(labels, 0) + 1
+            return held
+
     def release(self, identity_id: int) -> None:
+        """No store I/O here (called under the agent's lock): the reference is deleted by a
+        thread of its own, unless the labels are held again before it gets there."""
         if not MIN_ALLOCATED <= identity_id < LOCAL_CIDR_BASE:
             super().release(identity_id)  # CIDR identities are node-local
             return
@@ -126,27 +181,50 @@ class ClusterAllocator(MemoryAllocator):
             ident = next((i for i in self._held.values() if i.id == identity_id), None)
             if ident is None:
                 return
-            del self._held[ident.labels]
+            self._engine_uses.discard(ident.labels)
+            if self._pins.get(ident.labels):
+                return  # an endpoint change in progress is about to take it
+            self._drop(ident.labels)
+        self._drop_wake.set()
+
+    def _drop(self, labels: LabelSet) -> None:
+        """(cluster lock held) no longer held: queue its reference for deletion."""
+        ident = self._held.pop(labels, None)
+        if ident is not None:
+            self._dropping[ident.id] = labels
+
+    def _drop_loop(self) -> None:
+        delay = 0.2
+        while not self._stopped.is_set():
+            self._drop_wake.wait()
+            self._drop_wake.clear()
             try:
-                self.store.delete(keys.ref_key(identity_id, self.node))
-            except KVStoreError as e:  # the lease drops it in the end
-                _log.warning("releasing identity %d: %s", identity_id, e)
+                self._drop_pending()
+                delay = 0.2
+            except KVStoreError as e:  # kept in the queue; the lease drops them if this node dies
+                _log.warning("releasing identities: %s", e)
+                self._stopped.wait(delay)
+                delay = min(delay * 2, 5.0)
+                self._drop_wake.set()
+
+    def _drop_pending(self) -> None:
+        with self._io_lock:
+            with self._cluster_lock:
+                pending = dict(self._dropping)
+            for number, labels in pending.items():
+                with self._cluster_lock:
+                    if self._held.get(labels) is not None or number not in self._dropping:
+                        self._dropping.pop(number, None)
+                        continue
+                self.store.delete(keys.ref_key(number, self.node))
+                with self._cluster_lock:
+                    self._dropping.pop(number, None)
 
     def get(self, identity_id: int) -> Identity | None:
-        found = self._by_id.get(identity_id) or self._known.get(identity_id)
-        if found is not None or not MIN_ALLOCATED <= identity_id <= MAX_ALLOCATED:
-            return found
-        try:  # a remote endpoint's identity the mirror has not delivered yet
-            kv = self.store.get(keys.id_key(identity_id))
-        except KVStoreError:
-            return None
-        if kv is None:
-            return None
-        ident = self._parse(identity_id, kv.value)
-        if ident is not None:
-            with self._cluster_lock:
-                self._learn(ident)
-        return ident
+        """What is known (mirrored or held); no store I/O: the engine asks under the agent's lock.
+        A remote endpoint's identity that has not arrived yet is unknown (selected by nothing)
+        until the mirror delivers it (``on_learned``)."""
+        return self._by_id.get(identity_id) or self._known.get(identity_id)
 
     def lookup(self, labels: LabelSet) -> Identity | None:
         return self._held.get(labels) or self._by_labels.get(labels) or self._known_labels.get(labels)
@@ -220,8 +298,10 @@ class ClusterAllocator(MemoryAllocator):
 
     def _rereference(self, lease: int) -> None:
         """A new lease: put back this node's references (they went with the old one)."""
-        with self._cluster_lock:
-            for ident in list(self._held.values()):
+        with self._io_lock:
+            with self._cluster_lock:
+                held = list(self._held.values())
+            for ident in held:
                 try:
                     self.store.put(keys.ref_key(ident.id, self.node), b"", lease=lease)
                 except KVStoreError as e:
@@ -250,8 +330,18 @@ class ClusterAllocator(MemoryAllocator):
                 old = self._known.pop(number, None)
                 if old is not None and self._known_labels.get(old.labels) is old:
                     del self._known_labels[old.labels]
-                if value is not None:
+                if value is None:
+                    self._rewritten.discard(number)  # deleted: the number may be allocated afresh
+                elif number in self._rewritten:
+                    raise ValueError(f"{key}: identity {number} was rewritten before; still denied")
+                else:
                     ident = self._parse(number, value)
+                    if ident is not None and old is not None and ident.labels != old.labels:
+                        # an ID is created once with its labels; another writer changed them: taking
+                        # the new labels could widen access, so the number is known to no one now
+                        self._rewritten.add(number)
+                        raise ValueError(f"{key}: identity {number}'s labels changed from {old.labels} to "
+                                         f"{ident.labels}; its traffic is denied")
                     if ident is not None:
                         self._learn(ident)
             elif key.startswith(keys.REFS):
@@ -296,6 +386,7 @@ class ClusterAllocator(MemoryAllocator):
     def collect_garbage(self, now: float | None = None) -> list[int]:
         """Delete identities no node has referenced for ``grace`` seconds; returns their IDs."""
         now = time.monotonic() if now is None else now
+        self._drop_pending()  # this node's released references first
         items, _ = self.store.get_prefix(keys.IDENTITIES)
         records = {kv.key: kv for kv in items}
         referenced = set()

@@ -28,7 +28,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Coroutine, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
 from ..policy.model import Protocol
@@ -43,6 +43,9 @@ IP_ORIGDSTADDR = 20
 SO_MARK = 36
 EGRESS_MARK = 0x0B00  # Cilium's MARK_MAGIC_PROXY_EGRESS; datapath.c MARK_PROXY_EGRESS
 REPLY_SOCKETS_MAX = 256
+MAX_IN_FLIGHT = 4096
+TCP_IDLE = 10.0
+IDLE_UPSTREAM_MAX = 64  # idle upstream UDP sockets kept per (server, mark)
 
 Learner = Callable[[str, str, Sequence[str], int], None]
 Address = tuple[str, int]
@@ -93,7 +96,10 @@ class _Upstream:
 
 class DNSProxy:
     def __init__(self, *, address: str = "127.0.0.1", port: int = 0, learn: Learner = no_learning,
-                 record: Recorder = _ignore, upstream_timeout: float = 2.0, egress_mark: int = EGRESS_MARK) -> None:
+                 record: Recorder = _ignore, upstream_timeout: float = 2.0, egress_mark: int = EGRESS_MARK,
+                 max_in_flight: int = MAX_IN_FLIGHT, tcp_idle: float = TCP_IDLE) -> None:
+        self.max_in_flight = max_in_flight  # UDP queries being answered; more are dropped (the client retries)
+        self.tcp_idle = tcp_idle  # a TCP client silent this long is closed (RFC 7766 asks servers to)
         self.address = address
         self.port = port
         self.learn = learn
@@ -108,6 +114,7 @@ class DNSProxy:
         self._thread: threading.Thread | None = None
         self._server: asyncio.Server | None = None
         self._reply_socks: dict[Address, socket.socket] = {}
+        self._idle: dict[tuple[Address, int], list[socket.socket]] = {}  # upstream UDP sockets by (server, mark)
         self._learners = ThreadPoolExecutor(4, thread_name_prefix="dns-learn")
         self._tasks: set[asyncio.Task[None]] = set()
 
@@ -175,11 +182,12 @@ class DNSProxy:
             loop.call_soon_threadsafe(shut)
             self._thread.join(10)
         self._loop = self._thread = None
-        for s in (self._udp, self._tcp, *self._reply_socks.values()):
+        for s in (self._udp, self._tcp, *self._reply_socks.values(), *(x for xs in self._idle.values() for x in xs)):
             if s is not None:
                 s.close()
         self._udp = self._tcp = None
         self._reply_socks.clear()
+        self._idle.clear()
         self._learners.shutdown(wait=False, cancel_futures=True)
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
@@ -205,7 +213,17 @@ class DNSProxy:
                 self._malformed("UDP", client, server or ("", 0), "no original destination" if server is None
                                 else "truncated datagram")
                 continue
+            if self._itself(server):
+                self._malformed("UDP", client, server, "addressed to the DNS proxy itself")
+                continue
+            if len(self._tasks) >= self.max_in_flight:
+                self.stats["overload"] += 1  # counted, not recorded: a flood must not cost a flow each
+                continue
             self._spawn(self._udp_query(data, client, server))
+
+    def _itself(self, server: Address) -> bool:
+        """A query sent straight to the proxy's own port: forwarding it would send it back here."""
+        return server[1] == self.port and (server[0] == self.address or server[0].startswith("127."))
 
     async def _udp_query(self, data: bytes, client: Address, server: Address) -> None:
         out = await self.handle(data, client, server, Protocol.UDP)
@@ -232,23 +250,54 @@ class DNSProxy:
         return sock
 
     async def _udp_upstream(self, query: bytes, server: Address, mark: int) -> bytes:
+        """Ask ``server`` on a connected socket of the pool for (server, mark), so a busy client
+        does not make a new flow (and conntrack entry) per query; a socket is used by one query at a
+        time and put back only after a good answer (after a timeout a late answer could follow)."""
         loop = asyncio.get_running_loop()
-        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        idle = self._idle.setdefault((server, mark), [])
+        if idle:
+            sock = idle.pop()  # connected to server
+        else:
+            sock = _upstream_socket(socket.SOCK_DGRAM, mark)
+            try:
+                sock.connect(server)
+            except OSError:
+                sock.close()
+                raise
+        answer: asyncio.Future[bytes] = loop.create_future()
+        qid = query[:2]
+
+        def readable() -> None:
+            while not answer.done():
+                try:
+                    data = sock.recv(wire.MAX_UDP)
+                except (BlockingIOError, InterruptedError):
+                    return
+                except OSError as e:  # e.g. ICMP port unreachable: nobody serves DNS there
+                    answer.set_exception(e)
+                    return
+                if data[:2] == qid:  # the same id; anything else is not the answer (a late one)
+                    answer.set_result(data)
+
+        def expire() -> None:
+            if not answer.done():
+                answer.set_exception(TimeoutError())
+
+        timer = loop.call_later(self.upstream_timeout, expire)
+        good = False
         try:
-            sock.setblocking(False)
-            sock.setsockopt(socket.SOL_SOCKET, SO_MARK, mark)
-            sock.connect(server)
+            loop.add_reader(sock.fileno(), readable)
             sock.send(query)
-            deadline = loop.time() + self.upstream_timeout
-            while True:
-                remaining = deadline - loop.time()
-                if remaining <= 0:
-                    raise TimeoutError
-                data = await asyncio.wait_for(loop.sock_recv(sock, wire.MAX_UDP), remaining)
-                if data[:2] == query[:2]:  # the same id; anything else is not the answer
-                    return data
+            data = await answer
+            good = True
+            return data
         finally:
-            sock.close()
+            timer.cancel()
+            loop.remove_reader(sock.fileno())
+            if good and len(idle) < IDLE_UPSTREAM_MAX:
+                idle.append(sock)
+            else:
+                sock.close()
 
     # ------------------------------------------------------------------ TCP
 
@@ -258,8 +307,15 @@ class DNSProxy:
         framer = wire.Framer()
         upstream = _Upstream()
         try:
+            if self._itself(server):
+                self._malformed("TCP", client, server, "addressed to the DNS proxy itself")
+                return
             while True:
-                data = await reader.read(65536)
+                try:
+                    data = await asyncio.wait_for(reader.read(65536), self.tcp_idle)
+                except TimeoutError:
+                    self.stats["tcp_idle_closed"] += 1
+                    return
                 if not data:
                     return
                 for message in framer.feed(data):
@@ -278,9 +334,7 @@ class DNSProxy:
         loop = asyncio.get_running_loop()
         for attempt in (0, 1):  # a kept connection the server closed meanwhile: open a new one once
             if up.writer is None or up.reader is None:
-                sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-                sock.setblocking(False)
-                sock.setsockopt(socket.SOL_SOCKET, SO_MARK, mark)
+                sock = _upstream_socket(socket.SOCK_STREAM, mark)
                 try:
                     await asyncio.wait_for(loop.sock_connect(sock, server), self.upstream_timeout)
                 except BaseException:
@@ -325,11 +379,18 @@ class DNSProxy:
             return None
         judged = self.policy.judge(client[0], server[0], server[1], protocol, query.name)
         d = judged.decision
-        base = DNSRecord(now, proto, client, server, judged.endpoint.name if judged.endpoint else "",
-                         judged.peer_identity, query.name, query.qtype, rule=d.rule, reason=d.reason)
+        endpoint = judged.endpoint.name if judged.endpoint else ""
+
+        def record(verdict: str, rcode: str, reason: str = d.reason, answer: wire.Answer | None = None,
+                   upstream: float = 0.0) -> None:
+            self._record(DNSRecord(now, proto, client, server, endpoint, judged.peer_identity, query.name,
+                                   query.qtype, verdict, rcode, answer.ips if answer else (),
+                                   answer.ttl if answer else 0, answer.cnames if answer else (), d.rule, reason,
+                                   time.monotonic() - arrived, upstream))
+
         if not d.allowed:
             self.stats["refused"] += 1
-            self._record(base, arrived, verdict="denied", rcode="Refused")
+            record("denied", "Refused")
             return wire.reply(query, wire.REFUSED)
         mark = self.egress_mark | ((judged.endpoint.identity & 0xFFFF) << 16 if judged.endpoint else 0)
         asked = time.monotonic()
@@ -342,18 +403,15 @@ class DNSProxy:
         except (TimeoutError, OSError, EOFError, wire.Malformed) as e:
             why = "no answer from the server" if isinstance(e, TimeoutError) else f"upstream: {e}"
             self.stats["servfail"] += 1
-            self._record(base, arrived, verdict="error", rcode="ServFail", reason=why,
-                         upstream=time.monotonic() - asked)
+            record("error", "ServFail", why, upstream=time.monotonic() - asked)
             return wire.reply(query, wire.SERVFAIL)
         took = time.monotonic() - asked
-        if answer.ips and not await self._learned(judged, query, answer):
+        if answer.ips and self.learn is not no_learning and not await self._learned(judged, query, answer):
             self.stats["servfail"] += 1
-            self._record(base, arrived, verdict="error", rcode="ServFail", reason="the answer could not be learned",
-                         upstream=took)
+            record("error", "ServFail", "the answer could not be learned", upstream=took)
             return wire.reply(query, wire.SERVFAIL)
         self.stats["forwarded"] += 1
-        self._record(base, arrived, verdict="audit" if d.audit else "forwarded", rcode=answer.rcode_name,
-                     ips=answer.ips, ttl=answer.ttl, cnames=answer.cnames, upstream=took)
+        record("audit" if d.audit else "forwarded", answer.rcode_name, answer=answer, upstream=took)
         return answer.wire  # unchanged: TC, EDNS0 and all
 
     async def _learned(self, judged: Judgement, query: wire.Query, answer: wire.Answer) -> bool:
@@ -369,16 +427,21 @@ class DNSProxy:
 
     def _malformed(self, proto: str, client: Address, server: Address, why: str) -> None:
         self.stats["malformed"] += 1
-        self._record(DNSRecord(time.time(), proto, client, server, self.policy.endpoint_name(client[0]), 0),
-                     None, verdict="error", reason=f"malformed: {why}")
+        self._record(DNSRecord(time.time(), proto, client, server, self.policy.endpoint_name(client[0]), 0,
+                               verdict="error", reason=f"malformed: {why}"))
 
-    def _record(self, base: DNSRecord, arrived: float | None, **changes: Any) -> None:
-        latency = time.monotonic() - arrived if arrived is not None else 0.0
-        rec = replace(base, latency=latency, **changes)
+    def _record(self, rec: DNSRecord) -> None:
         try:
             self.record(rec)
         except Exception:
             _log.exception("DNS proxy: recording a flow")
+
+
+def _upstream_socket(kind: socket.SocketKind, mark: int) -> socket.socket:
+    sock = socket.socket(socket.AF_INET, kind)
+    sock.setblocking(False)
+    sock.setsockopt(socket.SOL_SOCKET, SO_MARK, mark)
+    return sock
 
 
 def _transparent(kind: socket.SocketKind) -> socket.socket:

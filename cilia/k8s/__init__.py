@@ -9,7 +9,8 @@ a dropped stream) and ``connect`` (kubeconfig or in-cluster config → ``ApiClie
 
 from __future__ import annotations
 
-from .convert import ConvertError, endpoint_name, network_policy_text, pod_endpoint, policy_path, policy_text
+from ..policy.netpol import network_policy_text
+from .convert import ConvertError, endpoint_name, pod_endpoint, policy_path, policy_text
 from .watch import ExactDeleteSink, Sink, WatchConfig, Watcher, connect, format_status
 
 __all__ = ["ConvertError", "ExactDeleteSink", "Sink", "WatchConfig", "Watcher", "connect", "endpoint_name",

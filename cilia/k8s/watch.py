@@ -27,17 +27,14 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
+from ..policy.netpol import CNP, NETWORK_POLICY, derived_policy_name, network_policy_text
 from ..specs import EndpointSpec, PolicyKey, StateError
 from .convert import (
     CCNP,
-    CNP,
-    NETWORK_POLICY,
     ConvertError,
-    derived_policy_name,
     endpoint_name,
     is_pod_endpoint,
     merge_endpoint,
-    network_policy_text,
     object_key,
     object_labels,
     parse_policy_path,
@@ -58,7 +55,11 @@ NETWORK_POLICIES = "networkpolicies"
 CNPS = "ciliumnetworkpolicies"
 CCNPS = "ciliumclusterwidenetworkpolicies"
 RESOURCES = (NAMESPACES, PODS, NETWORK_POLICIES, CNPS, CCNPS)
+# CRD mode (cilia.k8s.crdmode) adds these, with their handlers
+CILIUM_IDENTITIES = "ciliumidentities"
+CILIUM_ENDPOINTS = "ciliumendpoints"
 _GONE = 410
+_UNAVAILABLE = 503  # the agent cannot take it now (no cluster-wide identity): try again later
 
 
 class Sink(Protocol):
@@ -154,9 +155,11 @@ def _interrupt(resp: Any) -> None:
 class Watcher:
     """Watches the API server through ``api`` and keeps ``sink`` (the agent) in step with it."""
 
-    def __init__(self, api: ApiClient, sink: Sink, config: WatchConfig | None = None) -> None:
+    def __init__(self, api: ApiClient, sink: Sink, config: WatchConfig | None = None,
+                 extra: Mapping[str, _Handler] | None = None) -> None:
+        """``extra``: handlers of more resources (CRD mode's), each also named in ``config.resources``."""
         self.config = config or WatchConfig()
-        unknown = set(self.config.resources) - set(RESOURCES)
+        unknown = set(self.config.resources) - set(RESOURCES) - set(extra or {})
         if unknown:
             raise WatchError(f"unknown resources {sorted(unknown)} (known: {', '.join(RESOURCES)})")
         self._api = api
@@ -175,7 +178,7 @@ class Watcher:
         self.ccnps = _CiliumPolicies(self, CCNP)
         self.netpols = _NetworkPolicies(self)
         self._handlers: dict[str, _Handler] = {NAMESPACES: self.namespaces, PODS: self.pods, CNPS: self.cnps,
-                                               CCNPS: self.ccnps, NETWORK_POLICIES: self.netpols}
+                                               CCNPS: self.ccnps, NETWORK_POLICIES: self.netpols, **(extra or {})}
         self._calls = self._list_functions()
 
     # ------------------------------------------------------------------ lifecycle
@@ -188,6 +191,20 @@ class Watcher:
             t = threading.Thread(target=self._run, args=(resource,), name=f"k8s-watch-{resource}", daemon=True)
             self._threads.append(t)
             t.start()
+        if PODS in self.config.resources:
+            t = threading.Thread(target=self._retry_pods, name="k8s-retry-pods", daemon=True)
+            self._threads.append(t)
+            t.start()
+
+    def _retry_pods(self) -> None:
+        """Pods the agent could not take for a reason that passes (503: no cluster-wide identity
+        while the kvstore is unreachable) are applied again until they are taken or gone, not
+        only at their next event."""
+        interval = min(self.config.max_backoff, max(1.0, self.config.backoff * 4))
+        while not self._stop.wait(interval):
+            with self._apply_lock:
+                if self.pods.retry:
+                    self.pods.retry_now()
 
     def stop(self, timeout: float = 5.0) -> None:
         """Stop every thread (open watches are cut); what the agent was given stays."""
@@ -231,6 +248,10 @@ class Watcher:
             NETWORK_POLICIES: net.list_network_policy_for_all_namespaces,
             CNPS: functools.partial(custom.list_cluster_custom_object, "cilium.io", "v2", CNPS),
             CCNPS: functools.partial(custom.list_cluster_custom_object, "cilium.io", "v2", CCNPS),
+            CILIUM_IDENTITIES: functools.partial(custom.list_cluster_custom_object, "cilium.io", "v2",
+                                                 CILIUM_IDENTITIES),
+            CILIUM_ENDPOINTS: functools.partial(custom.list_cluster_custom_object, "cilium.io", "v2",
+                                                CILIUM_ENDPOINTS),
         }
 
     def _call(self, resource: str, **kwargs: Any) -> Any:
@@ -508,9 +529,18 @@ class _Pods:
     def __init__(self, w: Watcher) -> None:
         self.w = w
         self.pods: dict[tuple[str, str], Mapping[str, Any]] = {}
+        self.retry: set[tuple[str, str]] = set()  # refused for a passing reason (503): applied again
 
     def count(self) -> int:
         return len(self.pods)
+
+    def retry_now(self) -> None:
+        keys, self.retry = self.retry, set()
+        existing = self._existing()
+        for key in keys:
+            pod = self.pods.get(key)
+            if pod is not None:
+                self._apply(pod, existing)
 
     def _existing(self) -> dict[str, EndpointSpec]:
         out: dict[str, EndpointSpec] = {}
@@ -537,6 +567,7 @@ class _Pods:
     def remove(self, obj: Mapping[str, Any]) -> None:
         namespace, name = object_key(obj)
         self.pods.pop((namespace, name), None)
+        self.retry.discard((namespace, name))
         self.w.accept(self.KIND, namespace, name)
         ep = endpoint_name(namespace or "default", name)
         spec = self._existing().get(ep)
@@ -567,11 +598,14 @@ class _Pods:
             self.w.accept(self.KIND, namespace, name)
             return None
         spec = merge_endpoint(desired, current)
+        self.retry.discard((namespace, name))
         if spec != current:
             try:
                 self.w.sink.add_endpoint(spec)
             except Exception as e:
                 self.w.reject(self.KIND, namespace, name, str(e), _problems(e))
+                if getattr(e, "status", None) == _UNAVAILABLE:
+                    self.retry.add((namespace, name))
                 return ep
             existing[ep] = spec
         self.w.accept(self.KIND, namespace, name)

@@ -26,7 +26,7 @@ from collections import deque
 from dataclasses import dataclass
 
 from .base import DEFAULT_MAX_BUFFER, Check, FramedConnection, Output, ProtocolError, Record, ReplyQueue
-from .memcache import MAX_KEY, Answer, Buffer, decided, key_text
+from .memcache_framing import MAX_KEY, Answer, Buffer, decided, key_text
 
 __all__ = [
     "OPCODES", "REQUEST_MAGIC", "RESPONSE_MAGIC", "BinaryRequest", "BinaryResponse", "Header",

@@ -17,7 +17,8 @@ from __future__ import annotations
 import re
 
 from .base import DEFAULT_MAX_BUFFER, Check, L7Connection, Output, Record
-from .memcache import MAX_LINE, MemcacheConnection, decided
+from .memcache import MemcacheConnection
+from .memcache_framing import MAX_LINE, decided
 from .memcache_text import DENIED
 
 # One whole request, nothing after it. Keys: printable ASCII up to memcached's 250 bytes (the

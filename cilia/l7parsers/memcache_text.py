@@ -32,7 +32,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from .base import DEFAULT_MAX_BUFFER, Check, FramedConnection, Output, ProtocolError, Record, ReplyQueue
-from .memcache import MAX_KEY, MAX_LINE, Answer, Buffer, decided, key_text
+from .memcache_framing import MAX_KEY, MAX_LINE, Answer, Buffer, decided, key_text
 
 __all__ = [
     "BARRIER", "DENIED", "MemcacheTextConnection", "Reply", "ReplyPart", "ReplyReader", "RequestReader",

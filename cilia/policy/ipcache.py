@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import bisect
 import ipaddress
+from bisect import bisect_left
 
 from .identity import RESERVED
 from .model import IPNetwork
@@ -17,7 +17,12 @@ class IPCache:
         self._tables: dict[int, dict[int, dict[int, int]]] = {4: {}, 6: {}}
         self._entries: dict[IPNetwork, int] = {}
         self._defaults: dict[IPNetwork, int] = {}
-        self._sorted: list[tuple[IPNetwork, int]] | None = None  # items(), kept in step with every change
+        # items() in address order, kept between calls: a few changes are applied to it by bisect
+        # (other nodes' endpoints change the ipcache often, one or two at a time); many (a bulk
+        # load) drop it for one sort
+        self._sorted: list[tuple[IPNetwork, int]] | None = None
+        self._keys: list[tuple[int, int, int]] = []  # _sorted's sort keys, for the bisect
+        self._pending: dict[IPNetwork, int | None] = {}  # changes since _sorted (None: deleted)
 
     def set_world_defaults(self) -> None:
         """Addresses nothing else claims belong to the world identities (also
@@ -28,13 +33,8 @@ class IPCache:
             self.upsert(net, RESERVED[name][0])
 
     def upsert(self, prefix: IPNetwork, identity: int) -> None:
-        old = self._entries.get(prefix)
-        if old != identity and self._sorted is not None:
-            # keep the sorted copy in step (a learned DNS answer adds one entry to many)
-            if old is None:
-                bisect.insort(self._sorted, (prefix, identity), key=_order)
-            else:
-                self._sorted[bisect.bisect_left(self._sorted, _order((prefix, old)), key=_order)] = (prefix, identity)
+        if self._entries.get(prefix) != identity:
+            self._changed(prefix, identity)
         self._entries[prefix] = identity
         table = self._tables[prefix.version].setdefault(prefix.prefixlen, {})
         table[int(prefix.network_address)] = identity
@@ -43,11 +43,9 @@ class IPCache:
         if prefix in self._defaults:
             self.upsert(prefix, self._defaults[prefix])
             return
-        old = self._entries.pop(prefix, None)
-        if old is None:
+        if self._entries.pop(prefix, None) is None:
             return
-        if self._sorted is not None:
-            del self._sorted[bisect.bisect_left(self._sorted, _order((prefix, old)), key=_order)]
+        self._changed(prefix, None)
         table = self._tables[prefix.version].get(prefix.prefixlen, {})
         table.pop(int(prefix.network_address), None)
 
@@ -69,12 +67,34 @@ class IPCache:
         raise KeyError(str(addr))
 
     def items(self) -> list[tuple[IPNetwork, int]]:
-        """Every entry in address order (a copy; sorted once per change: every realize reads it)."""
+        """Every entry in address order (a copy: every realize reads it)."""
         if self._sorted is None:
-            self._sorted = sorted(self._entries.items(), key=_order)
+            self._sorted = sorted(self._entries.items(), key=lambda kv: _key(kv[0]))
+            self._keys = [_key(p) for p, _ in self._sorted]
+        else:
+            for prefix, identity in self._pending.items():
+                key = _key(prefix)
+                i = bisect_left(self._keys, key)
+                present = i < len(self._keys) and self._keys[i] == key
+                if identity is None:
+                    if present:
+                        del self._keys[i], self._sorted[i]
+                elif present:
+                    self._sorted[i] = (prefix, identity)
+                else:
+                    self._keys.insert(i, key)
+                    self._sorted.insert(i, (prefix, identity))
+        self._pending.clear()
         return list(self._sorted)
 
+    def _changed(self, prefix: IPNetwork, identity: int | None) -> None:
+        if self._sorted is None:
+            return
+        self._pending[prefix] = identity
+        if len(self._pending) > 64 + len(self._entries) // 16:
+            self._sorted, self._pending = None, {}
 
-def _order(kv: tuple[IPNetwork, int]) -> tuple[int, int, int]:
-    """(version, network, length) as plain integers: comparing ip_network objects is slow Python."""
-    return kv[0].version, int(kv[0].network_address), kv[0].prefixlen
+
+def _key(prefix: IPNetwork) -> tuple[int, int, int]:
+    """The order of (version, network, length) by plain integers: comparing ip_network objects is slow Python."""
+    return prefix.version, int(prefix.network_address), prefix.prefixlen

@@ -29,6 +29,7 @@ from .l7 import http as l7http
 from .l7 import kafka as l7kafka
 from .l7.registry import L7Registry, default_registry
 from .labels import DEFAULT_NAMESPACE, Label, split_source
+from .netpol import derived_policy_name, network_policy_notes, network_policy_text
 from .model import (
     CIDRRule,
     DefaultDeny,
@@ -160,8 +161,6 @@ def _network_policy(doc: Node, registry: L7Registry | None, result: LoadResult) 
     """A Kubernetes NetworkPolicy, translated exactly as the Kubernetes watcher translates it (to the
     CiliumNetworkPolicy ``networkpolicy.NAME`` of its namespace) and parsed as that; every
     problem and source names the NetworkPolicy document's line."""
-    from ..k8s.convert import derived_policy_name, network_policy_notes, network_policy_text
-
     where = doc.source
     meta = doc.value.get("metadata")
     name = meta.get("name") if isinstance(meta, dict) else None

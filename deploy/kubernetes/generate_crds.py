@@ -1,6 +1,8 @@
-"""Writes the CustomResourceDefinitions for cilia's two policy kinds (run from the repository root):
+"""Writes the CustomResourceDefinitions for cilia's two policy kinds, and for CiliumIdentity and
+CiliumEndpoint, the state agents share through the API server without a kvstore (run from the
+repository root):
 
-    .venv/bin/python deploy/kubernetes/generate_crds.py          # rewrite the two CRD files
+    .venv/bin/python deploy/kubernetes/generate_crds.py          # rewrite the four CRD files
     .venv/bin/python deploy/kubernetes/generate_crds.py --check  # exit 1 if they are stale
 
 The schema describes what cilia's policy parser (cilia/policy/parse.py) accepts, shaped like Cilium's
@@ -379,15 +381,82 @@ def crd(clusterwide: bool) -> Schema:
     }
 
 
-def render(clusterwide: bool) -> str:
-    text: str = yaml.safe_dump(crd(clusterwide), sort_keys=False, width=120, allow_unicode=True)
+# --- CRD mode's shared state (cilia/k8s/crd_identities.py, crd_endpoints.py) --------------------------
+
+
+def state_crd(kind: str, plural: str, short: list[str], scope: str, schema: Schema,
+              columns: list[Schema]) -> Schema:
+    """A CRD of the state agents share without a kvstore: written by the agents, no status subresource
+    (a CiliumEndpoint's status is its content, written with the object)."""
+    return {
+        "apiVersion": "apiextensions.k8s.io/v1",
+        "kind": "CustomResourceDefinition",
+        "metadata": {"name": f"{plural}.{GROUP}", "labels": {"app.kubernetes.io/part-of": "cilia"}},
+        "spec": {
+            "group": GROUP,
+            "names": {"kind": kind, "listKind": f"{kind}List", "plural": plural, "singular": kind.lower(),
+                      "shortNames": short, "categories": ["cilium"]},
+            "scope": scope,
+            "versions": [{"name": VERSION, "served": True, "storage": True, "schema": {"openAPIV3Schema": schema},
+                          "additionalPrinterColumns": columns}],
+        },
+    }
+
+
+def identity_crd() -> Schema:
+    schema = obj("A security identity: its number (the object's name, 256-65535) and its labels, the same "
+                 "on every node. Written by the agents (Kubernetes without a kvstore).", {
+                     "apiVersion": string("cilium.io/v2."),
+                     "kind": string("CiliumIdentity."),
+                     "metadata": {"type": "object"},
+                     "security-labels": string_map("The identity's labels, source:key -> value (k8s:app: x).",
+                                                   maxLength=63),
+                 }, required=("metadata", "security-labels"))
+    return state_crd("CiliumIdentity", "ciliumidentities", ["ciliumid"], "Cluster", schema, [
+        {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"}])
+
+
+def endpoint_crd() -> Schema:
+    address = obj("One of the endpoint's addresses.", {"ipv4": string("An IPv4 address."),
+                                                       "ipv6": string("An IPv6 address.")})
+    status = obj("What other nodes need: the endpoint's identity, addresses and node.", {
+        "identity": obj("The endpoint's security identity.", {
+            "id": integer("The identity's number (a CiliumIdentity's name).", minimum=256, maximum=65535),
+            "labels": strings("The identity's labels (source:key=value)."),
+        }, required=("id",)),
+        "networking": obj("Where the endpoint is.", {
+            "addressing": array("The endpoint's addresses.", address),
+            "node": string("The node the endpoint runs on (the agent that owns this object).", minLength=1),
+        }, required=("addressing", "node")),
+    })
+    schema = obj("An endpoint (a pod) as its node's agent publishes it for the others (Kubernetes without "
+                 "a kvstore).", {
+                     "apiVersion": string("cilium.io/v2."),
+                     "kind": string("CiliumEndpoint."),
+                     "metadata": {"type": "object"},
+                     "status": status,
+                 }, required=("metadata",))
+    return state_crd("CiliumEndpoint", "ciliumendpoints", ["cep", "ciliumep"], "Namespaced", schema, [
+        {"name": "Identity", "type": "integer", "jsonPath": ".status.identity.id"},
+        {"name": "Node", "type": "string", "jsonPath": ".status.networking.node"},
+        {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"}])
+
+
+def dump(doc: Schema) -> str:
+    text: str = yaml.safe_dump(doc, sort_keys=False, width=120, allow_unicode=True)
     return HEADER + "---\n" + text
+
+
+def render(clusterwide: bool) -> str:
+    return dump(crd(clusterwide))
 
 
 def outputs() -> dict[Path, str]:
     """Each CRD file and the text it must hold."""
     return {HERE / "crd-ciliumnetworkpolicies.yaml": render(False),
-            HERE / "crd-ciliumclusterwidenetworkpolicies.yaml": render(True)}
+            HERE / "crd-ciliumclusterwidenetworkpolicies.yaml": render(True),
+            HERE / "crd-ciliumidentities.yaml": dump(identity_crd()),
+            HERE / "crd-ciliumendpoints.yaml": dump(endpoint_crd())}
 
 
 def main(argv: list[str]) -> int:

@@ -12,7 +12,7 @@ from click.testing import CliRunner
 from ruamel.yaml import YAML
 
 from cilia.cli.main import cli
-from cilia.k8s.convert import derived_policy_name, network_policy_text
+from cilia.policy.netpol import derived_policy_name, network_policy_text
 from cilia.policy import LabelSet, Peer, TraceRequest, parse_text, trace
 from cilia.policy.model import Protocol
 

@@ -33,7 +33,8 @@ from tests.deploy.deploy_support import (
 )
 
 STATE_DIR = "/var/run/cilia"
-NODE_FIELDS = {"spec.nodeName": "node-1", "metadata.name": "deathstar", "metadata.namespace": "default"}
+NODE_FIELDS = {"spec.nodeName": "node-1", "status.hostIP": "192.0.2.1", "metadata.name": "deathstar",
+               "metadata.namespace": "default"}
 
 
 def all_docs() -> list[tuple[str, Doc]]:
@@ -101,7 +102,7 @@ def test_strict_validation_rejects_unknown_fields() -> None:
 
 def test_every_kind_is_there() -> None:
     kinds = sorted(doc["kind"] for _, doc in all_docs())
-    assert kinds == sorted(["CustomResourceDefinition"] * 2 + ["ServiceAccount", "ClusterRole", "ClusterRoleBinding",
+    assert kinds == sorted(["CustomResourceDefinition"] * 4 + ["ServiceAccount", "ClusterRole", "ClusterRoleBinding",
                                                                "ConfigMap", "DaemonSet", "Pod"])
 
 
@@ -126,6 +127,9 @@ def test_every_image_is_this_version_of_cilia() -> None:
 # (API group, resource) of what the agent's watcher lists and watches, and nothing else
 WATCHED = {("", "namespaces"), ("", "pods"), ("networking.k8s.io", "networkpolicies"),
            ("cilium.io", "ciliumnetworkpolicies"), ("cilium.io", "ciliumclusterwidenetworkpolicies")}
+# CRD mode (cilia/k8s/crd_identities.py, crd_endpoints.py): what the agents write, and read one by one
+WRITTEN = {("cilium.io", "ciliumidentities"): {"get", "list", "watch", "create"},
+           ("cilium.io", "ciliumendpoints"): {"get", "list", "watch", "create", "update", "delete"}}
 
 
 def granted() -> dict[tuple[str, str], set[str]]:
@@ -139,16 +143,23 @@ def granted() -> dict[tuple[str, str], set[str]]:
 
 
 def test_cluster_role_is_list_and_watch_on_the_five_watched_resources() -> None:
-    assert set(granted()) == WATCHED
+    roles = granted()
+    assert set(roles) == WATCHED | set(WRITTEN)
     crds = [d for path in sorted((DEPLOY / "kubernetes").glob("crd-*.yaml")) for d in load_docs(path)]
-    assert {("cilium.io", crd["spec"]["names"]["plural"]) for crd in crds} <= WATCHED
-    assert all(verbs == {"list", "watch"} for verbs in granted().values()), granted()
+    assert {("cilium.io", crd["spec"]["names"]["plural"]) for crd in crds} == \
+        {r for r in WATCHED | set(WRITTEN) if r[0] == "cilium.io"}
+    assert all(roles[r] == {"list", "watch"} for r in WATCHED), roles
+    assert all(roles[r] == verbs for r, verbs in WRITTEN.items()), roles
 
 
 def test_cluster_role_matches_the_watchers_resources() -> None:
-    """The watcher's own list of resources (cilia/k8s/watch.py) is what the role grants."""
+    """The watcher's own list of resources (cilia/k8s/watch.py, and CRD mode's) is what the role grants."""
     watch = pytest.importorskip("cilia.k8s.watch")
     assert set(watch.RESOURCES) == {resource for _, resource in WATCHED}
+    assert {watch.CILIUM_IDENTITIES, watch.CILIUM_ENDPOINTS} == {resource for _, resource in WRITTEN}
+    from cilia.k8s import crd_endpoints, crd_identities
+
+    assert {(m.GROUP, m.PLURAL) for m in (crd_identities, crd_endpoints)} == set(WRITTEN)
 
 
 def test_cluster_role_is_nothing_like_cluster_admin() -> None:
@@ -156,8 +167,11 @@ def test_cluster_role_is_nothing_like_cluster_admin() -> None:
     text = json.dumps(role["rules"])
     assert "*" not in text and "secrets" not in text and "aggregationRule" not in role
     for rule in role["rules"]:
-        assert not set(rule["verbs"]) & {"create", "update", "patch", "delete", "deletecollection", "escalate",
-                                         "bind", "impersonate"}
+        writes = set(rule["verbs"]) & {"create", "update", "patch", "delete", "deletecollection", "escalate",
+                                       "bind", "impersonate"}
+        if writes:  # only CRD mode's shared state, never deletecollection/escalate/...
+            assert {(g, r) for g in rule["apiGroups"] for r in rule["resources"]} <= set(WRITTEN), rule
+            assert writes <= {"create", "update", "delete"}, rule
 
 
 def test_binding_gives_the_role_to_the_daemonsets_service_account() -> None:
@@ -267,6 +281,20 @@ def test_cilia_agent_accepts_the_command_line() -> None:
     assert params["router_ip"] == data["router-ip"]
     assert params["log_level"] == data["log-level"]
     assert params["node_id"] == NODE_FIELDS["spec.nodeName"]
+    assert params["kvstore"] == data["kvstore"] == "none" and params["kvstore_endpoints"] == data["kvstore-endpoints"]
+    assert params["node_ip"] == NODE_FIELDS["status.hostIP"]
+
+
+def test_daemonset_runs_an_etcd_cluster_when_the_configmap_says_so() -> None:
+    """kvstore: etcd with endpoints in the ConfigMap: the agent's options take them."""
+    container = agent_container()
+    data = dict(config_maps()["cilia-config"], kvstore="etcd", **{"kvstore-endpoints": "http://10.0.0.5:2379"})
+    env = container_env(container, {**config_maps(), "cilia-config": data}, NODE_FIELDS)
+    argv = [expand(a, env) for a in container["command"] + container["args"]][3:]
+    params = parse_cilia(argv)
+    assert params["kvstore"] == "etcd" and params["kvstore_endpoints"] == "http://10.0.0.5:2379"
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert params["cluster_health_port"] == ports["cluster-health"] == 4240
 
 
 def test_daemonset_passes_kubernetes_in_cluster() -> None:

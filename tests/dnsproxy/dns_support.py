@@ -188,8 +188,8 @@ def rcode(msg: dns.message.Message) -> str:
 
 
 @contextmanager
-def dns_node(tmp: Path) -> Iterator[DnsNode]:
-    with bpf_agent(tmp) as node:
+def dns_node(tmp: Path, *agent_args: str) -> Iterator[DnsNode]:
+    with bpf_agent(tmp, *agent_args) as node:
         d = DnsNode(node, tmp)
         try:
             d.setup()

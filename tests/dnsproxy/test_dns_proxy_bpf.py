@@ -27,9 +27,13 @@ from cilia.dnsproxy import wire
 from .dns_support import BIG, KUBE_DNS, LINES, SILENT_DNS, DnsNode, dns_node, ips, rcode
 
 
+PROXY_PORT = 10053  # the node is a namespace of its own: the port is free there
+
+
 @pytest.fixture(scope="module")
 def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DnsNode]:
-    with dns_node(tmp_path_factory.mktemp("dnsp")) as d:
+    with dns_node(tmp_path_factory.mktemp("dnsp"), "--tofqdns-proxy-port", str(PROXY_PORT),
+                  "--dns-proxy-upstream-timeout", "1") as d:
         yield d
 
 
@@ -69,6 +73,7 @@ def test_allowed_name_answered_denied_refused_never_forwarded(node: DnsNode) -> 
     # the kernel sends UDP and TCP 53 to the DNS proxy's port, not to an Envoy listener
     status = node.node.ok("status", "-o", "json").json()
     port = status["datapath"]["dns_proxy"]["port"]
+    assert port == PROXY_PORT  # --tofqdns-proxy-port
     assert status["datapath"]["proxy_ports"] == {}  # Envoy got no listener for port 53
     rows = node.node.ok("bpf", "policy", "get", "client", "-o", "json").json()["entries"]
     redirects = sorted(e["port"] for e in rows if e["verdict"] == "redirect")  # kube-dns and silent-dns
@@ -152,6 +157,7 @@ def test_silent_upstream_gives_servfail(node: DnsNode) -> None:
     assert rcode(answer) == "SERVFAIL"
     flow = dns_flows(node, "anything.test")[-1]
     assert flow["verdict"] == "ERROR" and flow["l7"]["rcode"] == "ServFail"
+    assert flow["drop_reason"] == "no answer from the server"
 
 
 def test_malformed_packets_dropped_and_counted(node: DnsNode) -> None:
@@ -190,3 +196,60 @@ def test_metrics_count_verdicts(node: DnsNode) -> None:
         assert f'cilia_dns_proxy_requests_total{{verdict="{verdict}"}}' in text
     assert 'cilia_dns_proxy_latency_seconds_bucket{le="0.001",verdict="forwarded"}' in text
     assert 'cilia_hubble_dns_responses_total{ips_returned="1",qtypes="A",rcode="NOERROR"}' in text
+
+
+OTHER_DNS = """\
+apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata:
+  name: other-dns
+spec:
+  endpointSelector:
+    matchLabels:
+      app: other
+  egress:
+  - toEndpoints:
+    - matchLabels:
+        k8s-app: kube-dns
+    toPorts:
+    - ports:
+      - port: "53"
+        protocol: UDP
+      rules:
+        dns:
+        - matchName: allowed.example.com
+"""
+
+
+def test_an_established_udp_flow_moves_to_the_proxy_when_a_dns_rule_comes(node: DnsNode) -> None:
+    def ask(s: socket.socket, name: str) -> dns.message.Message:
+        s.send(dns.message.make_query(name, "A").to_wire())
+        return dns.message.from_wire(s.recv(65535))
+
+    sock = run_in_netns(node.netns("other"), lambda: socket.socket(socket.AF_INET, socket.SOCK_DGRAM))
+    try:
+        sock.settimeout(5)
+        sock.connect((KUBE_DNS, 53))  # one flow (one source port) for every query below
+        assert rcode(ask(sock, "denied.test")) == "NOERROR"  # no policy yet: straight to dnsmasq
+        path = node.tmp / "other-dns.yaml"
+        path.write_text(OTHER_DNS, encoding="utf-8")
+        node.node.import_policy(path)
+        assert rcode(ask(sock, "denied.test")) == "REFUSED"  # the same flow, now through the proxy
+        assert ips(ask(sock, "allowed.example.com")) == ["10.212.0.100"]
+    finally:
+        sock.close()
+        node.node.ok("policy", "delete", "other-dns")
+
+
+def test_an_idle_tcp_client_is_closed(node: DnsNode) -> None:
+    def idle() -> bytes:
+        with socket.create_connection((KUBE_DNS, 53), timeout=30) as s:
+            s.sendall(wire.frame(dns.message.make_query("allowed.example.com", "A").to_wire()))
+            framer, got = wire.Framer(), []
+            while not got:
+                got = framer.feed(s.recv(65536))
+            assert ips(dns.message.from_wire(got[0])) == ["10.212.0.100"]
+            return s.recv(100)  # then nothing more is sent: the proxy closes after its idle time
+
+    assert run_in_netns(node.netns("client"), idle) == b""
+    assert proxy_stats(node)["tcp_idle_closed"] >= 1

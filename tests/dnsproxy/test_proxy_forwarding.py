@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import socket
 import threading
+import time
 from collections.abc import Iterator, Sequence
 
 import dns.message
@@ -94,6 +95,7 @@ def test_allowed_query_forwarded_learned_then_released(upstream: Recorder) -> No
     records: list[DNSRecord] = []
     proxy = make_proxy(learned, records)
     out = asyncio.run(proxy.handle(VALID[0], CLIENT, upstream.address, Protocol.UDP))
+    proxy.stop()
     assert out is not None and dns.message.from_wire(out).rcode() == dns.rcode.NOERROR
     assert upstream.received[-1] == VALID[0]
     assert learned == [("client", "api.example.com", ("192.0.2.7",), 30)]
@@ -107,6 +109,7 @@ def test_a_failing_learner_turns_the_answer_into_servfail(upstream: Recorder) ->
     proxy = DNSProxy(learn=refuse, egress_mark=0)
     proxy.policy = AllowAll()
     out = asyncio.run(proxy.handle(VALID[0], CLIENT, upstream.address, Protocol.UDP))
+    proxy.stop()
     assert out is not None and dns.message.from_wire(out).rcode() == dns.rcode.SERVFAIL
 
 
@@ -116,6 +119,7 @@ def test_silent_upstream_gives_servfail() -> None:
         records: list[DNSRecord] = []
         proxy = make_proxy([], records, timeout=0.3)
         out = asyncio.run(proxy.handle(VALID[0], CLIENT, silent.address, Protocol.UDP))
+        proxy.stop()
         assert out is not None and dns.message.from_wire(out).rcode() == dns.rcode.SERVFAIL
         assert silent.received == [VALID[0]] and records[-1].reason == "no answer from the server"
     finally:
@@ -133,6 +137,7 @@ def test_fuzz_nothing_that_failed_to_parse_is_forwarded(upstream: Recorder, pack
 
     before = len(upstream.received)
     answers = asyncio.run(feed())
+    proxy.stop()
     parsed = []
     for packet, answer in zip(packets, answers):
         try:
@@ -144,3 +149,27 @@ def test_fuzz_nothing_that_failed_to_parse_is_forwarded(upstream: Recorder, pack
         assert answer is not None
     assert upstream.received[before:] == parsed  # exactly the packets that parsed, unchanged
     assert proxy.stats["malformed"] == len(packets) - len(parsed)
+
+
+def test_a_query_addressed_to_the_proxy_itself_is_dropped_not_looped() -> None:
+    """Without the kernel's redirect the original destination is the proxy's own port: forwarding
+    there would loop back into the proxy."""
+    records: list[DNSRecord] = []
+    proxy = make_proxy([], records)
+    proxy.start()
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
+            udp.sendto(VALID[0], ("127.0.0.1", proxy.port))
+        with socket.create_connection(("127.0.0.1", proxy.port), timeout=10) as tcp:
+            tcp.sendall(wire.frame(VALID[0]))
+            try:
+                assert tcp.recv(100) == b""  # closed without an answer
+            except ConnectionResetError:
+                pass  # closed with the query unread: a reset, also without an answer
+        deadline = time.monotonic() + 10
+        while proxy.stats["malformed"] < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert proxy.stats["malformed"] == 2 and proxy.stats["forwarded"] == 0
+        assert all(r.reason == "malformed: addressed to the DNS proxy itself" for r in records)
+    finally:
+        proxy.stop()

@@ -132,7 +132,7 @@ def mutated(draw: st.DrawFn) -> bytes:
     return bytes(packet)
 
 
-@settings(max_examples=3000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=2000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.one_of(st.binary(max_size=600), mutated()))
 def test_fuzz_parse_query_only_ever_raises_malformed(packet: bytes) -> None:
     try:

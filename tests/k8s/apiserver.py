@@ -2,7 +2,8 @@
 
 ``KubeTestServer`` serves, over plain HTTP on 127.0.0.1, what the official client reads from a
 real API server for /api/v1/pods, /api/v1/namespaces, /apis/networking.k8s.io/v1/networkpolicies,
-/apis/cilium.io/v2/ciliumnetworkpolicies and /apis/cilium.io/v2/ciliumclusterwidenetworkpolicies:
+/apis/cilium.io/v2/ciliumnetworkpolicies and /apis/cilium.io/v2/ciliumclusterwidenetworkpolicies,
+and CRD mode's /apis/cilium.io/v2/ciliumidentities and /apis/cilium.io/v2/ciliumendpoints:
 
 - lists: ``kind: PodList`` etc. with ``metadata.resourceVersion`` (one counter for every
   resource, as etcd's revision), ``limit``/``continue`` paging over a snapshot, and
@@ -14,6 +15,12 @@ real API server for /api/v1/pods, /api/v1/namespaces, /apis/networking.k8s.io/v1
   and ``timeoutSeconds``; a resourceVersion older than the last ``expire()`` gets 410 Gone (as an
   ERROR event on a 200 stream, as kube-apiserver does, or as the HTTP status with
   ``gone="http"``), and ``expire()`` also ends every open stream with that ERROR event.
+
+Agents write CRD mode's two resources (``WRITABLE``): POST to the collection (409 AlreadyExists
+when the name is taken), GET, PUT (409 Conflict on a stale ``metadata.resourceVersion``) and
+DELETE of one object (``/apis/cilium.io/v2/ciliumidentities/NAME``,
+``/apis/cilium.io/v2/namespaces/NS/ciliumendpoints/NAME``), and lists take a ``labelSelector`` of
+``key=value`` terms. ``writes`` counts them by resource and verb.
 
 The test changes objects with ``add``/``modify``/``patch``/``delete``, cuts streams without a
 clean end (``drop_watches``), holds events back (``pause``/``resume``) and makes requests fail
@@ -56,7 +63,12 @@ RESOURCES = {r.name: r for r in (
              "CiliumNetworkPolicy", True, False),
     Resource("ciliumclusterwidenetworkpolicies", "/apis/cilium.io/v2/ciliumclusterwidenetworkpolicies",
              "cilium.io/v2", "CiliumClusterwideNetworkPolicy", False, False),
+    Resource("ciliumidentities", "/apis/cilium.io/v2/ciliumidentities", "cilium.io/v2", "CiliumIdentity", False,
+             False),
+    Resource("ciliumendpoints", "/apis/cilium.io/v2/ciliumendpoints", "cilium.io/v2", "CiliumEndpoint", True,
+             False),
 )}
+WRITABLE = ("ciliumidentities", "ciliumendpoints")
 _BY_PATH = {r.path: r for r in RESOURCES.values()}
 
 Obj = dict[str, Any]
@@ -90,6 +102,12 @@ def _selector(text: str) -> Callable[[Obj], bool]:
     return lambda obj: all((_field(obj, k) == v) == equal for k, v, equal in terms)
 
 
+def _labels_match(text: str) -> Callable[[Obj], bool]:
+    """A label selector of ``key=value`` terms, comma-separated (all must hold)."""
+    terms = [tuple(t.replace("==", "=").split("=", 1)) for t in filter(None, text.split(","))]
+    return lambda obj: all(((obj.get("metadata") or {}).get("labels") or {}).get(k) == v for k, v in terms)
+
+
 def _status(code: int, reason: str, message: str) -> Obj:
     return {"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure", "message": message,
             "reason": reason, "code": code}
@@ -113,6 +131,8 @@ class KubeTestServer:
         self._failures: dict[str, list[int]] = {}
         self._snapshots: dict[str, tuple[int, list[Obj]]] = {}
         self.requests: list[tuple[str, str, dict[str, str]]] = []  # (resource, "list"|"watch", query)
+        self.writes: dict[tuple[str, str], int] = {}  # (resource, verb) -> requests (CRD mode's writes)
+        self._write_failures: dict[str, int] = {}  # resource -> writes still to fail with 503
         self.open_watches: dict[str, int] = {name: 0 for name in RESOURCES}
         self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
         self._httpd.daemon_threads = True
@@ -265,6 +285,12 @@ class KubeTestServer:
         with self._cond:
             self._failures.setdefault(resource, []).extend([status] * times)
 
+    def fail_writes(self, resource: str, times: int) -> None:
+        """The next ``times`` writes (POST/PUT/DELETE) of ``resource`` answer 503, as an API server
+        that cannot reach its etcd."""
+        with self._cond:
+            self._write_failures[resource] = times
+
     def count(self, resource: str, what: str) -> int:
         """How many list or watch requests ``resource`` had."""
         with self._cond:
@@ -297,9 +323,10 @@ class KubeTestServer:
                     return 410, _status(410, "Expired", "the provided continue parameter is too old")
                 rv, items = self._snapshots.pop(token)
             else:
-                match = _selector(q.get("fieldSelector", ""))
+                match, labelled = _selector(q.get("fieldSelector", "")), _labels_match(q.get("labelSelector", ""))
                 rv = self._rv
-                items = [copy.deepcopy(o) for _, o in sorted(self._objects[r.name].items()) if match(o)]
+                items = [copy.deepcopy(o) for _, o in sorted(self._objects[r.name].items())
+                         if match(o) and labelled(o)]
             limit = int(q.get("limit") or 0)
             meta: Obj = {"resourceVersion": str(rv)}
             if limit and len(items) > limit:
@@ -402,14 +429,91 @@ def _filtered(event: _Event, match: Callable[[Obj], bool]) -> tuple[str, Obj] | 
     return ("DELETED", event.new) if was else None
 
 
+def _object_path(path: str) -> tuple[Resource, str | None, str | None] | None:
+    """(resource, namespace, name) of a writable resource's collection or object path."""
+    parts = path.strip("/").split("/")
+    if parts[:3] != ["apis", "cilium.io", "v2"]:
+        return None
+    rest = parts[3:]
+    namespace = None
+    if len(rest) >= 3 and rest[0] == "namespaces":
+        namespace, rest = rest[1], rest[2:]
+    if not rest or rest[0] not in WRITABLE or len(rest) > 2:
+        return None
+    r = RESOURCES[rest[0]]
+    if r.namespaced != (namespace is not None):
+        return None
+    return r, namespace, rest[1] if len(rest) == 2 else None
+
+
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
+
+    def _body(self) -> Obj:
+        length = int(self.headers.get("Content-Length") or 0)
+        data = json.loads(self.rfile.read(length) or b"{}")
+        return data if isinstance(data, dict) else {}
+
+    def _write(self, verb: str) -> None:
+        kube: KubeTestServer = self.server.kube  # type: ignore[attr-defined]
+        where = _object_path(urlsplit(self.path).path)
+        body = self._body() if verb in ("create", "replace") else {}
+        if where is None or (verb == "create") != (where[2] is None):
+            self.send_json(404, _status(404, "NotFound", f"the server could not find {self.path}"))
+            return
+        r, namespace, name = where
+        with kube._cond:
+            kube.writes[(r.name, verb)] = kube.writes.get((r.name, verb), 0) + 1
+            failing = verb != "get" and kube._write_failures.get(r.name, 0) > 0
+            if failing:
+                kube._write_failures[r.name] -= 1
+        if failing:
+            self.send_json(503, _status(503, "ServiceUnavailable", "injected failure"))
+            return
+        try:
+            if verb == "create":
+                meta = body.setdefault("metadata", {})
+                if namespace is not None:
+                    meta["namespace"] = namespace
+                try:
+                    self.send_json(201, kube.add(r.name, body))
+                except KeyError:
+                    self.send_json(409, _status(409, "AlreadyExists", f"{r.name} {meta.get('name')!r} already exists"))
+                return
+            assert name is not None
+            if verb == "get":
+                self.send_json(200, kube.get(r.name, name, namespace or ""))
+            elif verb == "delete":
+                self.send_json(200, kube.delete(r.name, name, namespace or ""))
+            else:
+                current = kube.get(r.name, name, namespace or "")
+                wanted = (body.get("metadata") or {}).get("resourceVersion")
+                if wanted and wanted != current["metadata"]["resourceVersion"]:
+                    self.send_json(409, _status(409, "Conflict", "the object has been modified"))
+                    return
+                body.setdefault("metadata", {}).update(name=name, **({"namespace": namespace} if namespace else {}))
+                self.send_json(200, kube.modify(r.name, body))
+        except KeyError:
+            self.send_json(404, _status(404, "NotFound", f"{r.name} {name!r} not found"))
+
+    def do_POST(self) -> None:  # noqa: N802 (the base class's name)
+        self._write("create")
+
+    def do_PUT(self) -> None:  # noqa: N802 (the base class's name)
+        self._write("replace")
+
+    def do_DELETE(self) -> None:  # noqa: N802 (the base class's name)
+        self._write("delete")
 
     def do_GET(self) -> None:  # noqa: N802 (the base class's name)
         kube: KubeTestServer = self.server.kube  # type: ignore[attr-defined]
         url = urlsplit(self.path)
         q = {k: v[0] for k, v in parse_qs(url.query).items()}
         r = _BY_PATH.get(url.path)
+        where = _object_path(url.path) if r is None else None
+        if where is not None and where[2] is not None:
+            self._write("get")
+            return
         if r is None:
             self.send_json(404, _status(404, "NotFound", f"the server could not find {url.path}"))
             return

@@ -9,15 +9,13 @@ from tests.helpers import run
 from ruamel.yaml import YAML
 
 from cilia.specs import EndpointSpec, PortSpec
+from cilia.policy.netpol import derived_policy_name, network_policy_notes, network_policy_text
 from cilia.k8s.convert import (
     CCNP,
     CNP,
     ConvertError,
-    derived_policy_name,
     is_pod_endpoint,
-    network_policy_notes,
     merge_endpoint,
-    network_policy_text,
     parse_policy_path,
     pod_endpoint,
     pod_labels,
