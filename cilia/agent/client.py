@@ -135,6 +135,9 @@ class AgentClient:
     def bpf_policy(self, name: str) -> Any:
         return self.request("GET", f"/v1/endpoints/{name}/bpf-policy")
 
+    def bpf_lb(self) -> Any:
+        return self.request("GET", "/v1/bpf/lb")
+
     def monitor(self, since: int | None = None, limit: int | None = None, wait: int = 0, trace: bool = False) -> Any:
         params: dict[str, Any] = {k: v for k, v in (("since", since), ("limit", limit), ("wait", wait))
                                   if v is not None}

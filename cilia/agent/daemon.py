@@ -62,6 +62,7 @@ from ..policy.labels import endpoint_labels
 from ..policy.parse import check_unique
 from ..realizer import Desired, EndpointState, PortMap, Realizer
 from ..realizer.datapath import DatapathSink
+from ..realizer.services import ServiceSink
 from ..realizer.l7views import L7ViewSink
 from ..realizer.proxy import ProxyMode, ProxySink
 from ..realizer.proxyports import RedirectIndex, allocate
@@ -126,6 +127,7 @@ class AgentConfig:
     datapath: DatapathMode = "none"  # bpf: enforce L3/L4 in the kernel, redirect L7 ports to Envoy
     bpf_pin_dir: str = DEFAULT_PIN_DIR
     router_ip: str | None = None  # the gateway of endpoints the agent creates (put on lo if missing)
+    nodeport_devices: tuple[str, ...] = ()  # node-facing devices where outside traffic reaches NodePorts
     proxy_port_range: tuple[int, int] = (10000, 20000)  # Envoy's transparent listeners (Cilium's range)
     l7_workers: int = 0  # L7 parsers in this many worker processes (0: in the agent's own process)
     l7_mode: L7Mode = "auto"  # L7 parsers inside Envoy (inproc) or on ext_proc; auto: inproc if its module is built
@@ -212,7 +214,8 @@ class Agent:
         self.observer = Observer(config.node_id, self.metrics, config.ring_size, flow_file)
         self.observer.on_l7_error = self._error
         self.receiver = AccessLogReceiver(1, subscriber=self.observer.on_access_record)
-        self.node = NodeDatapath(config.bpf_pin_dir) if config.datapath == "bpf" else None
+        self.node = (NodeDatapath(config.bpf_pin_dir, config.nodeport_devices) if config.datapath == "bpf"
+                     else None)
         self.metrics.envoy_up.set_function(lambda: 1.0 if self.envoy is not None and self.envoy.status().running
                                            else 0.0)
         first, *more = (f"unix:{p}" for p in config.l7_sockets)
@@ -237,6 +240,7 @@ class Agent:
                                       upstream_timeout=config.dns_upstream_timeout)
             sinks.append(DNSProxySink(self.dns_proxy))  # before the datapath redirects to it
             sinks.append(DatapathSink(self.node))
+            sinks.append(ServiceSink(self.node))
         self.guard: SidecarGuard | None = None  # sidecar mode: only Envoy may reach the applications' own ports
         if self.node is None and config.proxy_mode == "sidecar":
             self.guard = SidecarGuard(lambda n: spec.netns if (spec := self.state.endpoints.get(n)) else None,
@@ -341,7 +345,8 @@ class Agent:
         router = self.config.router_ip
         added = bool(router) and (add_host_address(router) if router else False)
         record = {"pin_dir": self.config.bpf_pin_dir, "netns": os.readlink("/proc/self/ns/net"),
-                  "router_ip": router if added or (router and record.get("router_ip") == router) else None}
+                  "router_ip": router if added or (router and record.get("router_ip") == router) else None,
+                  "nodeport_devices": list(self.config.nodeport_devices)}
         record_path.write_text(json.dumps(record), encoding="utf-8")  # before loading: cleanup finds it
         self.node.subscribe(self.observer.on_datapath_event)
         if self.dns_proxy is not None:
@@ -844,6 +849,14 @@ class Agent:
             for row in rows:
                 row["labels"] = self._labels_of(int(row["identity"]))  # type: ignore[call-overload]
             return {"endpoint": name, "id": ep_id, "interface": spec.interface, "entries": rows}
+
+    def bpf_lb(self) -> dict[str, Any]:
+        """The load balancer's maps as the kernel holds them, with counters (``cilia bpf lb list``)."""
+        with self.lock:
+            lb = self.node.lb if self.node is not None else None
+            if lb is None:
+                raise AgentError("the BPF datapath is not running (cilia agent --datapath bpf)", 409)
+            return {"services": lb.rows()}
 
     def _labels_of(self, identity: int) -> list[str]:
         ident = self.engine.allocator.get(identity) if identity else None

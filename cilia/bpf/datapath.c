@@ -12,6 +12,10 @@
 // Policy maps are per endpoint (LPM tries made and pinned by the agent, like Cilium's
 // cilium_policy_<EPID>), found through the policy_maps array by endpoint id.
 //
+// Services (lb_datapath.h): a packet to a service frontend is DNATed to a backend at
+// from_endpoint *before* conntrack and policy, so policy judges the backend; replies get the
+// frontend back as their source at to_endpoint (and at to_netdev for NodePort from outside).
+//
 // Keep the structs in step with cilia/bpf/maps.py and cilia/bpf/policykey.py.
 
 #include <uapi/linux/bpf.h>
@@ -126,6 +130,10 @@ struct event {
     u32 rule_id;
     u32 ifindex;
     u32 len;
+    u32 svc_addr;  // a service flow: the frontend the sender addressed (daddr/dport: the backend)
+    u16 svc_port;
+    u16 pad;
+    u32 svc_id;
 };
 
 BPF_TABLE_PINNED7("lpm_trie", struct ipcache_key, struct ipcache_val, ipcache, 65536,
@@ -148,6 +156,9 @@ struct flow {
     u8 icmp_reply;      // an ICMP echo reply: its flow is the request's, reversed
     u8 syn;             // a TCP SYN without ACK: a new connection, whatever conntrack remembers
     u32 len;
+    u32 svc_addr;       // set by the load balancer: the service frontend before DNAT
+    u16 svc_port;
+    u32 svc_id;
 };
 
 static __always_inline int parse(struct __sk_buff *skb, struct flow *f) {
@@ -250,6 +261,9 @@ static __always_inline void emit_raw(struct __sk_buff *skb, struct flow *f, u8 t
     e.rule_id = rule_id;
     e.ifindex = skb->ifindex;
     e.len = f->len;
+    e.svc_addr = f->svc_addr;
+    e.svc_port = f->svc_port;
+    e.svc_id = f->svc_id;
     events.perf_submit(skb, &e, sizeof(e));
 }
 
@@ -369,6 +383,8 @@ static __always_inline int established(struct __sk_buff *skb, struct flow *f, in
     return -1;
 }
 
+#include "lb_datapath.h"
+
 static __always_inline void ct_create(struct flow *f, u32 src_id, u16 proxy_port) {
     struct ct_key fwd, rev;
     ct_keys(f, &fwd, &rev);
@@ -389,9 +405,14 @@ int from_endpoint(struct __sk_buff *skb) {
     struct endpoint_val *src = endpoints.lookup(&f.saddr);
     if (!src || src->ifindex != skb->ifindex)
         return drop(skb, &f, 1, REASON_INVALID_SOURCE, 0, 0, 0, NULL);
+    // Service frontend -> backend first: everything below sees (and judges) the backend.
+    int lb_reason = lb_nat(skb, &f, 0);
+    if (lb_reason)
+        return drop(skb, &f, 1, lb_reason, src->ep_id, src->identity, 0, NULL);
     int r = established(skb, &f, 1);
     if (r >= 0)
         return r;
+    lb_forget(&f);
     u32 src_id = src->identity;
     u32 dst_id = identity_of(f.daddr);
     u16 proxy_port = 0;
@@ -456,9 +477,10 @@ int from_endpoint(struct __sk_buff *skb) {
     return TC_ACT_OK;
 }
 
-int to_endpoint(struct __sk_buff *skb) {
+static __always_inline int to_endpoint_policy(struct __sk_buff *skb, struct flow *fp) {
     struct flow f = {};
     int p = parse(skb, &f);
+    *fp = f;
     if (p == 1)
         return TC_ACT_OK;
     if (p < 0) {
@@ -500,4 +522,12 @@ int to_endpoint(struct __sk_buff *skb) {
     ct_create(&f, src_id, 0);
     emit(skb, &f, EVENT_VERDICT, VERDICT_FORWARDED, 0, 0, dst->ep_id, src_id, dst->identity, iv);
     return TC_ACT_OK;
+}
+
+int to_endpoint(struct __sk_buff *skb) {
+    struct flow f = {};
+    int r = to_endpoint_policy(skb, &f);
+    if (r == TC_ACT_OK)
+        lb_rev_nat(skb, &f); // a service backend's reply: from the frontend the client addressed
+    return r;
 }

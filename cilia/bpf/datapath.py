@@ -30,6 +30,7 @@ DROP_REASONS = {
     132: "Invalid source ip",
     142: "Unknown L3 protocol",
     180: "No proxy to redirect to",
+    158: "Service backend not found",  # a service with no active backend (lb_datapath.h)
 }
 VERDICTS = {1: "FORWARDED", 2: "DROPPED", 4: "AUDIT", 5: "REDIRECTED"}
 EVENT_TYPES = {1: "drop", 4: "trace", 5: "policy-verdict"}
@@ -62,6 +63,10 @@ class DatapathEvent:
     ifindex: int
     length: int
     observation_point: str = ""  # trace events: from-endpoint | to-endpoint | to-proxy
+    # A flow through a service: the frontend the sender addressed ("10.96.0.10:80"; destination
+    # is then the backend) and the service's id in the BPF maps. Empty/0 otherwise.
+    service_frontend: str = ""
+    service_id: int = 0
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -258,7 +263,7 @@ class Datapath:
 
     def decode(self, raw: bytes) -> DatapathEvent:
         (etype, verdict, egress, proto, reason, proxy_port, ep_id, src_id, dst_id, saddr, daddr, sport, dport,
-         rule_id, ifindex, length) = maps.EVENT.unpack(raw)
+         rule_id, ifindex, length, svc_addr, svc_port, svc_id) = maps.EVENT.unpack(raw)
         try:
             proto_name = Protocol(proto).label
         except ValueError:
@@ -274,7 +279,9 @@ class Datapath:
             source=socket.inet_ntoa(saddr), source_port=int.from_bytes(sport, "big"),
             destination=socket.inet_ntoa(daddr), destination_port=int.from_bytes(dport, "big"),
             source_identity=src_id, destination_identity=dst_id, endpoint_id=ep_id, proxy_port=proxy_port,
-            rule=rule, ifindex=ifindex, length=length, observation_point=obs)
+            rule=rule, ifindex=ifindex, length=length, observation_point=obs,
+            service_frontend=(f"{socket.inet_ntoa(svc_addr)}:{int.from_bytes(svc_port, 'big')}" if svc_id else ""),
+            service_id=svc_id)
 
     def drop_counts(self) -> dict[int, int]:
         out = {}

@@ -1,10 +1,11 @@
 """Compile and load ``datapath.c`` with bcc, attach it to endpoint veths with pyroute2, and own
 the pinned maps (bpffs) that outlive the agent.
 
-Pinned under ``pin_dir``: ``ipcache``, ``endpoints``, ``conntrack``, ``drop_counts`` (declared
-by the program; bcc reuses them when they exist) and one ``policy_<EPID>`` trie per endpoint
-(made here). A restarted agent loads the program again, reopens the same maps and replaces the
-filters in place: enforcement never stops in between, since an attached program stays attached.
+Pinned under ``pin_dir``: ``ipcache``, ``endpoints``, ``conntrack``, ``drop_counts``, the load
+balancer's ``lb_*`` maps (declared by the program; bcc reuses them when they exist) and one
+``policy_<EPID>`` trie per endpoint (made here). A restarted agent loads the program again,
+reopens the same maps and replaces the filters in place: enforcement never stops in between,
+since an attached program stays attached.
 """
 
 from __future__ import annotations
@@ -23,7 +24,19 @@ from .paths import BPFFS, DEFAULT_PIN_DIR
 from .policykey import KEY_SIZE, VALUE_SIZE
 
 SOURCE = Path(__file__).with_name("datapath.c")
+# Spliced into datapath.c where it includes it: bcc rewrites map calls (``m.lookup(...)``) only in
+# the text it is given, not in included headers.
+LB_SOURCE = Path(__file__).with_name("lb_datapath.h")
+LB_INCLUDE = b'#include "lb_datapath.h"'
 POLICY_MAX = 16384  # entries per endpoint policy trie (Cilium's default)
+# Load balancer sizes (see lb.py): service ids below LB_SERVICES_MAX, each with a row of
+# LB_TABLE_SIZE slots (a prime, for Maglev) in one mmapped array; backends across all services.
+LB_SERVICES_MAX = 16384
+LB_TABLE_SIZE = 1021
+LB_BACKENDS_MAX = 65536
+ENDPOINT_PROGRAMS = ("from_endpoint", "to_endpoint")
+NETDEV_PROGRAMS = ("from_netdev", "to_netdev")  # NodePort on a node-facing device
+LB_MAPS = ("lb_services", "lb_backends", "lb_slots", "lb_ct", "lb_revnat", "lb_affinity", "lb_rr", "lb_counters")
 # tc filter identity: ours are replaced in place on reload, never duplicated.
 FILTER_PRIO = 1
 FILTER_HANDLE = 0xC111A
@@ -58,14 +71,25 @@ def ensure_bpffs() -> None:
         raise DatapathError(f"cannot mount bpffs on {BPFFS}")
 
 
+def program_text() -> bytes:
+    text = SOURCE.read_bytes()
+    if text.count(LB_INCLUDE) != 1:
+        raise DatapathError(f"{SOURCE.name} must include {LB_SOURCE.name} once")
+    return text.replace(LB_INCLUDE, LB_SOURCE.read_bytes())
+
+
 class Loader:
     """The loaded program and its maps. ``netns``: the namespace whose interfaces it attaches to
     (None: this process's)."""
 
     def __init__(self, pin_dir: str = DEFAULT_PIN_DIR, netns: str | None = None,
-                 policy_max: int = POLICY_MAX) -> None:
+                 policy_max: int = POLICY_MAX, lb_services_max: int = LB_SERVICES_MAX,
+                 lb_table_size: int = LB_TABLE_SIZE, lb_backends_max: int = LB_BACKENDS_MAX) -> None:
         self.pin_dir = pin_dir
         self.policy_max = policy_max
+        self.lb_services_max = lb_services_max
+        self.lb_table_size = lb_table_size
+        self.lb_backends_max = lb_backends_max
         self.netns = netns
         self.bpf: Any = None  # bcc.BPF
         self._fns: dict[str, Any] = {}
@@ -81,16 +105,18 @@ class Loader:
 
         ensure_bpffs()
         os.makedirs(self.pin_dir, exist_ok=True)
-        text = SOURCE.read_bytes()
+        text = program_text()
         # bcc wants bytes throughout (str arguments raise DeprecationWarning).
-        cflags = [f'-DPIN_DIR="{self.pin_dir}"', f"-DPOLICY_MAX={self.policy_max}"]  # bcc encodes these itself
+        cflags = [f'-DPIN_DIR="{self.pin_dir}"', f"-DPOLICY_MAX={self.policy_max}",  # bcc encodes these itself
+                  f"-DLB_SERVICES_MAX={self.lb_services_max}",
+                  f"-DLB_TABLE_SIZE={self.lb_table_size}", f"-DLB_BACKENDS_MAX={self.lb_backends_max}"]
         try:
             self.bpf = BPF(text=text, cflags=cflags)
         except Exception as e:  # bcc raises plain Exception on compile/verifier errors
             raise DatapathError(f"loading {SOURCE.name}: {str(e)[:2000]}") from e
-        for name in ("from_endpoint", "to_endpoint"):
+        for name in (*ENDPOINT_PROGRAMS, *NETDEV_PROGRAMS):
             self._fns[name] = self.bpf.load_func(name.encode(), BPF.SCHED_CLS)
-        for name in ("ipcache", "endpoints", "conntrack", "drop_counts"):
+        for name in ("ipcache", "endpoints", "conntrack", "drop_counts", *LB_MAPS):
             self.maps[name] = Map.open_pinned(f"{self.pin_dir}/{name}")
         # Endpoint policy tries that survived a restart go back into the new program's array.
         for entry in sorted(os.listdir(self.pin_dir)):
@@ -159,8 +185,9 @@ class Loader:
 
         return NetNS(self.netns) if self.netns else IPRoute()
 
-    def attach(self, ifname: str) -> int:
-        """Attach both programs to ``ifname`` (replacing ours if present); returns its ifindex."""
+    def attach(self, ifname: str, programs: tuple[str, str] = ENDPOINT_PROGRAMS) -> int:
+        """Attach a program pair (tc ingress, tc egress) to ``ifname``, replacing ours if present:
+        the endpoint pair, or NETDEV_PROGRAMS on a node-facing device; returns its ifindex."""
         with self._lock, self._ipr() as ipr:
             idx = ipr.link_lookup(ifname=ifname)
             if not idx:
@@ -171,7 +198,7 @@ class Loader:
             except Exception as e:  # NetlinkError: EEXIST when it is already there
                 if getattr(e, "code", None) != 17:
                     raise
-            for name, parent in (("from_endpoint", INGRESS_PARENT), ("to_endpoint", EGRESS_PARENT)):
+            for name, parent in zip(programs, (INGRESS_PARENT, EGRESS_PARENT), strict=True):
                 fn = self._fns[name]
                 ipr.tc("replace-filter", "bpf", ifindex, FILTER_HANDLE, fd=fn.fd,
                        name=f"cilia_{name}", parent=parent, prio=FILTER_PRIO, classid=1, direct_action=True,

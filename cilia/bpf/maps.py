@@ -19,7 +19,7 @@ ENDPOINT_KEY = struct.Struct("4s")
 ENDPOINT_VAL = struct.Struct("<IIII")
 CT_KEY = struct.Struct(">4s4sHHB3x")
 CT_VAL = struct.Struct("<HBxIQQQ")
-EVENT = struct.Struct("<BBBBHHIII4s4s2s2sIII")
+EVENT = struct.Struct("<BBBBHHIII4s4s2s2sIII4s2s2xI")  # ... len, svc_addr, svc_port, svc_id
 
 
 def ip4(addr: str | ipaddress.IPv4Address) -> bytes:

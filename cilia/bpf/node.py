@@ -7,6 +7,8 @@
   map state), attach the programs to new interfaces, register addresses and write policy tries,
   each only where something changed; then point established flows that now need L7 at their
   proxy, so they are reset and reconnect through Envoy.
+- services: ``lb`` (a ``LoadBalancer`` over the same program's maps, once started) is synced by
+  the realizer's service sink; ``nodeport_devices`` get the NodePort programs at start.
 - ``stop``: stop reading events and close handles. Programs stay attached and maps pinned: the
   kernel keeps enforcing the last policy while the agent is away.
 - ``cleanup``: detach from the given interfaces, unpin everything, remove the proxy route.
@@ -28,7 +30,8 @@ from cilia.policy.model import Direction, IPNetwork, Protocol
 
 from . import maps, proxyroute
 from .datapath import Datapath, DatapathEvent
-from .loader import Loader
+from .lb import LoadBalancer
+from .loader import NETDEV_PROGRAMS, Loader
 from .netns import addresses
 from .paths import DEFAULT_PIN_DIR
 from .policykey import ProxyPortOf
@@ -70,9 +73,11 @@ def node_addresses() -> list[str]:
 
 
 class NodeDatapath:
-    def __init__(self, pin_dir: str = DEFAULT_PIN_DIR) -> None:
+    def __init__(self, pin_dir: str = DEFAULT_PIN_DIR, nodeport_devices: Sequence[str] = ()) -> None:
         self.loader = Loader(pin_dir)
         self.datapath = Datapath(self.loader)
+        self.nodeport_devices = tuple(nodeport_devices)
+        self.lb: LoadBalancer | None = None
         self.host_addresses: list[str] = []
         self._host_items: list[tuple[IPNetwork, int]] | None = None
         self.started = False
@@ -90,6 +95,9 @@ class NodeDatapath:
         proxyroute.install()
         self.host_addresses = node_addresses()
         self._host_items = None
+        for dev in self.nodeport_devices:
+            self.loader.attach(dev, NETDEV_PROGRAMS)
+        self.lb = LoadBalancer(self.loader)
         self.datapath.start_events()
         self.started = True
 
@@ -99,6 +107,9 @@ class NodeDatapath:
             return
         self.started = False
         self.datapath.stop_events()
+        if self.lb is not None:
+            self.lb.close()
+            self.lb = None
         self.loader.close()
         self._attached.clear()
         self._synced.clear()

@@ -44,6 +44,9 @@ from .common import (
               "transparent listeners (needs root); none: sidecar mode.")
 @click.option("--bpf-pin-dir", default=DEFAULT_PIN_DIR, show_default=True,
               help="bpffs directory holding the datapath's maps (they outlive the agent).")
+@click.option("--nodeport-device", "nodeport_devices", multiple=True, metavar="IFNAME",
+              help="With --datapath bpf: a node-facing device where traffic from outside reaches NodePort "
+              "services (load balanced in BPF, replies leave from the node's address). Repeatable.")
 @click.option("--router-ip", help="Gateway address of endpoints the agent creates (--create-netns); added to lo "
               "if this node does not have it.")
 @click.option("--flow-file", type=click.Path(dir_okay=False), help="Also append every flow to this file as JSON "
@@ -112,7 +115,8 @@ from .common import (
               "and probe every other node's (ICMP and HTTP) every second; `cilia health status` (0: off).")
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning"]), default="info", show_default=True)
 def agent_cmd(state_dir: str, xds_addresses: Sequence[str], envoy_mode: str, node_id: str, datapath: str,
-              bpf_pin_dir: str, router_ip: str | None, flow_file: str | None, flow_file_max_mb: int,
+              bpf_pin_dir: str, nodeport_devices: Sequence[str], router_ip: str | None, flow_file: str | None,
+              flow_file_max_mb: int,
               flow_file_backups: int, l7_workers: int, l7_mode: str, kubernetes: str | None,
               node_name: str | None, xds_tls_cert: str | None, xds_tls_key: str | None, xds_tls_ca: str | None,
               xds_insecure: bool, socket_group: str | None, prometheus_serve_addr: str | None,
@@ -142,8 +146,12 @@ def agent_cmd(state_dir: str, xds_addresses: Sequence[str], envoy_mode: str, nod
     if datapath == "bpf" and (why := bpf_available()) is not None:
         click.echo(f"error: --datapath bpf: {why}", err=True)
         sys.exit(2)
+    if nodeport_devices and datapath != "bpf":
+        click.echo("error: --nodeport-device needs --datapath bpf", err=True)
+        sys.exit(2)
     config = AgentConfig(Path(state_dir).resolve(), envoy_mode, tuple(xds_addresses), node_id,  # type: ignore[arg-type]
                          datapath=datapath, bpf_pin_dir=bpf_pin_dir, router_ip=router_ip,  # type: ignore[arg-type]
+                         nodeport_devices=tuple(nodeport_devices),
                          flow_file=Path(flow_file).resolve() if flow_file else None,
                          flow_file_max_bytes=flow_file_max_mb << 20, flow_file_backups=flow_file_backups,
                          l7_workers=l7_workers, l7_mode=l7_mode,  # type: ignore[arg-type]

@@ -1,4 +1,5 @@
-"""Commands for the BPF datapath: ``cilia monitor``, ``cilia bpf policy get`` and ``cilia cleanup``."""
+"""Commands for the BPF datapath: ``cilia monitor``, ``cilia bpf policy get``, ``cilia bpf lb list``
+and ``cilia cleanup``."""
 
 from __future__ import annotations
 
@@ -27,6 +28,8 @@ def event_line(e: dict[str, Any]) -> str:
     flow = (f"{src['address']}:{src['port']} -> {dst['address']}:{dst['port']} {e['protocol'].lower()}"
             if e["protocol"] in ("TCP", "UDP", "SCTP") else
             f"{src['address']} -> {dst['address']} {e['protocol'].lower()} type {dst['port']}")
+    if e.get("service_frontend"):
+        flow += f" (service {e['service_frontend']})"
     policy = f"{e['direction']} policy of {e['endpoint'] or 'endpoint ' + str(e['endpoint_id'])}"
     if e["type"] == "trace":
         where = e["endpoint"] or f"endpoint {e['endpoint_id']}"
@@ -101,6 +104,24 @@ def bpf_policy_get_cmd(endpoint: str, state_dir: str, output: str) -> None:
           r["bytes"], r["packets"], r["rule"]) for r in p["entries"]]))
 
 
+@click.command("list")
+@state_dir_option
+@output_option
+def bpf_lb_list_cmd(state_dir: str, output: str) -> None:
+    """The load balancer's maps in the kernel, like `cilium bpf lb list`: each service frontend
+    with its backends (state, weight) and the connections, packets and bytes it balanced."""
+    payload = call_agent(state_dir, lambda c: c.bpf_lb())
+    rows = []
+    for s in payload["services"]:
+        front = f"{s['frontend']}/{s['protocol']}" + (f" ({s['name']})" if s["name"] else "")
+        backends = [f"{b['address']} ({b['state']}, weight {b['weight']})" for b in s["backends"]] or ["-"]
+        for i, b in enumerate(backends):
+            rows.append((s["id"], front, s["type"], s["algorithm"], b, s["connections"], s["packets"], s["bytes"],
+                         s["no_backend_drops"]) if i == 0 else ("", "", "", "", b, "", "", "", ""))
+    emit(output, payload, lambda _: table(
+        ["ID", "FRONTEND", "TYPE", "ALGORITHM", "BACKENDS", "CONNECTIONS", "PACKETS", "BYTES", "NO BACKEND"], rows))
+
+
 @click.command("cleanup")
 @state_dir_option
 @output_option
@@ -132,3 +153,9 @@ def register(cli: click.Group) -> None:
         """Endpoint policy maps."""
 
     bpf_policy.add_command(bpf_policy_get_cmd)
+
+    @bpf.group("lb")
+    def bpf_lb() -> None:
+        """The service load balancer's maps."""
+
+    bpf_lb.add_command(bpf_lb_list_cmd)

@@ -56,11 +56,9 @@ def l7_flows(node: BpfAgentNode, protocol: str, want: int) -> list[dict[str, Any
 
 def assert_connection_addresses(node: BpfAgentNode, flows: list[dict[str, Any]]) -> None:
     """L7 flows carry the connection's addresses, as HTTP flows do (client address and port, the
-    server's address and port). Behind ext_proc only: Envoy expands them into the stream's
-    metadata; the in-Envoy host is not given them yet (a known gap, see the issue notes)."""
+    server's address and port), in both modes: behind ext_proc Envoy expands them into the
+    stream's metadata; inside Envoy the module asks the connection for them."""
     assert flows
-    if node.ok("status", "-o", "json").json()["l7"]["mode"] != "extproc":
-        return
     for f in flows:
         assert f["source"]["address"] and f["source"]["port"] > 0, f
         assert f["destination"]["address"] == SERVER_IP and f["destination"]["port"] > 0, f

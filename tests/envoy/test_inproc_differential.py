@@ -1,9 +1,9 @@
 """The two places a parser can run, fed the same client/server byte streams: the network ext_proc
 service (``StreamHandler``, answering Envoy's ProcessingRequests) and the in-Envoy host
 (``FilterConnection``, answering the dynamic module's read/write calls). Same bytes to each side,
-same close, same records, for Memcached (text, with the fast path, and binary), Cassandra and
-Kafka streams with allowed, denied, pipelined, split and unparseable traffic; Hypothesis cuts the
-chunks anew."""
+same close, same records (with the same connection: listener, endpoint, peer, addresses), for
+Memcached (text, with the fast path, and binary), Cassandra and Kafka streams with allowed,
+denied, pipelined, split and unparseable traffic; Hypothesis cuts the chunks anew."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ from tests.l7parsers.kafka_support import kp_request, kp_response
 from tests.l7parsers.memcache_support import binary_request, binary_response
 
 from cilia.envoy import metadata
-from cilia.envoy.inproc.host import FilterConfig
+from cilia.envoy.inproc.host import FilterConfig, ip_port
 from cilia.envoy.l7service import ConnectionInfo, StreamHandler
 from cilia.envoy.l7views import PolicyViews, ViewSource
 from cilia.l7parsers.base import Record
@@ -79,12 +79,17 @@ def _views() -> tuple[PolicyViews, int]:
 VIEWS, CLIENT = _views()
 Event = tuple[str, bytes]  # ("c", bytes the client sent) or ("s", bytes the server sent)
 Answer = tuple[bytes, bytes, bool]  # to the other side, back to the sender, closed
+CLIENT_ADDRESS, SERVER_ADDRESS = "10.0.0.1:40404", "[fd00::2]:9999"  # as Envoy writes them
 
 
-def via_ext_proc(protocol: str, port: int, events: Sequence[Event]) -> tuple[list[Answer], list[Record]]:
-    records: list[Record] = []
-    handler = StreamHandler(metadata.stream_metadata("l", "ingress", port, protocol), ViewSource(VIEWS),
-                            lambda _info, record: records.append(record))
+Decided = tuple[ConnectionInfo, Record]
+
+
+def via_ext_proc(protocol: str, port: int, events: Sequence[Event]) -> tuple[list[Answer], list[Decided]]:
+    records: list[Decided] = []
+    stream = {**metadata.stream_metadata("l", "ingress", port, protocol),  # as Envoy expands it
+              metadata.STREAM_SOURCE: CLIENT_ADDRESS, metadata.STREAM_DESTINATION: SERVER_ADDRESS}
+    handler = StreamHandler(stream, ViewSource(VIEWS), lambda info, record: records.append((info, record)))
     answers: list[Answer] = []
     for side, data in events:
         request = pb.ProcessingRequest(**{"read_data" if side == "c" else "write_data": pb.Data(data=data)})
@@ -104,12 +109,13 @@ def via_ext_proc(protocol: str, port: int, events: Sequence[Event]) -> tuple[lis
     return answers, records
 
 
-def via_inproc(protocol: str, port: int, events: Sequence[Event]) -> tuple[list[Answer], list[Record]]:
+def via_inproc(protocol: str, port: int, events: Sequence[Event]) -> tuple[list[Answer], list[Decided]]:
     link = Link(VIEWS)
     names = {metadata.naming_key(metadata.PEER_PREFIX): str(CLIENT),
              metadata.naming_key(metadata.LOCAL_PREFIX): "server"}
     conn = FilterConfig("l", "ingress", port, protocol, link,
-                        metadata=lambda ns, key: names.get(key) if ns == metadata.RBAC_NAMESPACE else None).connection()
+                        metadata=lambda ns, key: names.get(key) if ns == metadata.RBAC_NAMESPACE else None,
+                        addresses=lambda: (ip_port(("10.0.0.1", 40404)), ip_port(("fd00::2", 9999)))).connection()
     answers: list[Answer] = []
     for side, data in events:
         answer = conn.read(data, False) if side == "c" else conn.write(data, False)
@@ -118,7 +124,7 @@ def via_inproc(protocol: str, port: int, events: Sequence[Event]) -> tuple[list[
             answers.append((b"", b"", True))
             break
         answers.append((answer[0], answer[1], False))
-    return answers, [r for _, r in link.records]
+    return answers, link.records
 
 
 def _same(protocol: str, port: int, events: Sequence[Event]) -> None:
@@ -159,7 +165,8 @@ STREAMS: dict[str, tuple[str, int, list[Event]]] = {
 def test_both_modes_answer_alike(name: str) -> None:
     protocol, port, events = STREAMS[name]
     answers, records = via_inproc(protocol, port, events)
-    assert records and any(not r.decision.allowed for r in records)  # the streams do exercise policy
+    assert records and any(not r.decision.allowed for _, r in records)  # the streams do exercise policy
+    assert {(info.source, info.destination) for info, _ in records} == {(CLIENT_ADDRESS, SERVER_ADDRESS)}
     _same(protocol, port, events)
 
 

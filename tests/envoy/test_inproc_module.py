@@ -81,6 +81,11 @@ def test_example_policy_through_the_module(node: InprocEnvoy) -> None:
     assert (a_id, "xwing-coord", False) in decided and (a_id, "awing-coord", True) in decided
     assert all(str(POLICY) in rec.decision.rule for _, rec in records)  # type: ignore[attr-defined]
     assert {info.endpoint for info, _ in records} == {"memcd-server"}  # type: ignore[attr-defined]
+    # the connection's addresses, from Envoy: each client's bound address, the listener's
+    sources = {info.source.rpartition(":")[0] for info, _ in records}  # type: ignore[attr-defined]
+    assert sources == {"127.0.0.2", "127.0.0.3"}
+    assert all(int(info.source.rpartition(":")[2]) > 0 for info, _ in records)  # type: ignore[attr-defined]
+    assert {info.destination for info, _ in records} == {f"127.0.0.1:{node.listen_port}"}  # type: ignore[attr-defined]
     assert node.channel.interpreters()[0]["connections"] >= 2
 
 

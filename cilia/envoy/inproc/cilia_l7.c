@@ -57,6 +57,8 @@ void envoy_dynamic_module_callback_network_filter_close(void *f, int close_type)
 uint32_t envoy_dynamic_module_callback_network_filter_get_worker_index(void *f);
 bool envoy_dynamic_module_callback_network_get_dynamic_metadata_string(void *f, buffer_t ns, buffer_t key,
                                                                        buffer_t *out);
+bool envoy_dynamic_module_callback_network_filter_get_remote_address(void *f, buffer_t *ip, uint32_t *port);
+bool envoy_dynamic_module_callback_network_filter_get_local_address(void *f, buffer_t *ip, uint32_t *port);
 
 /* ---------------------------------------------------------------- the interpreter and threads */
 
@@ -105,6 +107,29 @@ static PyObject *py_dynamic_metadata(PyObject *self, PyObject *args) {
   return PyUnicode_DecodeUTF8(out.ptr ? out.ptr : "", (Py_ssize_t)out.length, "replace");
 }
 
+/* (ip, port) from one of the address callbacks, or None (not an IP connection). */
+static PyObject *address_of(bool (*get)(void *, buffer_t *, uint32_t *)) {
+  buffer_t ip = {NULL, 0};
+  uint32_t port = 0;
+  if (!get(current_filter, &ip, &port) || ip.ptr == NULL || ip.length == 0) Py_RETURN_NONE;
+  return Py_BuildValue("(s#I)", ip.ptr, (Py_ssize_t)ip.length, (unsigned int)port);
+}
+
+static PyObject *py_addresses(PyObject *self, PyObject *args) {
+  (void)self;
+  (void)args;
+  if (current_filter == NULL) {
+    PyErr_SetString(PyExc_RuntimeError, "no Envoy hook is running on this thread");
+    return NULL;
+  }
+  PyObject *remote = address_of(envoy_dynamic_module_callback_network_filter_get_remote_address);
+  PyObject *local = remote ? address_of(envoy_dynamic_module_callback_network_filter_get_local_address) : NULL;
+  PyObject *both = local ? PyTuple_Pack(2, remote, local) : NULL;
+  Py_XDECREF(remote);
+  Py_XDECREF(local);
+  return both;
+}
+
 static PyObject *py_worker_index(PyObject *self, PyObject *args) {
   (void)self;
   (void)args;
@@ -122,6 +147,8 @@ static PyMethodDef inproc_methods[] = {
     {"stats", py_stats, METH_NOARGS, "stats() -> (chunks, nanoseconds in Python, slow chunks) since Envoy started"},
     {"dynamic_metadata", py_dynamic_metadata, METH_VARARGS,
      "dynamic_metadata(namespace, key) -> str | None: a string of the running connection's dynamic metadata"},
+    {"addresses", py_addresses, METH_NOARGS,
+     "addresses() -> (remote, local): the running connection's client and server-side (ip, port), each or None"},
     {"worker_index", py_worker_index, METH_NOARGS, "worker_index() -> int: the running connection's Envoy worker"},
     {NULL, NULL, 0, NULL}};
 

@@ -9,8 +9,9 @@ with (a denial, in reply order), and whether to close the connection (a parse er
 connection whose endpoint or peer is unknown, no parser for the protocol: fail closed).
 
 The connection's listener, direction, port and protocol come from ``filter_config`` (JSON); the
-peer identity and local endpoint from the naming RBAC filters' dynamic metadata, read through
-``_cilia_inproc`` (the module's built-in) at the first chunk. Policy comes from the agent over
+peer identity and local endpoint from the naming RBAC filters' dynamic metadata, and the
+connection's client and server-side addresses from Envoy, both read through ``_cilia_inproc``
+(the module's built-in) at the first chunk. Policy comes from the agent over
 ``AgentLink`` (the whole ``PolicyViews`` at every publish; a connection meets a new revision at
 its next chunk), and decided requests go back to it in batches.
 
@@ -36,7 +37,6 @@ from typing import Protocol
 
 from cilia.envoy.metadata import LOCAL_PREFIX, NO_LOCAL, PEER_PREFIX, RBAC_NAMESPACE, naming_key
 from cilia.l7parsers.base import Check, Decision, L7Connection, Output, ProtocolError, Record
-from cilia.l7parsers.memcache_fast import FastMemcacheConnection
 from cilia.l7parsers.registry import ConnectionFactory, connection_factory
 from cilia.policy.flows import L7Request
 from cilia.envoy.l7service import ConnectionInfo
@@ -47,6 +47,8 @@ _log = logging.getLogger("cilia.envoy.inproc")
 #: (same direction, reply to the sender, close) as the module reads it; None: the chunk passes unchanged
 Answer = tuple[bytes, bytes, int] | None
 Metadata = Callable[[str, str], "str | None"]
+#: the running connection's (client, server side) addresses as ``ip:port`` ("" when unknown)
+Addresses = Callable[[], tuple[str, str]]
 
 FLUSH_SECONDS = 0.05  # records go to the agent this often
 HEARTBEAT_SECONDS = 1.0  # ... and a report at least this often, records or not
@@ -55,8 +57,11 @@ _PEER_KEY = naming_key(PEER_PREFIX)
 _LOCAL_KEY = naming_key(LOCAL_PREFIX)
 _EMPTY = Output()
 MEMO_SIZE = 4096  # decisions kept per (policy revision, endpoint, peer) before starting over
-#: parsers with a fast path in front (same decisions and bytes, tests/l7parsers/test_memcache_fast.py)
-FAST: dict[str, ConnectionFactory] = {"memcache": FastMemcacheConnection}
+#: parsers with a fast path in front (same decisions and bytes: tests/l7parsers/test_*_fast.py), as
+#: (module, class): imported at first use, after ``use_compiled`` put the compiled modules in front
+FAST = {"memcache": ("cilia.l7parsers.memcache_fast", "FastMemcacheConnection"),
+        "kafka": ("cilia.l7parsers.kafka_fast", "FastKafkaConnection"),
+        "cassandra": ("cilia.l7parsers.cassandra_fast", "FastCassandraConnection")}
 _CONFIG_FIELDS = {"listener": str, "direction": str, "port": int, "protocol": str, "agent": str}
 
 
@@ -176,6 +181,15 @@ _links: dict[str, AgentLink] = {}
 _links_lock = threading.Lock()
 
 
+def fast_factory(protocol: str) -> ConnectionFactory | None:
+    """The connection class with the fast path for ``protocol``, if it has one."""
+    where = FAST.get(protocol)
+    if where is None:
+        return None
+    factory: ConnectionFactory = getattr(importlib.import_module(where[0]), where[1])
+    return factory
+
+
 def link_for(address: str) -> AgentLink:
     with _links_lock:
         link = _links.get(address)
@@ -190,16 +204,39 @@ def _envoy_metadata() -> Metadata:
     return read
 
 
+def ip_port(address: tuple[str, int] | None) -> str:
+    """Envoy's ``ip:port`` text of an (ip, port), as its access-log formatters write it
+    (``[ipv6]:port``); "" for no address (a connection that is not over IP)."""
+    if address is None:
+        return ""
+    ip, port = address
+    return f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}"
+
+
+def _envoy_addresses() -> Addresses:
+    module = importlib.import_module("_cilia_inproc")  # only inside Envoy
+    read = getattr(module, "addresses", None)
+    if read is None:  # a module built before it offered them: flows go without addresses
+        return lambda: ("", "")
+
+    def addresses() -> tuple[str, str]:
+        remote, local = read()
+        return ip_port(remote), ip_port(local)
+
+    return addresses
+
+
 class FilterConfig:
     """One listener filter's configuration: what its connections are, and where policy comes from."""
 
     def __init__(self, listener: str, direction: str, port: int, protocol: str, link: PolicyLink,
-                 metadata: Metadata | None = None,
+                 metadata: Metadata | None = None, addresses: Addresses | None = None,
                  factory_of: Callable[[str], ConnectionFactory | None] = connection_factory) -> None:
         self.listener, self.direction, self.port, self.protocol = listener, direction, port, protocol
         self.link = link
         self.metadata = metadata or _envoy_metadata()
-        self.factory = FAST.get(protocol) or factory_of(protocol)  # once; None closes every connection
+        self.addresses = addresses or _envoy_addresses()
+        self.factory = fast_factory(protocol) or factory_of(protocol)  # once; None closes every connection
         self._checks: dict[tuple[int, str, int], Check] = {}  # this revision's, by (endpoint, peer)
 
     def check(self, views: PolicyViews, info: ConnectionInfo) -> Check:
@@ -355,7 +392,9 @@ class FilterConnection:
             peer_identity = int(peer) if peer is not None else -1
         except ValueError:
             peer_identity = -1
-        self.info = ConnectionInfo(cfg.listener, cfg.direction, cfg.port, cfg.protocol, local or "", peer_identity)
+        source, destination = cfg.addresses()
+        self.info = ConnectionInfo(cfg.listener, cfg.direction, cfg.port, cfg.protocol, local or "", peer_identity,
+                                   source, destination)
         if self.info.endpoint in ("", NO_LOCAL) or peer_identity < 0:
             raise _Refused(f"{cfg.listener}: the connection's endpoint or peer is unknown")
         if cfg.factory is None:
