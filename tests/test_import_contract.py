@@ -29,6 +29,8 @@ CLI_ANYWHERE = {
     "cilia.agent.client": "the agent's HTTP client: how client commands reach the agent",
     "cilia.specs": "endpoint and port specs, checked before they are sent to the agent",
     "cilia.policy": "offline validate and trace",
+    "cilia.services.validate": "service flags checked before they are sent (the model and its checks, pure)",
+    "cilia.services.model": "the service values --service files are read into (pure)",
     "cilia.bpf.paths": "the default --bpf-pin-dir shown in --help (constants only, no bcc)",
     "cilia.agent.flowquery": "cilia observe checks selectors and HTTP statuses before asking (pure Python)",
     "cilia.fqdn.config": "the --tofqdns-* defaults shown in cilia agent --help (constants only)",

@@ -8,6 +8,7 @@ unknown, 409 rejected (conflict or Envoy NACK), 504 not realized in time.
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import logging
 import re
@@ -25,6 +26,8 @@ from urllib.parse import parse_qs, urlsplit
 from ..xds.sockets import bind_unix
 from .daemon import Agent, AgentError
 from ..policy.selector_text import SelectorError
+from ..services.model import Service
+from ..services.validate import ServiceError, service_from_json
 from ..specs import EndpointSpec, PolicyKey, StateError
 from .flowquery import parse_http_status, parse_labels
 from .flows import FlowFilter
@@ -139,6 +142,30 @@ def _delete_endpoint(agent: Agent, path: dict[str, str], _: dict[str, list[str]]
     return 200, agent.remove_endpoint(path["name"])
 
 
+def _get_services(agent: Agent, _: dict[str, str], __: dict[str, list[str]], ___: Any) -> tuple[int, Any]:
+    return 200, agent.services()
+
+
+def _post_services(agent: Agent, _: dict[str, str], __: dict[str, list[str]], body: Any) -> tuple[int, Any]:
+    try:
+        service = service_from_json(body)
+    except ServiceError as e:
+        raise AgentError(f"service: {e}; nothing was applied") from None
+    return 200, agent.update_service(service)
+
+
+def _get_service(agent: Agent, path: dict[str, str], _: dict[str, list[str]], __: Any) -> tuple[int, Any]:
+    service_id = int(path["id"])
+    found = [s for s in agent.services().services if s.id == service_id]
+    if not found:
+        raise AgentError(f"no service with id {service_id}", 404)
+    return 200, found[0]
+
+
+def _delete_service(agent: Agent, path: dict[str, str], _: dict[str, list[str]], __: Any) -> tuple[int, Any]:
+    return 200, agent.delete_service(int(path["id"]))
+
+
 def _get_identities(agent: Agent, _: dict[str, str], __: dict[str, list[str]], ___: Any) -> tuple[int, Any]:
     return 200, agent.identities()
 
@@ -209,6 +236,8 @@ def flow_filter(query: dict[str, list[str]]) -> FlowFilter:
                      for name in ("label", "from_label", "to_label")}
         statuses = tuple(parse_http_status(v) for v in strings("http_status"))
         paths = tuple(re.compile(v) for v in strings("http_path"))
+        for address in strings("ip"):
+            ipaddress.ip_address(address)
     except (SelectorError, ValueError, re.error) as e:
         raise AgentError(f"flow filter: {e}") from None
     return FlowFilter(
@@ -283,6 +312,10 @@ ROUTES: dict[tuple[str, str], Handler] = {
     ("GET", "/v1/endpoints/{name}/bpf-policy"): _get_bpf_policy,
     ("GET", "/v1/bpf/lb"): _get_bpf_lb,
     ("GET", "/v1/monitor"): _get_monitor,
+    ("GET", "/v1/services"): _get_services,
+    ("POST", "/v1/services"): _post_services,
+    ("GET", "/v1/services/{id}"): _get_service,
+    ("DELETE", "/v1/services/{id}"): _delete_service,
     ("GET", "/v1/identities"): _get_identities,
     ("GET", "/v1/flows"): _get_flows,
     ("GET", "/v1/fqdn/cache"): _get_fqdn_cache,
@@ -297,7 +330,7 @@ ROUTES: dict[tuple[str, str], Handler] = {
     ("GET", "/v1/debuginfo"): _get_debuginfo,
 }
 
-_PARAM_PATTERNS = {"revision": r"(?P<revision>\d+)", "name": r"(?P<name>[^/]+)"}
+_PARAM_PATTERNS = {"revision": r"(?P<revision>\d+)", "name": r"(?P<name>[^/]+)", "id": r"(?P<id>\d{1,9})"}
 _COMPILED = [(method, re.compile("^" + re.sub(r"\{(\w+)\}", lambda m: _PARAM_PATTERNS[m[1]], tmpl) + "$"), h)
              for (method, tmpl), h in ROUTES.items()]
 
@@ -431,3 +464,11 @@ class InProcess:
 
     def policies(self) -> dict[str, Any]:
         return render(self.agent.policies())  # type: ignore[no-any-return]
+
+    def services(self) -> dict[str, Any]:
+        return render(self.agent.services())  # type: ignore[no-any-return]
+
+    def replace_named_services(self, namespace: str, name: str, services: Sequence[Service]) -> dict[str, Any] | None:
+        """A Kubernetes Service's cilia services (see ``Agent.replace_named_services``); None: no change."""
+        done = self.agent.replace_named_services(namespace, name, services)
+        return render(done) if done is not None else None

@@ -4,7 +4,8 @@ An agent that stops leaves its BPF programs attached and its maps pinned, so the
 enforcing the last policy across restarts (as Cilium does). Cleaning up, with the agent stopped,
 detaches the programs from every endpoint interface, removes the pinned maps, the proxy route,
 the router address the agent added and the namespaces it created for endpoints; those endpoints
-leave the state (they no longer exist), policies stay.
+leave the state (they no longer exist), policies stay. In sidecar mode it removes the nftables
+tables a crashed agent left (the guard of the applications' ports).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from pathlib import Path
 
 from ..bpf import node as bpf_node
 from ..bpf.netns import Namespace, del_host_address
+from . import sidecar_guard
 from .daemon import NODE_RECORD
 from .state import load_state, save_state
 
@@ -51,6 +53,10 @@ def cleanup(state_dir: Path) -> list[str]:
                            "where the agent ran (e.g. nsenter --net=...)")
     state = load_state(state_dir)
     done: list[str] = []
+    # sidecar mode: the nftables tables that kept the applications' ports for Envoy alone (an agent
+    # that stopped removed them, one that crashed did not)
+    namespaces = [None, *sorted({s.netns for s in state.endpoints.values() if s.netns})]
+    done += sidecar_guard.remove_left(str(state_dir), namespaces)
     interfaces = sorted({s.interface for s in state.endpoints.values() if s.interface}
                         | set(record.get("nodeport_devices") or ()))
     pin_dir = record.get("pin_dir")

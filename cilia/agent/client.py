@@ -110,6 +110,18 @@ class AgentClient:
     def remove_endpoint(self, name: str) -> Any:
         return self.request("DELETE", f"/v1/endpoints/{name}")
 
+    def update_service(self, service: dict[str, Any]) -> Any:
+        return self.request("POST", "/v1/services", json=service)
+
+    def services(self) -> Any:
+        return self.request("GET", "/v1/services")
+
+    def service(self, service_id: int) -> Any:
+        return self.request("GET", f"/v1/services/{service_id}")
+
+    def delete_service(self, service_id: int) -> Any:
+        return self.request("DELETE", f"/v1/services/{service_id}")
+
     def identities(self) -> Any:
         return self.request("GET", "/v1/identities")
 

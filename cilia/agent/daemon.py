@@ -15,7 +15,6 @@ listens without its policy.
 
 from __future__ import annotations
 
-import copy
 import ipaddress
 import json
 import logging
@@ -60,6 +59,7 @@ from ..policy import (
 from ..policy.identity import IdentityAllocator, IdentityUnavailable
 from ..policy.labels import endpoint_labels
 from ..policy.parse import check_unique
+from ..policy.toservices import ServiceView
 from ..realizer import Desired, EndpointState, PortMap, Realizer
 from ..realizer.datapath import DatapathSink
 from ..realizer.services import ServiceSink
@@ -74,7 +74,7 @@ from .cluster import ClusterNode, KVStoreConfig  # kvstore (issue 13)
 from .diff import policy_diff
 from ..fqdn.config import FqdnConfig
 from .fqdn import FqdnLearner
-from .flows import FlowFile, FlowFilter
+from .flows import FlowFile, FlowFilter, UnknownPod
 from .metrics import MeteredAckTracker, Metrics
 from .observe import FlowNames, Observer
 from .results import (
@@ -88,10 +88,14 @@ from .results import (
     PolicyInfo,
     Realized,
     Revision,
+    Services,
+    ServiceUpdated,
 )
+from ..services.model import Service
+from ..services.validate import MAX_SERVICE_ID, ServiceError, check_services
 from .sidecar_guard import SidecarGuard
 from .plumbing import PlumbingError, free_endpoint_id, plumb, unplumb
-from .state import PolicySource, load_state, state_text, write_state_text
+from .state import PolicySource, StateWriter
 
 _log = logging.getLogger(__name__)
 
@@ -191,6 +195,7 @@ class _Before:
     endpoints: dict[str, EndpointSpec | None] = field(default_factory=dict)
     endpoint_ids: dict[str, int] = field(default_factory=dict)
     created: list[Namespace] = field(default_factory=list)
+    services: dict[int, Service | None] = field(default_factory=dict)
 
 
 class Agent:
@@ -199,7 +204,8 @@ class Agent:
         self.started = time.time()
         private_dir(config.state_dir, config.socket_group)  # nobody else may swap the sockets in it
         self.lock = threading.RLock()  # engine, state and revisions; never held while waiting for proxies
-        self.state = load_state(config.state_dir)
+        self.persist = StateWriter(config.state_dir)  # state.json and its journal
+        self.state = self.persist.loaded
         # kvstore (issue 13): cluster-wide identities from etcd instead of this node's file
         self.cluster = ClusterNode.connect(config.node_id, config.kvstore) if config.kvstore is not None else None
         self.engine = PolicyEngine(self.cluster.allocator if self.cluster is not None
@@ -249,6 +255,8 @@ class Agent:
         sinks.append(FlowNames(self.observer))
         self.realizer = Realizer(sinks)
         self._redirects = RedirectIndex()
+        self._redirected: dict[str, frozenset[tuple[str, str, int]]] = {}  # endpoint -> (L7 protocol, direction, port)
+        self._redirect_counts: dict[str, int] = {}  # L7 protocol -> redirected (endpoint, direction, port)s
         self._desired: Desired | None = None
         self._audit_keys: frozenset[PolicyKey] = frozenset()
         self.servers = Servers()
@@ -256,9 +264,6 @@ class Agent:
         self.admin_address: str | None = None
         self.reverted: dict[int, str] = {}  # revision -> why: the managed Envoy rejected it and it was reverted
         self.fqdn = FqdnLearner(self, config.fqdn)  # toFQDNs (issue 17)
-        self._unsaved = False  # a commit's state.json write was deferred (flush_state)
-        self._state_seq = self._state_stored = 0  # state.json texts taken, and the newest written
-        self._state_io = threading.Lock()
         self._replay()
 
     @property
@@ -281,6 +286,7 @@ class Agent:
                                  + "; ".join(str(p) for p in loaded.problems))
             policies += [p for p in loaded.policies if p.key in src.keys]
         with self.engine.batch():
+            self.engine.set_services(self.state.services.values())  # toServices resolves against them
             for spec in self.state.endpoints.values():
                 self.engine.upsert_endpoint(_endpoint(spec))
             if policies:
@@ -395,6 +401,7 @@ class Agent:
                 self.cluster.stop()
             self.fqdn.stop()
             self.observer.close()
+            self.persist.close()
 
     # ------------------------------------------------------------------ policies
 
@@ -429,7 +436,7 @@ class Agent:
             revision = self._commit(change.endpoints)
         self._await_managed(revision, before)
         audited = self.state.audit_keys()
-        return Policies(revision, tuple(_policy_info(p, audited) for p in policies))
+        return Policies(revision, tuple(_policy_info(p, audited, self.engine.service_view) for p in policies))
 
     def diff_policies(self, files: Sequence[tuple[str, str]], last: int | None = None) -> dict[str, Any]:
         """Which of the newest ``last`` recorded flows (all kept ones if None) the policies in
@@ -484,7 +491,8 @@ class Agent:
     def policies(self) -> Policies:
         with self.lock:
             audited = self.state.audit_keys()
-            return Policies(self.state.revision, tuple(_policy_info(p, audited) for p in self.engine.policies()))
+            view = self.engine.service_view
+            return Policies(self.state.revision, tuple(_policy_info(p, audited, view) for p in self.engine.policies()))
 
     # ------------------------------------------------------------------ endpoints
 
@@ -510,6 +518,11 @@ class Agent:
         # kvstore (issue 13): the cluster-wide identity is allocated before the lock is taken (the
         # store's I/O never blocks other API calls); unreachable: 503, never a node-local number
         with self._identity_prepared(spec.name, endpoint), self.lock:
+            frontends = {s.frontend.address: s for s in self.state.services.values()}
+            for ip in spec.ips:
+                if ip in frontends:
+                    raise AgentError(f"endpoint {spec.name}: ips: {ip} is service {frontends[ip].id}'s frontend "
+                                     f"({frontends[ip].frontend})")
             before = self._before(endpoints={spec.name})
             try:
                 spec, created = plumb(spec, self.state.endpoints.get(spec.name), self.config.router_ip)
@@ -592,6 +605,80 @@ class Agent:
         removed, revision = self.fqdn.clean(name)
         return {"removed": removed, "revision": revision if revision is not None else self.revision}
 
+    # ------------------------------------------------------------------ services (issue 16)
+
+    def update_service(self, service: Service) -> ServiceUpdated:
+        """Add or replace the service with ``service.id`` (fields already checked one by one, see
+        ``cilia.services.validate``); refused, with nothing applied, if its frontend clashes."""
+        with self.lock:
+            self._check_service(service, {service.id})
+            revision, before = self._set_services({service.id: service})
+        self._await_managed(revision, before)
+        return ServiceUpdated(revision, service)
+
+    def replace_named_services(self, namespace: str, name: str, services: Sequence[Service]) -> Revision | None:
+        """Make ``services`` (ids ignored) the ones named ``namespace/name``, in one revision: what
+        one Kubernetes Service (one cilia service per port and frontend) becomes. A frontend it
+        already had keeps its id; new ones get free ids. None: nothing changed."""
+        with self.lock:
+            mine = {(s.frontend, s.type): s.id for s in self.state.services.values()
+                    if (s.namespace, s.name) == (namespace, name)}
+            taken = set(self.state.services) - set(mine.values())
+            wanted: dict[int, Service | None] = {i: None for i in mine.values()}
+            fresh = (i for i in range(1, MAX_SERVICE_ID + 1) if i not in taken and i not in mine.values())
+            for s in services:
+                service_id = mine.get((s.frontend, s.type))
+                if service_id is None:
+                    service_id = next(fresh, None)
+                    if service_id is None:
+                        raise AgentError(f"service {namespace}/{name}: no free service id", 409)
+                wanted[service_id] = replace(s, id=service_id, namespace=namespace, name=name)
+            if all(self.state.services.get(i) == s for i, s in wanted.items()):
+                return None
+            for service in wanted.values():
+                if service is not None:
+                    self._check_service(service, set(wanted))
+            revision, before = self._set_services(wanted)
+        self._await_managed(revision, before)
+        return Revision(revision)
+
+    def delete_service(self, service_id: int) -> Revision:
+        with self.lock:
+            if service_id not in self.state.services:
+                raise AgentError(f"no service with id {service_id}", 404)
+            revision, before = self._set_services({service_id: None})
+        self._await_managed(revision, before)
+        return Revision(revision)
+
+    def services(self) -> Services:
+        with self.lock:
+            return Services(self.state.revision, self.state.services.ordered())
+
+    def _check_service(self, service: Service, replacing: set[int]) -> None:
+        addresses = {ip: name for name, spec in self.state.endpoints.items() for ip in spec.ips}
+        table = self.state.services
+        elsewhere = table.backends - sum(len(table[i].backends) for i in replacing if i in table)
+        try:
+            check_services(service, table.values(), addresses, replacing, elsewhere)
+        except ServiceError as e:
+            raise AgentError(f"service {service.id}: {e}; nothing was applied") from None
+
+    def _set_services(self, changes: dict[int, Service | None]) -> tuple[int, _Before]:
+        """Apply service changes (None: delete) with the lock held: the engine re-resolves the
+        policies using toServices, then one revision is committed."""
+        before = self._before(services=changes)
+        for service_id, service in changes.items():
+            if service is None:
+                self.state.services.pop(service_id, None)
+            else:
+                self.state.services[service_id] = service
+        try:
+            change = self.engine.set_services(self.state.services.values())
+        except L7ConflictError as e:
+            self._restore(before)
+            raise AgentError(f"{e}; nothing was applied", 409) from None
+        return self._commit(change.endpoints), before
+
     # ------------------------------------------------------------------ revisions
 
     def change_engine(self, change: Callable[[PolicyEngine], Iterable[str] | None],
@@ -599,33 +686,12 @@ class Agent:
         """For producers of engine state other than the API (the kvstore's remote endpoints and
         identities, toFQDNs): run ``change`` on the engine under the agent's lock and commit the
         endpoints it names (None: nothing moved, nothing committed). Returns the new revision, if
-        any. ``persist=False``: state.json is not rewritten now (other nodes' addresses are not in
-        it; learned addresses are persisted by their own journal); ``flush_state`` writes it later."""
+        any. ``persist=False``: what changed is not in state.json (other nodes' addresses; learned
+        names have their own journal), so it is not rewritten; the next persisted revision carries
+        the number on."""
         with self.lock:
             changed = change(self.engine)
             return None if changed is None else self._commit(changed, persist)
-
-    def flush_state(self) -> None:
-        """Write state.json if a commit left it behind (``change_engine(persist=False)``); the disk
-        write happens without the agent's lock, so learning does not wait for it."""
-        with self.lock:
-            if not self._unsaved:
-                return
-            self._unsaved = False
-            self._state_seq += 1
-            seq, text = self._state_seq, state_text(self.state)
-        self._store_state(seq, text)
-
-    def _save_state(self) -> None:
-        """state.json now (lock held)."""
-        self._state_seq += 1
-        self._store_state(self._state_seq, state_text(self.state))
-
-    def _store_state(self, seq: int, text: str) -> None:
-        with self._state_io:
-            if seq > self._state_stored:  # never an older text over a newer one
-                write_state_text(self.config.state_dir, text)
-                self._state_stored = seq
 
     def _commit(self, changed: Iterable[str] | None, persist: bool = True) -> int:
         """Number, persist and realize the engine's new state; called with the lock held after a
@@ -634,7 +700,6 @@ class Agent:
             self.engine.revision = self.state.revision + 1  # a change the engine does not see (ports, ids)
         self.state.revision = self.engine.revision
         desired = self._realize(changed, persist=persist)
-        self._unsaved = not persist
         return desired.revision
 
     def _realize(self, changed: Iterable[str] | None, persist: bool = False) -> Desired:
@@ -650,7 +715,7 @@ class Agent:
             ports[DNS_PROXY_KEY] = self.dns_proxy.port  # issue 17: where egress dns rules redirect
         desired = replace(desired, proxy_ports=ports)
         if persist:
-            self._save_state()
+            self.persist.write(self.state)
         errors = dict(self.realizer.errors)
         self.realizer.realize(desired)
         for sink, error in self.realizer.errors.items():
@@ -662,12 +727,18 @@ class Agent:
 
     def _build_desired(self, changed: frozenset[str] | None) -> Desired:
         previous = self._desired.endpoints if self._desired is not None and changed is not None else {}
-        endpoints: dict[str, EndpointState] = {}
-        for name, spec in self.state.endpoints.items():
-            done = previous.get(name)
-            if done is not None and name not in (changed or ()):
-                endpoints[name] = done
-                continue
+        # the previous entries, and anew only those the change names (or that came or went)
+        gone, added = previous.keys() - self.state.endpoints.keys(), self.state.endpoints.keys() - previous.keys()
+        endpoints: dict[str, EndpointState] = dict(previous)
+        for name in gone:
+            del endpoints[name]
+        if not previous:
+            names: Iterable[str] = self.state.endpoints
+        else:  # new ones last, in the state's order (as a whole rebuild would place them)
+            names = [n for n in (changed or ()) if n in previous and n not in gone]
+            names += list(added) if len(added) < 2 else [n for n in self.state.endpoints if n in added]
+        for name in names:
+            spec = self.state.endpoints[name]
             ingress, egress = self.audit_of(name)
             endpoints[name] = EndpointState(
                 name, tuple(spec.ips), self.engine.identity_of(name).id,
@@ -677,12 +748,16 @@ class Agent:
         moved = None if changed is None else frozenset(
             n for n in changed | (previous.keys() - endpoints.keys()) | (endpoints.keys() - previous.keys()))
         return Desired(self.state.revision, endpoints, tuple(self.engine.ipcache.items()),
-                       self.engine.identity_labels(), changed=moved)
+                       self.engine.identity_labels(), changed=moved,
+                       prefixes=self.engine.ipcache.by_identity(), services=self.state.services.ordered())
 
-    def _before(self, policies: Iterable[PolicyKey] = (), endpoints: Iterable[str] = ()) -> _Before:
+    def _before(self, policies: Iterable[PolicyKey] = (), endpoints: Iterable[str] = (),
+                services: Iterable[int] = ()) -> _Before:
         current = {p.key: p for p in self.engine.policies()}
-        return _Before({k: current.get(k) for k in policies}, copy.deepcopy(self.state.sources),
-                       {n: self.state.endpoints.get(n) for n in endpoints}, dict(self.state.endpoint_ids))
+        sources = [replace(s, keys=set(s.keys)) for s in self.state.sources]  # what _restore puts back
+        return _Before({k: current.get(k) for k in policies}, sources,
+                       {n: self.state.endpoints.get(n) for n in endpoints}, dict(self.state.endpoint_ids),
+                       services={i: self.state.services.get(i) for i in services})
 
     def _restore(self, before: _Before) -> None:
         """Put back what a mutation replaced (lock held); its namespaces are removed."""
@@ -704,6 +779,13 @@ class Agent:
                 self.state.endpoints[name] = spec
         if before.endpoints:
             self.state.endpoint_ids = before.endpoint_ids
+        if before.services:
+            for service_id, service in before.services.items():
+                if service is None:
+                    self.state.services.pop(service_id, None)
+                else:
+                    self.state.services[service_id] = service
+            self.engine.set_services(self.state.services.values())
         for ns in before.created:
             ns.delete()
 
@@ -740,12 +822,24 @@ class Agent:
         m.policies.set(len(self.engine.policies()))
         m.max_revision.set(desired.revision)
         m.endpoints.set(len(desired.endpoints))
-        redirects: dict[str, set[tuple[str, str, int]]] = {}
-        for name, ep in desired.endpoints.items():
-            for r in self._redirects.of(name, ep.map_state):
-                if r.l7_protocol:
-                    redirects.setdefault(r.l7_protocol, set()).add((name, r.direction.value, r.port_lo))
-        m.set_redirects({proto: len(ports) for proto, ports in redirects.items()})
+        # per L7 protocol, the (endpoint, direction, port) redirected to it: recounted for the endpoints
+        # a change names only
+        if desired.changed is None:
+            self._redirected.clear()
+            self._redirect_counts.clear()
+        for name in desired.endpoints if desired.changed is None else desired.changed:
+            for protocol, _, _ in self._redirected.pop(name, ()):
+                self._redirect_counts[protocol] -= 1
+            ep = desired.endpoints.get(name)
+            if ep is None:
+                continue
+            mine = frozenset((r.l7_protocol, r.direction.value, r.port_lo)
+                             for r in self._redirects.of(name, ep.map_state) if r.l7_protocol)
+            if mine:
+                self._redirected[name] = mine
+            for protocol, _, _ in mine:
+                self._redirect_counts[protocol] = self._redirect_counts.get(protocol, 0) + 1
+        m.set_redirects({protocol: n for protocol, n in self._redirect_counts.items() if n})
 
     def _error(self, component: str, message: str) -> None:
         """Remember an error for ``cilia status`` (the last 50)."""
@@ -821,7 +915,10 @@ class Agent:
 
     def flows(self, since: int | None = None, limit: int | None = None,
               flow_filter: FlowFilter | None = None) -> dict[str, Any]:
-        return self.observer.flows(since, limit, flow_filter)
+        try:
+            return self.observer.flows(since, limit, flow_filter)
+        except UnknownPod as e:
+            raise AgentError(str(e), 404) from None
 
     def monitor(self, since: int | None, limit: int | None, wait: float, trace: bool = False) -> dict[str, Any]:
         """Datapath events after ``since`` (waiting up to ``wait`` seconds for one). ``trace``:
@@ -890,8 +987,9 @@ class Agent:
             policies = list(self.engine.policies())
             endpoints = dict(self.state.endpoints)
             identities = list(self.engine.identities())
+            services = tuple(self.state.services.values())
         try:
-            return trace_live(policies, endpoints, identities, body, self.fqdn.cache.names())
+            return trace_live(policies, endpoints, identities, body, services, self.fqdn.cache.names())
         except TraceInputError as e:
             raise AgentError(str(e), e.status) from None
         except PolicyError as e:
@@ -904,10 +1002,20 @@ def _endpoint(spec: EndpointSpec) -> Endpoint:
                     tuple(ipaddress.ip_address(ip) for ip in spec.ips), named)
 
 
-def _policy_info(p: Policy, audited: set[PolicyKey] | frozenset[PolicyKey] = frozenset()) -> PolicyInfo:
-    notes = tuple(sorted({str(n) for r in compile_policy(p) for n in r.notes}))  # accepted, not enforced
+def _policy_info(p: Policy, audited: set[PolicyKey] | frozenset[PolicyKey] = frozenset(),
+                 services: ServiceView | None = None) -> PolicyInfo:
+    # accepted, not enforced; and what a translation changed to accept it (a NetworkPolicy's masked ipBlock)
+    notes = tuple(sorted({str(n) for r in compile_policy(p, services) for n in r.notes}
+                         | {f"{p.source.file}:{p.source.line}: {n}" for n in p.notes}))
+    # as Cilium labels a policy's rules (k8s:io.cilium.k8s.policy.*: a translated NetworkPolicy's rules
+    # say so themselves), with its metadata and rule labels
+    rule_labels = {label for r in p.rules for label in r.labels}
+    derived = {f"k8s:io.cilium.k8s.policy.{key}={value}" for key, value in (
+        ("derived-from", p.kind.value), ("name", p.name), *((("namespace", p.namespace),) if p.namespace else ()))
+        if not any(label.startswith(f"k8s:io.cilium.k8s.policy.{key}=") for label in rule_labels)}
+    labels = tuple(sorted({*p.labels, *derived, *rule_labels}))
     return PolicyInfo(p.kind.value, p.namespace, p.name, len(p.rules), p.source.file, p.source.line,
-                      p.key in audited, notes)
+                      p.key in audited, notes, labels)
 
 
 __all__ = ["Agent", "AgentConfig", "AgentError", "EnvoyMode", "PolicyKey", "Servers"]

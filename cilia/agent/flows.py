@@ -36,10 +36,12 @@ from ..l7parsers.base import Record
 from ..envoy.l7service import ConnectionInfo
 from ..policy.ipcache import IPCache
 from ..policy.labels import LabelSet
+from ..policy.mapstate import MapState
 from ..policy.selectors import LabelSelector
 from ..policy.model import IPNetwork
+from ..services.model import Service
 from .flowquery import HttpStatus
-from .hubble import export_line, pod_name
+from .hubble import export_line, pod_name, policy_match_type
 
 
 class Verdict(str, Enum):
@@ -85,6 +87,11 @@ class Flow:
     proxy_port: int = 0
     latency: float = 0.0  # HTTP: seconds from the request to the response sent
     upstream_reply: float = 0.0  # HTTP: seconds until the upstream's reply arrived (0: none came)
+    match_type: int = 0  # L3/L4: Hubble's policy_match_type of the deciding entry (hubble.policy_match_type)
+    # through a service: the frontend the source addressed ("10.96.0.10:80"; destination is the
+    # backend) and the service's (namespace, name) if it has a name
+    service_frontend: str = ""
+    service: tuple[str, str] = ("", "")
 
     @property
     def type(self) -> str:
@@ -105,55 +112,112 @@ class Flow:
 # --- who is who ------------------------------------------------------------------------------
 
 class Who:
-    """A snapshot of endpoints, identities' labels and the ipcache, to name flows' sides."""
+    """A snapshot of endpoints, identities' labels and the ipcache, to name flows' sides.
+
+    A revision's snapshot is made from the last one and what changed (``changed``): an endpoint
+    add costs the same at any count. Label lists and the ipcache's lookup table are made when a
+    flow first needs them, not at each revision."""
 
     def __init__(self, endpoints: Mapping[str, tuple[tuple[str, ...], int]], labels: Mapping[int, LabelSet],
-                 ipcache: Iterable[tuple[IPNetwork, int]], endpoint_ids: Mapping[int, str] | None = None) -> None:
+                 ipcache: Iterable[tuple[IPNetwork, int]], endpoint_ids: Mapping[int, str] | None = None,
+                 map_states: Mapping[str, MapState] | None = None,
+                 service_names: Mapping[str, tuple[str, str]] | None = None) -> None:
+        self._endpoints: dict[str, tuple[tuple[str, ...], int]] = dict(endpoints)
+        self._map_states: dict[str, MapState] = dict(map_states or {})  # what decides, for the match type
         self._by_address = {ip: (name, ident) for name, (ips, ident) in endpoints.items() for ip in ips}
-        self._identity_of_endpoint = {name: ident for name, (_, ident) in endpoints.items()}
-        # Reverse lookups, built once: the L7 path names a side per request.
-        self._address_of_endpoint: dict[str, str] = {}
-        for address, (name, _) in self._by_address.items():
-            self._address_of_endpoint.setdefault(name, address)
-        self._endpoint_of_identity: dict[int, str] = {}
-        for name, ident in self._identity_of_endpoint.items():
-            self._endpoint_of_identity.setdefault(ident, name)
-        # Labels and the ipcache are read when a flow needs them, not at every revision: a learned
-        # DNS answer (toFQDNs) waits for the realize that builds this, and there may be many.
+        # every endpoint of an identity; the first by name names the identity's side
+        self._endpoints_of_identity: dict[int, tuple[str, ...]] = {}
+        for name, (_, ident) in endpoints.items():
+            self._endpoints_of_identity[ident] = (*self._endpoints_of_identity.get(ident, ()), name)
         self._label_sets = labels
-        self._labels: dict[int, tuple[str, ...]] = {}
-        self._ipcache_items = tuple(ipcache)  # the same object when given a tuple
-        self._ipcache_built: IPCache | None = None
-        self.endpoint_ids = dict(endpoint_ids or {})
+        self._label_lists: dict[int, tuple[LabelSet, tuple[str, ...]]] = {}  # shared with later snapshots
+        self._ipcache_items = ipcache
+        self._ipcache: IPCache | None = None
+        self.endpoint_ids = dict(endpoint_ids or {})  # BPF endpoint id -> name
+        self._id_of_endpoint = {name: i for i, name in self.endpoint_ids.items()}
+        self._services: Mapping[str, tuple[str, str]] = service_names or {}  # frontend -> (namespace, name)
 
-    @property
-    def _ipcache(self) -> IPCache:
-        built = self._ipcache_built
-        if built is None:
-            built = IPCache()
-            for prefix, ident in self._ipcache_items:
-                built.upsert(prefix, ident)
-            self._ipcache_built = built  # two threads may both build it: the same content
-        return built
+    def changed(self, endpoints: Mapping[str, tuple[tuple[str, ...], int] | None], labels: Mapping[int, LabelSet],
+                ipcache: Iterable[tuple[IPNetwork, int]], endpoint_ids: Mapping[str, int | None],
+                map_states: Mapping[str, MapState | None] | None = None,
+                service_names: Mapping[str, tuple[str, str]] | None = None) -> Who:
+        """A new snapshot: this one with ``endpoints`` replaced (None: gone) and their ids
+        (``endpoint_ids``, by name) and map states set, and the revision's labels and ipcache. This
+        one is kept as it is (flows being named read it without a lock)."""
+        new = Who.__new__(Who)
+        new._endpoints = dict(self._endpoints)
+        new._map_states = dict(self._map_states)
+        for name, ms in (map_states or {}).items():
+            if ms is None:
+                new._map_states.pop(name, None)
+            else:
+                new._map_states[name] = ms
+        new._by_address = dict(self._by_address)
+        new._endpoints_of_identity = dict(self._endpoints_of_identity)
+        for name, now in endpoints.items():
+            before = new._endpoints.pop(name, None)
+            if before is not None:
+                for ip in before[0]:
+                    if new._by_address.get(ip, ("", 0))[0] == name:
+                        del new._by_address[ip]
+                left = tuple(n for n in new._endpoints_of_identity.get(before[1], ()) if n != name)
+                if left:
+                    new._endpoints_of_identity[before[1]] = left
+                else:
+                    new._endpoints_of_identity.pop(before[1], None)
+            if now is not None:
+                new._endpoints[name] = now
+                new._by_address.update((ip, (name, now[1])) for ip in now[0])
+                new._endpoints_of_identity[now[1]] = (*new._endpoints_of_identity.get(now[1], ()), name)
+        new._label_sets = labels
+        new._label_lists = self._label_lists
+        new._ipcache_items = ipcache
+        new._ipcache = None
+        new.endpoint_ids = dict(self.endpoint_ids)
+        new._id_of_endpoint = dict(self._id_of_endpoint)
+        new._services = self._services if service_names is None else service_names
+        for name, endpoint_id in endpoint_ids.items():
+            old = new._id_of_endpoint.pop(name, None)
+            if old is not None and new.endpoint_ids.get(old) == name:
+                del new.endpoint_ids[old]
+            if endpoint_id is not None:
+                new.endpoint_ids[endpoint_id] = name
+                new._id_of_endpoint[name] = endpoint_id
+        return new
 
     @classmethod
     def empty(cls) -> Who:
         return cls({}, {}, ())
 
     def labels(self, identity: int | None) -> tuple[str, ...]:
-        if identity is None:
+        if identity is None or (labels := self._label_sets.get(identity)) is None:
             return ()
-        found = self._labels.get(identity)
-        if found is None:
-            ls = self._label_sets.get(identity)
-            found = self._labels[identity] = tuple(ls.to_list()) if ls is not None else ()
-        return found
+        done = self._label_lists.get(identity)
+        if done is None or done[0] is not labels:
+            if len(self._label_lists) >= 1 << 16:
+                self._label_lists.clear()
+            done = self._label_lists[identity] = (labels, tuple(labels.to_list()))
+        return done[1]
 
     def endpoint_identity(self, name: str) -> int | None:
-        return self._identity_of_endpoint.get(name)
+        ep = self._endpoints.get(name)
+        return ep[1] if ep is not None else None
 
     def endpoint_with_identity(self, identity: int) -> str:
-        return self._endpoint_of_identity.get(identity, "")
+        names = self._endpoints_of_identity.get(identity)
+        return min(names) if names else ""  # by name: the same whatever order they came in
+
+    def _lookup(self, address: str) -> int | None:
+        ipcache = self._ipcache
+        if ipcache is None:  # the first flow of this revision naming an address no endpoint has
+            ipcache = IPCache()
+            for prefix, ident in self._ipcache_items:
+                ipcache.upsert(prefix, ident)
+            self._ipcache = ipcache
+        try:
+            return ipcache.lookup(address)[1]
+        except (KeyError, ValueError):
+            return None
 
     def peer(self, address: str, port: int = 0, identity: int | None = None) -> Peer:
         """A side by its address (its identity from the ipcache unless given)."""
@@ -161,16 +225,36 @@ class Who:
         if identity is None:
             identity = ident
         if identity is None and address:
-            try:
-                identity = self._ipcache.lookup(address)[1]
-            except (KeyError, ValueError):
-                identity = None
+            identity = self._lookup(address)
         return Peer(address, port, identity, self.labels(identity), name)
 
+    def match_type(self, endpoint: str, direction: str, identity: int | None, protocol: str, port: int) -> int:
+        """Hubble's policy_match_type of the entry of ``endpoint``'s policy deciding a connection
+        with ``identity`` (0: none decided, or an endpoint or peer not known)."""
+        ms = self._map_states.get(endpoint)
+        if ms is None or identity is None or direction not in ("ingress", "egress"):
+            return 0
+        return policy_match_type(ms.ingress if direction == "ingress" else ms.egress, identity, protocol, port)
+
+    def endpoint_names(self) -> Iterable[str]:
+        return self._endpoints.keys()
+
+    def service(self, frontend: str) -> tuple[str, str]:
+        """(namespace, name) of the service at ``frontend`` ("address:port"); ("", "") if none."""
+        found = self._services.get(frontend)
+        if found is None:
+            found = self._services.get("0.0.0.0:" + frontend.rpartition(":")[2], ("", ""))
+        return found
+
     def endpoint_peer(self, name: str, port: int = 0) -> Peer:
-        ident = self._identity_of_endpoint.get(name)
-        address = self._address_of_endpoint.get(name, "")
-        return Peer(address, port, ident, self.labels(ident), name)
+        ips, ident = self._endpoints.get(name, ((), None))
+        return Peer(ips[0] if ips else "", port, ident, self.labels(ident), name)
+
+
+def names_of_services(services: Iterable[Service]) -> dict[str, tuple[str, str]]:
+    """Frontend "address:port" -> (namespace, name) of the named services (a NodePort on every
+    node address is "0.0.0.0:port")."""
+    return {f"{s.frontend.address}:{s.frontend.port}": (s.namespace or "default", s.name) for s in services if s.name}
 
 
 # --- conversions -------------------------------------------------------------------------------
@@ -192,9 +276,13 @@ def from_access(r: AccessRecord, who: Who) -> Flow:
         verdict = Verdict.DROPPED if r.denied else Verdict.AUDIT if r.audit else Verdict.FORWARDED
         reason = "Policy denied" if r.denied or r.audit else ""
     ingress = "egress" not in r.log_name
+    endpoint = (destination if ingress else source).endpoint
+    match = 0 if r.kind == "http" else who.match_type(endpoint, "ingress" if ingress else "egress",
+                                                      (source if ingress else destination).identity, "TCP",
+                                                      destination.port)
     return Flow(r.time.timestamp(), verdict, r.kind, source, destination, "TCP", "ingress" if ingress else "egress",
-                reason, l7, r.rule, (destination if ingress else source).endpoint, r.node_id, r.log_name,
-                latency=r.duration, upstream_reply=r.upstream_reply)
+                reason, l7, r.rule, endpoint, r.node_id, r.log_name,
+                latency=r.duration, upstream_reply=r.upstream_reply, match_type=match)
 
 
 _VERDICTS = {"FORWARDED": Verdict.FORWARDED, "DROPPED": Verdict.DROPPED, "REDIRECTED": Verdict.REDIRECTED,
@@ -207,8 +295,13 @@ def from_datapath(ev: DatapathEvent, who: Who, node: str) -> Flow:
     destination = who.peer(ev.destination, ev.destination_port, ev.destination_identity or None)
     verdict = _VERDICTS.get(ev.verdict, Verdict.ERROR)
     reason = ev.reason_text if verdict in (Verdict.DROPPED, Verdict.AUDIT) else ""
+    endpoint = who.endpoint_ids.get(ev.endpoint_id, "")
+    match = who.match_type(endpoint, ev.direction, (source if ev.direction == "ingress" else destination).identity,
+                           ev.protocol, ev.destination_port)
+    frontend = ev.service_frontend  # the load balancer's events name the frontend the source addressed
     return Flow(ev.time, verdict, "l3/l4", source, destination, ev.protocol, ev.direction, reason, {}, ev.rule,
-                who.endpoint_ids.get(ev.endpoint_id, ""), node, "", ev.proxy_port)
+                endpoint, node, "", ev.proxy_port, match_type=match,
+                service_frontend=frontend, service=who.service(frontend) if frontend else ("", ""))
 
 
 def _address(text: str) -> tuple[str, int]:
@@ -336,6 +429,25 @@ class FlowFilter:
             return False
         path = str(f.l7.get("path", ""))
         return not self.http_paths or any(p.search(path) for p in self.http_paths)
+
+
+class UnknownPod(LookupError):
+    """A flow filter names a pod nothing here has (no endpoint, no recorded flow)."""
+
+
+def unknown_pods(flow_filter: FlowFilter, who: Who, seen: Iterable[Peer]) -> None:
+    """Raise ``UnknownPod`` for the first pod ``flow_filter`` names that matches no endpoint of
+    ``who`` and no side in ``seen`` (a pod gone since keeps its recorded flows findable)."""
+    wanted = [(option, want) for option, pods in (("--pod", flow_filter.pods), ("--from-pod", flow_filter.from_pods),
+                                                  ("--to-pod", flow_filter.to_pods)) for want in pods]
+    if not wanted:
+        return
+    sides = [who.endpoint_peer(name) for name in who.endpoint_names()]
+    sides += seen
+    for option, want in wanted:
+        if not any(_pod_matches((side,), (want,)) for side in sides):
+            raise UnknownPod(f"{option} {want}: no such pod (no endpoint and no recorded flow has it; "
+                             "see cilia endpoint list)")
 
 
 def _pod_matches(sides: tuple[Peer, ...], pods: tuple[str, ...]) -> bool:

@@ -75,11 +75,10 @@ class FqdnLearner:
             lambda engine: engine.update_fqdn({n: self.cache.get(n) for n in names}).endpoints or None, persist=False)
 
     def flush(self) -> None:
-        """Write what learning deferred: the CIDR identities and state.json (the revision)."""
+        """Write what learning deferred: the CIDR identities (identities.json)."""
         flush = getattr(self._agent.engine.allocator, "flush", None)
         if flush is not None:
             flush()
-        self._agent.flush_state()
 
     def _await_proxy(self, revision: int) -> None:
         """Wait until the managed Envoy took ``revision``'s listeners (an L7 egress listener must

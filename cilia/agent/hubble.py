@@ -14,6 +14,9 @@ import ipaddress
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
+from ..policy.mapstate import ANY_IDENTITY, MAX_PORT, DirectionMapState
+from ..policy.model import Protocol
+
 if TYPE_CHECKING:
     from .flows import Flow, Peer
 
@@ -27,6 +30,32 @@ DROP_REASONS = {
 EVENT_DROP, EVENT_POLICY_VERDICT, EVENT_L7 = 1, 5, 129
 NAMESPACE_LABEL = "k8s:io.kubernetes.pod.namespace="
 _L4 = {"TCP": "TCP", "UDP": "UDP", "SCTP": "SCTP", "ICMP": "ICMPv4", "ICMPV4": "ICMPv4", "ICMPV6": "ICMPv6"}
+
+
+# Hubble's policy_match_type (Cilium's monitor API match types): how the entry that decided a
+# connection's L3/L4 verdict is keyed; 0 (none: no entry, the default deny) is left out.
+MATCH_NONE, MATCH_L3_ONLY, MATCH_L3_L4, MATCH_L4_ONLY, MATCH_ALL, MATCH_L3_PROTO, MATCH_PROTO_ONLY = range(7)
+_PROTOCOLS = {"TCP": Protocol.TCP, "UDP": Protocol.UDP, "SCTP": Protocol.SCTP, "ICMP": Protocol.ICMP,
+              "ICMPV4": Protocol.ICMP, "ICMPV6": Protocol.ICMPV6}
+
+
+def policy_match_type(state: DirectionMapState, identity: int, protocol: str, port: int) -> int:
+    """The match type of the entry of ``state`` deciding a connection from (ingress) or to (egress)
+    ``identity`` on ``protocol``/``port``: a specific identity or any (the wildcard), a port
+    range, a protocol with any port, or any protocol. A direction no policy enforces allows all."""
+    if not state.enforced:
+        return MATCH_ALL
+    proto = _PROTOCOLS.get(protocol.upper())
+    hit = state.lookup(identity, proto, port) if proto is not None else None
+    if hit is None:
+        return MATCH_NONE
+    ident, key, _ = hit
+    specific = ident != ANY_IDENTITY
+    if key.port_lo != 0 or key.port_hi != MAX_PORT:
+        return MATCH_L3_L4 if specific else MATCH_L4_ONLY
+    if key.protocol is not Protocol.ANY:
+        return MATCH_L3_PROTO if specific else MATCH_PROTO_ONLY
+    return MATCH_L3_ONLY if specific else MATCH_ALL
 
 
 def timestamp(t: float) -> str:
@@ -184,6 +213,9 @@ def hubble_flow(f: Flow) -> dict[str, Any]:
     for side, peer in (("source", f.source), ("destination", f.destination)):
         if ep := endpoint(peer):
             out[side] = ep
+    namespace, name = f.service
+    if f.service_frontend and name:
+        out["destination_service"] = {"name": name, **({"namespace": namespace} if namespace else {})}
     out["Type"] = f.type
     if f.node:
         out["node_name"] = f.node
@@ -199,6 +231,8 @@ def hubble_flow(f: Flow) -> dict[str, Any]:
     if f.direction in ("ingress", "egress"):
         out["traffic_direction"] = f.direction.upper()
     out["is_reply"] = False  # every flow here is a request or a connection's first packet
+    if f.match_type and f.type == "L3_L4":
+        out["policy_match_type"] = f.match_type
     if f.proxy_port:
         out["proxy_port"] = f.proxy_port
     out["Summary"] = summary(f)
@@ -208,7 +242,8 @@ def hubble_flow(f: Flow) -> dict[str, Any]:
 def extra(f: Flow, seq: int) -> dict[str, Any]:
     """What Hubble has no field for."""
     out: dict[str, Any] = {"seq": seq, "kind": f.kind, "rule": f.rule}
-    for key, value in (("endpoint", f.endpoint), ("listener", f.listener), ("drop_reason", f.drop_reason)):
+    for key, value in (("endpoint", f.endpoint), ("listener", f.listener), ("drop_reason", f.drop_reason),
+                       ("service_frontend", f.service_frontend)):
         if value:
             out[key] = value
     if f.l7:

@@ -6,7 +6,8 @@ The body: ``{"source": PEER, "destination": PEER, "protocol": "tcp", "dport": 80
 "destination_named_ports": ["NAME=PORT/PROTO", ...]}`` where PEER is ``{"endpoint": NAME}``,
 ``{"labels": ["k8s:app=x", ...]}``, ``{"address": IP}`` or ``{"fqdn": NAME}`` (a name the DNS proxy
 learned: its first address). Named ports given in the request override the destination endpoint's
-own. toFQDNs selectors select what the agent learned.
+own. toFQDNs selectors select what the agent learned. A destination address that is a service's
+frontend is traced to the backend a new connection would get (the trace's ``service`` says which and why).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from typing import Any
 from ..policy import Identity, LabelSet, MemoryAllocator, Peer, Policy, PolicyError, Protocol, TraceRequest, trace
 from ..policy.l7.dns import normalize
 from ..policy.trace import PROTOCOL_NAMES, l7_request_from_json
+from ..services.model import Service
 from ..specs import EndpointSpec, PortSpec, StateError
 
 
@@ -50,7 +52,7 @@ def _peer(side: str, d: Any, endpoints: Mapping[str, EndpointSpec],
             spec = endpoints.get(str(d["endpoint"]))
             if spec is None:
                 raise TraceInputError(f"{side}: no endpoint named {d['endpoint']}", 404)
-            return Peer(labels=LabelSet.parse(list(spec.labels)), named_ports=_named_ports(spec.ports))
+            return _endpoint_peer(spec)
         if "labels" in d:
             labels = d["labels"]
             if not isinstance(labels, list) or not labels or not all(isinstance(x, str) for x in labels):
@@ -63,6 +65,11 @@ def _peer(side: str, d: Any, endpoints: Mapping[str, EndpointSpec],
         if isinstance(e, TraceInputError):
             raise
         raise TraceInputError(f"{side}.address: {e}") from None
+
+
+def _endpoint_peer(spec: EndpointSpec) -> Peer:
+    return Peer(labels=LabelSet.parse(list(spec.labels)), named_ports=_named_ports(spec.ports),
+                ips=tuple(ipaddress.ip_address(ip) for ip in spec.ips))
 
 
 def parse_request(body: Any, endpoints: Mapping[str, EndpointSpec],
@@ -92,7 +99,7 @@ def parse_request(body: Any, endpoints: Mapping[str, EndpointSpec],
             raise TraceInputError("destination_named_ports: each needs a NAME=")
         given = _named_ports(specs)
         kept = tuple(p for p in dst.named_ports if p[0] not in {g[0] for g in given})
-        dst = Peer(labels=dst.labels, named_ports=kept + given)
+        dst = Peer(labels=dst.labels, named_ports=kept + given, ips=dst.ips)
     try:
         l7 = l7_request_from_json(body.get("l7"))
     except ValueError as e:
@@ -101,10 +108,13 @@ def parse_request(body: Any, endpoints: Mapping[str, EndpointSpec],
 
 
 def trace_live(policies: Sequence[Policy], endpoints: Mapping[str, EndpointSpec], identities: Sequence[Identity],
-               body: Any, learned: Mapping[str, frozenset[str]] | None = None) -> dict[str, Any]:
+               body: Any, services: Sequence[Service] = (),
+               learned: Mapping[str, frozenset[str]] | None = None) -> dict[str, Any]:
     """The trace's JSON (``TraceResult.to_json``) plus ``text``, its explanation as the CLI prints it;
-    identities are the agent's (labels it has no identity for get one private to the trace);
+    identities are the agent's (labels it has no identity for get one private to the trace). A
+    destination address that is one of ``services``' frontends is traced to its backend.
     ``learned``: the DNS names the agent learned and their addresses (toFQDNs)."""
+    backends = {ip: _endpoint_peer(spec) for spec in endpoints.values() for ip in spec.ips}
     result = trace(policies, parse_request(body, endpoints, learned), allocator=MemoryAllocator.copy_of(identities),
-                   fqdn=learned)
+                   services=services, backends=backends, fqdn=learned)
     return {**result.to_json(), "text": result.render()}

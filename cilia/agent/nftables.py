@@ -17,7 +17,12 @@ class NftError(OSError):
     """libnftables is missing or refused the batch; the message is its own words."""
 
 
+_LOADED: list[ctypes.CDLL] = []  # loaded once: find_library runs ldconfig, milliseconds a call
+
+
 def _library() -> ctypes.CDLL:
+    if _LOADED:
+        return _LOADED[0]
     name = ctypes.util.find_library("nftables") or "libnftables.so.1"
     try:
         lib = ctypes.CDLL(name)
@@ -34,7 +39,17 @@ def _library() -> ctypes.CDLL:
     lib.nft_ctx_get_error_buffer.restype = ctypes.c_char_p
     lib.nft_ctx_get_error_buffer.argtypes = [ctypes.c_void_p]
     lib.nft_run_cmd_from_buffer.argtypes = [ctypes.c_void_p, ctypes.c_char_p]
+    _LOADED.append(lib)
     return lib
+
+
+def available() -> bool:
+    """Whether libnftables can be loaded (without it, no table was ever made)."""
+    try:
+        _library()
+    except NftError:
+        return False
+    return True
 
 
 def run(commands: list[dict[str, Any]]) -> Any:

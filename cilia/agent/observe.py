@@ -19,8 +19,10 @@ from ..envoy.accesslog import AccessRecord
 from ..envoy.l7service import ConnectionInfo
 from ..l7parsers.base import Record
 from ..realizer import Desired
+from ..services.model import Service
 from ..ring import SeqRing
-from .flows import Flow, FlowFile, FlowFilter, Who, from_access, from_datapath, from_dns, from_l7
+from .flows import (Flow, FlowFile, FlowFilter, Who, from_access, from_datapath, from_dns, from_l7, names_of_services,
+                    unknown_pods)
 from .metrics import Metrics
 
 _log = logging.getLogger(__name__)
@@ -33,7 +35,7 @@ class Observer:
         self.flow_log: SeqRing[Flow] = SeqRing(ring_size)
         self.monitor_log: SeqRing[DatapathEvent] = SeqRing(ring_size)
         self.flow_file = flow_file
-        self.who = Who.empty()  # replaced whole by FlowNames at each revision
+        self.who = Who.empty()  # replaced by FlowNames at each revision (a new snapshot)
         self._lock = threading.Lock()  # numbers a flow and writes it to the file as one step
         self.on_l7_error: Any = None  # callable(component, message), for status's last errors
 
@@ -84,8 +86,11 @@ class Observer:
     def flows(self, since: int | None = None, limit: int | None = None,
               flow_filter: FlowFilter | None = None) -> dict[str, Any]:
         """Flows numbered above ``since`` that pass ``flow_filter``, oldest first; with ``limit``
-        the newest that many of them."""
+        the newest that many of them. A first query (no ``since``) naming a pod that neither an
+        endpoint nor a recorded flow has raises ``UnknownPod``."""
         items = self.flow_log.since(since)
+        if flow_filter is not None and since is None:
+            unknown_pods(flow_filter, self.who, [side for _, f in items for side in (f.source, f.destination)])
         if flow_filter is not None:
             items = [(n, f) for n, f in items if flow_filter.matches(f)]
         if limit is not None:
@@ -106,12 +111,27 @@ class FlowNames:
 
     def __init__(self, observer: Observer) -> None:
         self.observer = observer
+        self._empty = observer.who  # until the first revision: made whole then
+        self._services: tuple[Service, ...] = ()
+        self._service_names: dict[str, tuple[str, str]] = {}
 
     def realize(self, desired: Desired) -> None:
         eps = desired.endpoints
-        self.observer.who = Who({n: (ep.ips, ep.identity) for n, ep in eps.items()}, desired.labels,
-                                desired.ipcache,
-                                {ep.endpoint_id: n for n, ep in eps.items() if ep.endpoint_id is not None})
+        services_moved = desired.services is not self._services  # the same tuple while the services stay
+        if services_moved:
+            self._services, self._service_names = desired.services, names_of_services(desired.services)
+        if desired.changed is None or self.observer.who is self._empty:
+            self.observer.who = Who({n: (ep.ips, ep.identity) for n, ep in eps.items()}, desired.labels,
+                                    desired.ipcache,
+                                    {ep.endpoint_id: n for n, ep in eps.items() if ep.endpoint_id is not None},
+                                    {n: ep.map_state for n, ep in eps.items()}, self._service_names)
+            return
+        changed = {n: eps[n] if n in eps else None for n in desired.changed}
+        self.observer.who = self.observer.who.changed(
+            {n: (ep.ips, ep.identity) if ep is not None else None for n, ep in changed.items()}, desired.labels,
+            desired.ipcache, {n: ep.endpoint_id if ep is not None else None for n, ep in changed.items()},
+            {n: ep.map_state if ep is not None else None for n, ep in changed.items()},
+            self._service_names if services_moved else None)
 
 
 def _event_json(ev: DatapathEvent, who: Who) -> dict[str, Any]:

@@ -15,7 +15,11 @@ from .results import (
     PolicyInfo,
     Realized,
     Revision,
+    Services,
+    ServiceUpdated,
 )
+from ..services.model import Service
+from ..services.validate import service_to_json
 
 
 @singledispatch
@@ -27,7 +31,7 @@ def render(result: Any) -> Any:
 @render.register
 def _policy(p: PolicyInfo) -> dict[str, Any]:
     return {"kind": p.kind, "namespace": p.namespace, "name": p.name, "rules": p.rules, "file": p.file,
-            "line": p.line, "audit": p.audit, "notes": list(p.notes)}
+            "line": p.line, "audit": p.audit, "notes": list(p.notes), "labels": list(p.labels)}
 
 
 @render.register
@@ -71,3 +75,18 @@ def _identities(r: Identities) -> dict[str, Any]:
 @render.register
 def _realized(r: Realized) -> dict[str, Any]:
     return {"revision": r.revision, "proxies": list(r.proxies)}
+
+
+@render.register
+def _service(s: Service) -> dict[str, Any]:
+    return service_to_json(s)
+
+
+@render.register
+def _services(r: Services) -> dict[str, Any]:
+    return {"revision": r.revision, "services": [service_to_json(s) for s in r.services]}
+
+
+@render.register
+def _service_updated(r: ServiceUpdated) -> dict[str, Any]:
+    return {"revision": r.revision, "service": service_to_json(r.service)}

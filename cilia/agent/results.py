@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ..services.model import Service
 from ..specs import EndpointSpec, PolicyKey
 
 
@@ -18,6 +19,7 @@ class PolicyInfo:
     line: int
     audit: bool
     notes: tuple[str, ...] = ()  # what the policy asks for that is accepted but not enforced (fails closed)
+    labels: tuple[str, ...] = ()  # its metadata labels, Cilium's derived ones and its rules' (for -l)
 
 
 @dataclass(frozen=True)
@@ -84,4 +86,19 @@ class Realized:
     proxies: tuple[str, ...]
 
 
-Result = Policies | PoliciesDeleted | EndpointAdded | Revision | Endpoints | Identities | Realized
+@dataclass(frozen=True)
+class Services:
+    """The services in force at ``revision`` (by id)."""
+
+    revision: int
+    services: tuple[Service, ...]
+
+
+@dataclass(frozen=True)
+class ServiceUpdated:
+    revision: int
+    service: Service
+
+
+Result = (Policies | PoliciesDeleted | EndpointAdded | Revision | Endpoints | Identities | Realized | Services
+          | ServiceUpdated)

@@ -8,7 +8,8 @@ to ``ADDRESS:APP_PORT`` whose packets do not carry Envoy's upstream mark (``SO_M
 set on the sidecar backend clusters; it needs CAP_NET_ADMIN, as Istio's sidecars do).
 
 Each agent has its own table (named after its state dir), built whole at start and then changed
-by set elements as endpoints come and go (an add costs the same at any count), deleted when no
+by set elements as endpoints come and go (an add looks at that endpoint only, and costs the same
+at any count), deleted when no
 endpoint needs it and when the agent stops (its Envoy stops with it; a crashed agent's table stays
 until the next agent rebuilds it). A failure (no libnftables, no privilege, a namespace gone)
 raises: the realizer keeps it as this sink's error and health reports it, naming the cause.
@@ -23,7 +24,7 @@ from collections.abc import Callable
 from functools import partial
 from typing import Any
 
-from ..bpf.netns import run_in_netns
+from ..bpf.netns import netns_exists, run_in_netns
 from ..envoy.translate import INGRESS_MARK
 from ..realizer import Desired
 from . import nftables
@@ -103,12 +104,48 @@ class SidecarGuard:
         self.table = table_name(owner)
         self.mark = mark
         self.applied: dict[str | None, Guarded] = {}  # what each namespace's table holds now
+        # what each endpoint asks to guard (its namespace, its address . port pairs), and per namespace
+        # how many endpoints ask for each pair: a change recounts only the endpoints it names
+        self._of_endpoint: dict[str, tuple[str | None, Guarded]] = {}
+        self._ports: dict[str | None, dict[tuple[str, int], int]] = {}
+        self._behind: set[str | None] = set()  # namespaces whose last update failed
+
+    def _wanted(self, desired: Desired) -> dict[str | None, Guarded]:
+        """What the namespaces this change touches (and those a failure left behind) must hold;
+        only the endpoints it names are looked at (all when ``desired.changed`` is None)."""
+        if desired.changed is None:
+            self._of_endpoint.clear()
+            self._ports.clear()
+        names = desired.endpoints.keys() if desired.changed is None else desired.changed
+        touched: set[str | None] = set(self.applied) if desired.changed is None else set(self._behind)
+        for name in names:
+            old = self._of_endpoint.pop(name, None)
+            if old is not None:
+                touched.add(old[0])
+                counts = self._ports[old[0]]
+                for key in old[1]:
+                    counts[key] -= 1
+                    if not counts[key]:
+                        del counts[key]
+            ep = desired.endpoints.get(name)
+            apps = {p.app_port for p in ep.ports if p.app_port != p.port} if ep is not None else set()
+            if ep is None or not apps:
+                continue
+            netns = self.netns_of(name)
+            mine = frozenset((ip, port) for ip in ep.ips for port in apps)
+            self._of_endpoint[name] = (netns, mine)
+            counts = self._ports.setdefault(netns, {})
+            for key in mine:
+                counts[key] = counts.get(key, 0) + 1
+            touched.add(netns)
+        return {ns: frozenset(self._ports.get(ns, ())) for ns in touched}
 
     def realize(self, desired: Desired) -> None:
-        wanted = guarded_ports(desired, self.netns_of)
+        wanted = self._wanted(desired)
         failures = []
-        for netns in sorted(wanted.keys() | self.applied.keys(), key=lambda ns: ns or ""):
-            guarded = wanted.get(netns, frozenset())
+        self._behind = set()
+        for netns in sorted(wanted, key=lambda ns: ns or ""):
+            guarded = wanted[netns]
             before = self.applied.get(netns, frozenset()) if desired.changed is not None else frozenset()
             if before == guarded and desired.changed is not None:
                 continue
@@ -126,6 +163,7 @@ class SidecarGuard:
                     continue
                 failures.append(f"{netns or 'the agent namespace'}: cannot keep the application ports "
                                 f"{_ports(guarded)} closed to all but Envoy: {e}")
+                self._behind.add(netns)  # tried again at the next change, whatever it touches
                 continue
             if guarded:
                 self.applied[netns] = guarded
@@ -150,6 +188,27 @@ class SidecarGuard:
             nftables.run(commands)
         else:
             run_in_netns(netns, partial(nftables.run, commands))
+
+
+def remove_left(owner: str, namespaces: list[str | None]) -> list[str]:
+    """``cilia cleanup``: delete the table the agent whose state dir is ``owner`` left in each of
+    ``namespaces`` (None: the caller's own); where each one was removed, one line each. A namespace
+    that is gone took its table with it; any other failure raises (the ports would stay closed)."""
+    name = table_name(owner)
+    done: list[str] = []
+    if not nftables.available():
+        return done
+    for netns in namespaces:
+        if netns is not None and not netns_exists(netns):
+            continue
+        listing = partial(nftables.run, [{"list": {"tables": None}}])
+        tables = listing() if netns is None else run_in_netns(netns, listing)
+        if not any(t.get("table", {}).get("name") == name for t in (tables or {}).get("nftables", [])):
+            continue
+        SidecarGuard._apply(netns, table_commands(name, frozenset()))
+        done.append(f"removed the sidecar guard's nftables table inet {name} from "
+                    f"{f'namespace {netns}' if netns else 'this namespace'}")
+    return done
 
 
 def _ports(guarded: Guarded) -> str:

@@ -24,7 +24,7 @@ def status(agent: Agent) -> dict[str, Any]:
     with agent.lock:
         revision = agent.revision
         counts = {"policies": len(agent.engine.policies()), "endpoints": len(agent.state.endpoints),
-                  "identities": len(agent.engine.identities())}
+                  "identities": len(agent.engine.identities()), "services": len(agent.state.services)}
     notes = list(agent.notes)
     proxies = _proxies(agent)
     envoy: dict[str, Any] = {"mode": agent.config.envoy}
@@ -79,6 +79,7 @@ def debug_info(agent: Agent, flows: int = 1000) -> dict[str, Any]:
 
     out: dict[str, Any] = {"status": status(agent), "policies": render(agent.policies()),
                            "endpoints": render(agent.endpoints()), "identities": render(agent.identities()),
+                           "services": render(agent.services()),
                            "flows": agent.flows(limit=flows),
                            "monitor": agent.monitor(None, flows, 0.0)}
     out["config"] = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(agent.config).items()}

@@ -40,6 +40,10 @@ def _ns_path(netns: str) -> str:
     return netns if "/" in netns else os.path.join(NETNS_DIR, netns)
 
 
+def netns_exists(netns: str) -> bool:
+    return os.path.exists(_ns_path(netns))
+
+
 @contextmanager
 def netlink(what: str) -> Iterator[Any]:
     """An rtnetlink socket (pyroute2 ``IPRoute``) of the calling thread's network namespace;

@@ -358,7 +358,8 @@ def _status_text(s: dict[str, Any]) -> str:
     envoy = s["envoy"]
     lines = [f"Health:      {'Ok' if s['healthy'] else 'Degraded'}",
              f"Revision:    {s['revision']}",
-             f"Policies:    {s['policies']}   Endpoints: {s['endpoints']}   Identities: {s['identities']}",
+             f"Policies:    {s['policies']}   Endpoints: {s['endpoints']}   Identities: {s['identities']}"
+             + (f"   Services: {s['services']}" if s.get("services") else ""),
              f"Envoy:       {envoy['mode']}" + (f", {envoy['state']}, pid {envoy['pid']}, restarts {envoy['restarts']}"
                                                if "state" in envoy else "")
              + (f", last error: {envoy['last_error']}" if envoy.get("last_error") else ""),
@@ -557,14 +558,18 @@ _POLICY_HEADER = ["KIND", "NAMESPACE", "NAME", "RULES", "MODE", "SOURCE"]
 @click.command("get")
 @click.argument("name", required=False)
 @click.option("--namespace", "-n", help="Only policies of this namespace.")
+@selector_option
 @state_dir_option
 @output_option
-def policy_get_cmd(name: str | None, namespace: str | None, state_dir: str, output: str) -> None:
+def policy_get_cmd(name: str | None, namespace: str | None, selector: str | None, state_dir: str,
+                   output: str) -> None:
     """List the policies the agent holds (or the policy NAME), with the file and line each came
-    from; -o wide adds the notes (what is accepted but not enforced)."""
+    from; -l: those whose labels match (metadata labels, Cilium's io.cilium.k8s.policy.* ones and
+    rule labels); -o wide adds the notes (what is accepted but not enforced)."""
+    matches = label_filter(selector)
     payload = call_agent(state_dir, lambda c: c.policies())
     chosen = [x for x in payload["policies"] if (name is None or x["name"] == name)
-              and (namespace is None or x["namespace"] == namespace)]
+              and (namespace is None or x["namespace"] == namespace) and matches(x.get("labels", []))]
     if name is not None and not chosen:
         fail(f"no policy named {name}" + (f" in namespace {namespace}" if namespace else ""))
     payload = {**payload, "policies": chosen}

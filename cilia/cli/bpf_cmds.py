@@ -126,8 +126,8 @@ def bpf_lb_list_cmd(state_dir: str, output: str) -> None:
 @state_dir_option
 @output_option
 def cleanup_cmd(state_dir: str, output: str) -> None:
-    """With the agent stopped: remove its BPF programs, pinned maps, proxy route and the
-    namespaces it created for endpoints (policies stay)."""
+    """With the agent stopped: remove its BPF programs, pinned maps, proxy route, the
+    namespaces it created for endpoints and the sidecar guard's nftables tables (policies stay)."""
     from ..agent.cleanup import CleanupError, cleanup
 
     if not Path(state_dir).is_dir():

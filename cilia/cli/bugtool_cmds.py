@@ -16,8 +16,9 @@ from .common import call_agent, emit, output_option, state_dir_option
 
 # file in the archive -> the part of the agent's debug info it holds
 _JSON_PARTS = {"status.json": "status", "config.json": "config", "policies.json": "policies",
-               "endpoints.json": "endpoints", "identities.json": "identities", "bpf-policy.json": "bpf_policy",
-               "envoy-config-dump.json": "envoy_config_dump", "policy-sources.json": "sources"}
+               "endpoints.json": "endpoints", "identities.json": "identities", "services.json": "services",
+               "bpf-policy.json": "bpf_policy", "envoy-config-dump.json": "envoy_config_dump",
+               "policy-sources.json": "sources"}
 
 
 def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
@@ -57,8 +58,8 @@ def write_archive(info: dict[str, Any], path: Path, root: str) -> list[str]:
 @output_option
 def bugtool_cmd(archive: str | None, flows: int, state_dir: str, output: str) -> None:
     """Write one archive for a bug report: status, config, policies and their files, endpoints,
-    identities, recent flows and datapath events, the kernel's policy maps, Envoy's config dump
-    and log. -o json prints the archive's path and files."""
+    identities, services, recent flows and datapath events, the kernel's policy maps, Envoy's config
+    dump and log. -o json prints the archive's path and files."""
     info = call_agent(state_dir, lambda c: c.debug_info(flows))
     stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
     root = f"cilia-bugtool-{stamp}"

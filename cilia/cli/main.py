@@ -35,7 +35,8 @@ from ..policy.parse import check_unique
 from ..policy.trace import PROTOCOL_NAMES
 from ..policy.trace import l7_request_json
 from ..specs import PortSpec, StateError
-from . import bpf_cmds, bugtool_cmds, cluster_cmds, completion_cmds, connectivity_cmds, fqdn_cmds, observe_cmds
+from . import (bpf_cmds, bugtool_cmds, cluster_cmds, completion_cmds, connectivity_cmds, fqdn_cmds, observe_cmds,
+               service_cmds)
 from .agent_cmds import register
 from .common import UsageError, call_agent, emit, output_option, policy_notes, state_dir_option
 
@@ -239,6 +240,10 @@ def _named_ports(values: Sequence[str]) -> list[PortSpec]:
 @click.option("--dst", help="Destination endpoint labels, k=v,k2=v2.")
 @click.option("--dst-cidr", help="Destination address outside the cluster.")
 @click.option("--dst-fqdn", help="Destination: a DNS name the running agent learned (its first address; toFQDNs).")
+@click.option("--service", "service_files", multiple=True, type=click.Path(dir_okay=False),
+              help="With --policy: services (JSON or YAML, as `cilia service list -o json` prints them, or "
+                   "one service, or a list; repeatable): toServices selects from them, and a --dst-cidr that is a "
+                   "frontend (with --dport) is traced to the backend the load balancer would choose.")
 @click.option("--dst-named-port", "dst_named_ports", multiple=True, metavar="NAME=PORT[/PROTO]",
               help="A named port the destination serves, what a policy's named port resolves to (repeatable; "
                    "added to a --to-endpoint's own).")
@@ -261,7 +266,7 @@ def _named_ports(values: Sequence[str]) -> list[PortSpec]:
 @output_option
 def trace_cmd(policy_files: Sequence[str], from_endpoint: str | None, to_endpoint: str | None, src: str | None,
               src_cidr: str | None, dst: str | None, dst_cidr: str | None, dst_named_ports: Sequence[str],
-              protocol: str, dport: int | None, icmp_type: int | None,
+              service_files: Sequence[str], protocol: str, dport: int | None, icmp_type: int | None,
               http_method: str | None, http_path: str | None, http_host: str | None,
               http_headers: Sequence[str], kafka_api_key: str | None, kafka_api_version: int | None,
               kafka_client_id: str | None, kafka_topics: Sequence[str], l7: str | None,
@@ -275,6 +280,8 @@ def trace_cmd(policy_files: Sequence[str], from_endpoint: str | None, to_endpoin
     Exit 0 when allowed, 1 when denied, 2 on error.
     """
     live = not policy_files
+    if live and service_files:
+        raise UsageError("--service goes with --policy: without it the running agent's own services are used")
     src_side = _side("src", from_endpoint, src, src_cidr, live)
     dst_side = _side("dst", to_endpoint, dst, dst_cidr, live, dst_fqdn)
     named = _named_ports(dst_named_ports)
@@ -311,7 +318,8 @@ def trace_cmd(policy_files: Sequence[str], from_endpoint: str | None, to_endpoin
         if res.problems:
             raise ValidationError(res.problems)
         check_unique(res.policies)
-        result = trace(res.policies, TraceRequest(src_peer, dst_peer, proto, port, request))
+        services = service_cmds.load_service_files(service_files) if service_files else None
+        result = trace(res.policies, TraceRequest(src_peer, dst_peer, proto, port, request), services=services)
     except PolicyError as exc:
         click.echo(str(exc), err=True)
         sys.exit(EXIT_ERROR)
@@ -368,6 +376,7 @@ register(cli, policy)
 bpf_cmds.register(cli)
 cluster_cmds.register(cli)
 fqdn_cmds.register(cli)
+service_cmds.register(cli)
 cli.add_command(observe_cmds.observe_cmd)
 cli.add_command(bugtool_cmds.bugtool_cmd)
 completion_cmds.register(cli)

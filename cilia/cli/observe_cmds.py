@@ -9,6 +9,7 @@ with exit code 2.
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import re
 import sys
@@ -74,11 +75,18 @@ def _ports(flow: dict[str, Any]) -> tuple[int, int]:
 
 
 def sides(line: dict[str, Any]) -> tuple[str, str]:
+    """Source and destination; through a service the destination is ``FRONTEND (svc NS/NAME) ->
+    BACKEND``, the address the source used and where the load balancer sent it."""
     flow = line["flow"]
     ip = flow.get("IP") or {}
     sport, dport = _ports(flow)
-    return (side(flow.get("source"), ip.get("source", ""), sport),
-            side(flow.get("destination"), ip.get("destination", ""), dport))
+    destination = side(flow.get("destination"), ip.get("destination", ""), dport)
+    frontend = line.get("cilia", {}).get("service_frontend")
+    if frontend:
+        svc = flow.get("destination_service") or {}
+        name = "/".join(x for x in (svc.get("namespace"), svc.get("name")) if x)
+        destination = f"{frontend} (svc {name}) -> {destination}" if name else f"{frontend} -> {destination}"
+    return side(flow.get("source"), ip.get("source", ""), sport), destination
 
 
 def event_type(line: dict[str, Any]) -> str:
@@ -161,6 +169,14 @@ def _pod(text: str) -> str:
     return text
 
 
+def _address(text: str) -> str:
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        raise ValueError(f"{text!r} is not an IP address") from None
+    return text
+
+
 def _format(_ctx: click.Context, _param: click.Parameter, value: str) -> str:
     if value not in FORMATS:
         bad_input("-o", f"unknown output format {value!r} (use {', '.join(FORMATS)})")
@@ -207,7 +223,8 @@ def observe_cmd(last: int, follow: bool, since: str | None, until: str | None, p
         "from_label": _check(from_labels, parse_labels, "--from-label"),
         "to_label": _check(to_labels, parse_labels, "--to-label"),
         "pod": _check(pods, _pod, "--pod"), "from_pod": _check(from_pods, _pod, "--from-pod"),
-        "to_pod": _check(to_pods, _pod, "--to-pod"), "namespace": list(namespaces), "ip": list(ips),
+        "to_pod": _check(to_pods, _pod, "--to-pod"), "namespace": list(namespaces),
+        "ip": _check(ips, _address, "--ip"),
         "port": _check(ports, _number(65535), "--port"),
         "identity": _check(identities, _number(2**32 - 1), "--identity"),
         "verdict": [v.upper() for v in _check(verdicts, _one_of(VERDICTS), "--verdict")],

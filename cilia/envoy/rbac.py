@@ -25,6 +25,7 @@ from __future__ import annotations
 import ipaddress
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from envoy.config.rbac.v3 import rbac_pb2
 from envoy.extensions.filters.network.rbac.v3 import rbac_pb2 as net_rbac_pb2
@@ -106,17 +107,56 @@ def naming_rbac(base: str, prefix: str, side: Input, names: Sequence[tuple[Seque
                              shadow_rules_stat_prefix=prefix)
 
 
+class _Memo:
+    """Matchers made for one ``universe`` object: the endpoints of one app share their policy and
+    the prefixes it lists (the same objects), so their listeners' matchers are made once, not once
+    per endpoint. Callers copy a matcher into the message they build (protobuf copies on assign)."""
+
+    def __init__(self) -> None:
+        # (id of the universe, key) -> (the universe, kept so its id stays its own; the matcher)
+        self._made: dict[tuple[int, Any], tuple[Mapping[int, Sequence[IPNetwork]], matcher_pb2.Matcher]] = {}
+
+    def get(self, universe: Mapping[int, Sequence[IPNetwork]], key: Any) -> matcher_pb2.Matcher | None:
+        hit = self._made.get((id(universe), key))
+        return hit[1] if hit is not None and hit[0] is universe else None
+
+    def put(self, universe: Mapping[int, Sequence[IPNetwork]], key: Any,
+            matcher: matcher_pb2.Matcher) -> matcher_pb2.Matcher:
+        if len(self._made) >= 256:
+            self._made.clear()
+        self._made[(id(universe), key)] = (universe, matcher)
+        return matcher
+
+
+_MEMO = _Memo()
+
+
 def allow_matcher(allowed: frozenset[int], universe: Mapping[int, Sequence[IPNetwork]], peer: Input,
                   no_rule: str) -> matcher_pb2.Matcher:
     """The network RBAC's: only peers whose identity is in ``allowed`` get past the first byte."""
+    key = ("allow", allowed, peer.name, no_rule)
+    if (done := _MEMO.get(universe, key)) is not None:
+        return done
     allow = matcher_pb2.Matcher.OnMatch(action=_action(_ALLOWED, rbac_pb2.RBAC.ALLOW))
-    return _by_peer([(allowed, allow)] if allowed else [], universe, peer, no_rule)
+    return _MEMO.put(universe, key, _by_peer([(allowed, allow)] if allowed else [], universe, peer, no_rule))
 
 
 def http_matcher(http: Mapping[int, HTTPPolicy], universe: Mapping[int, Sequence[IPNetwork]],
                  peer: Input, no_rule: str) -> matcher_pb2.Matcher:
     """Per distinct HTTP policy, the identities sharing it; a request passes if any rule matches,
     and the action that decides is named after the rule (or the policy it failed)."""
+    key = ("http", tuple(sorted(http.items(), key=_first)), peer.name, no_rule)
+    if (done := _MEMO.get(universe, key)) is not None:
+        return done
+    return _MEMO.put(universe, key, _http_matcher(http, universe, peer, no_rule))
+
+
+def _first(item: tuple[int, HTTPPolicy]) -> int:
+    return item[0]
+
+
+def _http_matcher(http: Mapping[int, HTTPPolicy], universe: Mapping[int, Sequence[IPNetwork]],
+                  peer: Input, no_rule: str) -> matcher_pb2.Matcher:
     by_policy: dict[HTTPPolicy, set[int]] = {}
     for ident, policy in http.items():
         by_policy.setdefault(policy, set()).add(ident)
@@ -210,6 +250,15 @@ def _by_peer(groups: Sequence[tuple[Iterable[int], matcher_pb2.Matcher.OnMatch]]
     deny = matcher_pb2.Matcher.OnMatch(action=_action(no_rule, rbac_pb2.RBAC.DENY))
     grouped = {i for idents, _ in groups for i in idents}
     others = {i for i in universe if i not in grouped}
+    if not others and len(groups) == 1:
+        # every identity alike (a port no policy restricts): when the world's 0.0.0.0/0 and ::/0 are
+        # among them every address falls in some prefix, so those two ranges decide the same, and the
+        # listener does not grow (and change) with every endpoint's address
+        # (the world identities hold one or two prefixes: identities with more are not searched, at
+        # worst missing the shortcut, never changing a verdict)
+        everywhere = {p for i in groups[0][0] if len(ps := universe.get(i, ())) <= 2 for p in ps if p.prefixlen == 0}
+        if {p.version for p in everywhere} == {4, 6}:
+            return _ip_tree(peer, [_range(everywhere, groups[0][1])], deny)
     ranges: list[ip_pb2.IPMatcher.IPRangeMatcher] = []
     for idents, on_match in [*groups, (others, deny)]:
         # An ipcache prefix belongs to one identity, so the groups' prefixes never repeat.

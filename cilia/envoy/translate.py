@@ -138,6 +138,22 @@ def relevant_prefixes(state: DirectionMapState, prefixes: Mapping[int, tuple[IPN
     return named
 
 
+_UNIVERSES: dict[int, tuple[Mapping[int, Sequence[IPNetwork]], dict[int, tuple[IPNetwork, ...]]]] = {}
+
+
+def _universe(prefixes: Mapping[int, Sequence[IPNetwork]]) -> dict[int, tuple[IPNetwork, ...]]:
+    """The identities with prefixes, one dict per ``prefixes`` object (so that endpoints given the
+    same prefixes share the matchers made from them: ``rbac._Memo``)."""
+    hit = _UNIVERSES.get(id(prefixes))
+    if hit is not None and hit[0] is prefixes:
+        return hit[1]
+    if len(_UNIVERSES) >= 64:
+        _UNIVERSES.clear()
+    universe = {ident: tuple(ps) for ident, ps in prefixes.items() if ps}
+    _UNIVERSES[id(prefixes)] = (prefixes, universe)
+    return universe
+
+
 def translate_ingress(
     name: str,
     ingress: DirectionMapState,
@@ -170,7 +186,7 @@ def translate_ingress(
     listeners: list[listener_pb2.Listener] = []
     clusters: list[cluster_pb2.Cluster] = []
     notes: dict[str, None] = {}  # ordered, without repeats
-    universe = {ident: tuple(ps) for ident, ps in prefixes.items() if ps}
+    universe = _universe(prefixes)
     compiled: dict[int, tuple[PolicyEntry, rbac.HTTPPolicy]] = {}
     for mapping in sorted(set(ports), key=lambda m: m.policy_port):
         base = f"{name}-ingress-{mapping.policy_port}"

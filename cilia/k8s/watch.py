@@ -1,5 +1,6 @@
 """The Kubernetes watcher: Pods (with their namespace's labels), CiliumNetworkPolicy,
-CiliumClusterwideNetworkPolicy and NetworkPolicy, fed to the agent incrementally.
+CiliumClusterwideNetworkPolicy, NetworkPolicy, and Services with their EndpointSlices, fed to
+the agent incrementally.
 
 One thread per resource does what a client-go informer does, with the official client's
 ``ApiClient``: list (in pages), then watch from the list's resourceVersion; a watch that ends is
@@ -29,6 +30,7 @@ from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from ..policy.netpol import CNP, NETWORK_POLICY, derived_policy_name, network_policy_text
 from ..specs import EndpointSpec, PolicyKey, StateError
+from .services import k8s_services, slice_service
 from .convert import (
     CCNP,
     ConvertError,
@@ -54,7 +56,10 @@ NAMESPACES = "namespaces"
 NETWORK_POLICIES = "networkpolicies"
 CNPS = "ciliumnetworkpolicies"
 CCNPS = "ciliumclusterwidenetworkpolicies"
-RESOURCES = (NAMESPACES, PODS, NETWORK_POLICIES, CNPS, CCNPS)
+SERVICES = "services"
+ENDPOINTSLICES = "endpointslices"
+RESOURCES = (NAMESPACES, PODS, NETWORK_POLICIES, CNPS, CCNPS, SERVICES, ENDPOINTSLICES)
+SERVICE_RESOURCES = (SERVICES, ENDPOINTSLICES)  # watched when the sink takes services
 # CRD mode (cilia.k8s.crdmode) adds these, with their handlers
 CILIUM_IDENTITIES = "ciliumidentities"
 CILIUM_ENDPOINTS = "ciliumendpoints"
@@ -82,6 +87,15 @@ class ExactDeleteSink(Sink, Protocol):
     deletes CiliumNetworkPolicies of that name; the watcher then re-imports those it made."""
 
     def delete_policy_keys(self, keys: Sequence[PolicyKey]) -> dict[str, Any]: ...
+
+
+@runtime_checkable
+class ServiceSink(Sink, Protocol):
+    """A sink that takes Kubernetes Services (``cilia.agent.api.InProcess``): one Service's cilia
+    services replace the ones it had (None: nothing changed)."""
+
+    def replace_named_services(self, namespace: str, name: str, services: Sequence[Any]) -> dict[str, Any] | None: ...
+    def services(self) -> dict[str, Any]: ...
 
 
 class WatchError(Exception):
@@ -162,13 +176,17 @@ class Watcher:
         unknown = set(self.config.resources) - set(RESOURCES) - set(extra or {})
         if unknown:
             raise WatchError(f"unknown resources {sorted(unknown)} (known: {', '.join(RESOURCES)})")
+        resources = self.config.resources
+        if not isinstance(sink, ServiceSink):  # a sink without services: Services are not watched
+            resources = tuple(r for r in resources if r not in SERVICE_RESOURCES)
+        self.resources = resources
         self._api = api
         self.sink = sink
         self._apply_lock = threading.RLock()  # held while handlers change caches and call the sink
         self._status_lock = threading.Lock()  # never held while calling the sink: status() never waits
-        self._status = {r: _ResourceStatus() for r in self.config.resources}
+        self._status = {r: _ResourceStatus() for r in self.resources}
         self._rejected: dict[tuple[str, str, str], dict[str, Any]] = {}
-        self._synced = {r: threading.Event() for r in self.config.resources}
+        self._synced = {r: threading.Event() for r in self.resources}
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
         self._responses: dict[str, Any] = {}
@@ -177,8 +195,11 @@ class Watcher:
         self.cnps = _CiliumPolicies(self, CNP)
         self.ccnps = _CiliumPolicies(self, CCNP)
         self.netpols = _NetworkPolicies(self)
+        self.services = _Services(self)
         self._handlers: dict[str, _Handler] = {NAMESPACES: self.namespaces, PODS: self.pods, CNPS: self.cnps,
-                                               CCNPS: self.ccnps, NETWORK_POLICIES: self.netpols, **(extra or {})}
+                                               CCNPS: self.ccnps, NETWORK_POLICIES: self.netpols,
+                                               SERVICES: self.services, ENDPOINTSLICES: _EndpointSlices(self.services),
+                                               **(extra or {})}
         self._calls = self._list_functions()
 
     # ------------------------------------------------------------------ lifecycle
@@ -187,7 +208,7 @@ class Watcher:
         if self._threads:
             return
         self._stop.clear()
-        for resource in self.config.resources:
+        for resource in self.resources:
             t = threading.Thread(target=self._run, args=(resource,), name=f"k8s-watch-{resource}", daemon=True)
             self._threads.append(t)
             t.start()
@@ -239,6 +260,7 @@ class Watcher:
         from kubernetes import client
 
         core, net = client.CoreV1Api(self._api), client.NetworkingV1Api(self._api)
+        discovery = client.DiscoveryV1Api(self._api)
         custom = client.CustomObjectsApi(self._api)
         pods: dict[str, Any] = {"field_selector": f"spec.nodeName={self.config.node_name}"} \
             if self.config.node_name else {}
@@ -248,6 +270,8 @@ class Watcher:
             NETWORK_POLICIES: net.list_network_policy_for_all_namespaces,
             CNPS: functools.partial(custom.list_cluster_custom_object, "cilium.io", "v2", CNPS),
             CCNPS: functools.partial(custom.list_cluster_custom_object, "cilium.io", "v2", CCNPS),
+            SERVICES: core.list_service_for_all_namespaces,
+            ENDPOINTSLICES: discovery.list_endpoint_slice_for_all_namespaces,
             CILIUM_IDENTITIES: functools.partial(custom.list_cluster_custom_object, "cilium.io", "v2",
                                                  CILIUM_IDENTITIES),
             CILIUM_ENDPOINTS: functools.partial(custom.list_cluster_custom_object, "cilium.io", "v2",
@@ -270,10 +294,12 @@ class Watcher:
         handler = self._handlers[resource]
         rv: str | None = None
         delay = self.config.backoff
-        if resource == PODS and NAMESPACES in self._synced:
-            # Pods get their namespace's labels from their first endpoint, not one relabel later.
+        # Pods get their namespace's labels from their first endpoint, not one relabel later; services
+        # get their backends with their first revision.
+        first = {PODS: NAMESPACES, SERVICES: ENDPOINTSLICES}.get(resource)
+        if first is not None and first in self._synced:
             deadline = time.monotonic() + self.config.namespace_wait
-            while not self._synced[NAMESPACES].wait(0.1) and not self._stop.is_set() and time.monotonic() < deadline:
+            while not self._synced[first].wait(0.1) and not self._stop.is_set() and time.monotonic() < deadline:
                 pass
         while not self._stop.is_set():
             try:
@@ -779,3 +805,95 @@ class _NetworkPolicies(_Policies):
                 item = self._prepare(obj, self.objects[obj])
                 if item is not None:
                     self._import([item])
+
+
+class _Services:
+    """Services (and, through ``_EndpointSlices``, their slices) → the agent's services: each
+    Service's cilia services are replaced whole when it or one of its slices changes. The agent's
+    services with a namespace and a name are the watcher's (a relist removes those whose Service
+    is gone); services made through the API without a namespace are left alone."""
+
+    KIND = "Service"
+
+    def __init__(self, w: Watcher) -> None:
+        self.w = w
+        self.objects: dict[tuple[str, str], Mapping[str, Any]] = {}  # (namespace, name) -> Service
+        self.slices: dict[tuple[str, str], Mapping[str, Any]] = {}  # (namespace, slice name) -> EndpointSlice
+        self.applied: set[tuple[str, str]] = set()
+
+    @property
+    def sink(self) -> ServiceSink:
+        assert isinstance(self.w.sink, ServiceSink)
+        return self.w.sink
+
+    def count(self) -> int:
+        return len(self.objects)
+
+    def sync(self, items: Sequence[Mapping[str, Any]]) -> None:
+        self.objects = {(ns or "default", name): obj for (ns, name), obj in _keyed(items).items()}
+        held = {(str(s.get("namespace")), str(s.get("name"))) for s in self.sink.services().get("services", [])
+                if s.get("namespace") and s.get("name")}
+        for key in sorted(set(self.objects) | self.applied | held):
+            self.apply(key)
+
+    def upsert(self, obj: Mapping[str, Any]) -> None:
+        namespace, name = object_key(obj)
+        key = (namespace or "default", name)
+        self.objects[key] = obj
+        self.apply(key)
+
+    def remove(self, obj: Mapping[str, Any]) -> None:
+        namespace, name = object_key(obj)
+        key = (namespace or "default", name)
+        self.objects.pop(key, None)
+        self.apply(key)
+
+    def apply(self, key: tuple[str, str]) -> None:
+        namespace, name = key
+        svc = self.objects.get(key)
+        try:
+            if svc is None:
+                services = []
+            else:
+                slices = [s for s in self.slices.values() if slice_service(s) == key]
+                services = k8s_services(svc, slices, self.w.pods.pods)
+            self.sink.replace_named_services(namespace, name, services)
+        except Exception as e:
+            self.w.reject(self.KIND, namespace, name, str(e), _problems(e))
+            return
+        self.w.accept(self.KIND, namespace, name)
+        if services:
+            self.applied.add(key)
+        else:
+            self.applied.discard(key)
+
+
+class _EndpointSlices:
+    def __init__(self, services: _Services) -> None:
+        self.services = services
+
+    def count(self) -> int:
+        return len(self.services.slices)
+
+    def sync(self, items: Sequence[Mapping[str, Any]]) -> None:
+        before = {slice_service(s) for s in self.services.slices.values()}
+        self.services.slices = _keyed(items)
+        after = {slice_service(s) for s in self.services.slices.values()}
+        for key in sorted(k for k in before | after if k is not None and k in self.services.objects):
+            self.services.apply(key)
+
+    def upsert(self, obj: Mapping[str, Any]) -> None:
+        key = object_key(obj)
+        old = self.services.slices.get(key)
+        self.services.slices[key] = obj
+        self._changed(old, obj)
+
+    def remove(self, obj: Mapping[str, Any]) -> None:
+        old = self.services.slices.pop(object_key(obj), None)
+        self._changed(old, obj)
+
+    def _changed(self, *slices: Mapping[str, Any] | None) -> None:
+        """Re-apply the services the slice belonged to (before and after: its label may change)."""
+        keys = {slice_service(s) for s in slices if s is not None}
+        for key in sorted(k for k in keys if k is not None and k in self.services.objects):
+            self.services.apply(key)

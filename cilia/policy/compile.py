@@ -8,6 +8,7 @@ This is where Cilium's implicit semantics are applied once per rule:
   allows every peer; one with neither (``ingress: [{}]``) allows nothing;
 - protocol ANY means TCP, UDP and SCTP (only TCP for HTTP/Kafka/l7proto rules,
   TCP and UDP for DNS);
+- ``toServices`` stands for the selected services' backends (``toservices``);
 - features that need subsystems cilia does not have yet are reported as notes
   and fail closed: an allow that cannot be enforced grants nothing, a deny that
   cannot be enforced denies every peer on its ports.
@@ -34,6 +35,7 @@ from .model import (
 )
 from .peers import WILDCARD, CIDRPeer, EndpointPeer, EntityPeer, FQDNPeer, PeerSelector
 from .selectors import LabelSelector, Operator, Requirement
+from .toservices import ServiceView
 
 _ANY_EXPANSION = {
     None: (Protocol.TCP, Protocol.UDP, Protocol.SCTP),
@@ -97,8 +99,16 @@ class CompiledRule:
         return self.rule.enables_default_deny(direction)
 
 
-def compile_policy(policy: Policy) -> list[CompiledRule]:
-    return [_compile_rule(policy, rule) for rule in policy.rules]
+def compile_policy(policy: Policy, services: ServiceView | None = None) -> list[CompiledRule]:
+    """``services``: what ``toServices`` resolves against (None: no services known, so
+    ``toServices`` is noted as not enforced and fails closed)."""
+    return [_compile_rule(policy, rule, services) for rule in policy.rules]
+
+
+def uses_services(policy: Policy) -> bool:
+    """Whether the policy has ``toServices`` (its compiled form depends on the services)."""
+    return any(pr.services is not None for rule in policy.rules for d in Direction
+               for section in rule.sections(d) for pr in section)
 
 
 def _origin(policy: Policy, path: str, source: SourceRef | None) -> RuleOrigin:
@@ -127,7 +137,7 @@ def _scoped(policy: Policy, sel: LabelSelector) -> LabelSelector:
     return LabelSelector(tuple(sorted((*sel.requirements, ns))))
 
 
-def _compile_rule(policy: Policy, rule: Rule) -> CompiledRule:
+def _compile_rule(policy: Policy, rule: Rule, services: ServiceView | None) -> CompiledRule:
     origin = _origin(policy, rule.path or "spec", rule.source)
     notes: list[Note] = []
     subject: LabelSelector | None = None
@@ -145,13 +155,13 @@ def _compile_rule(policy: Policy, rule: Rule) -> CompiledRule:
             reqs.extend(_scoped(policy, r) for r in peer_rule.requires)
         requires[direction] = tuple(reqs)
         for peer_rule in (*allow, *deny):
-            entries.extend(_compile_peer_rule(policy, rule, peer_rule, notes, prefixes))
+            entries.extend(_compile_peer_rule(policy, rule, peer_rule, notes, prefixes, services))
     return CompiledRule(policy, rule, subject, tuple(entries), requires, tuple(notes),
                         frozenset(prefixes), origin)
 
 
 def _compile_peer_rule(policy: Policy, rule: Rule, pr: PeerRule, notes: list[Note],
-                       prefixes: set[IPNetwork]) -> list[RuleEntry]:
+                       prefixes: set[IPNetwork], services: ServiceView | None) -> list[RuleEntry]:
     origin = _origin(policy, pr.path, pr.source)
     # -- peers
     peers: list[PeerSelector] = []
@@ -170,16 +180,25 @@ def _compile_peer_rule(policy: Policy, rule: Rule, pr: PeerRule, notes: list[Not
         # the addresses the DNS proxy learns for matching names (the engine keeps the selections)
         peers.extend(FQDNPeer(f.match_name, f.match_pattern) for f in pr.fqdns)
     if pr.services is not None:
-        unenforced.append("toServices")
+        if services is None:
+            unenforced.append("toServices")
+        else:  # the selected services' backends; none selected: the rule allows (or denies) nothing
+            for sel in pr.services:
+                backends, needed = services.peers(sel, policy.namespace)
+                peers.extend(backends)
+                prefixes.update(needed)
     if pr.authentication == "required":
         unenforced.append("authentication")
     if unenforced:
         kinds = ", ".join(sorted(set(unenforced)))
+        why = "not enforced yet"
+        if kinds == "toServices":  # enforced by the agent, which knows its services
+            why = "is resolved against the agent's services, and none are given here (trace: --service)"
         if pr.deny:
-            notes.append(Note(origin, f"{kinds} not enforced yet: this deny applies to every peer on its ports"))
+            notes.append(Note(origin, f"{kinds} {why}: this deny applies to every peer on its ports"))
             peers = [WILDCARD]
         else:
-            notes.append(Note(origin, f"{kinds} not enforced yet: this rule allows nothing"))
+            notes.append(Note(origin, f"{kinds} {why}: this rule allows nothing"))
             return []
     elif not pr.has_l3():
         if not pr.has_l4():

@@ -21,7 +21,7 @@ from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from functools import cached_property
 
-from .compile import CompiledRule, Note, compile_policy
+from .compile import CompiledRule, Note, compile_policy, uses_services
 from .errors import PolicyError
 from .identity import Identity, IdentityAllocator, IdentityKind, MemoryAllocator, cidr_labels
 from .ipcache import IPCache
@@ -31,6 +31,8 @@ from .model import IPNetwork, Policy, Protocol
 from .l7.dns import normalize as normalize_name
 from .peers import FQDNPeer, PeerSelector
 from .selectors import LabelSelector
+from .toservices import ServiceView, view_of
+from ..services.model import Service
 from .resolve import (
     MapStateBuilder,
     NamedPortMap,
@@ -137,6 +139,12 @@ class PolicyEngine:
         self._side_changes: set[SubjectKey] = set()  # from (un)registering toFQDNs selectors
         self._batch = 0
         self._dirty: set[SubjectKey] = set()
+        # toServices: the services, and the identities of the backend addresses endpoints hold
+        self._services: tuple[Service, ...] | None = None  # None until set_services: toServices is noted
+        self._service_users: set[tuple[str, str, str]] = set()  # the policies using toServices
+        self._compiled_view: ServiceView | None = None  # what they were compiled against
+        self._view_cache: ServiceView | None = None  # built when needed, dropped when services or backends move
+        self._backend_addresses: frozenset[str] | None = None
         for ident in self.allocator:
             if ident.kind is IdentityKind.RESERVED:
                 self._universe_add(ident, notify=False)
@@ -222,7 +230,9 @@ class PolicyEngine:
 
     def _replace(self, new: dict[tuple[str, str, str], Policy], removed: set[tuple[str, str, str]]) -> Change:
         old_rules = [r for k in (*new, *removed) for r in self._compiled.get(k, [])]
-        new_compiled = {k: compile_policy(p) for k, p in new.items()}
+        users = {k for k, p in new.items() if uses_services(p)}
+        view = self._current_view() if users else None
+        new_compiled = {k: compile_policy(p, view if k in users else None) for k, p in new.items()}
         new_rules = [r for rules in new_compiled.values() for r in rules]
         affected = self._subjects_matching(old_rules) | self._subjects_matching(new_rules)
         # Resolve every affected subject with the new rule set before changing anything.
@@ -243,6 +253,9 @@ class PolicyEngine:
         for k, p in new.items():
             self._policies[k] = p
             self._compiled[k] = new_compiled[k]
+        self._service_users = (self._service_users - removed - new.keys()) | users
+        if users:
+            self._compiled_view = view
         for rule in new_rules:
             self._index_rule(rule)
         changed: set[SubjectKey] = self._update_prefixes(old_rules, new_rules)
@@ -320,19 +333,21 @@ class PolicyEngine:
 
     def _prefix_ref(self, prefix: IPNetwork, delta: int) -> set[SubjectKey]:
         """One more (+1) or one fewer (-1) user of ``prefix`` (a policy's CIDR or a learned
-        address): the first allocates its CIDR identity and puts it in the ipcache, the last
-        releases it."""
+        address): the first allocates its CIDR identity and puts it in the ipcache (an endpoint's
+        own address keeps its identity), the last releases it."""
         refs = self._prefix_refs.get(prefix, 0) + delta
         if refs > 0:
             self._prefix_refs[prefix] = refs
             if refs == 1 and delta > 0:
                 ident = self.allocator.allocate_cidr(prefix)
-                self.ipcache.upsert(prefix, ident.id)
+                if prefix not in self._local_ips:
+                    self.ipcache.upsert(prefix, ident.id)
                 return self._universe_add(ident)
             return set()
         self._prefix_refs.pop(prefix, None)
         ident = self.allocator.allocate_cidr(prefix)
-        self.ipcache.delete(prefix)
+        if self.ipcache.get(prefix) == ident.id:
+            self.ipcache.delete(prefix)
         changed = self._universe_remove(ident)
         self.allocator.release(ident.id)
         return changed
@@ -391,9 +406,12 @@ class PolicyEngine:
                 changed |= self._refresh_cluster_ports()
             if not self._batch:
                 self._ensure_map_state(subject)
+            moved = self._backends_moved(endpoint.ips, old.ips if old is not None else ())
             if self._batch:  # bulk loads do not need the change set
-                return Change.of(self.revision, {endpoint.name}, *self._endpoints_of(self._take_side_changes()))
-            return Change.of(self.revision, {endpoint.name}, *self._endpoints_of(changed | self._take_side_changes()))
+                return Change.of(self.revision, {endpoint.name}, *moved,
+                                 *self._endpoints_of(self._take_side_changes()))
+            return Change.of(self.revision, {endpoint.name}, *self._endpoints_of(changed | self._take_side_changes()),
+                             *moved)
 
     def remove_endpoint(self, name: str) -> Change:
         with self._lock:
@@ -403,7 +421,8 @@ class PolicyEngine:
             changed = self._detach(old)
             if self._count_ports(old, -1):
                 changed |= self._refresh_cluster_ports()
-            return Change.of(self.revision, {name}, *self._endpoints_of(changed | self._take_side_changes()))
+            moved = self._backends_moved(old.ips)
+            return Change.of(self.revision, {name}, *self._endpoints_of(changed | self._take_side_changes()), *moved)
 
     def _detach(self, ep: Endpoint) -> set[SubjectKey]:
         key = self._endpoint_subject.pop(ep.name)
@@ -416,6 +435,8 @@ class PolicyEngine:
                 self.ipcache.delete(net)
                 if net in self._remote:  # another node's endpoint had (or has) this address
                     self.ipcache.upsert(net, self._remote[net])
+                elif net in self._prefix_refs:  # a policy names it (toCIDR, toServices): its CIDR identity
+                    self.ipcache.upsert(net, self.allocator.allocate_cidr(net).id)
         subject = self._subjects[key]
         subject.endpoints = subject.endpoints - {ep.name}
         changed: set[SubjectKey] = set()
@@ -436,6 +457,75 @@ class PolicyEngine:
                 self.allocator.release(ident.id)
         return changed
 
+    # ------------------------------------------------------------------ services (toServices)
+
+    def set_services(self, services: Iterable[Service]) -> Change:
+        """The services ``toServices`` selects from; the policies using it are recompiled (all or
+        nothing, like ``apply``) when what they resolve to changed. Without such policies this
+        only stores them (the view is built when a policy first needs it): a service change
+        costs the engine nothing then."""
+        with self._lock:
+            before = self._services, self._backend_addresses, self._view_cache
+            self._services = tuple(services)
+            self._backend_addresses = self._view_cache = None
+            try:
+                return Change.of(self.revision, *self._refresh_services())
+            except BaseException:
+                self._services, self._backend_addresses, self._view_cache = before
+                raise
+
+    @property
+    def service_view(self) -> ServiceView | None:
+        """What ``toServices`` resolves against now (None: no services were ever given)."""
+        with self._lock:
+            return self._current_view()
+
+    def _current_view(self) -> ServiceView | None:
+        if self._services is None:
+            return None
+        if self._view_cache is None:
+            self._view_cache = view_of(self._services, self._holders())
+        return self._view_cache
+
+    def _backends(self) -> frozenset[str]:
+        if self._backend_addresses is None:
+            self._backend_addresses = frozenset(b.address for s in self._services or () for b in s.backends)
+        return self._backend_addresses
+
+    def _backends_moved(self, *addresses: Iterable[IPAddress]) -> list[frozenset[str]]:
+        """After an endpoint (or remote address) change: re-resolve toServices if it touched a backend."""
+        if self._services is None:
+            return []
+        backends = self._backends()
+        if not backends or not any(str(a) in backends for group in addresses for a in group):
+            return []
+        self._view_cache = None
+        return self._refresh_services()
+
+    def _holders(self) -> dict[str, tuple[int, str]]:
+        """Backend address -> (identity, endpoint) for the addresses an endpoint holds (a local one first)."""
+        backends = self._backends()
+        held: dict[str, tuple[int, str]] = {}
+        for net, identity in self._remote.items():
+            address = str(net.network_address)
+            if net.prefixlen == net.max_prefixlen and address in backends:
+                held[address] = (identity, f"identity {identity} on another node")
+        for net, name in self._local_ips.items():
+            address = str(net.network_address)
+            if address in backends:
+                held[address] = (self._endpoint_subject[name][0], name)
+        return held
+
+    def _refresh_services(self) -> list[frozenset[str]]:
+        """Recompile the policies using toServices if what they resolve to changed."""
+        if not self._service_users:
+            return []
+        view = self._current_view()
+        if view == self._compiled_view:
+            return []
+        users = {k: self._policies[k] for k in self._service_users}
+        return [self._replace(users, set()).endpoints]
+
     # ------------------------------------------------------------ other nodes' endpoints
 
     def update_remote(self, upserts: Mapping[IPNetwork, int], deletes: Iterable[IPNetwork] = ()) -> Change:
@@ -443,6 +533,7 @@ class PolicyEngine:
         each prefix now holds that identity, or is gone. The identity's labels come from the
         allocator: an identity it does not know is selected by no selector (its traffic is
         denied), yet its addresses leave ``world``. A local endpoint's address wins."""
+        deletes = tuple(deletes)  # read twice: here and for toServices below
         with self._lock:
             changed: set[SubjectKey] = set()
             for prefix in deletes:
@@ -465,7 +556,8 @@ class PolicyEngine:
                     changed |= self._remote_learn(identity)
                 if old is not None:
                     changed |= self._remote_unref(old)
-            return Change.of(self.revision, *self._endpoints_of(changed))
+            moved = self._backends_moved(p.network_address for p in (*upserts, *deletes))
+            return Change.of(self.revision, *self._endpoints_of(changed), *moved)
 
     def refresh_remote(self, identity: int) -> Change:
         """The allocator may know ``identity``'s labels now (they arrived after its addresses)."""

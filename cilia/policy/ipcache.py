@@ -23,6 +23,9 @@ class IPCache:
         self._sorted: list[tuple[IPNetwork, int]] | None = None
         self._keys: list[tuple[int, int, int]] = []  # _sorted's sort keys, for the bisect
         self._pending: dict[IPNetwork, int | None] = {}  # changes since _sorted (None: deleted)
+        # each identity's prefixes in address order, kept as entries come and go (an identity's tuple
+        # is a new object only when its prefixes change: sinks compare them by identity)
+        self._by_identity: dict[int, tuple[IPNetwork, ...]] = {}
 
     def set_world_defaults(self) -> None:
         """Addresses nothing else claims belong to the world identities (also
@@ -33,8 +36,13 @@ class IPCache:
             self.upsert(net, RESERVED[name][0])
 
     def upsert(self, prefix: IPNetwork, identity: int) -> None:
-        if self._entries.get(prefix) != identity:
+        old = self._entries.get(prefix)
+        if old != identity:
             self._changed(prefix, identity)
+            if old is not None:
+                self._leave(old, prefix)
+            mine = (*self._by_identity.get(identity, ()), prefix)
+            self._by_identity[identity] = tuple(sorted(mine, key=_key)) if len(mine) > 1 else mine
         self._entries[prefix] = identity
         table = self._tables[prefix.version].setdefault(prefix.prefixlen, {})
         table[int(prefix.network_address)] = identity
@@ -43,9 +51,11 @@ class IPCache:
         if prefix in self._defaults:
             self.upsert(prefix, self._defaults[prefix])
             return
-        if self._entries.pop(prefix, None) is None:
+        old = self._entries.pop(prefix, None)
+        if old is None:
             return
         self._changed(prefix, None)
+        self._leave(old, prefix)
         table = self._tables[prefix.version].get(prefix.prefixlen, {})
         table.pop(int(prefix.network_address), None)
 
@@ -86,6 +96,17 @@ class IPCache:
                     self._sorted.insert(i, (prefix, identity))
         self._pending.clear()
         return list(self._sorted)
+
+    def by_identity(self) -> dict[int, tuple[IPNetwork, ...]]:
+        """Each identity's prefixes in address order (a copy of the mapping; the tuples are kept)."""
+        return dict(self._by_identity)
+
+    def _leave(self, identity: int, prefix: IPNetwork) -> None:
+        left = tuple(p for p in self._by_identity.get(identity, ()) if p != prefix)
+        if left:
+            self._by_identity[identity] = left
+        else:
+            self._by_identity.pop(identity, None)
 
     def _changed(self, prefix: IPNetwork, identity: int | None) -> None:
         if self._sorted is None:

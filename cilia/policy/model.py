@@ -288,6 +288,9 @@ class Rule:
         return self.applies_to(direction) and flag is not False
 
 
+TRANSLATION_NOTES = "cilia.io/translation-notes"  # metadata annotation: what a translation changed
+
+
 @dataclass(frozen=True, slots=True)
 class Policy:
     """One CiliumNetworkPolicy or CiliumClusterwideNetworkPolicy document."""
@@ -297,6 +300,10 @@ class Policy:
     namespace: str | None  # effective namespace for CNP ("default" if unset); None for CCNP
     rules: tuple[Rule, ...]
     source: SourceRef
+    labels: tuple[str, ...] = ()  # metadata.labels as k8s:key=value, sorted (what kubectl -l selects on)
+    # what a translation changed to accept the document it came from (a NetworkPolicy's masked
+    # ipBlock), carried in its text as the annotation TRANSLATION_NOTES (one note a line)
+    notes: tuple[str, ...] = ()
 
     @property
     def key(self) -> tuple[str, str, str]:

@@ -16,6 +16,7 @@ from typing import Any
 from ruamel.yaml import YAML
 
 from .labels import NAMESPACE_KEY
+from .model import TRANSLATION_NOTES
 
 CNP = "CiliumNetworkPolicy"
 NETWORK_POLICY = "NetworkPolicy"
@@ -107,8 +108,10 @@ def network_policy_text(np: Mapping[str, Any], policy_name: str) -> str:
     rule["labels"] = [{"key": key, "value": value, "source": "k8s"} for key, value in (
         ("io.cilium.k8s.policy.derived-from", NETWORK_POLICY), ("io.cilium.k8s.policy.name", name),
         ("io.cilium.k8s.policy.namespace", namespace), *((("io.cilium.k8s.policy.uid", str(uid)),) if uid else ()))]
-    return dump_yaml({"apiVersion": API_VERSION, "kind": CNP,
-                      "metadata": {"name": policy_name, "namespace": namespace}, "spec": rule})
+    metadata: dict[str, Any] = {"name": policy_name, "namespace": namespace}
+    if notes := network_policy_notes(np):  # kept with the policy, for status (whichever path imported it)
+        metadata["annotations"] = {TRANSLATION_NOTES: "\n".join(f"NetworkPolicy {name}: {n}" for n in notes)}
+    return dump_yaml({"apiVersion": API_VERSION, "kind": CNP, "metadata": metadata, "spec": rule})
 
 
 def _np_rule(rule: Mapping[str, Any], namespace: str, peers_field: str, direction: str) -> list[dict[str, Any]]:

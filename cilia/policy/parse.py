@@ -46,6 +46,7 @@ from .model import (
     PortProtocol,
     PortRule,
     Protocol,
+    TRANSLATION_NOTES,
     Rule,
     ServiceSelector,
     TLSContext,
@@ -256,8 +257,10 @@ class _Parser:
             p.append(top["apiVersion"].problem(
                 f"unsupported apiVersion {top['apiVersion'].value!r} (expected {API_VERSION!r})"))
         name, namespace, before = None, None, len(p)
+        labels: tuple[str, ...] = ()
+        notes: tuple[str, ...] = ()
         if "metadata" in top:
-            name, namespace = self.metadata(top["metadata"], kind)
+            name, namespace, labels, notes = self.metadata(top["metadata"], kind)
         if kind is PolicyKind.CNP:
             namespace = namespace or DEFAULT_NAMESPACE
         rules: list[Rule] = []
@@ -280,13 +283,16 @@ class _Parser:
         if len(p) > before or name is None:
             return None, None
         return Policy(kind, name, namespace if kind is PolicyKind.CNP else None, tuple(rules),
-                      doc.source), None
+                      doc.source, labels, notes), None
 
-    def metadata(self, node: Node, kind: PolicyKind) -> tuple[str | None, str | None]:
+    def metadata(self, node: Node, kind: PolicyKind
+                 ) -> tuple[str | None, str | None, tuple[str, ...], tuple[str, ...]]:
+        """The name, namespace, labels (``k8s:key=value``) and translation notes (the annotation
+        ``TRANSLATION_NOTES``) of the metadata ``node``."""
         p = self.problems
         meta = F.fields(node, _METADATA_FIELDS, p, required=("name",))
         if meta is None:
-            return None, None
+            return None, None, (), ()
         name = namespace = None
         if "name" in meta:
             name = F.strict_string(meta["name"], p)
@@ -300,10 +306,16 @@ class _Parser:
                     "CiliumClusterwideNetworkPolicy is cluster-scoped and takes no namespace"))
             else:
                 namespace = F.strict_string(meta["namespace"], p)
+        labels: tuple[str, ...] = ()
+        notes: tuple[str, ...] = ()
         for key in ("labels", "annotations"):
             if key in meta:
-                F.string_map(meta[key], p)
-        return name, namespace
+                found = F.string_map(meta[key], p) or {}
+                if key == "labels":
+                    labels = tuple(sorted(f"k8s:{k}={v}" for k, v in found.items()))
+                elif TRANSLATION_NOTES in found:
+                    notes = tuple(n for n in found[TRANSLATION_NOTES].splitlines() if n)
+        return name, namespace, labels, notes
 
     # --- rule ---------------------------------------------------------------
 

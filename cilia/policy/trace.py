@@ -22,6 +22,8 @@ from .l7.registry import L7Registry
 from .labels import LabelSet
 from .mapstate import ANY_IDENTITY, MAX_PORT, DirectionMapState, L4Key, PolicyEntry, RuleOrigin, Verdict
 from .model import PORT_PROTOCOLS, Direction, Policy, Protocol
+from ..services.choose import Choice, choose, find
+from ..services.model import Service
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
@@ -39,6 +41,7 @@ class Peer:
     address: IPAddress | None = None
     # (name, port, protocol) the endpoint serves: what a policy's named ports resolve to
     named_ports: tuple[tuple[str, int, Protocol], ...] = ()
+    ips: tuple[IPAddress, ...] = ()  # an endpoint's addresses (toServices knows backends by address)
     fqdn: str | None = None  # the learned DNS name ``address`` was given as
 
     def describe(self) -> str:
@@ -81,6 +84,7 @@ class TraceResult:
     ingress: DirectionTrace
     notes: list[str]
     per_protocol: list[TraceResult] = field(default_factory=list)
+    service: Choice | None = None  # the destination was a service's frontend: the backend traced instead
 
     @property
     def allowed(self) -> bool:
@@ -105,6 +109,7 @@ class TraceResult:
             "ingress": _direction_json(main.ingress),
             "deciding_rules": main.egress.deciding + main.ingress.deciding,
             "notes": self.notes,
+            "service": self.service.to_json() if self.service is not None else None,
         }
         if self.per_protocol:
             out["per_protocol"] = [
@@ -124,12 +129,22 @@ class TraceResult:
 
 
 def trace(policies: Sequence[Policy], request: TraceRequest, registry: L7Registry | None = None,
-          allocator: MemoryAllocator | None = None,
+          allocator: MemoryAllocator | None = None, services: Sequence[Service] | None = None,
+          backends: Mapping[str, Peer] | None = None,
           fqdn: Mapping[str, Iterable[str]] | None = None) -> TraceResult:
     """Trace one flow against ``policies`` (identities from ``allocator``: a fresh one by default,
-    a copy of the agent's for a live trace); ``fqdn``: names the DNS proxy learned and their
-    addresses, what toFQDNs selectors select."""
+    a copy of the agent's for a live trace). ``services``: what toServices selects from (None: not
+    known, toServices fails closed), and a destination address that is a frontend is traced to
+    the backend the load balancer would choose; ``backends``: the endpoints holding backend
+    addresses (address -> peer), else a backend is an outside address. ``fqdn``: names the DNS
+    proxy learned and their addresses, what toFQDNs selectors select."""
     engine = PolicyEngine(allocator or MemoryAllocator())
+    choice: Choice | None = None
+    if services is not None:
+        engine.set_services(services)
+        request, choice = _through_service(request, services, backends or {})
+        if choice is not None and choice.backend is None:
+            return _no_backend(engine, request, choice)
     engine.apply(policies)
     if fqdn:
         engine.update_fqdn(fqdn)
@@ -138,7 +153,7 @@ def trace(policies: Sequence[Policy], request: TraceRequest, registry: L7Registr
     # must already hold the other's identity.
     for name, peer in (("source", request.src), ("destination", request.dst)):
         if peer.labels is not None:
-            engine.upsert_endpoint(Endpoint(name, peer.labels, named_ports=peer.named_ports))
+            engine.upsert_endpoint(Endpoint(name, peer.labels, peer.ips, named_ports=peer.named_ports))
     src_ep = _endpoint(engine, "source", request.src)
     dst_ep = _endpoint(engine, "destination", request.dst)
     src_id = _identity(engine, request.src, src_ep)
@@ -158,9 +173,39 @@ def trace(policies: Sequence[Policy], request: TraceRequest, registry: L7Registr
         one = TraceRequest(request.src, request.dst, proto, request.dport, request.l7)
         results.append(TraceResult(one, src_id, dst_id, egress, ingress, notes))
     if len(results) == 1:
+        results[0].service = choice
         return results[0]
     main = next((r for r in results if not r.allowed), results[0])
-    return TraceResult(request, src_id, dst_id, main.egress, main.ingress, notes, results)
+    return TraceResult(request, src_id, dst_id, main.egress, main.ingress, notes, results, choice)
+
+
+def _through_service(request: TraceRequest, services: Sequence[Service],
+                     backends: Mapping[str, Peer]) -> tuple[TraceRequest, Choice | None]:
+    """A destination that is a frontend becomes the backend a new connection would get."""
+    dst = request.dst
+    if dst.address is None or request.protocol not in (Protocol.TCP, Protocol.UDP, Protocol.ANY):
+        return request, None
+    protocol = None if request.protocol is Protocol.ANY else request.protocol.name
+    service = find(services, str(dst.address), request.dport, protocol)
+    if service is None:
+        return request, None
+    choice = choose(service)
+    proto = PROTOCOL_NAMES[service.frontend.protocol.lower()]
+    if choice.backend is None:
+        return TraceRequest(request.src, dst, proto, service.frontend.port, request.l7), choice
+    address = choice.backend.address
+    peer = backends.get(address) or Peer(address=ipaddress.ip_address(address))
+    return TraceRequest(request.src, peer, proto, choice.backend.port, request.l7), choice
+
+
+def _no_backend(engine: PolicyEngine, request: TraceRequest, choice: Choice) -> TraceResult:
+    """No active backend: the load balancer drops the connection before any policy."""
+    src = engine.allocator.allocate(request.src.labels) if request.src.labels is not None else \
+        _identity(engine, request.src, None)
+    dst = _identity(engine, request.dst, None)
+    dropped = DirectionTrace(Direction.EGRESS, True, allowed=False, reason=choice.why)
+    ingress = DirectionTrace(Direction.INGRESS, False, reason="not reached: no backend")
+    return TraceResult(request, src, dst, dropped, ingress, [], service=choice)
 
 
 def _endpoint(engine: PolicyEngine, name: str, peer: Peer) -> EndpointPolicy | None:
@@ -390,6 +435,8 @@ def render_text(result: TraceResult) -> str:
         ports = f"ANY/{req.protocol.label}" if req.protocol is not Protocol.ANY else "ANY"
     lines.append(f"Tracing From: {req.src.describe()} (identity {result.src_identity.id}) => "
                  f"To: {req.dst.describe()} (identity {result.dst_identity.id}) Ports: [{ports}]")
+    if result.service is not None:
+        lines.append(f"Service: {result.service.why}")
     l7 = l7_request_json(req.l7)
     if l7 is not None:
         desc = {k: v for k, v in l7.items() if k != "protocol" and v not in ("", [], None)}

@@ -56,6 +56,9 @@ class Desired:
     proxy_ports: Mapping[str, int] = field(default_factory=dict)  # "ingress/80" -> Envoy's transparent listener port
     changed: frozenset[str] | None = None  # endpoints that differ from the previous Desired; None: all
     services: tuple[Service, ...] = ()  # by id; the load balancer sink writes what differs
+    # ``ipcache`` by identity, each identity's prefixes in address order (None: sinks derive it); an
+    # identity's tuple is the same object while its prefixes stay, so sinks compare it by identity
+    prefixes: Mapping[int, tuple[IPNetwork, ...]] | None = None
 
     def is_changed(self, name: str) -> bool:
         return self.changed is None or name in self.changed

@@ -38,8 +38,20 @@ class L7ViewSink:
         self._publishers.remove(publisher)
 
     def realize(self, desired: Desired) -> None:
-        views = PolicyViews(desired.revision, {n: ep.map_state for n, ep in desired.endpoints.items()},
-                            {n: ep.audit for n, ep in desired.endpoints.items()})
+        eps = desired.endpoints
+        last = self.source.views
+        if desired.changed is None:
+            map_states = {n: ep.map_state for n, ep in eps.items()}
+            audits = {n: ep.audit for n, ep in eps.items()}
+        else:  # the last views (never changed: readers hold them) copied, and the endpoints the change names
+            map_states, audits = dict(last.map_states), dict(last.audits)
+            for name in desired.changed:
+                if name in eps:
+                    map_states[name], audits[name] = eps[name].map_state, eps[name].audit
+                else:
+                    map_states.pop(name, None)
+                    audits.pop(name, None)
+        views = PolicyViews(desired.revision, map_states, audits)
         self.source.views = views
         for publisher in self._publishers:
             publisher.publish(views)

@@ -47,9 +47,11 @@ class Inconsistencies:
         return sorted(out)
 
 
-def check(resources: Mapping[str, Mapping[str, Message]], memo: _Refs | None = None) -> Inconsistencies:
+def check(resources: Mapping[str, Mapping[str, Message]], memo: _Refs | None = None,
+          eds_of: Mapping[str, Message] | None = None) -> Inconsistencies:
     """Check resources given by type URL and name (as ``Cache.snapshot()`` returns them).
-    ``memo``: keeps each listener's references between calls (see ``Checker``).
+    ``memo``: keeps each listener's references between calls (see ``Checker``). ``eds_of``: the
+    clusters whose EDS assignment is checked (default: all).
 
     Reported: listeners naming an RDS route configuration that is not there; listeners whose
     HTTP routes (inline or via RDS), tcp_proxy or gRPC access logs name a cluster that is not
@@ -76,7 +78,7 @@ def check(resources: Mapping[str, Mapping[str, Message]], memo: _Refs | None = N
         if lost := frozenset(c for c in refs if c not in clusters):
             missing_clusters[name] = lost
     missing_endpoints: dict[str, str] = {}
-    for name, msg in clusters.items():
+    for name, msg in (clusters if eds_of is None else eds_of).items():
         if isinstance(msg, cluster_pb2.Cluster) and msg.type == cluster_pb2.Cluster.EDS:
             service = msg.eds_cluster_config.service_name or msg.name
             if service not in endpoints:
@@ -100,6 +102,10 @@ class _Refs:
         self._done[name] = (msg, frozenset(rds), frozenset(refs))
         return self._done[name][1], self._done[name][2]
 
+    def forget(self, names: Iterable[str]) -> None:
+        for n in names:
+            self._done.pop(n, None)
+
     def keep(self, names: Iterable[str]) -> None:
         live = set(names)
         self._done = {n: d for n, d in self._done.items() if n in live}
@@ -116,6 +122,18 @@ class Checker:
     def check(self, resources: Mapping[str, Mapping[str, Message]]) -> Inconsistencies:
         found = check(resources, self._refs)
         self._refs.keep(resources.get(LISTENER, {}))
+        return found
+
+    def check_part(self, resources: Mapping[str, Mapping[str, Message]], clusters_changed: Mapping[str, Message],
+                   listeners_gone: Iterable[str] | None) -> Inconsistencies:
+        """``check`` of a change to a set that was consistent: ``resources`` holds the listeners it
+        publishes and every cluster there will be; only ``clusters_changed`` are checked for their
+        EDS assignment. ``listeners_gone``: the listeners it deletes (None: ``resources`` holds all)."""
+        found = check(resources, self._refs, eds_of=clusters_changed)
+        if listeners_gone is None:
+            self._refs.keep(resources.get(LISTENER, {}))
+        else:
+            self._refs.forget(listeners_gone)
         return found
 
 

@@ -21,6 +21,9 @@ IP_VERSIONS = {"IP_NOT_USED", "IPv4", "IPv6"}
 # the drop reasons cilia can produce (Hubble's DropReason has many more)
 DROP_REASONS = {"DROP_REASON_UNKNOWN", "INVALID_SOURCE_IP", "POLICY_DENIED", "POLICY_DENY"}
 
+# Cilium's monitor API match types (a uint32 in the flow): none, L3-Only, L3-L4, L4-Only, all,
+# L3-Proto, Proto-Only
+POLICY_MATCH_TYPES = set(range(7))
 PORTS = {"source_port": NUMBER, "destination_port": NUMBER}
 ICMP = {"type": NUMBER, "code": NUMBER}
 TCP = {**PORTS, "flags": {"FIN": BOOL, "SYN": BOOL, "RST": BOOL, "PSH": BOOL, "ACK": BOOL, "URG": BOOL,
@@ -48,7 +51,7 @@ FLOW: dict[str, Any] = {
     "event_type": {"type": NUMBER, "sub_type": NUMBER},
     "source_service": {"name": STRING, "namespace": STRING},
     "destination_service": {"name": STRING, "namespace": STRING},
-    "traffic_direction": DIRECTIONS, "policy_match_type": NUMBER, "trace_observation_point": STRING,
+    "traffic_direction": DIRECTIONS, "policy_match_type": POLICY_MATCH_TYPES, "trace_observation_point": STRING,
     "trace_reason": STRING, "drop_reason_desc": DROP_REASONS, "is_reply": BOOL,
     "debug_capture_point": STRING, "interface": {"index": NUMBER, "name": STRING}, "proxy_port": NUMBER,
     "sock_xlate_point": STRING, "socket_cookie": U64, "cgroup_id": U64, "Summary": STRING,

@@ -105,7 +105,8 @@ def test_starwars_in_the_kernel_and_envoy(node: BpfAgentNode) -> None:
     drops = {s.labels["reason"]: s.value for s in families["cilia_drop_count"].samples if s.name.endswith("_total")}
     assert drops["Policy denied"] >= 2 and any(s.value > 0 for s in families["cilia_drop_bytes"].samples)
     pressure = {s.labels["map_name"]: s.value for s in families["cilia_bpf_map_pressure"].samples}
-    assert set(pressure) == {"ipcache", "endpoints", "conntrack"} and 0 < pressure["endpoints"] < 1
+    assert set(pressure) == {"ipcache", "endpoints", "conntrack", "lb_services", "lb_backends", "lb_ct", "lb_revnat",
+                                 "lb_affinity"} and 0 < pressure["endpoints"] < 1
     assert "REDIRECT" in node.ok("bpf", "policy", "get", "deathstar").out.upper()
 
 

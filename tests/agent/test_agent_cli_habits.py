@@ -64,13 +64,41 @@ def test_live_trace_gives_the_verdicts_envoy_enforces(starwars: Path) -> None:
     assert unknown.code == 2 and unknown.err.strip() == "error: source: no endpoint named falcon"
 
 
-def test_get_commands_output_formats_and_selectors(starwars: Path) -> None:
+LABELLED_POLICY = """apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata:
+  name: exhaust-audit
+  labels: {team: deathstar-ops}
+spec:
+  endpointSelector: {matchLabels: {class: probe}}
+  labels: [{key: reviewed, value: "yes"}]
+  ingress: [{fromEndpoints: [{matchLabels: {org: empire}}]}]
+"""
+
+
+def test_get_commands_output_formats_and_selectors(starwars: Path, tmp_path: Path) -> None:
     state = starwars
+    labelled = tmp_path / "labelled.yaml"
+    labelled.write_text(LABELLED_POLICY)
     import_and_wait(state, STARWARS / "sw_l3_l4_l7_policy.yaml")
     got = run_cli(state, "policy", "get", "rule1", "-o", "yaml")
     assert got.code == 0
     assert [p["name"] for p in YAML(typ="safe").load(got.out)["policies"]] == ["rule1"]
     assert run_cli(state, "policy", "get", "nosuch").code == 2
+
+    def policies(*selector: str) -> list[str]:
+        res = run_cli(state, "policy", "get", "-l", *selector, "-o", "json")
+        assert res.code == 0, res.err
+        return sorted(p["name"] for p in res.json()["policies"])
+
+    import_and_wait(state, labelled)
+    # metadata labels, Cilium's derived labels and rule labels
+    assert policies("team=deathstar-ops") == ["exhaust-audit"]
+    assert policies("io.cilium.k8s.policy.name=rule1") == ["rule1"]
+    assert policies("k8s:io.cilium.k8s.policy.derived-from=CiliumNetworkPolicy,team!=deathstar-ops") == ["rule1"]
+    assert policies("unspec:reviewed=yes") == ["exhaust-audit"] and policies("team") == ["exhaust-audit"]
+    bad = run_cli(state, "policy", "get", "-l", "team in (a")
+    assert bad.code == 2 and len(bad.err.strip().splitlines()) == 1 and "Traceback" not in bad.err
     endpoint = run_cli(state, "endpoint", "get", "tiefighter", "-o", "json").json()
     assert endpoint["name"] == "tiefighter" and "k8s:org=empire" in endpoint["identity_labels"]
     assert "Identity:" in run_cli(state, "endpoint", "get", "tiefighter").out
@@ -179,6 +207,19 @@ spec:
     live = {src: run_cli(state, "policy", "trace", "--from-endpoint", src, "--to-endpoint", "deathstar",
                          "--dport", "80").code for src in ("tiefighter", "xwing")}
     assert live == offline
+    # an ipBlock with host bits: masked, noted at import and kept in status (the watcher's path too)
+    masked = tmp_path / "masked.yaml"
+    masked.write_text("""apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: masked, namespace: default}
+spec:
+  podSelector: {matchLabels: {class: probe}}
+  ingress: [{from: [{ipBlock: {cidr: 10.0.1.1/4}}]}]
+""")
+    res = run_cli(state, "policy", "import", str(masked))
+    note = "NetworkPolicy masked: spec.ingress[0].from[0].ipBlock.cidr: 10.0.1.1/4 has host bits set"
+    assert res.code == 0 and note in res.err, res.err
+    assert f"{masked}:1: {note}" in run_cli(state, "status").out
 
 
 def test_mutating_commands_print_json_for_scripts(starwars: Path) -> None:

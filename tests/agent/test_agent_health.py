@@ -93,8 +93,9 @@ def test_bugtool_archive(agent: Agent, tmp_path: Path) -> None:
     assert res.code == 0 and "wrote" in res.out
     with tarfile.open(out) as tar:
         names = {n.split("/", 1)[1]: n for n in tar.getnames()}
-        assert {"status.json", "config.json", "policies.json", "endpoints.json", "identities.json", "flows.jsonl",
-                "monitor.jsonl", "envoy-config-dump.json", "envoy.log", "policy-sources.json"} <= set(names)
+        assert {"status.json", "config.json", "policies.json", "endpoints.json", "identities.json", "services.json",
+                "flows.jsonl", "monitor.jsonl", "envoy-config-dump.json", "envoy.log",
+                "policy-sources.json"} <= set(names)
         read = lambda n: tar.extractfile(names[n]).read().decode()  # type: ignore[union-attr]  # noqa: E731
         assert json.loads(read("status.json"))["revision"] >= 4
         assert any(f["flow"]["verdict"] == "DROPPED" for f in map(json.loads, read("flows.jsonl").splitlines()))

@@ -77,7 +77,9 @@ def test_filters_formats_and_the_flow_file(agent: Agent, tmp_path: Path) -> None
     for args, says in ((["--since", "yesterday"], "give a duration"), (["-o", "yaml"], "unknown output format"),
                        (["--label", "app in (a"], "unbalanced"), (["--from-label", "=x"], "not a selector term"),
                        (["--http-status", "abc"], "not an HTTP status"), (["--verdict", "maybe"], "not one of"),
-                       (["--pod", "a/b/c"], "not [namespace/]pod")):
+                       (["--pod", "a/b/c"], "not [namespace/]pod"), (["--pod", "default/nosuch"], "no such pod"),
+                       (["--from-pod", "nosuch"], "--from-pod nosuch: no such pod"),
+                       (["--to-pod", "empire/deathstar"], "no such pod"), (["--ip", "10.0.0.300"], "not an IP")):
         bad = run_cli(state, "observe", *args)
         assert bad.code == 2 and says in bad.err and len(bad.err.strip().splitlines()) == 1, (args, bad.err)
     # the other formats: compact lines like Hubble's, dict blocks, a table with a header

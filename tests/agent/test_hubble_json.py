@@ -6,20 +6,28 @@ from __future__ import annotations
 
 import time
 from datetime import UTC, datetime
+from pathlib import Path
 
 import pytest
 from tests.agent.hubble_fields import EXPORT_LINE, check
 
 from cilia.agent.api import flow_filter
 from cilia.agent.daemon import AgentError
+from cilia.agent.daemon import Agent, AgentConfig
 from cilia.agent.flows import Verdict, Who, from_access, from_datapath, from_l7
+from cilia.agent.hubble import policy_match_type
 from cilia.agent.metrics import Metrics
 from cilia.bpf.datapath import DatapathEvent
 from cilia.envoy.accesslog import AccessRecord
 from cilia.envoy.accesslog import Verdict as EnvoyVerdict
 from cilia.envoy.l7service import ConnectionInfo
 from cilia.l7parsers.base import Decision, Record
+from cilia.policy import Direction, DirectionMapState
 from cilia.policy.labels import LabelSet
+from cilia.policy.mapstate import L4Key, PolicyEntry
+from cilia.policy.mapstate import Verdict as MapVerdict
+from cilia.policy.model import Protocol
+from cilia.specs import EndpointSpec, PortSpec
 
 NOW = time.time()
 WHO = Who({"tiefighter.default": (("10.0.0.11",), 300), "deathstar.default": (("10.0.0.10",), 301)},
@@ -134,3 +142,53 @@ def test_flow_metrics_count_hubbles_way() -> None:
     assert value("cilia_drop_count_total", reason="Policy denied", direction="ingress") == 1
     assert value("cilia_drop_bytes_total", reason="Policy denied", direction="ingress") == 74
     assert value("process_cpu_seconds_total") is not None  # the process collector
+
+
+MATCH_POLICY = """apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {name: deathstar, namespace: default}
+spec:
+  endpointSelector: {matchLabels: {class: deathstar}}
+  ingress:
+  - fromEndpoints: [{matchLabels: {class: xwing}}]
+  - fromEndpoints: [{matchLabels: {class: tiefighter}}]
+    toPorts: [{ports: [{port: "80", protocol: TCP}]}]
+  - toPorts: [{ports: [{port: "9000", protocol: TCP}]}]
+"""
+
+
+def _connection(source: str, destination: str, port: int, log_name: str) -> AccessRecord:
+    return AccessRecord(1, datetime.fromtimestamp(NOW, UTC), "tcp", EnvoyVerdict.FORWARDED, source, 40000,
+                        destination, port, log_name=log_name, node_id="node1")
+
+
+def test_policy_match_type_names_the_deciding_entry(tmp_path: Path) -> None:
+    """Hubble's policy_match_type from the entry that decided: identity and port (L3-L4), identity
+    and any port (L3-Only), any identity on a port (L4-Only), a direction no policy restricts
+    (all); no entry (the default deny) leaves it out, and L7 flows do not have it."""
+    agent = Agent(AgentConfig(tmp_path, envoy="external"))
+    for name, labels, ip in (("deathstar", "class=deathstar", "10.0.0.10"), ("xwing", "class=xwing", "10.0.0.12"),
+                             ("tiefighter", "class=tiefighter", "10.0.0.11"), ("probe", "class=probe", "10.0.0.13")):
+        agent.add_endpoint(EndpointSpec(name, (labels,), (ip,), (PortSpec.parse("80:8080"),)))
+    agent.import_policies([("match.yaml", MATCH_POLICY)])
+    who = agent.observer.who
+    cases = [("10.0.0.11", "10.0.0.10", 80, "deathstar-ingress-80", 2),  # tiefighter on 80: L3-L4
+             ("10.0.0.12", "10.0.0.10", 80, "deathstar-ingress-80", 1),  # xwing, any port: L3-Only
+             ("10.0.0.13", "10.0.0.10", 9000, "deathstar-ingress-9000", 3),  # anyone on 9000: L4-Only
+             ("10.0.0.10", "10.0.0.13", 80, "probe-ingress-80", 4),  # no policy selects the probe: all
+             ("10.0.0.13", "10.0.0.10", 80, "deathstar-ingress-80", 0)]  # nothing allows it: none
+    for source, destination, port, log_name, expected in cases:
+        line = from_access(_connection(source, destination, port, log_name), who).to_json(1)
+        assert check(line, EXPORT_LINE) == [], line
+        assert line["flow"].get("policy_match_type", 0) == expected, (source, destination, port)
+    assert "policy_match_type" not in from_access(_http(True), who).to_json(1)["flow"]  # L7: not a verdict of L3/L4
+
+
+def test_policy_match_type_of_protocol_entries() -> None:
+    """Entries of a protocol on any port: L3-Proto for an identity, Proto-Only for any."""
+    entry = PolicyEntry(MapVerdict.ALLOW, None, ())
+    tcp_any_port = L4Key(Protocol.TCP)
+    state = DirectionMapState(Direction.INGRESS, True, {tcp_any_port: entry}, {300: {tcp_any_port: entry}})
+    assert policy_match_type(state, 300, "TCP", 80) == 5
+    assert policy_match_type(state, 301, "TCP", 80) == 6
+    assert policy_match_type(state, 301, "UDP", 53) == 0

@@ -126,7 +126,8 @@ def test_every_image_is_this_version_of_cilia() -> None:
 
 # (API group, resource) of what the agent's watcher lists and watches, and nothing else
 WATCHED = {("", "namespaces"), ("", "pods"), ("networking.k8s.io", "networkpolicies"),
-           ("cilium.io", "ciliumnetworkpolicies"), ("cilium.io", "ciliumclusterwidenetworkpolicies")}
+           ("cilium.io", "ciliumnetworkpolicies"), ("cilium.io", "ciliumclusterwidenetworkpolicies"),
+           ("", "services"), ("discovery.k8s.io", "endpointslices")}
 # CRD mode (cilia/k8s/crd_identities.py, crd_endpoints.py): what the agents write, and read one by one
 WRITTEN = {("cilium.io", "ciliumidentities"): {"get", "list", "watch", "create"},
            ("cilium.io", "ciliumendpoints"): {"get", "list", "watch", "create", "update", "delete"}}
@@ -142,7 +143,7 @@ def granted() -> dict[tuple[str, str], set[str]]:
     return out
 
 
-def test_cluster_role_is_list_and_watch_on_the_five_watched_resources() -> None:
+def test_cluster_role_is_list_and_watch_on_the_watched_resources() -> None:
     roles = granted()
     assert set(roles) == WATCHED | set(WRITTEN)
     crds = [d for path in sorted((DEPLOY / "kubernetes").glob("crd-*.yaml")) for d in load_docs(path)]

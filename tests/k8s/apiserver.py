@@ -2,8 +2,9 @@
 
 ``KubeTestServer`` serves, over plain HTTP on 127.0.0.1, what the official client reads from a
 real API server for /api/v1/pods, /api/v1/namespaces, /apis/networking.k8s.io/v1/networkpolicies,
-/apis/cilium.io/v2/ciliumnetworkpolicies and /apis/cilium.io/v2/ciliumclusterwidenetworkpolicies,
-and CRD mode's /apis/cilium.io/v2/ciliumidentities and /apis/cilium.io/v2/ciliumendpoints:
+/apis/cilium.io/v2/ciliumnetworkpolicies, /apis/cilium.io/v2/ciliumclusterwidenetworkpolicies,
+/api/v1/services, /apis/discovery.k8s.io/v1/endpointslices, and CRD mode's
+/apis/cilium.io/v2/ciliumidentities and /apis/cilium.io/v2/ciliumendpoints:
 
 - lists: ``kind: PodList`` etc. with ``metadata.resourceVersion`` (one counter for every
   resource, as etcd's revision), ``limit``/``continue`` paging over a snapshot, and
@@ -63,6 +64,9 @@ RESOURCES = {r.name: r for r in (
              "CiliumNetworkPolicy", True, False),
     Resource("ciliumclusterwidenetworkpolicies", "/apis/cilium.io/v2/ciliumclusterwidenetworkpolicies",
              "cilium.io/v2", "CiliumClusterwideNetworkPolicy", False, False),
+    Resource("services", "/api/v1/services", "v1", "Service", True, True),
+    Resource("endpointslices", "/apis/discovery.k8s.io/v1/endpointslices", "discovery.k8s.io/v1", "EndpointSlice",
+             True, True),
     Resource("ciliumidentities", "/apis/cilium.io/v2/ciliumidentities", "cilium.io/v2", "CiliumIdentity", False,
              False),
     Resource("ciliumendpoints", "/apis/cilium.io/v2/ciliumendpoints", "cilium.io/v2", "CiliumEndpoint", True,

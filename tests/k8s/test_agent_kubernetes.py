@@ -72,6 +72,19 @@ def test_agent_watches_a_cluster(tmp_path: Path) -> None:
             assert "Kubernetes:  connected" in status.out and "pods of node node-1" in status.out
             assert run_cli(state, "status", "-o", "json").json()["kubernetes"]["synced"]
 
+            # a NetworkPolicy whose ipBlock has host bits set (the API server takes it): masked, and
+            # `cilia status` says so for it, as for one imported from a file
+            server.add("networkpolicies", {
+                "metadata": {"name": "lockdown", "namespace": "empire"},
+                "spec": {"podSelector": {"matchLabels": {"class": "deathstar"}},
+                         "ingress": [{"from": [{"ipBlock": {"cidr": "10.0.1.1/4"}}]}]}})
+            masked = "NetworkPolicy lockdown: spec.ingress[0].from[0].ipBlock.cidr: 10.0.1.1/4 has host bits set"
+            noted = _eventually(lambda: next(p for p in run_cli(state, "policy", "get", "-o", "json").json()
+                                             ["policies"] if p["name"] == "networkpolicy.lockdown"))
+            assert any(masked in n and n.startswith("k8s/NetworkPolicy/empire/lockdown") for n in noted["notes"]), \
+                noted
+            assert masked in run_cli(state, "status").out
+
             server.delete("pods", "deathstar-1", "empire")
             _eventually(lambda: run_cli(state, "endpoint", "list", "-o", "json").json()["endpoints"] == [])
         finally:

@@ -867,16 +867,16 @@ def test_to_fqdns_selects_only_learned_addresses() -> None:
     assert allowed(policies, "app=test-app", dns, UDP, 53, DNSRequest("my-remote-service.com"))
 
 
-def test_to_services_is_noted_and_grants_nothing() -> None:
+def test_to_services_without_services_is_noted_and_grants_nothing() -> None:
     policies = example("service.yaml")
     for dst in ("8.8.8.8", "app=myservice", "k8s:io.kubernetes.service.name=myservice"):
         result = run(policies, "id=app2", dst)
         assert not result.allowed, dst
-        assert any(n.startswith("service.yaml:10:") and "toServices not enforced yet" in n
+        assert any(n.startswith("service.yaml:10:") and "toServices is resolved against the agent's services" in n
                    for n in result.notes)
 
 
-def test_an_unenforced_deny_denies_every_peer_on_its_ports() -> None:
+def test_an_unresolved_deny_denies_every_peer_on_its_ports() -> None:
     policies = cnp("""
         endpointSelector: {matchLabels: {app: web}}
         egress:
@@ -887,5 +887,5 @@ def test_an_unenforced_deny_denies_every_peer_on_its_ports() -> None:
     """)
     result = run(policies, "app=web", "8.8.8.8", TCP, 5432)
     assert not result.allowed
-    assert any("toServices not enforced yet" in n for n in result.notes)
+    assert any("toServices is resolved against the agent's services" in n for n in result.notes)
     assert allowed(policies, "app=web", "8.8.8.8", TCP, 80)

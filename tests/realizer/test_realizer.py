@@ -1,5 +1,6 @@
 """The realizer seam: sinks get each Desired, only what a change names is translated again, and
-the incremental result is byte-identical to translating everything anew."""
+the incremental result is byte-identical to translating everything anew (and flows are named as a
+snapshot made anew would name them)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,10 @@ from typing import Any
 import pytest
 
 from cilia.agent.daemon import Agent, AgentConfig
-from cilia.envoy.translate import AccessLogTarget, GrpcTarget
+from cilia.agent.flows import Who
+from cilia.agent.metrics import Metrics
+from cilia.agent.observe import FlowNames, Observer
+from cilia.envoy.translate import AccessLogTarget, GrpcTarget, ProxyResources
 from cilia.realizer import Desired, Realizer
 from cilia.realizer.proxy import InconsistentResources, ProxySink
 from cilia.specs import EndpointSpec, PortSpec
@@ -39,6 +43,25 @@ def retranslated(agent: Agent) -> dict[str, dict[str, bytes]]:
     return serialized(cache.snapshot())
 
 
+def whole_who(agent: Agent) -> Who:
+    """What names flows, made anew from the agent's last Desired (the flow-names sink patches the
+    last one with each change)."""
+    observer = Observer("node", Metrics(), 16, None)
+    FlowNames(observer).realize(replace(agent._desired, changed=None))  # type: ignore[arg-type]
+    return observer.who
+
+
+def names_flows(who: Who, agent: Agent) -> list[Any]:
+    """How ``who`` names every address, endpoint and identity the agent has had (and one nobody has)."""
+    assert agent._desired is not None
+    addresses = [f"10.7.0.{i}" for i in range(10, 23)] + ["192.0.2.1"]
+    return ([who.peer(a).to_json() for a in addresses]
+            + [who.endpoint_peer(f"ep{i}", 80).to_json() for i in range(12)]
+            + [(who.endpoint_identity(f"ep{i}"), who.endpoint_with_identity(ep.identity))
+               for i in range(12) if (ep := agent._desired.endpoints.get(f"ep{i}")) is not None]
+            + [sorted(who.endpoint_ids.items())])
+
+
 @pytest.mark.parametrize("datapath", ["none", "bpf"])
 def test_incremental_realization_equals_a_full_translation(tmp_path: Path, datapath: str) -> None:
     """Random mutations; after each, the cache holds exactly what translating every endpoint
@@ -62,6 +85,7 @@ def test_incremental_realization_equals_a_full_translation(tmp_path: Path, datap
         else:
             agent.remove_endpoint(names.pop(rng.randrange(len(names))))
         assert serialized(agent.cache.snapshot()) == retranslated(agent), f"step {step}"
+        assert names_flows(agent.observer.who, agent) == names_flows(whole_who(agent), agent), f"step {step}"
 
 
 def test_only_the_endpoints_a_change_names_are_translated_again(tmp_path: Path) -> None:
@@ -121,9 +145,10 @@ def test_inconsistent_resources_are_not_published(tmp_path: Path) -> None:
     published = serialized(agent.cache.snapshot())
 
     class Dangling(ProxySink):
-        def _translate_sidecars(self, desired: Desired, prefixes: Any) -> Any:
-            listeners, _clusters, notes = super()._translate_sidecars(desired, prefixes)
-            return listeners, {}, notes  # listeners whose tcp_proxy names clusters not there
+        def _translate_sidecar(self, *args: Any) -> Any:
+            done = super()._translate_sidecar(*args)
+            # listeners whose tcp_proxy names clusters not there
+            return replace(done, resources=ProxyResources(done.resources.listeners, ())) if done else None
 
     sink = Dangling(agent.cache, "sidecar", "cilia-node", AccessLogTarget("cilia-accesslog", "unix:/x"),
                     GrpcTarget("cilia-l7", "unix:/y"))
@@ -131,3 +156,80 @@ def test_inconsistent_resources_are_not_published(tmp_path: Path) -> None:
         sink.realize(replace(agent._desired, revision=99, changed=None))
     assert serialized(agent.cache.snapshot()) == published and sink.version_for(99) is None
     assert agent.cache.snapshot()[CLUSTER]
+
+
+SHIPS_POLICY = """apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {name: ships}
+spec:
+  endpointSelector: {matchLabels: {fleet: ships}}
+  ingress: [{fromEndpoints: [{matchLabels: {class: hangar}}]}]
+"""
+
+
+def test_an_add_publishes_only_its_own_resources(tmp_path: Path) -> None:
+    """The cache is handed the new endpoint's listeners and clusters, never a whole type replaced
+    (which costs a serialization of every listener at every add); a delete hands it the names."""
+    agent = Agent(AgentConfig(tmp_path, envoy="external"))
+    # the ships take ingress from the hangar only (a listener with no policy lists every prefix)
+    agent.import_policies([("ships.yaml", SHIPS_POLICY)])
+    for i in range(5):
+        agent.add_endpoint(EndpointSpec(f"ship{i}", ("fleet=ships", f"class=ship{i}"), (f"10.9.1.{i + 1}",),
+                                        PORTS[:1]))
+    handed: list[dict[str, Any]] = []
+    update_many = agent.cache.update_many
+
+    def spy(changes: Any) -> Any:  # the real cache, its arguments kept
+        handed.append(dict(changes))
+        return update_many(changes)
+
+    agent.cache.update_many = spy  # type: ignore[method-assign]
+    agent.add_endpoint(EndpointSpec("probe", ("fleet=ships", "class=probe"), ("10.9.1.99",), PORTS[:1]))
+    proxy = [c for c in handed if LISTENER in c]
+    assert len(proxy) == 1
+    assert not proxy[0][LISTENER].replace and set(proxy[0][LISTENER].upserts) == {"probe-ingress-80"}
+    assert not proxy[0][CLUSTER].replace and set(proxy[0][CLUSTER].upserts) <= {"probe-ingress-80", "cilia-accesslog",
+                                                                                "cilia-l7"}
+    handed.clear()
+    agent.remove_endpoint("probe")
+    proxy = [c for c in handed if LISTENER in c]
+    assert proxy[0][LISTENER].delete == ("probe-ingress-80",) and not proxy[0][LISTENER].upserts
+    assert "probe-ingress-80" in proxy[0][CLUSTER].delete
+    assert serialized(agent.cache.snapshot()) == retranslated(agent)
+
+
+def test_after_a_failed_publish_the_next_one_is_whole(tmp_path: Path) -> None:
+    """A publish that failed leaves the cache behind what was translated: the next change, however
+    small, publishes everything, so the cache ends as a fresh translation would make it."""
+    agent = Agent(AgentConfig(tmp_path, envoy="external"))
+    agent.add_endpoint(EndpointSpec("deathstar", ("org=empire", "class=deathstar"), ("10.9.0.10",), PORTS))
+    update_many = agent.cache.update_many
+    failing = [True]
+
+    def flaky(changes: Any) -> Any:
+        if failing[0] and LISTENER in changes:
+            raise RuntimeError("the cache refused")
+        return update_many(changes)
+
+    agent.cache.update_many = flaky  # type: ignore[method-assign]
+    agent.add_endpoint(EndpointSpec("xwing", ("org=alliance", "class=xwing"), ("10.9.0.11",), PORTS))
+    assert "proxy" in agent.realizer.errors
+    failing[0] = False
+    agent.add_endpoint(EndpointSpec("tiefighter", ("org=empire", "class=tiefighter"), ("10.9.0.12",), PORTS))
+    assert "proxy" not in agent.realizer.errors
+    assert "xwing-ingress-80" in agent.cache.snapshot()[LISTENER]
+    assert serialized(agent.cache.snapshot()) == retranslated(agent)
+
+
+def test_a_port_no_policy_restricts_does_not_change_as_endpoints_come(tmp_path: Path) -> None:
+    """An endpoint no policy selects lets every address in (the world's 0.0.0.0/0 and ::/0 hold
+    them all): its listener lists those two ranges, not every endpoint's address, so adding or
+    removing another endpoint does not push it a new listener."""
+    agent = Agent(AgentConfig(tmp_path, envoy="external"))
+    agent.add_endpoint(EndpointSpec("open", ("app=open",), ("10.9.2.1",), PORTS[:1]))
+    before = agent.cache.get(LISTENER, "open-ingress-80")
+    for i in range(3):
+        agent.add_endpoint(EndpointSpec(f"ship{i}", (f"class=ship{i}",), (f"10.9.2.{i + 10}",), PORTS[:1]))
+    agent.remove_endpoint("ship1")
+    assert agent.cache.get(LISTENER, "open-ingress-80") == before
+    assert "10.9.2.10" not in str(before) and "0.0.0.0" in str(before)

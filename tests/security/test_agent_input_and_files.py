@@ -22,6 +22,7 @@ from tests.agent.agent_support import agent_in_process, run_cli
 from cilia.agent import flows as flows_module
 from cilia.agent.client import AgentClient
 from cilia.agent.flows import Flow, FlowFile, Peer, Verdict
+from cilia.agent.state import load_state
 from cilia.envoy import private_file
 from cilia.policy import FileAllocator
 
@@ -56,10 +57,16 @@ def test_state_file_is_owner_only_and_synced_before_rename(tmp_path: Path, open_
     _spy(monkeypatch, private_file.os, "fsync", calls)
     _spy(monkeypatch, private_file.os, "replace", calls)
     state = tmp_path / "state"
-    with agent_in_process(state, envoy="none"):
+    with agent_in_process(state, envoy="none") as agent:
+        assert calls[:2] == ["fsync", "replace"], calls  # the snapshot written at start
+        assert _mode(state / "state.json") == 0o600
         calls.clear()
         assert run_cli(state, "endpoint", "add", "--name", "web", "--labels", "app=web", "--ip", "127.0.3.1").code == 0
-        assert _mode(state / "state.json") == 0o600
+        assert calls[:1] == ["fsync"], calls  # the change, appended to the journal, on disk before the answer
+        assert _mode(state / "state.journal") == 0o600
+        assert load_state(state).endpoints["web"].ips == ("127.0.3.1",)
+        calls.clear()
+        agent.persist.compact(agent.state)  # now and then the state is written whole again
         assert calls[:2] == ["fsync", "replace"], calls
         assert json.loads((state / "state.json").read_text())["endpoints"][0]["name"] == "web"
 
