@@ -33,6 +33,7 @@ CLI_ANYWHERE = {
     "cilia.services.model": "the service values --service files are read into (pure)",
     "cilia.bpf.paths": "the default --bpf-pin-dir shown in --help (constants only, no bcc)",
     "cilia.agent.flowquery": "cilia observe checks selectors and HTTP statuses before asking (pure Python)",
+    "cilia.fqdn.config": "the --tofqdns-* defaults shown in cilia agent --help (constants only)",
 }
 # What a CLI module may import only inside a function, so that no other command pays for it.
 CLI_INSIDE_COMMANDS = {

@@ -10,6 +10,9 @@
 | ``cilia_lb_service_backends`` | service_id, frontend, name, state | backends per service by state |
 | ``cilia_k8s_client_{events,lists,errors}_total`` | resource | the Kubernetes watches' counts |
 | ``cilia_k8s_client_connected`` | resource | 1 while a Kubernetes watch is connected |
+| ``cilia_fqdn_active_names``, ``cilia_fqdn_active_ips`` | | names and addresses in the toFQDNs DNS cache |
+| ``cilia_fqdn_learned_total`` | | addresses the DNS proxy's answers added |
+| ``cilia_fqdn_gc_deletions_total`` | | addresses removed after their answer expired |
 
 Read through the agent's own API methods (as the API renders them), so a scrape sees what
 ``cilia endpoint list`` and ``cilia identity list`` see.
@@ -64,6 +67,19 @@ class AgentStateCollector(Collector):
         yield from self._map_pressure()
         yield from self._services()
         yield from self._kubernetes()
+        yield from self._fqdn()
+
+    def _fqdn(self) -> Iterator[Metric]:
+        learner = getattr(self.agent, "fqdn", None)
+        if learner is None:
+            return
+        stats = learner.stats()
+        yield GaugeMetricFamily("cilia_fqdn_active_names", "Names in the toFQDNs DNS cache", value=stats["names"])
+        yield GaugeMetricFamily("cilia_fqdn_active_ips", "Addresses in the toFQDNs DNS cache", value=stats["ips"])
+        yield CounterMetricFamily("cilia_fqdn_learned", "Addresses DNS answers added to the cache",
+                                  value=stats["learned"])
+        yield CounterMetricFamily("cilia_fqdn_gc_deletions", "Addresses removed from the cache after their "
+                                  "answer expired", value=stats["expired"])
 
     def _map_pressure(self) -> Iterator[Metric]:
         node = getattr(self.agent, "node", None)

@@ -170,6 +170,14 @@ def _get_identities(agent: Agent, _: dict[str, str], __: dict[str, list[str]], _
     return 200, agent.identities()
 
 
+def _get_fqdn_cache(agent: Agent, _: dict[str, str], query: dict[str, list[str]], __: Any) -> tuple[int, Any]:
+    return 200, agent.fqdn_cache(query.get("name", [None])[-1])
+
+
+def _delete_fqdn_cache(agent: Agent, _: dict[str, str], query: dict[str, list[str]], __: Any) -> tuple[int, Any]:
+    return 200, agent.fqdn_clean(query.get("name", [None])[-1])
+
+
 def _cluster(agent: Agent) -> Any:
     if agent.cluster is None:
         raise AgentError("this agent has no kvstore (cilia agent --kvstore etcd --kvstore-endpoints ...)", 409)
@@ -310,6 +318,8 @@ ROUTES: dict[tuple[str, str], Handler] = {
     ("DELETE", "/v1/services/{id}"): _delete_service,
     ("GET", "/v1/identities"): _get_identities,
     ("GET", "/v1/flows"): _get_flows,
+    ("GET", "/v1/fqdn/cache"): _get_fqdn_cache,
+    ("DELETE", "/v1/fqdn/cache"): _delete_fqdn_cache,
     ("GET", "/v1/nodes"): _get_nodes,
     ("GET", "/v1/cluster/identities"): _get_cluster_identities,
     ("GET", "/v1/kvstore"): _get_kvstore,

@@ -125,6 +125,12 @@ class AgentClient:
     def identities(self) -> Any:
         return self.request("GET", "/v1/identities")
 
+    def fqdn_cache(self, name: str | None = None) -> Any:
+        return self.request("GET", "/v1/fqdn/cache", params={"name": name} if name else None)
+
+    def fqdn_clean(self, name: str | None = None) -> Any:
+        return self.request("DELETE", "/v1/fqdn/cache", params={"name": name} if name else None)
+
     def nodes(self) -> Any:
         return self.request("GET", "/v1/nodes")
 

@@ -32,7 +32,9 @@ from typing import Any, Literal
 from ..bpf.paths import DEFAULT_PIN_DIR
 from ..bpf.netns import Namespace, add_host_address
 from ..bpf.crossnode import CrossNode, TunnelMode
-from ..bpf.node import HOST_IDENTITY, NodeDatapath
+from ..bpf.node import DNS_PROXY_KEY, HOST_IDENTITY, NodeDatapath
+from ..dnsproxy.server import DNSProxy  # issue 17: the DNS proxy
+from ..dnsproxy.sink import DNSProxySink
 from ..envoy.accesslog import AccessLogReceiver, AccessLogServer
 from ..envoy.bootstrap import build_bootstrap, write_bootstrap
 from ..envoy.l7service import ConnectionInfo, L7Server
@@ -71,6 +73,8 @@ from ..xds.sockets import private_dir
 from . import status as status_view
 from .cluster import ClusterNode, KVStoreConfig  # kvstore (issue 13)
 from .diff import policy_diff
+from ..fqdn.config import FqdnConfig
+from .fqdn import FqdnLearner
 from .flows import FlowFile, FlowFilter, UnknownPod
 from .metrics import MeteredAckTracker, Metrics
 from .observe import FlowNames, Observer
@@ -138,6 +142,9 @@ class AgentConfig:
     socket_group: int | None = None  # the agent's sockets are 0660 with this gid, else 0600
     proxy_grace: float = 30.0  # a proxy with no xDS stream this long is gone: no more waits or health for it
     kvstore: KVStoreConfig | None = None  # kvstore (issue 13): identities, endpoints and nodes shared cluster-wide
+    fqdn: FqdnConfig = field(default_factory=FqdnConfig)  # toFQDNs (issue 17): the DNS cache's TTLs and collection
+    dns_proxy_port: int = 0  # --datapath bpf: the DNS proxy's UDP+TCP port on 127.0.0.1 (0: any free one)
+    dns_upstream_timeout: float = 2.0  # an allowed query the server does not answer this long: SERVFAIL
     allocator: IdentityAllocator | None = None  # identities from elsewhere (CRD mode: cilia.k8s.crdmode)
     tunnel: TunnelMode = "disabled"  # cross-node: direct routing, or the sender's identity in a VXLAN VNI
     allow_localhost: AllowLocalhost = "auto"  # always: the node reaches every endpoint; auto: always under Kubernetes
@@ -241,7 +248,14 @@ class Agent:
                                AccessLogTarget(ACCESS_LOG_CLUSTER, f"unix:{config.accesslog_socket}"),
                                self.l7_inproc.target(extproc) if self.l7_inproc is not None else extproc)
         sinks: list[Any] = [self.views, self.proxy]
+        # issue 17: endpoints' DNS queries (egress dns rules) are redirected to this proxy in BPF. The
+        # learner is toFQDNs' Agent.learn_fqdn: an answer is released once the maps select its addresses.
+        self.dns_proxy: DNSProxy | None = None
         if self.node is not None:
+            self.dns_proxy = DNSProxy(port=config.dns_proxy_port, learn=self.learn_fqdn,
+                                      record=self.observer.on_dns_record,
+                                      upstream_timeout=config.dns_upstream_timeout)
+            sinks.append(DNSProxySink(self.dns_proxy))  # before the datapath redirects to it
             sinks.append(DatapathSink(self.node))
             sinks.append(ServiceSink(self.node))
         self.guard: SidecarGuard | None = None  # sidecar mode: only Envoy may reach the applications' own ports
@@ -260,6 +274,7 @@ class Agent:
         self.envoy: EnvoySupervisor | None = None
         self.admin_address: str | None = None
         self.reverted: dict[int, str] = {}  # revision -> why: the managed Envoy rejected it and it was reverted
+        self.fqdn = FqdnLearner(self, config.fqdn)  # toFQDNs (issue 17)
         self._replay()
 
     @property
@@ -287,6 +302,9 @@ class Agent:
                 self.engine.upsert_endpoint(_endpoint(spec))
             if policies:
                 self.engine.apply(policies)
+            learned = self.fqdn.load()  # toFQDNs (issue 17): addresses open flows may still use
+            if learned:
+                self.engine.update_fqdn(learned)
         # one revision: the persisted one numbers what a restarted agent realizes
         self.engine.revision = self.state.revision
         with self.lock:
@@ -299,6 +317,7 @@ class Agent:
                 self._start_datapath()
             if self.cluster is not None:  # kvstore (issue 13): publish this node's endpoints, receive the others'
                 self.cluster.attach(self)
+            self.fqdn.start()  # toFQDNs (issue 17): expire learned addresses
             for sock in (self.config.xds_socket, self.config.accesslog_socket, *self.config.l7_sockets):
                 sock.unlink(missing_ok=True)
             s = self.servers
@@ -348,6 +367,8 @@ class Agent:
                   "nodeport_devices": list(self.config.nodeport_devices)}
         record_path.write_text(json.dumps(record), encoding="utf-8")  # before loading: cleanup finds it
         self.node.subscribe(self.observer.on_datapath_event)
+        if self.dns_proxy is not None:
+            self.dns_proxy.start()  # before the datapath: its port goes into the redirects
         self.node.start()
         # the node's own addresses are host for Envoy too (the kernel's ipcache has them already),
         # so its requests to L7 ports are judged as host there as well
@@ -386,12 +407,15 @@ class Agent:
                 s.l7_pool = None
             if self.l7_inproc is not None:
                 self.l7_inproc.stop()
+            if self.dns_proxy is not None:
+                self.dns_proxy.stop()
             if self.node is not None:
                 self.node.stop()
             if self.guard is not None and self.config.envoy == "managed":  # its Envoy is gone too; sidecars
                 self.guard.close()  # of their own (external) keep enforcing, so their app ports stay closed
             if self.cluster is not None:  # kvstore (issue 13)
                 self.cluster.stop()
+            self.fqdn.stop()
             self.observer.close()
             self.persist.close()
 
@@ -583,6 +607,20 @@ class Agent:
                                                  str(i.prefix) if i.prefix is not None else None)
                                     for i in sorted(self.engine.identities(), key=lambda i: i.id)))
 
+    # ------------------------------------------------------------------ toFQDNs (issue 17)
+
+    def learn_fqdn(self, endpoint_name: str, qname: str, ips: Sequence[str], ttl: int) -> None:
+        """The DNS proxy's call for every allowed answer: returns once the BPF maps (and the managed
+        Envoy) hold the new addresses, so the answer may be released. Cheap when nothing is new."""
+        self.fqdn.learn(endpoint_name, qname, ips, ttl)
+
+    def fqdn_cache(self, name: str | None = None) -> dict[str, Any]:
+        return {"entries": self.fqdn.list(name)}
+
+    def fqdn_clean(self, name: str | None = None) -> dict[str, Any]:
+        removed, revision = self.fqdn.clean(name)
+        return {"removed": removed, "revision": revision if revision is not None else self.revision}
+
     # ------------------------------------------------------------------ services (issue 16)
 
     def update_service(self, service: Service) -> ServiceUpdated:
@@ -661,10 +699,11 @@ class Agent:
 
     def change_engine(self, change: Callable[[PolicyEngine], Iterable[str] | None]) -> int | None:
         """For producers of engine state other than the API (the kvstore's remote endpoints and
-        identities): run ``change`` on the engine under the agent's lock and commit the endpoints it
-        names (None: nothing moved, nothing committed). Returns the new revision, if any. What
-        such a change moves is not in the state files (other nodes' addresses), but its revision
-        is journaled (a short record) so a restarted agent never numbers a revision twice."""
+        identities, toFQDNs' learned names): run ``change`` on the engine under the agent's lock and
+        commit the endpoints it names (None: nothing moved, nothing committed). Returns the new
+        revision, if any. What such a change moves is not in the state files (other nodes'
+        addresses; learned names have their own journal), but its revision is journaled (a short
+        record) so a restarted agent never numbers a revision twice."""
         with self.lock:
             changed = change(self.engine)
             return None if changed is None else self._commit(changed)
@@ -686,7 +725,10 @@ class Agent:
         if self.node is not None:
             redirects = self._redirects.update({n: e.map_state for n, e in desired.endpoints.items()})
             self.state.proxy_ports = allocate(redirects.values(), self.state.proxy_ports, self.config.proxy_port_range)
-        desired = replace(desired, proxy_ports=dict(self.state.proxy_ports))
+        ports = dict(self.state.proxy_ports)
+        if self.dns_proxy is not None and self.dns_proxy.running:
+            ports[DNS_PROXY_KEY] = self.dns_proxy.port  # issue 17: where egress dns rules redirect
+        desired = replace(desired, proxy_ports=ports)
         if persist:
             self.persist.write(self.state)
         errors = dict(self.realizer.errors)
@@ -721,7 +763,7 @@ class Agent:
         moved = None if changed is None else frozenset(
             n for n in changed | (previous.keys() - endpoints.keys()) | (endpoints.keys() - previous.keys()))
         return Desired(self.state.revision, endpoints, tuple(self.engine.ipcache.items()),
-                       {i.id: i.labels for i in self.engine.identities()}, changed=moved,
+                       self.engine.identity_labels(), changed=moved,
                        prefixes=self.engine.ipcache.by_identity(), services=self.state.services.ordered())
 
     def _before(self, policies: Iterable[PolicyKey] = (), endpoints: Iterable[str] = (),
@@ -962,7 +1004,7 @@ class Agent:
             identities = list(self.engine.identities())
             services = tuple(self.state.services.values())
         try:
-            return trace_live(policies, endpoints, identities, body, services)
+            return trace_live(policies, endpoints, identities, body, services, self.fqdn.cache.names())
         except TraceInputError as e:
             raise AgentError(str(e), e.status) from None
         except PolicyError as e:

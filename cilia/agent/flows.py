@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from ..bpf.datapath import DatapathEvent
+from ..dnsproxy.server import DNSRecord
 from ..envoy.accesslog import AccessRecord
 from ..l7parsers.base import Record
 from ..envoy.l7service import ConnectionInfo
@@ -339,6 +340,24 @@ def from_l7(time: float, info: ConnectionInfo, record: Record, who: Who, node: s
     l7 = {**record.summary, "negotiation": d.reason} if record.handshake else dict(record.summary)
     return Flow(time, verdict, info.protocol, source, destination, "TCP", info.direction, reason,
                 l7, d.rule, info.endpoint, node, info.listener)
+
+
+def from_dns(r: DNSRecord, who: Who, node: str) -> Flow:
+    """A query the DNS proxy handled: forwarded (answered by the server), refused (DROPPED: the
+    client got REFUSED), AUDIT, or ERROR (malformed and dropped, or SERVFAIL)."""
+    source = replace(who.peer(*r.source), endpoint=r.endpoint) if r.endpoint else who.peer(*r.source)
+    destination = who.peer(r.server[0], r.server[1], r.peer_identity or None)
+    verdict = {"forwarded": Verdict.FORWARDED, "denied": Verdict.DROPPED, "audit": Verdict.AUDIT}.get(
+        r.verdict, Verdict.ERROR)
+    l7: dict[str, Any] = {"query": r.query, "qtype": r.qtype, "rcode": r.rcode}
+    if r.ips:
+        l7["ips"] = list(r.ips)
+        l7["ttl"] = r.ttl
+    if r.cnames:
+        l7["cnames"] = list(r.cnames)
+    return Flow(r.time, verdict, "dns", source, destination, r.protocol, "egress",
+                r.reason if verdict is not Verdict.FORWARDED else "", l7, r.rule, r.endpoint, node, "dns-proxy",
+                latency=r.latency, upstream_reply=r.upstream)
 
 
 # --- filtering -----------------------------------------------------------------------------------

@@ -129,6 +129,31 @@ def _kafka(l7: dict[str, Any], denied: bool) -> dict[str, Any]:
     return out
 
 
+_RCODES = {"NoError": 0, "FormErr": 1, "ServFail": 2, "NXDomain": 3, "NotImp": 4, "Refused": 5}
+
+
+def _dns(f: Flow, l7: dict[str, Any]) -> dict[str, Any]:
+    """Hubble's ``flow.DNS`` (observation_source "proxy"): the answer the client got, or the query
+    alone when nothing was answered (a dropped malformed packet)."""
+    query = str(l7.get("query", ""))
+    dns: dict[str, Any] = {"query": query + "." if query else "", "observation_source": "proxy"}
+    if l7.get("qtype"):
+        dns["qtypes"] = [l7["qtype"]]
+    if l7.get("ips"):
+        dns["ips"] = list(l7["ips"])
+        dns["ttl"] = int(l7.get("ttl", 0))
+    if l7.get("cnames"):
+        dns["cnames"] = [c + "." for c in l7["cnames"]]
+    rcode = l7.get("rcode")
+    if not rcode:
+        return {"type": "REQUEST", "dns": {k: v for k, v in dns.items() if v}}
+    dns["rcode"] = _RCODES.get(str(rcode), 0)
+    out: dict[str, Any] = {"type": "RESPONSE", "dns": {k: v for k, v in dns.items() if v not in ("", [], None)}}
+    if f.latency:
+        out["latency_ns"] = str(int(f.latency * 1e9))
+    return out
+
+
 def _layer7(f: Flow) -> dict[str, Any] | None:
     if f.type != "L7":
         return None
@@ -147,6 +172,8 @@ def _layer7(f: Flow) -> dict[str, Any] | None:
         return out
     if f.kind == "kafka":
         return {"type": "REQUEST", "kafka": _kafka(l7, denied)}
+    if f.kind == "dns":
+        return _dns(f, l7)
     return {"type": "REQUEST"}  # Hubble has no record for this protocol: our summary is in "cilia"
 
 
@@ -157,6 +184,13 @@ def summary(f: Flow) -> str:
         what = f"{l7.get('protocol') or 'HTTP'} {l7.get('method')} http://{l7.get('host', '')}{l7.get('path', '')}"
         status = l7.get("status")
         return what + (f" => {status}" if status else "")
+    if f.kind == "dns":  # Hubble's wording: DNS Query / DNS Answer ... (Proxy NAME TYPE)
+        name, qtype, rcode = f"{l7.get('query', '')}.", l7.get("qtype", ""), l7.get("rcode", "")
+        if not rcode:
+            return f"DNS Query {name} {qtype}".strip() + (f" ({f.drop_reason})" if f.drop_reason else "")
+        answer = ",".join(l7.get("ips", ()))
+        what = f"DNS Answer \"{answer}\" TTL: {l7.get('ttl', 0)}" if answer else f"DNS Answer RCode: {rcode}"
+        return f"{what} (Proxy {name} {qtype})" + (f" ({f.drop_reason})" if f.drop_reason else "")
     if f.type == "L7":
         fields = " ".join(f"{k}={v}" for k, v in l7.items() if v)
         return f"{f.kind} {fields}".strip() + (f" ({f.drop_reason})" if f.drop_reason else "")

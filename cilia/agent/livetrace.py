@@ -4,9 +4,10 @@ labels and outside addresses given in the request.
 
 The body: ``{"source": PEER, "destination": PEER, "protocol": "tcp", "dport": 80, "l7": {...},
 "destination_named_ports": ["NAME=PORT/PROTO", ...]}`` where PEER is ``{"endpoint": NAME}``,
-``{"labels": ["k8s:app=x", ...]}`` or ``{"address": IP}``. Named ports given in the request
-override the destination endpoint's own. A destination address that is a service's frontend is
-traced to the backend a new connection would get (the trace's ``service`` says which and why).
+``{"labels": ["k8s:app=x", ...]}``, ``{"address": IP}`` or ``{"fqdn": NAME}`` (a name the DNS proxy
+learned: its first address). Named ports given in the request override the destination endpoint's
+own. toFQDNs selectors select what the agent learned. A destination address that is a service's
+frontend is traced to the backend a new connection would get (the trace's ``service`` says which and why).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from ..policy import Identity, LabelSet, MemoryAllocator, Peer, Policy, PolicyError, Protocol, TraceRequest, trace
+from ..policy.l7.dns import normalize
 from ..policy.trace import PROTOCOL_NAMES, l7_request_from_json
 from ..services.model import Service
 from ..specs import EndpointSpec, PortSpec, StateError
@@ -33,10 +35,18 @@ def _named_ports(ports: Sequence[PortSpec]) -> tuple[tuple[str, int, Protocol], 
     return tuple((p.name, p.port, p.protocol) for p in ports if p.name)
 
 
-def _peer(side: str, d: Any, endpoints: Mapping[str, EndpointSpec]) -> Peer:
-    if not isinstance(d, dict) or len(d) != 1 or next(iter(d)) not in ("endpoint", "labels", "address"):
+def _peer(side: str, d: Any, endpoints: Mapping[str, EndpointSpec],
+          learned: Mapping[str, frozenset[str]] | None = None) -> Peer:
+    if not isinstance(d, dict) or len(d) != 1 or next(iter(d)) not in ("endpoint", "labels", "address", "fqdn"):
         raise TraceInputError(f"{side}: expected one of {{\"endpoint\": NAME}}, {{\"labels\": [...]}}, "
-                              "{\"address\": IP}")
+                              "{\"address\": IP}, {\"fqdn\": NAME}")
+    if "fqdn" in d:
+        name = normalize(str(d["fqdn"]))
+        ips = (learned or {}).get(name)
+        if not ips:
+            raise TraceInputError(f"{side}.fqdn: {name!r} has not been learned (cilia fqdn cache list)", 404)
+        first = min(ips, key=lambda a: (ipaddress.ip_address(a).version, ipaddress.ip_address(a)))
+        return Peer(address=ipaddress.ip_address(first), fqdn=name)
     try:
         if "endpoint" in d:
             spec = endpoints.get(str(d["endpoint"]))
@@ -62,11 +72,12 @@ def _endpoint_peer(spec: EndpointSpec) -> Peer:
                 ips=tuple(ipaddress.ip_address(ip) for ip in spec.ips))
 
 
-def parse_request(body: Any, endpoints: Mapping[str, EndpointSpec]) -> TraceRequest:
+def parse_request(body: Any, endpoints: Mapping[str, EndpointSpec],
+                  learned: Mapping[str, frozenset[str]] | None = None) -> TraceRequest:
     if not isinstance(body, dict):
         raise TraceInputError("body: expected a JSON object")
-    src = _peer("source", body.get("source"), endpoints)
-    dst = _peer("destination", body.get("destination"), endpoints)
+    src = _peer("source", body.get("source"), endpoints, learned)
+    dst = _peer("destination", body.get("destination"), endpoints, learned)
     proto_name = str(body.get("protocol", "tcp")).lower()
     proto = PROTOCOL_NAMES.get(proto_name)
     if proto is None:
@@ -97,11 +108,13 @@ def parse_request(body: Any, endpoints: Mapping[str, EndpointSpec]) -> TraceRequ
 
 
 def trace_live(policies: Sequence[Policy], endpoints: Mapping[str, EndpointSpec], identities: Sequence[Identity],
-               body: Any, services: Sequence[Service] = ()) -> dict[str, Any]:
+               body: Any, services: Sequence[Service] = (),
+               learned: Mapping[str, frozenset[str]] | None = None) -> dict[str, Any]:
     """The trace's JSON (``TraceResult.to_json``) plus ``text``, its explanation as the CLI prints it;
     identities are the agent's (labels it has no identity for get one private to the trace). A
-    destination address that is one of ``services``' frontends is traced to its backend."""
+    destination address that is one of ``services``' frontends is traced to its backend.
+    ``learned``: the DNS names the agent learned and their addresses (toFQDNs)."""
     backends = {ip: _endpoint_peer(spec) for spec in endpoints.values() for ip in spec.ips}
-    result = trace(policies, parse_request(body, endpoints), allocator=MemoryAllocator.copy_of(identities),
-                   services=services, backends=backends)
+    result = trace(policies, parse_request(body, endpoints, learned), allocator=MemoryAllocator.copy_of(identities),
+                   services=services, backends=backends, fqdn=learned)
     return {**result.to_json(), "text": result.render()}

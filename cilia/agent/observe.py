@@ -14,13 +14,15 @@ from datetime import UTC, datetime
 from typing import Any
 
 from ..bpf.datapath import DatapathEvent
+from ..dnsproxy.server import DNSRecord
 from ..envoy.accesslog import AccessRecord
 from ..envoy.l7service import ConnectionInfo
 from ..l7parsers.base import Record
 from ..realizer import Desired
 from ..services.model import Service
 from ..ring import SeqRing
-from .flows import Flow, FlowFile, FlowFilter, Who, from_access, from_datapath, from_l7, names_of_services, unknown_pods
+from .flows import (Flow, FlowFile, FlowFilter, Who, from_access, from_datapath, from_dns, from_l7, names_of_services,
+                    unknown_pods)
 from .metrics import Metrics
 
 _log = logging.getLogger(__name__)
@@ -73,6 +75,11 @@ class Observer:
             self.metrics.l7(info.protocol, None if "error" in record.summary else record.decision.allowed)
         if "error" in record.summary and self.on_l7_error is not None:
             self.on_l7_error(f"l7/{info.protocol}", f"{info.listener}: {record.summary['error']}")
+
+    def on_dns_record(self, record: DNSRecord) -> None:
+        """A query the DNS proxy handled (issue 17)."""
+        self.record(from_dns(record, self.who, self.node_id))
+        self.metrics.dns(record)
 
     # ------------------------------------------------------------------ reading
 

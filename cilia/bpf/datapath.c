@@ -311,16 +311,29 @@ static __always_inline void count(struct policy_val *pv, struct flow *f) {
     __sync_fetch_and_add(&pv->bytes, f->len);
 }
 
-// Hand the packet to Envoy's transparent listener on proxy_port: the flow's own accepted socket
-// if there is one, else the listener (a SYN becomes a new proxied connection; anything else is
-// answered with a reset, which is how connections that predate an L7 rule are made to reconnect).
+// Hand the packet to the transparent proxy socket on proxy_port. TCP (Envoy, the DNS proxy): the
+// flow's own accepted socket if there is one, else the listener (a SYN becomes a new proxied
+// connection; anything else is answered with a reset, which is how connections that predate an
+// L7 rule are made to reconnect). UDP (the DNS proxy): its one socket, which reads the original
+// destination with IP_ORIGDSTADDR.
 static __always_inline int to_proxy(struct __sk_buff *skb, struct flow *f, u16 proxy_port) {
     struct bpf_sock_tuple t = {};
     t.ipv4.saddr = f->saddr;
     t.ipv4.daddr = f->daddr;
     t.ipv4.sport = f->sport;
     t.ipv4.dport = f->dport;
-    struct bpf_sock *sk = bpf_skc_lookup_tcp(skb, &t, sizeof(t.ipv4), BPF_F_CURRENT_NETNS, 0);
+    struct bpf_sock *sk;
+    if (f->protocol == IPPROTO_UDP) {
+        t.ipv4.daddr = bpf_htonl(0x7f000001);
+        t.ipv4.dport = bpf_htons(proxy_port);
+        sk = bpf_sk_lookup_udp(skb, &t, sizeof(t.ipv4), BPF_F_CURRENT_NETNS, 0);
+        if (!sk)
+            return -1;
+        goto assign;
+    }
+    if (f->protocol != IPPROTO_TCP)
+        return -1;
+    sk = bpf_skc_lookup_tcp(skb, &t, sizeof(t.ipv4), BPF_F_CURRENT_NETNS, 0);
     if (sk) {
         if (sk->state != BPF_TCP_LISTEN)
             goto assign;
@@ -371,7 +384,7 @@ static __always_inline int established(struct __sk_buff *skb, struct flow *f, in
             // subject to L7 policy after it began): drop, as a new one would be.
             if (!at_source && f->protocol == IPPROTO_TCP)
                 return bounce_to_proxy(skb, ct->proxy_port);
-            if (f->protocol != IPPROTO_TCP || to_proxy(skb, f, ct->proxy_port) < 0)
+            if (!at_source || to_proxy(skb, f, ct->proxy_port) < 0)
                 return drop(skb, f, at_source, REASON_NO_PROXY, 0, ct->src_identity, 0, NULL);
             trace(skb, f, OBS_TO_PROXY, VERDICT_REDIRECTED, ct->src_identity, 0, ct->proxy_port);
             return TC_ACT_OK;
@@ -496,7 +509,7 @@ int from_endpoint(struct __sk_buff *skb) {
         }
     }
     if (proxy_port) {
-        if (f.protocol != IPPROTO_TCP || to_proxy(skb, &f, proxy_port) < 0)
+        if (to_proxy(skb, &f, proxy_port) < 0)
             return drop(skb, &f, decided_egress, REASON_NO_PROXY, decided_ep, src_id, dst_id, decided);
     }
     ct_create(&f, src_id, proxy_port);

@@ -38,14 +38,16 @@ class EndpointEntry:
     flags: int = 0  # AUDIT_INGRESS | AUDIT_EGRESS
 
 
-def sync_ipcache(m: Map, want: Iterable[tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, int]]) -> int:
-    """Make the ipcache trie hold exactly ``want`` (IPv4 prefixes); returns entries written or removed."""
+def sync_ipcache(m: Map, want: Iterable[tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, int]],
+                 current: dict[bytes, bytes] | None = None) -> int:
+    """Make the ipcache trie hold exactly ``want`` (IPv4 prefixes); returns entries written or removed.
+    ``current``: what it holds, kept by the caller (updated in place); None reads it from the kernel."""
     target: dict[bytes, bytes] = {}
     for prefix, identity in want:
         if prefix.version != 4:
             continue
         target[IPCACHE_KEY.pack(prefix.prefixlen, prefix.network_address.packed)] = IPCACHE_VAL.pack(identity)
-    written, removed = _sync(m, target, None, None)
+    written, removed = _sync(m, target, current, None)
     return written + removed
 
 
@@ -58,6 +60,30 @@ def sync_tunnels(m: Map, want: Mapping[ipaddress.IPv4Network, str]) -> int:
               for p, ip in want.items()}
     written, removed = _sync(m, target, None, None)
     return written + removed
+
+
+def update_ipcache(m: Map, upserts: Mapping[ipaddress.IPv4Network | ipaddress.IPv6Network, int],
+                   deletes: Iterable[ipaddress.IPv4Network | ipaddress.IPv6Network],
+                   current: dict[bytes, bytes]) -> int:
+    """Change only these ipcache entries (IPv4 prefixes), writes before deletes (as a full sync);
+    ``current`` (what the trie holds) is kept in step. Returns entries written or removed."""
+    n = 0
+    for prefix, identity in upserts.items():
+        if prefix.version != 4:
+            continue
+        key, value = IPCACHE_KEY.pack(prefix.prefixlen, prefix.network_address.packed), IPCACHE_VAL.pack(identity)
+        if current.get(key) != value:
+            m.update(key, value)
+            current[key] = value
+            n += 1
+    for prefix in deletes:
+        if prefix.version != 4:
+            continue
+        key = IPCACHE_KEY.pack(prefix.prefixlen, prefix.network_address.packed)
+        if current.pop(key, None) is not None:
+            m.delete(key)
+            n += 1
+    return n
 
 
 def ipcache_items(m: Map) -> dict[ipaddress.IPv4Network, int]:
@@ -124,15 +150,16 @@ class CtEntry:
     src_identity: int
     packets: int
     nbytes: int
+    last_seen: int = 0  # bpf_ktime_get_ns() of its last packet: CLOCK_MONOTONIC, as time.monotonic_ns()
 
 
 def ct_items(m: Map) -> list[CtEntry]:
     out = []
     for k, v in m.items():
         sa, da, sp, dp, proto = CT_KEY.unpack(k)
-        proxy_port, _flags, src_id, packets, nbytes, _seen = CT_VAL.unpack(v)
+        proxy_port, _flags, src_id, packets, nbytes, seen = CT_VAL.unpack(v)
         out.append(CtEntry(socket.inet_ntoa(sa), socket.inet_ntoa(da), sp, dp, proto, proxy_port, src_id,
-                           packets, nbytes))
+                           packets, nbytes, seen))
     return out
 
 

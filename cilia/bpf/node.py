@@ -84,6 +84,7 @@ class NodeDatapath:
         self.allow_localhost = allow_localhost  # the node itself reaches every endpoint, whatever its policy
         self.cross: CrossNode | None = None  # other nodes' endpoints (issue 13): set before start
         self.host_addresses: list[str] = []
+        self._host_items: list[tuple[IPNetwork, int]] | None = None
         self.started = False
         # name -> (ep_id, address, ifname, identity, flags)
         self._attached: dict[str, tuple[int, str, str, int, int]] = {}
@@ -96,8 +97,10 @@ class NodeDatapath:
     def start(self) -> None:
         self.loader.load()
         self.loader.set_config(CONFIG_ALLOW_LOCALHOST, 1 if self.allow_localhost else 0)
+        self.datapath.reread_ipcache()
         proxyroute.install()
         self.host_addresses = node_addresses()
+        self._host_items = None
         for dev in self.nodeport_devices:
             self.loader.attach(dev, NETDEV_PROGRAMS)
         if self.cross is not None:  # after NodePort: on a shared underlay from_network does both
@@ -129,7 +132,9 @@ class NodeDatapath:
         """Make the kernel express ``plans``; ``proxy_ports`` maps ``"ingress/80"`` to the port
         of Envoy's listener for it (a redirect without one is written as a deny)."""
         items = list(ipcache)
-        items += [(ipaddress.ip_network(f"{a}/32"), HOST_IDENTITY) for a in self.host_addresses]
+        if self._host_items is None:  # the same pairs each time: the datapath diffs by identity
+            self._host_items = [(ipaddress.ip_network(f"{a}/32"), HOST_IDENTITY) for a in self.host_addresses]
+        items += self._host_items
         self.datapath.sync_ipcache(items)
         attached = self._sync_endpoints(plans)
         port_of = _proxy_port_of(proxy_ports)
@@ -140,7 +145,7 @@ class NodeDatapath:
             done = self._synced.get(plan.name)
             if done is not None and done[0] is plan.map_state and done[1] == ports_key:
                 continue
-            w, r = self.datapath.sync_policy(plan.ep_id, plan.map_state, port_of)
+            w, r = self.datapath.sync_policy(plan.ep_id, plan.map_state, port_of, ports_key)
             written, removed = written + w, removed + r
             changed = changed or bool(w or r)
             self._synced[plan.name] = (plan.map_state, ports_key)
@@ -177,20 +182,21 @@ class NodeDatapath:
 
     def _reset_flows(self, plans: Sequence[EndpointPlan], port_of: ProxyPortOf,
                      identity_of: Callable[[str], int]) -> int:
-        """Established TCP flows whose new verdict is a redirect: point them at the proxy."""
+        """Established TCP (and UDP: DNS) flows whose new verdict is a redirect: point them at the proxy."""
         by_address = {p.address: p for p in plans}
 
         def needs_proxy(ct: maps.CtEntry) -> int:
             if ct.src_identity == HOST_IDENTITY:
                 return 0  # the node's own (Envoy's upstream) connections are not redirected
             src, dst = by_address.get(ct.saddr), by_address.get(ct.daddr)
+            proto = Protocol(ct.protocol)
             if src is not None:
-                hit = src.map_state.egress.lookup(identity_of(ct.daddr), Protocol.TCP, ct.dport)
+                hit = src.map_state.egress.lookup(identity_of(ct.daddr), proto, ct.dport)
                 if hit is not None and hit[2].verdict is Verdict.REDIRECT:
                     return port_of(Direction.EGRESS, hit[1], hit[2])
             if dst is not None:
                 src_id = src.identity if src is not None else identity_of(ct.saddr)
-                hit = dst.map_state.ingress.lookup(src_id, Protocol.TCP, ct.dport)
+                hit = dst.map_state.ingress.lookup(src_id, proto, ct.dport)
                 if hit is not None and hit[2].verdict is Verdict.REDIRECT:
                     return port_of(Direction.INGRESS, hit[1], hit[2])
             return 0
@@ -217,10 +223,21 @@ def proxy_key(direction: Direction, port: int) -> str:
     return f"{direction.value}/{port}"
 
 
+#: ``proxy_ports`` key of the DNS proxy's port (UDP and TCP), where egress ``dns`` rules redirect
+DNS_PROXY_KEY = "dns"
+
+
 def _proxy_port_of(proxy_ports: Mapping[str, int]) -> ProxyPortOf:
-    def port_of(direction: Direction, l4: L4Key, _entry: PolicyEntry) -> int:
-        if l4.protocol is not Protocol.TCP or l4.port_lo != l4.port_hi:
-            return 0  # L7 on UDP or on a port range: no proxy (written as a deny)
+    def port_of(direction: Direction, l4: L4Key, entry: PolicyEntry) -> int:
+        if l4.port_lo != l4.port_hi:
+            return 0  # L7 on a port range: no proxy (written as a deny)
+        if entry.l7 is not None and entry.l7.protocol == "dns":
+            # the DNS proxy, not Envoy; only for what endpoints send (Cilium's DNS proxy is egress)
+            if direction is Direction.EGRESS and l4.protocol in (Protocol.UDP, Protocol.TCP):
+                return proxy_ports.get(DNS_PROXY_KEY, 0)
+            return 0
+        if l4.protocol is not Protocol.TCP:
+            return 0  # L7 on UDP: no proxy (written as a deny)
         return proxy_ports.get(proxy_key(direction, l4.port_lo), 0)
 
     return port_of

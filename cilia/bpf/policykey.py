@@ -21,10 +21,10 @@ first and falls back to identity 0.
 from __future__ import annotations
 
 import struct
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 
-from cilia.policy.mapstate import MAX_PORT, DirectionMapState, L4Key, PolicyEntry, Verdict
+from cilia.policy.mapstate import ANY_IDENTITY, MAX_PORT, DirectionMapState, L4Key, PolicyEntry, Verdict
 from cilia.policy.model import Direction, Protocol
 
 #: protocols the datapath classifies with a port (ICMP/ICMPv6: the type)
@@ -112,13 +112,24 @@ ProxyPortOf = Callable[[Direction, L4Key, PolicyEntry], int]
 def direction_entries(state: DirectionMapState, proxy_port_of: ProxyPortOf,
                       rule_id_of: Callable[[PolicyEntry], int]) -> dict[bytes, tuple[PolicyValue, L4Key]]:
     """Every trie entry of one direction: packed key -> (value, the map-state key it came from)."""
-    egress = state.direction is Direction.EGRESS
     out: dict[bytes, tuple[PolicyValue, L4Key]] = {}
-    for ident, l4, entry in state.entries():
+    out.update(identity_entries(state.direction, ANY_IDENTITY, state.any_group, proxy_port_of, rule_id_of))
+    for ident, group in state.groups.items():
+        out.update(identity_entries(state.direction, ident, group, proxy_port_of, rule_id_of))
+    return out
+
+
+def identity_entries(direction: Direction, ident: int, group: Mapping[L4Key, PolicyEntry], proxy_port_of: ProxyPortOf,
+                     rule_id_of: Callable[[PolicyEntry], int]) -> dict[bytes, tuple[PolicyValue, L4Key]]:
+    """The trie entries of one peer identity (0: ANY) in one direction. Keys hold the identity, so
+    identities never share one: a trie is the union of its identities' entries."""
+    egress = direction is Direction.EGRESS
+    out: dict[bytes, tuple[PolicyValue, L4Key]] = {}
+    for l4, entry in group.items():
         if entry.verdict is Verdict.DENY:
             value = PolicyValue(0, True, rule_id_of(entry))
         elif entry.verdict is Verdict.REDIRECT:
-            port = proxy_port_of(state.direction, l4, entry)
+            port = proxy_port_of(direction, l4, entry)
             # No proxy to send it to: fail closed, as a deny the rule names.
             value = PolicyValue(port, port == 0, rule_id_of(entry))
         else:

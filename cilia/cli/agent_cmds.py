@@ -23,6 +23,7 @@ import click
 from ..policy import IdentityFileError
 from ..specs import PortSpec, StateError
 from ..bpf.paths import DEFAULT_PIN_DIR
+from ..fqdn.config import DEFAULT_CT_IDLE, DEFAULT_GRACE, DEFAULT_MIN_TTL, FqdnConfig
 from ..agent.client import AgentClient, APIError
 from .common import (
     call_agent, emit, fail, label_filter, output_option, policy_notes, selector_option, state_dir_option, table,
@@ -95,6 +96,20 @@ from .common import (
 @click.option("--node-ip", help="This node's address, announced to the cluster (--kvstore).")
 @click.option("--pod-cidr", help="The prefix this node's endpoints are numbered from, announced (--kvstore).")
 @click.option("--health-ip", help="This node's health endpoint address, announced (--kvstore).")
+@click.option("--tofqdns-min-ttl", type=click.IntRange(0), default=DEFAULT_MIN_TTL, show_default=True,
+              metavar="SECONDS", help="toFQDNs: a learned address is selected at least this long, whatever the DNS "
+              "answer's TTL (Cilium's flag; 0 honours the server's TTL).")
+@click.option("--tofqdns-grace", type=click.FloatRange(0), default=DEFAULT_GRACE, show_default=True, metavar="SECONDS",
+              help="toFQDNs: an expired address stays selected this much longer, and after that while conntrack "
+              "has a flow to it that is not idle.")
+@click.option("--tofqdns-ct-idle", type=click.FloatRange(0), default=DEFAULT_CT_IDLE, show_default=True,
+              metavar="SECONDS", help="toFQDNs: a conntrack flow with no packet for this long no longer keeps its "
+              "expired address.")
+@click.option("--tofqdns-proxy-port", type=click.IntRange(0, 65535), default=0, show_default=True,
+              help="--datapath bpf: the DNS proxy's port (UDP and TCP) on 127.0.0.1, where endpoints' DNS to "
+              "egress dns rules is redirected (Cilium's flag; 0: any free port).")
+@click.option("--dns-proxy-upstream-timeout", type=click.FloatRange(0.1), default=2.0, show_default=True,
+              metavar="SECONDS", help="An allowed DNS query its server does not answer this long gets SERVFAIL.")
 @click.option("--cluster-health-port", type=click.IntRange(0, 65535), default=4240, show_default=True,
               help="Cluster health (--kvstore): serve GET /hello on --health-ip (else --node-ip) at this port "
               "and probe every other node's (ICMP and HTTP) every second; `cilia health status` (0: off).")
@@ -114,7 +129,9 @@ def agent_cmd(state_dir: str, xds_addresses: Sequence[str], envoy_mode: str, nod
               agent_health_port: int, kvstore: str, kvstore_endpoints: str | None, kvstore_ca: str | None,
               kvstore_cert: str | None, kvstore_key: str | None, kvstore_lease_ttl: int, node_ip: str | None,
               pod_cidr: str | None, health_ip: str | None, cluster_health_port: int, proxy_grace: float,
-              tunnel: str, allow_localhost: str, log_level: str) -> None:
+              tunnel: str, allow_localhost: str,
+              tofqdns_min_ttl: int, tofqdns_grace: float, tofqdns_ct_idle: float, tofqdns_proxy_port: int,
+              dns_proxy_upstream_timeout: float, log_level: str) -> None:
     """Run the agent until SIGTERM or Ctrl-C: load state, serve the REST API on
     <state-dir>/cilia.sock, serve xDS, supervise Envoy, receive its access logs; with
     --datapath bpf also load the BPF datapath. Stopping leaves the BPF programs enforcing the
@@ -154,7 +171,9 @@ def agent_cmd(state_dir: str, xds_addresses: Sequence[str], envoy_mode: str, nod
                                           kvstore_lease_ttl, node_ip, pod_cidr, health_ip, cluster_health_port),
                          proxy_grace=proxy_grace, tunnel=tunnel,  # type: ignore[arg-type]
                          allow_localhost="always" if allow_localhost == "always" or (
-                             allow_localhost == "auto" and kubernetes) else "policy")
+                             allow_localhost == "auto" and kubernetes) else "policy",
+                         fqdn=FqdnConfig(tofqdns_min_ttl, tofqdns_grace, tofqdns_ct_idle),
+                         dns_proxy_port=tofqdns_proxy_port, dns_upstream_timeout=dns_proxy_upstream_timeout)
     # Kubernetes without a kvstore (issue 13): CiliumIdentity/CiliumEndpoint objects are the shared store
     kube_api = _kubernetes_api(kubernetes) if kubernetes else None
     crd: Any = None

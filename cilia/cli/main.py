@@ -35,7 +35,8 @@ from ..policy.parse import check_unique
 from ..policy.trace import PROTOCOL_NAMES
 from ..policy.trace import l7_request_json
 from ..specs import PortSpec, StateError
-from . import bpf_cmds, bugtool_cmds, cluster_cmds, completion_cmds, connectivity_cmds, observe_cmds, service_cmds
+from . import (bpf_cmds, bugtool_cmds, cluster_cmds, completion_cmds, connectivity_cmds, fqdn_cmds, observe_cmds,
+               service_cmds)
 from .agent_cmds import register
 from .common import UsageError, call_agent, emit, output_option, policy_notes, state_dir_option
 
@@ -191,12 +192,20 @@ def _l7_request(http_method: str | None, http_path: str | None, http_host: str |
     return None
 
 
-def _side(side: str, endpoint: str | None, labels: str | None, cidr: str | None, live: bool) -> dict[str, Any]:
-    """One side of a traced flow as the live trace API takes it: endpoint, labels or address."""
+def _side(side: str, endpoint: str | None, labels: str | None, cidr: str | None, live: bool,
+          fqdn: str | None = None) -> dict[str, Any]:
+    """One side of a traced flow as the live trace API takes it: endpoint, labels, address or a
+    learned DNS name."""
     flag = {"src": "--from-endpoint", "dst": "--to-endpoint"}[side]
-    given = [x for x in (endpoint, labels, cidr) if x is not None]
+    given = [x for x in (endpoint, labels, cidr, fqdn) if x is not None]
     if len(given) != 1:
-        raise UsageError(f"give exactly one of {flag}, --{side} or --{side}-cidr")
+        more = " (or --dst-fqdn)" if side == "dst" else ""
+        raise UsageError(f"give exactly one of {flag}, --{side} or --{side}-cidr{more}")
+    if fqdn is not None:
+        if not live:
+            raise UsageError("--dst-fqdn names a DNS name the running agent learned: omit --policy to trace "
+                             "against it (or give its address with --dst-cidr)")
+        return {"fqdn": fqdn}
     if endpoint is not None:
         if not live:
             raise UsageError(f"{flag} names an endpoint of the running agent: omit --policy to trace against it")
@@ -230,6 +239,7 @@ def _named_ports(values: Sequence[str]) -> list[PortSpec]:
 @click.option("--src-cidr", help="Source address outside the cluster.")
 @click.option("--dst", help="Destination endpoint labels, k=v,k2=v2.")
 @click.option("--dst-cidr", help="Destination address outside the cluster.")
+@click.option("--dst-fqdn", help="Destination: a DNS name the running agent learned (its first address; toFQDNs).")
 @click.option("--service", "service_files", multiple=True, type=click.Path(dir_okay=False),
               help="With --policy: services (JSON or YAML, as `cilia service list -o json` prints them, or "
                    "one service, or a list; repeatable): toServices selects from them, and a --dst-cidr that is a "
@@ -251,6 +261,7 @@ def _named_ports(values: Sequence[str]) -> list[PortSpec]:
 @click.option("--kafka-topic", "kafka_topics", multiple=True, help="Topic (repeatable).")
 @click.option("--l7", help="L7 protocol of an l7proto parser (cassandra, memcache, ...) or dns.")
 @click.option("--l7-field", "l7_fields", multiple=True, help="key=value request field (repeatable).")
+@click.option("--dns-query", help="A DNS query for NAME (the DNS rules judge it; use --dport 53 --protocol udp).")
 @state_dir_option
 @output_option
 def trace_cmd(policy_files: Sequence[str], from_endpoint: str | None, to_endpoint: str | None, src: str | None,
@@ -259,7 +270,8 @@ def trace_cmd(policy_files: Sequence[str], from_endpoint: str | None, to_endpoin
               http_method: str | None, http_path: str | None, http_host: str | None,
               http_headers: Sequence[str], kafka_api_key: str | None, kafka_api_version: int | None,
               kafka_client_id: str | None, kafka_topics: Sequence[str], l7: str | None,
-              l7_fields: Sequence[str], state_dir: str, output: str) -> None:
+              l7_fields: Sequence[str], dns_query: str | None, state_dir: str, output: str,
+              dst_fqdn: str | None = None) -> None:
     """Trace a flow and explain the verdict: against policy files (--policy), or against the
     running agent's policies and endpoints (--from-endpoint/--to-endpoint, no --policy).
 
@@ -271,7 +283,7 @@ def trace_cmd(policy_files: Sequence[str], from_endpoint: str | None, to_endpoin
     if live and service_files:
         raise UsageError("--service goes with --policy: without it the running agent's own services are used")
     src_side = _side("src", from_endpoint, src, src_cidr, live)
-    dst_side = _side("dst", to_endpoint, dst, dst_cidr, live)
+    dst_side = _side("dst", to_endpoint, dst, dst_cidr, live, dst_fqdn)
     named = _named_ports(dst_named_ports)
     if named and "address" in dst_side:
         raise UsageError("--dst-named-port: the destination is an address (--dst-cidr), not an endpoint")
@@ -284,6 +296,10 @@ def trace_cmd(policy_files: Sequence[str], from_endpoint: str | None, to_endpoin
         if icmp_type is not None:
             raise UsageError("--icmp-type needs --protocol icmp or icmpv6")
         port = dport
+    if dns_query is not None:
+        if l7 is not None or l7_fields:
+            raise UsageError("--dns-query is the DNS request: do not combine it with --l7/--l7-field")
+        l7, l7_fields = "dns", (f"name={dns_query}",)
     request = _l7_request(http_method, http_path, http_host, http_headers, kafka_api_key,
                           kafka_api_version, kafka_client_id, kafka_topics, l7, l7_fields)
     if request is not None and proto not in (Protocol.TCP, Protocol.UDP, Protocol.ANY):
@@ -359,6 +375,7 @@ def bootstrap_cmd(node_id: str, xds_address: str, admin_address: str, delta: boo
 register(cli, policy)
 bpf_cmds.register(cli)
 cluster_cmds.register(cli)
+fqdn_cmds.register(cli)
 service_cmds.register(cli)
 cli.add_command(observe_cmds.observe_cmd)
 cli.add_command(bugtool_cmds.bugtool_cmd)

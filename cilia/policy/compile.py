@@ -33,7 +33,7 @@ from .model import (
     Protocol,
     Rule,
 )
-from .peers import WILDCARD, CIDRPeer, EndpointPeer, EntityPeer, PeerSelector
+from .peers import WILDCARD, CIDRPeer, EndpointPeer, EntityPeer, FQDNPeer, PeerSelector
 from .selectors import LabelSelector, Operator, Requirement
 from .toservices import ServiceView
 
@@ -177,7 +177,8 @@ def _compile_peer_rule(policy: Policy, rule: Rule, pr: PeerRule, notes: list[Not
         for ent in pr.entities:
             peers.append(WILDCARD if ent == "all" else EntityPeer(ent))
     if pr.fqdns is not None:
-        unenforced.append("toFQDNs")
+        # the addresses the DNS proxy learns for matching names (the engine keeps the selections)
+        peers.extend(FQDNPeer(f.match_name, f.match_pattern) for f in pr.fqdns)
     if pr.services is not None:
         if services is None:
             unenforced.append("toServices")
@@ -224,8 +225,8 @@ def _compile_peer_rule(policy: Policy, rule: Rule, pr: PeerRule, notes: list[Not
             rules = port_rule.rules
             if rules is not None:
                 if rules.protocol == "dns":
-                    notes.append(Note(origin, "DNS rules are evaluated by `cilia policy trace`; "
-                                              "no DNS proxy enforces them yet"))
+                    notes.append(Note(origin, "DNS rules are enforced by the agent's DNS proxy on egress "
+                                              "with --datapath bpf only; elsewhere they deny DNS on the port"))
                 if rules.protocol == "http":
                     for r in rules.rules:
                         for msg in l7http.unenforced(r):  # type: ignore[arg-type]

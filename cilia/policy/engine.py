@@ -17,18 +17,19 @@ from __future__ import annotations
 import ipaddress
 import threading
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from functools import cached_property
 
 from .compile import CompiledRule, Note, compile_policy, uses_services
 from .errors import PolicyError
-from .identity import Identity, IdentityAllocator, IdentityKind, MemoryAllocator
+from .identity import Identity, IdentityAllocator, IdentityKind, MemoryAllocator, cidr_labels
 from .ipcache import IPCache
 from .labels import SOURCE_RESERVED, LabelSet, endpoint_labels
 from .mapstate import MapState
 from .model import IPNetwork, Policy, Protocol
-from .peers import PeerSelector
+from .l7.dns import normalize as normalize_name
+from .peers import FQDNPeer, PeerSelector
 from .selectors import LabelSelector
 from .toservices import ServiceView, view_of
 from ..services.model import Service
@@ -128,6 +129,14 @@ class PolicyEngine:
         self._sel_scan: set[PeerSelector] = set()
         self._cluster_ports: dict[str, frozenset[tuple[int, Protocol]]] = {}
         self._port_refs: dict[tuple[str, int, int], int] = {}
+        # toFQDNs: names the DNS proxy learned -> addresses. An address holds a CIDR identity (a
+        # prefix reference) only while a name with it is matched by a registered toFQDNs selector.
+        self._fqdn_names: dict[str, frozenset[IPNetwork]] = {}
+        self._fqdn_ip_names: dict[IPNetwork, set[str]] = {}
+        self._fqdn_name_peers: dict[str, set[FQDNPeer]] = {}  # only names some selector matches
+        self._fqdn_peers: set[FQDNPeer] = set()
+        self._fqdn_wanted: dict[IPNetwork, int] = {}  # selected names holding the address
+        self._side_changes: set[SubjectKey] = set()  # from (un)registering toFQDNs selectors
         self._batch = 0
         self._dirty: set[SubjectKey] = set()
         # toServices: the services, and the identities of the backend addresses endpoints hold
@@ -171,6 +180,11 @@ class PolicyEngine:
 
     def identities(self) -> list[Identity]:
         return sorted(self._universe.values(), key=lambda i: i.id)
+
+    def identity_labels(self) -> dict[int, LabelSet]:
+        """Every peer identity's labels (unordered: no sort per realize)."""
+        with self._lock:
+            return {i: ident.labels for i, ident in self._universe.items()}
 
     def __len__(self) -> int:
         return len(self._endpoints)
@@ -250,7 +264,7 @@ class PolicyEngine:
             changed.add(key)
         del old_set, new_set
         self.revision += 1
-        return Change.of(self.revision, *self._endpoints_of(changed))
+        return Change.of(self.revision, *self._endpoints_of(changed | self._take_side_changes()))
 
     def _index_rule(self, rule: CompiledRule) -> None:
         if rule.subject is None:
@@ -311,22 +325,31 @@ class PolicyEngine:
         changed: set[SubjectKey] = set()
         for rule in new_rules:
             for prefix in rule.prefixes:
-                self._prefix_refs[prefix] = self._prefix_refs.get(prefix, 0) + 1
-                if self._prefix_refs[prefix] == 1:
-                    ident = self.allocator.allocate_cidr(prefix)
-                    if prefix not in self._local_ips:  # an endpoint's own address keeps its identity
-                        self.ipcache.upsert(prefix, ident.id)
-                    changed |= self._universe_add(ident)
+                changed |= self._prefix_ref(prefix, +1)
         for rule in old_rules:
             for prefix in rule.prefixes:
-                self._prefix_refs[prefix] -= 1
-                if self._prefix_refs[prefix] == 0:
-                    del self._prefix_refs[prefix]
-                    ident = self.allocator.allocate_cidr(prefix)
-                    if self.ipcache.get(prefix) == ident.id:
-                        self.ipcache.delete(prefix)
-                    changed |= self._universe_remove(ident)
-                    self.allocator.release(ident.id)
+                changed |= self._prefix_ref(prefix, -1)
+        return changed
+
+    def _prefix_ref(self, prefix: IPNetwork, delta: int) -> set[SubjectKey]:
+        """One more (+1) or one fewer (-1) user of ``prefix`` (a policy's CIDR or a learned
+        address): the first allocates its CIDR identity and puts it in the ipcache (an endpoint's
+        own address keeps its identity), the last releases it."""
+        refs = self._prefix_refs.get(prefix, 0) + delta
+        if refs > 0:
+            self._prefix_refs[prefix] = refs
+            if refs == 1 and delta > 0:
+                ident = self.allocator.allocate_cidr(prefix)
+                if prefix not in self._local_ips:
+                    self.ipcache.upsert(prefix, ident.id)
+                return self._universe_add(ident)
+            return set()
+        self._prefix_refs.pop(prefix, None)
+        ident = self.allocator.allocate_cidr(prefix)
+        if self.ipcache.get(prefix) == ident.id:
+            self.ipcache.delete(prefix)
+        changed = self._universe_remove(ident)
+        self.allocator.release(ident.id)
         return changed
 
     # ----------------------------------------------------------------- endpoints
@@ -385,8 +408,10 @@ class PolicyEngine:
                 self._ensure_map_state(subject)
             moved = self._backends_moved(endpoint.ips, old.ips if old is not None else ())
             if self._batch:  # bulk loads do not need the change set
-                return Change.of(self.revision, {endpoint.name}, *moved)
-            return Change.of(self.revision, {endpoint.name}, *self._endpoints_of(changed), *moved)
+                return Change.of(self.revision, {endpoint.name}, *moved,
+                                 *self._endpoints_of(self._take_side_changes()))
+            return Change.of(self.revision, {endpoint.name}, *self._endpoints_of(changed | self._take_side_changes()),
+                             *moved)
 
     def remove_endpoint(self, name: str) -> Change:
         with self._lock:
@@ -397,7 +422,7 @@ class PolicyEngine:
             if self._count_ports(old, -1):
                 changed |= self._refresh_cluster_ports()
             moved = self._backends_moved(old.ips)
-            return Change.of(self.revision, {name}, *self._endpoints_of(changed), *moved)
+            return Change.of(self.revision, {name}, *self._endpoints_of(changed | self._take_side_changes()), *moved)
 
     def _detach(self, ep: Endpoint) -> set[SubjectKey]:
         key = self._endpoint_subject.pop(ep.name)
@@ -616,6 +641,11 @@ class PolicyEngine:
             users = self._sel_users.get(peer)
             if users is None:
                 self._sel_users[peer] = users = set()
+                if isinstance(peer, FQDNPeer):
+                    self._sel[peer] = set()
+                    self._fqdn_register(peer)
+                    users.add(subject.key)
+                    continue
                 self._sel[peer] = {i for i, ident in self._candidates_for(peer) if peer.selects(ident)}
                 label = peer.index_label()
                 if label is not None:
@@ -631,6 +661,9 @@ class PolicyEngine:
             if not users:
                 del self._sel_users[peer]
                 del self._sel[peer]
+                if isinstance(peer, FQDNPeer):
+                    self._fqdn_unregister(peer)
+                    continue
                 label = peer.index_label()
                 if label is not None:
                     self._sel_index[label].discard(peer)
@@ -665,6 +698,10 @@ class PolicyEngine:
                 self._sel[peer].add(ident.id)
                 selecting.add(peer)
                 affected |= self._sel_users[peer]
+        for fqdn_peer in self._fqdn_selecting(ident):
+            self._sel[fqdn_peer].add(ident.id)
+            selecting.add(fqdn_peer)
+            affected |= self._sel_users[fqdn_peer]
         if notify:
             self._peer_changed(affected, ident.id, frozenset(selecting))
         return affected
@@ -680,7 +717,7 @@ class PolicyEngine:
                 if not ids:
                     del self._label_index[(key, label.value)]
         affected: set[SubjectKey] = set()
-        for peer in self._peers_that_may_select(ident):
+        for peer in (*self._peers_that_may_select(ident), *self._fqdn_peers):
             ids = self._sel[peer]
             if ident.id in ids:
                 ids.discard(ident.id)
@@ -702,6 +739,148 @@ class PolicyEngine:
 
     def _endpoints_of(self, keys: Iterable[SubjectKey]) -> list[frozenset[str]]:
         return [self._subjects[k].endpoints for k in keys if k in self._subjects]
+
+    def _take_side_changes(self) -> set[SubjectKey]:
+        out, self._side_changes = self._side_changes, set()
+        return out
+
+    # ------------------------------------------------------------------ toFQDNs
+
+    def update_fqdn(self, names: Mapping[str, Iterable[IPAddress | str]]) -> Change:
+        """What the DNS proxy learned: each name now holds exactly these addresses (none: the name
+        is gone). Every toFQDNs selector matching a name selects its addresses' CIDR identities
+        (allocated, and put in the ipcache, while some selector wants them). An allocator that can
+        defer persisting them (``FileAllocator.deferred``) does: the caller flushes it."""
+        deferred = getattr(self.allocator, "deferred", None)
+        with self._lock, (deferred() if deferred is not None else nullcontext()):
+            touched: set[IPNetwork] = set()
+            gained: list[IPNetwork] = []
+            lost: list[IPNetwork] = []
+            for raw_name, ips in names.items():
+                name = normalize_name(raw_name)
+                new = frozenset(_host_prefix(ip) for ip in ips)
+                old = self._fqdn_names.get(name, frozenset())
+                if new == old:
+                    continue
+                touched |= old | new
+                was_selected = name in self._fqdn_name_peers
+                for net in new - old:
+                    self._fqdn_ip_names.setdefault(net, set()).add(name)
+                for net in old - new:
+                    holders = self._fqdn_ip_names[net]
+                    holders.discard(name)
+                    if not holders:
+                        del self._fqdn_ip_names[net]
+                if new:
+                    self._fqdn_names[name] = new
+                    if not old:
+                        peers = {p for p in self._fqdn_peers if p.matches_name(name)}
+                        if peers:
+                            self._fqdn_name_peers[name] = peers
+                else:
+                    del self._fqdn_names[name]
+                    self._fqdn_name_peers.pop(name, None)
+                if was_selected:
+                    lost.extend(old)
+                if name in self._fqdn_name_peers:
+                    gained.extend(new)
+            changed: set[SubjectKey] = set()
+            for net in gained:  # references first, so an address another name keeps never bounces
+                changed |= self._fqdn_want(net, +1)
+            for net in lost:
+                changed |= self._fqdn_want(net, -1)
+            for net in touched:
+                changed |= self._fqdn_refresh(net)
+            return Change.of(self.revision, *self._endpoints_of(changed))
+
+    def fqdn_names(self) -> dict[str, frozenset[IPNetwork]]:
+        """Every learned name and its addresses."""
+        with self._lock:
+            return dict(self._fqdn_names)
+
+    def fqdn_selected(self, name: str) -> bool:
+        """Whether some toFQDNs selector matches ``name``."""
+        return normalize_name(name) in self._fqdn_name_peers
+
+    def _fqdn_want(self, net: IPNetwork, delta: int) -> set[SubjectKey]:
+        refs = self._fqdn_wanted.get(net, 0) + delta
+        if refs > 0:
+            self._fqdn_wanted[net] = refs
+        else:
+            self._fqdn_wanted.pop(net, None)
+        if refs == 0 or (delta > 0 and refs == 1):
+            return self._prefix_ref(net, +1 if delta > 0 else -1)
+        return set()
+
+    def _fqdn_selecting(self, ident: Identity) -> set[FQDNPeer]:
+        """The toFQDNs selectors that select a CIDR identity: those matching a name holding it."""
+        if ident.kind is not IdentityKind.CIDR or ident.prefix is None:
+            return set()
+        out: set[FQDNPeer] = set()
+        for name in self._fqdn_ip_names.get(ident.prefix, ()):
+            out |= self._fqdn_name_peers.get(name, set())
+        return out
+
+    def _fqdn_refresh(self, net: IPNetwork) -> set[SubjectKey]:
+        """Make the toFQDNs selections of ``net``'s identity (if it has one) what the names now say,
+        and patch the map states of the endpoints using the selectors that moved."""
+        if net not in self._prefix_refs:
+            return set()
+        ident = self.allocator.lookup(cidr_labels(net))
+        if ident is None or ident.id not in self._universe:
+            return set()
+        want = self._fqdn_selecting(ident)
+        have = {p for p in self._fqdn_peers if ident.id in self._sel[p]}
+        if want == have:
+            return set()
+        affected: set[SubjectKey] = set()
+        for peer in want ^ have:
+            if peer in want:
+                self._sel[peer].add(ident.id)
+            else:
+                self._sel[peer].discard(ident.id)
+            affected |= self._sel_users[peer]
+        selecting = {p for p in self._peers_that_may_select(ident) if p.selects(ident)} | want
+        self._peer_changed(affected, ident.id, frozenset(selecting))
+        return affected
+
+    def _fqdn_register(self, peer: FQDNPeer) -> None:
+        """A new toFQDNs selector: it selects the learned addresses of every name it matches."""
+        self._fqdn_peers.add(peer)
+        nets: set[IPNetwork] = set()
+        for name, ips in self._fqdn_names.items():
+            if not peer.matches_name(name):
+                continue
+            peers = self._fqdn_name_peers.get(name)
+            if peers is None:
+                self._fqdn_name_peers[name] = {peer}
+                for net in ips:
+                    self._side_changes |= self._fqdn_want(net, +1)
+            else:
+                peers.add(peer)
+            nets |= ips
+        for net in nets:
+            self._side_changes |= self._fqdn_refresh(net)
+
+    def _fqdn_unregister(self, peer: FQDNPeer) -> None:
+        self._fqdn_peers.discard(peer)
+        nets: set[IPNetwork] = set()
+        for name in [n for n, peers in self._fqdn_name_peers.items() if peer in peers]:
+            peers = self._fqdn_name_peers[name]
+            peers.discard(peer)
+            ips = self._fqdn_names.get(name, frozenset())
+            if not peers:
+                del self._fqdn_name_peers[name]
+                for net in ips:
+                    self._side_changes |= self._fqdn_want(net, -1)
+            nets |= ips
+        for net in nets:
+            self._side_changes |= self._fqdn_refresh(net)
+
+
+def _host_prefix(ip: IPAddress | str) -> IPNetwork:
+    addr = ipaddress.ip_address(ip)
+    return ipaddress.ip_network(f"{addr}/{addr.max_prefixlen}")
 
 
 def _rule_order(rule: CompiledRule) -> tuple[tuple[str, str, str], str]:

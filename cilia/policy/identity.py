@@ -217,6 +217,16 @@ class MemoryAllocator:
         yield
 
 
+def _payload(identities: list[Identity], next_id: int, next_cidr: int) -> str:
+    items = [
+        {"id": i.id, "labels": i.labels.to_list(), "kind": i.kind.value,
+         "prefix": str(i.prefix) if i.prefix else None}
+        for i in sorted(identities, key=lambda i: i.id)
+        if i.kind is not IdentityKind.RESERVED
+    ]
+    return json.dumps({"next": next_id, "next_cidr": next_cidr, "identities": items}, indent=1)
+
+
 class IdentityFileError(Exception):
     """identities.json cannot be read back; the message names the file and what is wrong."""
 
@@ -234,7 +244,10 @@ class FileAllocator(MemoryAllocator):
         self._path = Path(state_dir) / self.FILENAME
         self._loading = True
         self._batch_depth = 0
+        self._defer_depth = 0
         self._dirty = False
+        self._seq = self._stored = 0  # snapshots taken, and the newest written
+        self._io_lock = threading.Lock()
         super().__init__()
         self._load()
         self._loading = False
@@ -249,6 +262,28 @@ class FileAllocator(MemoryAllocator):
                 self._batch_depth -= 1
                 if self._batch_depth == 0 and self._dirty:
                     self._write()
+
+    @contextmanager
+    def deferred(self) -> Iterator[None]:
+        """Changes made inside are written by the next ``flush()`` (or any later write), not at
+        once: for the node-local CIDR identities of addresses the DNS proxy learns, where a write
+        of every identity per answer would cost more than the answer may wait. Losing them (a
+        crash before the flush) only renumbers them at the next start."""
+        with self._lock:
+            self._defer_depth += 1
+            try:
+                yield
+            finally:
+                self._defer_depth -= 1
+
+    def flush(self) -> None:
+        """Write deferred changes; the file is written without holding the allocator's lock, so
+        allocations (the next learned address) do not wait for the disk."""
+        with self._lock:
+            if not self._dirty:
+                return
+            seq, taken = self._snapshot()
+        self._store(seq, _payload(*taken))
 
     def _load(self) -> None:
         """Read the file back; anything unreadable in it is an error naming it, never a fresh start
@@ -284,23 +319,29 @@ class FileAllocator(MemoryAllocator):
         if self._loading:
             return
         self._dirty = True
-        if self._batch_depth == 0:
+        if self._batch_depth == 0 and self._defer_depth == 0:
             self._write()
 
     def _write(self) -> None:
+        seq, taken = self._snapshot()
+        self._store(seq, _payload(*taken))
+
+    def _snapshot(self) -> tuple[int, tuple[list[Identity], int, int]]:
+        """What to write now (lock held; cheap: the text is made after), numbered so that an older
+        snapshot never replaces a newer."""
         self._dirty = False
-        items = [
-            {"id": i.id, "labels": i.labels.to_list(), "kind": i.kind.value,
-             "prefix": str(i.prefix) if i.prefix else None}
-            for i in sorted(self._by_id.values(), key=lambda i: i.id)
-            if i.kind is not IdentityKind.RESERVED
-        ]
-        payload = json.dumps({"next": self._next, "next_cidr": self._next_cidr, "identities": items},
-                             indent=1)
-        self._path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=self._path.parent, prefix=".identities.")
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(payload)
-            fh.flush()
-            os.fsync(fh.fileno())  # on disk before it replaces the last one
-        os.replace(tmp, self._path)
+        self._seq += 1
+        return self._seq, (list(self._by_id.values()), self._next, self._next_cidr)
+
+    def _store(self, seq: int, payload: str) -> None:
+        with self._io_lock:
+            if seq <= self._stored:
+                return
+            self._path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=self._path.parent, prefix=".identities.")
+            with os.fdopen(fd, "w", encoding="utf-8") as fh:
+                fh.write(payload)
+                fh.flush()
+                os.fsync(fh.fileno())  # on disk before it replaces the last one
+            os.replace(tmp, self._path)
+            self._stored = seq

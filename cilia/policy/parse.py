@@ -618,9 +618,12 @@ class _Parser:
         value = F.string(child, p)
         if value is None:
             return None
-        allowed = "-._" + ("*" if key == "matchPattern" else "")
-        if not value or any(not (c.isalnum() or c in allowed) for c in value.rstrip(".")):
-            p.append(child.problem(f"{value!r} is not a valid DNS {'pattern' if '*' in allowed else 'name'}"))
+        # the syntax of DNS rules' names and patterns: the proxy matches both the same way
+        syntax, what = (l7dns.PATTERN_SYNTAX, "pattern") if key == "matchPattern" else (l7dns.NAME_SYNTAX, "name")
+        if not syntax.fullmatch(value):
+            chars = "'-', '_', '*'" if key == "matchPattern" else "'-', '_'"
+            p.append(child.problem(f"{value!r} is not a valid DNS {what}: use labels of letters, digits, {chars} "
+                                   "separated by single dots"))
             return None
         return FQDNSelector(value if key == "matchName" else None,
                             value if key == "matchPattern" else None, node.source)

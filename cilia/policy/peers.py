@@ -12,6 +12,7 @@ from dataclasses import dataclass, fields
 
 from .entities import entity_selects
 from .identity import Identity, IdentityKind
+from .l7.dns import name_matches
 from .model import IPNetwork
 from .selectors import LabelSelector
 
@@ -162,3 +163,27 @@ class RequiresPeer(PeerSelector):
 
     def only_cidr(self) -> bool:
         return self.base.only_cidr()
+
+
+@dataclass(frozen=True, eq=False)
+class FQDNPeer(PeerSelector):
+    """``toFQDNs[]``: the CIDR identities of the addresses learned for names this selector matches
+    (``matchName`` or ``matchPattern``, Cilium's ``*``). What was learned is the engine's state,
+    not the identity's labels, so ``selects`` is False and the engine keeps the selections."""
+
+    match_name: str | None
+    match_pattern: str | None
+
+    def matches_name(self, name: str) -> bool:
+        return name_matches(self.match_name, self.match_pattern, name)
+
+    def selects(self, ident: Identity) -> bool:
+        return False
+
+    def describe(self) -> str:
+        if self.match_name is not None:
+            return f"fqdn matchName={self.match_name}"
+        return f"fqdn matchPattern={self.match_pattern}"
+
+    def only_cidr(self) -> bool:
+        return True

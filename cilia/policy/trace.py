@@ -9,7 +9,7 @@ answer names every rule that decided it, with file and line.
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -42,11 +42,12 @@ class Peer:
     # (name, port, protocol) the endpoint serves: what a policy's named ports resolve to
     named_ports: tuple[tuple[str, int, Protocol], ...] = ()
     ips: tuple[IPAddress, ...] = ()  # an endpoint's addresses (toServices knows backends by address)
+    fqdn: str | None = None  # the learned DNS name ``address`` was given as
 
     def describe(self) -> str:
         if self.labels is not None:
             return "[" + ", ".join(str(label) for label in self.labels.labels()) + "]"
-        return str(self.address)
+        return f"{self.fqdn} ({self.address})" if self.fqdn else str(self.address)
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,12 +130,14 @@ class TraceResult:
 
 def trace(policies: Sequence[Policy], request: TraceRequest, registry: L7Registry | None = None,
           allocator: MemoryAllocator | None = None, services: Sequence[Service] | None = None,
-          backends: Mapping[str, Peer] | None = None) -> TraceResult:
+          backends: Mapping[str, Peer] | None = None,
+          fqdn: Mapping[str, Iterable[str]] | None = None) -> TraceResult:
     """Trace one flow against ``policies`` (identities from ``allocator``: a fresh one by default,
     a copy of the agent's for a live trace). ``services``: what toServices selects from (None: not
     known, toServices fails closed), and a destination address that is a frontend is traced to
     the backend the load balancer would choose; ``backends``: the endpoints holding backend
-    addresses (address -> peer), else a backend is an outside address."""
+    addresses (address -> peer), else a backend is an outside address. ``fqdn``: names the DNS
+    proxy learned and their addresses, what toFQDNs selectors select."""
     engine = PolicyEngine(allocator or MemoryAllocator())
     choice: Choice | None = None
     if services is not None:
@@ -143,6 +146,8 @@ def trace(policies: Sequence[Policy], request: TraceRequest, registry: L7Registr
         if choice is not None and choice.backend is None:
             return _no_backend(engine, request, choice)
     engine.apply(policies)
+    if fqdn:
+        engine.update_fqdn(fqdn)
     total = sum(len(p.rules) for p in policies)
     # Both endpoints exist before either policy is read: each one's map state
     # must already hold the other's identity.
@@ -345,6 +350,8 @@ def _peer_json(peer: Peer, ident: Identity) -> dict[str, Any]:
         out["labels"] = peer.labels.to_list()
     else:
         out["cidr"] = str(peer.address)
+    if peer.fqdn is not None:
+        out["fqdn"] = peer.fqdn
     return out
 
 

@@ -1,5 +1,6 @@
 """Proxy ports: one Envoy transparent listener port per (direction, TCP port) some endpoint
-redirects to L7 (BPF datapath only; Cilium's range 10000-20000). Ports are kept across changes
+redirects to L7 other than DNS (``dns`` rules go to the agent's DNS proxy, on its own port), BPF
+datapath only, in Cilium's range 10000-20000. Ports are kept across changes
 and restarts (the agent persists them) so a redirect in the kernel never points at a listener
 that moved; a port no longer needed is released.
 """
@@ -37,10 +38,16 @@ class RedirectIndex:
     def of(self, name: str, ms: MapState) -> tuple[Redirect, ...]:
         done = self._done.get(name)
         if done is None or done[0] is not ms:
-            done = (ms, tuple(Redirect(d.direction, l4.protocol, l4.port_lo, l4.port_hi,
-                                       e.l7.protocol if e.l7 is not None else "")
-                              for d in (ms.ingress, ms.egress) for _, l4, e in d.entries()
-                              if e.verdict is Verdict.REDIRECT))
+            found: dict[Redirect, None] = {}
+            for d in (ms.ingress, ms.egress):
+                # identities selected by the same rules share a group: each group once
+                groups = {id(g): g for g in d.groups.values()}
+                for group in (d.any_group, *groups.values()):
+                    for l4, e in group.items():
+                        if e.verdict is Verdict.REDIRECT:
+                            found[Redirect(d.direction, l4.protocol, l4.port_lo, l4.port_hi,
+                                           e.l7.protocol if e.l7 is not None else "")] = None
+            done = (ms, tuple(found))
             self._done[name] = done
         return done[1]
 
@@ -55,7 +62,8 @@ def allocate(redirects: Iterable[tuple[Redirect, ...]], current: Mapping[str, in
              port_range: tuple[int, int]) -> dict[str, int]:
     """Proxy ports for every single TCP port redirected, keeping the ports ``current`` gave."""
     needed = {proxy_key(r.direction, r.port_lo) for rs in redirects for r in rs
-              if r.protocol is Protocol.TCP and r.port_lo == r.port_hi}
+              if r.protocol is Protocol.TCP and r.port_lo == r.port_hi
+              and r.l7_protocol != "dns"}  # DNS goes to the DNS proxy's own port, never to Envoy
     ports = {k: v for k, v in current.items() if k in needed}
     lo, hi = port_range
     taken = set(ports.values())

@@ -163,11 +163,12 @@ metadata: {name: to-fqdn}
 spec:
   endpointSelector: {matchLabels: {class: tiefighter}}
   egress:
-  - toFQDNs: [{matchName: api.example.com}]
+  - toCIDR: [192.0.2.1/32]
+    authentication: {mode: required}
 """)
     validated = run_cli(state, "policy", "validate", str(fqdn))
     notes = [line.strip().removeprefix("note: ") for line in validated.out.splitlines() if "note:" in line]
-    assert notes and "toFQDNs" in notes[0]
+    assert notes and "authentication" in notes[0]
     imported = run_cli(state, "policy", "import", str(fqdn))
     assert imported.code == 0 and [line.removeprefix("note: ") for line in imported.err.splitlines()] == notes
     status = run_cli(state, "status")

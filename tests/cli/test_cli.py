@@ -28,8 +28,8 @@ def test_validate_all_cilium_examples_exit_0() -> None:
     code, out, err = run("policy", "validate", *files)
     assert code == 0, err
     assert "sw_l3_l4_l7_policy.yaml: valid: rule1" in out
-    # toFQDNs cannot be enforced yet and validate says so.
-    assert "toFQDNs not enforced yet" in out
+    # toFQDNs is enforced: validate has no note about it
+    assert "toFQDNs not enforced" not in out
 
 
 def test_validate_reports_file_line_field_and_exits_2(tmp_path: Path) -> None:

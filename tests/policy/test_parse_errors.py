@@ -396,11 +396,40 @@ def test_bad_fqdn_and_service_selectors() -> None:
             k8sService: {serviceName: db}
         """
     assert spec_problems(body) == [
-        "policy.yaml:9: egress[0].toFQDNs[0].matchName: 'bad name.com' is not a valid DNS name",
+        "policy.yaml:9: egress[0].toFQDNs[0].matchName: 'bad name.com' is not a valid DNS name: use labels of "
+        "letters, digits, '-', '_' separated by single dots",
         "policy.yaml:10: egress[0].toFQDNs[1]: exactly one of matchName or matchPattern is required",
         "policy.yaml:12: egress[1].toServices[0].k8sService: missing required field 'serviceName'",
         "policy.yaml:13: egress[1].toServices[1]: exactly one of k8sService or k8sServiceSelector is required",
     ]
+
+
+def test_to_fqdns_names_and_patterns() -> None:
+    body = """\
+        egress:
+        - toFQDNs:
+          - matchPattern: "*.exa$mple.com"
+          - matchName: "a..b.com"
+          - matchName: ""
+          - matchName: "*.a.com"
+          - matchPattern: "*"
+          - matchName: "API.Example.com."
+        """
+    assert spec_problems(body) == [
+        "policy.yaml:9: egress[0].toFQDNs[0].matchPattern: '*.exa$mple.com' is not a valid DNS pattern: use labels "
+        "of letters, digits, '-', '_', '*' separated by single dots",
+        "policy.yaml:10: egress[0].toFQDNs[1].matchName: 'a..b.com' is not a valid DNS name: use labels of "
+        "letters, digits, '-', '_' separated by single dots",
+        "policy.yaml:11: egress[0].toFQDNs[2].matchName: '' is not a valid DNS name: use labels of letters, "
+        "digits, '-', '_' separated by single dots",
+        "policy.yaml:12: egress[0].toFQDNs[3].matchName: '*.a.com' is not a valid DNS name: use labels of "
+        "letters, digits, '-', '_' separated by single dots",
+    ]
+
+
+def test_to_fqdns_is_not_allowed_in_ingress() -> None:
+    assert spec_problems("ingress:\n- toFQDNs: [{matchName: a.com}]\n") == [
+        "policy.yaml:8: ingress[0].toFQDNs: toFQDNs is not allowed in ingress rules"]
 
 
 def test_to_fqdns_is_not_allowed_in_egress_deny() -> None:

@@ -19,9 +19,11 @@ from cilia.policy import (
     Policy,
     PolicyEngine,
     Protocol,
+    TraceRequest,
     parse_text,
+    trace,
 )
-from tests.helpers import cilium_examples_dir, run
+from tests.helpers import cilium_examples_dir, peer, run
 
 TCP, UDP, SCTP, ICMP, ICMPV6 = Protocol.TCP, Protocol.UDP, Protocol.SCTP, Protocol.ICMP, Protocol.ICMPV6
 NS = "k8s:io.kubernetes.pod.namespace"
@@ -851,11 +853,15 @@ def test_memcache(src: str, command: str, key: str, expected: bool) -> None:
 # --- features not enforced yet -------------------------------------------------------------
 
 
-def test_to_fqdns_is_noted_and_grants_nothing() -> None:
+def test_to_fqdns_selects_only_learned_addresses() -> None:
     policies = example("fqdn.yaml")
     result = run(policies, "app=test-app", "8.8.8.8", TCP, 80)
     assert not result.allowed
-    assert any(n.startswith("fqdn.yaml:21:") and "toFQDNs not enforced yet" in n for n in result.notes)
+    assert not any("toFQDNs" in n for n in result.notes)
+    learned = {"my-remote-service.com.": ["8.8.8.8"]}
+    src, dst = peer("app=test-app"), peer("8.8.8.8")
+    assert trace(policies, TraceRequest(src, dst, TCP, 80), fqdn=learned).allowed
+    assert not trace(policies, TraceRequest(src, peer("8.8.4.4"), TCP, 80), fqdn=learned).allowed
     # the DNS rule of the same policy still works
     dns = f"{NS}=kube-system,k8s:k8s-app=kube-dns"
     assert allowed(policies, "app=test-app", dns, UDP, 53, DNSRequest("my-remote-service.com"))

@@ -118,8 +118,8 @@ def test_text_of_a_denied_flow() -> None:
 
 
 def test_text_lists_notes() -> None:
-    text = run(example("fqdn.yaml"), "app=test-app", "8.8.8.8").render()
-    assert "fqdn.yaml:21: toFQDNs not enforced yet" in text
+    text = run(_authenticated(), "app=test-app", "8.8.8.8").render()
+    assert "auth.yaml:7: authentication not enforced yet" in text
     assert "Final verdict: DENIED" in text
 
 
@@ -206,3 +206,19 @@ def test_protocol_any_is_allowed_when_all_three_are() -> None:
     assert [r.verdict for r in result.per_protocol] == ["allowed"] * 3
     assert result.to_json()["verdict"] == "allowed"
     assert not run(policies, "app=client", "app=dns", Protocol.ANY, 54).allowed
+
+
+def _authenticated() -> list[Policy]:
+    text = textwrap.dedent("""\
+        apiVersion: cilium.io/v2
+        kind: CiliumNetworkPolicy
+        metadata: {name: auth}
+        spec:
+          endpointSelector: {matchLabels: {app: test-app}}
+          egress:
+          - toCIDR: [8.8.8.8/32]
+            authentication: {mode: required}
+        """)
+    result = parse_text(text, "auth.yaml")
+    assert result.ok, [str(p) for p in result.problems]
+    return result.policies

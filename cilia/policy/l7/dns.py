@@ -20,9 +20,9 @@ from ..model import DNSRule
 
 _RULE_FIELDS = ("matchName", "matchPattern")
 
-# Non-empty labels separated by single dots, optionally ending with the root dot.
-_NAME = re.compile(r"(?:[-a-zA-Z0-9_]+\.)*[-a-zA-Z0-9_]+\.?")
-_PATTERN = re.compile(r"(?:[-a-zA-Z0-9_*]+\.)*[-a-zA-Z0-9_*]+\.?")
+# Non-empty labels separated by single dots, optionally ending with the root dot (toFQDNs too).
+NAME_SYNTAX = re.compile(r"(?:[-a-zA-Z0-9_]+\.)*[-a-zA-Z0-9_]+\.?")
+PATTERN_SYNTAX = re.compile(r"(?:[-a-zA-Z0-9_*]+\.)*[-a-zA-Z0-9_*]+\.?")
 _LABEL_CHARS = "[-a-z0-9_]*"
 
 
@@ -32,8 +32,8 @@ def parse_rule(node: Node, problems: list[Problem]) -> DNSRule | None:
     kids = fields(node, _RULE_FIELDS, problems)
     if kids is None:
         return None
-    name = _value(kids.get("matchName"), _NAME, "DNS name", "'-', '_'", problems)
-    pattern = _value(kids.get("matchPattern"), _PATTERN, "DNS pattern", "'-', '_', '*'", problems)
+    name = _value(kids.get("matchName"), NAME_SYNTAX, "DNS name", "'-', '_'", problems)
+    pattern = _value(kids.get("matchPattern"), PATTERN_SYNTAX, "DNS pattern", "'-', '_', '*'", problems)
     if len(problems) > start:
         return None
     if name is not None and pattern is not None:
@@ -61,7 +61,8 @@ def _value(node: Node | None, syntax: re.Pattern[str], what: str, extra_chars: s
     return text
 
 
-def _normalize(name: str) -> str:
+def normalize(name: str) -> str:
+    """The form names compare in: lower case, without the root's trailing dot."""
     name = name.lower()
     return name[:-1] if name.endswith(".") else name
 
@@ -69,7 +70,7 @@ def _normalize(name: str) -> str:
 @lru_cache(maxsize=1024)
 def _pattern_regex(pattern: str) -> re.Pattern[str] | None:
     """The compiled pattern, or None for the match-everything ``*``."""
-    pattern = _normalize(pattern)
+    pattern = normalize(pattern)
     if pattern == "*":
         return None
     return re.compile("".join(_LABEL_CHARS if ch == "*" else re.escape(ch) for ch in pattern))
@@ -81,11 +82,17 @@ def rule_matches(rule: DNSRule, req: DNSRequest) -> bool:
     A rule with neither field (never produced by ``parse_rule``) is the
     "allow all" rule Cilium adds for L3/L4-only rules on a DNS port.
     """
-    name = _normalize(req.name)
-    if rule.match_name is not None:
-        return name == _normalize(rule.match_name)
-    if rule.match_pattern is not None:
-        regex = _pattern_regex(rule.match_pattern)
+    return name_matches(rule.match_name, rule.match_pattern, req.name)
+
+
+def name_matches(match_name: str | None, match_pattern: str | None, name: str) -> bool:
+    """``matchName`` / ``matchPattern`` against a name (DNS rules and ``toFQDNs`` alike);
+    neither given matches every name."""
+    name = normalize(name)
+    if match_name is not None:
+        return name == normalize(match_name)
+    if match_pattern is not None:
+        regex = _pattern_regex(match_pattern)
         return regex is None or regex.fullmatch(name) is not None
     return True
 
