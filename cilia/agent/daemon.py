@@ -672,7 +672,7 @@ class Agent:
         moved = None if changed is None else frozenset(
             n for n in changed | (previous.keys() - endpoints.keys()) | (endpoints.keys() - previous.keys()))
         return Desired(self.state.revision, endpoints, tuple(self.engine.ipcache.items()),
-                       {i.id: i.labels for i in self.engine.identities()}, changed=moved)
+                       self.engine.identity_labels(), changed=moved)
 
     def _before(self, policies: Iterable[PolicyKey] = (), endpoints: Iterable[str] = ()) -> _Before:
         current = {p.key: p for p in self.engine.policies()}

@@ -73,8 +73,9 @@ class Datapath:
         self.rules: dict[int, str] = {}
         self._written: dict[int, dict[bytes, bytes]] = {}  # per endpoint: what its trie holds
         self._ipcache_written: dict[bytes, bytes] | None = None  # what the ipcache trie holds
+        self._ipcache_last: list[tuple[IPNetwork, int]] | None = None  # the items it was last synced to
         # per endpoint: the proxy ports and each peer identity's map-state group and packed entries
-        self._packed: dict[int, tuple[object, dict[tuple[Direction, int], tuple[object, dict[bytes, bytes]]]]] = {}
+        self._packed: dict[int, tuple[object, dict[Direction, dict[int, tuple[object, dict[bytes, bytes]]]]]] = {}
         self._events: list[Callable[[DatapathEvent], None]] = []
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -83,14 +84,30 @@ class Datapath:
     # -- state in ----------------------------------------------------------------------
 
     def sync_ipcache(self, items: Iterable[tuple[IPNetwork, int]]) -> int:
-        # what the trie holds is kept (read from the kernel once): a sync costs what changed
-        if self._ipcache_written is None:
-            self._ipcache_written = {k: bytes(v) for k, v in self.loader.maps["ipcache"].items()}
-        return maps.sync_ipcache(self.loader.maps["ipcache"], items, self._ipcache_written)
+        # what the trie holds is kept (read from the kernel once), and the last items given: a
+        # sync writes what changed since (a learned DNS answer: one entry), not every entry
+        # The agent's ipcache keeps its (prefix, identity) pairs as the same tuple objects while they
+        # hold, so what is new is found by object identity, without hashing every prefix.
+        want = list(items)
+        last = self._ipcache_last
+        m = self.loader.maps["ipcache"]
+        if self._ipcache_written is None or last is None:
+            self._ipcache_written = {k: bytes(v) for k, v in m.items()}
+            n = maps.sync_ipcache(m, want, self._ipcache_written)
+        else:
+            before = {id(t) for t in last}
+            added = [t for t in want if id(t) not in before]
+            if len(want) - len(added) == len(last):  # nothing went: the new pairs, in order (last wins)
+                n = maps.update_ipcache(m, dict(added), (), self._ipcache_written)
+            else:
+                n = maps.sync_ipcache(m, want, self._ipcache_written)  # something went: compare all
+        self._ipcache_last = want  # held, so no id is reused while compared
+        return n
 
     def reread_ipcache(self) -> None:
         """Read the ipcache trie from the kernel at the next sync (after the maps were reopened)."""
         self._ipcache_written = None
+        self._ipcache_last = None
 
     def upsert_endpoint(self, ep_id: int, address: str, ifname: str, identity: int, flags: int = 0) -> int:
         """Attach to the endpoint's host-side interface and register its address (``flags``: audit
@@ -126,19 +143,43 @@ class Datapath:
         if ports is None or memo is None or memo[0] != ports:
             memo = (ports, {})
         reuse = memo[1]
-        packed: dict[tuple[Direction, int], tuple[object, dict[bytes, bytes]]] = {}
-        target: dict[bytes, bytes] = {}
+        current = self._written.get(ep_id)
+        incremental = bool(reuse) and current is not None  # the trie holds exactly what ``reuse`` says
+        packed: dict[Direction, dict[int, tuple[object, dict[bytes, bytes]]]] = {}
+        moved: list[tuple[dict[bytes, bytes], dict[bytes, bytes]]] = []  # (old, new) entries of changed groups
         for direction in (state.ingress, state.egress):
+            before = reuse.get(direction.direction, {})
+            now = packed[direction.direction] = {}
             for ident, group in ((0, direction.any_group), *direction.groups.items()):
-                key = (direction.direction, ident)
-                done = reuse.get(key)
+                done = before.get(ident)
                 if done is None or done[0] is not group:
                     entries = identity_entries(direction.direction, ident, group, proxy_port_of, self.rule_id)
-                    done = (group, {k: value.pack() for k, (value, _l4) in entries.items()})
-                packed[key] = done
-                target.update(done[1])
+                    fresh = (group, {k: value.pack() for k, (value, _l4) in entries.items()})
+                    moved.append((done[1] if done is not None else {}, fresh[1]))
+                    done = fresh
+                now[ident] = done
+            moved += [(before[ident][1], {}) for ident in before.keys() - now.keys()]  # identities gone
+        self._packed.pop(ep_id, None)  # until the trie holds ``packed``: a failed write rebuilds it all
+        if not incremental:
+            done_all = self.write_policy(ep_id, {k: v for by_ident in packed.values() for _, entries in
+                                                 by_ident.values() for k, v in entries.items()})
+            self._packed[ep_id] = (ports, packed)
+            return done_all
+        assert current is not None
+        m = self.loader.policy_map(ep_id)
+        written = removed = 0
+        for old, new in moved:
+            for k, v in new.items():
+                if current.get(k) != v[:8]:  # proxy port, flags, rule id: not the counters
+                    m.update(k, v)
+                    current[k] = v[:8]
+                    written += 1
+            for k in old.keys() - new.keys():
+                if current.pop(k, None) is not None:
+                    m.delete(k)
+                    removed += 1
         self._packed[ep_id] = (ports, packed)
-        return self.write_policy(ep_id, target)
+        return written, removed
 
     def write_policy(self, ep_id: int, target: dict[bytes, bytes]) -> tuple[int, int]:
         """Write packed entries (see policykey) as endpoint ``ep_id``'s whole trie, changing only

@@ -51,6 +51,30 @@ def sync_ipcache(m: Map, want: Iterable[tuple[ipaddress.IPv4Network | ipaddress.
     return written + removed
 
 
+def update_ipcache(m: Map, upserts: Mapping[ipaddress.IPv4Network | ipaddress.IPv6Network, int],
+                   deletes: Iterable[ipaddress.IPv4Network | ipaddress.IPv6Network],
+                   current: dict[bytes, bytes]) -> int:
+    """Change only these ipcache entries (IPv4 prefixes), writes before deletes (as a full sync);
+    ``current`` (what the trie holds) is kept in step. Returns entries written or removed."""
+    n = 0
+    for prefix, identity in upserts.items():
+        if prefix.version != 4:
+            continue
+        key, value = IPCACHE_KEY.pack(prefix.prefixlen, prefix.network_address.packed), IPCACHE_VAL.pack(identity)
+        if current.get(key) != value:
+            m.update(key, value)
+            current[key] = value
+            n += 1
+    for prefix in deletes:
+        if prefix.version != 4:
+            continue
+        key = IPCACHE_KEY.pack(prefix.prefixlen, prefix.network_address.packed)
+        if current.pop(key, None) is not None:
+            m.delete(key)
+            n += 1
+    return n
+
+
 def ipcache_items(m: Map) -> dict[ipaddress.IPv4Network, int]:
     out = {}
     for k, v in m.items():

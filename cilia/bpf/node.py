@@ -74,6 +74,7 @@ class NodeDatapath:
         self.loader = Loader(pin_dir)
         self.datapath = Datapath(self.loader)
         self.host_addresses: list[str] = []
+        self._host_items: list[tuple[IPNetwork, int]] | None = None
         self.started = False
         # name -> (ep_id, address, ifname, identity, flags)
         self._attached: dict[str, tuple[int, str, str, int, int]] = {}
@@ -88,6 +89,7 @@ class NodeDatapath:
         self.datapath.reread_ipcache()
         proxyroute.install()
         self.host_addresses = node_addresses()
+        self._host_items = None
         self.datapath.start_events()
         self.started = True
 
@@ -111,7 +113,9 @@ class NodeDatapath:
         """Make the kernel express ``plans``; ``proxy_ports`` maps ``"ingress/80"`` to the port
         of Envoy's listener for it (a redirect without one is written as a deny)."""
         items = list(ipcache)
-        items += [(ipaddress.ip_network(f"{a}/32"), HOST_IDENTITY) for a in self.host_addresses]
+        if self._host_items is None:  # the same pairs each time: the datapath diffs by identity
+            self._host_items = [(ipaddress.ip_network(f"{a}/32"), HOST_IDENTITY) for a in self.host_addresses]
+        items += self._host_items
         self.datapath.sync_ipcache(items)
         attached = self._sync_endpoints(plans)
         port_of = _proxy_port_of(proxy_ports)

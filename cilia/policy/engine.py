@@ -173,6 +173,11 @@ class PolicyEngine:
     def identities(self) -> list[Identity]:
         return sorted(self._universe.values(), key=lambda i: i.id)
 
+    def identity_labels(self) -> dict[int, LabelSet]:
+        """Every peer identity's labels (unordered: no sort per realize)."""
+        with self._lock:
+            return {i: ident.labels for i, ident in self._universe.items()}
+
     def __len__(self) -> int:
         return len(self._endpoints)
 

@@ -217,6 +217,16 @@ class MemoryAllocator:
         yield
 
 
+def _payload(identities: list[Identity], next_id: int, next_cidr: int) -> str:
+    items = [
+        {"id": i.id, "labels": i.labels.to_list(), "kind": i.kind.value,
+         "prefix": str(i.prefix) if i.prefix else None}
+        for i in sorted(identities, key=lambda i: i.id)
+        if i.kind is not IdentityKind.RESERVED
+    ]
+    return json.dumps({"next": next_id, "next_cidr": next_cidr, "identities": items}, indent=1)
+
+
 class IdentityFileError(Exception):
     """identities.json cannot be read back; the message names the file and what is wrong."""
 
@@ -272,8 +282,8 @@ class FileAllocator(MemoryAllocator):
         with self._lock:
             if not self._dirty:
                 return
-            seq, payload = self._snapshot()
-        self._store(seq, payload)
+            seq, taken = self._snapshot()
+        self._store(seq, _payload(*taken))
 
     def _load(self) -> None:
         """Read the file back; anything unreadable in it is an error naming it, never a fresh start
@@ -313,21 +323,15 @@ class FileAllocator(MemoryAllocator):
             self._write()
 
     def _write(self) -> None:
-        self._store(*self._snapshot())
+        seq, taken = self._snapshot()
+        self._store(seq, _payload(*taken))
 
-    def _snapshot(self) -> tuple[int, str]:
-        """What to write now (lock held), numbered so that an older snapshot never replaces a newer."""
+    def _snapshot(self) -> tuple[int, tuple[list[Identity], int, int]]:
+        """What to write now (lock held; cheap: the text is made after), numbered so that an older
+        snapshot never replaces a newer."""
         self._dirty = False
         self._seq += 1
-        items = [
-            {"id": i.id, "labels": i.labels.to_list(), "kind": i.kind.value,
-             "prefix": str(i.prefix) if i.prefix else None}
-            for i in sorted(self._by_id.values(), key=lambda i: i.id)
-            if i.kind is not IdentityKind.RESERVED
-        ]
-        payload = json.dumps({"next": self._next, "next_cidr": self._next_cidr, "identities": items},
-                             indent=1)
-        return self._seq, payload
+        return self._seq, (list(self._by_id.values()), self._next, self._next_cidr)
 
     def _store(self, seq: int, payload: str) -> None:
         with self._io_lock:

@@ -38,10 +38,16 @@ class RedirectIndex:
     def of(self, name: str, ms: MapState) -> tuple[Redirect, ...]:
         done = self._done.get(name)
         if done is None or done[0] is not ms:
-            done = (ms, tuple(Redirect(d.direction, l4.protocol, l4.port_lo, l4.port_hi,
-                                       e.l7.protocol if e.l7 is not None else "")
-                              for d in (ms.ingress, ms.egress) for _, l4, e in d.entries()
-                              if e.verdict is Verdict.REDIRECT))
+            found: dict[Redirect, None] = {}
+            for d in (ms.ingress, ms.egress):
+                # identities selected by the same rules share a group: each group once
+                groups = {id(g): g for g in d.groups.values()}
+                for group in (d.any_group, *groups.values()):
+                    for l4, e in group.items():
+                        if e.verdict is Verdict.REDIRECT:
+                            found[Redirect(d.direction, l4.protocol, l4.port_lo, l4.port_hi,
+                                           e.l7.protocol if e.l7 is not None else "")] = None
+            done = (ms, tuple(found))
             self._done[name] = done
         return done[1]
 
