@@ -123,6 +123,10 @@ def violation(imp: Import) -> str | None:
     if _within(m, ["cilia.l7parsers"]):
         if top in ("grpc", "envoy", "xds") or _within(name, ["cilia.envoy", "cilia.agent", "cilia.xds"]):
             return "cilia.l7parsers imports no gRPC, Envoy or agent (the host is in cilia.envoy)"
+    if _within(m, ["cilia.dnsproxy"]):
+        if top in ("grpc", "envoy", "xds", "bcc", "pyroute2") or _within(
+                name, ["cilia.envoy", "cilia.agent", "cilia.xds", "cilia.bpf", "cilia.fqdn"]):
+            return "cilia.dnsproxy imports no gRPC, Envoy, BPF, agent or toFQDNs (it is handed a learner)"
     if _within(m, ["cilia.policy"]):
         if top in ("grpc", "envoy", "xds", "bcc") or _within(
                 name, ["cilia.agent", "cilia.xds", "cilia.envoy", "cilia.bpf", "cilia.k8s", "cilia.realizer",

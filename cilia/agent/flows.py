@@ -27,10 +27,9 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from enum import Enum
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..bpf.datapath import DatapathEvent
-from ..dnsproxy.server import DNSRecord
 from ..envoy.accesslog import AccessRecord
 from ..l7parsers.base import Record
 from ..envoy.l7service import ConnectionInfo
@@ -42,6 +41,9 @@ from ..policy.model import IPNetwork
 from ..services.model import Service
 from .flowquery import HttpStatus
 from .hubble import export_line, pod_name, policy_match_type
+
+if TYPE_CHECKING:
+    from ..dnsproxy.server import DNSRecord  # a type only: the agent's flows need no dnspython
 
 
 class Verdict(str, Enum):

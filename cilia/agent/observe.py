@@ -11,10 +11,9 @@ import logging
 import threading
 import time
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..bpf.datapath import DatapathEvent
-from ..dnsproxy.server import DNSRecord
 from ..envoy.accesslog import AccessRecord
 from ..envoy.l7service import ConnectionInfo
 from ..l7parsers.base import Record
@@ -24,6 +23,9 @@ from ..ring import SeqRing
 from .flows import (Flow, FlowFile, FlowFilter, Who, from_access, from_datapath, from_dns, from_l7, names_of_services,
                     unknown_pods)
 from .metrics import Metrics
+
+if TYPE_CHECKING:
+    from ..dnsproxy.server import DNSRecord  # a type only: the agent's flows need no dnspython
 
 _log = logging.getLogger(__name__)
 

@@ -202,7 +202,7 @@ def _format(_ctx: click.Context, _param: click.Parameter, value: str) -> str:
 @click.option("--verdict", "verdicts", multiple=True, help=f"Only these verdicts ({', '.join(VERDICTS)}; repeatable).")
 @click.option("--type", "-t", "types", multiple=True, help=f"Only these event types ({', '.join(TYPES)}).")
 @click.option("--protocol", "protocols", multiple=True,
-              help="Only this kind (http, kafka, cassandra, memcache, l3/l4, ...) or L4 protocol (tcp, udp, icmp).")
+              help="Only this kind (http, kafka, cassandra, memcache, dns, l3/l4...) or L4 protocol (tcp, udp, icmp).")
 @click.option("--http-status", "http_status", multiple=True, help="HTTP status code (403) or class (4+).")
 @click.option("--http-method", "http_methods", multiple=True, help="HTTP method (repeatable).")
 @click.option("--http-path", "http_paths", multiple=True, help="HTTP path regular expression (repeatable).")

@@ -87,6 +87,8 @@ def test_allowed_name_answered_denied_refused_never_forwarded(node: DnsNode) -> 
     denied = dns_flows(node, "denied.test")[-1]
     assert denied["verdict"] == "DROPPED" and denied["rule"].startswith("default deny")
     assert denied["l7"]["rcode"] == "Refused"
+    only_dns = node.node.ok("observe", "--last", "10000", "--protocol", "dns", "-o", "json").out.splitlines()
+    assert only_dns and all(json.loads(line)["flow"]["l7"]["dns"] for line in only_dns)  # Hubble's l7.dns
 
 
 def test_other_endpoints_dns_is_not_redirected(node: DnsNode) -> None:
