@@ -21,7 +21,8 @@ from ..policy.identity import LOCAL_CIDR_BASE, MIN_ALLOCATED
 from ..policy.flows import GenericL7Request, HTTPRequest, KafkaRequest, L7Request
 from ..policy.l7.kafka import parse_api_key
 from ..policy.labels import LabelSet
-from .flows import Flow, Verdict
+from .flow import Flow, Verdict
+from .hubble import export_line
 
 _PROTOCOLS = {"TCP": Protocol.TCP, "UDP": Protocol.UDP, "SCTP": Protocol.SCTP, "ICMP": Protocol.ICMP,
               "ICMPV6": Protocol.ICMPV6}
@@ -125,7 +126,7 @@ def policy_diff(current: Sequence[Policy], candidate: Sequence[Policy],
         if now != then:
             changes.append(Change(seq, flow, now, then, rule, reason))
     return {"considered": len(flows), "replayed": replayed, "skipped": len(flows) - replayed,
-            "changed": [{"flow": c.flow.to_json(c.seq), "now": _word(c.now), "candidate": _word(c.candidate),
+            "changed": [{"flow": export_line(c.flow, c.seq), "now": _word(c.now), "candidate": _word(c.candidate),
                          "rule": c.rule, "reason": c.reason} for c in changes]}
 
 

@@ -24,8 +24,7 @@ import logging.handlers
 import os
 import re
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field, replace
-from enum import Enum
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -39,76 +38,14 @@ from ..policy.mapstate import MapState
 from ..policy.selectors import LabelSelector
 from ..policy.model import IPNetwork
 from ..services.model import Service
+from .flow import Flow, Peer, Verdict
 from .flowquery import HttpStatus
 from .hubble import export_line, pod_name, policy_match_type
 
+__all__ = ["Flow", "Peer", "Verdict"]  # the flow itself lives in .flow; importers of flows get it here too
+
 if TYPE_CHECKING:
     from ..dnsproxy.server import DNSRecord  # a type only: the agent's flows need no dnspython
-
-
-class Verdict(str, Enum):
-    FORWARDED = "FORWARDED"
-    DROPPED = "DROPPED"
-    REDIRECTED = "REDIRECTED"
-    AUDIT = "AUDIT"
-    ERROR = "ERROR"
-    TRACED = "TRACED"
-
-
-@dataclass(frozen=True, slots=True)
-class Peer:
-    address: str = ""
-    port: int = 0
-    identity: int | None = None
-    labels: tuple[str, ...] = ()
-    endpoint: str = ""
-
-    def to_json(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"address": self.address, "port": self.port, "identity": self.identity,
-                               "labels": list(self.labels)}
-        if self.endpoint:
-            out["endpoint"] = self.endpoint
-        return out
-
-
-@dataclass(frozen=True, slots=True)
-class Flow:
-    time: float
-    verdict: Verdict
-    kind: str  # l3/l4 | tcp | http | kafka | cassandra | memcache | <plugin>
-    source: Peer
-    destination: Peer
-    l4_protocol: str = "TCP"
-    direction: str = ""  # whose policy decided: the destination's ingress or the source's egress
-    drop_reason: str = ""
-    l7: Mapping[str, Any] = field(default_factory=dict)
-    rule: str = ""
-    endpoint: str = ""  # the endpoint whose policy decided
-    node: str = ""
-    listener: str = ""
-    proxy_port: int = 0
-    latency: float = 0.0  # HTTP: seconds from the request to the response sent
-    upstream_reply: float = 0.0  # HTTP: seconds until the upstream's reply arrived (0: none came)
-    match_type: int = 0  # L3/L4: Hubble's policy_match_type of the deciding entry (hubble.policy_match_type)
-    # through a service: the frontend the source addressed ("10.96.0.10:80"; destination is the
-    # backend) and the service's (namespace, name) if it has a name
-    service_frontend: str = ""
-    service: tuple[str, str] = ("", "")
-
-    @property
-    def type(self) -> str:
-        return "L3_L4" if self.kind in ("l3/l4", "tcp") else "L7"
-
-    @property
-    def event_type(self) -> str:
-        """Hubble's event type name (``--type``): l7, drop or policy-verdict."""
-        if self.type == "L7":
-            return "l7"
-        return "drop" if self.verdict is Verdict.DROPPED else "policy-verdict"
-
-    def to_json(self, seq: int) -> dict[str, Any]:
-        """Hubble's export line: ``{"flow": flow.Flow, "node_name", "time", "cilia": {ours}}``."""
-        return export_line(self, seq)
 
 
 # --- who is who ------------------------------------------------------------------------------
@@ -485,7 +422,7 @@ class FlowFile:
         self._handler.setFormatter(logging.Formatter("%(message)s"))
 
     def write(self, seq: int, flow: Flow) -> None:
-        record = logging.LogRecord("cilia.flows", logging.INFO, "", 0, json.dumps(flow.to_json(seq)), None, None)
+        record = logging.LogRecord("cilia.flows", logging.INFO, "", 0, json.dumps(export_line(flow, seq)), None, None)
         self._handler.handle(record)
 
     def close(self) -> None:

@@ -18,7 +18,7 @@ from ..policy.mapstate import ANY_IDENTITY, MAX_PORT, DirectionMapState
 from ..policy.model import Protocol
 
 if TYPE_CHECKING:
-    from .flows import Flow, Peer
+    from .flow import Flow, Peer
 
 # Our drop reasons (the datapath's texts, Envoy's refusals) as Hubble's DropReason: (code, name).
 DROP_REASONS = {

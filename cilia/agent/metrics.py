@@ -47,7 +47,7 @@ from .hubble import DROP_REASONS
 if TYPE_CHECKING:
     from ..bpf.datapath import DatapathEvent
     from ..dnsproxy.server import DNSRecord
-    from .flows import Flow
+    from .flow import Flow
 
 L7_RULES = ("received", "forwarded", "denied", "parse_errors")
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)

@@ -22,6 +22,7 @@ from ..services.model import Service
 from ..ring import SeqRing
 from .flows import (Flow, FlowFile, FlowFilter, Who, from_access, from_datapath, from_dns, from_l7, names_of_services,
                     unknown_pods)
+from .hubble import export_line
 from .metrics import Metrics
 
 if TYPE_CHECKING:
@@ -97,7 +98,7 @@ class Observer:
             items = [(n, f) for n, f in items if flow_filter.matches(f)]
         if limit is not None:
             items = items[-limit:] if limit > 0 else []
-        return {"last": self.flow_log.last_seq(), "flows": [f.to_json(n) for n, f in items]}
+        return {"last": self.flow_log.last_seq(), "flows": [export_line(f, n) for n, f in items]}
 
     def monitor(self, since: int | None, limit: int | None, wait: float) -> dict[str, Any]:
         items = self.monitor_log.since(since, limit, wait)

@@ -10,6 +10,7 @@ import time
 
 from tests.agent.hubble_fields import EXPORT_LINE, check
 
+from cilia.agent.hubble import export_line
 from cilia.agent.flows import Flow, Verdict, Who, names_of_services
 from cilia.cli.observe_cmds import compact
 from cilia.policy.labels import LabelSet
@@ -37,15 +38,15 @@ def test_who_names_services_by_frontend() -> None:
 
 
 def test_a_flow_through_a_service_shows_frontend_and_backend() -> None:
-    line = through("10.96.0.10:80").to_json(1)
+    line = export_line(through("10.96.0.10:80"), 1)
     assert check(line, EXPORT_LINE) == []
     assert line["flow"]["destination_service"] == {"name": "deathstar", "namespace": "default"}
     assert line["flow"]["IP"]["destination"] == "10.0.0.10"
     assert line["cilia"]["service_frontend"] == "10.96.0.10:80"
     assert "-> 10.96.0.10:80 (svc default/deathstar) -> deathstar:8080 (ID:301) policy-verdict" in compact(line)
-    unnamed = through("10.96.0.30:53").to_json(2)
+    unnamed = export_line(through("10.96.0.30:53"), 2)
     assert "destination_service" not in unnamed["flow"]
     assert "-> 10.96.0.30:53 -> deathstar:8080 (ID:301)" in compact(unnamed)
     direct = Flow(time.time(), Verdict.FORWARDED, "l3/l4", WHO.peer("10.0.0.11", 40000), WHO.peer("10.0.0.10", 8080))
-    assert "service_frontend" not in direct.to_json(3)["cilia"]
-    assert "destination_service" not in direct.to_json(3)["flow"]
+    assert "service_frontend" not in export_line(direct, 3)["cilia"]
+    assert "destination_service" not in export_line(direct, 3)["flow"]

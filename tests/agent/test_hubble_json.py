@@ -14,6 +14,7 @@ from tests.agent.hubble_fields import EXPORT_LINE, check
 from cilia.agent.api import flow_filter
 from cilia.agent.daemon import AgentError
 from cilia.agent.daemon import Agent, AgentConfig
+from cilia.agent.hubble import export_line
 from cilia.agent.flows import Verdict, Who, from_access, from_datapath, from_l7
 from cilia.agent.hubble import policy_match_type
 from cilia.agent.metrics import Metrics
@@ -60,7 +61,7 @@ def test_every_source_renders_as_hubble_flow_json() -> None:
              from_l7(NOW, INFO, _l7("kafka", {"api_key": "produce", "api_version": "5", "topic": "deathstar-plans",
                                               "correlation_id": "7", "client_id": "c"},
                                      Decision(False, "", "no rule")), WHO, "n1")]
-    lines = [f.to_json(i) for i, f in enumerate(flows, 1)]
+    lines = [export_line(f, i) for i, f in enumerate(flows, 1)]
     for line in lines:
         assert check(line, EXPORT_LINE) == [], line
     denied = lines[0]["flow"]
@@ -91,7 +92,7 @@ def test_cassandra_version_fallback_is_a_negotiation_not_a_drop() -> None:
                     Decision(False, "", "protocol version 5 is refused so that the client falls back"), True)
     flow = from_l7(NOW, info, record, WHO, "n1")
     assert flow.verdict is Verdict.TRACED and flow.drop_reason == ""
-    line = flow.to_json(1)
+    line = export_line(flow, 1)
     assert check(line, EXPORT_LINE) == [] and line["flow"]["verdict"] == "TRACED"
     assert "protocol version 5" in line["cilia"]["l7"]["negotiation"]
 
@@ -178,10 +179,10 @@ def test_policy_match_type_names_the_deciding_entry(tmp_path: Path) -> None:
              ("10.0.0.10", "10.0.0.13", 80, "probe-ingress-80", 4),  # no policy selects the probe: all
              ("10.0.0.13", "10.0.0.10", 80, "deathstar-ingress-80", 0)]  # nothing allows it: none
     for source, destination, port, log_name, expected in cases:
-        line = from_access(_connection(source, destination, port, log_name), who).to_json(1)
+        line = export_line(from_access(_connection(source, destination, port, log_name), who), 1)
         assert check(line, EXPORT_LINE) == [], line
         assert line["flow"].get("policy_match_type", 0) == expected, (source, destination, port)
-    assert "policy_match_type" not in from_access(_http(True), who).to_json(1)["flow"]  # L7: not a verdict of L3/L4
+    assert "policy_match_type" not in export_line(from_access(_http(True), who), 1)["flow"]  # L7: no L3/L4 verdict
 
 
 def test_policy_match_type_of_protocol_entries() -> None:
