@@ -6,9 +6,9 @@ when no controller fails and no proxy's rejection of a config still stands.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Mapping
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..bpf.datapath import DROP_REASONS
@@ -82,7 +82,7 @@ def debug_info(agent: Agent, flows: int = 1000) -> dict[str, Any]:
                            "services": render(agent.services()),
                            "flows": agent.flows(limit=flows),
                            "monitor": agent.monitor(None, flows, 0.0)}
-    out["config"] = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(agent.config).items()}
+    out["config"] = {k: _plain(v) for k, v in vars(agent.config).items()}
     with agent.lock:
         out["sources"] = [{"path": src.path, "text": src.text, "audit": src.audit,
                            "policies": sorted("/".join(k) for k in src.keys)} for src in agent.state.sources]
@@ -187,3 +187,17 @@ def nack_stands(st: AckState) -> bool:
         return False
     nacked, acked = version_key(st.nacked), version_key(st.acked)
     return acked is None or nacked is None or acked[0] != nacked[0] or acked[1] < nacked[1]
+
+
+def _plain(value: Any) -> Any:
+    """A config value as JSON holds it: nested settings (dataclasses) as objects, paths and
+    anything else JSON has no type for as text."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: _plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    return str(value)

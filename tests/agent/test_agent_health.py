@@ -90,7 +90,7 @@ def test_bugtool_archive(agent: Agent, tmp_path: Path) -> None:
     wait_flows(state, 1)
     out = tmp_path / "bug.tar.gz"
     res = run_cli(state, "bugtool", "--archive", str(out))
-    assert res.code == 0 and "wrote" in res.out
+    assert res.code == 0 and "wrote" in res.out, res.err
     with tarfile.open(out) as tar:
         names = {n.split("/", 1)[1]: n for n in tar.getnames()}
         assert {"status.json", "config.json", "policies.json", "endpoints.json", "identities.json", "services.json",
@@ -98,6 +98,8 @@ def test_bugtool_archive(agent: Agent, tmp_path: Path) -> None:
                 "policy-sources.json"} <= set(names)
         read = lambda n: tar.extractfile(names[n]).read().decode()  # type: ignore[union-attr]  # noqa: E731
         assert json.loads(read("status.json"))["revision"] >= 4
+        config = json.loads(read("config.json"))  # nested settings as objects, paths as text
+        assert config["fqdn"]["min_ttl"] == agent.config.fqdn.min_ttl and config["state_dir"] == str(state)
         assert any(f["flow"]["verdict"] == "DROPPED" for f in map(json.loads, read("flows.jsonl").splitlines()))
         dump = json.loads(read("envoy-config-dump.json"))
         assert "deathstar-ingress-80" in json.dumps(dump)
