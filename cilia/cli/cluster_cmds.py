@@ -1,4 +1,4 @@
-"""Commands about the cluster an agent with ``--kvstore`` belongs to: ``cilia node list``,
+"""Commands about the cluster an agent with ``--kvstore`` belongs to: ``cilia node list|get``,
 ``cilia health status`` (each other node's answers to this node's probes) and ``cilia kvstore get
 KEY`` / ``ls PREFIX`` (cilia's own keys, for debugging). All take ``-o json``."""
 
@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import click
 
-from .common import call_agent, emit, output_option, state_dir_option, table
+from .common import call_agent, emit, fail, output_option, state_dir_option, table
 
 
 @click.command("list")
@@ -19,6 +19,21 @@ def node_list_cmd(state_dir: str, output: str) -> None:
         ["NAME", "NODE IP", "POD CIDR", "HEALTH IP", ""],
         [(n["name"], n["ip"] or "-", n["pod_cidr"] or "-", n["health_ip"] or "-", "(this node)" if n["local"] else "")
          for n in p["nodes"]]))
+
+
+@click.command("get")
+@click.argument("name")
+@state_dir_option
+@output_option
+def node_get_cmd(name: str, state_dir: str, output: str) -> None:
+    """One node as announced in the kvstore: its IP, pod CIDR and health address."""
+    found = [n for n in call_agent(state_dir, lambda c: c.nodes())["nodes"] if n["name"] == name]
+    if not found:
+        fail(f"no node {name}")
+    emit(output, found[0], lambda n: "\n".join(
+        f"{k + ':':<11}{v}" for k, v in (("Name", n["name"] + (" (this node)" if n["local"] else "")),
+                                          ("Node IP", n["ip"] or "-"), ("Pod CIDR", n["pod_cidr"] or "-"),
+                                          ("Health IP", n["health_ip"] or "-"))))
 
 
 def _ms(result: dict[str, object]) -> str:
@@ -88,6 +103,7 @@ def register(cli: click.Group) -> None:
         """Nodes of the cluster (agents with --kvstore)."""
 
     node.add_command(node_list_cmd)
+    node.add_command(node_get_cmd)
 
     @cli.group("health")
     def health() -> None:

@@ -73,6 +73,11 @@ def test_two_agents_share_identities_and_endpoints_and_a_dead_ones_vanish(etcd3:
             nodes = run_cli(a.config.state_dir, "node", "list", "-o", "json").json()["nodes"]
             assert {(n["name"], n["ip"], n["local"]) for n in nodes} == {("node-a", "192.0.2.1", True),
                                                                          ("node-b", "192.0.2.2", False)}
+            node_b = run_cli(a.config.state_dir, "node", "get", "node-b", "-o", "json").json()
+            assert (node_b["name"], node_b["ip"], node_b["local"]) == ("node-b", "192.0.2.2", False)
+            assert "(this node)" in run_cli(a.config.state_dir, "node", "get", "node-a").out
+            missing = run_cli(a.config.state_dir, "node", "get", "node-z")
+            assert missing.code == 2 and "no node node-z" in missing.err
             wait_until("references mirrored", lambda: set(
                 {i["id"]: i for i in run_cli(a.config.state_dir, "identity", "list", "--cluster", "-o",
                                              "json").json()["identities"]}[tie_id]["nodes"]) == {"node-a", "node-b"})
