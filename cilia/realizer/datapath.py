@@ -10,12 +10,23 @@ from __future__ import annotations
 
 import ipaddress
 
+from types import MappingProxyType
+from typing import Any
+
 from ..bpf.node import EndpointPlan, NodeDatapath
 from ..policy.ipcache import IPCache
-from ..policy.model import IPNetwork
+from ..policy.mapstate import DirectionMapState, MapState
+from ..policy.model import Direction, IPNetwork
 from .desired import Desired
 
 WORLD = 2  # reserved:world, where an address in no prefix lands
+# An endpoint waiting for its cluster-wide identity (issue 13) is in the kernel as reserved:init
+# (Cilium's identity for it, the same on every node) with both directions enforced and no entry:
+# every packet from or to it is dropped until it is admitted with its identity and policy.
+INIT = 5
+_NOTHING: MappingProxyType[Any, Any] = MappingProxyType({})
+CLOSED = MapState(DirectionMapState(Direction.INGRESS, True, _NOTHING, _NOTHING),
+                  DirectionMapState(Direction.EGRESS, True, _NOTHING, _NOTHING))
 
 
 class DatapathSink:
@@ -35,6 +46,11 @@ class DatapathSink:
                 continue
             plans.append(EndpointPlan(name, ep.endpoint_id, v4[0], ep.interface, ep.identity, ep.map_state,
                                       ep.audit_ingress, ep.audit_egress))
+        for name, waiting in sorted(desired.waiting.items()):
+            v4 = [a for a in waiting.ips if ipaddress.ip_address(a).version == 4]
+            if waiting.interface is None or waiting.endpoint_id is None or not v4:
+                continue
+            plans.append(EndpointPlan(name, waiting.endpoint_id, v4[0], waiting.interface, INIT, CLOSED))
         self.node.sync(desired.ipcache, plans, desired.proxy_ports, _Lookup(desired.ipcache))
 
 

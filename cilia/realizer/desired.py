@@ -45,6 +45,17 @@ class EndpointState:
         return self.audit_ingress, self.audit_egress
 
 
+@dataclass(frozen=True, slots=True)
+class WaitingEndpoint:
+    """An endpoint accepted without a cluster-wide identity yet (issue 13: the kvstore unreachable):
+    the datapath attaches it with an empty policy (everything dropped), nothing else sees it."""
+
+    name: str
+    ips: tuple[str, ...]
+    interface: str | None = None
+    endpoint_id: int | None = None
+
+
 @dataclass(frozen=True)
 class Desired:
     """Everything realized at ``revision``."""
@@ -59,6 +70,7 @@ class Desired:
     # ``ipcache`` by identity, each identity's prefixes in address order (None: sinks derive it); an
     # identity's tuple is the same object while its prefixes stay, so sinks compare it by identity
     prefixes: Mapping[int, tuple[IPNetwork, ...]] | None = None
+    waiting: Mapping[str, WaitingEndpoint] = field(default_factory=dict)  # no identity yet: all dropped
 
     def is_changed(self, name: str) -> bool:
         return self.changed is None or name in self.changed
