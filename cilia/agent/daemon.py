@@ -566,7 +566,8 @@ class Agent:
                     created.delete()
                 raise AgentError(f"endpoint {spec.name}: {e}", 503) from None
             self.state.endpoints[spec.name] = spec
-            self.state.waiting.pop(spec.name, None)  # it had waited: it has its identity now
+            if self.state.waiting.pop(spec.name, None) is not None:  # it had waited: it has its identity now
+                self.pending.errors.pop(spec.name, None)
             self._give_endpoint_id(spec, before)
             revision = self._commit(change.endpoints | {spec.name})
             result = EndpointAdded(revision, self._endpoint_info(spec))
@@ -612,6 +613,7 @@ class Agent:
             self._give_endpoint_id(spec, before)
             _log.warning("endpoint %s waits for its cluster-wide identity (all its traffic dropped): %s",
                          spec.name, why)
+            self.pending.errors[spec.name] = str(why)
             revision = self._commit(())
             result = EndpointAdded(revision, self._waiting_info(spec))
         self.pending.kick()
@@ -633,7 +635,7 @@ class Agent:
         try:
             prepared = self._identity_prepared(name, endpoint)
         except IdentityUnavailable as e:
-            self.pending.last_error = str(e)
+            self.pending.errors[name] = str(e)
             return False
         with prepared, self.lock:
             if self.state.waiting.get(name) is not spec:
@@ -642,13 +644,13 @@ class Agent:
             try:
                 change = self.engine.upsert_endpoint(endpoint)
             except (L7ConflictError, IdentityUnavailable) as e:
-                self.pending.last_error = f"endpoint {name}: {e}"
+                self.pending.errors[name] = str(e)
                 self._error("endpoint", f"endpoint {name} still waits: {e}")
                 return False
             del self.state.waiting[name]
             self.state.endpoints[name] = spec
             revision = self._commit(change.endpoints | {name})
-        self.pending.last_error = ""
+        self.pending.errors.pop(name, None)
         _log.info("endpoint %s has its cluster-wide identity %d (revision %d)", name,
                   self.engine.identity_of(name).id, revision)
         try:
@@ -672,6 +674,7 @@ class Agent:
         with self.lock:
             waiting = self.state.waiting.pop(name, None)
             if waiting is not None:  # issue 13: never admitted, so nothing was allocated or published
+                self.pending.errors.pop(name, None)
                 self.state.endpoint_ids.pop(name, None)
                 revision = self._commit(())  # detaches it first
                 unplumb(waiting)

@@ -32,7 +32,7 @@ class PendingIdentities:
         self._wake = threading.Event()
         self._stopped = threading.Event()
         self._thread: threading.Thread | None = None
-        self.last_error = ""  # the last failed attempt's reason, for status
+        self.errors: dict[str, str] = {}  # endpoint -> why it still waits (the agent keeps it), for status
 
     def start(self) -> None:
         if self._thread is None:
@@ -52,6 +52,7 @@ class PendingIdentities:
 
     def _run(self) -> None:
         delay = self.backoff[0]
+        first = 0  # each round starts one endpoint further, so one that keeps failing blocks no other
         while not self._stopped.is_set():
             names = list(self._waiting())
             if not names:
@@ -62,13 +63,14 @@ class PendingIdentities:
             if self._stopped.wait(delay):  # the add that made it wait has just failed: not at once
                 return
             failed = False
-            for name in names:
+            first = (first + 1) % len(names)
+            for name in names[first:] + names[:first]:
                 try:
                     if not self._admit(name):
                         failed = True
                         break  # the store is still unreachable: the others would wait for it too
                 except Exception as e:  # noqa: BLE001  the loop must outlive one endpoint's bad luck
                     _log.warning("endpoint %s waiting for its identity: %s", name, e)
-                    self.last_error = f"{name}: {e}"
+                    self.errors[name] = str(e)
                     failed = True
             delay = min(delay * 2, self.backoff[1]) if failed else self.backoff[0]

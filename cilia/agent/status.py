@@ -58,11 +58,11 @@ def status(agent: Agent) -> dict[str, Any]:
                             "last_error": "; ".join(f"{k}: {v}" for k, v in kvstore["errors"].items())})
     waiting = agent.waiting_endpoints()  # issue 13: accepted without a cluster-wide identity, traffic dropped
     if waiting:
-        last = agent.pending.last_error
+        why = dict(agent.pending.errors)
         controllers.append({"name": "endpoint-identities", "status": "failing",
                             "last_error": f"{len(waiting)} endpoint(s) waiting for a cluster-wide identity "
-                                          f"(all their traffic dropped): {', '.join(waiting)}"
-                                          + (f"; last try: {last}" if last else "")})
+                                          "(all their traffic dropped): "
+                                          + ", ".join(f"{n} ({why[n]})" if n in why else n for n in waiting)})
     reasons = [f"proxy {p['node']} rejected {p['type']} {p['nacked']}: {p['nack']}" for p in proxies
                if p["nack"] and p["stream"] != "gone"]
     reasons += [f"{c['name']}: {c['last_error'] or c['status']}" for c in controllers if c["status"] != "ok"]

@@ -52,7 +52,7 @@ def test_api_calls_answer_while_an_endpoint_add_waits_for_a_dead_etcd(etcd1: Etc
         assert isinstance(outcome[0], EndpointAdded), outcome
         assert outcome[0].endpoint.identity is None and outcome[0].endpoint.state == "waiting-for-identity"
         assert [(e.spec.name, e.identity) for e in a.endpoints().endpoints] == [("new", None)]
-        assert "no cluster-wide identity" in a.pending.last_error or a.pending.last_error == ""
+        assert "no cluster-wide identity" in a.pending.errors["new"]  # why it waits, for status
 
 
 def test_other_nodes_endpoints_do_not_rewrite_state_json(etcd1: EtcdCluster, tmp_path: Path) -> None:
