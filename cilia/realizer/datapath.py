@@ -10,23 +10,12 @@ from __future__ import annotations
 
 import ipaddress
 
-from types import MappingProxyType
-from typing import Any
-
 from ..bpf.node import EndpointPlan, NodeDatapath
 from ..policy.ipcache import IPCache
-from ..policy.mapstate import DirectionMapState, MapState
-from ..policy.model import Direction, IPNetwork
-from .desired import Desired
+from ..policy.model import IPNetwork
+from .desired import CLOSED, INIT, Desired
 
 WORLD = 2  # reserved:world, where an address in no prefix lands
-# An endpoint waiting for its cluster-wide identity (issue 13) is in the kernel as reserved:init
-# (Cilium's identity for it, the same on every node) with both directions enforced and no entry:
-# every packet from or to it is dropped until it is admitted with its identity and policy.
-INIT = 5
-_NOTHING: MappingProxyType[Any, Any] = MappingProxyType({})
-CLOSED = MapState(DirectionMapState(Direction.INGRESS, True, _NOTHING, _NOTHING),
-                  DirectionMapState(Direction.EGRESS, True, _NOTHING, _NOTHING))
 
 
 class DatapathSink:

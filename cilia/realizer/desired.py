@@ -10,11 +10,21 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any
 
 from ..policy.labels import LabelSet
-from ..policy.mapstate import MapState
-from ..policy.model import IPNetwork
+from ..policy.mapstate import DirectionMapState, MapState
+from ..policy.model import Direction, IPNetwork
 from ..services.model import Service
+
+# An endpoint waiting for its cluster-wide identity (issue 13) is in the kernel as reserved:init
+# (Cilium's identity for it, the same on every node) with both directions enforced and no entry:
+# every packet from or to it is dropped until it is admitted with its identity and policy.
+INIT = 5
+_NOTHING: MappingProxyType[Any, Any] = MappingProxyType({})
+CLOSED = MapState(DirectionMapState(Direction.INGRESS, True, _NOTHING, _NOTHING),
+                  DirectionMapState(Direction.EGRESS, True, _NOTHING, _NOTHING))
 
 
 @dataclass(frozen=True, slots=True)

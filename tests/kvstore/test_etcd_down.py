@@ -141,6 +141,7 @@ def test_a_pod_added_while_etcd_is_down_is_dropped_in_the_kernel_until_it_has_it
             monitor.stop()
         assert drop["reason_text"] == "Policy denied" and drop["direction"] == "egress"
         assert drop["source"]["identity"] == 5 and "reserved:init" in drop["source"]["labels"]
+        assert drop["endpoint"] == "tiefighter" and drop["source"]["endpoint"] == "tiefighter"
         assert node.shoot("xwing", *LAND) == "200 Ship landed"  # what was known keeps its verdict
 
         etcd.start_all()
