@@ -8,6 +8,7 @@ from __future__ import annotations
 import ipaddress
 import threading
 import subprocess
+import uuid
 from pathlib import Path
 
 from cilia.agent.daemon import AgentError
@@ -19,6 +20,7 @@ from cilia.specs import EndpointSpec
 from tests.agent.agent_support import agent_in_process
 from tests.agent.bpf_agent_support import SHIPS, TIMEOUT, BpfAgentNode
 from tests.agent.test_agent_bpf import LAND
+from tests.agent.test_agent_cni import Runtime, _labels, _land
 from tests.helpers import ip, require_bpf
 from tests.kvstore.etcd_support import EtcdCluster
 from tests.kvstore.test_agents_etcd import kv, remote_identity, wait_until
@@ -102,11 +104,12 @@ def test_the_feed_merges_what_arrives_while_a_batch_is_applied() -> None:
 
 def test_a_pod_added_while_etcd_is_down_is_dropped_in_the_kernel_until_it_has_its_identity(tmp_path: Path) -> None:
     """Issue 13's proof: every etcd member stopped, existing traffic keeps its verdicts, a new pod
-    (its namespace and veth made) is accepted but waits for its identity with all its packets
-    dropped in the kernel, and once etcd is back it is admitted with a cluster-wide number (one
-    identity per label set in etcd) and reaches deathstar."""
+    (its namespace and veth made by `endpoint add --create-netns`, or by cilia-cni) is accepted but
+    waits for its identity with all its packets dropped in the kernel, and once etcd is back it is
+    admitted with a cluster-wide number (one identity per label set in etcd) and reaches deathstar."""
     require_bpf()
     node = BpfAgentNode(tmp_path)
+    runtime = Runtime(node, tmp_path)  # a container runtime calling cilia-cni
     etcd: EtcdCluster | None = None
     try:
         node.state_dir.mkdir(parents=True)
@@ -144,18 +147,32 @@ def test_a_pod_added_while_etcd_is_down_is_dropped_in_the_kernel_until_it_has_it
         assert drop["endpoint"] == "tiefighter" and drop["source"]["endpoint"] == "tiefighter"
         assert node.shoot("xwing", *LAND) == "200 Ship landed"  # what was known keeps its verdict
 
+        # a pod plugged in by the CNI plugin meanwhile: plumbed and accepted, waiting likewise
+        probe_ns, probe_id = runtime.sandbox("probe"), uuid.uuid4().hex
+        code, result = runtime.plugin("ADD", probe_id, probe_ns, "probe", runtime.config(**_labels("empire/probe")))
+        assert code == 0 and result is not None, result
+        assert runtime.plugin("CHECK", probe_id, probe_ns, "probe", {**runtime.config(), "prevResult": result}) \
+            == (0, None)
+        listed = {e["name"]: e for e in node.ok("endpoint", "list", "-o", "json").json()["endpoints"]}
+        assert listed["probe.default"]["state"] == "waiting-for-identity"
+        assert _land(node, probe_ns) == TIMEOUT
+
         etcd.start_all()
         wait_until("tiefighter admitted", lambda: {e["name"]: e for e in node.ok(
             "endpoint", "list", "-o", "json").json()["endpoints"]}["tiefighter"]["state"] == "ready", timeout=60)
         assert node.shoot("tiefighter", *LAND) == "200 Ship landed"
+        wait_until("the CNI pod admitted", lambda: {e["name"]: e for e in node.ok(
+            "endpoint", "list", "-o", "json").json()["endpoints"]}["probe.default"]["state"] == "ready", timeout=60)
+        assert _land(node, probe_ns) == "200 Ship landed"
         ids = {e["name"]: e["identity"] for e in node.ok("endpoint", "list", "-o", "json").json()["endpoints"]}
-        assert len(set(ids.values())) == 3 and all(256 <= i < 65536 for i in ids.values())
+        assert len(set(ids.values())) == 4 and all(256 <= i < 65536 for i in ids.values())
         # no duplicate identity: each ID key in etcd holds another label set, each label set one ID
         by_id, by_labels = _etcd_pairs(node.node, etcd, keys.ID), _etcd_pairs(node.node, etcd, keys.LABELS)
-        assert len(by_id) == len(set(by_id.values())) == len(by_labels) == 3
+        assert len(by_id) == len(set(by_id.values())) == len(by_labels) == 4
         assert {keys.parse_id_key(k) for k in by_id} == set(ids.values()) == {int(v) for v in by_labels.values()}
         assert node.cilia("status", "-o", "json").json()["waiting_for_identity"] == []
     finally:
+        runtime.cleanup()
         node.teardown()
         if etcd is not None:
             etcd.close()
