@@ -650,9 +650,9 @@ class Agent:
             del self.state.waiting[name]
             self.state.endpoints[name] = spec
             revision = self._commit(change.endpoints | {name})
-        self.pending.errors.pop(name, None)
-        _log.info("endpoint %s has its cluster-wide identity %d (revision %d)", name,
-                  self.engine.identity_of(name).id, revision)
+            self.pending.errors.pop(name, None)
+            _log.info("endpoint %s has its cluster-wide identity %d (revision %d)", name,
+                      self.engine.identity_of(name).id, revision)
         try:
             self._await_managed(revision, before)
         except AgentError as e:
@@ -781,7 +781,8 @@ class Agent:
             return Services(self.state.revision, self.state.services.ordered())
 
     def _check_service(self, service: Service, replacing: set[int]) -> None:
-        addresses = {ip: name for name, spec in self.state.endpoints.items() for ip in spec.ips}
+        addresses = {ip: name for table in (self.state.endpoints, self.state.waiting)
+                     for name, spec in table.items() for ip in spec.ips}
         table = self.state.services
         elsewhere = table.backends - sum(len(table[i].backends) for i in replacing if i in table)
         try:
