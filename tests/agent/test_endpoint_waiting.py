@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from prometheus_client import generate_latest
+
 from cilia.agent.api import render
 from cilia.agent.daemon import AgentError
 from cilia.agent.state import load_state
@@ -43,6 +45,9 @@ def test_an_endpoint_waits_for_its_identity_across_a_restart_and_is_admitted_in_
         assert a.engine.ipcache.lookup("10.216.1.11")[1] in (2, 9)
         status = a.status()
         assert not status["healthy"] and status["waiting_for_identity"] == ["late"]
+        metrics = generate_latest(a.metrics.registry).decode()
+        assert 'cilia_endpoint_state{endpoint_state="waiting-for-identity"} 1.0' in metrics
+        assert 'cilia_endpoint_state{endpoint_state="ready"} 1.0' in metrics
         assert any("waiting for a cluster-wide identity" in r and "late" in r for r in status["reasons"])
         # a ready endpoint is not taken away by the outage: replacing it with new labels is refused
         try:
