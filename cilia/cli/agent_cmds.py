@@ -370,7 +370,9 @@ def _status_text(s: dict[str, Any]) -> str:
     envoy = s["envoy"]
     lines = [f"Health:      {'Ok' if s['healthy'] else 'Degraded'}",
              f"Revision:    {s['revision']}",
-             f"Policies:    {s['policies']}   Endpoints: {s['endpoints']}   Identities: {s['identities']}"
+             f"Policies:    {s['policies']}   Endpoints: {s['endpoints']}"
+             + (f" (+{len(s['waiting_for_identity'])} waiting for identity)" if s.get("waiting_for_identity") else "")
+             + f"   Identities: {s['identities']}"
              + (f"   Services: {s['services']}" if s.get("services") else ""),
              f"Envoy:       {envoy['mode']}" + (f", {envoy['state']}, pid {envoy['pid']}, restarts {envoy['restarts']}"
                                                if "state" in envoy else "")

@@ -134,7 +134,8 @@ def test_a_pod_added_while_etcd_is_down_is_dropped_in_the_kernel_until_it_has_it
         assert "waiting-for-identity" in node.ok("endpoint", "get", "tiefighter").out
         status = node.cilia("status", "-o", "json").json()
         assert status["waiting_for_identity"] == ["tiefighter"] and not status["healthy"]
-        assert "tiefighter" in node.cilia("status").out  # the Degraded line names it
+        text = node.cilia("status").out
+        assert "(+1 waiting for identity)" in text and "tiefighter" in text  # the Degraded line names it
 
         monitor = node.monitor("--type", "drop")
         try:
