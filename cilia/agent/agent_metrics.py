@@ -3,7 +3,7 @@
 | metric | labels | what |
 |---|---|---|
 | ``cilia_identity`` | type | identities by kind (endpoint, cidr, reserved) |
-| ``cilia_endpoint_state`` | endpoint_state | endpoints by state (``ready``: its policy is published) |
+| ``cilia_endpoint_state`` | endpoint_state | endpoints by state (ready, waiting-for-identity: all dropped) |
 | ``cilia_policy_endpoint_enforcement_status`` | enforcement | endpoints by enforced directions |
 | ``cilia_bpf_map_pressure`` | map_name | fill ratio of the BPF datapath's hash and LPM maps |
 | ``cilia_lb_service_*_total`` | service_id, frontend, name | connections, packets, bytes, no_backend_drops |
@@ -57,7 +57,9 @@ class AgentStateCollector(Collector):
             by_kind.add_metric([kind], n)
         yield by_kind
         state = GaugeMetricFamily("cilia_endpoint_state", "Endpoints by state", labels=["endpoint_state"])
-        state.add_metric(["ready"], len(endpoints))
+        by_state = Counter(e.get("state", "ready") for e in endpoints)
+        for word in sorted({"ready", *by_state}):  # waiting-for-identity: issue 13's, no identity yet
+            state.add_metric([word], by_state[word])
         yield state
         enforced = GaugeMetricFamily("cilia_policy_endpoint_enforcement_status",
                                      "Endpoints by the directions their policy is enforced in", labels=["enforcement"])

@@ -67,17 +67,18 @@ def cleanup(state_dir: Path) -> list[str]:
         bpf_node.cleanup(pin_dir, interfaces)
         done.append(f"detached the datapath from {len(interfaces)} interface(s), removed {pin_dir} and the "
                     "proxy route")
-    for name, spec in sorted(state.endpoints.items()):
-        if spec.managed and spec.netns and spec.interface:
-            ns = Namespace(spec.netns, spec.ips[0], spec.interface)
-            ns.created = True
-            ns.delete()
-            del state.endpoints[name]
-            done.append(f"removed endpoint {name} and its namespace {spec.netns}")
+    for table in (state.endpoints, state.waiting):  # waiting: accepted without an identity (issue 13)
+        for name, spec in sorted(table.items()):
+            if spec.managed and spec.netns and spec.interface:
+                ns = Namespace(spec.netns, spec.ips[0], spec.interface)
+                ns.created = True
+                ns.delete()
+                del table[name]
+                done.append(f"removed endpoint {name} and its namespace {spec.netns}")
     if record.get("router_ip"):
         del_host_address(record["router_ip"])
         done.append(f"removed the router address {record['router_ip']} from lo")
-    state.endpoint_ids = {k: v for k, v in state.endpoint_ids.items() if k in state.endpoints}
+    state.endpoint_ids = {k: v for k, v in state.endpoint_ids.items() if k in state.endpoints or k in state.waiting}
     state.proxy_ports = {}
     save_state(state_dir, state)
     record_path.unlink(missing_ok=True)

@@ -62,6 +62,7 @@ from ..policy.labels import endpoint_labels
 from ..policy.parse import check_unique
 from ..policy.toservices import ServiceView
 from ..realizer import Desired, EndpointState, PortMap, Realizer
+from ..realizer.desired import WaitingEndpoint
 from ..realizer.datapath import DatapathSink
 from ..realizer.services import ServiceSink
 from ..realizer.l7views import L7ViewSink
@@ -94,6 +95,7 @@ from .results import (
 )
 from ..services.model import Service
 from ..services.validate import MAX_SERVICE_ID, ServiceError, check_services
+from .pending import READY, WAITING_FOR_IDENTITY, PendingIdentities
 from .sidecar_guard import SidecarGuard
 from .plumbing import PlumbingError, free_endpoint_id, plumb, unplumb
 from .state import PolicySource, StateWriter
@@ -200,6 +202,7 @@ class _Before:
     endpoint_ids: dict[str, int] = field(default_factory=dict)
     created: list[Namespace] = field(default_factory=list)
     services: dict[int, Service | None] = field(default_factory=dict)
+    waiting: dict[str, EndpointSpec | None] = field(default_factory=dict)  # issue 13: endpoints with no identity
 
 
 class Agent:
@@ -275,6 +278,8 @@ class Agent:
         self.admin_address: str | None = None
         self.reverted: dict[int, str] = {}  # revision -> why: the managed Envoy rejected it and it was reverted
         self.fqdn = FqdnLearner(self, config.fqdn)  # toFQDNs (issue 17)
+        # issue 13: endpoints accepted while no cluster-wide identity could be had, admitted once it can
+        self.pending = PendingIdentities(self._waiting_names, self._admit_waiting)
         self._replay()
 
     @property
@@ -317,6 +322,7 @@ class Agent:
                 self._start_datapath()
             if self.cluster is not None:  # kvstore (issue 13): publish this node's endpoints, receive the others'
                 self.cluster.attach(self)
+            self.pending.start()  # endpoints a restarted agent finds waiting are tried again
             self.fqdn.start()  # toFQDNs (issue 17): expire learned addresses
             for sock in (self.config.xds_socket, self.config.accesslog_socket, *self.config.l7_sockets):
                 sock.unlink(missing_ok=True)
@@ -413,6 +419,7 @@ class Agent:
                 self.node.stop()
             if self.guard is not None and self.config.envoy == "managed":  # its Envoy is gone too; sidecars
                 self.guard.close()  # of their own (external) keep enforcing, so their app ports stay closed
+            self.pending.stop()
             if self.cluster is not None:  # kvstore (issue 13)
                 self.cluster.stop()
             self.fqdn.stop()
@@ -532,16 +539,18 @@ class Agent:
         except (ValueError, PolicyError) as e:
             raise AgentError(f"endpoint {spec.name}: {e}") from None
         # kvstore (issue 13): the cluster-wide identity is allocated before the lock is taken (the
-        # store's I/O never blocks other API calls); unreachable: 503, never a node-local number
-        with self._identity_prepared(spec.name, endpoint), self.lock:
-            frontends = {s.frontend.address: s for s in self.state.services.values()}
-            for ip in spec.ips:
-                if ip in frontends:
-                    raise AgentError(f"endpoint {spec.name}: ips: {ip} is service {frontends[ip].id}'s frontend "
-                                     f"({frontends[ip].frontend})")
+        # store's I/O never blocks other API calls); unreachable: the endpoint waits for it with its
+        # traffic dropped, never a node-local number
+        try:
+            prepared = self._identity_prepared(spec.name, endpoint)
+        except IdentityUnavailable as e:
+            return self._add_waiting(spec, e)
+        with prepared, self.lock:
+            self._check_frontends(spec)
             before = self._before(endpoints={spec.name})
+            previous = self.state.endpoints.get(spec.name) or self.state.waiting.get(spec.name)
             try:
-                spec, created = plumb(spec, self.state.endpoints.get(spec.name), self.config.router_ip)
+                spec, created = plumb(spec, previous, self.config.router_ip)
             except PlumbingError as e:
                 raise AgentError(f"endpoint {spec.name}: {e}") from None
             if created is not None:
@@ -557,31 +566,119 @@ class Agent:
                     created.delete()
                 raise AgentError(f"endpoint {spec.name}: {e}", 503) from None
             self.state.endpoints[spec.name] = spec
-            if spec.interface is not None and spec.name not in self.state.endpoint_ids:
-                try:
-                    self.state.endpoint_ids[spec.name] = free_endpoint_id(self.state.endpoint_ids.values())
-                except PlumbingError as e:
-                    self._restore(before)
-                    raise AgentError(str(e), 409) from None
+            if self.state.waiting.pop(spec.name, None) is not None:  # it had waited: it has its identity now
+                self.pending.errors.pop(spec.name, None)
+            self._give_endpoint_id(spec, before)
             revision = self._commit(change.endpoints | {spec.name})
             result = EndpointAdded(revision, self._endpoint_info(spec))
         self._await_managed(revision, before)
         return result
 
+    def _check_frontends(self, spec: EndpointSpec) -> None:
+        frontends = {s.frontend.address: s for s in self.state.services.values()}
+        for ip in spec.ips:
+            if ip in frontends:
+                raise AgentError(f"endpoint {spec.name}: ips: {ip} is service {frontends[ip].id}'s frontend "
+                                 f"({frontends[ip].frontend})")
+
+    def _give_endpoint_id(self, spec: EndpointSpec, before: _Before) -> None:
+        """(lock held) An endpoint with an interface gets its BPF policy map's index; none free: the
+        mutation is undone (409)."""
+        if spec.interface is None or spec.name in self.state.endpoint_ids:
+            return
+        try:
+            self.state.endpoint_ids[spec.name] = free_endpoint_id(self.state.endpoint_ids.values())
+        except PlumbingError as e:
+            self._restore(before)
+            raise AgentError(str(e), 409) from None
+
+    def _add_waiting(self, spec: EndpointSpec, why: IdentityUnavailable) -> EndpointAdded:
+        """Accept ``spec`` without an identity (issue 13): recorded (it survives a restart), its
+        namespace and veth made, in the kernel with an empty policy (every packet from or to it
+        dropped), not in the engine, so nothing is published and Envoy gets nothing for it. The
+        retry loop admits it once its cluster-wide identity can be allocated. A ready endpoint being
+        replaced keeps what it has instead (503): nothing it had is taken away by an outage."""
+        with self.lock:
+            if spec.name in self.state.endpoints:
+                raise AgentError(f"endpoint {spec.name}: {why}; the endpoint keeps its current identity", 503)
+            self._check_frontends(spec)
+            before = self._before(endpoints={spec.name})
+            try:
+                spec, created = plumb(spec, self.state.waiting.get(spec.name), self.config.router_ip)
+            except PlumbingError as e:
+                raise AgentError(f"endpoint {spec.name}: {e}") from None
+            if created is not None:
+                before.created.append(created)
+            self.state.waiting[spec.name] = spec
+            self._give_endpoint_id(spec, before)
+            _log.warning("endpoint %s waits for its cluster-wide identity (all its traffic dropped): %s",
+                         spec.name, why)
+            self.pending.errors[spec.name] = str(why)
+            revision = self._commit(())
+            result = EndpointAdded(revision, self._waiting_info(spec))
+        self.pending.kick()
+        return result
+
+    def _waiting_names(self) -> list[str]:
+        with self.lock:
+            return list(self.state.waiting)
+
+    def _admit_waiting(self, name: str) -> bool:
+        """The retry loop's try for one waiting endpoint: allocate its identity (outside the lock),
+        then admit it through the normal commit path, in one revision. True when it is done with
+        (admitted, or deleted or replaced meanwhile); False while the identity cannot be had."""
+        with self.lock:
+            spec = self.state.waiting.get(name)
+        if spec is None:
+            return True  # deleted meanwhile: nothing is allocated
+        endpoint = _endpoint(spec)
+        try:
+            prepared = self._identity_prepared(name, endpoint)
+        except IdentityUnavailable as e:
+            self.pending.errors[name] = str(e)
+            return False
+        with prepared, self.lock:
+            if self.state.waiting.get(name) is not spec:
+                return True  # deleted or replaced while the identity was allocated: the pin is let go
+            before = self._before(endpoints={name})
+            try:
+                change = self.engine.upsert_endpoint(endpoint)
+            except (L7ConflictError, IdentityUnavailable) as e:
+                self.pending.errors[name] = str(e)
+                self._error("endpoint", f"endpoint {name} still waits: {e}")
+                return False
+            del self.state.waiting[name]
+            self.state.endpoints[name] = spec
+            revision = self._commit(change.endpoints | {name})
+            self.pending.errors.pop(name, None)
+            _log.info("endpoint %s has its cluster-wide identity %d (revision %d)", name,
+                      self.engine.identity_of(name).id, revision)
+        try:
+            self._await_managed(revision, before)
+        except AgentError as e:
+            self._error("endpoint", f"endpoint {name}: {e}")
+        return True
+
     def _identity_prepared(self, name: str, endpoint: Endpoint) -> AbstractContextManager[object]:
-        """A cluster-wide allocator's ``prepare`` (kvstore, CRD mode): the identity allocated now."""
+        """A cluster-wide allocator's ``prepare`` (kvstore, CRD mode): the identity allocated now.
+        Raises ``IdentityUnavailable`` when its store cannot be reached."""
         prepare = getattr(self.engine.allocator, "prepare", None)
         if prepare is None:
             return nullcontext()
         try:
             return prepare(endpoint_labels(endpoint.labels))  # type: ignore[no-any-return]
-        except IdentityUnavailable as e:
-            raise AgentError(f"endpoint {name}: {e}", 503) from None
         except ValueError as e:
             raise AgentError(f"endpoint {name}: {e}") from None
 
     def remove_endpoint(self, name: str) -> Revision:
         with self.lock:
+            waiting = self.state.waiting.pop(name, None)
+            if waiting is not None:  # issue 13: never admitted, so nothing was allocated or published
+                self.pending.errors.pop(name, None)
+                self.state.endpoint_ids.pop(name, None)
+                revision = self._commit(())  # detaches it first
+                unplumb(waiting)
+                return Revision(revision)
             if name not in self.state.endpoints:
                 raise AgentError(f"no endpoint named {name}", 404)
             change = self.engine.remove_endpoint(name)
@@ -593,13 +690,26 @@ class Agent:
 
     def endpoints(self) -> Endpoints:
         with self.lock:
-            return Endpoints(tuple(self._endpoint_info(s) for _, s in sorted(self.state.endpoints.items())))
+            infos = [self._endpoint_info(s) for s in self.state.endpoints.values()]
+            infos += [self._waiting_info(s) for s in self.state.waiting.values()]
+            return Endpoints(tuple(sorted(infos, key=lambda i: i.spec.name)))
 
     def _endpoint_info(self, spec: EndpointSpec) -> EndpointInfo:
         ident = self.engine.identity_of(spec.name)
         ms = self.engine.endpoint_policy(spec.name).map_state
         return EndpointInfo(spec, ident.id, tuple(ident.labels.to_list()), ms.ingress.enforced, ms.egress.enforced,
-                            *self.audit_of(spec.name))
+                            *self.audit_of(spec.name), state=READY)
+
+    @staticmethod
+    def _waiting_info(spec: EndpointSpec) -> EndpointInfo:
+        """No identity number; the labels it will have; both directions closed."""
+        labels = endpoint_labels(_endpoint(spec).labels)
+        return EndpointInfo(spec, None, tuple(labels.to_list()), True, True, False, False,
+                            state=WAITING_FOR_IDENTITY)
+
+    def waiting_endpoints(self) -> list[str]:
+        """Endpoints waiting for a cluster-wide identity (issue 13), for status and health."""
+        return sorted(self._waiting_names())
 
     def identities(self) -> Identities:
         with self.lock:
@@ -671,7 +781,8 @@ class Agent:
             return Services(self.state.revision, self.state.services.ordered())
 
     def _check_service(self, service: Service, replacing: set[int]) -> None:
-        addresses = {ip: name for name, spec in self.state.endpoints.items() for ip in spec.ips}
+        addresses = {ip: name for table in (self.state.endpoints, self.state.waiting)
+                     for name, spec in table.items() for ip in spec.ips}
         table = self.state.services
         elsewhere = table.backends - sum(len(table[i].backends) for i in replacing if i in table)
         try:
@@ -762,17 +873,22 @@ class Agent:
                 spec.interface, self.state.endpoint_ids.get(name), ingress, egress)
         moved = None if changed is None else frozenset(
             n for n in changed | (previous.keys() - endpoints.keys()) | (endpoints.keys() - previous.keys()))
+        waiting = {name: WaitingEndpoint(name, tuple(spec.ips), spec.interface, self.state.endpoint_ids.get(name))
+                   for name, spec in self.state.waiting.items()}
         return Desired(self.state.revision, endpoints, tuple(self.engine.ipcache.items()),
                        self.engine.identity_labels(), changed=moved,
-                       prefixes=self.engine.ipcache.by_identity(), services=self.state.services.ordered())
+                       prefixes=self.engine.ipcache.by_identity(), services=self.state.services.ordered(),
+                       waiting=waiting)
 
     def _before(self, policies: Iterable[PolicyKey] = (), endpoints: Iterable[str] = (),
                 services: Iterable[int] = ()) -> _Before:
         current = {p.key: p for p in self.engine.policies()}
         sources = [replace(s, keys=set(s.keys)) for s in self.state.sources]  # what _restore puts back
+        names = list(endpoints)
         return _Before({k: current.get(k) for k in policies}, sources,
-                       {n: self.state.endpoints.get(n) for n in endpoints}, dict(self.state.endpoint_ids),
-                       services={i: self.state.services.get(i) for i in services})
+                       {n: self.state.endpoints.get(n) for n in names}, dict(self.state.endpoint_ids),
+                       services={i: self.state.services.get(i) for i in services},
+                       waiting={n: self.state.waiting.get(n) for n in names})
 
     def _restore(self, before: _Before) -> None:
         """Put back what a mutation replaced (lock held); its namespaces are removed."""
@@ -792,6 +908,11 @@ class Agent:
             else:
                 self.engine.upsert_endpoint(_endpoint(spec))
                 self.state.endpoints[name] = spec
+        for name, waiting in before.waiting.items():
+            if waiting is None:
+                self.state.waiting.pop(name, None)
+            else:
+                self.state.waiting[name] = waiting
         if before.endpoints:
             self.state.endpoint_ids = before.endpoint_ids
         if before.services:
@@ -949,7 +1070,7 @@ class Agent:
     def bpf_policy(self, name: str) -> dict[str, Any]:
         """An endpoint's policy map as the kernel holds it, with counters (``cilia bpf policy get``)."""
         with self.lock:
-            spec = self.state.endpoints.get(name)
+            spec = self.state.endpoints.get(name) or self.state.waiting.get(name)
             if spec is None:
                 raise AgentError(f"no endpoint named {name}", 404)
             if self.node is None or not self.node.started:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
@@ -17,7 +18,9 @@ from ..bpf.datapath import DatapathEvent
 from ..envoy.accesslog import AccessRecord
 from ..envoy.l7service import ConnectionInfo
 from ..l7parsers.base import Record
+from ..policy.mapstate import MapState
 from ..realizer import Desired
+from ..realizer.desired import CLOSED, INIT
 from ..services.model import Service
 from ..ring import SeqRing
 from .flows import (Flow, FlowFile, FlowFilter, Who, from_access, from_datapath, from_dns, from_l7, names_of_services,
@@ -117,24 +120,45 @@ class FlowNames:
         self._empty = observer.who  # until the first revision: made whole then
         self._services: tuple[Service, ...] = ()
         self._service_names: dict[str, tuple[str, str]] = {}
+        self._waiting: dict[str, _Named] = {}
 
     def realize(self, desired: Desired) -> None:
-        eps = desired.endpoints
         services_moved = desired.services is not self._services  # the same tuple while the services stay
         if services_moved:
             self._services, self._service_names = desired.services, names_of_services(desired.services)
+        # endpoints waiting for their identity (issue 13) are named too: as reserved:init, all closed
+        waiting = {n: _Named(w.ips, INIT, w.endpoint_id, CLOSED) for n, w in desired.waiting.items()}
         if desired.changed is None or self.observer.who is self._empty:
+            eps = {n: _Named(ep.ips, ep.identity, ep.endpoint_id, ep.map_state)
+                   for n, ep in desired.endpoints.items()} | waiting
             self.observer.who = Who({n: (ep.ips, ep.identity) for n, ep in eps.items()}, desired.labels,
                                     desired.ipcache,
                                     {ep.endpoint_id: n for n, ep in eps.items() if ep.endpoint_id is not None},
                                     {n: ep.map_state for n, ep in eps.items()}, self._service_names)
+            self._waiting = waiting
             return
-        changed = {n: eps[n] if n in eps else None for n in desired.changed}
+        changed: dict[str, _Named | None] = {n: waiting.get(n) for n in self._waiting.keys() | waiting.keys()
+                                             if self._waiting.get(n) != waiting.get(n)}
+        for n in desired.changed:
+            ep = desired.endpoints.get(n)
+            changed[n] = _Named(ep.ips, ep.identity, ep.endpoint_id, ep.map_state) if ep is not None \
+                else waiting.get(n)
+        self._waiting = waiting
         self.observer.who = self.observer.who.changed(
             {n: (ep.ips, ep.identity) if ep is not None else None for n, ep in changed.items()}, desired.labels,
             desired.ipcache, {n: ep.endpoint_id if ep is not None else None for n, ep in changed.items()},
             {n: ep.map_state if ep is not None else None for n, ep in changed.items()},
             self._service_names if services_moved else None)
+
+
+@dataclass(frozen=True, slots=True)
+class _Named:
+    """What ``Who`` needs of an endpoint, ready or waiting for its identity."""
+
+    ips: tuple[str, ...]
+    identity: int
+    endpoint_id: int | None
+    map_state: MapState
 
 
 def _event_json(ev: DatapathEvent, who: Who) -> dict[str, Any]:

@@ -46,7 +46,7 @@ def _deleted(r: PoliciesDeleted) -> dict[str, Any]:
 
 @render.register
 def _endpoint(e: EndpointInfo) -> dict[str, Any]:
-    return {**e.spec.to_json(), "identity": e.identity, "identity_labels": list(e.identity_labels),
+    return {**e.spec.to_json(), "identity": e.identity, "state": e.state, "identity_labels": list(e.identity_labels),
             "enforcement": {"ingress": e.enforced_ingress, "egress": e.enforced_egress},
             "audit_mode": {"ingress": e.audit_ingress, "egress": e.audit_egress}}
 

@@ -39,12 +39,13 @@ class PoliciesDeleted:
 @dataclass(frozen=True)
 class EndpointInfo:
     spec: EndpointSpec
-    identity: int
+    identity: int | None  # None while it waits for a cluster-wide identity (issue 13)
     identity_labels: tuple[str, ...]
     enforced_ingress: bool
     enforced_egress: bool
     audit_ingress: bool
     audit_egress: bool
+    state: str = "ready"  # or "waiting-for-identity" (Cilium's endpoint states): all its traffic dropped
 
 
 @dataclass(frozen=True)

@@ -91,6 +91,9 @@ class AgentState:
     endpoint_ids: dict[str, int] = field(default_factory=dict)
     proxy_ports: dict[str, int] = field(default_factory=dict)  # "ingress/80" -> 10000
     services: ServiceTable = field(default_factory=ServiceTable)  # by id (issue 16)
+    # issue 13: endpoints accepted while no cluster-wide identity could be had (the kvstore
+    # unreachable): not in the engine, nothing published, their BPF policy empty until admitted
+    waiting: dict[str, EndpointSpec] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not isinstance(self.services, ServiceTable):
@@ -120,6 +123,7 @@ class AgentState:
             "endpoint_ids": self.endpoint_ids,
             "proxy_ports": self.proxy_ports,
             "services": [service_to_json(v) for v in self.services.ordered()],
+            **({"waiting": [_endpoint_json(e) for _, e in sorted(self.waiting.items())]} if self.waiting else {}),
         }
 
     def policies_json(self) -> list[dict[str, Any]]:
@@ -136,9 +140,10 @@ class AgentState:
         for i, raw in enumerate(d.get("services", [])):
             service = _service(raw, f"services[{i}]")
             services[service.id] = service
+        waiting = {e.name: e for e in (EndpointSpec.from_json(x) for x in d.get("waiting", []))}
         return cls(int(d.get("revision", 0)), sources, endpoints,
                    {str(k): int(v) for k, v in d.get("endpoint_ids", {}).items()},
-                   {str(k): int(v) for k, v in d.get("proxy_ports", {}).items()}, services)
+                   {str(k): int(v) for k, v in d.get("proxy_ports", {}).items()}, services, waiting)
 
 
 def _service(raw: Any, where: str) -> Service:
@@ -192,6 +197,11 @@ def _replay(state: AgentState, record: dict[str, Any]) -> None:
             state.endpoints.pop(name, None)
         else:
             state.endpoints[name] = EndpointSpec.from_json(spec)
+    for name, spec in record.get("waiting", {}).items():
+        if spec is None:
+            state.waiting.pop(name, None)
+        else:
+            state.waiting[name] = EndpointSpec.from_json(spec)
     for name, endpoint_id in record.get("endpoint_ids", {}).items():
         if endpoint_id is None:
             state.endpoint_ids.pop(name, None)
@@ -264,6 +274,7 @@ class StateWriter:
     def _remember(self, state: AgentState) -> None:
         """What is on disk now: compared with at the next write."""
         self._endpoints = dict(state.endpoints)
+        self._waiting = dict(state.waiting)
         self._endpoint_ids = dict(state.endpoint_ids)
         self._proxy_ports = dict(state.proxy_ports)
         self._sources = _sources_key(state)
@@ -291,6 +302,11 @@ class StateWriter:
         endpoints.update(dict.fromkeys(self._endpoints.keys() - state.endpoints.keys()))
         if endpoints:
             record["endpoints"] = endpoints
+        if state.waiting != self._waiting:
+            waiting: dict[str, Any] = {n: _endpoint_json(s) for n, s in state.waiting.items()
+                                       if self._waiting.get(n) is not s}
+            waiting.update(dict.fromkeys(self._waiting.keys() - state.waiting.keys()))
+            record["waiting"] = waiting
         if state.endpoint_ids != self._endpoint_ids:
             ids: dict[str, int | None] = {n: i for n, i in state.endpoint_ids.items()
                                           if self._endpoint_ids.get(n) != i}
@@ -313,6 +329,8 @@ class StateWriter:
         for n in self._endpoints.keys() - state.endpoints.keys():
             del self._endpoints[n]
         self._endpoints.update((n, s) for n, s in state.endpoints.items() if self._endpoints.get(n) is not s)
+        if state.waiting != self._waiting:
+            self._waiting = dict(state.waiting)
         if state.endpoint_ids != self._endpoint_ids:
             self._endpoint_ids = dict(state.endpoint_ids)
         if state.proxy_ports != self._proxy_ports:

@@ -56,6 +56,13 @@ def status(agent: Agent) -> dict[str, Any]:
     if kvstore is not None:
         controllers.append({"name": "kvstore", "status": "ok" if kvstore["connected"] else "failing",
                             "last_error": "; ".join(f"{k}: {v}" for k, v in kvstore["errors"].items())})
+    waiting = agent.waiting_endpoints()  # issue 13: accepted without a cluster-wide identity, traffic dropped
+    if waiting:
+        why = dict(agent.pending.errors)
+        controllers.append({"name": "endpoint-identities", "status": "failing",
+                            "last_error": f"{len(waiting)} endpoint(s) waiting for a cluster-wide identity "
+                                          "(all their traffic dropped): "
+                                          + ", ".join(f"{n} ({why[n]})" if n in why else n for n in waiting)})
     reasons = [f"proxy {p['node']} rejected {p['type']} {p['nacked']}: {p['nack']}" for p in proxies
                if p["nack"] and p["stream"] != "gone"]
     reasons += [f"{c['name']}: {c['last_error'] or c['status']}" for c in controllers if c["status"] != "ok"]
@@ -67,6 +74,7 @@ def status(agent: Agent) -> dict[str, Any]:
             "l7": agent.l7_inproc.status() if agent.l7_inproc is not None else {"mode": "extproc"},
             **({"kubernetes": k8s} if k8s is not None else {}),
             **({"kvstore": kvstore} if kvstore is not None else {}),
+            "waiting_for_identity": waiting,
             "uptime_s": round(time.time() - agent.started, 1), "notes": notes,
             "state_dir": str(agent.config.state_dir)}
 

@@ -370,7 +370,9 @@ def _status_text(s: dict[str, Any]) -> str:
     envoy = s["envoy"]
     lines = [f"Health:      {'Ok' if s['healthy'] else 'Degraded'}",
              f"Revision:    {s['revision']}",
-             f"Policies:    {s['policies']}   Endpoints: {s['endpoints']}   Identities: {s['identities']}"
+             f"Policies:    {s['policies']}   Endpoints: {s['endpoints']}"
+             + (f" (+{len(s['waiting_for_identity'])} waiting for identity)" if s.get("waiting_for_identity") else "")
+             + f"   Identities: {s['identities']}"
              + (f"   Services: {s['services']}" if s.get("services") else ""),
              f"Envoy:       {envoy['mode']}" + (f", {envoy['state']}, pid {envoy['pid']}, restarts {envoy['restarts']}"
                                                if "state" in envoy else "")
@@ -428,7 +430,7 @@ def _status_verbose(s: dict[str, Any], endpoints: dict[str, Any], metrics: str) 
         lines.append(f"  {c['name']:<18} {c['status']}" + (f": {c['last_error']}" if c["last_error"] else ""))
     lines.append("Endpoints:")
     for e in endpoints["endpoints"]:
-        lines.append(f"  {e['name']:<16} identity {e['identity']:<6} ingress {_enforcement(e, 'ingress'):<8} "
+        lines.append(f"  {e['name']:<16} identity {str(_identity_cell(e)):<6} ingress {_enforcement(e, 'ingress'):<8} "
                      f"egress {_enforcement(e, 'egress'):<8} {','.join(e['ips']) or '-'}"
                      + (f" on {e['interface']}" if e.get("interface") else ""))
     l7 = [line for line in metrics.splitlines() if line.startswith("cilia_policy_l7_total{")]
@@ -655,11 +657,18 @@ def endpoint_add_cmd(name: str, labels: str, ips: Sequence[str], ports: Sequence
                             "ports": specs, "create": create_netns, "audit": audit}
     body.update({k: v for k, v in (("netns", netns), ("interface", interface)) if v})
     payload = call_agent(state_dir, lambda c: c.add_endpoint(body))
-    emit(output, payload, lambda p: f"Endpoint {p['endpoint']['name']}: identity {p['endpoint']['identity']}\n"
+    emit(output, payload, lambda p: f"Endpoint {p['endpoint']['name']}: identity {_identity_cell(p['endpoint'])}\n"
                                      f"Revision: {p['revision']}")
 
 
+def _identity_cell(e: dict[str, Any]) -> object:
+    """The identity, or the endpoint's state while it has none (issue 13: waiting-for-identity)."""
+    return e["identity"] if e["identity"] is not None else e.get("state", "-")
+
+
 def _enforcement(e: dict[str, Any], direction: str) -> str:
+    if e.get("state", "ready") != "ready":
+        return "Closed"  # no identity yet: everything dropped
     if e.get("audit_mode", {}).get(direction):
         return "Audit"
     return "Enabled" if e["enforcement"][direction] else "Disabled"
@@ -669,7 +678,7 @@ _ENDPOINT_HEADER = ["ENDPOINT", "IDENTITY", "INGRESS", "EGRESS", "IPS", "PORTS",
 
 
 def _endpoint_row(e: dict[str, Any]) -> tuple[object, ...]:
-    return (e["name"], e["identity"], _enforcement(e, "ingress"), _enforcement(e, "egress"),
+    return (e["name"], _identity_cell(e), _enforcement(e, "ingress"), _enforcement(e, "egress"),
             ",".join(e["ips"]) or "-", ",".join(str(PortSpec.from_json(x)) for x in e["ports"]) or "-",
             e.get("interface") or "-", ",".join(e["identity_labels"]))
 
@@ -698,7 +707,8 @@ def endpoint_list_cmd(selector: str | None, state_dir: str, output: str) -> None
 
 
 def _endpoint_detail(e: dict[str, Any]) -> str:
-    rows = [("Name", e["name"]), ("Identity", e["identity"]), ("Ingress", _enforcement(e, "ingress")),
+    rows = [("Name", e["name"]), ("Identity", _identity_cell(e)), ("State", e.get("state", "ready")),
+            ("Ingress", _enforcement(e, "ingress")),
             ("Egress", _enforcement(e, "egress")), ("IPs", ", ".join(e["ips"]) or "-"),
             ("Ports", ", ".join(str(PortSpec.from_json(x)) for x in e["ports"]) or "-"),
             ("Interface", e.get("interface") or "-"), ("Netns", e.get("netns") or "-"),

@@ -64,7 +64,7 @@ SERVICE_RESOURCES = (SERVICES, ENDPOINTSLICES)  # watched when the sink takes se
 CILIUM_IDENTITIES = "ciliumidentities"
 CILIUM_ENDPOINTS = "ciliumendpoints"
 _GONE = 410
-_UNAVAILABLE = 503  # the agent cannot take it now (no cluster-wide identity): try again later
+_UNAVAILABLE = 503  # the agent cannot take it now (a relabelled pod's new identity): try again later
 
 
 class Sink(Protocol):
@@ -218,9 +218,10 @@ class Watcher:
             t.start()
 
     def _retry_pods(self) -> None:
-        """Pods the agent could not take for a reason that passes (503: no cluster-wide identity
-        while the kvstore is unreachable) are applied again until they are taken or gone, not
-        only at their next event."""
+        """Pods the agent could not take for a reason that passes are applied again until they are
+        taken or gone, not only at their next event. A new pod is accepted while the kvstore is
+        unreachable (it waits for its identity in the agent); what is still refused with 503 is a
+        ready pod's relabelling, which keeps its old identity until a new one can be had."""
         interval = min(self.config.max_backoff, max(1.0, self.config.backoff * 4))
         while not self._stop.wait(interval):
             with self._apply_lock:

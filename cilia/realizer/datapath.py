@@ -13,7 +13,7 @@ import ipaddress
 from ..bpf.node import EndpointPlan, NodeDatapath
 from ..policy.ipcache import IPCache
 from ..policy.model import IPNetwork
-from .desired import Desired
+from .desired import CLOSED, INIT, Desired
 
 WORLD = 2  # reserved:world, where an address in no prefix lands
 
@@ -35,6 +35,11 @@ class DatapathSink:
                 continue
             plans.append(EndpointPlan(name, ep.endpoint_id, v4[0], ep.interface, ep.identity, ep.map_state,
                                       ep.audit_ingress, ep.audit_egress))
+        for name, waiting in sorted(desired.waiting.items()):
+            v4 = [a for a in waiting.ips if ipaddress.ip_address(a).version == 4]
+            if waiting.interface is None or waiting.endpoint_id is None or not v4:
+                continue
+            plans.append(EndpointPlan(name, waiting.endpoint_id, v4[0], waiting.interface, INIT, CLOSED))
         self.node.sync(desired.ipcache, plans, desired.proxy_ports, _Lookup(desired.ipcache))
 
 

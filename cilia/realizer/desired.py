@@ -10,11 +10,21 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any
 
 from ..policy.labels import LabelSet
-from ..policy.mapstate import MapState
-from ..policy.model import IPNetwork
+from ..policy.mapstate import DirectionMapState, MapState
+from ..policy.model import Direction, IPNetwork
 from ..services.model import Service
+
+# An endpoint waiting for its cluster-wide identity (issue 13) is in the kernel as reserved:init
+# (Cilium's identity for it, the same on every node) with both directions enforced and no entry:
+# every packet from or to it is dropped until it is admitted with its identity and policy.
+INIT = 5
+_NOTHING: MappingProxyType[Any, Any] = MappingProxyType({})
+CLOSED = MapState(DirectionMapState(Direction.INGRESS, True, _NOTHING, _NOTHING),
+                  DirectionMapState(Direction.EGRESS, True, _NOTHING, _NOTHING))
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,6 +55,17 @@ class EndpointState:
         return self.audit_ingress, self.audit_egress
 
 
+@dataclass(frozen=True, slots=True)
+class WaitingEndpoint:
+    """An endpoint accepted without a cluster-wide identity yet (issue 13: the kvstore unreachable):
+    the datapath attaches it with an empty policy (everything dropped), nothing else sees it."""
+
+    name: str
+    ips: tuple[str, ...]
+    interface: str | None = None
+    endpoint_id: int | None = None
+
+
 @dataclass(frozen=True)
 class Desired:
     """Everything realized at ``revision``."""
@@ -59,6 +80,7 @@ class Desired:
     # ``ipcache`` by identity, each identity's prefixes in address order (None: sinks derive it); an
     # identity's tuple is the same object while its prefixes stay, so sinks compare it by identity
     prefixes: Mapping[int, tuple[IPNetwork, ...]] | None = None
+    waiting: Mapping[str, WaitingEndpoint] = field(default_factory=dict)  # no identity yet: all dropped
 
     def is_changed(self, name: str) -> bool:
         return self.changed is None or name in self.changed

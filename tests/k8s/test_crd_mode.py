@@ -176,17 +176,19 @@ def test_the_agent_command_runs_crd_mode(tmp_path: Path) -> None:
 
 
 def test_a_pod_whose_identity_cannot_be_written_waits_and_is_taken_later(tmp_path: Path) -> None:
-    """The API server refuses the CiliumIdentity's creation (503): the pod gets no endpoint (never a
-    node-local number), and the watcher applies it again until its identity is written."""
+    """The API server refuses the CiliumIdentity's creation (503): the pod is accepted as an endpoint
+    waiting for its identity (no number, never a node-local one; not refused to the watcher), and the
+    agent's retry loop admits it once its identity is written."""
     server = KubeTestServer().start()
     try:
         server.add("namespaces", {"metadata": {"name": "default"}})
         with crd_agent(server, tmp_path, "node-1") as (a, _):
-            server.fail_writes("ciliumidentities", 3)
+            server.fail_writes("ciliumidentities", 6)  # the agent's retries back off: ~6 s of waiting
             server.add("pods", pod("late", "node-1", "10.214.1.20", app="late"))
-            wait_until("refused", lambda: any(r["name"] == "late" for r in a.kubernetes.status()["rejected"]))
-            assert "late.default" not in {e.spec.name for e in a.endpoints().endpoints}
-            assert "no cluster-wide identity" in a.kubernetes.status()["rejected"][0]["error"]
+            wait_until("waiting", lambda: "late.default" in a.waiting_endpoints())
+            assert a.kubernetes.status()["rejected"] == []
+            assert "no cluster-wide identity" in a.pending.errors["late.default"]
+            assert {e.spec.name: e.identity for e in a.endpoints().endpoints}["late.default"] is None
             wait_until("taken", lambda: identity_of(a, "late.default") is not None, timeout=60)
             number = identity_of(a, "late.default")
             assert server.get("ciliumidentities", str(number))["security-labels"]["k8s:app"] == "late"

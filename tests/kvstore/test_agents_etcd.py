@@ -190,10 +190,11 @@ def test_etcd_lost_keeps_what_the_agent_knew_defers_new_endpoints_and_recovers(e
         assert not a.status()["healthy"]
         # everything known is still enforced: nothing flushed
         assert remote_identity(a, TIEFIGHTER) == tie_id and tie_id in ingress_peers(a, "deathstar")
-        refused = run_cli(a.config.state_dir, "endpoint", "add", "--name", "new", "--labels", "app=new",
+        waiting = run_cli(a.config.state_dir, "endpoint", "add", "--name", "new", "--labels", "app=new",
                           "--ip", "10.213.1.20")
-        assert refused.code == 1 and "no cluster-wide identity" in refused.err
-        assert "new" not in {e.spec.name for e in a.endpoints().endpoints}
+        assert waiting.code == 0 and "identity waiting-for-identity" in waiting.out, waiting.err
+        assert {e.spec.name: e.identity for e in a.endpoints().endpoints}["new"] is None  # no local number
+        assert "new" in run_cli(a.config.state_dir, "status").out  # a Degraded line names it
         # the same labels as an endpoint it holds: the number it already has
         same = a.add_endpoint(EndpointSpec("deathstar2", ("org=empire", "class=deathstar"), ("10.213.1.21",)))
         assert same.endpoint.identity == a.engine.identity_of("deathstar").id
@@ -201,7 +202,8 @@ def test_etcd_lost_keeps_what_the_agent_knew_defers_new_endpoints_and_recovers(e
         etcd3.start_all()
         wait_until("connected again", lambda: a.status()["kvstore"]["connected"]
                    and b.status()["kvstore"]["connected"], timeout=30)
-        new_a = a.add_endpoint(EndpointSpec("new", ("app=new",), ("10.213.1.20",))).endpoint.identity
+        wait_until("a admits new", lambda: {e.spec.name: e.state for e in a.endpoints().endpoints}["new"] == "ready")
+        new_a = a.engine.identity_of("new").id
         new_b = b.add_endpoint(EndpointSpec("new", ("app=new",), ("10.213.2.20",))).endpoint.identity
         assert new_a == new_b
         wait_until("b sees deathstar2", lambda: remote_identity(b, "10.213.1.21") is not None)

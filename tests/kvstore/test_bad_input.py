@@ -10,9 +10,7 @@ import json
 import threading
 from pathlib import Path
 
-import pytest
 
-from cilia.agent.daemon import AgentError
 from cilia.cluster import keys
 from cilia.kvstore.etcd import EtcdKVStore
 from cilia.netutil import free_port
@@ -92,13 +90,15 @@ def test_a_labels_key_naming_no_valid_identity_refuses_the_allocation(etcd1: Etc
             store.put(keys.labels_key(stored("app=thief")), b"5002")  # would merge two label sets
         finally:
             store.close()
-        with pytest.raises(AgentError) as garbled:
-            a.add_endpoint(EndpointSpec("garbled", ("app=garbled",), ("10.213.1.30",)))
-        assert garbled.value.status == 503 and "is not an identity number" in str(garbled.value)
-        with pytest.raises(AgentError) as thief:
-            a.add_endpoint(EndpointSpec("thief", ("app=thief",), ("10.213.1.31",)))
-        assert thief.value.status == 503 and "holds other labels" in str(thief.value)
-        assert [e.spec.name for e in a.endpoints().endpoints] == []
+        # no identity to be had: they wait for one, all their traffic dropped, and status says why
+        garbled = a.add_endpoint(EndpointSpec("garbled", ("app=garbled",), ("10.213.1.30",)))
+        thief = a.add_endpoint(EndpointSpec("thief", ("app=thief",), ("10.213.1.31",)))
+        assert garbled.endpoint.identity is None and thief.endpoint.identity is None
+        assert [(e.spec.name, e.state) for e in a.endpoints().endpoints] == [
+            ("garbled", "waiting-for-identity"), ("thief", "waiting-for-identity")]
+        reasons = " ".join(a.status()["reasons"])
+        assert "is not an identity number" in reasons and "holds other labels" in reasons
+        assert 5002 not in {i.id for i in a.engine.identities()}
         fine = a.add_endpoint(EndpointSpec("fine", ("app=fine",), ("10.213.1.32",)))
         assert fine.endpoint.identity not in (5002, 0)
 

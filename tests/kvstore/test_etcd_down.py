@@ -1,18 +1,27 @@
 """etcd unreachable: the store's I/O never happens under the agent's lock (other API calls answer
-while an endpoint add waits for the store), and other nodes' churn is coalesced: one engine change
-per round of arrivals, no state.json rewrite for them."""
+while an endpoint add waits for the store), an endpoint added meanwhile waits for its cluster-wide
+identity with its traffic dropped in the kernel, and other nodes' churn is coalesced: one engine
+change per round of arrivals, no state.json rewrite for them."""
 
 from __future__ import annotations
 
 import ipaddress
 import threading
+import subprocess
+import uuid
 from pathlib import Path
 
 from cilia.agent.daemon import AgentError
+from cilia.agent.results import EndpointAdded
+from cilia.cluster import keys
 from cilia.cluster.remotefeed import RemoteBatch, RemoteFeed
 from cilia.agent.state import load_state
 from cilia.specs import EndpointSpec
 from tests.agent.agent_support import agent_in_process
+from tests.agent.bpf_agent_support import SHIPS, TIMEOUT, BpfAgentNode
+from tests.agent.test_agent_bpf import LAND
+from tests.agent.test_agent_cni import Runtime, _labels, _land
+from tests.helpers import ip, require_bpf
 from tests.kvstore.etcd_support import EtcdCluster
 from tests.kvstore.test_agents_etcd import kv, remote_identity, wait_until
 
@@ -41,9 +50,11 @@ def test_api_calls_answer_while_an_endpoint_add_waits_for_a_dead_etcd(etcd1: Etc
         adder.join(60)
         assert still_waiting, "the add finished before the other calls: nothing was shown"
         assert names == ["deathstar"] and status["kvstore"]["backend"] == "etcd" and removed.revision > 0
-        assert isinstance(outcome[0], AgentError) and outcome[0].status == 503
-        assert "no cluster-wide identity" in str(outcome[0])
-        assert [e.spec.name for e in a.endpoints().endpoints] == []  # never a node-local number
+        # accepted, waiting for its identity: never a node-local number
+        assert isinstance(outcome[0], EndpointAdded), outcome
+        assert outcome[0].endpoint.identity is None and outcome[0].endpoint.state == "waiting-for-identity"
+        assert [(e.spec.name, e.identity) for e in a.endpoints().endpoints] == [("new", None)]
+        assert "no cluster-wide identity" in a.pending.errors["new"]  # why it waits, for status
 
 
 def test_other_nodes_endpoints_do_not_rewrite_state_json(etcd1: EtcdCluster, tmp_path: Path) -> None:
@@ -89,3 +100,88 @@ def test_the_feed_merges_what_arrives_while_a_batch_is_applied() -> None:
     assert second.upserts[net("10.0.0.2")] == 999 and net("10.0.0.3") not in second.upserts
     assert set(second.deletes) == {net("10.0.0.3"), net("10.0.0.4")}
     assert len(second.upserts) == 46 and second.learned == {300, 301}
+
+
+def test_a_pod_added_while_etcd_is_down_is_dropped_in_the_kernel_until_it_has_its_identity(tmp_path: Path) -> None:
+    """Issue 13's proof: every etcd member stopped, existing traffic keeps its verdicts, a new pod
+    (its namespace and veth made by `endpoint add --create-netns`, or by cilia-cni) is accepted but
+    waits for its identity with all its packets dropped in the kernel, and once etcd is back it is
+    admitted with a cluster-wide number (one identity per label set in etcd) and reaches deathstar."""
+    require_bpf()
+    node = BpfAgentNode(tmp_path)
+    runtime = Runtime(node, tmp_path)  # a container runtime calling cilia-cni
+    etcd: EtcdCluster | None = None
+    try:
+        node.state_dir.mkdir(parents=True)
+        ip("netns", "add", node.node)
+        ip("-n", node.node, "link", "set", "lo", "up")
+        etcd = EtcdCluster(tmp_path, members=1, netns=node.node)  # on the node's loopback
+        node.agent.args = (*node.agent.args, "--envoy", "none", "--kvstore", "etcd",
+                           "--kvstore-endpoints", etcd.endpoints_arg)
+        node.agent.start(timeout=60)
+        node.add_ship("deathstar")
+        node.add_ship("xwing")
+        node.serve_deathstar()
+        assert node.shoot("xwing", *LAND) == "200 Ship landed"  # no policy: everything allowed
+
+        etcd.stop_all()
+        added = node.ok("endpoint", "add", "--name", "tiefighter", "--labels", SHIPS["tiefighter"][1], "--ip",
+                        node.address("tiefighter"), "--create-netns", "--netns", node.netns("tiefighter"),
+                        "-o", "json").json()
+        assert added["endpoint"]["identity"] is None and added["endpoint"]["state"] == "waiting-for-identity"
+        listed = {e["name"]: e for e in node.ok("endpoint", "list", "-o", "json").json()["endpoints"]}
+        assert listed["tiefighter"]["state"] == "waiting-for-identity" and listed["xwing"]["state"] == "ready"
+        assert "waiting-for-identity" in node.ok("endpoint", "get", "tiefighter").out
+        status = node.cilia("status", "-o", "json").json()
+        assert status["waiting_for_identity"] == ["tiefighter"] and not status["healthy"]
+        text = node.cilia("status").out
+        assert "(+1 waiting for identity)" in text and "tiefighter" in text  # the Degraded line names it
+
+        monitor = node.monitor("--type", "drop")
+        try:
+            assert node.shoot("tiefighter", *LAND) == TIMEOUT  # its packets never leave: dropped in the kernel
+            drop = monitor.wait_for(lambda e: e["source"]["address"] == node.address("tiefighter"))
+        finally:
+            monitor.stop()
+        assert drop["reason_text"] == "Policy denied" and drop["direction"] == "egress"
+        assert drop["source"]["identity"] == 5 and "reserved:init" in drop["source"]["labels"]
+        assert drop["endpoint"] == "tiefighter" and drop["source"]["endpoint"] == "tiefighter"
+        assert node.shoot("xwing", *LAND) == "200 Ship landed"  # what was known keeps its verdict
+
+        # a pod plugged in by the CNI plugin meanwhile: plumbed and accepted, waiting likewise
+        probe_ns, probe_id = runtime.sandbox("probe"), uuid.uuid4().hex
+        code, result = runtime.plugin("ADD", probe_id, probe_ns, "probe", runtime.config(**_labels("empire/probe")))
+        assert code == 0 and result is not None, result
+        assert runtime.plugin("CHECK", probe_id, probe_ns, "probe", {**runtime.config(), "prevResult": result}) \
+            == (0, None)
+        listed = {e["name"]: e for e in node.ok("endpoint", "list", "-o", "json").json()["endpoints"]}
+        assert listed["probe.default"]["state"] == "waiting-for-identity"
+        assert _land(node, probe_ns) == TIMEOUT
+
+        etcd.start_all()
+        wait_until("tiefighter admitted", lambda: {e["name"]: e for e in node.ok(
+            "endpoint", "list", "-o", "json").json()["endpoints"]}["tiefighter"]["state"] == "ready", timeout=60)
+        assert node.shoot("tiefighter", *LAND) == "200 Ship landed"
+        wait_until("the CNI pod admitted", lambda: {e["name"]: e for e in node.ok(
+            "endpoint", "list", "-o", "json").json()["endpoints"]}["probe.default"]["state"] == "ready", timeout=60)
+        assert _land(node, probe_ns) == "200 Ship landed"
+        ids = {e["name"]: e["identity"] for e in node.ok("endpoint", "list", "-o", "json").json()["endpoints"]}
+        assert len(set(ids.values())) == 4 and all(256 <= i < 65536 for i in ids.values())
+        # no duplicate identity: each ID key in etcd holds another label set, each label set one ID
+        by_id, by_labels = _etcd_pairs(node.node, etcd, keys.ID), _etcd_pairs(node.node, etcd, keys.LABELS)
+        assert len(by_id) == len(set(by_id.values())) == len(by_labels) == 4
+        assert {keys.parse_id_key(k) for k in by_id} == set(ids.values()) == {int(v) for v in by_labels.values()}
+        assert node.cilia("status", "-o", "json").json()["waiting_for_identity"] == []
+    finally:
+        runtime.cleanup()
+        node.teardown()
+        if etcd is not None:
+            etcd.close()
+
+
+def _etcd_pairs(netns: str, etcd: EtcdCluster, prefix: str) -> dict[str, str]:
+    """Every key under ``prefix`` with its value, read by etcdctl inside the node's namespace."""
+    out = subprocess.run(["ip", "netns", "exec", netns, "etcdctl", "--endpoints", etcd.endpoints_arg, "get",
+                          "--prefix", prefix], env={"ETCDCTL_API": "3", "PATH": "/usr/bin:/bin"},
+                         capture_output=True, text=True, timeout=30, check=True).stdout.splitlines()
+    return dict(zip(out[0::2], out[1::2], strict=True))
