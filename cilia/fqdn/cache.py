@@ -78,11 +78,13 @@ class FqdnCache:
         key = normalize(name)
         if not key:
             raise ValueError("empty DNS name")
-        addrs = [str(ipaddress.ip_address(ip)) for ip in ips]
         expires = now + max(int(ttl), self.min_ttl)
         gained = False
         with self._lock:
             entry = self._names.get(key)
+            held: dict[str, float] = entry.ips if entry is not None else {}
+            # an address held already is canonical and valid: parsing it again is the cost of a repeat
+            addrs = [ip if ip in held else str(ipaddress.ip_address(ip)) for ip in ips]
             if entry is None:
                 if not addrs:
                     return None
