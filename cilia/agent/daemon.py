@@ -256,7 +256,7 @@ class Agent:
         self.dns_proxy: DNSProxy | None = None
         if self.node is not None:
             self.dns_proxy = DNSProxy(port=config.dns_proxy_port, learn=self.learn_fqdn, known=self.known_fqdn,
-                                      record=self.observer.on_dns_record,
+                                      record=self.observer.on_dns_records,
                                       upstream_timeout=config.dns_upstream_timeout)
             sinks.append(DNSProxySink(self.dns_proxy))  # before the datapath redirects to it
             sinks.append(DatapathSink(self.node))

@@ -284,7 +284,9 @@ def from_l7(time: float, info: ConnectionInfo, record: Record, who: Who, node: s
 def from_dns(r: DNSRecord, who: Who, node: str) -> Flow:
     """A query the DNS proxy handled: forwarded (answered by the server), refused (DROPPED: the
     client got REFUSED), AUDIT, or ERROR (malformed and dropped, or SERVFAIL)."""
-    source = replace(who.peer(*r.source), endpoint=r.endpoint) if r.endpoint else who.peer(*r.source)
+    source = who.peer(*r.source)
+    if r.endpoint and source.endpoint != r.endpoint:  # (the same name nearly always: no copy then)
+        source = replace(source, endpoint=r.endpoint)
     destination = who.peer(r.server[0], r.server[1], r.peer_identity or None)
     verdict = {"forwarded": Verdict.FORWARDED, "denied": Verdict.DROPPED, "audit": Verdict.AUDIT}.get(
         r.verdict, Verdict.ERROR)

@@ -82,10 +82,10 @@ class DNSRecord:
     upstream: float = 0.0  # seconds the upstream took (0: not asked)
 
 
-Recorder = Callable[[DNSRecord], None]
+Recorder = Callable[[Sequence[DNSRecord]], None]  # records in the order handled, a batch per turn of the loop
 
 
-def _ignore(_record: DNSRecord) -> None:
+def _ignore(_records: Sequence[DNSRecord]) -> None:
     pass
 
 
@@ -141,6 +141,8 @@ class DNSProxy:
         self._in_flight = 0  # UDP queries sent upstream or being learned, not yet answered
         self._learners = ThreadPoolExecutor(4, thread_name_prefix="dns-learn")
         self._tasks: set[asyncio.Task[bool]] = set()  # learners being waited for (UDP)
+        self._loop_thread = 0  # the loop's thread id: records made there are handed over in batches
+        self._records: list[DNSRecord] = []  # made on the loop this turn, handed over at its end
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -180,6 +182,7 @@ class DNSProxy:
     def _run(self, ready: threading.Event) -> None:
         loop = asyncio.new_event_loop()
         self._loop = loop
+        self._loop_thread = threading.get_ident()
         asyncio.set_event_loop(loop)
         assert self._udp is not None and self._tcp is not None
         self._udp_up = UdpUpstreams(loop, self.upstream_timeout)
@@ -192,6 +195,7 @@ class DNSProxy:
             for task in list(self._tasks):
                 task.cancel()
             loop.run_until_complete(asyncio.sleep(0))
+            self._flush_records()
             loop.close()
 
     def stop(self) -> None:
@@ -509,10 +513,25 @@ class DNSProxy:
                                verdict="error", reason=f"malformed: {why}"))
 
     def _record(self, rec: DNSRecord) -> None:
+        """Records made on the proxy's loop go over once per turn of it (the recorder's locks and
+        counters then cost once per batch); elsewhere (``handle`` on another loop) at once."""
+        if threading.get_ident() != self._loop_thread or self._loop is None:
+            self._hand_over([rec])
+            return
+        if not self._records:
+            self._loop.call_soon(self._flush_records)
+        self._records.append(rec)
+
+    def _flush_records(self) -> None:
+        records, self._records = self._records, []
+        if records:
+            self._hand_over(records)
+
+    def _hand_over(self, records: list[DNSRecord]) -> None:
         try:
-            self.record(rec)
+            self.record(records)
         except Exception:
-            _log.exception("DNS proxy: recording a flow")
+            _log.exception("DNS proxy: recording flows")
 
 
 def _upstream_socket(kind: socket.SocketKind, mark: int) -> socket.socket:
