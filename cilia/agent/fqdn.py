@@ -79,7 +79,7 @@ class FqdnLearner:
         published = self._published.get(name)
         if published is None or not published[1].issuperset(ips):  # (addresses in canonical form as answered)
             return False
-        if self.cache.learn(qname, ips, ttl, time.time(), endpoint_name) is not None:
+        if not self.cache.refresh(name, ips, ttl, time.time(), endpoint_name):
             return False  # collected meanwhile: ``learn`` feeds it again
         self.repeated_total += 1
         return True
