@@ -105,7 +105,8 @@ class UdpUpstreams:
             if callback is None:
                 continue  # no query of that id waits here: not an answer of ours
             callback(data, None)
-            if not channel.pending and self._settled(channel):
+            if not channel.pending:  # nothing more awaited here: no read to learn that (a datagram
+                self._settled(channel)  # left over wakes the loop again)
                 return
 
     def _settled(self, channel: _Channel) -> bool:
