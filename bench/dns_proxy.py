@@ -10,7 +10,10 @@ straight to dnsmasq through the same datapath). Each mode is measured with one q
 (latency: p50/p99) and with 16 in flight on 16 UDP sockets (throughput), alternately, in the
 same run. Targets (issue 17): added p50 < 1 ms, throughput >= 0.5 of direct. The load generator
 is Python in the client's namespace on the same 2 cores, so absolute numbers are low; compare
-within one run only. Prints a table and writes bench/results/dns_proxy.json.
+within one run only. Each run also records the agent's CPU (user + system, all its threads) per
+answered query and how busy the whole machine was: on 2 shared cores the direct path's rate
+swings with scheduling (loadgen and dnsmasq on one core or two), the proxy's CPU per query much
+less. Prints a table and writes bench/results/dns_proxy.json.
 """
 
 from __future__ import annotations
@@ -89,6 +92,18 @@ def load(server: str, seconds: float, in_flight: int) -> dict[str, Any]:
             "p99_ms": ms[int(len(ms) * 0.99)] if ms else 0.0}
 
 
+def process_cpu(pid: int) -> float:
+    """Seconds of CPU (user + system) process ``pid`` used so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def machine_busy() -> tuple[int, int]:
+    """(busy, total) jiffies of every CPU so far (/proc/stat)."""
+    fields = [int(x) for x in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+    return sum(fields) - fields[3] - fields[4], sum(fields)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
@@ -101,15 +116,22 @@ def main() -> None:
     rounds, seconds = (1, 2.0) if args.quick else (3, 4.0)
     runs: dict[str, list[dict[str, Any]]] = {f"{m}-{k}": [] for m in ("direct", "proxy") for k in ("lat", "tput")}
     with tempfile.TemporaryDirectory(prefix="dnsp-bench-") as tmp, dns_node(Path(tmp)) as node:
+        assert node.node.agent.proc is not None
+        agent_pid = node.node.agent.proc.pid  # nsenter execs the agent: the same process
         for client in ("other", "client"):  # warm up both paths
             run_in_netns(node.netns(client), lambda: load(KUBE_DNS, 0.5, 1))
         for r in range(rounds):
             for kind, in_flight in (("lat", 1), ("tput", IN_FLIGHT)):
                 for mode, client in (("direct", "other"), ("proxy", "client")):
+                    cpu, busy = process_cpu(agent_pid), machine_busy()
                     res = run_in_netns(node.netns(client), lambda n=in_flight: load(KUBE_DNS, seconds, n))
+                    busy_after = machine_busy()
+                    res["agent_cpu_us_per_query"] = (process_cpu(agent_pid) - cpu) / max(res["answers"], 1) * 1e6
+                    res["machine_busy"] = (busy_after[0] - busy[0]) / max(busy_after[1] - busy[1], 1)
                     runs[f"{mode}-{kind}"].append(res)
                     log(f"round {r + 1} {mode:6} in flight {in_flight:2}: {res['qps']:8.0f} q/s "
-                        f"p50 {res['p50_ms']:.3f} ms p99 {res['p99_ms']:.3f} ms lost {res['lost']}")
+                        f"p50 {res['p50_ms']:.3f} ms p99 {res['p99_ms']:.3f} ms lost {res['lost']} "
+                        f"agent {res['agent_cpu_us_per_query']:.0f} us/q machine {res['machine_busy']:.0%} busy")
         stats = node.node.ok("status", "-o", "json").json()["datapath"]["dns_proxy"]
 
     def med(key: str, field: str) -> float:
@@ -119,6 +141,7 @@ def main() -> None:
         "direct_p50_ms": med("direct-lat", "p50_ms"), "proxy_p50_ms": med("proxy-lat", "p50_ms"),
         "direct_p99_ms": med("direct-lat", "p99_ms"), "proxy_p99_ms": med("proxy-lat", "p99_ms"),
         "direct_qps": med("direct-tput", "qps"), "proxy_qps": med("proxy-tput", "qps"),
+        "proxy_agent_cpu_us_per_query": med("proxy-tput", "agent_cpu_us_per_query"),
     }
     summary["added_p50_ms"] = summary["proxy_p50_ms"] - summary["direct_p50_ms"]
     summary["throughput_ratio"] = summary["proxy_qps"] / summary["direct_qps"] if summary["direct_qps"] else 0.0
@@ -128,6 +151,7 @@ def main() -> None:
     print(f"{'p99 latency (1 q)':22}{summary['direct_p99_ms']:>10.3f}ms{summary['proxy_p99_ms']:>10.3f}ms")
     print(f"{f'queries/s ({IN_FLIGHT} q)':22}{summary['direct_qps']:>12.0f}{summary['proxy_qps']:>12.0f}"
           f"{'':>6}ratio {summary['throughput_ratio']:.2f} (>= 0.5)")
+    print(f"{'agent CPU per query':22}{'':>12}{summary['proxy_agent_cpu_us_per_query']:>10.0f}us")
     result = {"benchmark": "dns_proxy", "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
               "machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
                           "load": os.getloadavg()},

@@ -255,8 +255,8 @@ class Agent:
         # learner is toFQDNs' Agent.learn_fqdn: an answer is released once the maps select its addresses.
         self.dns_proxy: DNSProxy | None = None
         if self.node is not None:
-            self.dns_proxy = DNSProxy(port=config.dns_proxy_port, learn=self.learn_fqdn,
-                                      record=self.observer.on_dns_record,
+            self.dns_proxy = DNSProxy(port=config.dns_proxy_port, learn=self.learn_fqdn, known=self.known_fqdn,
+                                      record=self.observer.on_dns_records,
                                       upstream_timeout=config.dns_upstream_timeout)
             sinks.append(DNSProxySink(self.dns_proxy))  # before the datapath redirects to it
             sinks.append(DatapathSink(self.node))
@@ -723,6 +723,11 @@ class Agent:
         """The DNS proxy's call for every allowed answer: returns once the BPF maps (and the managed
         Envoy) hold the new addresses, so the answer may be released. Cheap when nothing is new."""
         self.fqdn.learn(endpoint_name, qname, ips, ttl)
+
+    def known_fqdn(self, endpoint_name: str, qname: str, ips: Sequence[str], ttl: int) -> bool:
+        """The DNS proxy's check on its own loop: True if the maps hold every address already
+        (a repeated answer; its expiry moves), so ``learn_fqdn`` need not run."""
+        return self.fqdn.known(endpoint_name, qname, ips, ttl)
 
     def fqdn_cache(self, name: str | None = None) -> dict[str, Any]:
         return {"entries": self.fqdn.list(name)}

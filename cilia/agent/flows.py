@@ -50,6 +50,9 @@ if TYPE_CHECKING:
 
 # --- who is who ------------------------------------------------------------------------------
 
+PEERS_MAX = 4096  # named sides kept per snapshot
+
+
 class Who:
     """A snapshot of endpoints, identities' labels and the ipcache, to name flows' sides.
 
@@ -75,6 +78,7 @@ class Who:
         self.endpoint_ids = dict(endpoint_ids or {})  # BPF endpoint id -> name
         self._id_of_endpoint = {name: i for i, name in self.endpoint_ids.items()}
         self._services: Mapping[str, tuple[str, str]] = service_names or {}  # frontend -> (namespace, name)
+        self._peers: dict[tuple[str, int, int | None], Peer] = {}  # named sides, see peer
 
     def changed(self, endpoints: Mapping[str, tuple[tuple[str, ...], int] | None], labels: Mapping[int, LabelSet],
                 ipcache: Iterable[tuple[IPNetwork, int]], endpoint_ids: Mapping[str, int | None],
@@ -115,6 +119,7 @@ class Who:
         new.endpoint_ids = dict(self.endpoint_ids)
         new._id_of_endpoint = dict(self._id_of_endpoint)
         new._services = self._services if service_names is None else service_names
+        new._peers = {}
         for name, endpoint_id in endpoint_ids.items():
             old = new._id_of_endpoint.pop(name, None)
             if old is not None and new.endpoint_ids.get(old) == name:
@@ -159,13 +164,21 @@ class Who:
             return None
 
     def peer(self, address: str, port: int = 0, identity: int | None = None) -> Peer:
-        """A side by its address (its identity from the ipcache unless given)."""
+        """A side by its address (its identity from the ipcache unless given). Kept per snapshot:
+        busy flows (a DNS client's queries) name the same sides over and over."""
+        key = (address, port, identity)
+        found = self._peers.get(key)
+        if found is not None:
+            return found
         name, ident = self._by_address.get(address, ("", None))
         if identity is None:
             identity = ident
         if identity is None and address:
             identity = self._lookup(address)
-        return Peer(address, port, identity, self.labels(identity), name)
+        if len(self._peers) >= PEERS_MAX:
+            self._peers.clear()
+        found = self._peers[key] = Peer(address, port, identity, self.labels(identity), name)
+        return found
 
     def match_type(self, endpoint: str, direction: str, identity: int | None, protocol: str, port: int) -> int:
         """Hubble's policy_match_type of the entry of ``endpoint``'s policy deciding a connection
@@ -284,7 +297,9 @@ def from_l7(time: float, info: ConnectionInfo, record: Record, who: Who, node: s
 def from_dns(r: DNSRecord, who: Who, node: str) -> Flow:
     """A query the DNS proxy handled: forwarded (answered by the server), refused (DROPPED: the
     client got REFUSED), AUDIT, or ERROR (malformed and dropped, or SERVFAIL)."""
-    source = replace(who.peer(*r.source), endpoint=r.endpoint) if r.endpoint else who.peer(*r.source)
+    source = who.peer(*r.source)
+    if r.endpoint and source.endpoint != r.endpoint:  # (the same name nearly always: no copy then)
+        source = replace(source, endpoint=r.endpoint)
     destination = who.peer(r.server[0], r.server[1], r.peer_identity or None)
     verdict = {"forwarded": Verdict.FORWARDED, "denied": Verdict.DROPPED, "audit": Verdict.AUDIT}.get(
         r.verdict, Verdict.ERROR)

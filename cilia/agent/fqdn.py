@@ -7,6 +7,11 @@ and the managed Envoy acknowledged the listeners of that revision, so the client
 connection to the answer is never dropped. An answer that brings no new address (a repeated
 lookup) only moves expiry times: no lock, no revision.
 
+``known`` is the proxy's cheap check on its own loop: True when every address of the answer is in
+what the engine was last fed for that name *and* that feed was realized (``_published``), so the
+answer may go without the learner's thread. "In the cache" is not enough: an address another
+thread just added to the cache may not be in the maps yet, and its answer must wait for that.
+
 A collector thread removes addresses after their TTL plus the grace unless conntrack still has a
 flow to them that saw a packet within ``ct_idle`` seconds, and snapshots the cache now and then.
 """
@@ -26,12 +31,22 @@ from ..policy.l7.dns import normalize
 from ..xds import LISTENER, NackError
 
 if TYPE_CHECKING:
+    from ..policy.engine import PolicyEngine
     from .daemon import Agent
 
 _log = logging.getLogger(__name__)
 
 SNAPSHOT_EVERY = 30.0  # seconds between snapshots while something changed
 SNAPSHOT_LINES = 10_000  # or once the journal is this long
+
+
+class _Fed:
+    """One feed of names to the engine: their addresses, its number and its revision."""
+
+    def __init__(self) -> None:
+        self.addresses: dict[str, frozenset[str]] = {}
+        self.number = 0
+        self.revision: int | None = None
 
 
 class FqdnLearner:
@@ -44,6 +59,11 @@ class FqdnLearner:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._dirty_at: float | None = None  # when the cache first changed after the last snapshot
+        # name -> addresses the maps hold for it (realized, Envoy waited for), and the number of the
+        # feed that said so: a feed's news is taken only if no later feed of the name came first
+        self._published: dict[str, tuple[int, frozenset[str]]] = {}
+        self._feeds = 0  # feeds numbered under the agent's lock, in the engine's order
+        self._published_lock = threading.Lock()
 
     def load(self) -> dict[str, frozenset[str]]:
         """Read the persisted cache; what the engine must select on start."""
@@ -52,27 +72,72 @@ class FqdnLearner:
 
     # ------------------------------------------------------------------ learning
 
+    def known(self, endpoint_name: str, qname: str, ips: Sequence[str], ttl: int) -> bool:
+        """The proxy's check before ``learn``: True if every address is in the maps already
+        (their expiry times are pushed out here); False: ``learn`` must run."""
+        name = normalize(qname)
+        published = self._published.get(name)
+        if published is None or not published[1].issuperset(ips):  # (addresses in canonical form as answered)
+            return False
+        if not self.cache.refresh(name, ips, ttl, time.time(), endpoint_name):
+            return False  # collected meanwhile: ``learn`` feeds it again
+        self.repeated_total += 1
+        return True
+
     def learn(self, endpoint_name: str, qname: str, ips: Sequence[str], ttl: int) -> None:
         now = time.time()
         gained = self.cache.learn(qname, ips, ttl, now, endpoint_name)
-        if gained is None:
-            self.repeated_total += 1
-            return
         name = normalize(qname)
-        entries = self.cache.entries(name)
-        if entries:
-            self.store.append(name, entries[0].ips, endpoint_name)
-            self._dirty_at = self._dirty_at or time.monotonic()
-        revision = self.feed([name])
-        if revision is not None:
-            self._await_proxy(revision)
+        if gained is None:
+            published = self._published.get(name)
+            if published is not None and published[1].issuperset(ips):
+                self.repeated_total += 1
+                return
+            # in the cache but not known to be in the maps (another answer's feed still running):
+            # feed it too, which returns once the maps have it
+        else:
+            entries = self.cache.entries(name)
+            if entries:
+                self.store.append(name, entries[0].ips, endpoint_name)
+                self._dirty_at = self._dirty_at or time.monotonic()
+        fed = self._feed([name])
+        if fed.revision is not None:
+            self._await_proxy(fed.revision)
+        self._publish(fed)
 
     def feed(self, names: Iterable[str]) -> int | None:
         """Give the engine these names' current addresses (read under the agent's lock, so the
         last of two racing answers never hides the other's address); the new revision, if any."""
+        fed = self._feed(names)
+        self._publish(fed)
+        return fed.revision
+
+    def _feed(self, names: Iterable[str]) -> _Fed:
         names = list(names)
-        return self._agent.change_engine(
-            lambda engine: engine.update_fqdn({n: self.cache.get(n) for n in names}).endpoints or None)
+        fed = _Fed()
+
+        def change(engine: PolicyEngine) -> Iterable[str] | None:
+            fed.addresses = {n: self.cache.get(n) for n in names}
+            with self._published_lock:
+                self._feeds += 1
+                fed.number = self._feeds
+                for n, ips in fed.addresses.items():  # what leaves the maps is not published from now on
+                    old = self._published.get(n)
+                    if old is not None:
+                        self._published[n] = (fed.number, old[1] & ips)
+            return engine.update_fqdn(fed.addresses).endpoints or None
+
+        fed.revision = self._agent.change_engine(change)
+        return fed
+
+    def _publish(self, fed: _Fed) -> None:
+        """``fed``'s addresses are in the maps: ``known`` may say so, unless a later feed of a
+        name came first (its addresses are the ones that count)."""
+        with self._published_lock:
+            for n, ips in fed.addresses.items():
+                old = self._published.get(n)
+                if old is None or old[0] <= fed.number:
+                    self._published[n] = (fed.number, ips)
 
     def flush(self) -> None:
         """Write what learning deferred: the CIDR identities (identities.json)."""

@@ -7,6 +7,9 @@ the agent's lock. A query is judged by the sending endpoint's egress entry for t
 matchers as ``cilia policy trace``; an L3/L4 allow there allows every name (Cilium's rule for a
 DNS port without L7 rules). Anything else (no such endpoint, no entry, another L7 protocol)
 refuses: fail closed.
+
+Judgements are memoized on the snapshot (``decide``), so a name asked again under the same revision
+costs a dict lookup; a new revision is a new snapshot with an empty memo.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from ..policy.model import IPNetwork, Protocol
 from ..realizer.desired import Desired
 
 WORLD = 2  # reserved:world: an address in no prefix
+MEMO_MAX = 65_536  # judgements kept per snapshot; beyond, the memo starts over
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,6 +50,8 @@ class DNSPolicy:
     endpoints: Mapping[str, DNSEndpoint] = field(default_factory=dict)  # by address
     ipcache: tuple[tuple[IPNetwork, int], ...] = ()
     _lookup: list[IPCache] = field(default_factory=list, compare=False, repr=False)
+    _memo: dict[tuple[str, str, int, Protocol, str], Judgement] = field(default_factory=dict, compare=False,
+                                                                        repr=False)
 
     @classmethod
     def of(cls, desired: Desired) -> DNSPolicy:
@@ -67,6 +73,17 @@ class DNSPolicy:
     def endpoint_name(self, address: str) -> str:
         ep = self.endpoints.get(address)
         return ep.name if ep is not None else ""
+
+    def decide(self, source: str, server: str, port: int, protocol: Protocol, name: str) -> Judgement:
+        """``judge``, memoized: a snapshot's answer for one (asker, server, port, protocol, name)
+        never changes (the name as asked: case differs, the memo does, the judgement does not)."""
+        key = (source, server, port, protocol, name)
+        judged = self._memo.get(key)
+        if judged is None:
+            if len(self._memo) >= MEMO_MAX:
+                self._memo.clear()
+            judged = self._memo[key] = self.judge(source, server, port, protocol, name)
+        return judged
 
     def judge(self, source: str, server: str, port: int, protocol: Protocol, name: str) -> Judgement:
         """May the endpoint at ``source`` ask ``server``:``port`` over ``protocol`` for ``name``?"""

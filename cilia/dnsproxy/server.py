@@ -6,15 +6,20 @@ port of 127.0.0.1, where the BPF datapath hands endpoints' DNS traffic over (``b
   client's connected socket accepts it.
 - TCP: the accepted socket's own address is the original destination; length-framed messages,
   several per connection, answered in order.
-- Upstream: a new socket per UDP query (a fresh random port), one connection per client TCP
-  connection, from the node's own address with ``SO_MARK`` 0xB00 | identity << 16 (Cilium's egress
-  proxy mark): the server's ingress policy judges the pod that asked, as for Envoy's egress.
+- Upstream: UDP queries share connected sockets per (server, mark) (``upstream.UdpUpstreams``),
+  one connection per client TCP connection, from the node's own address with ``SO_MARK``
+  0xB00 | identity << 16 (Cilium's egress proxy mark): the server's ingress policy judges the pod
+  that asked, as for Envoy's egress.
 - An allowed answer is handed to ``learn`` and released to the client only when it returns (the
   IPs are in the maps then); a learner that fails turns the answer into SERVFAIL (fail closed).
+  ``known`` (optional) is asked first, on the loop: True when every address is in the maps
+  already (a repeated answer), so the answer goes without the learner's thread.
 - Denied: REFUSED, never forwarded. Upstream silent for ``upstream_timeout``: SERVFAIL. Bytes that
   do not parse: dropped and counted, never forwarded.
 
-Everything runs on one asyncio loop in a thread of its own; learners run on a small pool.
+Everything runs on one asyncio loop in a thread of its own; learners run on a small pool. The UDP
+path is callbacks, not a coroutine per query (``_udp_readable``); ``handle`` is the same steps as a
+coroutine, for TCP and for tests.
 """
 
 from __future__ import annotations
@@ -26,28 +31,27 @@ import struct
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
 
 from ..policy.model import Protocol
 from . import wire
 from .policy import DNSPolicy, Judgement
+from .upstream import SO_MARK, UdpUpstreams
 
 _log = logging.getLogger(__name__)
 
 IP_TRANSPARENT = 19
 IP_RECVORIGDSTADDR = 20
 IP_ORIGDSTADDR = 20
-SO_MARK = 36
 EGRESS_MARK = 0x0B00  # Cilium's MARK_MAGIC_PROXY_EGRESS; datapath.c MARK_PROXY_EGRESS
 REPLY_SOCKETS_MAX = 256
 MAX_IN_FLIGHT = 4096
 TCP_IDLE = 10.0
-IDLE_UPSTREAM_MAX = 64  # idle upstream UDP sockets kept per (server, mark)
 
 Learner = Callable[[str, str, Sequence[str], int], None]
+Known = Callable[[str, str, Sequence[str], int], bool]  # (endpoint, name, ips, ttl): all in the maps?
 Address = tuple[str, int]
 
 
@@ -78,11 +82,28 @@ class DNSRecord:
     upstream: float = 0.0  # seconds the upstream took (0: not asked)
 
 
-Recorder = Callable[[DNSRecord], None]
+Recorder = Callable[[Sequence[DNSRecord]], None]  # records in the order handled, a batch per turn of the loop
 
 
-def _ignore(_record: DNSRecord) -> None:
+def _ignore(_records: Sequence[DNSRecord]) -> None:
     pass
+
+
+@dataclass(slots=True)
+class _Asked:
+    """A query on its way through the proxy: what its answer and its record need."""
+
+    query: wire.Query
+    client: Address
+    server: Address
+    protocol: str  # "UDP" or "TCP"
+    judged: Judgement
+    endpoint: str  # the asking endpoint's name ("" if unknown)
+    mark: int  # SO_MARK of the upstream socket
+    arrived: float  # monotonic
+    now: float  # wall clock, for the record
+    sent: float = 0.0  # monotonic, when it went upstream
+    took: float = 0.0  # seconds the upstream took
 
 
 @dataclass
@@ -96,13 +117,15 @@ class _Upstream:
 
 class DNSProxy:
     def __init__(self, *, address: str = "127.0.0.1", port: int = 0, learn: Learner = no_learning,
-                 record: Recorder = _ignore, upstream_timeout: float = 2.0, egress_mark: int = EGRESS_MARK,
-                 max_in_flight: int = MAX_IN_FLIGHT, tcp_idle: float = TCP_IDLE) -> None:
+                 record: Recorder = _ignore, known: Known | None = None, upstream_timeout: float = 2.0,
+                 egress_mark: int = EGRESS_MARK, max_in_flight: int = MAX_IN_FLIGHT,
+                 tcp_idle: float = TCP_IDLE) -> None:
         self.max_in_flight = max_in_flight  # UDP queries being answered; more are dropped (the client retries)
         self.tcp_idle = tcp_idle  # a TCP client silent this long is closed (RFC 7766 asks servers to)
         self.address = address
         self.port = port
         self.learn = learn
+        self.known = known
         self.record = record
         self.upstream_timeout = upstream_timeout
         self.egress_mark = egress_mark
@@ -114,9 +137,12 @@ class DNSProxy:
         self._thread: threading.Thread | None = None
         self._server: asyncio.Server | None = None
         self._reply_socks: dict[Address, socket.socket] = {}
-        self._idle: dict[tuple[Address, int], list[socket.socket]] = {}  # upstream UDP sockets by (server, mark)
+        self._udp_up: UdpUpstreams | None = None  # the loop's upstream UDP sockets
+        self._in_flight = 0  # UDP queries sent upstream or being learned, not yet answered
         self._learners = ThreadPoolExecutor(4, thread_name_prefix="dns-learn")
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._tasks: set[asyncio.Task[bool]] = set()  # learners being waited for (UDP)
+        self._loop_thread = 0  # the loop's thread id: records made there are handed over in batches
+        self._records: list[DNSRecord] = []  # made on the loop this turn, handed over at its end
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -156,8 +182,10 @@ class DNSProxy:
     def _run(self, ready: threading.Event) -> None:
         loop = asyncio.new_event_loop()
         self._loop = loop
+        self._loop_thread = threading.get_ident()
         asyncio.set_event_loop(loop)
         assert self._udp is not None and self._tcp is not None
+        self._udp_up = UdpUpstreams(loop, self.upstream_timeout)
         loop.add_reader(self._udp.fileno(), self._udp_readable)
         self._server = loop.run_until_complete(asyncio.start_server(self._tcp_client, sock=self._tcp))
         ready.set()
@@ -167,6 +195,7 @@ class DNSProxy:
             for task in list(self._tasks):
                 task.cancel()
             loop.run_until_complete(asyncio.sleep(0))
+            self._flush_records()
             loop.close()
 
     def stop(self) -> None:
@@ -177,32 +206,31 @@ class DNSProxy:
                     loop.remove_reader(self._udp.fileno())
                 if self._server is not None:
                     self._server.close()
+                if self._udp_up is not None:
+                    self._udp_up.close()
                 loop.stop()
 
             loop.call_soon_threadsafe(shut)
             self._thread.join(10)
         self._loop = self._thread = None
-        for s in (self._udp, self._tcp, *self._reply_socks.values(), *(x for xs in self._idle.values() for x in xs)):
+        for s in (self._udp, self._tcp, *self._reply_socks.values()):
             if s is not None:
                 s.close()
         self._udp = self._tcp = None
+        self._udp_up = None
         self._reply_socks.clear()
-        self._idle.clear()
         self._learners.shutdown(wait=False, cancel_futures=True)
-
-    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
-        assert self._loop is not None
-        task = self._loop.create_task(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
 
     # ------------------------------------------------------------------ UDP
 
     def _udp_readable(self) -> None:
-        assert self._udp is not None
+        """Every datagram waiting (up to a burst) is parsed, judged and sent on or answered here,
+        with no task per query: the answer comes back through ``UdpUpstreams``' callback."""
+        assert self._udp is not None and self._udp_up is not None
+        recvmsg, space = self._udp.recvmsg, socket.CMSG_SPACE(16)
         for _ in range(64):  # a burst, then let the loop serve the others
             try:
-                data, ancillary, flags, client = self._udp.recvmsg(wire.MAX_UDP, socket.CMSG_SPACE(16))
+                data, ancillary, flags, client = recvmsg(wire.MAX_UDP, space)
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as e:
@@ -216,19 +244,54 @@ class DNSProxy:
             if self._itself(server):
                 self._malformed("UDP", client, server, "addressed to the DNS proxy itself")
                 continue
-            if len(self._tasks) >= self.max_in_flight:
+            if self._in_flight >= self.max_in_flight:
                 self.stats["overload"] += 1  # counted, not recorded: a flood must not cost a flow each
                 continue
-            self._spawn(self._udp_query(data, client, server))
+            begun = self._begin(data, client, server, Protocol.UDP)
+            if isinstance(begun, _Asked):
+                self._udp_ask(begun)
+            elif begun is not None:
+                self._reply_udp(begun, client, server)
 
     def _itself(self, server: Address) -> bool:
         """A query sent straight to the proxy's own port: forwarding it would send it back here."""
         return server[1] == self.port and (server[0] == self.address or server[0].startswith("127."))
 
-    async def _udp_query(self, data: bytes, client: Address, server: Address) -> None:
-        out = await self.handle(data, client, server, Protocol.UDP)
-        if out is None:
+    def _udp_ask(self, asked: _Asked) -> None:
+        assert self._udp_up is not None and self._loop is not None
+        loop = self._loop
+
+        def answered(answer_wire: bytes | None, error: BaseException | None) -> None:
+            self._in_flight -= 1
+            if answer_wire is None:
+                self._reply_udp(self._failed(asked, error), asked.client, asked.server)
+                return
+            read = self._read(asked, answer_wire)
+            if isinstance(read, bytes):
+                self._reply_udp(read, asked.client, asked.server)
+            elif not self._must_learn(asked, read):
+                self._reply_udp(self._release(asked, read, True), asked.client, asked.server)
+            else:  # something new: the learner runs off the loop; the answer waits for it
+                self._in_flight += 1
+
+                def learned(fut: asyncio.Task[bool]) -> None:
+                    self._in_flight -= 1
+                    ok = not fut.cancelled() and fut.result()
+                    self._reply_udp(self._release(asked, read, ok), asked.client, asked.server)
+
+                task = loop.create_task(self._learned(asked, read))
+                self._tasks.add(task)
+                task.add_done_callback(self._tasks.discard)
+                task.add_done_callback(learned)
+
+        try:
+            self._udp_up.ask(asked.query.wire, asked.server, asked.mark, answered)
+        except OSError as e:
+            self._reply_udp(self._failed(asked, e), asked.client, asked.server)
             return
+        self._in_flight += 1
+
+    def _reply_udp(self, out: bytes, client: Address, server: Address) -> None:
         try:
             self._reply_socket(server).sendto(out, client)
         except OSError as e:
@@ -248,56 +311,6 @@ class DNSProxy:
             sock.setblocking(False)
             self._reply_socks[server] = sock
         return sock
-
-    async def _udp_upstream(self, query: bytes, server: Address, mark: int) -> bytes:
-        """Ask ``server`` on a connected socket of the pool for (server, mark), so a busy client
-        does not make a new flow (and conntrack entry) per query; a socket is used by one query at a
-        time and put back only after a good answer (after a timeout a late answer could follow)."""
-        loop = asyncio.get_running_loop()
-        idle = self._idle.setdefault((server, mark), [])
-        if idle:
-            sock = idle.pop()  # connected to server
-        else:
-            sock = _upstream_socket(socket.SOCK_DGRAM, mark)
-            try:
-                sock.connect(server)
-            except OSError:
-                sock.close()
-                raise
-        answer: asyncio.Future[bytes] = loop.create_future()
-        qid = query[:2]
-
-        def readable() -> None:
-            while not answer.done():
-                try:
-                    data = sock.recv(wire.MAX_UDP)
-                except (BlockingIOError, InterruptedError):
-                    return
-                except OSError as e:  # e.g. ICMP port unreachable: nobody serves DNS there
-                    answer.set_exception(e)
-                    return
-                if data[:2] == qid:  # the same id; anything else is not the answer (a late one)
-                    answer.set_result(data)
-
-        def expire() -> None:
-            if not answer.done():
-                answer.set_exception(TimeoutError())
-
-        timer = loop.call_later(self.upstream_timeout, expire)
-        good = False
-        try:
-            loop.add_reader(sock.fileno(), readable)
-            sock.send(query)
-            data = await answer
-            good = True
-            return data
-        finally:
-            timer.cancel()
-            loop.remove_reader(sock.fileno())
-            if good and len(idle) < IDLE_UPSTREAM_MAX:
-                idle.append(sock)
-            else:
-                sock.close()
 
     # ------------------------------------------------------------------ TCP
 
@@ -369,7 +382,51 @@ class DNSProxy:
     async def handle(self, data: bytes, client: Address, server: Address, protocol: Protocol,
                       upstream: _Upstream | None = None) -> bytes | None:
         """One query from ``client`` to ``server``: the bytes to answer the client with (None:
-        nothing, the query is dropped). Runs on whatever loop awaits it."""
+        nothing, the query is dropped). Runs on whatever loop awaits it (the proxy's own UDP
+        path does the same steps without a coroutine per query: ``_udp_readable``)."""
+        begun = self._begin(data, client, server, protocol)
+        if not isinstance(begun, _Asked):
+            return begun
+        asked = begun
+        try:
+            if upstream is None:
+                answer_wire = await self._udp_once(asked)
+            else:
+                answer_wire = await self._tcp_upstream(asked.query.wire, server, asked.mark, upstream)
+        except (TimeoutError, OSError, EOFError) as e:
+            return self._failed(asked, e)
+        read = self._read(asked, answer_wire)
+        if isinstance(read, bytes):
+            return read
+        ok = not self._must_learn(asked, read) or await self._learned(asked, read)
+        return self._release(asked, read, ok)
+
+    async def _udp_once(self, asked: _Asked) -> bytes:
+        """One UDP exchange through the proxy's upstream sockets if this is the proxy's loop, else
+        through sockets made for this call (``handle`` awaited elsewhere, as tests do)."""
+        loop = asyncio.get_running_loop()
+        mine = loop is self._loop and self._udp_up is not None
+        upstreams = self._udp_up if mine and self._udp_up is not None else UdpUpstreams(loop, self.upstream_timeout)
+        result: asyncio.Future[bytes] = loop.create_future()
+
+        def done(answer_wire: bytes | None, error: BaseException | None) -> None:
+            if result.done():
+                return
+            if answer_wire is not None:
+                result.set_result(answer_wire)
+            else:
+                result.set_exception(error or OSError("no answer"))
+
+        try:
+            upstreams.ask(asked.query.wire, asked.server, asked.mark, done)
+            return await result
+        finally:
+            if not mine:
+                upstreams.close()
+
+    def _begin(self, data: bytes, client: Address, server: Address, protocol: Protocol) -> bytes | _Asked | None:
+        """Parse and judge: the allowed query to forward, or the reply that ends it here
+        (REFUSED), or None (malformed: dropped)."""
         arrived, now = time.monotonic(), time.time()
         proto = protocol.name
         try:
@@ -377,53 +434,78 @@ class DNSProxy:
         except wire.Malformed as e:
             self._malformed(proto, client, server, str(e))
             return None
-        judged = self.policy.judge(client[0], server[0], server[1], protocol, query.name)
-        d = judged.decision
-        endpoint = judged.endpoint.name if judged.endpoint else ""
-
-        def record(verdict: str, rcode: str, reason: str = d.reason, answer: wire.Answer | None = None,
-                   upstream: float = 0.0) -> None:
-            self._record(DNSRecord(now, proto, client, server, endpoint, judged.peer_identity, query.name,
-                                   query.qtype, verdict, rcode, answer.ips if answer else (),
-                                   answer.ttl if answer else 0, answer.cnames if answer else (), d.rule, reason,
-                                   time.monotonic() - arrived, upstream))
-
-        if not d.allowed:
+        judged = self.policy.decide(client[0], server[0], server[1], protocol, query.name)
+        ep = judged.endpoint
+        mark = self.egress_mark | ((ep.identity & 0xFFFF) << 16 if ep is not None else 0)
+        asked = _Asked(query, client, server, proto, judged, ep.name if ep is not None else "", mark, arrived, now)
+        if not judged.decision.allowed:
             self.stats["refused"] += 1
-            record("denied", "Refused")
+            self._record_query(asked, "denied", "Refused")
             return wire.reply(query, wire.REFUSED)
-        mark = self.egress_mark | ((judged.endpoint.identity & 0xFFFF) << 16 if judged.endpoint else 0)
-        asked = time.monotonic()
+        asked.sent = time.monotonic()
+        return asked
+
+    def _failed(self, asked: _Asked, error: BaseException | None) -> bytes:
+        """No answer (timeout, socket error): SERVFAIL."""
+        why = "no answer from the server" if isinstance(error, TimeoutError) else f"upstream: {error}"
+        self.stats["servfail"] += 1
+        self._record_query(asked, "error", "ServFail", why, upstream=time.monotonic() - asked.sent)
+        return wire.reply(asked.query, wire.SERVFAIL)
+
+    def _read(self, asked: _Asked, answer_wire: bytes) -> wire.Answer | bytes:
+        """The server's answer read, or SERVFAIL if it is not one to this query."""
+        asked.took = time.monotonic() - asked.sent
         try:
-            if upstream is None:
-                answer_wire = await self._udp_upstream(query.wire, server, mark)
-            else:
-                answer_wire = await self._tcp_upstream(query.wire, server, mark, upstream)
-            answer = wire.read_answer(query, answer_wire)
-        except (TimeoutError, OSError, EOFError, wire.Malformed) as e:
-            why = "no answer from the server" if isinstance(e, TimeoutError) else f"upstream: {e}"
+            return wire.read_answer(asked.query, answer_wire)
+        except wire.Malformed as e:
             self.stats["servfail"] += 1
-            record("error", "ServFail", why, upstream=time.monotonic() - asked)
-            return wire.reply(query, wire.SERVFAIL)
-        took = time.monotonic() - asked
-        if answer.ips and self.learn is not no_learning and not await self._learned(judged, query, answer):
+            self._record_query(asked, "error", "ServFail", f"upstream: {e}", upstream=asked.took)
+            return wire.reply(asked.query, wire.SERVFAIL)
+
+    def _must_learn(self, asked: _Asked, answer: wire.Answer) -> bool:
+        """Whether the answer must wait for the learner: it has addresses, and ``known`` (cheap,
+        on the loop) cannot tell that every one of them is in the maps already."""
+        if not answer.ips or self.learn is no_learning:
+            return False
+        if self.known is None:
+            return True
+        try:
+            return not self.known(asked.endpoint, asked.query.name, answer.ips, answer.ttl)
+        except Exception:
+            _log.exception("DNS proxy: checking %s for %s", asked.query.name, asked.endpoint)
+            return True  # the learner decides
+
+    def _release(self, asked: _Asked, answer: wire.Answer, learned: bool) -> bytes:
+        """The answer for the client once learning is done (SERVFAIL if it failed)."""
+        if not learned:
             self.stats["servfail"] += 1
-            record("error", "ServFail", "the answer could not be learned", upstream=took)
-            return wire.reply(query, wire.SERVFAIL)
+            self._record_query(asked, "error", "ServFail", "the answer could not be learned", upstream=asked.took)
+            return wire.reply(asked.query, wire.SERVFAIL)
         self.stats["forwarded"] += 1
-        record("audit" if d.audit else "forwarded", answer.rcode_name, answer=answer, upstream=took)
+        d = asked.judged.decision
+        self._record_query(asked, "audit" if d.audit else "forwarded", answer.rcode_name, answer=answer,
+                           upstream=asked.took)
         return answer.wire  # unchanged: TC, EDNS0 and all
 
-    async def _learned(self, judged: Judgement, query: wire.Query, answer: wire.Answer) -> bool:
+    async def _learned(self, asked: _Asked, answer: wire.Answer) -> bool:
         """Hand the answer to the learner and wait until it returns (the IPs are in the maps)."""
-        name = judged.endpoint.name if judged.endpoint else ""
         try:
-            await asyncio.get_running_loop().run_in_executor(self._learners, self.learn, name, query.name,
-                                                             answer.ips, answer.ttl)
+            await asyncio.get_running_loop().run_in_executor(self._learners, self.learn, asked.endpoint,
+                                                             asked.query.name, answer.ips, answer.ttl)
         except Exception:
-            _log.exception("DNS proxy: learning %s for %s", query.name, name)
+            _log.exception("DNS proxy: learning %s for %s", asked.query.name, asked.endpoint)
             return False
         return True
+
+    def _record_query(self, asked: _Asked, verdict: str, rcode: str, reason: str | None = None,
+                      answer: wire.Answer | None = None, upstream: float = 0.0) -> None:
+        judged, q = asked.judged, asked.query
+        d = judged.decision
+        self._record(DNSRecord(asked.now, asked.protocol, asked.client, asked.server, asked.endpoint,
+                               judged.peer_identity, q.name, q.qtype, verdict, rcode,
+                               answer.ips if answer else (), answer.ttl if answer else 0,
+                               answer.cnames if answer else (), d.rule, d.reason if reason is None else reason,
+                               time.monotonic() - asked.arrived, upstream))
 
     def _malformed(self, proto: str, client: Address, server: Address, why: str) -> None:
         self.stats["malformed"] += 1
@@ -431,10 +513,25 @@ class DNSProxy:
                                verdict="error", reason=f"malformed: {why}"))
 
     def _record(self, rec: DNSRecord) -> None:
+        """Records made on the proxy's loop go over once per turn of it (the recorder's locks and
+        counters then cost once per batch); elsewhere (``handle`` on another loop) at once."""
+        if threading.get_ident() != self._loop_thread or self._loop is None:
+            self._hand_over([rec])
+            return
+        if not self._records:
+            self._loop.call_soon(self._flush_records)
+        self._records.append(rec)
+
+    def _flush_records(self) -> None:
+        records, self._records = self._records, []
+        if records:
+            self._hand_over(records)
+
+    def _hand_over(self, records: list[DNSRecord]) -> None:
         try:
-            self.record(rec)
+            self.record(records)
         except Exception:
-            _log.exception("DNS proxy: recording a flow")
+            _log.exception("DNS proxy: recording flows")
 
 
 def _upstream_socket(kind: socket.SocketKind, mark: int) -> socket.socket:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import Any
 
 import dns.exception
 import dns.flags
@@ -55,7 +56,12 @@ class Answer:
 
     @property
     def rcode_name(self) -> str:
-        return dns.rcode.to_text(dns.rcode.Rcode(self.rcode)) if 0 <= self.rcode < 4096 else str(self.rcode)
+        return _rcode_text(self.rcode)
+
+
+@lru_cache(maxsize=64)
+def _rcode_text(rcode: int) -> str:
+    return dns.rcode.to_text(dns.rcode.Rcode(rcode)) if 0 <= rcode < 4096 else str(rcode)
 
 
 def _from_wire(wire: bytes) -> dns.message.Message:
@@ -72,12 +78,31 @@ def _type_text(rdtype: int) -> str:
 
 
 def parse_query(wire: bytes) -> Query:
-    """One standard query with exactly one question, or ``Malformed``."""
+    """One standard query with exactly one question, or ``Malformed``. A plain query read
+    before (the same bytes after the id: clients ask the same names over and over) is not read
+    again."""
+    seen = _QUERIES.get(wire[2:])
+    if seen is not None:
+        return Query(wire[0] << 8 | wire[1], seen.name, seen.qtype, wire, seen.question, seen.edns, seen.flags)
     fast = fastwire.query(wire)
     if fast is not None:
         qid, name, qtype, question, edns, flags = fast
-        return Query(qid, name, _type_text(qtype), wire, question, edns, flags)
+        query = Query(qid, name, _type_text(qtype), wire, question, edns, flags)
+        _remember(_QUERIES, wire[2:], query)
+        return query
     return parse_query_dnspython(wire)
+
+
+# plain messages read by the fast path, by their bytes after the id (bounded: cleared when full)
+_QUERIES: dict[bytes, Query] = {}
+_ANSWERS: dict[tuple[bytes, bytes], tuple[int, tuple[str, ...], int, bool, tuple[str, ...]]] = {}
+SEEN_MAX = 4096
+
+
+def _remember(seen: dict[Any, Any], key: Any, value: Any) -> None:
+    if len(seen) >= SEEN_MAX:
+        seen.clear()
+    seen[key] = value
 
 
 def parse_query_dnspython(wire: bytes) -> Query:
@@ -105,10 +130,14 @@ def reply(query: Query, rcode: int) -> bytes:
 def read_answer(query: Query, wire: bytes) -> Answer:
     """The upstream's answer to ``query``: ``Malformed`` if it does not parse or answers another
     question (its id or question differ)."""
-    fast = fastwire.answer(wire, query.id, query.question)
-    if fast is not None:
-        return Answer(*fast, wire=wire)
-    return read_answer_dnspython(query, wire)
+    key = (query.question, wire[2:])
+    fast = _ANSWERS.get(key) if wire[:2] == query.wire[:2] else None  # the same id, and read before
+    if fast is None:
+        fast = fastwire.answer(wire, query.id, query.question)
+        if fast is None:
+            return read_answer_dnspython(query, wire)
+        _remember(_ANSWERS, key, fast)
+    return Answer(*fast, wire=wire)
 
 
 def read_answer_dnspython(query: Query, wire: bytes) -> Answer:

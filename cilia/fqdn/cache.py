@@ -78,11 +78,13 @@ class FqdnCache:
         key = normalize(name)
         if not key:
             raise ValueError("empty DNS name")
-        addrs = [str(ipaddress.ip_address(ip)) for ip in ips]
         expires = now + max(int(ttl), self.min_ttl)
         gained = False
         with self._lock:
             entry = self._names.get(key)
+            held: dict[str, float] = entry.ips if entry is not None else {}
+            # an address held already is canonical and valid: parsing it again is the cost of a repeat
+            addrs = [ip if ip in held else str(ipaddress.ip_address(ip)) for ip in ips]
             if entry is None:
                 if not addrs:
                     return None
@@ -98,6 +100,25 @@ class FqdnCache:
                 if old is None or expires > old:
                     entry.ips[ip] = expires  # a later expiry is found when its heap entry comes due
             return frozenset(entry.ips) if gained else None
+
+    def refresh(self, key: str, ips: Iterable[str], ttl: int, now: float, endpoint: str = "") -> bool:
+        """``learn`` for an answer with nothing new, cheaply: ``key`` already normalized, every
+        address already held in canonical form. True: their expiry times moved; False: some
+        address is not held (nothing was changed: ``learn`` it)."""
+        expires = now + max(int(ttl), self.min_ttl)
+        with self._lock:
+            entry = self._names.get(key)
+            if entry is None:
+                return False
+            held = entry.ips
+            if not all(ip in held for ip in ips):
+                return False
+            for ip in ips:
+                if expires > held[ip]:
+                    held[ip] = expires
+            if endpoint:
+                entry.endpoint = endpoint
+            return True
 
     def restore(self, name: str, ips: Mapping[str, float], endpoint: str = "") -> None:
         """Put back persisted addresses with their own expiry times (the later one wins)."""

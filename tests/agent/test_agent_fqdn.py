@@ -214,6 +214,28 @@ def test_first_connection_after_each_new_answer(node: FqdnNode) -> None:
         assert not node.reaches(address), f"after clean {i}"
 
 
+def test_known_only_for_addresses_the_maps_hold(node: FqdnNode) -> None:
+    """The proxy's on-loop shortcut (``known_fqdn``) may release an answer without the learner
+    only when the maps hold every address: not before learning, not for an address another
+    answer has put in the cache but not yet fed to the maps, not after a clean."""
+    assert node.agent is not None
+    agent = node.agent
+    name, api, cdn = "api.example.com", OUTSIDE["api"], OUTSIDE["cdn"]
+    assert not agent.known_fqdn("client", name, [api], 300)
+    node.learn(name, [api], 300)
+    assert agent.known_fqdn("client", name, [api], 300)
+    assert agent.known_fqdn("client", name.upper() + ".", [api], 300)  # names compare as DNS names do
+    # another answer's learner mid-way: its address in the cache, not yet in the maps
+    agent.fqdn.cache.learn(name, [cdn], 300, time.time(), "client")
+    assert cdn not in ipcache_of(node)
+    assert not agent.known_fqdn("client", name, [api, cdn], 300)
+    node.learn(name, [api, cdn], 300)  # nothing new for the cache, but it is fed and realized
+    assert cdn in ipcache_of(node) and agent.known_fqdn("client", name, [api, cdn], 300)
+    node.call(lambda: agent.fqdn.clean(name))
+    assert not agent.known_fqdn("client", name, [api], 300)
+    assert not node.reaches(api)
+
+
 def test_expiry_closes_new_connections_but_open_flows_keep_it(node: FqdnNode) -> None:
     assert node.agent is not None
     agent = node.agent

@@ -255,3 +255,26 @@ def test_an_idle_tcp_client_is_closed(node: DnsNode) -> None:
 
     assert run_in_netns(node.netns("client"), idle) == b""
     assert proxy_stats(node)["tcp_idle_closed"] >= 1
+
+
+CLIENT_MORE_DNS = OTHER_DNS.replace("other-dns", "client-more-dns").replace("app: other", "app: client").replace(
+    "allowed.example.com", "denied.test")
+
+
+def test_a_new_revision_changes_a_repeated_names_verdict(node: DnsNode) -> None:
+    """Verdicts are memoized per policy snapshot: the same query judged again under a new
+    revision gets the new revision's answer, both ways."""
+    q = dns.message.make_query("denied.test", "A")
+
+    def ask() -> str:
+        return rcode(run_in_netns(node.netns("client"), lambda: dns.query.udp(q, KUBE_DNS, timeout=5)))
+
+    assert ask() == "REFUSED" and ask() == "REFUSED"
+    path = node.tmp / "client-more-dns.yaml"
+    path.write_text(CLIENT_MORE_DNS, encoding="utf-8")
+    node.node.import_policy(path)
+    try:
+        assert ask() == "NOERROR"
+    finally:
+        node.node.ok("policy", "delete", "client-more-dns")
+    assert ask() == "REFUSED"

@@ -84,7 +84,7 @@ def upstream() -> Iterator[Recorder]:
 
 def make_proxy(learned: list[tuple[str, str, Sequence[str], int]], records: list[DNSRecord],
                timeout: float = 2.0) -> DNSProxy:
-    proxy = DNSProxy(learn=lambda *a: learned.append(a), record=records.append, upstream_timeout=timeout,
+    proxy = DNSProxy(learn=lambda *a: learned.append(a), record=records.extend, upstream_timeout=timeout,
                      egress_mark=0)
     proxy.policy = AllowAll()
     return proxy

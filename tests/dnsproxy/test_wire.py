@@ -97,6 +97,22 @@ def test_read_answer_refuses_answers_to_something_else() -> None:
         wire.read_answer(q, raw)  # a query, not an answer
 
 
+def test_a_repeated_query_or_answer_is_read_as_the_first_with_its_own_id() -> None:
+    """Plain messages are remembered by their bytes after the id: a repeat under another id
+    reads the same except for the id, and an answer's id must still be the query's."""
+    first, again = query("repeat.test", "A", id=11), query("repeat.test", "A", id=12)
+    assert first[2:] == again[2:]
+    q1, q2 = wire.parse_query(first), wire.parse_query(again)
+    assert (q2.id, q2.wire) == (12, again) and q2 == wire.parse_query_dnspython(again)
+    assert (q1.name, q1.qtype, q1.question, q1.edns, q1.flags) == (q2.name, q2.qtype, q2.question, q2.edns, q2.flags)
+    a1 = wire.read_answer(q1, _answer(first, ("repeat.test.", "A", "10.0.0.9")))
+    answer2 = _answer(again, ("repeat.test.", "A", "10.0.0.9"))
+    a2 = wire.read_answer(q2, answer2)
+    assert a2.wire == answer2 and a2 == wire.read_answer_dnspython(q2, answer2) and a1.ips == a2.ips
+    with pytest.raises(wire.Malformed):
+        wire.read_answer(q1, answer2)  # read before, but the answer to the other id
+
+
 @given(st.lists(st.binary(max_size=300), max_size=6), st.data())
 def test_framer_reassembles_any_chunking(messages: list[bytes], data: st.DataObject) -> None:
     stream = b"".join(wire.frame(m) for m in messages)

@@ -60,6 +60,19 @@ def test_a_later_answer_extends_the_address() -> None:
     assert cache.collect(T0 + 18, nothing_open) == {"a.org": frozenset()}
 
 
+def test_refresh_extends_only_when_every_address_is_held() -> None:
+    cache = FqdnCache(grace=0)
+    assert not cache.refresh("a.org", ["192.0.2.1"], 10, T0)  # no such name
+    cache.learn("a.org", ["192.0.2.1"], 10, T0)
+    assert not cache.refresh("a.org", ["192.0.2.1", "192.0.2.2"], 10, T0 + 8)  # one not held: nothing moves
+    assert cache.get("a.org") == {"192.0.2.1"}
+    assert cache.collect(T0 + 10, nothing_open) == {"a.org": frozenset()}  # so it still expired at +10
+    cache.learn("a.org", ["192.0.2.1"], 10, T0)
+    assert cache.refresh("a.org", ["192.0.2.1"], 10, T0 + 8)  # held: expiry moves to +18
+    assert cache.collect(T0 + 12, nothing_open) == {}
+    assert cache.collect(T0 + 18, nothing_open) == {"a.org": frozenset()}
+
+
 def test_min_ttl_raises_short_ttls() -> None:
     cache = FqdnCache(min_ttl=60, grace=0)
     cache.learn("a.org", ["192.0.2.1"], 1, T0)
