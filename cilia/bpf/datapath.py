@@ -8,12 +8,14 @@ restarted agent rewrites nothing that did not change and the counters keep count
 
 from __future__ import annotations
 
+import operator
 import socket
 import threading
 import time
 import zlib
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass
+from itertools import compress
 from typing import Any
 
 from cilia.policy.mapstate import L4Key, MapState, PolicyEntry, origins_name
@@ -80,8 +82,10 @@ class Datapath:
         self._written: dict[int, dict[bytes, bytes]] = {}  # per endpoint: what its trie holds
         self._ipcache_written: dict[bytes, bytes] | None = None  # what the ipcache trie holds
         self._ipcache_last: list[tuple[IPNetwork, int]] | None = None  # the items it was last synced to
-        # per endpoint: the proxy ports and each peer identity's map-state group and packed entries
-        self._packed: dict[int, tuple[object, dict[Direction, dict[int, tuple[object, dict[bytes, bytes]]]]]] = {}
+        # per endpoint: the proxy ports, each peer identity's map-state group and packed entries, and
+        # the serial of the map-state snapshot (per direction) they express
+        self._packed: dict[int, tuple[object, dict[Direction, dict[int, tuple[object, dict[bytes, bytes]]]],
+                                      dict[Direction, int]]] = {}
         self._events: list[Callable[[DatapathEvent], None]] = []
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -101,8 +105,8 @@ class Datapath:
             self._ipcache_written = {k: bytes(v) for k, v in m.items()}
             n = maps.sync_ipcache(m, want, self._ipcache_written)
         else:
-            before = {id(t) for t in last}
-            added = [t for t in want if id(t) not in before]
+            before = set(map(id, last))  # map/compress: C loops, a learned answer must not pay per entry
+            added = list(compress(want, map(operator.not_, map(before.__contains__, map(id, want)))))
             if len(want) - len(added) == len(last):  # nothing went: the new pairs, in order (last wins)
                 n = maps.update_ipcache(m, dict(added), (), self._ipcache_written)
             else:
@@ -147,32 +151,46 @@ class Datapath:
         ``ports`` names what ``proxy_port_of`` answers (e.g. the proxy port table); given, the packed
         entries of a peer identity whose map-state group is the same object as at the last sync
         are reused (identities selected by the same rules share a group, and a group is replaced,
-        never changed), so a new learned address costs its own entries, not the whole trie's."""
+        never changed), so a new learned address costs its own entries, not the whole trie's; and if
+        the last sync wrote the snapshot this one was made from (``DirectionMapState.base``), only the
+        identities it moved are looked at."""
         memo = self._packed.get(ep_id)
         if ports is None or memo is None or memo[0] != ports:
-            memo = (ports, {})
-        reuse = memo[1]
+            memo = (ports, {}, {})
+        reuse, serials = memo[1], memo[2]
         current = self._written.get(ep_id)
         incremental = bool(reuse) and current is not None  # the trie holds exactly what ``reuse`` says
         packed: dict[Direction, dict[int, tuple[object, dict[bytes, bytes]]]] = {}
         moved: list[tuple[dict[bytes, bytes], dict[bytes, bytes]]] = []  # (old, new) entries of changed groups
+        self._packed.pop(ep_id, None)  # until the trie holds ``packed``: a failed write rebuilds it all
         for direction in (state.ingress, state.egress):
             before = reuse.get(direction.direction, {})
+            if incremental and direction.base and serials.get(direction.direction) == direction.base:
+                now = packed[direction.direction] = before  # patched in place: the memo is dropped above
+                for ident in (0, *direction.moved):
+                    group = direction.any_group if ident == 0 else direction.groups.get(ident)
+                    done = now.get(ident)
+                    if group is None:
+                        if done is not None:
+                            moved.append((now.pop(ident)[1], {}))
+                    elif done is None or done[0] is not group:
+                        now[ident] = self._pack(direction.direction, ident, group, proxy_port_of)
+                        moved.append((done[1] if done is not None else {}, now[ident][1]))
+                continue
             now = packed[direction.direction] = {}
             for ident, group in ((0, direction.any_group), *direction.groups.items()):
                 done = before.get(ident)
                 if done is None or done[0] is not group:
-                    entries = identity_entries(direction.direction, ident, group, proxy_port_of, self.rule_id)
-                    fresh = (group, {k: value.pack() for k, (value, _l4) in entries.items()})
+                    fresh = self._pack(direction.direction, ident, group, proxy_port_of)
                     moved.append((done[1] if done is not None else {}, fresh[1]))
                     done = fresh
                 now[ident] = done
             moved += [(before[ident][1], {}) for ident in before.keys() - now.keys()]  # identities gone
-        self._packed.pop(ep_id, None)  # until the trie holds ``packed``: a failed write rebuilds it all
+        synced = {state.ingress.direction: state.ingress.serial, state.egress.direction: state.egress.serial}
         if not incremental:
             done_all = self.write_policy(ep_id, {k: v for by_ident in packed.values() for _, entries in
                                                  by_ident.values() for k, v in entries.items()})
-            self._packed[ep_id] = (ports, packed)
+            self._packed[ep_id] = (ports, packed, synced)
             return done_all
         assert current is not None
         m = self.loader.policy_map(ep_id)
@@ -187,8 +205,14 @@ class Datapath:
                 if current.pop(k, None) is not None:
                     m.delete(k)
                     removed += 1
-        self._packed[ep_id] = (ports, packed)
+        self._packed[ep_id] = (ports, packed, synced)
         return written, removed
+
+    def _pack(self, direction: Direction, ident: int, group: Mapping[L4Key, PolicyEntry],
+              proxy_port_of: ProxyPortOf) -> tuple[object, dict[bytes, bytes]]:
+        """A peer identity's group and its packed trie entries."""
+        entries = identity_entries(direction, ident, group, proxy_port_of, self.rule_id)
+        return group, {k: value.pack() for k, (value, _l4) in entries.items()}
 
     def write_policy(self, ep_id: int, target: dict[bytes, bytes]) -> tuple[int, int]:
         """Write packed entries (see policykey) as endpoint ``ep_id``'s whole trie, changing only
