@@ -82,18 +82,23 @@ class Datapath:
         self._written: dict[int, dict[bytes, bytes]] = {}  # per endpoint: what its trie holds
         self._ipcache_written: dict[bytes, bytes] | None = None  # what the ipcache trie holds
         self._ipcache_last: list[tuple[IPNetwork, int]] | None = None  # the items it was last synced to
+        self._ipcache_version = 0  # the agent ipcache's version the trie holds (0: unknown)
         # per endpoint: the proxy ports, each peer identity's map-state group and packed entries, and
         # the serial of the map-state snapshot (per direction) they express
         self._packed: dict[int, tuple[object, dict[Direction, dict[int, tuple[object, dict[bytes, bytes]]]],
                                       dict[Direction, int]]] = {}
         self._events: list[Callable[[DatapathEvent], None]] = []
+        # whether the last sync_policy may have turned an established flow's verdict into a redirect
+        # (it wrote an entry with a proxy port, or removed one, which can uncover a broader redirect)
+        self.redirects_moved = False
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._trace_until = 0.0
 
     # -- state in ----------------------------------------------------------------------
 
-    def sync_ipcache(self, items: Iterable[tuple[IPNetwork, int]]) -> int:
+    def sync_ipcache(self, items: Iterable[tuple[IPNetwork, int]], version: int = 0) -> int:
+        """Make the ipcache trie hold ``items``, which are the agent ipcache's ``version`` (0: none)."""
         # what the trie holds is kept (read from the kernel once), and the last items given: a
         # sync writes what changed since (a learned DNS answer: one entry), not every entry
         # The agent's ipcache keeps its (prefix, identity) pairs as the same tuple objects while they
@@ -101,8 +106,11 @@ class Datapath:
         want = list(items)
         last = self._ipcache_last
         m = self.loader.maps["ipcache"]
-        if self._ipcache_written is None or last is None:
+        self._ipcache_version = 0  # until written
+        if self._ipcache_written is None:
             self._ipcache_written = {k: bytes(v) for k, v in m.items()}
+            n = maps.sync_ipcache(m, want, self._ipcache_written)
+        elif last is None:  # the last write was a patch: compare all
             n = maps.sync_ipcache(m, want, self._ipcache_written)
         else:
             before = set(map(id, last))  # map/compress: C loops, a learned answer must not pay per entry
@@ -112,12 +120,34 @@ class Datapath:
             else:
                 n = maps.sync_ipcache(m, want, self._ipcache_written)  # something went: compare all
         self._ipcache_last = want  # held, so no id is reused while compared
+        self._ipcache_version = version
         return n
+
+    def patch_ipcache(self, changes: Iterable[tuple[IPNetwork, int | None]], since: int, version: int) -> bool:
+        """Apply ``changes`` (identity None: deleted; the last change of a prefix wins) if the trie
+        holds the agent ipcache's version ``since``: a learned answer writes its own entry without
+        looking at the others. False (nothing done) if it does not: then ``sync_ipcache``."""
+        if not since or since != self._ipcache_version or self._ipcache_written is None:
+            return False
+        upserts: dict[IPNetwork, int] = {}
+        deletes: set[IPNetwork] = set()
+        for prefix, identity in changes:
+            if identity is None:
+                upserts.pop(prefix, None)
+                deletes.add(prefix)
+            else:
+                deletes.discard(prefix)
+                upserts[prefix] = identity
+        self._ipcache_version, self._ipcache_last = 0, None  # until written; the id diff's items are stale
+        maps.update_ipcache(self.loader.maps["ipcache"], upserts, deletes, self._ipcache_written)
+        self._ipcache_version = version
+        return True
 
     def reread_ipcache(self) -> None:
         """Read the ipcache trie from the kernel at the next sync (after the maps were reopened)."""
         self._ipcache_written = None
         self._ipcache_last = None
+        self._ipcache_version = 0
 
     def upsert_endpoint(self, ep_id: int, address: str, ifname: str, identity: int, flags: int = 0) -> int:
         """Attach to the endpoint's host-side interface and register its address (``flags``: audit
@@ -188,6 +218,7 @@ class Datapath:
             moved += [(before[ident][1], {}) for ident in before.keys() - now.keys()]  # identities gone
         synced = {state.ingress.direction: state.ingress.serial, state.egress.direction: state.egress.serial}
         if not incremental:
+            self.redirects_moved = True  # not looked at entry by entry
             done_all = self.write_policy(ep_id, {k: v for by_ident in packed.values() for _, entries in
                                                  by_ident.values() for k, v in entries.items()})
             self._packed[ep_id] = (ports, packed, synced)
@@ -195,17 +226,20 @@ class Datapath:
         assert current is not None
         m = self.loader.policy_map(ep_id)
         written = removed = 0
+        redirects = False
         for old, new in moved:
             for k, v in new.items():
                 if current.get(k) != v[:8]:  # proxy port, flags, rule id: not the counters
                     m.update(k, v)
                     current[k] = v[:8]
                     written += 1
+                    redirects = redirects or v[:2] != b"\0\0"  # the proxy port
             for k in old.keys() - new.keys():
                 if current.pop(k, None) is not None:
                     m.delete(k)
                     removed += 1
         self._packed[ep_id] = (ports, packed, synced)
+        self.redirects_moved = redirects or bool(removed)
         return written, removed
 
     def _pack(self, direction: Direction, ident: int, group: Mapping[L4Key, PolicyEntry],

@@ -1,6 +1,7 @@
-"""The policy trie after answer-by-answer learning and expiry (``Datapath.sync_policy`` patching only
-the identities each map-state snapshot moved) holds exactly what a from-scratch write of the same
-map state holds, read back from the kernel."""
+"""After answer-by-answer learning and expiry, the policy trie (``Datapath.sync_policy`` patching
+only the identities each map-state snapshot moved) holds exactly what a from-scratch write of the
+same map state holds, and the ipcache trie (``Datapath.patch_ipcache`` applying the ipcache's
+change log) exactly the engine's ipcache, both read back from the kernel."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import pytest
 from tests.bpf.bpf_support import bpf_node
 from tests.policy.test_engine_fqdn_incremental import ADDRESSES, NAMES, POLICY
 
+from cilia.bpf import maps
 from cilia.bpf.datapath import no_proxy
 from cilia.bpf.policykey import identity_entries
 from cilia.policy import parse_text
@@ -37,8 +39,10 @@ def test_trie_after_learning_equals_from_scratch(seed: int) -> None:
                             + "".join(f"  {line}\n" for line in POLICY.strip().splitlines()), "fq.yaml")
         assert loaded.ok, loaded.problems
         node.engine.apply(loaded.policies)
-        patched = 0
+        patched = ipcache_patched = 0
         synced: MapState | None = None
+        node.datapath.sync_ipcache(node.engine.ipcache.items(), node.engine.ipcache.version)
+        node.engine.ipcache.take_changes()
         for _ in range(40):
             name = rnd.choice(NAMES)
             node.engine.update_fqdn({name: [] if rnd.random() < 0.3 else rnd.sample(ADDRESSES, rnd.randint(1, 3))})
@@ -49,4 +53,13 @@ def test_trie_after_learning_equals_from_scratch(seed: int) -> None:
             synced = state
             kernel = {k: bytes(v)[:8] for k, v in node.loader.policy_map(ep.ep_id).items()}
             assert kernel == from_scratch(state, node.datapath.rule_id)
-        assert patched > 5  # the patching path ran
+            changes = node.engine.ipcache.take_changes()
+            assert changes is not None
+            if node.datapath.patch_ipcache(changes.changes, changes.since, changes.version):
+                ipcache_patched += 1
+            else:
+                node.datapath.sync_ipcache(node.engine.ipcache.items(), changes.version)
+            assert maps.ipcache_items(node.loader.maps["ipcache"]) == {
+                p: i for p, i in node.engine.ipcache.items() if p.version == 4}
+        assert patched > 5  # the patching paths ran
+        assert ipcache_patched == 40

@@ -1,6 +1,7 @@
 """toFQDNs learned and expired answer by answer: the engine's map state equals a from-scratch
-engine given the same names, and each snapshot's delta (``base``, ``moved``, ``distinct``) says
-exactly how it differs from the snapshot before it (what the BPF sync patches by)."""
+engine given the same names, each snapshot's delta (``base``, ``moved``, ``distinct``) says
+exactly how it differs from the snapshot before it, and the ipcache's change log replays to its
+items (what the BPF sync patches by)."""
 
 from __future__ import annotations
 
@@ -55,6 +56,8 @@ def test_incremental_learning_equals_from_scratch(seed: int) -> None:
     learned: dict[str, list[str]] = {}
     last: MapState = engine.endpoint_policy("client").map_state
     deltas = 0
+    engine.ipcache.take_changes()
+    held = dict(engine.ipcache.items())  # what a consumer of the ipcache's changes holds
     for _ in range(60):
         name = rnd.choice(NAMES)
         ips = [] if rnd.random() < 0.3 else rnd.sample(ADDRESSES, rnd.randint(1, 3))
@@ -65,6 +68,14 @@ def test_incremental_learning_equals_from_scratch(seed: int) -> None:
             deltas += check_delta(last.egress, now.egress)
             check_delta(last.ingress, now.ingress)
         last = now
+        changes = engine.ipcache.take_changes()
+        assert changes is not None and changes.version == engine.ipcache.version
+        for prefix, identity in changes.changes:
+            if identity is None:
+                del held[prefix]
+            else:
+                held[prefix] = identity
+        assert held == dict(engine.ipcache.items())
         scratch = engine_with(POLICY)
         scratch.update_fqdn({n: a for n, a in learned.items() if a})
         fresh = scratch.endpoint_policy("client").map_state
