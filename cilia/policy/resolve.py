@@ -214,8 +214,11 @@ class _DirectionBuilder:
 
     def snapshot(self) -> DirectionMapState:
         serial = next(_SERIALS)
+        # a delta as large as the whole is not kept (a bulk load): consumers take the whole
+        small = len(self.moved) <= 64 + len(self.groups) // 4
         out = DirectionMapState(self.dp.direction, self.dp.enforced, self.any_group,
-                                MappingProxyType(dict(self.groups)), serial, self.serial, frozenset(self.moved),
+                                MappingProxyType(dict(self.groups)), serial, self.serial if small else 0,
+                                frozenset(self.moved) if small else frozenset(),
                                 tuple(group for group, _ in self.uses.values()))
         self.serial, self.moved = serial, set()
         return out
