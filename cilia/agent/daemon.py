@@ -883,7 +883,7 @@ class Agent:
         return Desired(self.state.revision, endpoints, tuple(self.engine.ipcache.items()),
                        self.engine.identity_labels(), changed=moved,
                        prefixes=self.engine.ipcache.by_identity(), services=self.state.services.ordered(),
-                       waiting=waiting)
+                       waiting=waiting, ipcache_changes=self.engine.ipcache.take_changes())
 
     def _before(self, policies: Iterable[PolicyKey] = (), endpoints: Iterable[str] = (),
                 services: Iterable[int] = ()) -> _Before:

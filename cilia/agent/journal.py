@@ -97,8 +97,9 @@ class Journal:
         self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
         self.size = len(header)
 
-    def append(self, record: dict[str, Any]) -> None:
-        """Append ``record`` and sync it: on return it survives a crash."""
+    def append(self, record: dict[str, Any], sync: bool = True) -> None:
+        """Append ``record`` and sync it: on return it survives a crash (``sync`` False: a crash of
+        the process, not of the machine; the next synced record syncs it too)."""
         if self._fd is None:
             self.open()
         assert self._fd is not None
@@ -107,7 +108,8 @@ class Journal:
         try:
             while view:
                 view = view[os.write(self._fd, view):]
-            os.fsync(self._fd)
+            if sync:
+                os.fsync(self._fd)
         except OSError:
             os.ftruncate(self._fd, self.size)  # no half record for the next one to follow (disk full)
             raise

@@ -8,12 +8,14 @@ restarted agent rewrites nothing that did not change and the counters keep count
 
 from __future__ import annotations
 
+import operator
 import socket
 import threading
 import time
 import zlib
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass
+from itertools import compress
 from typing import Any
 
 from cilia.policy.mapstate import L4Key, MapState, PolicyEntry, origins_name
@@ -80,16 +82,23 @@ class Datapath:
         self._written: dict[int, dict[bytes, bytes]] = {}  # per endpoint: what its trie holds
         self._ipcache_written: dict[bytes, bytes] | None = None  # what the ipcache trie holds
         self._ipcache_last: list[tuple[IPNetwork, int]] | None = None  # the items it was last synced to
-        # per endpoint: the proxy ports and each peer identity's map-state group and packed entries
-        self._packed: dict[int, tuple[object, dict[Direction, dict[int, tuple[object, dict[bytes, bytes]]]]]] = {}
+        self._ipcache_version = 0  # the agent ipcache's version the trie holds (0: unknown)
+        # per endpoint: the proxy ports, each peer identity's map-state group and packed entries, and
+        # the serial of the map-state snapshot (per direction) they express
+        self._packed: dict[int, tuple[object, dict[Direction, dict[int, tuple[object, dict[bytes, bytes]]]],
+                                      dict[Direction, int]]] = {}
         self._events: list[Callable[[DatapathEvent], None]] = []
+        # whether the last sync_policy may have turned an established flow's verdict into a redirect
+        # (it wrote an entry with a proxy port, or removed one, which can uncover a broader redirect)
+        self.redirects_moved = False
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._trace_until = 0.0
 
     # -- state in ----------------------------------------------------------------------
 
-    def sync_ipcache(self, items: Iterable[tuple[IPNetwork, int]]) -> int:
+    def sync_ipcache(self, items: Iterable[tuple[IPNetwork, int]], version: int = 0) -> int:
+        """Make the ipcache trie hold ``items``, which are the agent ipcache's ``version`` (0: none)."""
         # what the trie holds is kept (read from the kernel once), and the last items given: a
         # sync writes what changed since (a learned DNS answer: one entry), not every entry
         # The agent's ipcache keeps its (prefix, identity) pairs as the same tuple objects while they
@@ -97,23 +106,48 @@ class Datapath:
         want = list(items)
         last = self._ipcache_last
         m = self.loader.maps["ipcache"]
-        if self._ipcache_written is None or last is None:
+        self._ipcache_version = 0  # until written
+        if self._ipcache_written is None:
             self._ipcache_written = {k: bytes(v) for k, v in m.items()}
             n = maps.sync_ipcache(m, want, self._ipcache_written)
+        elif last is None:  # the last write was a patch: compare all
+            n = maps.sync_ipcache(m, want, self._ipcache_written)
         else:
-            before = {id(t) for t in last}
-            added = [t for t in want if id(t) not in before]
+            before = set(map(id, last))  # map/compress: C loops, a learned answer must not pay per entry
+            added = list(compress(want, map(operator.not_, map(before.__contains__, map(id, want)))))
             if len(want) - len(added) == len(last):  # nothing went: the new pairs, in order (last wins)
                 n = maps.update_ipcache(m, dict(added), (), self._ipcache_written)
             else:
                 n = maps.sync_ipcache(m, want, self._ipcache_written)  # something went: compare all
         self._ipcache_last = want  # held, so no id is reused while compared
+        self._ipcache_version = version
         return n
+
+    def patch_ipcache(self, changes: Iterable[tuple[IPNetwork, int | None]], since: int, version: int) -> bool:
+        """Apply ``changes`` (identity None: deleted; the last change of a prefix wins) if the trie
+        holds the agent ipcache's version ``since``: a learned answer writes its own entry without
+        looking at the others. False (nothing done) if it does not: then ``sync_ipcache``."""
+        if not since or since != self._ipcache_version or self._ipcache_written is None:
+            return False
+        upserts: dict[IPNetwork, int] = {}
+        deletes: set[IPNetwork] = set()
+        for prefix, identity in changes:
+            if identity is None:
+                upserts.pop(prefix, None)
+                deletes.add(prefix)
+            else:
+                deletes.discard(prefix)
+                upserts[prefix] = identity
+        self._ipcache_version, self._ipcache_last = 0, None  # until written; the id diff's items are stale
+        maps.update_ipcache(self.loader.maps["ipcache"], upserts, deletes, self._ipcache_written)
+        self._ipcache_version = version
+        return True
 
     def reread_ipcache(self) -> None:
         """Read the ipcache trie from the kernel at the next sync (after the maps were reopened)."""
         self._ipcache_written = None
         self._ipcache_last = None
+        self._ipcache_version = 0
 
     def upsert_endpoint(self, ep_id: int, address: str, ifname: str, identity: int, flags: int = 0) -> int:
         """Attach to the endpoint's host-side interface and register its address (``flags``: audit
@@ -147,48 +181,72 @@ class Datapath:
         ``ports`` names what ``proxy_port_of`` answers (e.g. the proxy port table); given, the packed
         entries of a peer identity whose map-state group is the same object as at the last sync
         are reused (identities selected by the same rules share a group, and a group is replaced,
-        never changed), so a new learned address costs its own entries, not the whole trie's."""
+        never changed), so a new learned address costs its own entries, not the whole trie's; and if
+        the last sync wrote the snapshot this one was made from (``DirectionMapState.base``), only the
+        identities it moved are looked at."""
         memo = self._packed.get(ep_id)
         if ports is None or memo is None or memo[0] != ports:
-            memo = (ports, {})
-        reuse = memo[1]
+            memo = (ports, {}, {})
+        reuse, serials = memo[1], memo[2]
         current = self._written.get(ep_id)
         incremental = bool(reuse) and current is not None  # the trie holds exactly what ``reuse`` says
         packed: dict[Direction, dict[int, tuple[object, dict[bytes, bytes]]]] = {}
         moved: list[tuple[dict[bytes, bytes], dict[bytes, bytes]]] = []  # (old, new) entries of changed groups
+        self._packed.pop(ep_id, None)  # until the trie holds ``packed``: a failed write rebuilds it all
         for direction in (state.ingress, state.egress):
             before = reuse.get(direction.direction, {})
+            if incremental and direction.base and serials.get(direction.direction) == direction.base:
+                now = packed[direction.direction] = before  # patched in place: the memo is dropped above
+                for ident in (0, *direction.moved):
+                    group = direction.any_group if ident == 0 else direction.groups.get(ident)
+                    done = now.get(ident)
+                    if group is None:
+                        if done is not None:
+                            moved.append((now.pop(ident)[1], {}))
+                    elif done is None or done[0] is not group:
+                        now[ident] = self._pack(direction.direction, ident, group, proxy_port_of)
+                        moved.append((done[1] if done is not None else {}, now[ident][1]))
+                continue
             now = packed[direction.direction] = {}
             for ident, group in ((0, direction.any_group), *direction.groups.items()):
                 done = before.get(ident)
                 if done is None or done[0] is not group:
-                    entries = identity_entries(direction.direction, ident, group, proxy_port_of, self.rule_id)
-                    fresh = (group, {k: value.pack() for k, (value, _l4) in entries.items()})
+                    fresh = self._pack(direction.direction, ident, group, proxy_port_of)
                     moved.append((done[1] if done is not None else {}, fresh[1]))
                     done = fresh
                 now[ident] = done
             moved += [(before[ident][1], {}) for ident in before.keys() - now.keys()]  # identities gone
-        self._packed.pop(ep_id, None)  # until the trie holds ``packed``: a failed write rebuilds it all
+        synced = {state.ingress.direction: state.ingress.serial, state.egress.direction: state.egress.serial}
         if not incremental:
+            self.redirects_moved = True  # not looked at entry by entry
             done_all = self.write_policy(ep_id, {k: v for by_ident in packed.values() for _, entries in
                                                  by_ident.values() for k, v in entries.items()})
-            self._packed[ep_id] = (ports, packed)
+            self._packed[ep_id] = (ports, packed, synced)
             return done_all
         assert current is not None
         m = self.loader.policy_map(ep_id)
         written = removed = 0
+        redirects = False
         for old, new in moved:
             for k, v in new.items():
                 if current.get(k) != v[:8]:  # proxy port, flags, rule id: not the counters
                     m.update(k, v)
                     current[k] = v[:8]
                     written += 1
+                    redirects = redirects or v[:2] != b"\0\0"  # the proxy port
             for k in old.keys() - new.keys():
                 if current.pop(k, None) is not None:
                     m.delete(k)
                     removed += 1
-        self._packed[ep_id] = (ports, packed)
+        self._packed[ep_id] = (ports, packed, synced)
+        self.redirects_moved = redirects or bool(removed)
         return written, removed
+
+    def _pack(self, direction: Direction, ident: int, group: Mapping[L4Key, PolicyEntry],
+              proxy_port_of: ProxyPortOf) -> tuple[object, dict[bytes, bytes]]:
+        """A peer identity's group and its packed trie entries."""
+        entries = identity_entries(direction, ident, group, proxy_port_of, self.rule_id)
+        return group, {k: value.pack() for k, (value, _l4) in entries.items()}
 
     def write_policy(self, ep_id: int, target: dict[bytes, bytes]) -> tuple[int, int]:
         """Write packed entries (see policykey) as endpoint ``ep_id``'s whole trie, changing only

@@ -25,6 +25,7 @@ import shutil
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
+from cilia.policy.ipcache import IPCacheChanges
 from cilia.policy.mapstate import L4Key, MapState, PolicyEntry, Verdict
 from cilia.policy.model import Direction, IPNetwork, Protocol
 
@@ -89,6 +90,7 @@ class NodeDatapath:
         # name -> (ep_id, address, ifname, identity, flags)
         self._attached: dict[str, tuple[int, str, str, int, int]] = {}
         self._synced: dict[str, tuple[MapState, tuple[tuple[str, int], ...]]] = {}
+        self._swept: frozenset[tuple[str, int]] | None = None  # the endpoints the last sweep kept
 
     @property
     def pin_dir(self) -> str:
@@ -121,6 +123,7 @@ class NodeDatapath:
         self.loader.close()
         self._attached.clear()
         self._synced.clear()
+        self._swept = None
 
     def subscribe(self, callback: Callable[[DatapathEvent], None]) -> None:
         self.datapath.subscribe(callback)
@@ -128,14 +131,19 @@ class NodeDatapath:
     # -- state in -------------------------------------------------------------------------
 
     def sync(self, ipcache: Iterable[tuple[IPNetwork, int]], plans: Sequence[EndpointPlan],
-             proxy_ports: Mapping[str, int], identity_of: Callable[[str], int]) -> SyncResult:
+             proxy_ports: Mapping[str, int], identity_of: Callable[[str], int],
+             changes: IPCacheChanges | None = None) -> SyncResult:
         """Make the kernel express ``plans``; ``proxy_ports`` maps ``"ingress/80"`` to the port
-        of Envoy's listener for it (a redirect without one is written as a deny)."""
-        items = list(ipcache)
+        of Envoy's listener for it (a redirect without one is written as a deny). ``changes``: how
+        ``ipcache`` differs from the one before (applied alone if the kernel holds that one)."""
         if self._host_items is None:  # the same pairs each time: the datapath diffs by identity
             self._host_items = [(ipaddress.ip_network(f"{a}/32"), HOST_IDENTITY) for a in self.host_addresses]
-        items += self._host_items
-        self.datapath.sync_ipcache(items)
+        host = {prefix for prefix, _ in self._host_items}
+        if changes is None or not self.datapath.patch_ipcache(
+                [(p, i) for p, i in changes.changes if p not in host], changes.since, changes.version):  # host wins
+            items = list(ipcache)
+            items += self._host_items
+            self.datapath.sync_ipcache(items, changes.version if changes is not None else 0)
         attached = self._sync_endpoints(plans)
         port_of = _proxy_port_of(proxy_ports)
         ports_key = tuple(sorted(proxy_ports.items()))
@@ -147,7 +155,9 @@ class NodeDatapath:
                 continue
             w, r = self.datapath.sync_policy(plan.ep_id, plan.map_state, port_of, ports_key)
             written, removed = written + w, removed + r
-            changed = changed or bool(w or r)
+            # conntrack is read only if a flow may now need its proxy (an answer adding an allowed
+            # address does not: walking every flow per answer would grow with the node's flows)
+            changed = changed or (bool(w or r) and self.datapath.redirects_moved)
             self._synced[plan.name] = (plan.map_state, ports_key)
         reset = self._reset_flows(plans, port_of, identity_of) if changed else 0
         return SyncResult(attached, written, removed, reset)
@@ -170,7 +180,12 @@ class NodeDatapath:
             self.datapath.upsert_endpoint(plan.ep_id, plan.address, plan.interface, plan.identity, plan.flags)
             self._attached[plan.name] = want
             n += 1
-        # Left from an earlier run: addresses and policy tries of endpoints that are gone.
+        # Left from an earlier run: addresses and policy tries of endpoints that are gone (looked for
+        # when the endpoints change, not per sync: walking the kernel's map costs its size).
+        swept = frozenset((p.address, p.ep_id) for p in plans)
+        if swept == self._swept:
+            return n
+        self._swept = swept
         live = {p.address for p in plans}
         for address in maps.endpoint_items(self.loader.maps["endpoints"]):
             if address not in live:

@@ -122,6 +122,7 @@ class PolicyEngine:
         self._local_ips: dict[IPNetwork, str] = {}  # local endpoints' addresses win over remote ones
         # universe of peer identities and the selector cache
         self._universe: dict[int, Identity] = {}
+        self._labels: dict[int, LabelSet] = {}  # _universe's labels: identity_labels copies it in C, per realize
         self._label_index: dict[tuple[str, str], set[int]] = {}
         self._sel: dict[PeerSelector, set[int]] = {}
         self._sel_users: dict[PeerSelector, set[SubjectKey]] = {}
@@ -184,7 +185,7 @@ class PolicyEngine:
     def identity_labels(self) -> dict[int, LabelSet]:
         """Every peer identity's labels (unordered: no sort per realize)."""
         with self._lock:
-            return {i: ident.labels for i, ident in self._universe.items()}
+            return dict(self._labels)
 
     def __len__(self) -> int:
         return len(self._endpoints)
@@ -689,6 +690,7 @@ class PolicyEngine:
         if ident.id in self._universe:
             return set()
         self._universe[ident.id] = ident
+        self._labels[ident.id] = ident.labels
         for key, label in ident.labels.items():
             self._label_index.setdefault((key, label.value), set()).add(ident.id)
         affected: set[SubjectKey] = set()
@@ -710,6 +712,7 @@ class PolicyEngine:
         if ident.id not in self._universe:
             return set()
         del self._universe[ident.id]
+        del self._labels[ident.id]
         for key, label in ident.labels.items():
             ids = self._label_index.get((key, label.value))
             if ids is not None:

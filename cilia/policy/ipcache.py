@@ -3,12 +3,27 @@
 from __future__ import annotations
 
 import ipaddress
+import itertools
 from bisect import bisect_left
+from dataclasses import dataclass
 
 from .identity import RESERVED
 from .model import IPNetwork
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+_VERSIONS = itertools.count(1)  # ipcache versions, unique in the process (across IPCache objects)
+LOG_MAX = 4096  # changes listed between two take_changes; more: consumers compare everything
+
+
+@dataclass(frozen=True, slots=True)
+class IPCacheChanges:
+    """What changed from version ``since`` to ``version``, in order (identity None: deleted), so a
+    consumer that holds ``since`` applies these instead of comparing every entry."""
+
+    since: int
+    version: int
+    changes: tuple[tuple[IPNetwork, int | None], ...]
 
 
 class IPCache:
@@ -26,6 +41,9 @@ class IPCache:
         # each identity's prefixes in address order, kept as entries come and go (an identity's tuple
         # is a new object only when its prefixes change: sinks compare them by identity)
         self._by_identity: dict[int, tuple[IPNetwork, ...]] = {}
+        self.version = next(_VERSIONS)
+        self._log: list[tuple[IPNetwork, int | None]] | None = []  # since _log_since (None: too many)
+        self._log_since = self.version
 
     def set_world_defaults(self) -> None:
         """Addresses nothing else claims belong to the world identities (also
@@ -108,7 +126,18 @@ class IPCache:
         else:
             self._by_identity.pop(identity, None)
 
+    def take_changes(self) -> IPCacheChanges | None:
+        """The changes since the last call (None: too many were made to list)."""
+        log, since = self._log, self._log_since
+        self._log, self._log_since = [], self.version
+        return None if log is None else IPCacheChanges(since, self.version, tuple(log))
+
     def _changed(self, prefix: IPNetwork, identity: int | None) -> None:
+        self.version = next(_VERSIONS)
+        if self._log is not None:
+            self._log.append((prefix, identity))
+            if len(self._log) > LOG_MAX:
+                self._log = None
         if self._sorted is None:
             return
         self._pending[prefix] = identity

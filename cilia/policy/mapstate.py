@@ -19,7 +19,7 @@ Every entry carries the rules (``RuleOrigin``, with file:line) that produced it.
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import Enum
 from types import MappingProxyType
 
@@ -247,6 +247,15 @@ class DirectionMapState:
     enforced: bool
     any_group: Group
     groups: Mapping[int, Group]
+    # How this snapshot differs from the one before it, so a consumer that realized that one does
+    # the difference only (a learned address: one identity, not all of them). ``serial`` is unique
+    # per snapshot (0: not tracked); ``base`` is the previous snapshot's serial (0: none) and
+    # ``moved`` the identities whose group differs from it (added, replaced or gone).
+    serial: int = field(default=0, compare=False)
+    base: int = field(default=0, compare=False)
+    moved: frozenset[int] = field(default=frozenset(), compare=False)
+    # the distinct group objects of ``groups`` (None: not tracked), a few however many identities
+    distinct: tuple[Group, ...] | None = field(default=None, compare=False)
 
     def entries(self) -> Iterator[tuple[int, L4Key, PolicyEntry]]:
         """Every entry as (identity, key, value); identity 0 is ANY."""

@@ -13,6 +13,7 @@ change touches.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from types import MappingProxyType
@@ -138,6 +139,9 @@ def any_raws(dp: DirectionPolicy) -> list[RawEntry]:
     return [e.raw for e in dp.entries if isinstance(e.peer, AnyPeer)]
 
 
+_SERIALS = itertools.count(1)  # snapshot serials, unique in the process
+
+
 class _DirectionBuilder:
     """One direction of a MapStateBuilder.
 
@@ -146,7 +150,8 @@ class _DirectionBuilder:
     entries selecting an identity) and shared.
     """
 
-    __slots__ = ("dp", "raws", "anys", "any_group", "any_keys", "by_peer", "groups", "memo")
+    __slots__ = ("dp", "raws", "anys", "any_group", "any_keys", "by_peer", "groups", "memo", "uses", "serial",
+                 "moved")
 
     def __init__(self, dp: DirectionPolicy, selections: Callable[[PeerSelector], Iterable[int]]) -> None:
         self.dp = dp
@@ -164,9 +169,13 @@ class _DirectionBuilder:
             for ident in selections(peer):
                 selected.setdefault(ident, []).extend(indices)
         self.groups: dict[int, Group] = {}
+        self.uses: dict[int, tuple[Group, int]] = {}  # id(group) -> (group, identities using it)
         for ident, indices in selected.items():
             if ident != ANY_IDENTITY:
-                self.groups[ident] = self._group(tuple(sorted(set(indices))))
+                self.groups[ident] = group = self._group(tuple(sorted(set(indices))))
+                self._use(group, +1)
+        self.serial = 0  # of the last snapshot (0: none yet)
+        self.moved: set[int] = set()  # identities whose group changed since it
 
     def _group(self, signature: tuple[int, ...]) -> Group:
         group = self.memo.get(signature)
@@ -183,16 +192,36 @@ class _DirectionBuilder:
 
     def set_group(self, identity: int, group: Group | None) -> bool:
         """True if the identity's entries changed."""
-        if group is None:
-            return self.groups.pop(identity, None) is not None
-        if self.groups.get(identity) is group:
+        old = self.groups.get(identity)
+        if old is group:
             return False
-        self.groups[identity] = group
+        if old is not None:
+            self._use(old, -1)
+        if group is None:
+            del self.groups[identity]
+        else:
+            self.groups[identity] = group
+            self._use(group, +1)
+        self.moved.add(identity)
         return True
 
+    def _use(self, group: Group, delta: int) -> None:
+        count = self.uses.get(id(group), (group, 0))[1] + delta
+        if count:
+            self.uses[id(group)] = (group, count)
+        else:
+            del self.uses[id(group)]
+
     def snapshot(self) -> DirectionMapState:
-        return DirectionMapState(self.dp.direction, self.dp.enforced, self.any_group,
-                                 MappingProxyType(dict(self.groups)))
+        serial = next(_SERIALS)
+        # a delta as large as the whole is not kept (a bulk load): consumers take the whole
+        small = len(self.moved) <= 64 + len(self.groups) // 4
+        out = DirectionMapState(self.dp.direction, self.dp.enforced, self.any_group,
+                                MappingProxyType(dict(self.groups)), serial, self.serial if small else 0,
+                                frozenset(self.moved) if small else frozenset(),
+                                tuple(group for group, _ in self.uses.values()))
+        self.serial, self.moved = serial, set()
+        return out
 
 
 class MapStateBuilder:

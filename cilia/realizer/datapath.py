@@ -40,7 +40,8 @@ class DatapathSink:
             if waiting.interface is None or waiting.endpoint_id is None or not v4:
                 continue
             plans.append(EndpointPlan(name, waiting.endpoint_id, v4[0], waiting.interface, INIT, CLOSED))
-        self.node.sync(desired.ipcache, plans, desired.proxy_ports, _Lookup(desired.ipcache))
+        self.node.sync(desired.ipcache, plans, desired.proxy_ports, _Lookup(desired.ipcache),
+                       desired.ipcache_changes)
 
 
 class _Lookup:

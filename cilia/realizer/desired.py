@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
 
+from ..policy.ipcache import IPCacheChanges
 from ..policy.labels import LabelSet
 from ..policy.mapstate import DirectionMapState, MapState
 from ..policy.model import Direction, IPNetwork
@@ -81,6 +82,8 @@ class Desired:
     # identity's tuple is the same object while its prefixes stay, so sinks compare it by identity
     prefixes: Mapping[int, tuple[IPNetwork, ...]] | None = None
     waiting: Mapping[str, WaitingEndpoint] = field(default_factory=dict)  # no identity yet: all dropped
+    # how ``ipcache`` differs from the previous Desired's (None: unknown), for sinks that hold that
+    ipcache_changes: IPCacheChanges | None = None
 
     def is_changed(self, name: str) -> bool:
         return self.changed is None or name in self.changed

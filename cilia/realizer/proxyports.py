@@ -40,9 +40,10 @@ class RedirectIndex:
         if done is None or done[0] is not ms:
             found: dict[Redirect, None] = {}
             for d in (ms.ingress, ms.egress):
-                # identities selected by the same rules share a group: each group once
-                groups = {id(g): g for g in d.groups.values()}
-                for group in (d.any_group, *groups.values()):
+                # identities selected by the same rules share a group: each group once (the
+                # engine's snapshots list them; a few, however many identities)
+                groups = d.distinct if d.distinct is not None else tuple({id(g): g for g in d.groups.values()}.values())
+                for group in (d.any_group, *groups):
                     for l4, e in group.items():
                         if e.verdict is Verdict.REDIRECT:
                             found[Redirect(d.direction, l4.protocol, l4.port_lo, l4.port_hi,
