@@ -41,6 +41,9 @@ class IPCache:
         # each identity's prefixes in address order, kept as entries come and go (an identity's tuple
         # is a new object only when its prefixes change: sinks compare them by identity)
         self._by_identity: dict[int, tuple[IPNetwork, ...]] = {}
+        # each identity's tuple as the last by_identity() gave it, for those changed since: an
+        # identity whose prefixes came back to the same set (added and deleted in between) keeps it
+        self._given: dict[int, tuple[IPNetwork, ...] | None] = {}
         self.version = next(_VERSIONS)
         self._log: list[tuple[IPNetwork, int | None]] | None = []  # since _log_since (None: too many)
         self._log_since = self.version
@@ -59,6 +62,7 @@ class IPCache:
             self._changed(prefix, identity)
             if old is not None:
                 self._leave(old, prefix)
+            self._given.setdefault(identity, self._by_identity.get(identity))
             mine = (*self._by_identity.get(identity, ()), prefix)
             self._by_identity[identity] = tuple(sorted(mine, key=_key)) if len(mine) > 1 else mine
         self._entries[prefix] = identity
@@ -117,9 +121,14 @@ class IPCache:
 
     def by_identity(self) -> dict[int, tuple[IPNetwork, ...]]:
         """Each identity's prefixes in address order (a copy of the mapping; the tuples are kept)."""
+        for identity, given in self._given.items():
+            if given is not None and self._by_identity.get(identity) == given:
+                self._by_identity[identity] = given
+        self._given.clear()
         return dict(self._by_identity)
 
     def _leave(self, identity: int, prefix: IPNetwork) -> None:
+        self._given.setdefault(identity, self._by_identity.get(identity))
         left = tuple(p for p in self._by_identity.get(identity, ()) if p != prefix)
         if left:
             self._by_identity[identity] = left
