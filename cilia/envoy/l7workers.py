@@ -14,8 +14,10 @@ ready, and is started again.
 
 from __future__ import annotations
 
+import errno
 import logging
 import multiprocessing
+import socket
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -130,9 +132,11 @@ class WorkerPool:
         return sum(1 for p in self._procs if p is not None and p.is_alive())
 
     def ready(self) -> int:
-        """How many workers serve now: said READY and still running."""
+        """How many workers serve now: said READY, still running and their socket takes
+        connections (a killed worker's socket is gone a moment before waitpid sees it dead)."""
         with self._lock:
-            return sum(1 for p, r in zip(self._procs, self._ready, strict=True) if r and p is not None and p.is_alive())
+            return sum(1 for p, r, a in zip(self._procs, self._ready, self.addresses, strict=True)
+                       if r and p is not None and p.is_alive() and _listening(a))
 
     def wait_ready(self, timeout: float) -> bool:
         """Block until every worker serves (True) or ``timeout`` seconds pass (False)."""
@@ -201,3 +205,18 @@ class WorkerPool:
             if conn is not None:
                 conn.close()
         self._conns = [None] * len(self.addresses)
+
+
+def _listening(address: str) -> bool:
+    """Whether a listener holds this worker address (``unix:PATH``; other kinds are not probed)."""
+    if not address.startswith("unix:"):
+        return True
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.setblocking(False)
+        try:
+            s.connect(address[len("unix:"):])
+        except BlockingIOError:
+            return True  # backlog full: listening, busy
+        except OSError as e:
+            return e.errno == errno.EAGAIN
+        return True

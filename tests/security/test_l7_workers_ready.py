@@ -5,6 +5,7 @@ makes the agent degraded until the one started in its place serves again."""
 from __future__ import annotations
 
 import os
+import select
 import signal
 import socket
 import socketserver
@@ -124,7 +125,13 @@ def test_a_dead_worker_is_degraded_until_its_successor_serves(tmp_path: Path) ->
             return {**ctl, "healthy": status["healthy"]}
 
         assert workers()["status"] == "ok" and all(_accepts(p) for p in sockets)  # start waited for them
-        os.kill(pool._procs[0].pid, signal.SIGKILL)
+        victim = pool._procs[0].pid
+        pidfd = os.pidfd_open(victim)
+        os.kill(victim, signal.SIGKILL)
+        # a signal is delivered when the kernel gets to it: until the worker has exited, a health
+        # "ok" is still true; from then on it must mean that every socket takes connections
+        select.select([pidfd], [], [], 10)
+        os.close(pidfd)
         seen_failing = False
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
