@@ -28,7 +28,7 @@ import logging
 import random
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager
 
 from ..kvstore.base import KVStore, KVStoreError, Put
@@ -41,16 +41,16 @@ from ..policy.identity import (
     Identity,
     IdentityKind,
     IdentityUnavailable,
-    MemoryAllocator,
 )
 from ..policy.labels import SOURCE_RESERVED, LabelSet
 from . import keys
+from .shared import SharedAllocator
 from .session import Session
 
 _log = logging.getLogger(__name__)
 
 
-class ClusterAllocator(MemoryAllocator):
+class ClusterAllocator(SharedAllocator):
     def __init__(self, store: KVStore, session: Session, grace: float = 60.0, attempts: int = 32,
                  gc_interval: float | None = None) -> None:
         super().__init__()
@@ -59,21 +59,12 @@ class ClusterAllocator(MemoryAllocator):
         self.node = session.node
         self.grace = grace
         self.attempts = attempts
-        self._cluster_lock = threading.RLock()  # the maps below; never held across a store call
-        self._io_lock = threading.Lock()  # one allocation or reference deletion at a time
-        self._known: dict[int, Identity] = {}  # every cluster identity whose labels parse
-        self._known_labels: dict[LabelSet, Identity] = {}
-        self._rewritten: set[int] = set()  # IDs whose labels another writer changed: unknown until deleted
         self._refs: dict[int, set[str]] = {}  # ID -> nodes referencing it (from the mirror)
-        self._held: dict[LabelSet, Identity] = {}  # what this node references
         self._engine_uses: set[LabelSet] = set()  # allocated by the engine and not released since
         self._pins: dict[LabelSet, int] = {}  # prepared for an engine change still to come
         self._dropping: dict[int, LabelSet] = {}  # released: this node's reference is to be deleted
         self._drop_wake = threading.Event()
         self._unreferenced: dict[tuple[int, int], float] = {}  # (ID, mod revision) -> since when
-        self.malformed = 0  # records skipped because they do not parse
-        #: called (on the mirror's thread) with IDs whose labels just became known
-        self.on_learned: list[Callable[[list[int]], None]] = []
         self.mirror = PrefixMirror(store, keys.IDENTITIES, self._on_change)
         session.on_renew.append(self._rereference)
         # every node collects (the transaction makes concurrent collectors safe); None: only when called
@@ -219,20 +210,6 @@ class ClusterAllocator(MemoryAllocator):
                 self.store.delete(keys.ref_key(number, self.node))
                 with self._cluster_lock:
                     self._dropping.pop(number, None)
-
-    def get(self, identity_id: int) -> Identity | None:
-        """What is known (mirrored or held); no store I/O: the engine asks under the agent's lock.
-        A remote endpoint's identity that has not arrived yet is unknown (selected by nothing)
-        until the mirror delivers it (``on_learned``)."""
-        return self._by_id.get(identity_id) or self._known.get(identity_id)
-
-    def lookup(self, labels: LabelSet) -> Identity | None:
-        return self._held.get(labels) or self._by_labels.get(labels) or self._known_labels.get(labels)
-
-    def __iter__(self) -> Iterator[Identity]:
-        with self._cluster_lock:
-            every = {**self._known, **self._by_id}
-            return iter(sorted(every.values(), key=lambda i: i.id))
 
     # ------------------------------------------------------------------ cluster view
 

@@ -22,6 +22,7 @@ import threading
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
+from ..background import SyncLoop
 from ..kvstore.base import KVStore, KVStoreError
 from ..kvstore.mirror import PrefixMirror
 from ..policy.identity import MAX_ALLOCATED, MIN_ALLOCATED
@@ -73,24 +74,20 @@ class IPEntry:
         return ipaddress.ip_network(self.ip)
 
 
-class IPCachePublisher:
+class IPCachePublisher(SyncLoop):
     name = "kvstore-ipcache"
 
     def __init__(self, store: KVStore, session: Session, backoff: tuple[float, float] = (0.2, 5.0)) -> None:
+        super().__init__("kvstore-ipcache-publisher", backoff)
         self.store = store
         self.session = session
         self.node = session.node
-        self.backoff = backoff
         self._lock = threading.Lock()
         self._wanted: dict[str, IPEntry] = {}
         self._published: dict[str, IPEntry] = {}
         self._swept = False  # the previous run's stale keys have been deleted
         self._republish = False
-        self.last_error: str | None = None
         self.synced = threading.Event()  # the store holds what was last wanted
-        self._wake = threading.Event()
-        self._stopped = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="kvstore-ipcache-publisher", daemon=True)
         session.on_renew.append(self._renewed)
 
     # ------------------------------------------------------------------ the sink
@@ -109,35 +106,16 @@ class IPCachePublisher:
 
     # ------------------------------------------------------------------ the writer
 
-    def start(self) -> None:
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._stopped.set()
-        self._wake.set()
-        if self._thread.is_alive():
-            self._thread.join(10)
-
     def _renewed(self, lease: int) -> None:
         with self._lock:
             self._republish = True
             self.synced.clear()
         self._wake.set()
 
-    def _run(self) -> None:
-        delay = self.backoff[0]
-        while not self._stopped.is_set():
-            try:
-                self._sync()
-                self.last_error = None
-                delay = self.backoff[0]
-                self._wake.wait()
-                self._wake.clear()
-            except KVStoreError as e:
-                self.last_error = str(e)
-                _log.warning("publishing endpoint addresses: %s", e)
-                self._stopped.wait(delay)
-                delay = min(delay * 2, self.backoff[1])
+    what = "publishing endpoint addresses"
+
+    def _failures(self) -> tuple[type[BaseException], ...]:
+        return (KVStoreError,)
 
     def _sync(self) -> None:
         with self._lock:

@@ -14,6 +14,7 @@ import threading
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
+from ..background import Worker
 from ..policy.engine import PolicyEngine
 from ..policy.model import IPNetwork
 
@@ -30,28 +31,17 @@ class RemoteBatch:
         return bool(self.upserts or self.deletes or self.learned)
 
 
-class RemoteFeed:
+class RemoteFeed(Worker):
     def __init__(self, apply: Callable[[RemoteBatch], None]) -> None:
+        super().__init__("kvstore-remote-feed")
         self.apply = apply
         self._lock = threading.Lock()
         self._upserts: dict[IPNetwork, int] = {}
         self._deleted: set[IPNetwork] = set()
         self._learned: set[int] = set()
-        self._wake = threading.Event()
-        self._stopped = threading.Event()
         self.batches = 0  # applied so far (for status and the benchmark)
         self.idle = threading.Event()  # nothing pending and nothing being applied
         self.idle.set()
-        self._thread = threading.Thread(target=self._run, name="kvstore-remote-feed", daemon=True)
-
-    def start(self) -> None:
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._stopped.set()
-        self._wake.set()
-        if self._thread.is_alive():
-            self._thread.join(10)
 
     def add(self, upserts: Mapping[IPNetwork, int], deletes: Iterable[IPNetwork]) -> None:
         with self._lock:

@@ -24,6 +24,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from ..background import SyncLoop
 from ..policy.identity import MAX_ALLOCATED, MIN_ALLOCATED
 from ..policy.errors import LabelError
 from ..policy.labels import LabelSet
@@ -75,27 +76,23 @@ def _owner(obj: Mapping[str, Any]) -> str | None:
     return node if isinstance(node, str) and node else None
 
 
-class CiliumEndpointPublisher:
+class CiliumEndpointPublisher(SyncLoop):
     name = "k8s-ciliumendpoints"
 
     def __init__(self, api: ApiClient, node: str, backoff: tuple[float, float] = (0.2, 5.0),
                  timeout: float = 10.0) -> None:
         from kubernetes import client
 
+        super().__init__("k8s-ciliumendpoint-publisher", backoff)
         self._custom = client.CustomObjectsApi(api)
         self.node = node
-        self.backoff = backoff
         self.timeout = timeout
         self._lock = threading.Lock()
         self._wanted: dict[tuple[str, str], Published] = {}
         self._published: dict[tuple[str, str], Published] = {}
         self._swept = False
-        self.last_error: str | None = None
         self.skipped: set[str] = set()  # endpoints that cannot be published (name, or owned elsewhere)
         self.synced = threading.Event()
-        self._wake = threading.Event()
-        self._stopped = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="k8s-ciliumendpoint-publisher", daemon=True)
 
     def realize(self, desired: Desired) -> None:
         wanted: dict[tuple[str, str], Published] = {}
@@ -117,32 +114,18 @@ class CiliumEndpointPublisher:
             self.synced.clear()
         self._wake.set()
 
-    def start(self) -> None:
-        self._thread.start()
+    what = "k8s: publishing CiliumEndpoints"
 
-    def stop(self) -> None:
-        self._stopped.set()
-        self._wake.set()
-        if self._thread.is_alive():
-            self._thread.join(10)
-
-    def _run(self) -> None:
+    def _failures(self) -> tuple[type[BaseException], ...]:
         from kubernetes.client.exceptions import ApiException
         from urllib3.exceptions import HTTPError
 
-        delay = self.backoff[0]
-        while not self._stopped.is_set():
-            try:
-                self._sync()
-                self.last_error = None
-                delay = self.backoff[0]
-                self._wake.wait()
-                self._wake.clear()
-            except (ApiException, HTTPError, OSError) as e:
-                self.last_error = f"{e.status} {e.reason}" if isinstance(e, ApiException) else str(e)
-                _log.warning("k8s: publishing CiliumEndpoints: %s", self.last_error)
-                self._stopped.wait(delay)
-                delay = min(delay * 2, self.backoff[1])
+        return (ApiException, HTTPError, OSError)
+
+    def _describe(self, error: BaseException) -> str:
+        from kubernetes.client.exceptions import ApiException
+
+        return f"{error.status} {error.reason}" if isinstance(error, ApiException) else str(error)
 
     def _sync(self) -> None:
         with self._lock:

@@ -24,8 +24,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import threading
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from typing import TYPE_CHECKING, Any
 
@@ -35,8 +34,8 @@ from ..policy.identity import (
     Identity,
     IdentityKind,
     IdentityUnavailable,
-    MemoryAllocator,
 )
+from ..cluster.shared import SharedAllocator
 from ..policy.labels import SOURCE_RESERVED, LabelSet
 
 if TYPE_CHECKING:
@@ -94,7 +93,7 @@ def parse_identity(obj: Mapping[str, Any]) -> Identity:
     return Identity(number, labels, IdentityKind.ENDPOINT)
 
 
-class CRDAllocator(MemoryAllocator):
+class CRDAllocator(SharedAllocator):
     def __init__(self, api: ApiClient, attempts: int = 64, timeout: float = 10.0) -> None:
         super().__init__()
         from kubernetes import client
@@ -102,16 +101,7 @@ class CRDAllocator(MemoryAllocator):
         self._custom = client.CustomObjectsApi(api)
         self.attempts = attempts
         self.timeout = timeout
-        self._cluster_lock = threading.RLock()  # the maps; never held across a request
-        self._io_lock = threading.Lock()  # one allocation at a time
-        self._known: dict[int, Identity] = {}
-        self._known_labels: dict[LabelSet, Identity] = {}
-        self._held: dict[LabelSet, Identity] = {}
-        self._rewritten: set[int] = set()
         self.objects = 0  # CiliumIdentity objects seen (valid or not)
-        self.malformed = 0
-        #: called (on the watcher's thread) with IDs whose labels just became known
-        self.on_learned: list[Callable[[list[int]], None]] = []
 
     # ------------------------------------------------------------------ IdentityAllocator
 
@@ -144,17 +134,6 @@ class CRDAllocator(MemoryAllocator):
     def release(self, identity_id: int) -> None:
         if not MIN_ALLOCATED <= identity_id <= MAX_ALLOCATED:
             super().release(identity_id)  # CIDR identities are node-local
-
-    def get(self, identity_id: int) -> Identity | None:
-        return self._by_id.get(identity_id) or self._known.get(identity_id)
-
-    def lookup(self, labels: LabelSet) -> Identity | None:
-        return self._held.get(labels) or self._by_labels.get(labels) or self._known_labels.get(labels)
-
-    def __iter__(self) -> Iterator[Identity]:
-        with self._cluster_lock:
-            every = {**self._known, **self._by_id}
-        return iter(sorted(every.values(), key=lambda i: i.id))
 
     # ------------------------------------------------------------------ allocation
 
