@@ -930,18 +930,23 @@ class Agent:
         for ns in before.created:
             ns.delete()
 
+    def wait_for_managed_envoy(self, revision: int) -> None:
+        """Block until the managed Envoy took ``revision``'s listeners (at once when no managed
+        Envoy runs or the revision moved no listener). Raises NackError, or TimeoutError after
+        ``apply_timeout``."""
+        if self.envoy is None or not self.envoy.status().running:
+            return
+        version = self.proxy.version_for(revision)
+        if version is not None:
+            self.tracker.wait(self.config.node_id, LISTENER, version, self.config.apply_timeout)
+
     def _await_managed(self, revision: int, before: _Before) -> None:
         """Wait (without the lock) for the managed Envoy to take ``revision``. If it rejects it and
         nothing was committed since, revert the change (a new revision restores the previous
         config) and raise with Envoy's words. Other proxies' NACKs show in status and ``policy
         wait``; a slow Envoy is not an error here."""
-        if self.envoy is None or not self.envoy.status().running:
-            return
-        version = self.proxy.version_for(revision)
-        if version is None:
-            return
         try:
-            self.tracker.wait(self.config.node_id, LISTENER, version, self.config.apply_timeout)
+            self.wait_for_managed_envoy(revision)
             return
         except TimeoutError:
             return

@@ -28,7 +28,7 @@ from ..fqdn.cache import FqdnCache
 from ..fqdn.config import FqdnConfig
 from ..fqdn.store import CacheStore
 from ..policy.l7.dns import normalize
-from ..xds import LISTENER, NackError
+from ..xds import NackError
 
 if TYPE_CHECKING:
     from ..policy.engine import PolicyEngine
@@ -149,13 +149,8 @@ class FqdnLearner:
         """Wait until the managed Envoy took ``revision``'s listeners (an L7 egress listener must
         know the new addresses' identities); a NACK or timeout is reported, the answer released."""
         agent = self._agent
-        if agent.envoy is None or not agent.envoy.status().running:
-            return
-        version = agent.proxy.version_for(revision)
-        if version is None:
-            return
         try:
-            agent.tracker.wait(agent.config.node_id, LISTENER, version, agent.config.apply_timeout)
+            agent.wait_for_managed_envoy(revision)
         except NackError as e:
             agent._error("fqdn", f"Envoy rejected revision {revision} (learned addresses): {e.message}")
         except TimeoutError:
