@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import socket
 import subprocess
 import textwrap
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -118,3 +120,18 @@ def in_netns(path: str, *cmd: str, check: bool = True) -> subprocess.CompletedPr
     if check and res.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} in {path}: {res.stderr.strip() or res.returncode}")
     return res
+
+
+def accept_forever(sock: socket.socket, handle: Callable[[socket.socket], None] = socket.socket.close,
+                   name: str = "accept") -> None:
+    """Accept on a listening socket in a thread until the socket is closed; each connection goes
+    to ``handle`` (default: closed at once, a bare "port open" server)."""
+    def loop() -> None:
+        while True:
+            try:
+                conn, _ = sock.accept()
+            except OSError:
+                return
+            handle(conn)
+
+    threading.Thread(target=loop, name=name, daemon=True).start()

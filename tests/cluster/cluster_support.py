@@ -35,6 +35,7 @@ from cilia.demo import Deathstar
 from cilia.demo_cluster import UNDERLAY_IP, Underlay, node_ip, pod_cidr
 from tests.agent.agent_support import AgentProcess
 from tests.kvstore.etcd_support import EtcdCluster
+from tests.helpers import accept_forever
 
 T = TypeVar("T")
 REPO = Path(__file__).resolve().parents[2]
@@ -190,16 +191,7 @@ class SimCluster:
 
         sock = run_in_netns(self.pod_netns(name), bind)
         self._listeners.append(sock)
-
-        def accept() -> None:
-            while True:
-                try:
-                    conn, _ = sock.accept()
-                except OSError:
-                    return
-                conn.close()
-
-        threading.Thread(target=accept, name=f"listen-{name}-{port}", daemon=True).start()
+        accept_forever(sock, name=f"listen-{name}-{port}")
 
     def pod_netns(self, name: str) -> str:
         return f"cdp-{name[:4]}-{self.tag}"

@@ -9,11 +9,11 @@ The "outside" hosts are namespaces routed through the node (not endpoints) liste
 from __future__ import annotations
 
 import socket
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from tests.helpers import accept_forever
 from tests.dnsproxy.dns_support import DnsNode, dns_node, ips, rcode
 
 from cilia.bpf.netns import Namespace, run_in_netns
@@ -54,16 +54,7 @@ def _listen(address: str) -> socket.socket:
     sock = socket.socket()
     sock.bind((address, PORT))
     sock.listen(256)
-
-    def serve() -> None:
-        while True:
-            try:
-                conn, _ = sock.accept()
-            except OSError:
-                return
-            conn.close()
-
-    threading.Thread(target=serve, daemon=True).start()
+    accept_forever(sock)
     return sock
 
 
