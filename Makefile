@@ -17,7 +17,7 @@ demo-cluster: setup
 test: setup
 	@.venv/bin/ruff check cilia tests bench examples/r2d2
 	@.venv/bin/mypy
-	@$(PY) -m pytest -q
+	@$(PY) -m pytest -q --durations=25
 
 bench: setup
 	@$(PY) -m bench.policy_resolution

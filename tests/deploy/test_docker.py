@@ -31,7 +31,8 @@ BASE_PACKAGES = {"python3", "python3-venv", "iproute2", "procps"}
 TEST_ONLY = {"wrk", "nghttp2-client", "memcached", "openjdk-17-jre-headless", "prometheus",
              "linux-headers-amd64",  # (the node's headers are mounted instead)
              "containernetworking-plugins",  # (the node's /opt/cni/bin IPAM plugins are mounted instead)
-             "etcd-server", "etcd-client"}  # (etcd runs as its own service; agents reach it over the network)
+             "etcd-server", "etcd-client",  # (etcd runs as its own service; agents reach it over the network)
+             "dnsmasq", "bind9-dnsutils"}  # (kube-dns and dig for the DNS proxy's tests; the proxy is Python)
 
 
 def instructions() -> list[tuple[str, str]]:
