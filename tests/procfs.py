@@ -11,13 +11,22 @@ def process_exists(pid: int) -> bool:
 
 
 def process_running(pid: int) -> bool:
-    """True while ``pid`` runs; a zombie (exited, not reaped yet) does not count."""
+    """True while any thread of ``pid`` runs. A killed multi-threaded process (Envoy) shows its
+    leader as a zombie before its other threads have exited and released its sockets, so the
+    process counts as gone only when every thread is a zombie or gone."""
     try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            stat = f.read()
-    except FileNotFoundError:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except (FileNotFoundError, ProcessLookupError):
         return False
-    return stat[stat.rindex(b")") + 2:].split()[0] != b"Z"
+    for tid in tids:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/stat", "rb") as f:
+                stat = f.read()
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+        if stat[stat.rindex(b")") + 2:].split()[0] not in (b"Z", b"X"):
+            return True
+    return False
 
 
 def start_time(pid: int) -> int:
