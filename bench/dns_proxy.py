@@ -8,7 +8,9 @@ namespace (the rig of tests/dnsproxy), two client endpoints: ``client`` (egress 
 queries are redirected in the kernel to the proxy, judged, forwarded) and ``other`` (no policy:
 straight to dnsmasq through the same datapath). Each mode is measured with one query in flight
 (latency: p50/p99) and with 16 in flight on 16 UDP sockets (throughput), alternately, in the
-same run. Targets (issue 17): added p50 < 1 ms, throughput >= 0.5 of direct. The load generator
+same run. The proxy runs as the agent runs it: with the fast lane (cilia/dnsproxy/lane.c) if setup
+built it (``fast_lane`` and the ``lane_*`` counters in the JSON's proxy_stats say so).
+Targets (issue 17): added p50 < 1 ms, throughput >= 0.5 of direct. The load generator
 is Python in the client's namespace on the same 2 cores, so absolute numbers are low; compare
 within one run only. Each run also records the agent's CPU (user + system, all its threads) per
 answered query and how busy the whole machine was: on 2 shared cores the direct path's rate

@@ -67,3 +67,8 @@ fi
 if ! .venv/bin/python -m cilia.envoy.inproc.build >/dev/null; then
     echo "setup: the in-process L7 module was not built; the L7 parsers will run on network ext_proc" >&2
 fi
+
+# The DNS proxy's fast lane (C): judged queries and released answers passed on without Python.
+if ! .venv/bin/python -m cilia.dnsproxy.lane >/dev/null; then
+    echo "setup: the DNS proxy's fast lane was not built; the proxy runs in Python alone (slower)" >&2
+fi

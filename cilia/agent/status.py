@@ -39,7 +39,7 @@ def status(agent: Agent) -> dict[str, Any]:
             datapath.update(loaded=node.started, pin_dir=node.pin_dir, attached=node.attached(),
                             proxy_ports=dict(agent.state.proxy_ports),
                             dns_proxy=({"port": agent.dns_proxy.port, "running": agent.dns_proxy.running,
-                                        **agent.dns_proxy.stats} if agent.dns_proxy is not None else None),
+                                        **agent.dns_proxy.counters()} if agent.dns_proxy is not None else None),
                             error=agent.realizer.errors.get("bpf-datapath", ""),
                             drops={DROP_REASONS.get(r, str(r)): n for r, n in node.drop_counts().items()}
                             if node.started else {})

@@ -20,12 +20,17 @@ port of 127.0.0.1, where the BPF datapath hands endpoints' DNS traffic over (``b
 Everything runs on one asyncio loop in a thread of its own; learners run on a small pool. The UDP
 path is callbacks, not a coroutine per query (``_udp_readable``); ``handle`` is the same steps as a
 coroutine, for TCP and for tests.
+
+With the fast lane built (``lane.c``; ``routes.py``), the lane reads the UDP socket instead: what
+Python has judged and released before passes in C, the rest reaches ``_udp_datagram`` /
+``_udp_answered`` whole (``_lane_ready``), and the lane's finished queries become records here.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import socket
 import struct
 import threading
@@ -36,8 +41,10 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from ..policy.model import Protocol
+from . import lane as lane_module
 from . import wire
 from .policy import DNSPolicy, Judgement
+from .routes import LaneTables, Route
 from .upstream import SO_MARK, UdpUpstreams
 
 _log = logging.getLogger(__name__)
@@ -47,6 +54,7 @@ IP_RECVORIGDSTADDR = 20
 IP_ORIGDSTADDR = 20
 EGRESS_MARK = 0x0B00  # Cilium's MARK_MAGIC_PROXY_EGRESS; datapath.c MARK_PROXY_EGRESS
 REPLY_SOCKETS_MAX = 256
+LANE_TICK = 0.05  # seconds between looks for the lane's queries that got no answer
 MAX_IN_FLIGHT = 4096
 TCP_IDLE = 10.0
 
@@ -104,6 +112,7 @@ class _Asked:
     now: float  # wall clock, for the record
     sent: float = 0.0  # monotonic, when it went upstream
     took: float = 0.0  # seconds the upstream took
+    route: Route | None = None  # the fast lane's route for queries like it (None: Python's alone)
 
 
 @dataclass
@@ -119,7 +128,8 @@ class DNSProxy:
     def __init__(self, *, address: str = "127.0.0.1", port: int = 0, learn: Learner = no_learning,
                  record: Recorder = _ignore, known: Known | None = None, upstream_timeout: float = 2.0,
                  egress_mark: int = EGRESS_MARK, max_in_flight: int = MAX_IN_FLIGHT,
-                 tcp_idle: float = TCP_IDLE) -> None:
+                 tcp_idle: float = TCP_IDLE, fast_lane: bool = True) -> None:
+        self.fast_lane = fast_lane  # pass judged queries and released answers on in C (lane.c) if built
         self.max_in_flight = max_in_flight  # UDP queries being answered; more are dropped (the client retries)
         self.tcp_idle = tcp_idle  # a TCP client silent this long is closed (RFC 7766 asks servers to)
         self.address = address
@@ -143,8 +153,16 @@ class DNSProxy:
         self._tasks: set[asyncio.Task[bool]] = set()  # learners being waited for (UDP)
         self._loop_thread = 0  # the loop's thread id: records made there are handed over in batches
         self._records: list[DNSRecord] = []  # made on the loop this turn, handed over at its end
+        self._lane: LaneTables | None = None  # the fast lane, if built and wanted
+        self._lane_timer: asyncio.TimerHandle | None = None
+        self._retired: list[tuple[float, socket.socket]] = []  # reply sockets to close when the lane is done with them
 
     # ------------------------------------------------------------------ lifecycle
+
+    def counters(self) -> dict[str, int]:
+        """``stats`` and the fast lane's own (``lane_*``: what it passed on, what it handed over)."""
+        lane = self._lane
+        return {**self.stats, **(lane.stats() if lane is not None else {}), "fast_lane": int(lane is not None)}
 
     @property
     def running(self) -> bool:
@@ -186,7 +204,13 @@ class DNSProxy:
         asyncio.set_event_loop(loop)
         assert self._udp is not None and self._tcp is not None
         self._udp_up = UdpUpstreams(loop, self.upstream_timeout)
-        loop.add_reader(self._udp.fileno(), self._udp_readable)
+        module = lane_module.load() if self.fast_lane else None
+        if module is not None:  # the lane reads the UDP socket; what it cannot finish comes to Python
+            self._lane = LaneTables(module, self._udp, self.upstream_timeout, self.max_in_flight)
+            loop.add_reader(self._lane.fileno(), self._lane_ready)
+            self._lane_timer = loop.call_later(LANE_TICK, self._lane_tick)
+        else:
+            loop.add_reader(self._udp.fileno(), self._udp_readable)
         self._server = loop.run_until_complete(asyncio.start_server(self._tcp_client, sock=self._tcp))
         ready.set()
         try:
@@ -202,7 +226,11 @@ class DNSProxy:
         loop = self._loop
         if loop is not None and self._thread is not None:
             def shut() -> None:
-                if self._udp is not None:
+                if self._lane is not None:
+                    loop.remove_reader(self._lane.fileno())
+                    if self._lane_timer is not None:
+                        self._lane_timer.cancel()
+                elif self._udp is not None:
                     loop.remove_reader(self._udp.fileno())
                 if self._server is not None:
                     self._server.close()
@@ -213,12 +241,16 @@ class DNSProxy:
             loop.call_soon_threadsafe(shut)
             self._thread.join(10)
         self._loop = self._thread = None
-        for s in (self._udp, self._tcp, *self._reply_socks.values()):
+        for s in (self._udp, self._tcp, *self._reply_socks.values(), *(sock for _, sock in self._retired)):
             if s is not None:
                 s.close()
+        if self._lane is not None:
+            self._lane.close()
+            self._lane = None
         self._udp = self._tcp = None
         self._udp_up = None
         self._reply_socks.clear()
+        self._retired.clear()
         self._learners.shutdown(wait=False, cancel_futures=True)
 
     # ------------------------------------------------------------------ UDP
@@ -236,53 +268,105 @@ class DNSProxy:
             except OSError as e:
                 _log.warning("DNS proxy: UDP receive: %s", e)
                 return
-            server = _original_destination(ancillary)
-            if server is None or flags & socket.MSG_TRUNC:
-                self._malformed("UDP", client, server or ("", 0), "no original destination" if server is None
-                                else "truncated datagram")
-                continue
-            if self._itself(server):
-                self._malformed("UDP", client, server, "addressed to the DNS proxy itself")
-                continue
-            if self._in_flight >= self.max_in_flight:
-                self.stats["overload"] += 1  # counted, not recorded: a flood must not cost a flow each
-                continue
-            begun = self._begin(data, client, server, Protocol.UDP)
-            if isinstance(begun, _Asked):
-                self._udp_ask(begun)
-            elif begun is not None:
-                self._reply_udp(begun, client, server)
+            self._udp_datagram(data, client, _original_destination(ancillary), bool(flags & socket.MSG_TRUNC))
+
+    def _udp_datagram(self, data: bytes, client: Address, server: Address | None, truncated: bool) -> None:
+        if server is None or truncated:
+            self._malformed("UDP", client, server or ("", 0), "no original destination" if server is None
+                            else "truncated datagram")
+            return
+        if self._itself(server):
+            self._malformed("UDP", client, server, "addressed to the DNS proxy itself")
+            return
+        if self._in_flight >= self.max_in_flight:
+            self.stats["overload"] += 1  # counted, not recorded: a flood must not cost a flow each
+            return
+        begun = self._begin(data, client, server, Protocol.UDP)
+        lane = self._lane
+        if isinstance(begun, _Asked):
+            if lane is not None and lane.policy is self.policy:
+                begun.route = lane.add(data, client, server, begun.query, begun.judged, begun.endpoint, begun.mark,
+                                       self._reply_socket(server).fileno(), None)
+            self._udp_ask(begun)
+        elif begun is not None:
+            if lane is not None and lane.policy is self.policy:
+                query = wire.parse_query(data)  # (read already: a dict lookup)
+                judged = self.policy.decide(client[0], server[0], server[1], Protocol.UDP, query.name)
+                lane.add(data, client, server, query, judged, self.policy.endpoint_name(client[0]), 0,
+                         self._reply_socket(server).fileno(), begun)
+            self._reply_udp(begun, client, server)
+
+    # ------------------------------------------------------------------ the fast lane (lane.c)
+
+    def _lane_ready(self) -> None:
+        """The lane has datagrams: it passes on what it may and hands the rest over, in order."""
+        lane = self._lane
+        assert lane is not None
+        if lane.policy is not self.policy:  # a new snapshot: every judgement is made again
+            lane.reset(self.policy)
+        slow, done = lane.lane.pump()
+        for item in slow:
+            if item[0] == "query":
+                _, data, client, server, truncated = item
+                self._udp_datagram(data, client, server, truncated)
+            elif item[0] == "answer":
+                _, query, answer, client, server, arrived, sent, wall, route = item
+                self._udp_answered(self._lane_asked(query, client, server, arrived, sent, wall, route), answer, None)
+            else:  # "failed": an error on the route's upstream socket
+                _, query, client, server, arrived, sent, wall, route, errno = item
+                self._udp_answered(self._lane_asked(query, client, server, arrived, sent, wall, route), None,
+                                   OSError(errno, os.strerror(errno)))
+        if done:
+            self._lane_records(done)
+
+    def _lane_tick(self) -> None:
+        """Queries the lane sent that got no answer in time: SERVFAIL, as in Python's path."""
+        lane = self._lane
+        if lane is None or self._loop is None:
+            return
+        for query, client, server, arrived, sent, wall, route in lane.lane.expire():
+            self._udp_answered(self._lane_asked(query, client, server, arrived, sent, wall, route), None,
+                               TimeoutError())
+        now = time.monotonic()
+        while self._retired and self._retired[0][0] <= now:
+            self._retired.pop(0)[1].close()
+        self._lane_timer = self._loop.call_later(LANE_TICK, self._lane_tick)
+
+    @staticmethod
+    def _lane_asked(query: bytes, client: Address, server: Address, arrived: float, sent: float, wall: float,
+                    route: Route) -> _Asked:
+        return _Asked(wire.parse_query(query), client, server, "UDP", route.judged, route.endpoint, route.mark,
+                      arrived, wall, sent=sent, route=route)
+
+    def _lane_records(self, done: list[tuple[str, float, Address, Route, wire.Answer | None, float, float]]) -> None:
+        """Records of what the lane finished, as Python's path makes them."""
+        records = []
+        for _kind, wall, client, route, answer, latency, upstream in done:
+            q, judged = route.query, route.judged
+            d = judged.decision
+            if answer is None:  # refused
+                self.stats["refused"] += 1
+                records.append(DNSRecord(wall, "UDP", client, route.server, route.endpoint, judged.peer_identity,
+                                         q.name, q.qtype, "denied", "Refused", rule=d.rule, reason=d.reason,
+                                         latency=latency))
+            else:
+                self.stats["forwarded"] += 1
+                records.append(DNSRecord(wall, "UDP", client, route.server, route.endpoint, judged.peer_identity,
+                                         q.name, q.qtype, "audit" if d.audit else "forwarded", answer.rcode_name,
+                                         answer.ips, answer.ttl, answer.cnames, d.rule, d.reason, latency, upstream))
+        self._records.extend(records)
+        self._flush_records()
 
     def _itself(self, server: Address) -> bool:
         """A query sent straight to the proxy's own port: forwarding it would send it back here."""
         return server[1] == self.port and (server[0] == self.address or server[0].startswith("127."))
 
     def _udp_ask(self, asked: _Asked) -> None:
-        assert self._udp_up is not None and self._loop is not None
-        loop = self._loop
+        assert self._udp_up is not None
 
         def answered(answer_wire: bytes | None, error: BaseException | None) -> None:
             self._in_flight -= 1
-            if answer_wire is None:
-                self._reply_udp(self._failed(asked, error), asked.client, asked.server)
-                return
-            read = self._read(asked, answer_wire)
-            if isinstance(read, bytes):
-                self._reply_udp(read, asked.client, asked.server)
-            elif not self._must_learn(asked, read):
-                self._reply_udp(self._release(asked, read, True), asked.client, asked.server)
-            else:  # something new: the learner runs off the loop; the answer waits for it
-                self._in_flight += 1
-
-                def learned(fut: asyncio.Task[bool]) -> None:
-                    self._in_flight -= 1
-                    ok = not fut.cancelled() and fut.result()
-                    self._reply_udp(self._release(asked, read, ok), asked.client, asked.server)
-
-                task = loop.create_task(self._learned(asked, read))
-                self._tasks.add(task)
-                task.add_done_callback(self._tasks.discard)
-                task.add_done_callback(learned)
+            self._udp_answered(asked, answer_wire, error)
 
         try:
             self._udp_up.ask(asked.query.wire, asked.server, asked.mark, answered)
@@ -290,6 +374,30 @@ class DNSProxy:
             self._reply_udp(self._failed(asked, e), asked.client, asked.server)
             return
         self._in_flight += 1
+
+    def _udp_answered(self, asked: _Asked, answer_wire: bytes | None, error: BaseException | None) -> None:
+        """The server's answer (or the error instead): read, learned if new, released."""
+        if answer_wire is None:
+            self._reply_udp(self._failed(asked, error), asked.client, asked.server)
+            return
+        read = self._read(asked, answer_wire)
+        if isinstance(read, bytes):
+            self._reply_udp(read, asked.client, asked.server)
+        elif not self._must_learn(asked, read):
+            self._reply_udp(self._release(asked, read, True), asked.client, asked.server)
+        else:  # something new: the learner runs off the loop; the answer waits for it
+            assert self._loop is not None
+            self._in_flight += 1
+
+            def learned(fut: asyncio.Task[bool]) -> None:
+                self._in_flight -= 1
+                ok = not fut.cancelled() and fut.result()
+                self._reply_udp(self._release(asked, read, ok), asked.client, asked.server)
+
+            task = self._loop.create_task(self._learned(asked, read))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+            task.add_done_callback(learned)
 
     def _reply_udp(self, out: bytes, client: Address, server: Address) -> None:
         try:
@@ -304,7 +412,12 @@ class DNSProxy:
         sock = self._reply_socks.get(server)
         if sock is None:
             if len(self._reply_socks) >= REPLY_SOCKETS_MAX:
-                self._reply_socks.pop(next(iter(self._reply_socks))).close()
+                old = self._reply_socks.pop(next(iter(self._reply_socks)))
+                if self._lane is None:
+                    old.close()
+                else:  # the lane's routes and queries may name it: closed once they cannot
+                    self._lane.reset(self._lane.policy)
+                    self._retired.append((time.monotonic() + self.upstream_timeout + 1.0, old))
             sock = _transparent(socket.SOCK_DGRAM)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             sock.bind(server)
@@ -485,6 +598,8 @@ class DNSProxy:
         d = asked.judged.decision
         self._record_query(asked, "audit" if d.audit else "forwarded", answer.rcode_name, answer=answer,
                            upstream=asked.took)
+        if asked.route is not None and self._lane is not None:  # its like may go from the lane a while
+            self._lane.release(asked.route, answer, time.monotonic())
         return answer.wire  # unchanged: TC, EDNS0 and all
 
     async def _learned(self, asked: _Asked, answer: wire.Answer) -> bool:

@@ -26,13 +26,14 @@ VENV = "/opt/cilia/venv"
 # Debian packages the image needs beyond scripts/apt-packages.txt: the interpreter and venv module
 # (scripts/setup.sh installs them when missing) and the tools a development machine already has:
 # ip (iproute2) and sysctl (procps), which cilia/bpf/netns.py runs to plumb endpoints.
-BASE_PACKAGES = {"python3", "python3-venv", "iproute2", "procps"}
+BASE_PACKAGES = {"python3", "python3-venv", "iproute2", "procps",
+                 "python3-dev"}  # (Python.h for the DNS proxy's fast lane, which the image compiles)
 # scripts/apt-packages.txt names these for the test suite and benchmarks only, not for running cilia.
 TEST_ONLY = {"wrk", "nghttp2-client", "memcached", "openjdk-17-jre-headless", "prometheus",
              "linux-headers-amd64",  # (the node's headers are mounted instead)
              "containernetworking-plugins",  # (the node's /opt/cni/bin IPAM plugins are mounted instead)
              "etcd-server", "etcd-client",  # (etcd runs as its own service; agents reach it over the network)
-             "dnsmasq", "bind9-dnsutils"}  # (kube-dns and dig for the DNS proxy's tests; the proxy is Python)
+             "dnsmasq", "bind9-dnsutils"}  # (kube-dns and dig for the DNS proxy's tests)
 
 
 def instructions() -> list[tuple[str, str]]:
@@ -80,7 +81,8 @@ def test_dockerfile_is_one_debian_bookworm_slim_stage() -> None:
 def test_apt_packages_are_the_projects() -> None:
     packages = installed_packages()
     needed = apt_packages_txt() - TEST_ONLY
-    assert needed == {"python3-bpfcc", "iptables", "nftables"}, "apt-packages.txt changed: decide what the image needs"
+    assert needed == {"python3-bpfcc", "iptables", "nftables", "gcc"}, \
+        "apt-packages.txt changed: decide what the image needs"
     assert packages == needed | BASE_PACKAGES
     (run,) = [r for r in of("RUN") if "apt-get install" in r]
     assert "--no-install-recommends" in run and "rm -rf /var/lib/apt/lists/*" in run

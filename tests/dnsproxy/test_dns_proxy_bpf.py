@@ -278,3 +278,50 @@ def test_a_new_revision_changes_a_repeated_names_verdict(node: DnsNode) -> None:
     finally:
         node.node.ok("policy", "delete", "client-more-dns")
     assert ask() == "REFUSED"
+
+
+def test_repeated_queries_go_through_the_fast_lane_each_answered_and_recorded(node: DnsNode) -> None:
+    """The same question again (a new id each time, from new source ports) is passed on by the
+    compiled lane (cilia/dnsproxy/lane.c), not by Python: each answer carries its query's id, each
+    refusal too, and each query is one flow like the one Python recorded for the first."""
+    before, flows_before = proxy_stats(node), len(dns_flows(node))
+    assert before["fast_lane"] == 1  # setup built it (make test / make demo run setup)
+    allowed = [dns.message.make_query("api.example.com", "A") for _ in range(30)]
+    denied = [dns.message.make_query("denied.test", "A") for _ in range(10)]
+
+    def ask_all() -> list[dns.message.Message]:
+        return [dns.query.udp(q, KUBE_DNS, timeout=5) for q in allowed + denied]
+
+    answers = run_in_netns(node.netns("client"), ask_all)
+    for q, a in zip(allowed + denied, answers, strict=True):
+        assert a.id == q.id and a.question == q.question
+    assert all(ips(a) == ["10.212.0.101"] for a in answers[:30])
+    assert all(rcode(a) == "REFUSED" and not a.answer for a in answers[30:])
+    after = proxy_stats(node)
+    # all but the first of each went by the lane (the first allowed one's answer may be released by
+    # Python up to twice: a repeat of it is let go by the lane only once Python has released one)
+    assert after["lane_forwarded"] - before["lane_forwarded"] >= 28
+    assert after["lane_released"] - before["lane_released"] >= 27
+    assert after["lane_refused"] - before["lane_refused"] >= 9
+    flows = dns_flows(node)[flows_before:]
+    assert len(flows) == 40
+    first, rest = flows[0], flows[1:30]
+    assert all(f["verdict"] == "FORWARDED" and f["rule"] == first["rule"] and f["l7"] == first["l7"]
+               and f["source"]["address"] == first["source"]["address"] == "10.212.0.20"
+               and f["destination"] == first["destination"] and f["endpoint"] == "client" for f in rest)
+    assert f"client-dns.yaml:{LINES['*.example.com']})" in first["rule"]
+    refusals = flows[30:]
+    assert all(f["verdict"] == "DROPPED" and f["l7"]["rcode"] == "Refused" and f["rule"] == refusals[0]["rule"]
+               for f in refusals)
+
+
+def test_the_lane_times_out_a_silent_servers_queries_as_python_does(node: DnsNode) -> None:
+    before = proxy_stats(node)
+    q = dns.message.make_query("again.test", "A")
+    for _ in range(2):  # the second through the lane (the route is made by the first)
+        q.id = (q.id + 1) & 0xFFFF
+        answer = run_in_netns(node.netns("client"), lambda: dns.query.udp(q, SILENT_DNS, timeout=10))
+        assert rcode(answer) == "SERVFAIL" and answer.id == q.id
+    assert proxy_stats(node)["lane_forwarded"] > before["lane_forwarded"]
+    flows = dns_flows(node, "again.test")[-2:]
+    assert [f["drop_reason"] for f in flows] == ["no answer from the server"] * 2
