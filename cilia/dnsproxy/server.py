@@ -283,18 +283,26 @@ class DNSProxy:
             return
         begun = self._begin(data, client, server, Protocol.UDP)
         lane = self._lane
+        if lane is not None and lane.policy is not self.policy:
+            lane = None  # judged under another snapshot than the lane's tables: no route from it
         if isinstance(begun, _Asked):
-            if lane is not None and lane.policy is self.policy:
+            if lane is not None and (reply_fd := self._reply_fd(server)) is not None:
                 begun.route = lane.add(data, client, server, begun.query, begun.judged, begun.endpoint, begun.mark,
-                                       self._reply_socket(server).fileno(), None)
+                                       reply_fd, None)
             self._udp_ask(begun)
         elif begun is not None:
-            if lane is not None and lane.policy is self.policy:
+            if lane is not None and (reply_fd := self._reply_fd(server)) is not None:
                 query = wire.parse_query(data)  # (read already: a dict lookup)
                 judged = self.policy.decide(client[0], server[0], server[1], Protocol.UDP, query.name)
-                lane.add(data, client, server, query, judged, self.policy.endpoint_name(client[0]), 0,
-                         self._reply_socket(server).fileno(), begun)
+                lane.add(data, client, server, query, judged, self.policy.endpoint_name(client[0]), 0, reply_fd,
+                         begun)
             self._reply_udp(begun, client, server)
+
+    def _reply_fd(self, server: Address) -> int | None:
+        try:
+            return self._reply_socket(server).fileno()
+        except OSError:
+            return None  # (``_reply_udp`` says why)
 
     # ------------------------------------------------------------------ the fast lane (lane.c)
 
