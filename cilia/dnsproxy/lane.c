@@ -229,23 +229,30 @@ static int on_query(Lane *self, PyObject *slow, PyObject *records, unsigned char
     return 0;
 }
 
+// recvmmsg's headers for a batch into the lane's buffers (sender addresses and ancillary data if asked).
+static void batch(Lane *self, struct mmsghdr *msgs, struct iovec *iov, struct sockaddr_in *from, char (*control)[64]) {
+    for (int i = 0; i < BATCH; i++) {
+        iov[i].iov_base = self->bufs + (size_t)i * MAX_DGRAM;
+        iov[i].iov_len = MAX_DGRAM;
+        memset(&msgs[i].msg_hdr, 0, sizeof msgs[i].msg_hdr);
+        msgs[i].msg_hdr.msg_iov = &iov[i];
+        msgs[i].msg_hdr.msg_iovlen = 1;
+        if (from != NULL) {
+            msgs[i].msg_hdr.msg_name = &from[i];
+            msgs[i].msg_hdr.msg_namelen = sizeof from[i];
+            msgs[i].msg_hdr.msg_control = control[i];
+            msgs[i].msg_hdr.msg_controllen = sizeof control[i];
+        }
+    }
+}
+
 static int read_inbound(Lane *self, PyObject *slow, PyObject *records) {
     struct mmsghdr msgs[BATCH];
     struct iovec iov[BATCH];
     struct sockaddr_in from[BATCH];
     char control[BATCH][64];
     for (;;) {
-        for (int i = 0; i < BATCH; i++) {
-            iov[i].iov_base = self->bufs + (size_t)i * MAX_DGRAM;
-            iov[i].iov_len = MAX_DGRAM;
-            memset(&msgs[i].msg_hdr, 0, sizeof msgs[i].msg_hdr);
-            msgs[i].msg_hdr.msg_name = &from[i];
-            msgs[i].msg_hdr.msg_namelen = sizeof from[i];
-            msgs[i].msg_hdr.msg_iov = &iov[i];
-            msgs[i].msg_hdr.msg_iovlen = 1;
-            msgs[i].msg_hdr.msg_control = control[i];
-            msgs[i].msg_hdr.msg_controllen = sizeof control[i];
-        }
+        batch(self, msgs, iov, from, control);
         int n = recvmmsg(self->inbound, msgs, BATCH, MSG_DONTWAIT, NULL);
         if (n < 0) return 0;  // nothing more now (or an error the next read reports again)
         double now = monotonic();
@@ -343,13 +350,7 @@ static int read_channel(Lane *self, PyObject *slow, PyObject *records, int chann
     struct mmsghdr msgs[BATCH];
     struct iovec iov[BATCH];
     for (;;) {
-        for (int i = 0; i < BATCH; i++) {
-            iov[i].iov_base = self->bufs + (size_t)i * MAX_DGRAM;
-            iov[i].iov_len = MAX_DGRAM;
-            memset(&msgs[i].msg_hdr, 0, sizeof msgs[i].msg_hdr);
-            msgs[i].msg_hdr.msg_iov = &iov[i];
-            msgs[i].msg_hdr.msg_iovlen = 1;
-        }
+        batch(self, msgs, iov, NULL, NULL);
         int n = recvmmsg(self->channels[channel].fd, msgs, BATCH, MSG_DONTWAIT, NULL);
         if (n < 0) {
             if (errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR) return 0;
