@@ -281,22 +281,18 @@ class DNSProxy:
         if self._in_flight >= self.max_in_flight:
             self.stats["overload"] += 1  # counted, not recorded: a flood must not cost a flow each
             return
-        begun = self._begin(data, client, server, Protocol.UDP)
-        lane = self._lane
-        if lane is not None and lane.policy is not self.policy:
-            lane = None  # judged under another snapshot than the lane's tables: no route from it
-        if isinstance(begun, _Asked):
-            if lane is not None and (reply_fd := self._reply_fd(server)) is not None:
-                begun.route = lane.add(data, client, server, begun.query, begun.judged, begun.endpoint, begun.mark,
-                                       reply_fd, None)
-            self._udp_ask(begun)
-        elif begun is not None:
-            if lane is not None and (reply_fd := self._reply_fd(server)) is not None:
-                query = wire.parse_query(data)  # (read already: a dict lookup)
-                judged = self.policy.decide(client[0], server[0], server[1], Protocol.UDP, query.name)
-                lane.add(data, client, server, query, judged, self.policy.endpoint_name(client[0]), 0, reply_fd,
-                         begun)
-            self._reply_udp(begun, client, server)
+        asked = self._judge(data, client, server, Protocol.UDP)
+        if asked is None:
+            return
+        refused = None if asked.judged.decision.allowed else self._refuse(asked)
+        lane = self._lane  # (its tables must be of the snapshot this query was judged under)
+        if lane is not None and lane.policy is self.policy and (reply_fd := self._reply_fd(server)) is not None:
+            asked.route = lane.add(data, client, server, asked.query, asked.judged, asked.endpoint, asked.mark,
+                                   reply_fd, refused)
+        if refused is None:
+            self._udp_ask(asked)
+        else:
+            self._reply_udp(refused, client, server)
 
     def _reply_fd(self, server: Address) -> int | None:
         try:
@@ -348,21 +344,17 @@ class DNSProxy:
 
     def _lane_records(self, done: list[tuple[str, float, Address, Route, wire.Answer | None, float, float]]) -> None:
         """Records of what the lane finished, as Python's path makes them."""
-        records = []
         for _kind, wall, client, route, answer, latency, upstream in done:
-            q, judged = route.query, route.judged
-            d = judged.decision
             if answer is None:  # refused
                 self.stats["refused"] += 1
-                records.append(DNSRecord(wall, "UDP", client, route.server, route.endpoint, judged.peer_identity,
-                                         q.name, q.qtype, "denied", "Refused", rule=d.rule, reason=d.reason,
-                                         latency=latency))
+                record = _dns_record(wall, "UDP", client, route.server, route.endpoint, route.judged, route.query,
+                                     "denied", "Refused", latency=latency)
             else:
                 self.stats["forwarded"] += 1
-                records.append(DNSRecord(wall, "UDP", client, route.server, route.endpoint, judged.peer_identity,
-                                         q.name, q.qtype, "audit" if d.audit else "forwarded", answer.rcode_name,
-                                         answer.ips, answer.ttl, answer.cnames, d.rule, d.reason, latency, upstream))
-        self._records.extend(records)
+                record = _dns_record(wall, "UDP", client, route.server, route.endpoint, route.judged, route.query,
+                                     _released_verdict(route.judged), answer.rcode_name, answer=answer,
+                                     latency=latency, upstream=upstream)
+            self._records.append(record)
         self._flush_records()
 
     def _itself(self, server: Address) -> bool:
@@ -548,6 +540,13 @@ class DNSProxy:
     def _begin(self, data: bytes, client: Address, server: Address, protocol: Protocol) -> bytes | _Asked | None:
         """Parse and judge: the allowed query to forward, or the reply that ends it here
         (REFUSED), or None (malformed: dropped)."""
+        asked = self._judge(data, client, server, protocol)
+        if asked is None or asked.judged.decision.allowed:
+            return asked
+        return self._refuse(asked)
+
+    def _judge(self, data: bytes, client: Address, server: Address, protocol: Protocol) -> _Asked | None:
+        """The query parsed and judged (None: malformed, dropped and counted)."""
         arrived, now = time.monotonic(), time.time()
         proto = protocol.name
         try:
@@ -558,13 +557,14 @@ class DNSProxy:
         judged = self.policy.decide(client[0], server[0], server[1], protocol, query.name)
         ep = judged.endpoint
         mark = self.egress_mark | ((ep.identity & 0xFFFF) << 16 if ep is not None else 0)
-        asked = _Asked(query, client, server, proto, judged, ep.name if ep is not None else "", mark, arrived, now)
-        if not judged.decision.allowed:
-            self.stats["refused"] += 1
-            self._record_query(asked, "denied", "Refused")
-            return wire.reply(query, wire.REFUSED)
-        asked.sent = time.monotonic()
-        return asked
+        return _Asked(query, client, server, proto, judged, ep.name if ep is not None else "", mark, arrived, now,
+                      sent=time.monotonic())
+
+    def _refuse(self, asked: _Asked) -> bytes:
+        """A denied query: counted, recorded, answered REFUSED (never forwarded)."""
+        self.stats["refused"] += 1
+        self._record_query(asked, "denied", "Refused")
+        return wire.reply(asked.query, wire.REFUSED)
 
     def _failed(self, asked: _Asked, error: BaseException | None) -> bytes:
         """No answer (timeout, socket error): SERVFAIL."""
@@ -603,8 +603,7 @@ class DNSProxy:
             self._record_query(asked, "error", "ServFail", "the answer could not be learned", upstream=asked.took)
             return wire.reply(asked.query, wire.SERVFAIL)
         self.stats["forwarded"] += 1
-        d = asked.judged.decision
-        self._record_query(asked, "audit" if d.audit else "forwarded", answer.rcode_name, answer=answer,
+        self._record_query(asked, _released_verdict(asked.judged), answer.rcode_name, answer=answer,
                            upstream=asked.took)
         if asked.route is not None and self._lane is not None:  # its like may go from the lane a while
             self._lane.release(asked.route, answer, time.monotonic())
@@ -622,13 +621,9 @@ class DNSProxy:
 
     def _record_query(self, asked: _Asked, verdict: str, rcode: str, reason: str | None = None,
                       answer: wire.Answer | None = None, upstream: float = 0.0) -> None:
-        judged, q = asked.judged, asked.query
-        d = judged.decision
-        self._record(DNSRecord(asked.now, asked.protocol, asked.client, asked.server, asked.endpoint,
-                               judged.peer_identity, q.name, q.qtype, verdict, rcode,
-                               answer.ips if answer else (), answer.ttl if answer else 0,
-                               answer.cnames if answer else (), d.rule, d.reason if reason is None else reason,
-                               time.monotonic() - asked.arrived, upstream))
+        self._record(_dns_record(asked.now, asked.protocol, asked.client, asked.server, asked.endpoint, asked.judged,
+                                 asked.query, verdict, rcode, reason, answer, time.monotonic() - asked.arrived,
+                                 upstream))
 
     def _malformed(self, proto: str, client: Address, server: Address, why: str) -> None:
         self.stats["malformed"] += 1
@@ -655,6 +650,20 @@ class DNSProxy:
             self.record(records)
         except Exception:
             _log.exception("DNS proxy: recording flows")
+
+
+def _dns_record(now: float, protocol: str, client: Address, server: Address, endpoint: str, judged: Judgement,
+                query: wire.Query, verdict: str, rcode: str, reason: str | None = None,
+                answer: wire.Answer | None = None, latency: float = 0.0, upstream: float = 0.0) -> DNSRecord:
+    """The record of one query (Python's path and the lane's alike); ``reason`` defaults to the judgement's."""
+    d = judged.decision
+    return DNSRecord(now, protocol, client, server, endpoint, judged.peer_identity, query.name, query.qtype, verdict,
+                     rcode, answer.ips if answer else (), answer.ttl if answer else 0, answer.cnames if answer else (),
+                     d.rule, d.reason if reason is None else reason, latency, upstream)
+
+
+def _released_verdict(judged: Judgement) -> str:
+    return "audit" if judged.decision.audit else "forwarded"
 
 
 def _upstream_socket(kind: socket.SocketKind, mark: int) -> socket.socket:
