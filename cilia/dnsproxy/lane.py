@@ -15,21 +15,15 @@ from __future__ import annotations
 import hashlib
 import importlib.machinery
 import importlib.util
-import os
-import shutil
-import subprocess
 import sys
 import sysconfig
-import tempfile
 from pathlib import Path
 from typing import Any
 
+from ..cbuild import BuildError, compile_shared
+
 SOURCE = Path(__file__).with_name("lane.c")
 NAME = "_dnslane"
-
-
-class BuildError(Exception):
-    pass
 
 
 def module_dir() -> Path:
@@ -49,22 +43,7 @@ def build(directory: Path | None = None) -> Path:
     out = _target(directory)
     if out.exists():
         return out
-    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
-    if cc is None:
-        raise BuildError("no C compiler (cc) on PATH: apt-get install gcc")
-    directory.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{NAME}-", suffix=".so", dir=directory)
-    os.close(fd)
-    cmd = [cc, "-shared", "-fPIC", "-O2", "-Wall", "-Wextra", "-Werror", f"-I{sysconfig.get_paths()['include']}",
-           "-o", tmp, str(SOURCE)]
-    try:
-        done = subprocess.run(cmd, capture_output=True, text=True)
-        if done.returncode != 0:
-            raise BuildError(f"compiling {SOURCE.name} failed:\n{done.stderr.strip()}")
-        os.chmod(tmp, 0o755)
-        os.replace(tmp, out)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
+    compile_shared(SOURCE, out, [f"-I{sysconfig.get_paths()['include']}"])
     for old in directory.glob(f"{NAME}-*"):  # builds of earlier sources
         if old != out:
             old.unlink(missing_ok=True)

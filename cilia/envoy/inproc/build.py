@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import os
 import re
 import shutil
 import struct
@@ -30,14 +29,12 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from cilia.cbuild import BuildError, compile_shared
+
 SUPPORTED_ABI = "v0.2.0"  # the dynamic-module ABI cilia_l7.c is written against (Envoy 1.40)
 MODULE_NAME = "cilia_l7"  # Envoy's dynamic_module_config.name: the file is lib<name>.so
 SOURCE = Path(__file__).with_name("cilia_l7.c")
 STAMP = f"lib{MODULE_NAME}.json"
-
-
-class BuildError(Exception):
-    """The module cannot be built here; the message says why and what would fix it."""
 
 
 @dataclass(frozen=True)
@@ -144,24 +141,10 @@ def build(out_dir: Path | None = None, envoy: Path | None = None, *, force: bool
     out, stamp_path = module_path(directory), directory / STAMP
     if not force and out.exists() and _read_stamp(stamp_path) == stamp:
         return out
-    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
-    if cc is None:
-        raise BuildError("no C compiler (cc) on PATH: apt-get install gcc")
     defines = {"CILIA_ABI_VERSION": target.abi_version, "CILIA_ENVOY_BUILD_ID": target.build_id,
                "CILIA_PYTHON_HOME": home, "CILIA_SITE_DIR": stamp["site"], "CILIA_LIBPYTHON": libpython,
                "CILIA_MODULE_DIR": str(directory.resolve())}
-    fd, tmp = tempfile.mkstemp(prefix=f".lib{MODULE_NAME}-", suffix=".so", dir=directory)
-    os.close(fd)
-    cmd = [cc, "-shared", "-fPIC", "-O2", "-Wall", "-Wextra", "-Werror", f"-I{include}",
-           *(f"-D{k}={json.dumps(v)}" for k, v in defines.items()), "-o", tmp, str(SOURCE), *link]
-    try:
-        done = subprocess.run(cmd, capture_output=True, text=True)
-        if done.returncode != 0:
-            raise BuildError(f"compiling {SOURCE.name} failed:\n{done.stderr.strip()}")
-        os.chmod(tmp, 0o755)
-        os.replace(tmp, out)  # a new file: a running Envoy keeps the one it mapped
-    finally:
-        Path(tmp).unlink(missing_ok=True)
+    compile_shared(SOURCE, out, [f"-I{include}", *(f"-D{k}={json.dumps(v)}" for k, v in defines.items())], link)
     stamp_path.write_text(json.dumps(stamp, indent=1, sort_keys=True) + "\n", encoding="utf-8")
     return out
 
