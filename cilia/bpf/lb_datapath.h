@@ -60,7 +60,7 @@ struct lb_ct_val {
 };
 
 struct lb_rev_val {
-    u32 addr;        // the frontend as the client addressed it
+    u32 addr;        // the frontend as the client addressed it (0: the tuple is a direct flow's now)
     u16 port;
     u16 pad;
     u32 svc_id;
@@ -250,8 +250,10 @@ static __always_inline int lb_nat(struct __sk_buff *skb, struct flow *f, int nod
         // backend tuple (the client reused its port), or forgotten: make it ours again.
         struct ct_key rk = {.saddr = chosen.backend_addr, .daddr = f->saddr, .sport = chosen.backend_port,
                             .dport = f->sport, .protocol = f->protocol};
+        // (A tuple a direct flow took is the service flow's again only with a SYN: a late ACK or
+        // reset of the old connection must not rewrite the direct connection's replies.)
         struct lb_rev_val *rv = lb_revnat.lookup(&rk);
-        if (!rv || rv->addr != f->daddr || rv->port != f->dport) {
+        if (!rv || ((rv->addr != f->daddr || rv->port != f->dport) && (rv->addr || f->syn))) {
             struct lb_rev_val fresh = {.addr = f->daddr, .port = f->dport, .svc_id = svc_id};
             lb_revnat.update(&rk, &fresh);
         }
@@ -296,19 +298,24 @@ static __always_inline void lb_rev_nat(struct __sk_buff *skb, struct flow *f) {
     struct ct_key k = {.saddr = f->saddr, .daddr = f->daddr, .sport = f->sport, .dport = f->dport,
                        .protocol = f->protocol};
     struct lb_rev_val *r = lb_revnat.lookup(&k);
-    if (!r)
+    if (!r || !r->addr)
         return;
     lb_rewrite(skb, f, 0, f->saddr, r->addr, f->sport, r->port);
 }
 
 // A new flow that is not a service's: a reverse NAT entry left by an earlier service connection
-// on the same 4-tuple (the client reused its port) must not rewrite this flow's replies.
+// on the same 4-tuple (the client reused its port) must not rewrite this flow's replies. The entry
+// is kept, emptied, so the old connection's late packets (its last ACK) do not make it again.
 static __always_inline void lb_forget(struct flow *f) {
     if (f->svc_id || (f->protocol != IPPROTO_TCP && f->protocol != IPPROTO_UDP))
         return;
     struct ct_key rk = {.saddr = f->daddr, .daddr = f->saddr, .sport = f->dport, .dport = f->sport,
                         .protocol = f->protocol};
-    lb_revnat.delete(&rk);
+    struct lb_rev_val *rv = lb_revnat.lookup(&rk);
+    if (rv) {
+        rv->addr = 0;
+        rv->port = 0;
+    }
 }
 
 // tc ingress of a node-facing device (--nodeport-device): NodePort traffic from outside. Anything
